@@ -1,0 +1,194 @@
+//! Non-QUIC datagrams on the shared UDP socket.
+//!
+//! QUIC, STUN and reach's control packets share one socket, so that the NAT
+//! mapping a probe or punch opens is the mapping QUIC then uses. They are told
+//! apart by the first byte (RFC 9443 multiplexing):
+//! - QUIC always sets the "fixed bit" 0x40 (reach disables QUIC bit greasing,
+//!   so a conforming peer never clears it towards us);
+//! - STUN starts with two zero bits and carries the magic cookie at bytes 4..8;
+//! - reach control packets start with [`CONTROL_MAGIC`], whose first byte
+//!   (0x08) lies in the range RFC 7983 leaves unassigned.
+//!
+//! Anything else is [`DatagramKind::Unknown`] and is dropped.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use super::WireError;
+
+/// The first bytes of every reach control packet.
+pub const CONTROL_MAGIC: [u8; 4] = [0x08, b'R', b'C', b'H'];
+/// Version of the control-packet format, the byte after the magic.
+pub const CONTROL_VERSION: u8 = 1;
+/// Largest control packet sent or accepted: below the 1200-byte minimum path
+/// MTU QUIC assumes, so a control packet is never fragmented.
+pub const MAX_CONTROL_PACKET_LEN: usize = 1200;
+/// Every probe request is padded to this size. A reply is never larger than
+/// its request, so a spoofed request cannot turn a node into an amplifier.
+pub const PROBE_REQUEST_LEN: usize = 64;
+/// The STUN magic cookie (RFC 8489 §5).
+pub const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
+/// Size of a STUN header.
+pub const STUN_HEADER_LEN: usize = 20;
+/// The QUIC fixed bit (RFC 9000 §17).
+const QUIC_FIXED_BIT: u8 = 0x40;
+
+/// What a datagram on the shared socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DatagramKind {
+    Quic,
+    Stun,
+    Control,
+    Unknown,
+}
+
+/// Classifies a datagram by its first bytes. Never reads past `bytes`.
+pub fn classify(bytes: &[u8]) -> DatagramKind {
+    let Some(&first) = bytes.first() else {
+        return DatagramKind::Unknown;
+    };
+    if first & QUIC_FIXED_BIT != 0 {
+        return DatagramKind::Quic;
+    }
+    if bytes.len() >= STUN_HEADER_LEN && first & 0xC0 == 0 && bytes[4..8] == STUN_MAGIC_COOKIE {
+        return DatagramKind::Stun;
+    }
+    if bytes.starts_with(&CONTROL_MAGIC) {
+        return DatagramKind::Control;
+    }
+    DatagramKind::Unknown
+}
+
+/// reach's own non-QUIC packets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ControlPacket {
+    /// "Which address do you see me at?" Padded to [`PROBE_REQUEST_LEN`].
+    Probe { nonce: u64 },
+    /// The answer: the source address the probe arrived from.
+    ProbeReply { nonce: u64, observed: SocketAddr },
+}
+
+impl ControlPacket {
+    /// Encodes the packet with magic and version; probes are zero-padded to
+    /// [`PROBE_REQUEST_LEN`].
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = CONTROL_MAGIC.to_vec();
+        out.push(CONTROL_VERSION);
+        // Serialising these fixed-shape enums into a Vec cannot fail.
+        let mut out = postcard::to_extend(self, out).expect("control packet encoding");
+        if matches!(self, ControlPacket::Probe { .. }) && out.len() < PROBE_REQUEST_LEN {
+            // Padding goes after the body; the decoder strips trailing zeros
+            // only for probes (see `decode`).
+            out.resize(PROBE_REQUEST_LEN, 0);
+        }
+        out
+    }
+
+    /// Decodes a control packet from untrusted bytes.
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        if bytes.len() > MAX_CONTROL_PACKET_LEN {
+            return Err(WireError::TooLarge {
+                len: bytes.len(),
+                max: MAX_CONTROL_PACKET_LEN,
+            });
+        }
+        let rest = bytes
+            .strip_prefix(&CONTROL_MAGIC)
+            .ok_or(WireError::BadMagic)?;
+        let (&version, body) = rest.split_first().ok_or(WireError::Truncated {
+            needed: CONTROL_MAGIC.len() + 1,
+            had: bytes.len(),
+        })?;
+        if version != CONTROL_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let (packet, tail): (ControlPacket, _) =
+            postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
+        let padding_ok = matches!(packet, ControlPacket::Probe { .. }) && tail.iter().all(|&b| b == 0);
+        if !tail.is_empty() && !padding_ok {
+            return Err(WireError::TrailingBytes(tail.len()));
+        }
+        Ok(packet)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn classifies_each_kind() {
+        assert_eq!(classify(&[]), DatagramKind::Unknown);
+        // QUIC short header and long header.
+        assert_eq!(classify(&[0x40, 1, 2]), DatagramKind::Quic);
+        assert_eq!(classify(&[0xC3, 0, 0, 0, 1]), DatagramKind::Quic);
+        let mut stun = vec![0u8, 1, 0, 0];
+        stun.extend_from_slice(&STUN_MAGIC_COOKIE);
+        stun.extend_from_slice(&[7; 12]);
+        assert_eq!(classify(&stun), DatagramKind::Stun);
+        // Right cookie, too short for a STUN header.
+        assert_eq!(classify(&stun[..19]), DatagramKind::Unknown);
+        let probe = ControlPacket::Probe { nonce: 1 }.encode();
+        assert_eq!(classify(&probe), DatagramKind::Control);
+        assert_eq!(classify(b"\x00garbage"), DatagramKind::Unknown);
+    }
+
+    #[test]
+    fn probe_is_padded_and_reply_is_never_larger() {
+        let probe = ControlPacket::Probe { nonce: u64::MAX }.encode();
+        assert_eq!(probe.len(), PROBE_REQUEST_LEN);
+        let v6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap();
+        let reply = ControlPacket::ProbeReply {
+            nonce: u64::MAX,
+            observed: v6,
+        }
+        .encode();
+        assert!(reply.len() <= probe.len(), "{} > {}", reply.len(), probe.len());
+    }
+
+    #[test]
+    fn round_trips_and_rejects_bad_headers() {
+        let p = ControlPacket::ProbeReply {
+            nonce: 42,
+            observed: "198.51.100.7:4433".parse().unwrap(),
+        };
+        let bytes = p.encode();
+        assert_eq!(ControlPacket::decode(&bytes), Ok(p));
+        let mut wrong_version = bytes.clone();
+        wrong_version[4] = 2;
+        assert_eq!(
+            ControlPacket::decode(&wrong_version),
+            Err(WireError::UnsupportedVersion(2))
+        );
+        assert_eq!(ControlPacket::decode(b"nope"), Err(WireError::BadMagic));
+        let mut trailing = bytes;
+        trailing.push(0);
+        assert_eq!(
+            ControlPacket::decode(&trailing),
+            Err(WireError::TrailingBytes(1))
+        );
+        let huge = vec![0u8; MAX_CONTROL_PACKET_LEN + 1];
+        assert!(matches!(
+            ControlPacket::decode(&huge),
+            Err(WireError::TooLarge { .. })
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_and_classify_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1300)) {
+            let _ = classify(&bytes);
+            let _ = ControlPacket::decode(&bytes);
+        }
+
+        #[test]
+        fn decode_never_panics_after_valid_magic(tail in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut bytes = CONTROL_MAGIC.to_vec();
+            bytes.push(CONTROL_VERSION);
+            bytes.extend(tail);
+            let _ = ControlPacket::decode(&bytes);
+        }
+    }
+}

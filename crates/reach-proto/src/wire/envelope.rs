@@ -1,0 +1,140 @@
+//! The one versioned envelope for reach's own protocols on QUIC streams.
+//!
+//! Every reach stream starts with a framed [`Envelope`]. The first byte of the
+//! body is the wire version; the rest is a postcard-encoded [`Body`]. Keeping
+//! the version outside the postcard body means a future version can change
+//! the body's shape entirely and still be told apart.
+
+use serde::{Deserialize, Serialize};
+
+use super::{WireError, decode_exact, frame};
+
+/// The wire version this build speaks.
+pub const WIRE_VERSION: u8 = 1;
+
+/// Largest application message `Node::send` accepts, in bytes. Messages are
+/// delivered whole, so the receiver must buffer one entirely: 16 MiB keeps
+/// that bounded while leaving room for real payloads (files go over streams).
+pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
+
+/// Largest envelope that is not an application message (stream headers and
+/// protocol messages): small, so a peer cannot make us buffer much before we
+/// know what the stream is for.
+pub const MAX_CONTROL_ENVELOPE_LEN: usize = 64 * 1024;
+
+/// What a stream carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Body {
+    /// A whole application message, alone on a unidirectional stream.
+    Message(Vec<u8>),
+    /// Header of an application bidirectional stream; raw application bytes
+    /// follow the frame.
+    OpenStream,
+}
+
+/// A versioned body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    pub version: u8,
+    pub body: Body,
+}
+
+impl Envelope {
+    /// An envelope of the current [`WIRE_VERSION`].
+    pub fn new(body: Body) -> Self {
+        Envelope {
+            version: WIRE_VERSION,
+            body,
+        }
+    }
+
+    /// Encodes the envelope as one frame, ready to write to a stream.
+    pub fn to_frame(&self) -> Result<Vec<u8>, WireError> {
+        let mut body = vec![self.version];
+        postcard::to_extend(&self.body, body).map_or_else(
+            |e| Err(WireError::Malformed(e.to_string())),
+            |b| frame::encode(&b),
+        )
+    }
+
+    /// Decodes an envelope body (a frame without its header).
+    pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
+        let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated {
+            needed: 1,
+            had: 0,
+        })?;
+        if version != WIRE_VERSION {
+            return Err(WireError::UnsupportedVersion(version));
+        }
+        let body = decode_exact(rest)?;
+        Ok(Envelope { version, body })
+    }
+
+    /// Decodes one whole frame (header + body), as read to the end of a
+    /// unidirectional stream.
+    pub fn from_frame(bytes: &[u8], max: usize) -> Result<Self, WireError> {
+        let (body, rest) = frame::split(bytes, max)?;
+        if !rest.is_empty() {
+            return Err(WireError::TrailingBytes(rest.len()));
+        }
+        Self::decode(body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::MAX_FRAME_LEN;
+    use proptest::prelude::*;
+
+    #[test]
+    fn message_round_trips() {
+        let env = Envelope::new(Body::Message(b"hi there".to_vec()));
+        let f = env.to_frame().unwrap();
+        assert_eq!(Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap(), env);
+    }
+
+    #[test]
+    fn unknown_version_is_typed() {
+        let mut f = Envelope::new(Body::OpenStream).to_frame().unwrap();
+        f[4] = 9;
+        assert_eq!(
+            Envelope::from_frame(&f, MAX_FRAME_LEN),
+            Err(WireError::UnsupportedVersion(9))
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_rejected() {
+        let env = Envelope::new(Body::OpenStream);
+        let mut body = vec![WIRE_VERSION];
+        body.extend(postcard::to_allocvec(&env.body).unwrap());
+        body.push(0);
+        assert_eq!(Envelope::decode(&body), Err(WireError::TrailingBytes(1)));
+    }
+
+    #[test]
+    fn message_length_prefix_larger_than_input_is_an_error_not_an_allocation() {
+        // Variant 0 (Message) announcing a ~4 GiB payload in 6 bytes.
+        let body = [WIRE_VERSION, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(matches!(
+            Envelope::decode(&body),
+            Err(WireError::Malformed(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Envelope::decode(&bytes);
+            let _ = Envelope::from_frame(&bytes, MAX_FRAME_LEN);
+        }
+
+        #[test]
+        fn messages_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let env = Envelope::new(Body::Message(payload));
+            let f = env.to_frame().unwrap();
+            prop_assert_eq!(Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap(), env);
+        }
+    }
+}
