@@ -30,7 +30,9 @@ pub struct PeerId([u8; PEER_ID_LEN]);
 /// Why a text or byte string is not a valid [`PeerId`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PeerIdError {
-    #[error("peer id must be {PEER_ID_TEXT_LEN} characters of lowercase base32, got {0} characters")]
+    #[error(
+        "peer id must be {PEER_ID_TEXT_LEN} characters of lowercase base32, got {0} characters"
+    )]
     Length(usize),
     #[error("peer id contains {0:?} at position {1}: only a-z and 2-7 are allowed")]
     Character(char, usize),
@@ -262,10 +264,7 @@ mod tests {
     #[test]
     fn rejects_wrong_length_and_characters() {
         let text = Keypair::generate().peer_id().to_string();
-        assert_eq!(
-            text[..51].parse::<PeerId>(),
-            Err(PeerIdError::Length(51))
-        );
+        assert_eq!(text[..51].parse::<PeerId>(), Err(PeerIdError::Length(51)));
         assert_eq!(
             format!("{text}a").parse::<PeerId>(),
             Err(PeerIdError::Length(53))

@@ -1,1 +1,44 @@
+//! # reach
+//!
+//! Reach any peer by its public key. A [`Node`] owns an Ed25519 identity and
+//! one UDP socket; it speaks mutually authenticated QUIC (TLS 1.3, the key is
+//! the identity) and shares the socket with STUN and reach's own small
+//! control packets, so NAT mappings opened by probes are the ones QUIC uses.
+//!
+//! ```no_run
+//! # async fn demo() -> reach::Result<()> {
+//! use reach::{Event, Node};
+//!
+//! let node = Node::builder()
+//!     .bind("0.0.0.0:4433".parse().unwrap())
+//!     .data_dir("/var/lib/reach")
+//!     .spawn()
+//!     .await?;
+//! println!("I am {}", node.peer_id());
+//! while let Some(event) = node.next_event().await {
+//!     match event {
+//!         Event::Message { from, data } => println!("{from}: {} bytes", data.len()),
+//!         Event::Stream(stream) => println!("{} opened a stream", stream.peer),
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The sans-IO protocol core lives in [`reach_proto`]; this crate drives it
+//! with tokio and quinn.
 
+pub mod api;
+pub mod error;
+pub mod events;
+pub mod keystore;
+pub mod node;
+pub mod socket;
+pub mod tls;
+pub mod transport;
+
+pub use error::{Error, Result};
+pub use events::{Event, Stream};
+pub use node::{Direction, Node, NodeBuilder, NodeStats, PeerInfo};
+pub use quinn::{RecvStream, SendStream};
+pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
+pub use reach_proto::{Keypair, PeerId, PeerIdError};

@@ -105,7 +105,8 @@ impl ControlPacket {
         }
         let (packet, tail): (ControlPacket, _) =
             postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
-        let padding_ok = matches!(packet, ControlPacket::Probe { .. }) && tail.iter().all(|&b| b == 0);
+        let padding_ok =
+            matches!(packet, ControlPacket::Probe { .. }) && tail.iter().all(|&b| b == 0);
         if !tail.is_empty() && !padding_ok {
             return Err(WireError::TrailingBytes(tail.len()));
         }
@@ -139,13 +140,20 @@ mod tests {
     fn probe_is_padded_and_reply_is_never_larger() {
         let probe = ControlPacket::Probe { nonce: u64::MAX }.encode();
         assert_eq!(probe.len(), PROBE_REQUEST_LEN);
-        let v6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535".parse().unwrap();
+        let v6: SocketAddr = "[ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535"
+            .parse()
+            .unwrap();
         let reply = ControlPacket::ProbeReply {
             nonce: u64::MAX,
             observed: v6,
         }
         .encode();
-        assert!(reply.len() <= probe.len(), "{} > {}", reply.len(), probe.len());
+        assert!(
+            reply.len() <= probe.len(),
+            "{} > {}",
+            reply.len(),
+            probe.len()
+        );
     }
 
     #[test]

@@ -22,6 +22,17 @@ pub const MAX_MESSAGE_LEN: usize = 16 * 1024 * 1024;
 /// know what the stream is for.
 pub const MAX_CONTROL_ENVELOPE_LEN: usize = 64 * 1024;
 
+/// postcard's variant index of [`Body::Message`].
+const MESSAGE_VARIANT: u8 = 0;
+
+fn push_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8 & 0x7f) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
 /// What a stream carries.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
@@ -50,19 +61,38 @@ impl Envelope {
 
     /// Encodes the envelope as one frame, ready to write to a stream.
     pub fn to_frame(&self) -> Result<Vec<u8>, WireError> {
-        let mut body = vec![self.version];
+        let body = vec![self.version];
         postcard::to_extend(&self.body, body).map_or_else(
             |e| Err(WireError::Malformed(e.to_string())),
             |b| frame::encode(&b),
         )
     }
 
+    /// The bytes that precede a `len`-byte payload in the frame of
+    /// `Envelope::new(Body::Message(payload))`: frame header, version,
+    /// variant and length. Lets a sender write a large message without
+    /// copying it into an encoding buffer; identical to [`Self::to_frame`]'s
+    /// output by construction (postcard encodes enum variants and lengths as
+    /// LEB128 varints), which a test checks.
+    pub fn message_prefix(len: usize) -> Result<Vec<u8>, WireError> {
+        if len > MAX_MESSAGE_LEN {
+            return Err(WireError::TooLarge {
+                len,
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let mut body_head = vec![WIRE_VERSION, MESSAGE_VARIANT];
+        push_varint(&mut body_head, len as u64);
+        let mut out = frame::header(body_head.len() + len)?.to_vec();
+        out.extend_from_slice(&body_head);
+        Ok(out)
+    }
+
     /// Decodes an envelope body (a frame without its header).
     pub fn decode(bytes: &[u8]) -> Result<Self, WireError> {
-        let (&version, rest) = bytes.split_first().ok_or(WireError::Truncated {
-            needed: 1,
-            had: 0,
-        })?;
+        let (&version, rest) = bytes
+            .split_first()
+            .ok_or(WireError::Truncated { needed: 1, had: 0 })?;
         if version != WIRE_VERSION {
             return Err(WireError::UnsupportedVersion(version));
         }
@@ -121,6 +151,20 @@ mod tests {
             Envelope::decode(&body),
             Err(WireError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn message_prefix_matches_full_encoding() {
+        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let payload = vec![7u8; len];
+            let full = Envelope::new(Body::Message(payload.clone()))
+                .to_frame()
+                .unwrap();
+            let mut fast = Envelope::message_prefix(len).unwrap();
+            fast.extend_from_slice(&payload);
+            assert_eq!(fast, full, "len {len}");
+        }
+        assert!(Envelope::message_prefix(MAX_MESSAGE_LEN + 1).is_err());
     }
 
     proptest! {

@@ -1,0 +1,90 @@
+//! The error type of the reach runtime.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use reach_proto::PeerId;
+use reach_proto::wire::WireError;
+
+/// Everything that can go wrong in the reach runtime. Each variant has a
+/// stable machine-readable [`Error::kind`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("cannot bind UDP socket on {addr}: {source}{hint}", hint = bind_hint(source))]
+    Bind {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("identity key file {path}: {reason}")]
+    KeyFile { path: PathBuf, reason: String },
+    #[error("{context} ({path}): {source}")]
+    Io {
+        context: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    #[error("expected peer {expected} but {addr} presented {actual}")]
+    PeerIdMismatch {
+        expected: PeerId,
+        actual: PeerId,
+        addr: SocketAddr,
+    },
+    #[error("could not connect to {peer}: {reason}")]
+    Connect { peer: PeerId, reason: String },
+    #[error("no known address for {0}; pass addresses to connect() first")]
+    NoAddress(PeerId),
+    #[error("connection to {peer} lost: {reason}")]
+    ConnectionLost { peer: PeerId, reason: String },
+    #[error("message of {size} bytes exceeds the limit of {max} bytes")]
+    MessageTooLarge { size: usize, max: usize },
+    #[error("peer {peer} refused the message (code {code})")]
+    Refused { peer: PeerId, code: u64 },
+    #[error("protocol violation: {0}")]
+    Wire(#[from] WireError),
+    #[error("{0} timed out")]
+    Timeout(&'static str),
+    #[error("the node has shut down")]
+    Shutdown,
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+fn bind_hint(err: &std::io::Error) -> &'static str {
+    if err.kind() == std::io::ErrorKind::AddrInUse {
+        " (is another reach node already using this port? choose another with --listen)"
+    } else {
+        ""
+    }
+}
+
+impl Error {
+    /// Stable machine-readable name of this error kind.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse => {
+                "addr_in_use"
+            }
+            Error::Bind { .. } => "bind",
+            Error::KeyFile { .. } => "key_file",
+            Error::Io { .. } => "io",
+            Error::Tls(_) => "tls",
+            Error::PeerIdMismatch { .. } => "peer_id_mismatch",
+            Error::Connect { .. } => "connect",
+            Error::NoAddress(_) => "no_address",
+            Error::ConnectionLost { .. } => "connection_lost",
+            Error::MessageTooLarge { .. } => "message_too_large",
+            Error::Refused { .. } => "refused",
+            Error::Wire(e) => e.kind(),
+            Error::Timeout(_) => "timeout",
+            Error::Shutdown => "shutdown",
+            Error::Config(_) => "config",
+        }
+    }
+}
+
+/// Result alias of the reach runtime.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

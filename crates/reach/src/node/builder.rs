@@ -1,0 +1,115 @@
+//! Configuring and starting a [`Node`].
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use quinn::{EndpointConfig, Runtime, TokioRuntime};
+use reach_proto::Keypair;
+use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
+
+use super::{
+    DropGuard, EVENT_QUEUE, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, control, inbound, peers,
+};
+use crate::error::{Error, Result};
+use crate::socket::DemuxSocket;
+use crate::{keystore, tls, transport};
+
+/// The default bind address: every IPv4 interface, a port the OS picks.
+pub const DEFAULT_BIND: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
+
+/// Builder of a [`Node`]; see [`Node::builder`].
+#[derive(Debug, Default)]
+pub struct NodeBuilder {
+    bind: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+    keypair: Option<Keypair>,
+}
+
+impl NodeBuilder {
+    /// The UDP address to bind (default `0.0.0.0:0`). Bind `[::]:port` for a
+    /// dual-stack socket that serves IPv4 and IPv6 on one port.
+    pub fn bind(mut self, addr: SocketAddr) -> Self {
+        self.bind = Some(addr);
+        self
+    }
+
+    /// Where the node keeps its identity (and, later, its state). The identity
+    /// key is created there on first start.
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Use this identity instead of one from a data dir (tests, demos,
+    /// ephemeral nodes). Without a data dir or keypair the node gets a fresh
+    /// random identity.
+    pub fn keypair(mut self, keypair: Keypair) -> Self {
+        self.keypair = Some(keypair);
+        self
+    }
+
+    /// Binds the socket and starts the node's tasks.
+    pub async fn spawn(self) -> Result<Node> {
+        let keypair = match (self.keypair, &self.data_dir) {
+            (Some(kp), _) => kp,
+            (None, Some(dir)) => keystore::load_or_create(dir)?.0,
+            (None, None) => Keypair::generate(),
+        };
+        let bind = self.bind.unwrap_or(DEFAULT_BIND);
+        let std_socket =
+            std::net::UdpSocket::bind(bind).map_err(|source| Error::Bind { addr: bind, source })?;
+        let local_addr = std_socket
+            .local_addr()
+            .map_err(|source| Error::Bind { addr: bind, source })?;
+        let runtime = Arc::new(TokioRuntime);
+        let udp = runtime
+            .wrap_udp_socket(std_socket)
+            .map_err(|source| Error::Bind { addr: bind, source })?;
+        let (socket, non_quic_rx, demux_stats) = DemuxSocket::new(udp);
+
+        let mut endpoint_config = EndpointConfig::default();
+        // Peers must never clear the QUIC fixed bit towards us: it is how the
+        // shared socket tells QUIC from STUN and control packets.
+        endpoint_config.grease_quic_bit(false);
+        let server_crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&keypair)?)
+                .map_err(|e| Error::Tls(e.to_string()))?;
+        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
+        server_config.transport_config(transport::transport_config());
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            endpoint_config,
+            Some(server_config),
+            socket.clone(),
+            runtime,
+        )
+        .map_err(|source| Error::Bind { addr: bind, source })?;
+
+        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let (shutdown_tx, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            peer_id: keypair.peer_id(),
+            keypair,
+            endpoint,
+            socket,
+            local_addr,
+            peers: peers::PeerTable::default(),
+            events_tx,
+            events_rx: AsyncMutex::new(events_rx),
+            message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
+            probes: control::PendingProbes::default(),
+            counters: Default::default(),
+            demux_stats,
+            shutdown_tx,
+            tasks: Default::default(),
+        });
+        inner.spawn(inbound::accept_loop(inner.clone()));
+        inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
+        tracing::info!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
+        Ok(Node {
+            _guard: Arc::new(DropGuard(inner.clone())),
+            inner,
+        })
+    }
+}

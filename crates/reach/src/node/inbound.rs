@@ -1,0 +1,185 @@
+//! Accepting connections and serving what peers send on them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reach_proto::PeerId;
+use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN, MAX_MESSAGE_LEN};
+use reach_proto::wire::{FRAME_HEADER_LEN, frame};
+
+use super::{Direction, Inner, stats};
+use crate::events::{Event, Stream};
+use crate::tls;
+
+/// A peer must send a new stream's header frame within this time.
+pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Application error codes with which a receiver stops a stream it refuses.
+pub mod codes {
+    /// The stream did not start with a valid reach envelope.
+    pub const MALFORMED: u32 = 1;
+    /// The message exceeds [`super::MAX_MESSAGE_LEN`].
+    pub const TOO_LARGE: u32 = 2;
+    /// The node is shutting down.
+    pub const SHUTTING_DOWN: u32 = 3;
+}
+
+/// Accepts incoming connections until the endpoint closes.
+pub(crate) async fn accept_loop(inner: Arc<Inner>) {
+    while let Some(incoming) = inner.endpoint.accept().await {
+        let inner2 = inner.clone();
+        inner.spawn(async move {
+            let conn = match incoming.await {
+                Ok(c) => c,
+                Err(e) => {
+                    stats::bump(&inner2.counters.inbound_handshake_failures);
+                    tracing::debug!(error = %e, "inbound handshake failed");
+                    return;
+                }
+            };
+            let Some(peer) = remote_peer_id(&conn) else {
+                stats::bump(&inner2.counters.inbound_handshake_failures);
+                conn.close(codes::MALFORMED.into(), b"no identity");
+                return;
+            };
+            stats::bump(&inner2.counters.connections_inbound);
+            register(&inner2, peer, conn, Direction::Inbound);
+        });
+    }
+}
+
+/// The authenticated identity of the remote end of `conn`.
+fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    tls::peer_id_from_cert(certs.first()?).ok()
+}
+
+/// Records `conn` as the connection to `peer` and starts serving it.
+pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection, dir: Direction) {
+    if dir == Direction::Inbound {
+        // The address an inbound connection came from is a way back.
+        inner.peers.remember_fallback(peer, conn.remote_address());
+    }
+    inner.peers.insert(peer, conn.clone(), dir);
+    tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, "connected");
+    inner.spawn(serve(inner.clone(), peer, conn));
+}
+
+/// Serves the streams a peer opens on one connection until it closes.
+async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
+    loop {
+        tokio::select! {
+            uni = conn.accept_uni() => match uni {
+                Ok(s) => inner.spawn(receive_message(inner.clone(), peer, s)),
+                Err(_) => break,
+            },
+            bi = conn.accept_bi() => match bi {
+                Ok((send, recv)) => inner.spawn(receive_stream(inner.clone(), peer, send, recv)),
+                Err(_) => break,
+            },
+        }
+    }
+    inner.peers.remove_if_current(peer, conn.stable_id());
+    tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
+}
+
+/// Reads one message from a unidirectional stream and queues it for the
+/// application. The announced length is checked before any allocation and
+/// the bytes are reserved from the node's message budget first, so hostile
+/// or fast peers cannot grow memory without bound.
+async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvStream) {
+    let refuse = |recv: &mut quinn::RecvStream, code: u32| {
+        stats::bump(&inner.counters.malformed_streams);
+        let _ = recv.stop(code.into());
+    };
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, recv.read_exact(&mut head)).await;
+    if !matches!(header, Ok(Ok(()))) {
+        return refuse(&mut recv, codes::MALFORMED);
+    }
+    let max_body = Envelope::message_prefix(MAX_MESSAGE_LEN)
+        .map(|p| p.len() - FRAME_HEADER_LEN + MAX_MESSAGE_LEN)
+        .unwrap_or(MAX_MESSAGE_LEN);
+    let len = match frame::parse_header(&head, max_body) {
+        Ok(len) => len,
+        Err(_) => return refuse(&mut recv, codes::TOO_LARGE),
+    };
+    let permit = match inner
+        .message_budget
+        .clone()
+        .acquire_many_owned(len as u32)
+        .await
+    {
+        Ok(p) => p,
+        Err(_) => return refuse(&mut recv, codes::SHUTTING_DOWN),
+    };
+    let mut body = vec![0u8; len];
+    let read_ok = recv.read_exact(&mut body).await.is_ok();
+    // The stream must end right after the frame.
+    let ended = read_ok && matches!(recv.read(&mut [0u8; 1]).await, Ok(None));
+    if !ended {
+        return refuse(&mut recv, codes::MALFORMED);
+    }
+    let data = match Envelope::decode(&body) {
+        Ok(Envelope {
+            body: Body::Message(data),
+            ..
+        }) => data,
+        _ => return refuse(&mut recv, codes::MALFORMED),
+    };
+    // Keep only the payload's share of the budget; `next_event` returns it.
+    let payload_len = data.len();
+    drop(body);
+    permit.forget();
+    inner.message_budget.add_permits(len - payload_len);
+    stats::bump(&inner.counters.messages_received);
+    stats::add(&inner.counters.message_bytes_received, payload_len);
+    let event = Event::Message {
+        from: peer,
+        data: Bytes::from(data),
+    };
+    if inner.events_tx.send(event).await.is_err() {
+        inner.message_budget.add_permits(payload_len);
+    }
+}
+
+/// Reads the header of a bidirectional stream and hands the stream to the
+/// application.
+async fn receive_stream(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, read_control_frame(&mut recv)).await;
+    match header {
+        Ok(Some(Envelope {
+            body: Body::OpenStream,
+            ..
+        })) => {
+            stats::bump(&inner.counters.streams_accepted);
+            let _ = inner
+                .events_tx
+                .send(Event::Stream(Stream { peer, send, recv }))
+                .await;
+        }
+        _ => {
+            stats::bump(&inner.counters.malformed_streams);
+            let _ = recv.stop(codes::MALFORMED.into());
+        }
+    }
+}
+
+/// Reads one small framed envelope (at most [`MAX_CONTROL_ENVELOPE_LEN`]).
+async fn read_control_frame(recv: &mut quinn::RecvStream) -> Option<Envelope> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut head).await.ok()?;
+    let len = frame::parse_header(&head, MAX_CONTROL_ENVELOPE_LEN).ok()?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.ok()?;
+    Envelope::decode(&body).ok()
+}

@@ -1,0 +1,288 @@
+//! The [`Node`]: a reach peer running on one UDP socket.
+//!
+//! ```no_run
+//! # async fn demo() -> reach::Result<()> {
+//! use reach::{Event, Node};
+//!
+//! let alice = Node::builder().bind("127.0.0.1:0".parse().unwrap()).spawn().await?;
+//! let bob = Node::builder().bind("127.0.0.1:0".parse().unwrap()).spawn().await?;
+//!
+//! // Dial Bob by his key at an address; the handshake proves it is him.
+//! alice.connect(bob.peer_id(), [bob.local_addr()]).await?;
+//! alice.send(bob.peer_id(), b"hello bob".to_vec()).await?;
+//!
+//! if let Some(Event::Message { from, data }) = bob.next_event().await {
+//!     assert_eq!(from, alice.peer_id());
+//!     assert_eq!(&data[..], b"hello bob");
+//! }
+//! alice.shutdown().await;
+//! bob.shutdown().await;
+//! # Ok(()) }
+//! ```
+
+mod builder;
+mod control;
+mod inbound;
+mod peers;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use reach_proto::wire::envelope::{Body, Envelope, MAX_MESSAGE_LEN};
+use reach_proto::{Keypair, PeerId};
+use serde::Serialize;
+use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use builder::NodeBuilder;
+pub use stats::NodeStats;
+
+use crate::error::{Error, Result};
+use crate::events::{Event, Stream};
+use crate::socket::{DemuxSocket, DemuxStats};
+
+/// How long `shutdown` waits for peers to acknowledge the close.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// Events (messages and streams) queued for the application before inbound
+/// processing waits for it to catch up.
+pub const EVENT_QUEUE: usize = 1024;
+/// Bytes of received messages the node holds for the application at most.
+/// When the application falls behind, reading from peers pauses and QUIC flow
+/// control slows the senders: nothing is dropped, memory stays bounded.
+/// Must be at least [`MAX_MESSAGE_LEN`] so any single message fits.
+pub const MAX_QUEUED_MESSAGE_BYTES: usize = 4 * MAX_MESSAGE_LEN;
+
+/// A connected peer, as reported by [`Node::connected_peers`].
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub rtt_ms: u64,
+    pub direction: Direction,
+}
+
+/// Who opened a connection.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// A running reach node. Cheap to clone; all clones share the node. The node
+/// stops on [`Node::shutdown`] or when the last clone is dropped.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+    _guard: Arc<DropGuard>,
+}
+
+pub(crate) struct Inner {
+    pub keypair: Keypair,
+    pub peer_id: PeerId,
+    pub endpoint: quinn::Endpoint,
+    pub socket: Arc<DemuxSocket>,
+    pub local_addr: SocketAddr,
+    pub peers: peers::PeerTable,
+    pub events_tx: mpsc::Sender<Event>,
+    pub events_rx: AsyncMutex<mpsc::Receiver<Event>>,
+    /// Byte budget of received messages not yet taken by the application.
+    pub message_budget: Arc<Semaphore>,
+    pub probes: control::PendingProbes,
+    pub counters: stats::Counters,
+    pub demux_stats: Arc<DemuxStats>,
+    pub shutdown_tx: watch::Sender<bool>,
+    pub tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// Signals shutdown when the last `Node` clone goes away.
+struct DropGuard(Arc<Inner>);
+
+impl Drop for DropGuard {
+    fn drop(&mut self) {
+        self.0.begin_shutdown();
+    }
+}
+
+impl Inner {
+    fn begin_shutdown(&self) {
+        self.shutdown_tx.send_replace(true);
+        self.endpoint.close(0u32.into(), b"shutdown");
+        if let Ok(mut tasks) = self.tasks.lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
+        }
+    }
+
+    pub(crate) fn is_shut_down(&self) -> bool {
+        *self.shutdown_tx.borrow()
+    }
+
+    pub(crate) fn spawn(self: &Arc<Self>, fut: impl Future<Output = ()> + Send + 'static) {
+        let handle = tokio::spawn(fut);
+        if let Ok(mut tasks) = self.tasks.lock() {
+            tasks.retain(|t| !t.is_finished());
+            tasks.push(handle);
+        }
+    }
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .field("local_addr", &self.inner.local_addr)
+            .finish()
+    }
+}
+
+impl Node {
+    /// Starts configuring a node.
+    pub fn builder() -> NodeBuilder {
+        NodeBuilder::default()
+    }
+
+    /// This node's address: its public key.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The address the node's UDP socket is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.inner.local_addr
+    }
+
+    /// Addresses peers on this machine's networks can dial: the bound address,
+    /// or, when bound to an unspecified address (`0.0.0.0` / `[::]`), one per
+    /// local interface address of the matching family.
+    pub fn local_addrs(&self) -> Vec<SocketAddr> {
+        let bound = self.inner.local_addr;
+        if !bound.ip().is_unspecified() {
+            return vec![bound];
+        }
+        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|i| i.ip())
+            .filter(|ip| ip.is_ipv4() == bound.is_ipv4() || bound.is_ipv6())
+            .map(|ip| SocketAddr::new(ip, bound.port()))
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    /// Connects to `peer` at one of `addrs` (tried in parallel; the first
+    /// authenticated handshake wins) unless a live connection exists. The
+    /// addresses are remembered, so later `send`s redial on their own.
+    ///
+    /// Fails with [`Error::PeerIdMismatch`] when the remote proves a different
+    /// key than `peer`.
+    pub async fn connect(
+        &self,
+        peer: PeerId,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<()> {
+        self.inner.peers.remember(peer, addrs);
+        peers::connection(&self.inner, peer).await.map(|_| ())
+    }
+
+    /// Sends one whole message reliably. Returns once the peer's QUIC stack
+    /// has acknowledged every byte of it.
+    ///
+    /// Dials the peer first when there is no live connection but addresses
+    /// are known. Messages larger than [`MAX_MESSAGE_LEN`] fail with
+    /// [`Error::MessageTooLarge`]: use a stream for bulk data.
+    pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
+        let data: Bytes = data.into();
+        if data.len() > MAX_MESSAGE_LEN {
+            return Err(Error::MessageTooLarge {
+                size: data.len(),
+                max: MAX_MESSAGE_LEN,
+            });
+        }
+        let prefix = Envelope::message_prefix(data.len())?;
+        let mut stream = peers::open_uni(&self.inner, peer).await?;
+        let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
+            peer,
+            reason: e.to_string(),
+        };
+        stream.write_all(&prefix).await.map_err(|e| lost(&e))?;
+        stream
+            .write_chunk(data.clone())
+            .await
+            .map_err(|e| lost(&e))?;
+        stream.finish().map_err(|e| lost(&e))?;
+        match stream.stopped().await {
+            Ok(None) => {
+                stats::bump(&self.inner.counters.messages_sent);
+                stats::add(&self.inner.counters.message_bytes_sent, data.len());
+                Ok(())
+            }
+            Ok(Some(code)) => Err(Error::Refused {
+                peer,
+                code: code.into_inner(),
+            }),
+            Err(e) => Err(lost(&e)),
+        }
+    }
+
+    /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
+    /// receives it as [`Event::Stream`].
+    pub async fn open_stream(&self, peer: PeerId) -> Result<Stream> {
+        let conn = peers::connection(&self.inner, peer).await?;
+        let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
+            peer,
+            reason: e.to_string(),
+        };
+        let (mut send, recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+        let header = Envelope::new(Body::OpenStream).to_frame()?;
+        send.write_all(&header).await.map_err(|e| lost(&e))?;
+        stats::bump(&self.inner.counters.streams_opened);
+        Ok(Stream { peer, send, recv })
+    }
+
+    /// Waits for the next message or stream from any peer. Returns `None`
+    /// once the node has shut down. Several tasks may wait at once; each
+    /// event goes to one of them.
+    pub async fn next_event(&self) -> Option<Event> {
+        let mut rx = self.inner.events_rx.lock().await;
+        let mut shutdown = self.inner.shutdown_tx.subscribe();
+        let event = tokio::select! {
+            ev = rx.recv() => ev,
+            _ = shutdown.wait_for(|s| *s) => None,
+        }?;
+        if let Event::Message { data, .. } = &event {
+            // Give the bytes back to the receive budget (see MAX_QUEUED_MESSAGE_BYTES).
+            self.inner.message_budget.add_permits(data.len());
+        }
+        Some(event)
+    }
+
+    /// Peers with a live connection.
+    pub fn connected_peers(&self) -> Vec<PeerInfo> {
+        self.inner.peers.connected()
+    }
+
+    /// Asks the node at `addr` which address it sees this node's packets come
+    /// from, over the shared UDP socket (no QUIC involved).
+    pub async fn observed_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
+        control::probe(&self.inner, addr).await
+    }
+
+    /// Counters since the node started.
+    pub fn stats(&self) -> NodeStats {
+        NodeStats::collect(&self.inner.counters, &self.inner.demux_stats)
+    }
+
+    /// Closes every connection, tells peers, and stops the node's tasks.
+    /// Waits up to [`SHUTDOWN_GRACE`] for peers to acknowledge.
+    pub async fn shutdown(&self) {
+        self.inner.begin_shutdown();
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inner.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,237 @@
+//! The table of known peers: their addresses and their live connection, and
+//! dialing by key.
+//!
+//! One connection per peer is kept and reused. Dials to one peer are
+//! serialised by a per-peer lock, so concurrent `send`s to a peer that is not
+//! connected yet share one handshake instead of racing several.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use reach_proto::PeerId;
+use tokio::sync::Mutex as AsyncMutex;
+
+use super::{Direction, Inner, PeerInfo, inbound, stats};
+use crate::error::{Error, Result};
+use crate::{tls, transport};
+
+/// Addresses remembered per peer; the oldest are forgotten first.
+pub const MAX_ADDRS_PER_PEER: usize = 8;
+
+#[derive(Default)]
+struct PeerEntry {
+    addrs: Vec<SocketAddr>,
+    conn: Option<(quinn::Connection, Direction)>,
+    dial_lock: Arc<AsyncMutex<()>>,
+}
+
+/// Known peers and their connections.
+#[derive(Default)]
+pub(crate) struct PeerTable {
+    entries: Mutex<HashMap<PeerId, PeerEntry>>,
+}
+
+impl PeerTable {
+    fn with<R>(&self, f: impl FnOnce(&mut HashMap<PeerId, PeerEntry>) -> R) -> R {
+        // A poisoned lock only means another task panicked mid-update of a
+        // plain map; the map itself is still consistent enough to use.
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+
+    /// Adds addresses for `peer`, newest first, keeping at most
+    /// [`MAX_ADDRS_PER_PEER`].
+    pub fn remember(&self, peer: PeerId, addrs: impl IntoIterator<Item = SocketAddr>) {
+        let new: Vec<SocketAddr> = addrs.into_iter().collect();
+        if new.is_empty() {
+            return;
+        }
+        self.with(|m| {
+            let e = m.entry(peer).or_default();
+            let mut merged = new.clone();
+            merged.extend(e.addrs.iter().filter(|a| !new.contains(a)));
+            merged.dedup();
+            merged.truncate(MAX_ADDRS_PER_PEER);
+            e.addrs = merged;
+        });
+    }
+
+    /// Adds `addr` as the least preferred address of `peer` if it is new
+    /// and there is room.
+    pub fn remember_fallback(&self, peer: PeerId, addr: SocketAddr) {
+        self.with(|m| {
+            let e = m.entry(peer).or_default();
+            if !e.addrs.contains(&addr) && e.addrs.len() < MAX_ADDRS_PER_PEER {
+                e.addrs.push(addr);
+            }
+        });
+    }
+
+    fn live(&self, peer: &PeerId) -> Option<quinn::Connection> {
+        self.with(|m| {
+            m.get(peer)
+                .and_then(|e| e.conn.as_ref())
+                .filter(|(c, _)| c.close_reason().is_none())
+                .map(|(c, _)| c.clone())
+        })
+    }
+
+    fn addrs_and_lock(&self, peer: PeerId) -> (Vec<SocketAddr>, Arc<AsyncMutex<()>>) {
+        self.with(|m| {
+            let e = m.entry(peer).or_default();
+            (e.addrs.clone(), e.dial_lock.clone())
+        })
+    }
+
+    /// Records a new live connection to `peer`, replacing a previous one.
+    pub fn insert(&self, peer: PeerId, conn: quinn::Connection, dir: Direction) {
+        self.with(|m| m.entry(peer).or_default().conn = Some((conn, dir)));
+    }
+
+    /// Forgets `conn` if it is still the one recorded for `peer`.
+    pub fn remove_if_current(&self, peer: PeerId, stable_id: usize) {
+        self.with(|m| {
+            if let Some(e) = m.get_mut(&peer)
+                && e.conn
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.stable_id() == stable_id)
+            {
+                e.conn = None;
+            }
+        });
+    }
+
+    /// Peers with a live connection, sorted by peer id.
+    pub fn connected(&self) -> Vec<PeerInfo> {
+        let mut out: Vec<PeerInfo> = self.with(|m| {
+            m.iter()
+                .filter_map(|(peer, e)| {
+                    let (c, dir) = e.conn.as_ref()?;
+                    c.close_reason().is_none().then(|| PeerInfo {
+                        peer: *peer,
+                        addr: c.remote_address(),
+                        rtt_ms: c.rtt().as_millis() as u64,
+                        direction: *dir,
+                    })
+                })
+                .collect()
+        });
+        out.sort_by_key(|p| p.peer);
+        out
+    }
+}
+
+/// The live connection to `peer`, dialing its known addresses if needed.
+pub(crate) async fn connection(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::Connection> {
+    if inner.is_shut_down() {
+        return Err(Error::Shutdown);
+    }
+    if peer == inner.peer_id {
+        return Err(Error::Connect {
+            peer,
+            reason: "that is this node's own id".into(),
+        });
+    }
+    if let Some(c) = inner.peers.live(&peer) {
+        return Ok(c);
+    }
+    let (_, lock) = inner.peers.addrs_and_lock(peer);
+    let _dialing = lock.lock().await;
+    // Someone else may have connected while we waited for the lock.
+    if let Some(c) = inner.peers.live(&peer) {
+        return Ok(c);
+    }
+    let (addrs, _) = inner.peers.addrs_and_lock(peer);
+    if addrs.is_empty() {
+        return Err(Error::NoAddress(peer));
+    }
+    let conn = dial_any(inner, peer, &addrs).await?;
+    inbound::register(inner, peer, conn.clone(), Direction::Outbound);
+    Ok(conn)
+}
+
+/// Opens a unidirectional stream to `peer`, redialing once if the recorded
+/// connection turns out to be dead (nothing has been sent on it yet, so the
+/// retry cannot duplicate a message).
+pub(crate) async fn open_uni(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::SendStream> {
+    let conn = connection(inner, peer).await?;
+    match conn.open_uni().await {
+        Ok(s) => Ok(s),
+        Err(_) => {
+            inner.peers.remove_if_current(peer, conn.stable_id());
+            let conn = connection(inner, peer).await?;
+            conn.open_uni().await.map_err(|e| Error::ConnectionLost {
+                peer,
+                reason: e.to_string(),
+            })
+        }
+    }
+}
+
+/// Dials all `addrs` at once; the first authenticated connection wins.
+async fn dial_any(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    addrs: &[SocketAddr],
+) -> Result<quinn::Connection> {
+    let mut attempts: FuturesUnordered<_> = addrs.iter().map(|&a| dial(inner, peer, a)).collect();
+    let mut failures = Vec::new();
+    while let Some(res) = attempts.next().await {
+        match res {
+            Ok(conn) => {
+                stats::bump(&inner.counters.connections_outbound);
+                return Ok(conn);
+            }
+            Err(e) => failures.push(e),
+        }
+    }
+    stats::bump(&inner.counters.dial_failures);
+    // A proven wrong identity is the most useful thing to report.
+    if let Some(pos) = failures
+        .iter()
+        .position(|e| matches!(e, Error::PeerIdMismatch { .. }))
+    {
+        return Err(failures.swap_remove(pos));
+    }
+    let reasons: Vec<String> = failures.iter().map(|e| e.to_string()).collect();
+    Err(Error::Connect {
+        peer,
+        reason: reasons.join("; "),
+    })
+}
+
+async fn dial(inner: &Arc<Inner>, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection> {
+    let (client, seen) = tls::client_config(&inner.keypair, peer)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport::transport_config());
+    let fail = |reason: String| Error::Connect {
+        peer,
+        reason: format!("{addr}: {reason}"),
+    };
+    let connecting = inner
+        .endpoint
+        .connect_with(cfg, addr, tls::SERVER_NAME)
+        .map_err(|e| fail(e.to_string()))?;
+    let result = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting).await;
+    let mismatch = || {
+        let actual = seen.lock().ok().and_then(|s| *s)?;
+        (actual != peer).then_some(Error::PeerIdMismatch {
+            expected: peer,
+            actual,
+            addr,
+        })
+    };
+    match result {
+        Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e)) => Err(mismatch().unwrap_or_else(|| fail(e.to_string()))),
+        Err(_) => Err(fail(format!(
+            "no handshake within {:?}",
+            transport::CONNECT_TIMEOUT
+        ))),
+    }
+}

@@ -1,0 +1,82 @@
+//! Counters a node keeps about itself, exposed by `Node::stats` and the
+//! control API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::Serialize;
+
+use crate::socket::DemuxStats;
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub messages_sent: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub message_bytes_sent: AtomicU64,
+    pub message_bytes_received: AtomicU64,
+    pub streams_opened: AtomicU64,
+    pub streams_accepted: AtomicU64,
+    pub connections_outbound: AtomicU64,
+    pub connections_inbound: AtomicU64,
+    pub dial_failures: AtomicU64,
+    pub inbound_handshake_failures: AtomicU64,
+    pub malformed_streams: AtomicU64,
+    pub probes_answered: AtomicU64,
+    pub probes_refused: AtomicU64,
+}
+
+pub(crate) fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn add(c: &AtomicU64, n: usize) {
+    c.fetch_add(n as u64, Ordering::Relaxed);
+}
+
+/// A snapshot of a node's counters since it started.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct NodeStats {
+    pub messages_sent: u64,
+    pub messages_received: u64,
+    pub message_bytes_sent: u64,
+    pub message_bytes_received: u64,
+    pub streams_opened: u64,
+    pub streams_accepted: u64,
+    pub connections_outbound: u64,
+    pub connections_inbound: u64,
+    pub dial_failures: u64,
+    pub inbound_handshake_failures: u64,
+    pub malformed_streams: u64,
+    pub probes_answered: u64,
+    pub probes_refused: u64,
+    pub quic_datagrams: u64,
+    pub control_datagrams: u64,
+    pub stun_datagrams: u64,
+    pub unknown_datagrams_dropped: u64,
+    pub queue_full_datagrams_dropped: u64,
+}
+
+impl NodeStats {
+    pub(crate) fn collect(c: &Counters, d: &DemuxStats) -> Self {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        NodeStats {
+            messages_sent: g(&c.messages_sent),
+            messages_received: g(&c.messages_received),
+            message_bytes_sent: g(&c.message_bytes_sent),
+            message_bytes_received: g(&c.message_bytes_received),
+            streams_opened: g(&c.streams_opened),
+            streams_accepted: g(&c.streams_accepted),
+            connections_outbound: g(&c.connections_outbound),
+            connections_inbound: g(&c.connections_inbound),
+            dial_failures: g(&c.dial_failures),
+            inbound_handshake_failures: g(&c.inbound_handshake_failures),
+            malformed_streams: g(&c.malformed_streams),
+            probes_answered: g(&c.probes_answered),
+            probes_refused: g(&c.probes_refused),
+            quic_datagrams: g(&d.quic_datagrams),
+            control_datagrams: g(&d.control_datagrams),
+            stun_datagrams: g(&d.stun_datagrams),
+            unknown_datagrams_dropped: g(&d.unknown_dropped),
+            queue_full_datagrams_dropped: g(&d.queue_full_dropped),
+        }
+    }
+}

@@ -1,0 +1,268 @@
+//! TLS 1.3 mutual authentication by Ed25519 identity.
+//!
+//! Every node presents a self-signed certificate carrying its Ed25519 public
+//! key. There is no certificate authority: the key in the certificate *is* the
+//! identity, and the TLS 1.3 CertificateVerify signature proves the peer holds
+//! the matching secret key. The dialer states the [`PeerId`] it expects; its
+//! verifier rejects any other key during the handshake. The listener accepts
+//! any well-formed Ed25519 certificate and learns the dialer's `PeerId` from it.
+
+use std::sync::{Arc, Mutex};
+
+use reach_proto::{Keypair, PeerId};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+use crate::error::Error;
+
+/// ALPN protocol id of reach's QUIC connections.
+pub const ALPN: &[u8] = b"reach/1";
+
+/// The server name the dialer puts in its ClientHello. Identity is checked by
+/// key, not by name, so it is a constant that reveals nothing.
+pub const SERVER_NAME: &str = "reach";
+
+/// DER-encoded object identifier of Ed25519 (1.3.101.112).
+const OID_ED25519: &str = "1.3.101.112";
+
+/// Extracts the peer's identity from its end-entity certificate.
+///
+/// The certificate must parse as X.509, carry an Ed25519 public key and
+/// nothing may trail the DER structure.
+pub fn peer_id_from_cert(der: &[u8]) -> Result<PeerId, String> {
+    let (rest, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("certificate does not parse: {e}"))?;
+    if !rest.is_empty() {
+        return Err("trailing bytes after certificate".into());
+    }
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm.to_id_string() != OID_ED25519 {
+        return Err(format!(
+            "certificate key is not Ed25519 (algorithm {})",
+            spki.algorithm.algorithm.to_id_string()
+        ));
+    }
+    PeerId::from_slice(&spki.subject_public_key.data).map_err(|e| e.to_string())
+}
+
+/// Builds the node's self-signed certificate and its private key.
+fn certificate(
+    keypair: &Keypair,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), Error> {
+    let pkcs8 = PrivatePkcs8KeyDer::from(keypair.to_pkcs8_der());
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ED25519)
+        .map_err(|e| Error::Tls(format!("loading identity key: {e}")))?;
+    let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .map_err(|e| Error::Tls(format!("certificate parameters: {e}")))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| Error::Tls(format!("self-signing certificate: {e}")))?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(pkcs8)))
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Only Ed25519 is offered and accepted: it is the identity algorithm.
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// Server-side config: present our certificate, require and check the
+/// client's.
+pub fn server_config(keypair: &Keypair) -> Result<rustls::ServerConfig, Error> {
+    let (cert, key) = certificate(keypair)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(ClientVerifier))
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// Where the dialer's verifier records the key it was actually shown, so a
+/// failed handshake can be reported as a typed PeerId mismatch.
+pub type SeenPeer = Arc<Mutex<Option<PeerId>>>;
+
+/// Client-side config for dialing `expected`: present our certificate and
+/// accept only a server whose key is `expected`.
+pub fn client_config(
+    keypair: &Keypair,
+    expected: PeerId,
+) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
+    let (cert, key) = certificate(keypair)?;
+    let seen = SeenPeer::default();
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            expected,
+            seen: seen.clone(),
+        }))
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok((cfg, seen))
+}
+
+fn bad_cert(reason: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::Other(rustls::OtherError(
+        Arc::new(CertRejected(reason)),
+    )))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CertRejected(String);
+
+fn verify_tls13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if dss.scheme != SignatureScheme::ED25519 {
+        return Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+        ));
+    }
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+}
+
+/// Checks that the server is the peer the dialer asked for.
+#[derive(Debug)]
+struct ServerVerifier {
+    expected: PeerId,
+    seen: SeenPeer,
+}
+
+impl ServerCertVerifier for ServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(bad_cert(
+                "reach peers present exactly one certificate".into(),
+            ));
+        }
+        let actual = peer_id_from_cert(end_entity).map_err(bad_cert)?;
+        if let Ok(mut seen) = self.seen.lock() {
+            *seen = Some(actual);
+        }
+        if actual != self.expected {
+            return Err(bad_cert(format!(
+                "expected peer {} but the remote presented {}",
+                self.expected, actual
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Accepts any client presenting a well-formed Ed25519 certificate; the
+/// connection then learns the client's [`PeerId`] from it.
+#[derive(Debug)]
+struct ClientVerifier;
+
+impl ClientCertVerifier for ClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(bad_cert(
+                "reach peers present exactly one certificate".into(),
+            ));
+        }
+        peer_id_from_cert(end_entity).map_err(bad_cert)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn certificate_carries_the_identity() {
+        let kp = Keypair::generate();
+        let (cert, _) = certificate(&kp).unwrap();
+        assert_eq!(peer_id_from_cert(&cert).unwrap(), kp.peer_id());
+    }
+
+    #[test]
+    fn garbage_certificates_are_rejected() {
+        assert!(peer_id_from_cert(b"").is_err());
+        assert!(peer_id_from_cert(&[0x30, 0x82, 0xff, 0xff]).is_err());
+        let kp = Keypair::generate();
+        let (cert, _) = certificate(&kp).unwrap();
+        let mut trailing = cert.to_vec();
+        trailing.push(0);
+        assert!(peer_id_from_cert(&trailing).is_err());
+    }
+}
