@@ -1,0 +1,129 @@
+//! The local control API: HTTP/JSON on a loopback TCP port.
+//!
+//! `reach node` serves it; the CLI's other subcommands (`reach status`,
+//! `reach send`, …) use it. Only the local user may: every request must carry
+//! `Authorization: Bearer <token>`, where the token is random per start and
+//! kept in `<data dir>/api-token` with 0600 permissions. The address is
+//! published in `<data dir>/api.json` so clients find the node from its data
+//! dir alone.
+//!
+//! Endpoints (all JSON):
+//! - `GET  /v1/status`  — peer id, addresses, connected peers, counters
+//! - `GET  /v1/stats`   — counters only
+//! - `POST /v1/connect` — `{"peer": "<id>", "addrs": ["ip:port", …]}`
+//! - `POST /v1/send`    — `{"peer": "<id>", "addrs": [...]?, "message": "text"}`
+//!
+//! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`.
+
+pub mod client;
+mod server;
+
+pub use server::{ApiServer, serve};
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::{NodeStats, PeerInfo};
+use reach_proto::PeerId;
+
+/// File in the data dir holding the bearer token.
+pub const TOKEN_FILE: &str = "api-token";
+/// File in the data dir telling clients where the API listens.
+pub const DISCOVERY_FILE: &str = "api.json";
+/// Default API listen address: loopback only, port picked by the OS.
+pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:0";
+/// Largest request body the API accepts: a message plus JSON overhead.
+pub const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
+
+/// Where a running node's API is, as written to [`DISCOVERY_FILE`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Discovery {
+    pub addr: SocketAddr,
+    pub peer_id: PeerId,
+    pub pid: u32,
+}
+
+/// Answer of `GET /v1/status`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    pub peer_id: PeerId,
+    pub local_addr: SocketAddr,
+    pub local_addrs: Vec<SocketAddr>,
+    pub connected_peers: Vec<ConnectedPeer>,
+    pub stats: serde_json::Value,
+}
+
+/// One connected peer in a [`Status`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectedPeer {
+    pub peer: PeerId,
+    pub addr: SocketAddr,
+    pub rtt_ms: u64,
+    pub direction: String,
+}
+
+impl From<PeerInfo> for ConnectedPeer {
+    fn from(p: PeerInfo) -> Self {
+        ConnectedPeer {
+            peer: p.peer,
+            addr: p.addr,
+            rtt_ms: p.rtt_ms,
+            direction: format!("{:?}", p.direction).to_lowercase(),
+        }
+    }
+}
+
+/// Body of `POST /v1/connect`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectRequest {
+    pub peer: PeerId,
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Body of `POST /v1/send`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendRequest {
+    pub peer: PeerId,
+    #[serde(default)]
+    pub addrs: Vec<SocketAddr>,
+    pub message: String,
+}
+
+/// Answer of `POST /v1/send`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SendResponse {
+    pub delivered: bool,
+    pub bytes: usize,
+}
+
+/// Error body of every failed request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: ApiErrorDetail,
+}
+
+/// The `error` member of [`ApiErrorBody`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiErrorDetail {
+    pub kind: String,
+    pub message: String,
+}
+
+pub(crate) fn stats_json(stats: &NodeStats) -> serde_json::Value {
+    serde_json::to_value(stats).unwrap_or(serde_json::Value::Null)
+}
+
+/// Path of the token file in `data_dir`.
+pub fn token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(TOKEN_FILE)
+}
+
+/// Path of the discovery file in `data_dir`.
+pub fn discovery_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(DISCOVERY_FILE)
+}
