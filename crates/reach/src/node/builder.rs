@@ -106,7 +106,7 @@ impl NodeBuilder {
         });
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
-        tracing::info!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
+        tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),
             inner,

@@ -1,0 +1,105 @@
+//! Command-line syntax (clap).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use reach::PeerId;
+
+/// reach: reach any peer by its public key.
+///
+/// Every node has an Ed25519 identity; its public key (52 characters of
+/// base32) is its address. Connections are QUIC, mutually authenticated by
+/// those keys.
+#[derive(Debug, Parser)]
+#[command(name = "reach", version, about, long_about)]
+pub struct Cli {
+    /// More log output (-v: debug, -vv: trace). REACH_LOG overrides.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+impl Cli {
+    pub fn log_level(&self) -> &'static str {
+        match self.verbose {
+            0 => "warn,reach=info,reach_cli=info",
+            1 => "info,reach=debug,reach_cli=debug",
+            _ => "debug,reach=trace,reach_cli=trace",
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a node in the foreground, serving the local control API.
+    ///
+    /// Received messages are printed to stdout as
+    /// `message from <peer>: <text>`. Stop with Ctrl-C.
+    Node(NodeArgs),
+    /// Print this node's peer id (creating the identity if needed).
+    Id(DataDirArg),
+    /// Show a running node's peer id, addresses and connected peers.
+    Status {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Send a text message through a running node.
+    Send {
+        /// The recipient's peer id.
+        peer: PeerId,
+        /// The message text.
+        message: String,
+        /// An address to reach the peer at (repeatable). Not needed when the
+        /// node already knows or is connected to the peer.
+        #[arg(long = "addr", value_name = "IP:PORT")]
+        addrs: Vec<SocketAddr>,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Start a local network of nodes on loopback and exchange messages and
+    /// streams between them; prints a summary.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataDirArg {
+    /// The node's data dir (identity key, control API token).
+    /// Default: $REACH_DATA_DIR, else $XDG_DATA_HOME/reach, else ~/.local/share/reach.
+    #[arg(long, value_name = "DIR", env = "REACH_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// UDP address to listen on (QUIC and control packets share it).
+    /// Default 0.0.0.0:4433; use [::]:4433 for dual-stack.
+    #[arg(long, value_name = "IP:PORT")]
+    pub listen: Option<SocketAddr>,
+    /// Loopback TCP address of the control API. Default 127.0.0.1:0 (any port;
+    /// clients find it through the data dir).
+    #[arg(long, value_name = "IP:PORT")]
+    pub api_listen: Option<SocketAddr>,
+    /// A TOML config file; command-line flags override its values.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub data_dir: DataDirArg,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of nodes.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=500))]
+    pub nodes: u32,
+    /// Messages each node sends (to different peers).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub messages: u32,
+    /// Print one JSON object instead of the readable summary.
+    #[arg(long)]
+    pub json: bool,
+}

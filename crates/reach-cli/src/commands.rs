@@ -1,0 +1,176 @@
+//! What each subcommand does.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use reach::api::client::ApiClient;
+use reach::api::{SendRequest, SendResponse, Status};
+use reach::{Event, Node};
+
+use crate::cli::{Cli, Command, DataDirArg, NodeArgs};
+use crate::config::Config;
+use crate::demo;
+
+/// UDP port `reach node` listens on when neither flag nor config says.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+
+pub async fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Node(args) => run_node(args).await,
+        Command::Id(dir) => {
+            let dir = data_dir(&dir)?;
+            let (kp, created) = reach::keystore::load_or_create(&dir)?;
+            if created {
+                eprintln!(
+                    "created a new identity in {}",
+                    reach::keystore::key_path(&dir).display()
+                );
+            }
+            println!("{}", kp.peer_id());
+            Ok(())
+        }
+        Command::Status { data_dir: d, json } => {
+            let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            let status: serde_json::Value = client.get("/v1/status").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let status: Status = serde_json::from_value(status)?;
+                print_status(&status);
+            }
+            Ok(())
+        }
+        Command::Send {
+            peer,
+            message,
+            addrs,
+            data_dir: d,
+        } => {
+            let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            let resp: SendResponse = client
+                .post(
+                    "/v1/send",
+                    &SendRequest {
+                        peer,
+                        addrs,
+                        message,
+                    },
+                )
+                .await?;
+            println!("delivered {} bytes to {}", resp.bytes, peer);
+            Ok(())
+        }
+        Command::Demo(args) => demo::run(args).await,
+    }
+}
+
+/// The data dir from the flag/env, else the XDG default.
+fn data_dir(arg: &DataDirArg) -> Result<PathBuf> {
+    if let Some(d) = &arg.data_dir {
+        return Ok(d.clone());
+    }
+    default_data_dir()
+}
+
+fn default_data_dir() -> Result<PathBuf> {
+    if let Some(x) = std::env::var_os("XDG_DATA_HOME").filter(|x| !x.is_empty()) {
+        return Ok(PathBuf::from(x).join("reach"));
+    }
+    let home = std::env::var_os("HOME")
+        .filter(|h| !h.is_empty())
+        .context("cannot find a data dir: set --data-dir, REACH_DATA_DIR or HOME")?;
+    Ok(PathBuf::from(home).join(".local/share/reach"))
+}
+
+async fn run_node(args: NodeArgs) -> Result<()> {
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let dir = match (&args.data_dir.data_dir, &config.data_dir) {
+        (Some(d), _) | (None, Some(d)) => d.clone(),
+        (None, None) => default_data_dir()?,
+    };
+    let listen: SocketAddr = match args.listen.or(config.listen) {
+        Some(a) => a,
+        None => DEFAULT_LISTEN.parse()?,
+    };
+    let api_listen: SocketAddr = match args.api_listen.or(config.api_listen) {
+        Some(a) => a,
+        None => reach::api::DEFAULT_API_LISTEN.parse()?,
+    };
+    let node = Node::builder().bind(listen).data_dir(&dir).spawn().await?;
+    let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
+    println!("peer id     {}", node.peer_id());
+    for a in node.local_addrs() {
+        println!("listening   {a} (udp)");
+    }
+    println!(
+        "control API http://{} (token in {})",
+        api.addr(),
+        dir.join(reach::api::TOKEN_FILE).display()
+    );
+    println!("data dir    {}", dir.display());
+
+    let printer = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            while let Some(event) = node.next_event().await {
+                match event {
+                    Event::Message { from, data } => {
+                        println!("message from {from}: {}", String::from_utf8_lossy(&data));
+                    }
+                    Event::Stream(s) => {
+                        println!(
+                            "stream from {} (closed: this node does not serve streams)",
+                            s.peer
+                        );
+                    }
+                }
+            }
+        })
+    };
+    wait_for_stop_signal().await?;
+    eprintln!("shutting down");
+    api.stop().await;
+    node.shutdown().await;
+    printer.abort();
+    Ok(())
+}
+
+/// Waits for Ctrl-C (SIGINT) or SIGTERM, so `kill` and service managers stop
+/// the node as cleanly as Ctrl-C does.
+async fn wait_for_stop_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+fn print_status(s: &Status) {
+    println!("peer id   {}", s.peer_id);
+    for a in &s.local_addrs {
+        println!("address   {a}");
+    }
+    if s.connected_peers.is_empty() {
+        println!("peers     none connected");
+    } else {
+        println!("peers     {} connected", s.connected_peers.len());
+        for p in &s.connected_peers {
+            println!(
+                "  {}  {}  rtt {} ms  {}",
+                p.peer, p.addr, p.rtt_ms, p.direction
+            );
+        }
+    }
+    let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    println!(
+        "messages  {} sent, {} received",
+        g("messages_sent"),
+        g("messages_received")
+    );
+}
