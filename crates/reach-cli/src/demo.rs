@@ -58,20 +58,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 /// Which peers node `i` of `n` sends its `m` messages to: distinct peers,
 /// spread over the ring so that the network is well mixed.
 fn targets(i: usize, n: usize, m: usize) -> Vec<usize> {
-    let mut out = Vec::new();
-    let mut k = 1;
-    while out.len() < m.min(n - 1) {
-        let t = (i + k * 7) % n;
+    let want = m.min(n - 1);
+    let strided = (1..n).map(|k| (i + k * 7) % n);
+    // Successors cover every other node, so `want` is always reached.
+    let successors = (1..n).map(|k| (i + k) % n);
+    let mut out = Vec::with_capacity(want);
+    for t in strided.chain(successors) {
+        if out.len() == want {
+            break;
+        }
         if t != i && !out.contains(&t) {
             out.push(t);
-        }
-        k += 1;
-        if k > 8 * n {
-            // 7 and n share a factor; fall back to plain successors.
-            let t = (i + out.len() + 1) % n;
-            if !out.contains(&t) && t != i {
-                out.push(t);
-            }
         }
     }
     out

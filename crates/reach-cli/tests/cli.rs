@@ -1,0 +1,231 @@
+//! The `reach` binary as a user runs it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const REACH: &str = env!("CARGO_BIN_EXE_reach");
+/// Every wait in these tests is bounded by this deadline.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn reach(args: &[&str]) -> std::process::Output {
+    Command::new(REACH)
+        .args(args)
+        .env_remove("REACH_DATA_DIR")
+        .output()
+        .expect("run reach")
+}
+
+#[test]
+fn demo_json_runs_twenty_nodes_and_delivers_everything() {
+    let out = reach(&["demo", "--json", "--nodes", "20"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let line = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(line).unwrap();
+    assert_eq!(v["nodes"], 20);
+    let sent = v["messages_sent"].as_u64().unwrap();
+    assert_eq!(sent, 100);
+    assert_eq!(v["messages_delivered"].as_u64().unwrap(), sent);
+    assert_eq!(v["streams_verified"], v["streams_opened"]);
+    assert!(v["wall_ms"].as_u64().is_some());
+    assert!(v["connections"].as_u64().unwrap() >= 100);
+}
+
+#[test]
+fn id_is_created_once_and_a_malformed_key_is_never_overwritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_str().unwrap();
+    let first = reach(&["id", "--data-dir", d]);
+    assert!(first.status.success());
+    let id = String::from_utf8(first.stdout).unwrap();
+    assert_eq!(id.trim().len(), 52);
+    let again = reach(&["id", "--data-dir", d]);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), id);
+
+    let key = dir.path().join("identity.key");
+    std::fs::write(&key, "garbage").unwrap();
+    let bad = reach(&["id", "--data-dir", d]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8(bad.stderr).unwrap();
+    assert!(err.contains(key.to_str().unwrap()), "{err}");
+    assert_eq!(std::fs::read_to_string(&key).unwrap(), "garbage");
+}
+
+#[test]
+fn status_without_a_running_node_says_how_to_start_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = reach(&["status", "--data-dir", dir.path().to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("no running node"), "{err}");
+    assert!(err.contains("reach node"), "{err}");
+}
+
+#[test]
+fn config_with_unknown_key_is_refused_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("reach.toml");
+    std::fs::write(&cfg, "lisen = \"127.0.0.1:0\"\n").unwrap();
+    let out = reach(&[
+        "node",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(
+        err.contains(cfg.to_str().unwrap()) && err.contains("lisen"),
+        "{err}"
+    );
+}
+
+/// A `reach node` child process whose stdout lines arrive on a channel.
+struct NodeProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl NodeProcess {
+    fn start(data_dir: &Path, config: &Path) -> Self {
+        let mut child = Command::new(REACH)
+            .args(["node", "--data-dir", data_dir.to_str().unwrap()])
+            .args(["--config", config.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn reach node");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        NodeProcess { child, lines }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    fn wait_line(&self, needle: &str) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no line containing {needle:?} within {DEADLINE:?}: {e}"),
+            }
+        }
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "node did not stop after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn two_node_daemons_talk_through_the_cli() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let a = NodeProcess::start(a_dir.path(), &cfg);
+    let b = NodeProcess::start(b_dir.path(), &cfg);
+    a.wait_line("control API");
+    b.wait_line("control API");
+
+    let status = |dir: &Path| -> serde_json::Value {
+        let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let sa = status(a_dir.path());
+    let sb = status(b_dir.path());
+    let b_id = sb["peer_id"].as_str().unwrap().to_string();
+    let b_addr = sb["local_addr"].as_str().unwrap().to_string();
+    let id_out = reach(&["id", "--data-dir", a_dir.path().to_str().unwrap()]);
+    assert_eq!(
+        String::from_utf8(id_out.stdout).unwrap().trim(),
+        sa["peer_id"].as_str().unwrap()
+    );
+
+    let sent = reach(&[
+        "send",
+        &b_id,
+        "hello from the cli",
+        "--addr",
+        &b_addr,
+        "--data-dir",
+        a_dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let line = b.wait_line("message from");
+    assert_eq!(
+        line,
+        format!(
+            "message from {}: hello from the cli",
+            sa["peer_id"].as_str().unwrap()
+        )
+    );
+    let text =
+        String::from_utf8(reach(&["status", "--data-dir", a_dir.path().to_str().unwrap()]).stdout)
+            .unwrap();
+    assert!(
+        text.contains("1 connected") && text.contains(&b_id),
+        "{text}"
+    );
+
+    // A bad peer id is a usage error from clap, naming the problem.
+    let bad = reach(&[
+        "send",
+        "not-a-peer",
+        "x",
+        "--data-dir",
+        a_dir.path().to_str().unwrap(),
+    ]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("peer id"));
+
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    assert!(!a_dir.path().join("api.json").exists());
+}
