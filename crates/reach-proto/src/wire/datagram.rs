@@ -12,6 +12,7 @@
 //! Anything else is [`DatagramKind::Unknown`] and is dropped.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -27,6 +28,11 @@ pub const MAX_CONTROL_PACKET_LEN: usize = 1200;
 /// Every probe request is padded to this size. A reply is never larger than
 /// its request, so a spoofed request cannot turn a node into an amplifier.
 pub const PROBE_REQUEST_LEN: usize = 64;
+/// How long a prober waits for a reply before sending the probe again.
+pub const PROBE_RETRY_AFTER: Duration = Duration::from_millis(500);
+/// Probe attempts before giving up: UDP may lose a packet or two, and four
+/// attempts turn 10% loss per direction into a ~0.1% failure rate.
+pub const PROBE_ATTEMPTS: u32 = 4;
 /// The STUN magic cookie (RFC 8489 §5).
 pub const STUN_MAGIC_COOKIE: [u8; 4] = [0x21, 0x12, 0xA4, 0x42];
 /// Size of a STUN header.

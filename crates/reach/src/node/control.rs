@@ -6,17 +6,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reach_proto::wire::datagram::{ControlPacket, DatagramKind};
+use reach_proto::wire::datagram::{ControlPacket, DatagramKind, PROBE_ATTEMPTS, PROBE_RETRY_AFTER};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, stats};
 use crate::error::{Error, Result};
 use crate::socket::NonQuicDatagram;
 
-/// How long to wait for a probe reply before sending the probe again.
-pub const PROBE_RETRY_AFTER: Duration = Duration::from_millis(500);
-/// Probe attempts before giving up (UDP may lose a packet or two).
-pub const PROBE_ATTEMPTS: u32 = 4;
 /// Probe replies a node sends per second at most, whoever asks: answering is
 /// cheap, but a node must not become a packet cannon.
 pub const MAX_PROBE_REPLIES_PER_SEC: u32 = 1000;

@@ -1,0 +1,3 @@
+//! Simulated scenarios, each printing one JSON report.
+
+pub mod probe;
