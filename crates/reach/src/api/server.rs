@@ -198,9 +198,9 @@ fn node_error(e: Error) -> Response {
     api_error(status, e.kind(), e.to_string())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Response> {
+fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
     serde_json::from_slice(body)
-        .map_err(|e| api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string()))
+        .map_err(|e| Box::new(api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))
 }
 
 fn ok<T: Serialize>(value: T) -> Response {
@@ -229,7 +229,7 @@ async fn stats(State(state): State<AppState>) -> Response {
 async fn connect(State(state): State<AppState>, body: Bytes) -> Response {
     let req: ConnectRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     match state.node.connect(req.peer, req.addrs).await {
         Ok(()) => ok(serde_json::json!({ "connected": true })),
@@ -240,7 +240,7 @@ async fn connect(State(state): State<AppState>, body: Bytes) -> Response {
 async fn send(State(state): State<AppState>, body: Bytes) -> Response {
     let req: SendRequest = match parse(&body) {
         Ok(r) => r,
-        Err(resp) => return resp,
+        Err(resp) => return *resp,
     };
     let bytes = req.message.len();
     if !req.addrs.is_empty()

@@ -37,11 +37,10 @@ impl PendingProbes {
 pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQuicDatagram>) {
     let mut limiter = RateLimiter::new(MAX_PROBE_REPLIES_PER_SEC);
     while let Some(d) = rx.recv().await {
-        match d.kind {
-            DatagramKind::Control => handle_control(&inner, &d, &mut limiter),
-            // STUN is recognised and counted by the demultiplexer; answering
-            // and sending Binding requests is the NAT-awareness capability.
-            _ => {}
+        // STUN is recognised and counted by the demultiplexer; answering and
+        // sending Binding requests belongs to the NAT-awareness capability.
+        if d.kind == DatagramKind::Control {
+            handle_control(&inner, &d, &mut limiter);
         }
     }
 }
