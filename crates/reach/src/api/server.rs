@@ -199,8 +199,13 @@ fn node_error(e: Error) -> Response {
 }
 
 fn parse<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, Box<Response>> {
-    serde_json::from_slice(body)
-        .map_err(|e| Box::new(api_error(StatusCode::BAD_REQUEST, "bad_request", e.to_string())))
+    serde_json::from_slice(body).map_err(|e| {
+        Box::new(api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            e.to_string(),
+        ))
+    })
 }
 
 fn ok<T: Serialize>(value: T) -> Response {
