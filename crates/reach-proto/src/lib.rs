@@ -6,6 +6,7 @@
 //! goes out as values. The runtime crate `reach` drives this core with tokio and
 //! quinn; the simulator `reach-sim` drives the very same code in virtual time.
 
+pub mod dht;
 pub mod identity;
 pub mod wire;
 

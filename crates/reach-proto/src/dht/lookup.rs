@@ -1,0 +1,476 @@
+//! The iterative lookup, as a state machine.
+//!
+//! The driver asks [`Lookup::poll_queries`] whom to query, sends the
+//! queries, and feeds back [`Lookup::on_response`] / [`Lookup::on_failure`];
+//! [`Lookup::handle_timeout`] turns queries older than the timeout into
+//! failures. No I/O and no clock: `now` is passed in.
+//!
+//! Strategy (Kademlia §2.3 with its final sweep): keep α queries in flight to
+//! the closest candidates not yet asked. When a response teaches nothing that
+//! enters the current k closest, the search has stopped converging: then ask
+//! every remaining one of the k closest at once, so the end of a lookup costs
+//! one round trip rather than k/α. The lookup is finished when each of the k
+//! closest candidates has answered or failed.
+
+use std::time::Duration;
+
+use super::{ALPHA, Contact, Distance, K, Key};
+use crate::PeerId;
+
+/// Default time a queried peer has to answer.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+/// Candidates remembered at most: the k closest matter, the rest are spares
+/// for when they fail. Bounds memory against peers that answer with junk.
+pub const MAX_CANDIDATES: usize = 8 * K;
+
+/// Tunables of a lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LookupConfig {
+    pub k: usize,
+    pub alpha: usize,
+    pub query_timeout: Duration,
+}
+
+impl Default for LookupConfig {
+    fn default() -> Self {
+        LookupConfig {
+            k: K,
+            alpha: ALPHA,
+            query_timeout: QUERY_TIMEOUT,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Waiting,
+    InFlight { since: Duration },
+    Responded,
+    Failed,
+}
+
+#[derive(Debug, Clone)]
+struct Candidate {
+    contact: Contact,
+    distance: Distance,
+    state: State,
+    /// Hops from us: seeds are 1, contacts they name are 2, …
+    depth: u32,
+}
+
+/// Counters of a lookup.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LookupStats {
+    pub queries: u32,
+    pub responses: u32,
+    pub failures: u32,
+    /// Hops to the closest node that answered.
+    pub hops: u32,
+}
+
+/// One iterative lookup for `target`.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    target: Key,
+    local: PeerId,
+    cfg: LookupConfig,
+    /// Sorted by distance to `target`, closest first.
+    candidates: Vec<Candidate>,
+    sweeping: bool,
+    finished: bool,
+    stats: LookupStats,
+}
+
+impl Lookup {
+    /// Starts a lookup from `seeds` (usually the routing table's closest).
+    pub fn new(
+        target: Key,
+        local: PeerId,
+        seeds: impl IntoIterator<Item = Contact>,
+        cfg: LookupConfig,
+    ) -> Self {
+        let mut l = Lookup {
+            target,
+            local,
+            cfg,
+            candidates: Vec::new(),
+            sweeping: false,
+            finished: false,
+            stats: LookupStats::default(),
+        };
+        for s in seeds {
+            l.add_candidate(s, 1);
+        }
+        l.check_finished();
+        l
+    }
+
+    pub fn target(&self) -> Key {
+        self.target
+    }
+
+    /// Adds a candidate; returns whether it landed among the k closest.
+    fn add_candidate(&mut self, contact: Contact, depth: u32) -> bool {
+        if contact.peer == self.local {
+            return false;
+        }
+        if let Some(c) = self
+            .candidates
+            .iter_mut()
+            .find(|c| c.contact.peer == contact.peer)
+        {
+            c.depth = c.depth.min(depth);
+            return false;
+        }
+        let distance = contact.key().distance(&self.target);
+        let pos = self
+            .candidates
+            .partition_point(|c| c.distance < distance);
+        if pos >= MAX_CANDIDATES {
+            return false;
+        }
+        self.candidates.insert(
+            pos,
+            Candidate {
+                contact,
+                distance,
+                state: State::Waiting,
+                depth,
+            },
+        );
+        self.candidates.truncate(MAX_CANDIDATES);
+        // Did it enter the k closest that are still in the running?
+        self.candidates
+            .iter()
+            .filter(|c| c.state != State::Failed)
+            .take(self.cfg.k)
+            .any(|c| c.contact.peer == contact.peer)
+    }
+
+    /// Queries to send now: marks them in flight and returns them.
+    pub fn poll_queries(&mut self, now: Duration) -> Vec<Contact> {
+        if self.finished {
+            return Vec::new();
+        }
+        let cap = if self.sweeping {
+            self.cfg.k
+        } else {
+            self.cfg.alpha
+        };
+        let mut in_flight = self
+            .candidates
+            .iter()
+            .filter(|c| matches!(c.state, State::InFlight { .. }))
+            .count();
+        let mut out = Vec::new();
+        let k = self.cfg.k;
+        for c in self
+            .candidates
+            .iter_mut()
+            .filter(|c| c.state != State::Failed)
+            .take(k)
+        {
+            if in_flight >= cap {
+                break;
+            }
+            if c.state == State::Waiting {
+                c.state = State::InFlight { since: now };
+                in_flight += 1;
+                self.stats.queries += 1;
+                out.push(c.contact);
+            }
+        }
+        out
+    }
+
+    /// `peer` answered with `closer` contacts.
+    pub fn on_response(&mut self, peer: &PeerId, closer: &[Contact]) {
+        let Some(c) = self.candidates.iter_mut().find(|c| c.contact.peer == *peer) else {
+            return;
+        };
+        if c.state == State::Responded {
+            return;
+        }
+        c.state = State::Responded;
+        let depth = c.depth;
+        self.stats.responses += 1;
+        let mut progressed = false;
+        for contact in closer {
+            progressed |= self.add_candidate(*contact, depth + 1);
+        }
+        if !progressed {
+            self.sweeping = true;
+        }
+        self.check_finished();
+    }
+
+    /// A query to `peer` failed (error, refused, or timed out).
+    pub fn on_failure(&mut self, peer: &PeerId) {
+        if let Some(c) = self
+            .candidates
+            .iter_mut()
+            .find(|c| c.contact.peer == *peer && c.state != State::Responded)
+            && c.state != State::Failed
+        {
+            c.state = State::Failed;
+            self.stats.failures += 1;
+        }
+        self.check_finished();
+    }
+
+    /// Fails queries in flight for longer than the timeout; returns them so
+    /// the driver can mark those peers in its routing table.
+    pub fn handle_timeout(&mut self, now: Duration) -> Vec<PeerId> {
+        let timeout = self.cfg.query_timeout;
+        let mut timed_out = Vec::new();
+        for c in &mut self.candidates {
+            if let State::InFlight { since } = c.state
+                && now.saturating_sub(since) >= timeout
+            {
+                c.state = State::Failed;
+                self.stats.failures += 1;
+                timed_out.push(c.contact.peer);
+            }
+        }
+        self.check_finished();
+        timed_out
+    }
+
+    /// When the earliest query in flight times out, if any.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.candidates
+            .iter()
+            .filter_map(|c| match c.state {
+                State::InFlight { since } => Some(since + self.cfg.query_timeout),
+                _ => None,
+            })
+            .min()
+    }
+
+    fn check_finished(&mut self) {
+        let k = self.cfg.k;
+        let mut live = self
+            .candidates
+            .iter()
+            .filter(|c| c.state != State::Failed)
+            .take(k)
+            .peekable();
+        // No candidates left at all: finished (empty result).
+        let done = live.peek().is_none() || live.all(|c| c.state == State::Responded);
+        if done {
+            self.finished = true;
+        }
+    }
+
+    /// Ends the lookup now (a record lookup that found what it needed).
+    pub fn finish(&mut self) {
+        self.finished = true;
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Whether any query is in flight.
+    pub fn has_in_flight(&self) -> bool {
+        self.candidates
+            .iter()
+            .any(|c| matches!(c.state, State::InFlight { .. }))
+    }
+
+    /// The k closest contacts that answered, closest first.
+    pub fn closest(&self) -> Vec<Contact> {
+        self.candidates
+            .iter()
+            .filter(|c| c.state == State::Responded)
+            .take(self.cfg.k)
+            .map(|c| c.contact)
+            .collect()
+    }
+
+    pub fn stats(&self) -> LookupStats {
+        let mut s = self.stats;
+        s.hops = self
+            .candidates
+            .iter()
+            .find(|c| c.state == State::Responded)
+            .map_or(0, |c| c.depth);
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keypair;
+    use crate::dht::routing::{RoutingConfig, RoutingTable};
+    use proptest::prelude::*;
+    use std::net::SocketAddr;
+
+    fn peer(i: u64) -> PeerId {
+        let mut seed = [0u8; 32];
+        seed[..8].copy_from_slice(&i.to_le_bytes());
+        seed[8] = 1;
+        Keypair::from_secret_bytes(seed).peer_id()
+    }
+
+    fn contact(i: u64) -> Contact {
+        Contact::new(
+            peer(i),
+            SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 4433)),
+        )
+    }
+
+    /// A static network: every node's table holds a sample of the others.
+    struct Net {
+        tables: Vec<RoutingTable>,
+        index: std::collections::HashMap<PeerId, usize>,
+    }
+
+    impl Net {
+        fn new(n: u64, seed: u64) -> Self {
+            let cfg = RoutingConfig {
+                max_per_subnet: usize::MAX,
+                ..RoutingConfig::default()
+            };
+            let mut x = seed | 1;
+            let mut tables: Vec<RoutingTable> =
+                (0..n).map(|i| RoutingTable::new(peer(i), cfg)).collect();
+            for (i, t) in tables.iter_mut().enumerate() {
+                // Random contacts plus the ring neighbours in key order are
+                // what joins produce; random ones suffice for convergence.
+                for _ in 0..60 {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    let j = x % n;
+                    if j != i as u64 {
+                        t.on_seen(contact(j), Duration::ZERO);
+                    }
+                }
+            }
+            let index = (0..n).map(|i| (peer(i), i as usize)).collect();
+            Net { tables, index }
+        }
+
+        fn index(&self, p: &PeerId) -> usize {
+            self.index[p]
+        }
+
+        /// Runs a lookup from node `from` with instant, lossless answers.
+        fn lookup(&self, from: usize, target: Key, dead: &[usize]) -> Lookup {
+            let seeds = self.tables[from].closest(&target, K);
+            let mut l = Lookup::new(target, peer(from as u64), seeds, LookupConfig::default());
+            let mut now = Duration::ZERO;
+            while !l.is_finished() {
+                let qs = l.poll_queries(now);
+                if qs.is_empty() {
+                    now += QUERY_TIMEOUT;
+                    l.handle_timeout(now);
+                    continue;
+                }
+                for q in qs {
+                    let j = self.index(&q.peer);
+                    if dead.contains(&j) {
+                        continue; // never answers: times out
+                    }
+                    let closer = self.tables[j].closest(&target, K);
+                    l.on_response(&q.peer, &closer);
+                }
+            }
+            l
+        }
+    }
+
+    #[test]
+    fn converges_to_the_true_closest_in_a_static_network() {
+        let n = 400;
+        let net = Net::new(n, 7);
+        for t in 0..20u64 {
+            let target = Key::for_peer(&peer(10_000 + t));
+            let l = net.lookup((t * 13 % n) as usize, target, &[]);
+            let mut truth: Vec<Contact> = (0..n).map(contact).collect();
+            truth.sort_by_key(|c| c.key().distance(&target));
+            let from = peer(t * 13 % n);
+            truth.retain(|c| c.peer != from);
+            truth.truncate(K);
+            let got = l.closest();
+            let found = truth.iter().filter(|c| got.contains(c)).count();
+            assert!(found >= K - 1, "found {found} of {K}");
+            assert!(l.stats().hops >= 1);
+        }
+    }
+
+    #[test]
+    fn dead_nodes_time_out_and_the_lookup_still_ends() {
+        let n = 300;
+        let net = Net::new(n, 11);
+        let dead: Vec<usize> = (0..n as usize).filter(|i| i % 5 == 0).collect();
+        let target = Key::for_peer(&peer(77_777));
+        let l = net.lookup(1, target, &dead);
+        assert!(l.is_finished());
+        assert!(l.stats().failures > 0);
+        // Nobody dead is reported as a result.
+        for c in l.closest() {
+            assert!(!dead.contains(&net.index(&c.peer)));
+        }
+    }
+
+    #[test]
+    fn alpha_bounds_queries_in_flight_until_the_sweep() {
+        let seeds: Vec<Contact> = (0..40).map(contact).collect();
+        let mut l = Lookup::new(Key([0; 32]), peer(9999), seeds, LookupConfig::default());
+        assert_eq!(l.poll_queries(Duration::ZERO).len(), ALPHA);
+        assert!(l.poll_queries(Duration::ZERO).is_empty());
+        // A response with nothing new starts the sweep of the k closest.
+        let first = l
+            .candidates
+            .iter()
+            .find(|c| matches!(c.state, State::InFlight { .. }))
+            .unwrap()
+            .contact
+            .peer;
+        l.on_response(&first, &[]);
+        assert_eq!(l.poll_queries(Duration::ZERO).len(), K - ALPHA);
+    }
+
+    #[test]
+    fn timeouts_fire_at_the_deadline_not_before() {
+        let mut l = Lookup::new(
+            Key([0; 32]),
+            peer(9999),
+            vec![contact(1)],
+            LookupConfig::default(),
+        );
+        l.poll_queries(Duration::ZERO);
+        assert_eq!(l.poll_timeout(), Some(QUERY_TIMEOUT));
+        assert!(l.handle_timeout(QUERY_TIMEOUT / 2).is_empty());
+        assert_eq!(l.handle_timeout(QUERY_TIMEOUT), vec![peer(1)]);
+        assert!(l.is_finished());
+        assert!(l.closest().is_empty());
+    }
+
+    #[test]
+    fn no_seeds_means_finished_and_empty() {
+        let l = Lookup::new(Key([0; 32]), peer(1), vec![], LookupConfig::default());
+        assert!(l.is_finished());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(16))]
+        #[test]
+        fn converges_under_random_topologies(seed in 1u64..u64::MAX, target in any::<[u8; 32]>()) {
+            let n = 150;
+            let net = Net::new(n, seed);
+            let l = net.lookup((seed % n) as usize, Key(target), &[]);
+            let mut truth: Vec<Contact> = (0..n).map(contact).collect();
+            let from = peer(seed % n);
+            truth.retain(|c| c.peer != from);
+            truth.sort_by_key(|c| c.key().distance(&Key(target)));
+            truth.truncate(K);
+            let got = l.closest();
+            let found = truth.iter().filter(|c| got.contains(c)).count();
+            prop_assert!(found >= K - 2, "found {} of {}", found, K);
+        }
+    }
+}
