@@ -123,9 +123,7 @@ impl Lookup {
             return false;
         }
         let distance = contact.key().distance(&self.target);
-        let pos = self
-            .candidates
-            .partition_point(|c| c.distance < distance);
+        let pos = self.candidates.partition_point(|c| c.distance < distance);
         if pos >= MAX_CANDIDATES {
             return false;
         }

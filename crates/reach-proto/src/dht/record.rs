@@ -313,7 +313,10 @@ mod tests {
         let e = SignedRecord::endpoint(&kp, addrs(), 1, NOW, HOUR);
         assert_eq!(e.validate(NOW), Ok(()));
         assert_eq!(e.endpoint_addrs().unwrap(), addrs());
-        assert_eq!(SignedRecord::topic(&kp, "rust", 1, NOW, HOUR).validate(NOW), Ok(()));
+        assert_eq!(
+            SignedRecord::topic(&kp, "rust", 1, NOW, HOUR).validate(NOW),
+            Ok(())
+        );
         let recipient = Keypair::generate().peer_id();
         let m = SignedRecord::sign(
             &kp,

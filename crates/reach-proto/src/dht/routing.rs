@@ -163,7 +163,11 @@ impl RoutingTable {
         let idx = self.bucket_index(&key);
         let cfg = self.cfg;
         let bucket = self.bucket_mut(idx);
-        if let Some(e) = bucket.entries.iter_mut().find(|e| e.contact.peer == contact.peer) {
+        if let Some(e) = bucket
+            .entries
+            .iter_mut()
+            .find(|e| e.contact.peer == contact.peer)
+        {
             e.contact.addr = contact.addr;
             if health == Health::Good {
                 e.health = Health::Good;
@@ -211,7 +215,9 @@ impl RoutingTable {
             bucket.entries[v] = fresh;
             return InsertOutcome::Inserted;
         }
-        bucket.replacements.retain(|e| e.contact.peer != contact.peer);
+        bucket
+            .replacements
+            .retain(|e| e.contact.peer != contact.peer);
         if bucket.replacements.len() >= REPLACEMENT_CACHE {
             bucket.replacements.remove(0);
         }
@@ -378,7 +384,11 @@ mod tests {
         }
         // At most MAX_PER_SUBNET_PER_BUCKET per bucket, and only a few
         // buckets are reachable by chance.
-        assert!(t.bucket_sizes().iter().all(|&n| n <= MAX_PER_SUBNET_PER_BUCKET));
+        assert!(
+            t.bucket_sizes()
+                .iter()
+                .all(|&n| n <= MAX_PER_SUBNET_PER_BUCKET)
+        );
         assert!(accepted <= MAX_PER_SUBNET_PER_BUCKET * t.bucket_count());
         // Loopback is exempt.
         let mut t = table();
@@ -410,7 +420,10 @@ mod tests {
         t.on_failure(&victim);
         assert!(!t.contains(&victim), "replaced by a cached contact");
         assert_eq!(t.bucket_sizes()[0], K);
-        assert!(t.contains(&in_b0[K + 2]), "the freshest replacement stepped in");
+        assert!(
+            t.contains(&in_b0[K + 2]),
+            "the freshest replacement stepped in"
+        );
     }
 
     #[test]

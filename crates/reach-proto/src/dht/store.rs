@@ -95,7 +95,9 @@ impl RecordStore {
         record.validate(now_ms)?;
         let kind = record.kind;
         let slot = self.by_key.get(&(kind, record.key));
-        if let Some(existing) = slot.and_then(|v| v.iter().find(|r| Self::same_slot(kind, r, &record))) {
+        if let Some(existing) =
+            slot.and_then(|v| v.iter().find(|r| Self::same_slot(kind, r, &record)))
+        {
             if existing == &record {
                 return Ok(PutOutcome::Unchanged);
             }
@@ -110,7 +112,11 @@ impl RecordStore {
             }
             return Ok(PutOutcome::Replaced);
         }
-        let publisher_count = self.per_publisher.get(&record.publisher).copied().unwrap_or(0);
+        let publisher_count = self
+            .per_publisher
+            .get(&record.publisher)
+            .copied()
+            .unwrap_or(0);
         let key_count = slot.map_or(0, Vec::len);
         if publisher_count >= self.limits.max_per_publisher
             || key_count >= self.limits.max_per_key
@@ -120,7 +126,10 @@ impl RecordStore {
         }
         *self.per_publisher.entry(record.publisher).or_default() += 1;
         self.total += 1;
-        self.by_key.entry((kind, record.key)).or_default().push(record);
+        self.by_key
+            .entry((kind, record.key))
+            .or_default()
+            .push(record);
         Ok(PutOutcome::Stored)
     }
 
@@ -239,7 +248,10 @@ mod tests {
             s.put(SignedRecord::topic(&kp, "room", 1, NOW, HOUR), NOW)
                 .unwrap();
         }
-        assert_eq!(s.get(RecordKind::Topic, &Key::for_topic("room"), NOW).len(), 10);
+        assert_eq!(
+            s.get(RecordKind::Topic, &Key::for_topic("room"), NOW).len(),
+            10
+        );
     }
 
     #[test]
@@ -262,19 +274,24 @@ mod tests {
         }
         assert_eq!(refused, 1000 - 8);
         assert_eq!(
-            s.get(RecordKind::Endpoint, &Key::for_peer(&honest.peer_id()), NOW).len(),
+            s.get(RecordKind::Endpoint, &Key::for_peer(&honest.peer_id()), NOW)
+                .len(),
             1
         );
         // Many flooders: the total cap refuses, still evicting nobody.
         for _ in 0..50 {
             let kp = Keypair::generate();
             for i in 0..8 {
-                let _ = s.put(SignedRecord::topic(&kp, &format!("x{i}"), 1, NOW, HOUR), NOW);
+                let _ = s.put(
+                    SignedRecord::topic(&kp, &format!("x{i}"), 1, NOW, HOUR),
+                    NOW,
+                );
             }
         }
         assert_eq!(s.len(), 100);
         assert_eq!(
-            s.get(RecordKind::Endpoint, &Key::for_peer(&honest.peer_id()), NOW).len(),
+            s.get(RecordKind::Endpoint, &Key::for_peer(&honest.peer_id()), NOW)
+                .len(),
             1
         );
     }
@@ -296,7 +313,10 @@ mod tests {
         let kp = Keypair::generate();
         s.put(endpoint(&kp, 1, 1), NOW).unwrap();
         let later = NOW + 2 * 3_600_000;
-        assert!(s.get(RecordKind::Endpoint, &Key::for_peer(&kp.peer_id()), later).is_empty());
+        assert!(
+            s.get(RecordKind::Endpoint, &Key::for_peer(&kp.peer_id()), later)
+                .is_empty()
+        );
         assert_eq!(s.expire(later), 1);
         assert!(s.is_empty());
         assert_eq!(s.summary().publishers, 0);
@@ -308,7 +328,15 @@ mod tests {
         let sender = Keypair::generate();
         let key = Key::for_peer(&Keypair::generate().peer_id());
         for seq in 1..=3 {
-            let r = SignedRecord::sign(&sender, RecordKind::Mailbox, key, seq, NOW, HOUR, vec![seq as u8]);
+            let r = SignedRecord::sign(
+                &sender,
+                RecordKind::Mailbox,
+                key,
+                seq,
+                NOW,
+                HOUR,
+                vec![seq as u8],
+            );
             assert_eq!(s.put(r, NOW), Ok(PutOutcome::Stored));
         }
         let replay = SignedRecord::sign(&sender, RecordKind::Mailbox, key, 2, NOW, HOUR, vec![9]);
