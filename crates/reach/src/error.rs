@@ -51,6 +51,12 @@ pub enum Error {
     Shutdown,
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("storage {path}: {reason}")]
+    Storage { path: PathBuf, reason: String },
+    #[error("could not resolve {0}: no endpoint record found in the DHT")]
+    NotFound(PeerId),
+    #[error("DHT request to {peer} failed: {reason}")]
+    Rpc { peer: PeerId, reason: String },
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -82,6 +88,9 @@ impl Error {
             Error::Timeout(_) => "timeout",
             Error::Shutdown => "shutdown",
             Error::Config(_) => "config",
+            Error::Storage { .. } => "storage",
+            Error::NotFound(_) => "not_found",
+            Error::Rpc { .. } => "rpc",
         }
     }
 }

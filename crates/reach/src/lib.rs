@@ -28,6 +28,7 @@
 //! with tokio and quinn.
 
 pub mod api;
+pub mod dht;
 pub mod error;
 pub mod events;
 pub mod keystore;
@@ -36,9 +37,12 @@ pub mod socket;
 pub mod tls;
 pub mod transport;
 
+pub use dht::DhtMode;
+pub use dht::join::JoinReport;
 pub use error::{Error, Result};
 pub use events::{Event, Stream};
 pub use node::{Direction, Node, NodeBuilder, NodeStats, PeerInfo};
 pub use quinn::{RecvStream, SendStream};
+pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError};

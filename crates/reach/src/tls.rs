@@ -91,11 +91,14 @@ pub fn server_config(keypair: &Keypair) -> Result<rustls::ServerConfig, Error> {
 pub type SeenPeer = Arc<Mutex<Option<PeerId>>>;
 
 /// Client-side config for dialing `expected`: present our certificate and
-/// accept only a server whose key is `expected`.
+/// accept only a server whose key is `expected`. With `None` (bootstrapping
+/// from a bare address) any well-formed Ed25519 identity is accepted and
+/// learned from the handshake through the returned [`SeenPeer`].
 pub fn client_config(
     keypair: &Keypair,
-    expected: PeerId,
+    expected: impl Into<Option<PeerId>>,
 ) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
+    let expected = expected.into();
     let (cert, key) = certificate(keypair)?;
     let seen = SeenPeer::default();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
@@ -138,7 +141,7 @@ fn verify_tls13(
 /// Checks that the server is the peer the dialer asked for.
 #[derive(Debug)]
 struct ServerVerifier {
-    expected: PeerId,
+    expected: Option<PeerId>,
     seen: SeenPeer,
 }
 
@@ -160,10 +163,11 @@ impl ServerCertVerifier for ServerVerifier {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(actual);
         }
-        if actual != self.expected {
+        if let Some(expected) = self.expected
+            && actual != expected
+        {
             return Err(bad_cert(format!(
-                "expected peer {} but the remote presented {}",
-                self.expected, actual
+                "expected peer {expected} but the remote presented {actual}"
             )));
         }
         Ok(ServerCertVerified::assertion())

@@ -138,13 +138,13 @@ async fn too_large_message_is_a_typed_error() {
 }
 
 #[tokio::test]
-async fn send_without_any_address_is_a_typed_error() {
+async fn send_to_an_unknown_peer_is_a_typed_not_found() {
     let a = node().await;
     let err = a
         .send(Keypair::generate().peer_id(), b"x".to_vec())
         .await
         .unwrap_err();
-    assert_eq!(err.kind(), "no_address");
+    assert_eq!(err.kind(), "not_found");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::{WireError, decode_exact, frame};
+use crate::dht::rpc::{DhtRequestMsg, DhtResponseMsg};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -41,6 +42,11 @@ pub enum Body {
     /// Header of an application bidirectional stream; raw application bytes
     /// follow the frame.
     OpenStream,
+    /// A DHT request, alone on a bidirectional stream; the answer comes back
+    /// on the same stream as [`Body::DhtResponse`].
+    DhtRequest(DhtRequestMsg),
+    /// The answer to a [`Body::DhtRequest`].
+    DhtResponse(DhtResponseMsg),
 }
 
 /// A versioned body.

@@ -12,6 +12,10 @@
 //! - `GET  /v1/stats`   — counters only
 //! - `POST /v1/connect` — `{"peer": "<id>", "addrs": ["ip:port", …]}`
 //! - `POST /v1/send`    — `{"peer": "<id>", "addrs": [...]?, "message": "text"}`
+//!   (without addrs the peer is resolved through the DHT)
+//! - `POST /v1/lookup`  — `{"peer": "<id>"}` → the peer's published addresses
+//! - `GET  /debug/routing` — the DHT routing table
+//! - `GET  /debug/store`   — records this node holds for others
 //!
 //! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`.
 
@@ -92,6 +96,20 @@ pub struct SendRequest {
     #[serde(default)]
     pub addrs: Vec<SocketAddr>,
     pub message: String,
+}
+
+/// Body of `POST /v1/lookup`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupRequest {
+    pub peer: PeerId,
+}
+
+/// Answer of `POST /v1/lookup`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LookupResponse {
+    pub peer: PeerId,
+    pub addrs: Vec<reach_proto::dht::record::TypedAddr>,
 }
 
 /// Answer of `POST /v1/send`.

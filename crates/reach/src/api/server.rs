@@ -17,8 +17,8 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use super::{
-    ApiErrorBody, ApiErrorDetail, ConnectRequest, Discovery, MAX_REQUEST_BODY, SendRequest,
-    SendResponse, Status, discovery_path, stats_json, token_path,
+    ApiErrorBody, ApiErrorDetail, ConnectRequest, Discovery, LookupRequest, LookupResponse,
+    MAX_REQUEST_BODY, SendRequest, SendResponse, Status, discovery_path, stats_json, token_path,
 };
 use crate::error::{Error, Result};
 use crate::keystore;
@@ -106,6 +106,9 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/stats", get(stats))
         .route("/v1/connect", post(connect))
         .route("/v1/send", post(send))
+        .route("/v1/lookup", post(lookup))
+        .route("/debug/routing", get(debug_routing))
+        .route("/debug/store", get(debug_store))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
@@ -190,7 +193,7 @@ fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Resp
 fn node_error(e: Error) -> Response {
     let status = match &e {
         Error::MessageTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        Error::NoAddress(_) => StatusCode::NOT_FOUND,
+        Error::NoAddress(_) | Error::NotFound(_) => StatusCode::NOT_FOUND,
         Error::Shutdown => StatusCode::SERVICE_UNAVAILABLE,
         Error::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         _ => StatusCode::BAD_GATEWAY,
@@ -260,4 +263,26 @@ async fn send(State(state): State<AppState>, body: Bytes) -> Response {
         }),
         Err(e) => node_error(e),
     }
+}
+
+async fn lookup(State(state): State<AppState>, body: Bytes) -> Response {
+    let req: LookupRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    match state.node.lookup(req.peer).await {
+        Ok(addrs) => ok(LookupResponse {
+            peer: req.peer,
+            addrs,
+        }),
+        Err(e) => node_error(e),
+    }
+}
+
+async fn debug_routing(State(state): State<AppState>) -> Response {
+    ok(state.node.routing_snapshot())
+}
+
+async fn debug_store(State(state): State<AppState>) -> Response {
+    ok(state.node.store_snapshot())
 }

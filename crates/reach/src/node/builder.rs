@@ -11,6 +11,8 @@ use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
 use super::{
     DropGuard, EVENT_QUEUE, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, control, inbound, peers,
 };
+use crate::dht::peer_cache::PeerCache;
+use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
 use crate::socket::DemuxSocket;
 use crate::{keystore, tls, transport};
@@ -25,6 +27,8 @@ pub struct NodeBuilder {
     bind: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
     keypair: Option<Keypair>,
+    bootstrap: Vec<SocketAddr>,
+    dht_mode: DhtMode,
 }
 
 impl NodeBuilder {
@@ -50,7 +54,23 @@ impl NodeBuilder {
         self
     }
 
-    /// Binds the socket and starts the node's tasks.
+    /// Bare `ip:port` addresses of nodes to join the DHT through (their
+    /// identities are learned in the handshake). A node with a data dir also
+    /// rejoins through the peers it knew last time, so this list is only
+    /// needed on the very first start.
+    pub fn bootstrap(mut self, addrs: impl IntoIterator<Item = SocketAddr>) -> Self {
+        self.bootstrap.extend(addrs);
+        self
+    }
+
+    /// Server (default) or client (outbound-only) DHT mode.
+    pub fn dht_mode(mut self, mode: DhtMode) -> Self {
+        self.dht_mode = mode;
+        self
+    }
+
+    /// Binds the socket and starts the node's tasks, including joining the
+    /// DHT in the background (see [`Node::joined`]).
     pub async fn spawn(self) -> Result<Node> {
         let keypair = match (self.keypair, &self.data_dir) {
             (Some(kp), _) => kp,
@@ -86,6 +106,31 @@ impl NodeBuilder {
         )
         .map_err(|source| Error::Bind { addr: bind, source })?;
 
+        let cache = match &self.data_dir {
+            Some(dir) => match PeerCache::open(dir) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(error = %e, "running without a peer cache");
+                    None
+                }
+            },
+            None => None,
+        };
+        let dht = Dht::new(keypair.peer_id(), self.dht_mode, self.bootstrap, cache);
+        if let Some(cache) = &dht.cache {
+            match cache.load() {
+                Ok((contacts, skipped)) => {
+                    let mut table = dht.routing();
+                    for c in contacts {
+                        table.add_unknown(c, dht.now());
+                    }
+                    if skipped > 0 {
+                        tracing::warn!(skipped, "skipped unreadable peer cache entries");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
+            }
+        }
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let (shutdown_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
@@ -103,9 +148,11 @@ impl NodeBuilder {
             demux_stats,
             shutdown_tx,
             tasks: Default::default(),
+            dht,
         });
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
+        inner.spawn(crate::dht::join::maintain(inner.clone()));
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),

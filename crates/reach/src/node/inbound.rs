@@ -78,7 +78,7 @@ async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => inner.spawn(receive_stream(inner.clone(), peer, send, recv)),
+                Ok((send, recv)) => inner.spawn(receive_stream(inner.clone(), peer, conn.remote_address(), send, recv)),
                 Err(_) => break,
             },
         }
@@ -147,16 +147,21 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
     }
 }
 
-/// Reads the header of a bidirectional stream and hands the stream to the
-/// application.
+/// Reads the header of a bidirectional stream: a DHT request is answered,
+/// an application stream is handed to the application.
 async fn receive_stream(
     inner: Arc<Inner>,
     peer: PeerId,
+    remote: std::net::SocketAddr,
     send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, read_control_frame(&mut recv)).await;
     match header {
+        Ok(Some(Envelope {
+            body: Body::DhtRequest(msg),
+            ..
+        })) => crate::dht::rpc::serve(inner, peer, remote, msg, send).await,
         Ok(Some(Envelope {
             body: Body::OpenStream,
             ..

@@ -23,8 +23,8 @@
 mod builder;
 mod control;
 mod inbound;
-mod peers;
-mod stats;
+pub(crate) mod peers;
+pub(crate) mod stats;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -40,9 +40,12 @@ use tokio::task::JoinHandle;
 pub use builder::NodeBuilder;
 pub use stats::NodeStats;
 
+use crate::dht::join::JoinReport;
+use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
 use crate::events::{Event, Stream};
 use crate::socket::{DemuxSocket, DemuxStats};
+use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -96,6 +99,7 @@ pub(crate) struct Inner {
     pub demux_stats: Arc<DemuxStats>,
     pub shutdown_tx: watch::Sender<bool>,
     pub tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    pub dht: Dht,
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -109,6 +113,9 @@ impl Drop for DropGuard {
 
 impl Inner {
     fn begin_shutdown(&self) {
+        if !self.is_shut_down() {
+            crate::dht::join::save_peer_cache(self);
+        }
         self.shutdown_tx.send_replace(true);
         self.endpoint.close(0u32.into(), b"shutdown");
         if let Ok(mut tasks) = self.tasks.lock() {
@@ -129,6 +136,24 @@ impl Inner {
             tasks.push(handle);
         }
     }
+}
+
+/// The addresses peers can dial, see [`Node::local_addrs`].
+pub(crate) fn local_addrs_of(inner: &Inner) -> Vec<SocketAddr> {
+    let bound = inner.local_addr;
+    if !bound.ip().is_unspecified() {
+        return vec![bound];
+    }
+    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| ip.is_ipv4() == bound.is_ipv4() || bound.is_ipv6())
+        .map(|ip| SocketAddr::new(ip, bound.port()))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 impl std::fmt::Debug for Node {
@@ -160,25 +185,14 @@ impl Node {
     /// or, when bound to an unspecified address (`0.0.0.0` / `[::]`), one per
     /// local interface address of the matching family.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        let bound = self.inner.local_addr;
-        if !bound.ip().is_unspecified() {
-            return vec![bound];
-        }
-        let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
-            .unwrap_or_default()
-            .into_iter()
-            .map(|i| i.ip())
-            .filter(|ip| ip.is_ipv4() == bound.is_ipv4() || bound.is_ipv6())
-            .map(|ip| SocketAddr::new(ip, bound.port()))
-            .collect();
-        out.sort();
-        out.dedup();
-        out
+        local_addrs_of(&self.inner)
     }
 
     /// Connects to `peer` at one of `addrs` (tried in parallel; the first
     /// authenticated handshake wins) unless a live connection exists. The
     /// addresses are remembered, so later `send`s redial on their own.
+    /// With no addresses (or none that works) the peer's endpoint record is
+    /// looked up in the DHT: dialing by key alone.
     ///
     /// Fails with [`Error::PeerIdMismatch`] when the remote proves a different
     /// key than `peer`.
@@ -274,9 +288,45 @@ impl Node {
         control::probe(&self.inner, addr).await
     }
 
+    /// Looks up `peer`'s endpoint record in the DHT and returns its
+    /// addresses (without connecting). Fails with [`Error::NotFound`] when
+    /// no node holds a valid record.
+    pub async fn lookup(&self, peer: PeerId) -> Result<Vec<TypedAddr>> {
+        let (_, addrs) = ops::resolve(&self.inner, peer).await?;
+        Ok(addrs)
+    }
+
+    /// Joins the DHT through `addrs` (bare `ip:port`: identities are learned
+    /// in the handshake), fills the routing table and publishes this node's
+    /// endpoint record.
+    pub async fn bootstrap(&self, addrs: &[SocketAddr]) -> JoinReport {
+        crate::dht::join::join(&self.inner, addrs).await
+    }
+
+    /// Waits until the node's first join of the DHT (started by `spawn`)
+    /// has finished, its endpoint record included.
+    pub async fn joined(&self) {
+        let mut rx = self.inner.dht.joined.subscribe();
+        let _ = rx.wait_for(|j| *j).await;
+    }
+
+    /// The DHT routing table, for status pages.
+    pub fn routing_snapshot(&self) -> crate::dht::RoutingSnapshot {
+        crate::dht::RoutingSnapshot::of(&self.inner.dht)
+    }
+
+    /// The DHT record store, for status pages.
+    pub fn store_snapshot(&self) -> crate::dht::StoreSnapshot {
+        crate::dht::StoreSnapshot::of(&self.inner.dht)
+    }
+
     /// Counters since the node started.
     pub fn stats(&self) -> NodeStats {
-        NodeStats::collect(&self.inner.counters, &self.inner.demux_stats)
+        NodeStats::collect(
+            &self.inner.counters,
+            &self.inner.demux_stats,
+            &self.inner.dht,
+        )
     }
 
     /// Closes every connection, tells peers, and stops the node's tasks.

@@ -15,6 +15,7 @@ use reach_proto::PeerId;
 use tokio::sync::Mutex as AsyncMutex;
 
 use super::{Direction, Inner, PeerInfo, inbound, stats};
+use crate::dht::ops;
 use crate::error::{Error, Result};
 use crate::{tls, transport};
 
@@ -124,8 +125,30 @@ impl PeerTable {
     }
 }
 
-/// The live connection to `peer`, dialing its known addresses if needed.
+/// The live connection to `peer`, dialing its known addresses if needed,
+/// and resolving its endpoint record through the DHT when none is known or
+/// none works.
 pub(crate) async fn connection(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::Connection> {
+    connect_with(inner, peer, &[], true).await
+}
+
+/// Like [`connection`] but never consults the DHT (the DHT itself uses this,
+/// so a lookup cannot recurse into more lookups). `hint` addresses are tried
+/// along with the known ones.
+pub(crate) async fn connection_known(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    hint: &[SocketAddr],
+) -> Result<quinn::Connection> {
+    connect_with(inner, peer, hint, false).await
+}
+
+async fn connect_with(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    hint: &[SocketAddr],
+    resolve: bool,
+) -> Result<quinn::Connection> {
     if inner.is_shut_down() {
         return Err(Error::Shutdown);
     }
@@ -144,13 +167,76 @@ pub(crate) async fn connection(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn
     if let Some(c) = inner.peers.live(&peer) {
         return Ok(c);
     }
-    let (addrs, _) = inner.peers.addrs_and_lock(peer);
-    if addrs.is_empty() {
-        return Err(Error::NoAddress(peer));
+    let (mut addrs, _) = inner.peers.addrs_and_lock(peer);
+    for h in hint {
+        if !addrs.contains(h) {
+            addrs.push(*h);
+        }
     }
-    let conn = dial_any(inner, peer, &addrs).await?;
+    let first = if addrs.is_empty() {
+        Err(Error::NoAddress(peer))
+    } else {
+        dial_any(inner, peer, &addrs).await
+    };
+    let conn = match first {
+        Ok(c) => c,
+        // A proven impostor at a known address is not fixed by a lookup.
+        Err(e @ Error::PeerIdMismatch { .. }) => return Err(e),
+        Err(e) if !resolve => return Err(e),
+        Err(first_err) => {
+            let (_, typed) = match ops::resolve(inner, peer).await {
+                Ok(found) => found,
+                Err(Error::NotFound(_)) if !matches!(first_err, Error::NoAddress(_)) => {
+                    return Err(first_err);
+                }
+                Err(e) => return Err(e),
+            };
+            let fresh: Vec<SocketAddr> = typed
+                .iter()
+                .map(|t| t.addr)
+                .filter(|a| !addrs.contains(a))
+                .collect();
+            if fresh.is_empty() {
+                return Err(first_err);
+            }
+            inner.peers.remember(peer, fresh.iter().copied());
+            dial_any(inner, peer, &fresh).await?
+        }
+    };
     inbound::register(inner, peer, conn.clone(), Direction::Outbound);
     Ok(conn)
+}
+
+/// Dials a bare address whose identity we do not know yet (bootstrap):
+/// accepts any valid identity and returns it.
+pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result<PeerId> {
+    let (client, seen) = tls::client_config(&inner.keypair, None)?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(transport::transport_config());
+    let fail = |reason: String| Error::Config(format!("bootstrap {addr}: {reason}"));
+    let connecting = inner
+        .endpoint
+        .connect_with(cfg, addr, tls::SERVER_NAME)
+        .map_err(|e| fail(e.to_string()))?;
+    let conn = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting)
+        .await
+        .map_err(|_| Error::Timeout("bootstrap handshake"))?
+        .map_err(|e| fail(e.to_string()))?;
+    let peer = seen
+        .lock()
+        .ok()
+        .and_then(|s| *s)
+        .ok_or_else(|| fail("no identity in the handshake".into()))?;
+    if peer == inner.peer_id {
+        conn.close(0u32.into(), b"self");
+        return Err(fail("that address is this node itself".into()));
+    }
+    stats::bump(&inner.counters.connections_outbound);
+    inner.peers.remember(peer, [addr]);
+    inbound::register(inner, peer, conn, Direction::Outbound);
+    Ok(peer)
 }
 
 /// Opens a unidirectional stream to `peer`, redialing once if the recorded

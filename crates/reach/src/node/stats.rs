@@ -53,10 +53,19 @@ pub struct NodeStats {
     pub stun_datagrams: u64,
     pub unknown_datagrams_dropped: u64,
     pub queue_full_datagrams_dropped: u64,
+    pub dht_lookups: u64,
+    pub dht_rpcs_sent: u64,
+    pub dht_rpcs_failed: u64,
+    pub dht_rpcs_served: u64,
+    pub dht_records_published: u64,
+    pub dht_resolutions: u64,
+    pub dht_resolution_failures: u64,
+    pub dht_routing_table_size: u64,
+    pub dht_records_stored: u64,
 }
 
 impl NodeStats {
-    pub(crate) fn collect(c: &Counters, d: &DemuxStats) -> Self {
+    pub(crate) fn collect(c: &Counters, d: &DemuxStats, dht: &crate::dht::Dht) -> Self {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
             messages_sent: g(&c.messages_sent),
@@ -77,6 +86,15 @@ impl NodeStats {
             stun_datagrams: g(&d.stun_datagrams),
             unknown_datagrams_dropped: g(&d.unknown_dropped),
             queue_full_datagrams_dropped: g(&d.queue_full_dropped),
+            dht_lookups: g(&dht.counters.lookups),
+            dht_rpcs_sent: g(&dht.counters.rpcs_sent),
+            dht_rpcs_failed: g(&dht.counters.rpcs_failed),
+            dht_rpcs_served: g(&dht.counters.rpcs_served),
+            dht_records_published: g(&dht.counters.records_published),
+            dht_resolutions: g(&dht.counters.resolutions),
+            dht_resolution_failures: g(&dht.counters.resolution_failures),
+            dht_routing_table_size: dht.routing().len() as u64,
+            dht_records_stored: dht.store().len() as u64,
         }
     }
 }
