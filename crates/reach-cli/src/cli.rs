@@ -54,15 +54,27 @@ pub enum Command {
         peer: PeerId,
         /// The message text.
         message: String,
-        /// An address to reach the peer at (repeatable). Not needed when the
-        /// node already knows or is connected to the peer.
+        /// An address to reach the peer at (repeatable). Not needed: without
+        /// it the peer is found through the DHT by its id.
         #[arg(long = "addr", value_name = "IP:PORT")]
         addrs: Vec<SocketAddr>,
         #[command(flatten)]
         data_dir: DataDirArg,
     },
-    /// Start a local network of nodes on loopback and exchange messages and
-    /// streams between them; prints a summary.
+    /// Look up a peer's published addresses in the DHT, through a running
+    /// node.
+    Lookup {
+        /// The peer id to resolve.
+        peer: PeerId,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Start a local network of nodes on loopback: they join a DHT, dial
+    /// each other by public key alone, exchange messages and streams; prints
+    /// a summary.
     Demo(DemoArgs),
 }
 
@@ -84,6 +96,13 @@ pub struct NodeArgs {
     /// clients find it through the data dir).
     #[arg(long, value_name = "IP:PORT")]
     pub api_listen: Option<SocketAddr>,
+    /// A node to join the DHT through, as a bare IP:PORT (repeatable). Only
+    /// needed on the first start: the data dir remembers peers.
+    #[arg(long = "bootstrap", value_name = "IP:PORT")]
+    pub bootstrap: Vec<SocketAddr>,
+    /// Use the DHT without serving it (for nodes others cannot reach).
+    #[arg(long)]
+    pub client: bool,
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

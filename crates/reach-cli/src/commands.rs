@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use reach::api::client::ApiClient;
-use reach::api::{SendRequest, SendResponse, Status};
+use reach::api::{LookupRequest, LookupResponse, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
 
 use crate::cli::{Cli, Command, DataDirArg, NodeArgs};
@@ -61,6 +61,27 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("delivered {} bytes to {}", resp.bytes, peer);
             Ok(())
         }
+        Command::Lookup {
+            peer,
+            json,
+            data_dir: d,
+        } => {
+            let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            let resp: LookupResponse = client.post("/v1/lookup", &LookupRequest { peer }).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&resp)?);
+            } else {
+                println!("{peer}");
+                for a in &resp.addrs {
+                    println!(
+                        "  {:<10} {}",
+                        format!("{:?}", a.kind).to_lowercase(),
+                        a.addr
+                    );
+                }
+            }
+            Ok(())
+        }
         Command::Demo(args) => demo::run(args).await,
     }
 }
@@ -100,7 +121,20 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         Some(a) => a,
         None => reach::api::DEFAULT_API_LISTEN.parse()?,
     };
-    let node = Node::builder().bind(listen).data_dir(&dir).spawn().await?;
+    let mut bootstrap = config.bootstrap.clone();
+    bootstrap.extend(&args.bootstrap);
+    let mode = if args.client {
+        reach::DhtMode::Client
+    } else {
+        config.dht_mode.unwrap_or_default()
+    };
+    let node = Node::builder()
+        .bind(listen)
+        .data_dir(&dir)
+        .bootstrap(bootstrap)
+        .dht_mode(mode)
+        .spawn()
+        .await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());
     for a in node.local_addrs() {
@@ -113,6 +147,17 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     );
     println!("data dir    {}", dir.display());
 
+    {
+        let node = node.clone();
+        tokio::spawn(async move {
+            node.joined().await;
+            let r = node.routing_snapshot();
+            println!(
+                "dht         joined: {} contacts in the routing table",
+                r.size
+            );
+        });
+    }
     let printer = {
         let node = node.clone();
         tokio::spawn(async move {

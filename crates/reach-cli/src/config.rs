@@ -4,6 +4,8 @@
 //! listen = "0.0.0.0:4433"       # UDP address for QUIC + control packets
 //! api_listen = "127.0.0.1:0"    # control API (loopback only)
 //! data_dir = "/var/lib/reach"   # identity key and API token
+//! bootstrap = ["198.51.100.7:4433"]  # nodes to join the DHT through
+//! dht_mode = "server"           # or "client": use the DHT, don't serve it
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -24,6 +26,9 @@ pub struct Config {
     pub listen: Option<SocketAddr>,
     pub api_listen: Option<SocketAddr>,
     pub data_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub bootstrap: Vec<SocketAddr>,
+    pub dht_mode: Option<reach::DhtMode>,
 }
 
 impl Config {
@@ -53,9 +58,11 @@ mod tests {
     #[test]
     fn parses_all_keys() {
         let c = Config::parse(
-            "listen = \"127.0.0.1:5000\"\napi_listen = \"127.0.0.1:5001\"\ndata_dir = \"/tmp/x\"\n",
+            "listen = \"127.0.0.1:5000\"\napi_listen = \"127.0.0.1:5001\"\ndata_dir = \"/tmp/x\"\nbootstrap = [\"127.0.0.1:9\"]\ndht_mode = \"client\"\n",
         )
         .unwrap();
+        assert_eq!(c.bootstrap, vec!["127.0.0.1:9".parse().unwrap()]);
+        assert_eq!(c.dht_mode, Some(reach::DhtMode::Client));
         assert_eq!(c.listen, Some("127.0.0.1:5000".parse().unwrap()));
         assert_eq!(c.api_listen, Some("127.0.0.1:5001".parse().unwrap()));
         assert_eq!(c.data_dir, Some(PathBuf::from("/tmp/x")));
@@ -68,6 +75,7 @@ mod tests {
         assert!(err.to_string().contains("lisen"), "{err}");
         assert!(Config::parse("listen = \"not an address\"").is_err());
         assert!(Config::parse("listen = 5").is_err());
+        assert!(Config::parse("dht_mode = \"sometimes\"").is_err());
     }
 
     #[test]

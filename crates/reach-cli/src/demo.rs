@@ -1,10 +1,13 @@
 //! `reach demo`: a local reach network on loopback.
 //!
 //! Starts N nodes in this process, each on its own UDP socket on 127.0.0.1.
-//! Phase 1: every node sends M messages, each to a different peer, dialing
-//! by key + address (a real, mutually authenticated QUIC handshake per pair).
-//! Phase 2: every node opens a stream to its neighbour, writes a block and
-//! checks that the neighbour echoes it back intact.
+//! Phase 1: every node joins the DHT through node 0 and publishes its
+//! endpoint record.
+//! Phase 2: every node sends M messages, each to a different peer, dialing
+//! it by public key alone: the address comes from the DHT (a real, mutually
+//! authenticated QUIC handshake per pair).
+//! Phase 3: every node opens a stream to its neighbour (again by key),
+//! writes a block and checks that the neighbour echoes it back intact.
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +28,13 @@ const DEMO_DEADLINE: Duration = Duration::from_secs(120);
 #[derive(Debug, Serialize)]
 pub struct DemoReport {
     pub nodes: u32,
+    /// Time until every node had joined the DHT and published its record.
+    pub join_ms: u64,
+    /// Mean DHT routing-table size after joining.
+    pub routing_table_mean: f64,
+    /// Dials that needed a DHT lookup (the others reused a connection the
+    /// DHT traffic had already opened).
+    pub dht_resolutions: u64,
     pub connections: u64,
     /// Median time `connect` took (a fresh handshake, or reuse of one).
     pub connect_ms_p50: f64,
@@ -91,16 +101,28 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
     let started = Instant::now();
     progress.set_message("starting nodes");
     progress.set_length(n as u64);
-    let mut nodes = Vec::with_capacity(n);
-    for _ in 0..n {
-        let node = Node::builder()
-            .bind("127.0.0.1:0".parse()?)
-            .spawn()
-            .await
-            .context("starting a demo node")?;
+    let mut nodes: Vec<Node> = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut builder = Node::builder().bind("127.0.0.1:0".parse()?);
+        if i > 0 {
+            builder = builder.bootstrap([nodes[0].local_addr()]);
+        }
+        let node = builder.spawn().await.context("starting a demo node")?;
         nodes.push(node);
         progress.inc(1);
     }
+    progress.set_message("joining the DHT");
+    progress.set_position(0);
+    for node in &nodes {
+        node.joined().await;
+        progress.inc(1);
+    }
+    let join_ms = started.elapsed().as_millis() as u64;
+    let routing_table_mean = nodes
+        .iter()
+        .map(|n| n.routing_snapshot().size as f64)
+        .sum::<f64>()
+        / n as f64;
     // Receivers: count messages (with latency) and echo streams.
     let plan: Vec<Vec<usize>> = (0..n).map(|i| targets(i, n, m)).collect();
     let mut expected = vec![0usize; n];
@@ -125,7 +147,8 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
             let to = nodes[t].clone();
             senders.spawn(async move {
                 let dial_start = Instant::now();
-                from.connect(to.peer_id(), [to.local_addr()]).await?;
+                // By key alone: the address comes from the DHT.
+                from.connect(to.peer_id(), []).await?;
                 let dial_ms = dial_start.elapsed().as_secs_f64() * 1000.0;
                 let sent_at = started.elapsed().as_micros() as u64;
                 let body = format!("{sent_at} hello from node {i} to node {t}");
@@ -148,12 +171,9 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
     let mut streams = JoinSet::new();
     for i in 0..n {
         let from = nodes[i].clone();
-        let to = nodes[(i + 1) % n].clone();
+        let to = nodes[(i + 1) % n].peer_id();
         let block: Vec<u8> = (0..STREAM_BLOCK).map(|b| (b * 31 + i) as u8).collect();
-        streams.spawn(async move {
-            from.connect(to.peer_id(), [to.local_addr()]).await?;
-            stream_echo(from, to.peer_id(), block).await
-        });
+        streams.spawn(async move { stream_echo(from, to, block).await });
     }
     let mut streams_verified = 0u64;
     while let Some(r) = streams.join_next().await {
@@ -170,11 +190,15 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
     progress.finish_and_clear();
 
     let connections: u64 = nodes.iter().map(|n| n.stats().connections_outbound).sum();
+    let dht_resolutions: u64 = nodes.iter().map(|n| n.stats().dht_resolutions).sum();
     futures_shutdown(&nodes).await;
     dial_ms.sort_by(f64::total_cmp);
     latencies.sort_by(f64::total_cmp);
     Ok(DemoReport {
         nodes: args.nodes,
+        join_ms,
+        routing_table_mean: (routing_table_mean * 10.0).round() / 10.0,
+        dht_resolutions,
         connections,
         connect_ms_p50: percentile(&dial_ms, 0.50),
         messages_sent,
@@ -269,8 +293,12 @@ fn print_summary(r: &DemoReport) {
         r.nodes
     );
     println!(
-        "  handshakes   {} mutually authenticated QUIC connections (dialed by public key), connect p50 {:.2} ms",
-        r.connections, r.connect_ms_p50
+        "  dht          all joined in {} ms, {:.1} contacts per routing table",
+        r.join_ms, r.routing_table_mean
+    );
+    println!(
+        "  dialing      by public key alone: {} DHT resolutions, {} QUIC handshakes, connect p50 {:.2} ms",
+        r.dht_resolutions, r.connections, r.connect_ms_p50
     );
     println!(
         "  messages     {}/{} delivered  {}   latency p50 {:.2} ms, p99 {:.2} ms",

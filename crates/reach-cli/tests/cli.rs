@@ -95,10 +95,11 @@ struct NodeProcess {
 }
 
 impl NodeProcess {
-    fn start(data_dir: &Path, config: &Path) -> Self {
+    fn start(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
         let mut child = Command::new(REACH)
             .args(["node", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--config", config.to_str().unwrap()])
+            .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -160,11 +161,6 @@ fn two_node_daemons_talk_through_the_cli() {
         "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let a = NodeProcess::start(a_dir.path(), &cfg);
-    let b = NodeProcess::start(b_dir.path(), &cfg);
-    a.wait_line("control API");
-    b.wait_line("control API");
-
     let status = |dir: &Path| -> serde_json::Value {
         let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
         assert!(
@@ -174,7 +170,14 @@ fn two_node_daemons_talk_through_the_cli() {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     };
+    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    a.wait_line("control API");
     let sa = status(a_dir.path());
+    let a_addr = sa["local_addr"].as_str().unwrap().to_string();
+    // B joins the DHT through A's bare address.
+    let b = NodeProcess::start(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
+    b.wait_line("control API");
+    b.wait_line("dht         joined");
     let sb = status(b_dir.path());
     let b_id = sb["peer_id"].as_str().unwrap().to_string();
     let b_addr = sb["local_addr"].as_str().unwrap().to_string();
@@ -213,6 +216,44 @@ fn two_node_daemons_talk_through_the_cli() {
         text.contains("1 connected") && text.contains(&b_id),
         "{text}"
     );
+
+    // B finds A by key alone, through the DHT, and sends without an address.
+    let a_id = sa["peer_id"].as_str().unwrap();
+    let found = reach(&[
+        "lookup",
+        a_id,
+        "--json",
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        found.status.success(),
+        "{}",
+        String::from_utf8_lossy(&found.stderr)
+    );
+    let found: serde_json::Value = serde_json::from_slice(&found.stdout).unwrap();
+    assert_eq!(found["addrs"][0]["addr"].as_str().unwrap(), a_addr);
+    let by_key = reach(&[
+        "send",
+        a_id,
+        "by key",
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        by_key.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_key.stderr)
+    );
+    let line = a.wait_line("message from");
+    assert_eq!(line, format!("message from {b_id}: by key"));
+    let unknown = reach(&[
+        "lookup",
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+    ]);
+    assert!(!unknown.status.success());
 
     // A bad peer id is a usage error from clap, naming the problem.
     let bad = reach(&[

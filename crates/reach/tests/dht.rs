@@ -155,3 +155,14 @@ async fn looking_up_an_unknown_peer_is_a_typed_not_found() {
         .unwrap_err();
     assert_eq!(err.kind(), "not_found");
 }
+
+#[tokio::test]
+async fn the_bootstrap_node_itself_can_be_found_by_key() {
+    let seed = Node::builder().bind(loopback()).spawn().await.unwrap();
+    within("seed join", seed.joined()).await;
+    let nodes = network(&seed, 1).await;
+    let addrs = within("lookup", nodes[0].lookup(seed.peer_id()))
+        .await
+        .unwrap();
+    assert_eq!(addrs[0].addr, seed.local_addr());
+}

@@ -106,7 +106,7 @@ pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport
     report.routing_table_size = dht.routing().len();
     save_peer_cache(inner);
     dht.joined.send_replace(true);
-    tracing::info!(?report, "joined the DHT");
+    tracing::debug!(?report, "joined the DHT");
     report
 }
 
