@@ -166,3 +166,133 @@ async fn the_bootstrap_node_itself_can_be_found_by_key() {
         .unwrap();
     assert_eq!(addrs[0].addr, seed.local_addr());
 }
+
+/// A hand-driven QUIC connection to `node` speaking raw reach frames, as a
+/// hostile peer would.
+async fn raw_connection(node: &Node, kp: &reach::Keypair) -> (quinn::Endpoint, quinn::Connection) {
+    let (tls, _) = reach::tls::client_config(kp, node.peer_id()).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cfg = quinn::ClientConfig::new(std::sync::Arc::new(crypto));
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    let conn = ep
+        .connect_with(cfg, node.local_addr(), reach::tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    (ep, conn)
+}
+
+/// Sends raw bytes on a new stream; returns the decoded answer, if any.
+async fn raw_exchange(
+    conn: &quinn::Connection,
+    bytes: &[u8],
+) -> Option<reach_proto::dht::rpc::DhtResponse> {
+    use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
+    let (mut send, mut recv) = conn.open_bi().await.ok()?;
+    send.write_all(bytes).await.ok()?;
+    let _ = send.finish();
+    let answer = tokio::time::timeout(DEADLINE, recv.read_to_end(1 << 20))
+        .await
+        .ok()?
+        .ok()?;
+    match Envelope::from_frame(&answer, MAX_CONTROL_ENVELOPE_LEN)
+        .ok()?
+        .body
+    {
+        Body::DhtResponse(r) => Some(r.response),
+        _ => None,
+    }
+}
+
+fn put_frame(record: reach_proto::dht::record::SignedRecord) -> Vec<u8> {
+    use reach_proto::dht::rpc::{DhtRequest, DhtRequestMsg};
+    use reach_proto::wire::envelope::{Body, Envelope};
+    Envelope::new(Body::DhtRequest(DhtRequestMsg {
+        server_mode: false,
+        request: DhtRequest::PutRecord { record },
+    }))
+    .to_frame()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_dht_messages_never_panic_or_evict_honest_records() {
+    use reach_proto::dht::Key;
+    use reach_proto::dht::record::{RecordKind, SignedRecord};
+    use reach_proto::dht::rpc::DhtResponse;
+
+    let seed = Node::builder().bind(loopback()).spawn().await.unwrap();
+    within("seed join", seed.joined()).await;
+    let nodes = network(&seed, 5).await;
+    let honest = nodes[0].peer_id();
+    let held_before = seed.store_snapshot().summary.records;
+    assert!(
+        held_before >= 6,
+        "the seed holds everyone's endpoint record"
+    );
+
+    let attacker = reach::Keypair::generate();
+    let (_ep, conn) = raw_connection(&seed, &attacker).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let hour = Duration::from_secs(3600);
+
+    // Announces a 4 GiB frame: refused before anything is allocated.
+    assert_eq!(raw_exchange(&conn, &u32::MAX.to_be_bytes()).await, None);
+    // Garbage after a valid length.
+    let mut garbage = 12u32.to_be_bytes().to_vec();
+    garbage.extend_from_slice(&[0xff; 12]);
+    assert_eq!(raw_exchange(&conn, &garbage).await, None);
+
+    // A forged endpoint record for the honest peer: bad signature.
+    let mut forged = SignedRecord::endpoint(&attacker, vec![], u64::MAX, now_ms, hour);
+    forged.publisher = honest;
+    forged.key = Key::for_peer(&honest);
+    assert_eq!(
+        raw_exchange(&conn, &put_frame(forged)).await,
+        Some(DhtResponse::Refused {
+            reason: "bad_signature".into()
+        })
+    );
+    // An oversize mailbox record.
+    let huge = SignedRecord::sign(
+        &attacker,
+        RecordKind::Mailbox,
+        Key::for_peer(&honest),
+        1,
+        now_ms,
+        hour,
+        vec![0; 40 * 1024],
+    );
+    assert_eq!(
+        raw_exchange(&conn, &put_frame(huge)).await,
+        Some(DhtResponse::Refused {
+            reason: "oversize".into()
+        })
+    );
+    // A flood of valid records from one publisher: the quota stops it.
+    let mut refused = 0;
+    for i in 0..200 {
+        let r = SignedRecord::topic(&attacker, &format!("spam-{i}"), 1, now_ms, hour);
+        if let Some(DhtResponse::Refused { reason }) = raw_exchange(&conn, &put_frame(r)).await {
+            assert_eq!(reason, "quota_exceeded");
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, 200 - reach_proto::dht::store::MAX_PER_PUBLISHER);
+
+    // Nothing honest was evicted, the rejections were counted, and the
+    // node still answers lookups for the honest peer.
+    let after = seed.store_snapshot();
+    assert_eq!(
+        after.summary.records,
+        held_before + reach_proto::dht::store::MAX_PER_PUBLISHER
+    );
+    assert_eq!(after.summary.rejections.get("bad_signature"), Some(&1));
+    assert_eq!(after.summary.rejections.get("oversize"), Some(&1));
+    let addrs = within("lookup", nodes[3].lookup(honest)).await.unwrap();
+    assert_eq!(addrs[0].addr, nodes[0].local_addr());
+    assert!(seed.stats().malformed_streams >= 2);
+}
