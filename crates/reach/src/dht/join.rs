@@ -177,5 +177,8 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
         }
         dht.store().expire(unix_ms());
         save_peer_cache(&inner);
+        for conn in inner.peers.idle_dht_connections(peers::DHT_CONNECTION_IDLE) {
+            conn.close(0u32.into(), b"idle");
+        }
     }
 }

@@ -136,6 +136,7 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
     drop(body);
     permit.forget();
     inner.message_budget.add_permits(len - payload_len);
+    inner.peers.touch(&peer, true);
     stats::bump(&inner.counters.messages_received);
     stats::add(&inner.counters.message_bytes_received, payload_len);
     let event = Event::Message {
@@ -161,11 +162,15 @@ async fn receive_stream(
         Ok(Some(Envelope {
             body: Body::DhtRequest(msg),
             ..
-        })) => crate::dht::rpc::serve(inner, peer, remote, msg, send).await,
+        })) => {
+            inner.peers.touch(&peer, false);
+            crate::dht::rpc::serve(inner, peer, remote, msg, send).await
+        }
         Ok(Some(Envelope {
             body: Body::OpenStream,
             ..
         })) => {
+            inner.peers.touch(&peer, true);
             stats::bump(&inner.counters.streams_accepted);
             let _ = inner
                 .events_tx

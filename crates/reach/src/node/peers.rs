@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -27,7 +28,17 @@ struct PeerEntry {
     addrs: Vec<SocketAddr>,
     conn: Option<(quinn::Connection, Direction)>,
     dial_lock: Arc<AsyncMutex<()>>,
+    /// The application sent or received a message or stream on the current
+    /// connection: it is kept open (with keep-alives) until a side closes it.
+    app_used: bool,
+    /// Last DHT request on the current connection, either way.
+    last_used: Option<Instant>,
 }
+
+/// A connection that only ever carried DHT requests is closed after this
+/// long without one. DHT lookups touch many peers once; keeping each of
+/// those connections alive forever would grow without bound.
+pub const DHT_CONNECTION_IDLE: Duration = Duration::from_secs(120);
 
 /// Known peers and their connections.
 #[derive(Default)]
@@ -89,7 +100,35 @@ impl PeerTable {
 
     /// Records a new live connection to `peer`, replacing a previous one.
     pub fn insert(&self, peer: PeerId, conn: quinn::Connection, dir: Direction) {
-        self.with(|m| m.entry(peer).or_default().conn = Some((conn, dir)));
+        self.with(|m| {
+            let e = m.entry(peer).or_default();
+            e.conn = Some((conn, dir));
+            e.app_used = false;
+            e.last_used = Some(Instant::now());
+        });
+    }
+
+    /// Notes a use of the connection to `peer`: by the application (which
+    /// pins it open) or by the DHT (which refreshes its idle timer).
+    pub fn touch(&self, peer: &PeerId, app: bool) {
+        self.with(|m| {
+            if let Some(e) = m.get_mut(peer) {
+                e.app_used |= app;
+                e.last_used = Some(Instant::now());
+            }
+        });
+    }
+
+    /// Connections that only the DHT used and that have been idle for
+    /// `idle`.
+    pub fn idle_dht_connections(&self, idle: Duration) -> Vec<quinn::Connection> {
+        self.with(|m| {
+            m.values()
+                .filter(|e| !e.app_used && e.last_used.is_some_and(|t| t.elapsed() >= idle))
+                .filter_map(|e| e.conn.as_ref().map(|(c, _)| c.clone()))
+                .filter(|c| c.close_reason().is_none())
+                .collect()
+        })
     }
 
     /// Forgets `conn` if it is still the one recorded for `peer`.
@@ -129,7 +168,9 @@ impl PeerTable {
 /// and resolving its endpoint record through the DHT when none is known or
 /// none works.
 pub(crate) async fn connection(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::Connection> {
-    connect_with(inner, peer, &[], true).await
+    let conn = connect_with(inner, peer, &[], true).await?;
+    inner.peers.touch(&peer, true);
+    Ok(conn)
 }
 
 /// Like [`connection`] but never consults the DHT (the DHT itself uses this,
@@ -140,7 +181,9 @@ pub(crate) async fn connection_known(
     peer: PeerId,
     hint: &[SocketAddr],
 ) -> Result<quinn::Connection> {
-    connect_with(inner, peer, hint, false).await
+    let conn = connect_with(inner, peer, hint, false).await?;
+    inner.peers.touch(&peer, false);
+    Ok(conn)
 }
 
 async fn connect_with(
