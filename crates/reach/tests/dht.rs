@@ -296,3 +296,35 @@ async fn hostile_dht_messages_never_panic_or_evict_honest_records() {
     assert_eq!(addrs[0].addr, nodes[0].local_addr());
     assert!(seed.stats().malformed_streams >= 2);
 }
+
+#[tokio::test]
+async fn client_mode_nodes_use_the_dht_but_stay_out_of_routing_tables() {
+    let seed = Node::builder().bind(loopback()).spawn().await.unwrap();
+    within("seed join", seed.joined()).await;
+    let servers = network(&seed, 4).await;
+    let client = Node::builder()
+        .bind(loopback())
+        .bootstrap([seed.local_addr()])
+        .dht_mode(reach::DhtMode::Client)
+        .spawn()
+        .await
+        .unwrap();
+    within("client join", client.joined()).await;
+    // The client resolves and reaches servers by key.
+    within("connect", client.connect(servers[2].peer_id(), []))
+        .await
+        .unwrap();
+    // Nobody lists the client as a DHT contact, and it published nothing.
+    for n in servers.iter().chain([&seed]) {
+        assert!(
+            n.routing_snapshot()
+                .entries
+                .iter()
+                .all(|e| e.peer != client.peer_id())
+        );
+    }
+    let err = within("lookup", servers[0].lookup(client.peer_id()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "not_found");
+}
