@@ -8,6 +8,7 @@
 
 pub mod dht;
 pub mod identity;
+pub mod nat;
 pub mod wire;
 
 pub use identity::{Keypair, PeerId, PeerIdError};

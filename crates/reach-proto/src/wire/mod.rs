@@ -13,6 +13,7 @@
 pub mod datagram;
 pub mod envelope;
 pub mod frame;
+pub mod stun;
 
 pub use datagram::{ControlPacket, DatagramKind, classify};
 pub use envelope::{Body, Envelope, WIRE_VERSION};

@@ -1,0 +1,12 @@
+//! NAT awareness, sans-IO: what a node can conclude about the NAT in front
+//! of it from what peers report.
+//!
+//! - [`observed`]: the scored set of external addresses peers report.
+//! - [`classify`]: RFC 4787 mapping and filtering behaviour from
+//!   observations.
+
+pub mod classify;
+pub mod observed;
+
+pub use classify::{Filtering, FilteringObservation, Mapping, MappingObservation, MappingResult};
+pub use observed::ObservedAddrs;
