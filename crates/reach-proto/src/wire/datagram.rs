@@ -66,6 +66,18 @@ pub fn classify(bytes: &[u8]) -> DatagramKind {
     DatagramKind::Unknown
 }
 
+/// IPs a filter test may ask the helper to avoid at most.
+pub const MAX_FILTER_EXCLUDES: usize = 8;
+
+/// Who should send the unsolicited probe of a filter test.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FilterVia {
+    /// The helper itself, from a port we never sent to.
+    OtherPort,
+    /// A peer of the helper at an IP we never sent to.
+    OtherHost,
+}
+
 /// reach's own non-QUIC packets.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlPacket {
@@ -73,6 +85,31 @@ pub enum ControlPacket {
     Probe { nonce: u64 },
     /// The answer: the source address the probe arrived from.
     ProbeReply { nonce: u64, observed: SocketAddr },
+    /// "Send an unsolicited [`ControlPacket::FilterProbe`] to the address
+    /// you see this packet come from", either from another port of the
+    /// helper or from a peer of the helper at an IP not in `exclude`.
+    /// Padded to [`PROBE_REQUEST_LEN`].
+    FilterTest {
+        nonce: u64,
+        via: FilterVia,
+        exclude: Vec<std::net::IpAddr>,
+    },
+    /// Helper to its peer: send a [`ControlPacket::FilterProbe`] to
+    /// `target` (which the helper observed as a requester's source). Only
+    /// accepted from addresses of authenticated peers.
+    RelayFilterProbe { nonce: u64, target: SocketAddr },
+    /// The unsolicited probe itself.
+    FilterProbe { nonce: u64 },
+}
+
+impl ControlPacket {
+    /// Requests are padded so that no reply is larger than its request.
+    fn is_request(&self) -> bool {
+        matches!(
+            self,
+            ControlPacket::Probe { .. } | ControlPacket::FilterTest { .. }
+        )
+    }
 }
 
 impl ControlPacket {
@@ -83,9 +120,9 @@ impl ControlPacket {
         out.push(CONTROL_VERSION);
         // Serialising these fixed-shape enums into a Vec cannot fail.
         let mut out = postcard::to_extend(self, out).expect("control packet encoding");
-        if matches!(self, ControlPacket::Probe { .. }) && out.len() < PROBE_REQUEST_LEN {
-            // Padding goes after the body; the decoder strips trailing zeros
-            // only for probes (see `decode`).
+        if self.is_request() && out.len() < PROBE_REQUEST_LEN {
+            // Padding goes after the body; the decoder accepts trailing
+            // zeros only after requests (see `decode`).
             out.resize(PROBE_REQUEST_LEN, 0);
         }
         out
@@ -111,8 +148,15 @@ impl ControlPacket {
         }
         let (packet, tail): (ControlPacket, _) =
             postcard::take_from_bytes(body).map_err(|e| WireError::Malformed(e.to_string()))?;
-        let padding_ok =
-            matches!(packet, ControlPacket::Probe { .. }) && tail.iter().all(|&b| b == 0);
+        if let ControlPacket::FilterTest { exclude, .. } = &packet
+            && exclude.len() > MAX_FILTER_EXCLUDES
+        {
+            return Err(WireError::TooLarge {
+                len: exclude.len(),
+                max: MAX_FILTER_EXCLUDES,
+            });
+        }
+        let padding_ok = packet.is_request() && tail.iter().all(|&b| b == 0);
         if !tail.is_empty() && !padding_ok {
             return Err(WireError::TrailingBytes(tail.len()));
         }
@@ -160,6 +204,26 @@ mod tests {
             reply.len(),
             probe.len()
         );
+    }
+
+    #[test]
+    fn filter_packets_round_trip_and_replies_stay_small() {
+        let req = ControlPacket::FilterTest {
+            nonce: 9,
+            via: FilterVia::OtherHost,
+            exclude: vec!["203.0.113.10".parse().unwrap()],
+        };
+        let bytes = req.encode();
+        assert!(bytes.len() >= PROBE_REQUEST_LEN);
+        assert_eq!(ControlPacket::decode(&bytes), Ok(req));
+        let probe = ControlPacket::FilterProbe { nonce: u64::MAX }.encode();
+        assert!(probe.len() <= PROBE_REQUEST_LEN);
+        let too_many = ControlPacket::FilterTest {
+            nonce: 1,
+            via: FilterVia::OtherPort,
+            exclude: vec!["203.0.113.10".parse().unwrap(); MAX_FILTER_EXCLUDES + 1],
+        };
+        assert!(ControlPacket::decode(&too_many.encode()).is_err());
     }
 
     #[test]
