@@ -67,7 +67,10 @@ async fn request_inner(
         .await
         .map_err(|e| fail(&e))?;
     match Envelope::from_frame(&bytes, MAX_CONTROL_ENVELOPE_LEN)?.body {
-        Body::DhtResponse(r) => Ok(r),
+        Body::DhtResponse(r) => {
+            inner.observed_addr(r.observed, contact.addr);
+            Ok(r)
+        }
         _ => Err(fail(&"answered with something other than a DHT response")),
     }
 }

@@ -29,6 +29,9 @@ pub struct NodeBuilder {
     keypair: Option<Keypair>,
     bootstrap: Vec<SocketAddr>,
     dht_mode: DhtMode,
+    socket: Option<std::net::UdpSocket>,
+    alt_socket: Option<std::net::UdpSocket>,
+    no_stun_server: bool,
 }
 
 impl NodeBuilder {
@@ -63,6 +66,26 @@ impl NodeBuilder {
         self
     }
 
+    /// Use this already-bound UDP socket instead of binding one (e.g. a
+    /// socket created inside another network namespace). Overrides `bind`.
+    pub fn socket(mut self, socket: std::net::UdpSocket) -> Self {
+        self.socket = Some(socket);
+        self
+    }
+
+    /// The second socket used only to send filtering-test probes from
+    /// another port. Without it the node binds one next to its main socket.
+    pub fn alt_socket(mut self, socket: std::net::UdpSocket) -> Self {
+        self.alt_socket = Some(socket);
+        self
+    }
+
+    /// Whether to answer STUN Binding requests (default: yes).
+    pub fn stun_server(mut self, enabled: bool) -> Self {
+        self.no_stun_server = !enabled;
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -78,11 +101,20 @@ impl NodeBuilder {
             (None, None) => Keypair::generate(),
         };
         let bind = self.bind.unwrap_or(DEFAULT_BIND);
-        let std_socket =
-            std::net::UdpSocket::bind(bind).map_err(|source| Error::Bind { addr: bind, source })?;
+        let std_socket = match self.socket {
+            Some(s) => s,
+            None => std::net::UdpSocket::bind(bind)
+                .map_err(|source| Error::Bind { addr: bind, source })?,
+        };
         let local_addr = std_socket
             .local_addr()
             .map_err(|source| Error::Bind { addr: bind, source })?;
+        let alt = match self.alt_socket {
+            Some(s) => Some(s),
+            // Best effort: without it the node only cannot help others'
+            // filtering tests.
+            None => std::net::UdpSocket::bind(SocketAddr::new(local_addr.ip(), 0)).ok(),
+        };
         let runtime = Arc::new(TokioRuntime);
         let udp = runtime
             .wrap_udp_socket(std_socket)
@@ -149,6 +181,9 @@ impl NodeBuilder {
             shutdown_tx,
             tasks: Default::default(),
             dht,
+            stun_server: !self.no_stun_server,
+            alt,
+            observed: Default::default(),
         });
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));

@@ -1,47 +1,142 @@
 //! Non-QUIC datagrams on the shared socket: reach control packets (address
-//! probes today; punch and classification probes later) and STUN.
+//! probes, filtering tests) and STUN (client and server).
+//!
+//! Safety of the network: every answer goes only to the source address of
+//! the packet that asked for it, answers are never larger than requests
+//! (requests are padded), and all answers share one rate limit. The one
+//! packet sent elsewhere, a relayed filter probe, is sent only on behalf of
+//! an authenticated peer, to the address that peer observed, and under the
+//! same rate limit.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use reach_proto::wire::datagram::{ControlPacket, DatagramKind, PROBE_ATTEMPTS, PROBE_RETRY_AFTER};
+use reach_proto::wire::datagram::{
+    ControlPacket, DatagramKind, FilterVia, PROBE_ATTEMPTS, PROBE_RETRY_AFTER,
+};
+use reach_proto::wire::stun;
 use tokio::sync::{mpsc, oneshot};
 
 use super::{Inner, stats};
 use crate::error::{Error, Result};
 use crate::socket::NonQuicDatagram;
 
-/// Probe replies a node sends per second at most, whoever asks: answering is
-/// cheap, but a node must not become a packet cannon.
-pub const MAX_PROBE_REPLIES_PER_SEC: u32 = 1000;
-/// Outstanding probes this node waits on at most.
-pub const MAX_PENDING_PROBES: usize = 256;
+/// Answers (probe replies, filter probes, STUN responses) a node sends per
+/// second at most, whoever asks: answering is cheap, but a node must not
+/// become a packet cannon.
+pub const MAX_REPLIES_PER_SEC: u32 = 1000;
+/// Outstanding requests of one kind this node waits on at most.
+pub const MAX_PENDING: usize = 256;
 
-/// Probes sent by this node that await a reply, by nonce.
-#[derive(Default)]
-pub(crate) struct PendingProbes {
-    waiting: Mutex<HashMap<u64, (SocketAddr, oneshot::Sender<SocketAddr>)>>,
+/// Requests this node sent that await an answer, by id. The answer must
+/// come from `expect_from` when set.
+pub(crate) struct Waiters<K> {
+    map: Mutex<
+        HashMap<
+            K,
+            (
+                Option<SocketAddr>,
+                oneshot::Sender<(SocketAddr, SocketAddr)>,
+            ),
+        >,
+    >,
 }
 
-impl PendingProbes {
+impl<K> Default for Waiters<K> {
+    fn default() -> Self {
+        Waiters {
+            map: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<K: Eq + Hash + Copy> Waiters<K> {
+    #[allow(clippy::type_complexity)]
     fn lock(
         &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, (SocketAddr, oneshot::Sender<SocketAddr>)>> {
-        self.waiting.lock().unwrap_or_else(|p| p.into_inner())
+    ) -> std::sync::MutexGuard<
+        '_,
+        HashMap<
+            K,
+            (
+                Option<SocketAddr>,
+                oneshot::Sender<(SocketAddr, SocketAddr)>,
+            ),
+        >,
+    > {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
+
+    fn register(
+        &self,
+        key: K,
+        expect_from: Option<SocketAddr>,
+    ) -> Result<oneshot::Receiver<(SocketAddr, SocketAddr)>> {
+        let mut m = self.lock();
+        if m.len() >= MAX_PENDING {
+            return Err(Error::Config(format!(
+                "too many requests in flight (limit {MAX_PENDING})"
+            )));
+        }
+        let (tx, rx) = oneshot::channel();
+        m.insert(key, (expect_from, tx));
+        Ok(rx)
+    }
+
+    /// Completes the waiter for `key` with (sender, value) if `from` is
+    /// allowed to answer it.
+    fn complete(&self, key: K, from: SocketAddr, value: SocketAddr) {
+        let mut m = self.lock();
+        if m.get(&key)
+            .is_some_and(|(e, _)| e.is_none_or(|e| e == from))
+            && let Some((_, tx)) = m.remove(&key)
+        {
+            let _ = tx.send((from, value));
+        }
+    }
+
+    fn cancel(&self, key: K) {
+        self.lock().remove(&key);
+    }
+}
+
+/// All the kinds of waiters.
+#[derive(Default)]
+pub(crate) struct PendingProbes {
+    pub probes: Waiters<u64>,
+    pub filter: Waiters<u64>,
+    pub stun: Waiters<stun::TransactionId>,
 }
 
 /// Handles non-QUIC datagrams until the node stops.
 pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQuicDatagram>) {
-    let mut limiter = RateLimiter::new(MAX_PROBE_REPLIES_PER_SEC);
+    let mut limiter = RateLimiter::new(MAX_REPLIES_PER_SEC);
     while let Some(d) = rx.recv().await {
-        // STUN is recognised and counted by the demultiplexer; answering and
-        // sending Binding requests belongs to the NAT-awareness capability.
-        if d.kind == DatagramKind::Control {
-            handle_control(&inner, &d, &mut limiter);
+        match d.kind {
+            DatagramKind::Control => handle_control(&inner, &d, &mut limiter),
+            DatagramKind::Stun => handle_stun(&inner, &d, &mut limiter),
+            _ => {}
         }
+    }
+}
+
+fn reply(
+    inner: &Inner,
+    limiter: &mut RateLimiter,
+    to: SocketAddr,
+    request_len: usize,
+    bytes: &[u8],
+) {
+    // Never answer with more bytes than were sent to us.
+    if bytes.len() > request_len || !limiter.allow(Instant::now()) {
+        stats::bump(&inner.counters.probes_refused);
+        return;
+    }
+    if inner.socket.send_datagram(to, bytes).is_ok() {
+        stats::bump(&inner.counters.probes_answered);
     }
 }
 
@@ -52,63 +147,170 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
     };
     match packet {
         ControlPacket::Probe { nonce } => {
-            let reply = ControlPacket::ProbeReply {
+            let answer = ControlPacket::ProbeReply {
                 nonce,
                 observed: d.from,
             }
             .encode();
-            // Never answer with more bytes than were sent to us, and only
-            // to the address the request came from.
-            if reply.len() > d.data.len() || !limiter.allow(Instant::now()) {
+            reply(inner, limiter, d.from, d.data.len(), &answer);
+        }
+        ControlPacket::ProbeReply { nonce, observed } => {
+            inner.observed_addr(observed, d.from);
+            inner.probes.probes.complete(nonce, d.from, observed);
+        }
+        ControlPacket::FilterTest {
+            nonce,
+            via,
+            exclude,
+        } => {
+            if !limiter.allow(Instant::now()) {
                 stats::bump(&inner.counters.probes_refused);
                 return;
             }
-            if inner.socket.send_datagram(d.from, &reply).is_ok() {
+            let probe = ControlPacket::FilterProbe { nonce }.encode();
+            if probe.len() > d.data.len() {
+                return;
+            }
+            match via {
+                FilterVia::OtherPort => send_from_other_port(inner, d.from, &probe),
+                FilterVia::OtherHost => {
+                    // A connected peer at an IP the requester never sent to.
+                    let helper = inner.peers.connected().into_iter().find(|p| {
+                        p.addr.ip() != inner.local_addr.ip()
+                            && p.addr.ip() != d.from.ip()
+                            && !exclude.contains(&p.addr.ip())
+                    });
+                    if let Some(h) = helper {
+                        let relay = ControlPacket::RelayFilterProbe {
+                            nonce,
+                            target: d.from,
+                        }
+                        .encode();
+                        let _ = inner.socket.send_datagram(h.addr, &relay);
+                    }
+                }
+            }
+        }
+        ControlPacket::RelayFilterProbe { nonce, target } => {
+            // Only on behalf of an authenticated peer, from its address.
+            let trusted = inner.peers.connected().iter().any(|p| p.addr == d.from);
+            if !trusted || !limiter.allow(Instant::now()) {
+                stats::bump(&inner.counters.probes_refused);
+                return;
+            }
+            let probe = ControlPacket::FilterProbe { nonce }.encode();
+            if inner.socket.send_datagram(target, &probe).is_ok() {
                 stats::bump(&inner.counters.probes_answered);
             }
         }
-        ControlPacket::ProbeReply { nonce, observed } => {
-            let mut waiting = inner.probes.lock();
-            // Only the address we probed may answer a probe.
-            if waiting.get(&nonce).is_some_and(|(to, _)| *to == d.from)
-                && let Some((_, tx)) = waiting.remove(&nonce)
-            {
-                let _ = tx.send(observed);
-            }
+        ControlPacket::FilterProbe { nonce } => {
+            inner.probes.filter.complete(nonce, d.from, d.from);
         }
     }
 }
 
-/// Sends probes to `addr` until one is answered or attempts run out.
-pub(crate) async fn probe(inner: &Arc<Inner>, addr: SocketAddr) -> Result<SocketAddr> {
-    let mut nonce_bytes = [0u8; 8];
-    getrandom::fill(&mut nonce_bytes).map_err(|e| Error::Config(format!("random: {e}")))?;
-    let nonce = u64::from_le_bytes(nonce_bytes);
-    let (tx, mut rx) = oneshot::channel();
-    {
-        let mut waiting = inner.probes.lock();
-        if waiting.len() >= MAX_PENDING_PROBES {
-            return Err(Error::Config(format!(
-                "too many probes in flight (limit {MAX_PENDING_PROBES})"
-            )));
+/// Sends `bytes` to `to` from a fresh socket on our IP: a port the
+/// requester never sent to (RFC 5780's alternate port).
+fn send_from_other_port(inner: &Inner, to: SocketAddr, bytes: &[u8]) {
+    let bind = SocketAddr::new(inner.local_addr.ip(), 0);
+    match inner.alt_socket(bind) {
+        Ok(sock) => {
+            let _ = sock.send_to(bytes, to);
         }
-        waiting.insert(nonce, (addr, tx));
+        Err(e) => tracing::debug!(error = %e, "no alternate port for a filter test"),
     }
-    let packet = ControlPacket::Probe { nonce }.encode();
-    let mut result = Err(Error::Timeout("address probe"));
-    for _ in 0..PROBE_ATTEMPTS {
-        let _ = inner.socket.send_datagram(addr, &packet);
-        match tokio::time::timeout(PROBE_RETRY_AFTER, &mut rx).await {
-            Ok(Ok(observed)) => {
-                result = Ok(observed);
-                break;
+}
+
+fn handle_stun(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter) {
+    let Ok(msg) = stun::decode(&d.data) else {
+        return;
+    };
+    match msg.method_class {
+        stun::BINDING_REQUEST if inner.stun_server => {
+            let answer = stun::binding_response(msg.transaction, d.from);
+            // A STUN response is 12 bytes longer than a bare request; STUN
+            // clients expect that, so the limit here is the rate limit.
+            if limiter.allow(Instant::now()) && inner.socket.send_datagram(d.from, &answer).is_ok()
+            {
+                stats::bump(&inner.counters.stun_answered);
             }
-            Ok(Err(_)) => break,
+        }
+        stun::BINDING_SUCCESS => {
+            if let Some(mapped) = msg.mapped {
+                inner.probes.stun.complete(msg.transaction, d.from, mapped);
+            }
+        }
+        _ => {}
+    }
+}
+
+fn random_u64() -> Result<u64> {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).map_err(|e| Error::Config(format!("random: {e}")))?;
+    Ok(u64::from_le_bytes(b))
+}
+
+/// Sends `packet` to `to` up to [`PROBE_ATTEMPTS`] times until `rx` fires.
+async fn retry_until<T>(
+    inner: &Inner,
+    to: SocketAddr,
+    packet: &[u8],
+    mut rx: oneshot::Receiver<T>,
+    wait: Duration,
+) -> Option<T> {
+    for _ in 0..PROBE_ATTEMPTS {
+        let _ = inner.socket.send_datagram(to, packet);
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(v)) => return Some(v),
+            Ok(Err(_)) => return None,
             Err(_) => continue,
         }
     }
-    inner.probes.lock().remove(&nonce);
-    result
+    None
+}
+
+/// Asks `addr` which address it sees us at.
+pub(crate) async fn probe(inner: &Arc<Inner>, addr: SocketAddr) -> Result<SocketAddr> {
+    let nonce = random_u64()?;
+    let rx = inner.probes.probes.register(nonce, Some(addr))?;
+    let packet = ControlPacket::Probe { nonce }.encode();
+    let got = retry_until(inner, addr, &packet, rx, PROBE_RETRY_AFTER).await;
+    inner.probes.probes.cancel(nonce);
+    got.map(|(_, observed)| observed)
+        .ok_or(Error::Timeout("address probe"))
+}
+
+/// Runs one filtering test through `helper`: whether an unsolicited probe
+/// sent as `via` reaches us. `Ok(false)` when none arrived in time.
+pub(crate) async fn filter_test(
+    inner: &Arc<Inner>,
+    helper: SocketAddr,
+    via: FilterVia,
+    exclude: Vec<std::net::IpAddr>,
+) -> Result<bool> {
+    let nonce = random_u64()?;
+    let rx = inner.probes.filter.register(nonce, None)?;
+    let packet = ControlPacket::FilterTest {
+        nonce,
+        via,
+        exclude,
+    }
+    .encode();
+    let got = retry_until(inner, helper, &packet, rx, PROBE_RETRY_AFTER).await;
+    inner.probes.filter.cancel(nonce);
+    Ok(got.is_some())
+}
+
+/// Asks the STUN server at `server` for our reflexive address.
+pub(crate) async fn stun_binding(inner: &Arc<Inner>, server: SocketAddr) -> Result<SocketAddr> {
+    let mut tx = [0u8; 12];
+    getrandom::fill(&mut tx).map_err(|e| Error::Config(format!("random: {e}")))?;
+    let rx = inner.probes.stun.register(tx, Some(server))?;
+    let packet = stun::binding_request(tx);
+    let got = retry_until(inner, server, &packet, rx, PROBE_RETRY_AFTER).await;
+    inner.probes.stun.cancel(tx);
+    got.map(|(_, mapped)| mapped)
+        .ok_or(Error::Timeout("STUN binding request"))
 }
 
 /// A fixed-window rate limiter (per second). Coarse, but enough to bound

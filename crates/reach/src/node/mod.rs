@@ -21,7 +21,7 @@
 //! ```
 
 mod builder;
-mod control;
+pub(crate) mod control;
 mod inbound;
 pub(crate) mod peers;
 pub(crate) mod stats;
@@ -79,7 +79,7 @@ pub enum Direction {
 /// stops on [`Node::shutdown`] or when the last clone is dropped.
 #[derive(Clone)]
 pub struct Node {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
     _guard: Arc<DropGuard>,
 }
 
@@ -100,6 +100,13 @@ pub(crate) struct Inner {
     pub shutdown_tx: watch::Sender<bool>,
     pub tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     pub dht: Dht,
+    /// Answer STUN Binding requests (public nodes).
+    pub stun_server: bool,
+    /// A second socket on our IP, used only to send filtering-test probes
+    /// from a port requesters never sent to.
+    pub alt: Option<std::net::UdpSocket>,
+    /// Our external addresses as peers report them.
+    pub observed: std::sync::Mutex<reach_proto::nat::ObservedAddrs>,
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -123,6 +130,20 @@ impl Inner {
                 t.abort();
             }
         }
+    }
+
+    /// Records that the peer at `reporter` saw us at `observed`.
+    pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
+        if let Ok(mut o) = self.observed.lock() {
+            o.record(observed, reporter.ip());
+        }
+    }
+
+    /// The alternate socket for filtering tests, if this node has one.
+    pub(crate) fn alt_socket(&self, _bind: SocketAddr) -> std::io::Result<&std::net::UdpSocket> {
+        self.alt
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
     }
 
     pub(crate) fn is_shut_down(&self) -> bool {

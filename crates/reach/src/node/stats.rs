@@ -22,6 +22,7 @@ pub(crate) struct Counters {
     pub malformed_streams: AtomicU64,
     pub probes_answered: AtomicU64,
     pub probes_refused: AtomicU64,
+    pub stun_answered: AtomicU64,
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -48,6 +49,7 @@ pub struct NodeStats {
     pub malformed_streams: u64,
     pub probes_answered: u64,
     pub probes_refused: u64,
+    pub stun_answered: u64,
     pub quic_datagrams: u64,
     pub control_datagrams: u64,
     pub stun_datagrams: u64,
@@ -81,6 +83,7 @@ impl NodeStats {
             malformed_streams: g(&c.malformed_streams),
             probes_answered: g(&c.probes_answered),
             probes_refused: g(&c.probes_refused),
+            stun_answered: g(&c.stun_answered),
             quic_datagrams: g(&d.quic_datagrams),
             control_datagrams: g(&d.control_datagrams),
             stun_datagrams: g(&d.stun_datagrams),
