@@ -1,0 +1,19 @@
+//! The NAT lab: topologies of Linux network namespaces joined by veth pairs,
+//! with nftables NAT on router namespaces, `tc netem` delay, and real
+//! programs (reach nodes, coturn) inside.
+//!
+//! Everything the lab builds carries a per-run prefix and is torn down when
+//! the [`Lab`] is dropped, also when a test panics. "Internet" addresses come
+//! from TEST-NET ranges (203.0.113.0/24, 198.51.100.0/24) and LANs from
+//! 10.0.0.0/8 / 100.64.0.0/10, all only inside the lab's namespaces: no
+//! packet leaves them.
+//!
+//! - [`netns`]: namespaces, links, commands and sockets inside namespaces.
+//! - [`nat`]: the NAT kinds, in RFC 4787 terms, as nftables rulesets.
+//! - [`matrix`]: the classification run over every kind (`reach lab nat`).
+
+pub mod matrix;
+pub mod nat;
+pub mod netns;
+
+pub use netns::{Lab, LabError};

@@ -1,0 +1,401 @@
+//! NAT kinds, in RFC 4787 terms, as nftables rulesets on router namespaces.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use reach_proto::nat::{Filtering, Mapping};
+use serde::Serialize;
+
+use crate::netns::{Lab, LabError};
+
+/// The kinds of network a node can sit in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NatKind {
+    /// No NAT, no firewall.
+    Public,
+    /// Endpoint-independent mapping and filtering (1:1 NAT, "full cone").
+    EimEif,
+    /// Endpoint-independent mapping, address-dependent filtering (1:1 NAT
+    /// plus a forward filter keyed on a dynamic set of contacted IPs).
+    EimAdf,
+    /// Stock port-preserving masquerade: the common home router.
+    EimApdf,
+    /// Endpoint-dependent mapping: `masquerade fully-random`.
+    Edm,
+    /// An eim-apdf NAT behind a second one (carrier-grade NAT).
+    Cgnat,
+    /// No NAT, but unsolicited inbound dropped (a stateful firewall).
+    Firewall,
+    /// Two peers behind one eim-apdf router.
+    SameNat,
+}
+
+/// Every kind, in matrix order.
+pub const ALL_KINDS: [NatKind; 8] = [
+    NatKind::Public,
+    NatKind::EimEif,
+    NatKind::EimAdf,
+    NatKind::EimApdf,
+    NatKind::Edm,
+    NatKind::Cgnat,
+    NatKind::Firewall,
+    NatKind::SameNat,
+];
+
+impl NatKind {
+    pub fn name(&self) -> &'static str {
+        match self {
+            NatKind::Public => "public",
+            NatKind::EimEif => "eim-eif",
+            NatKind::EimAdf => "eim-adf",
+            NatKind::EimApdf => "eim-apdf",
+            NatKind::Edm => "edm",
+            NatKind::Cgnat => "cgnat",
+            NatKind::Firewall => "firewall",
+            NatKind::SameNat => "same-nat",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<NatKind> {
+        ALL_KINDS.iter().copied().find(|k| k.name() == s)
+    }
+
+    /// The behaviour the lab configures, which classification must find.
+    pub fn expected(&self) -> (Mapping, Filtering) {
+        use Filtering::*;
+        match self {
+            NatKind::Public => (Mapping::EndpointIndependent, EndpointIndependent),
+            NatKind::EimEif => (Mapping::EndpointIndependent, EndpointIndependent),
+            NatKind::EimAdf => (Mapping::EndpointIndependent, AddressDependent),
+            NatKind::EimApdf | NatKind::Cgnat | NatKind::SameNat | NatKind::Firewall => {
+                (Mapping::EndpointIndependent, AddressAndPortDependent)
+            }
+            NatKind::Edm => (Mapping::EndpointDependent, AddressAndPortDependent),
+        }
+    }
+
+    /// Whether the node's address is translated.
+    pub fn translated(&self) -> bool {
+        !matches!(self, NatKind::Public | NatKind::Firewall)
+    }
+}
+
+/// The shared "internet" of a lab run: a bridge namespace and a namespace of
+/// public hosts.
+pub struct Internet {
+    pub bridge: String,
+    pub public: String,
+    ports: u32,
+}
+
+/// The public subnet, inside the lab only.
+pub const PUBLIC_PREFIX: &str = "203.0.113";
+
+impl Internet {
+    pub fn build(lab: &mut Lab) -> Result<Internet, LabError> {
+        let bridge = lab.add_ns("inet")?;
+        lab.run(&["ip", "-n", &bridge, "link", "add", "br0", "type", "bridge"])?;
+        lab.run(&["ip", "-n", &bridge, "link", "set", "br0", "up"])?;
+        let public = lab.add_ns("pub")?;
+        let mut net = Internet {
+            bridge,
+            public: public.clone(),
+            ports: 0,
+        };
+        net.attach(lab, &public, "eth0", &format!("{PUBLIC_PREFIX}.10/24"))?;
+        Ok(net)
+    }
+
+    /// Plugs namespace `ns` into the bridge as interface `dev` with `addr`.
+    pub fn attach(
+        &mut self,
+        lab: &mut Lab,
+        ns: &str,
+        dev: &str,
+        addr: &str,
+    ) -> Result<(), LabError> {
+        self.ports += 1;
+        let port = format!("p{}", self.ports);
+        lab.veth(ns, dev, addr, &self.bridge.clone(), &port, "")?;
+        lab.run(&[
+            "ip",
+            "-n",
+            &self.bridge,
+            "link",
+            "set",
+            &port,
+            "master",
+            "br0",
+        ])?;
+        Ok(())
+    }
+
+    /// Adds another public IP (`.host`) to the public namespace.
+    pub fn add_public_ip(&self, lab: &Lab, host: u8) -> Result<IpAddr, LabError> {
+        let cidr = format!("{PUBLIC_PREFIX}.{host}/24");
+        lab.run(&[
+            "ip",
+            "-n",
+            &self.public,
+            "addr",
+            "add",
+            &cidr,
+            "dev",
+            "eth0",
+        ])?;
+        Ok(IpAddr::V4(Ipv4Addr::new(203, 0, 113, host)))
+    }
+}
+
+/// One site: where a node of a given kind lives.
+pub struct Site {
+    pub kind: NatKind,
+    /// Namespace the node's socket lives in.
+    pub node_ns: String,
+    /// The node's own (inside) address.
+    pub node_ip: IpAddr,
+    /// Second node of a same-nat site.
+    pub peer: Option<(String, IpAddr)>,
+    /// The outermost router, if any.
+    pub router: Option<String>,
+}
+
+fn masquerade(extra: &str) -> String {
+    format!(
+        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    oifname \"wan\" masquerade {extra}\n  }}\n}}\n"
+    )
+}
+
+fn one_to_one(wan_ip: &str, inside: &str) -> String {
+    format!(
+        "table ip nat {{
+  chain pre {{
+    type nat hook prerouting priority -100;
+    iifname \"wan\" ip daddr {wan_ip} dnat to {inside}
+  }}
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname \"wan\" ip saddr {inside} snat to {wan_ip}
+  }}
+}}
+"
+    )
+}
+
+/// Address-dependent filtering: remember every IP the inside sent to (for a
+/// while) and let inbound through only from those.
+const ADF_FILTER: &str = "table ip filter {
+  set contacted { type ipv4_addr; flags timeout; }
+  chain forward_filter {
+    type filter hook forward priority 0; policy drop;
+    iifname \"lan\" oifname \"wan\" update @contacted { ip daddr timeout 300s } accept
+    ct state established,related accept
+    iifname \"wan\" ip saddr @contacted accept
+  }
+}
+";
+
+const STATEFUL_FIREWALL: &str = "table ip filter {
+  chain forward_filter {
+    type filter hook forward priority 0; policy drop;
+    iifname \"lan\" accept
+    ct state established,related accept
+  }
+}
+";
+
+/// A router namespace with `wan` on the internet and `lan` to `inside_ns`.
+fn router(
+    lab: &mut Lab,
+    net: &mut Internet,
+    name: &str,
+    wan_cidr: &str,
+) -> Result<String, LabError> {
+    let r = lab.add_ns(name)?;
+    net.attach(lab, &r, "wan", wan_cidr)?;
+    lab.exec(&r, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+    Ok(r)
+}
+
+fn client(
+    lab: &mut Lab,
+    name: &str,
+    router: &str,
+    cidr: &str,
+    gw: &str,
+) -> Result<String, LabError> {
+    let c = lab.add_ns(name)?;
+    lab.veth(&c, "eth0", cidr, router, "lan", "")?;
+    lab.run(&["ip", "-n", &c, "route", "add", "default", "via", gw])?;
+    Ok(c)
+}
+
+impl Site {
+    /// Builds site number `i` (1..=50) of `kind`, with `delay_ms` of netem on
+    /// each router's WAN side.
+    pub fn build(
+        lab: &mut Lab,
+        net: &mut Internet,
+        kind: NatKind,
+        i: u8,
+        delay_ms: u32,
+    ) -> Result<Site, LabError> {
+        let wan_ip = format!("{PUBLIC_PREFIX}.{}", 100 + i);
+        let wan = format!("{wan_ip}/24");
+        let lan_gw = format!("10.{i}.0.1");
+        let lan_gw_cidr = format!("{lan_gw}/24");
+        let inside = format!("10.{i}.0.2");
+        let inside_cidr = format!("{inside}/24");
+        let ip = |s: &str| -> Result<IpAddr, LabError> {
+            s.parse()
+                .map_err(|_| LabError::Other(format!("bad address {s}")))
+        };
+        let site = match kind {
+            NatKind::Public => {
+                let ns = lab.add_ns(&format!("s{i}"))?;
+                let addr = format!("{PUBLIC_PREFIX}.{}", 150 + i);
+                net.attach(lab, &ns, "eth0", &format!("{addr}/24"))?;
+                Site {
+                    kind,
+                    node_ns: ns,
+                    node_ip: ip(&addr)?,
+                    peer: None,
+                    router: None,
+                }
+            }
+            NatKind::Firewall => {
+                // A public /29 behind a router that routes (no NAT) and drops
+                // unsolicited inbound.
+                let r = router(lab, net, &format!("r{i}"), &wan)?;
+                let base = 8 * u32::from(i);
+                let gw = format!("198.51.100.{}", base + 1);
+                let addr = format!("198.51.100.{}", base + 2);
+                let c = client(lab, &format!("c{i}"), &r, &format!("{addr}/29"), &gw)?;
+                lab.run(&[
+                    "ip",
+                    "-n",
+                    &r,
+                    "addr",
+                    "add",
+                    &format!("{gw}/29"),
+                    "dev",
+                    "lan",
+                ])?;
+                let subnet = format!("198.51.100.{base}/29");
+                lab.run(&[
+                    "ip",
+                    "-n",
+                    &net.public,
+                    "route",
+                    "add",
+                    &subnet,
+                    "via",
+                    &wan_ip,
+                ])?;
+                lab.nft(&r, STATEFUL_FIREWALL)?;
+                Site {
+                    kind,
+                    node_ns: c,
+                    node_ip: ip(&addr)?,
+                    peer: None,
+                    router: Some(r),
+                }
+            }
+            NatKind::Cgnat => {
+                let outer = router(lab, net, &format!("r{i}"), &wan)?;
+                let inner = lab.add_ns(&format!("r{i}i"))?;
+                let shared_gw = format!("100.64.{i}.1");
+                lab.veth(
+                    &inner,
+                    "wan",
+                    &format!("100.64.{i}.2/24"),
+                    &outer,
+                    "lan",
+                    &format!("{shared_gw}/24"),
+                )?;
+                lab.run(&[
+                    "ip", "-n", &inner, "route", "add", "default", "via", &shared_gw,
+                ])?;
+                lab.exec(&inner, &["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+                let c = client(lab, &format!("c{i}"), &inner, &inside_cidr, &lan_gw)?;
+                lab.run(&[
+                    "ip",
+                    "-n",
+                    &inner,
+                    "addr",
+                    "add",
+                    &lan_gw_cidr,
+                    "dev",
+                    "lan",
+                ])?;
+                lab.nft(&inner, &masquerade(""))?;
+                lab.nft(&outer, &masquerade(""))?;
+                Site {
+                    kind,
+                    node_ns: c,
+                    node_ip: ip(&inside)?,
+                    peer: None,
+                    router: Some(outer),
+                }
+            }
+            _ => {
+                let r = router(lab, net, &format!("r{i}"), &wan)?;
+                let c = client(lab, &format!("c{i}"), &r, &inside_cidr, &lan_gw)?;
+                lab.run(&["ip", "-n", &r, "addr", "add", &lan_gw_cidr, "dev", "lan"])?;
+                let mut peer = None;
+                match kind {
+                    NatKind::EimEif => lab.nft(&r, &one_to_one(&wan_ip, &inside))?,
+                    NatKind::EimAdf => {
+                        lab.nft(&r, &one_to_one(&wan_ip, &inside))?;
+                        lab.nft(&r, ADF_FILTER)?;
+                    }
+                    NatKind::Edm => lab.nft(&r, &masquerade("fully-random"))?,
+                    NatKind::SameNat => {
+                        lab.nft(&r, &masquerade(""))?;
+                        // A second host on the same LAN, via a bridge-less
+                        // second veth from the router.
+                        let second = format!("10.{i}.1.2");
+                        let c2 = lab.add_ns(&format!("c{i}b"))?;
+                        lab.veth(
+                            &c2,
+                            "eth0",
+                            &format!("{second}/24"),
+                            &r,
+                            "lan2",
+                            &format!("10.{i}.1.1/24"),
+                        )?;
+                        lab.run(&[
+                            "ip",
+                            "-n",
+                            &c2,
+                            "route",
+                            "add",
+                            "default",
+                            "via",
+                            &format!("10.{i}.1.1"),
+                        ])?;
+                        // Masquerade covers both LANs (oifname "wan").
+                        peer = Some((c2, ip(&second)?));
+                    }
+                    _ => lab.nft(&r, &masquerade(""))?,
+                }
+                Site {
+                    kind,
+                    node_ns: c,
+                    node_ip: ip(&inside)?,
+                    peer,
+                    router: Some(r),
+                }
+            }
+        };
+        if let Some(r) = &site.router {
+            lab.netem(r, "wan", delay_ms)?;
+        }
+        Ok(site)
+    }
+
+    /// The node's socket address inside its namespace (port 0: any).
+    pub fn node_bind(&self) -> SocketAddr {
+        SocketAddr::new(self.node_ip, 0)
+    }
+}
