@@ -72,10 +72,42 @@ pub enum Command {
         #[command(flatten)]
         data_dir: DataDirArg,
     },
+    /// Classify the NAT in front of a running node (like a netcheck):
+    /// external addresses, mapping, filtering, hairpin. Uses the node's
+    /// connected peers as helpers (two at different IPs are needed).
+    Nat {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// The NAT lab (root only): real kernel NATs in network namespaces.
+    #[command(subcommand)]
+    Lab(LabCommand),
     /// Start a local network of nodes on loopback: they join a DHT, dial
     /// each other by public key alone, exchange messages and streams; prints
     /// a summary.
     Demo(DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LabCommand {
+    /// Build every NAT kind (public, eim-eif, eim-adf, eim-apdf, edm, cgnat,
+    /// firewall, same-nat) with nftables in network namespaces, put a reach
+    /// node behind each, classify, and compare with what was configured and
+    /// with coturn. Tears everything down afterwards, also on Ctrl-C.
+    Nat {
+        /// Only these kinds (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// One-way delay added on every router's WAN side (tc netem).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -8,7 +8,7 @@ use reach::api::client::ApiClient;
 use reach::api::{LookupRequest, LookupResponse, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
 
-use crate::cli::{Cli, Command, DataDirArg, NodeArgs};
+use crate::cli::{Cli, Command, DataDirArg, LabCommand, NodeArgs};
 use crate::config::Config;
 use crate::demo;
 
@@ -82,6 +82,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Nat { json, data_dir: d } => {
+            let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            let report: serde_json::Value = client.get("/v1/nat").await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_nat(&report);
+            }
+            Ok(())
+        }
+        Command::Lab(LabCommand::Nat {
+            kinds,
+            delay_ms,
+            json,
+        }) => lab_nat(kinds, delay_ms, json).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }
@@ -193,6 +208,117 @@ async fn wait_for_stop_signal() -> Result<()> {
         r = tokio::signal::ctrl_c() => r.context("waiting for Ctrl-C")?,
         _ = term.recv() => {}
     }
+    Ok(())
+}
+
+fn print_nat(r: &serde_json::Value) {
+    let s = |k: &str| {
+        r.get(k)
+            .map(|v| v.to_string().trim_matches('"').to_string())
+            .unwrap_or_default()
+    };
+    println!("local        {}", s("local"));
+    if let Some(ext) = r.get("external").and_then(|e| e.as_array()) {
+        for e in ext {
+            println!(
+                "external     {} (reported by {} peers{})",
+                e["addr"].as_str().unwrap_or("?"),
+                e["reporters"],
+                if e["confirmed"] == true {
+                    ", confirmed"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    println!("mapping      {}", s("mapping"));
+    println!("filtering    {}", s("filtering"));
+    println!("translated   {}", s("translated"));
+    println!("port kept    {}", s("port_preserving"));
+    println!("hairpin      {}", s("hairpin"));
+    println!(
+        "port mapping {}",
+        if r["port_mapping"].is_null() {
+            "not attempted (not implemented yet)".to_string()
+        } else {
+            s("port_mapping")
+        }
+    );
+    if !r["note"].is_null() {
+        println!("note         {}", s("note"));
+    }
+}
+
+/// `reach lab nat`: the NAT classification over every lab kind.
+async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
+    use reach_lab::matrix::{NatMatrixOptions, run};
+    use reach_lab::nat::{ALL_KINDS, NatKind};
+    let kinds = if kinds.is_empty() {
+        ALL_KINDS.to_vec()
+    } else {
+        kinds
+            .iter()
+            .map(|k| {
+                NatKind::parse(k).with_context(|| {
+                    let names: Vec<&str> = ALL_KINDS.iter().map(|k| k.name()).collect();
+                    format!("unknown NAT kind {k:?}; one of: {}", names.join(", "))
+                })
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+    let opts = NatMatrixOptions { kinds, delay_ms };
+    // Ctrl-C drops the run, and with it the lab, which tears itself down.
+    let report = tokio::select! {
+        r = run(&opts) => r?,
+        _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+    };
+    if json {
+        let compact: Vec<serde_json::Value> = report
+            .kinds
+            .iter()
+            .map(|k| {
+                serde_json::json!({
+                    "kind": k.kind,
+                    "expected": { "mapping": k.expected_mapping, "filtering": k.expected_filtering },
+                    "measured": { "mapping": k.measured_mapping, "filtering": k.measured_filtering },
+                    "match": k.matches,
+                    "translated": k.translated,
+                    "port_preserving": k.port_preserving,
+                    "hairpin": k.hairpin,
+                    "external": k.external,
+                    "coturn_external": k.coturn_external,
+                    "coturn_agrees": k.coturn_agrees,
+                    "stunclient_interop": k.stunclient_interop,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({ "kinds": compact, "all_match": report.all_match, "wall_ms": report.wall_ms })
+        );
+    } else {
+        println!(
+            "{:<10} {:<42} {:<42} {:<6} coturn",
+            "kind", "expected (mapping/filtering)", "measured", "match"
+        );
+        for k in &report.kinds {
+            let fmt = |m: &dyn std::fmt::Debug, f: &dyn std::fmt::Debug| format!("{m:?}/{f:?}");
+            println!(
+                "{:<10} {:<42} {:<42} {:<6} {}",
+                k.kind.name(),
+                fmt(&k.expected_mapping, &k.expected_filtering),
+                fmt(&k.measured_mapping, &k.measured_filtering),
+                if k.matches { "yes" } else { "NO" },
+                if k.coturn_agrees { "agrees" } else { "DIFFERS" }
+            );
+        }
+        println!("all match: {} ({} ms)", report.all_match, report.wall_ms);
+    }
+    anyhow::ensure!(
+        report.all_match,
+        "some NAT kinds were not classified as configured"
+    );
     Ok(())
 }
 

@@ -29,6 +29,10 @@ pub enum LabError {
         tool: &'static str,
         package: &'static str,
     },
+    #[error(
+        "this kernel has no tc netem (CONFIG_NET_SCH_NETEM is not set), so the lab cannot add delay; run with a delay of 0"
+    )]
+    NoNetem,
     #[error("lab command failed: {command}: {output}")]
     Command { command: String, output: String },
     #[error("lab I/O: {0}")]
@@ -45,6 +49,7 @@ impl LabError {
         match self {
             LabError::NotRoot => "lab_not_root",
             LabError::MissingTool { .. } => "lab_missing_tool",
+            LabError::NoNetem => "lab_no_netem",
             LabError::Command { .. } => "lab_command",
             LabError::Io(_) => "lab_io",
             LabError::Node(_) => "lab_node",
@@ -189,11 +194,16 @@ impl Lab {
             return Ok(());
         }
         let delay = format!("{delay_ms}ms");
-        self.run(&[
+        match self.run(&[
             "ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "netem", "delay",
             &delay,
-        ])
-        .map(|_| ())
+        ]) {
+            Ok(_) => Ok(()),
+            Err(LabError::Command { output, .. }) if output.contains("qdisc kind is unknown") => {
+                Err(LabError::NoNetem)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Starts a long-running program in `ns`; it is killed at teardown.

@@ -14,6 +14,7 @@
 //! - `POST /v1/send`    — `{"peer": "<id>", "addrs": [...]?, "message": "text"}`
 //!   (without addrs the peer is resolved through the DHT)
 //! - `POST /v1/lookup`  — `{"peer": "<id>"}` → the peer's published addresses
+//! - `GET  /v1/nat`     — NAT classification with connected peers as helpers
 //! - `GET  /debug/routing` — the DHT routing table
 //! - `GET  /debug/store`   — records this node holds for others
 //!

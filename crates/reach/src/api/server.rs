@@ -107,6 +107,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/connect", post(connect))
         .route("/v1/send", post(send))
         .route("/v1/lookup", post(lookup))
+        .route("/v1/nat", get(nat))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
         .fallback(not_found)
@@ -285,4 +286,8 @@ async fn debug_routing(State(state): State<AppState>) -> Response {
 
 async fn debug_store(State(state): State<AppState>) -> Response {
     ok(state.node.store_snapshot())
+}
+
+async fn nat(State(state): State<AppState>) -> Response {
+    ok(state.node.nat_report().await)
 }
