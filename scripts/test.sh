@@ -6,10 +6,11 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# System packages the test suite needs. The NAT lab (network namespaces,
-# nftables, miniupnpd, coturn) will add to this list; the suite today needs
-# only a C compiler (for ring) and pkg-config.
-APT_PACKAGES=(build-essential pkg-config)
+# System packages the test suite needs: a C compiler (for ring), and for the
+# NAT lab iproute2 (namespaces, veth, tc), nftables (the NATs), coturn (a
+# third-party STUN server and turnutils_stunclient) and miniupnpd-nftables
+# (port mapping on lab routers).
+APT_PACKAGES=(build-essential pkg-config iproute2 nftables coturn miniupnpd-nftables)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -19,11 +20,16 @@ if ((${#missing[@]})); then
     if [[ $(id -u) -eq 0 ]]; then
         echo "installing: ${missing[*]}"
         apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
     else
-        echo "error: missing packages ${missing[*]}; run as root or install them" >&2
-        exit 1
+        echo "warning: missing packages ${missing[*]} (not root, cannot install): the NAT lab tests will be skipped" >&2
     fi
+fi
+
+# The NAT lab needs root. Without it the lab tests say why and pass, unless
+# REACH_LAB_REQUIRED=1 (CI sets it), where they fail.
+if [[ $(id -u) -ne 0 ]]; then
+    echo "note: not root: the NAT lab tests will be skipped" >&2
 fi
 
 if ! command -v cargo >/dev/null; then
