@@ -167,7 +167,10 @@ mod tests {
         let local = "203.0.113.50:4433";
         let r = classify_mapping(
             sa(local),
-            &[obs("203.0.113.10:7000", local), obs("203.0.113.11:7000", local)],
+            &[
+                obs("203.0.113.10:7000", local),
+                obs("203.0.113.11:7000", local),
+            ],
         );
         assert_eq!(r.mapping, Mapping::EndpointIndependent);
         assert_eq!(r.translated, Some(false));
@@ -212,7 +215,10 @@ mod tests {
         // possible, a passing probe is proof).
         assert_eq!(f(Some(true), Some(false)), Filtering::EndpointIndependent);
         assert_eq!(f(Some(false), Some(true)), Filtering::AddressDependent);
-        assert_eq!(f(Some(false), Some(false)), Filtering::AddressAndPortDependent);
+        assert_eq!(
+            f(Some(false), Some(false)),
+            Filtering::AddressAndPortDependent
+        );
         assert_eq!(f(None, Some(false)), Filtering::Unknown);
         assert_eq!(f(None, None), Filtering::Unknown);
     }

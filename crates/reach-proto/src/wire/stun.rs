@@ -96,7 +96,9 @@ pub fn decode(bytes: &[u8]) -> Result<StunMessage, WireError> {
     let method_class = u16::from_be_bytes([bytes[0], bytes[1]]);
     let len = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
     if len % 4 != 0 {
-        return Err(WireError::Malformed("STUN length not a multiple of 4".into()));
+        return Err(WireError::Malformed(
+            "STUN length not a multiple of 4".into(),
+        ));
     }
     if bytes.len() < STUN_HEADER_LEN + len {
         return Err(truncated(STUN_HEADER_LEN + len, bytes.len()));
@@ -190,10 +192,14 @@ mod tests {
     #[test]
     fn decodes_a_known_rfc5769_style_response() {
         // XOR-MAPPED-ADDRESS for 192.0.2.1:32853 (RFC 5769 §2.2 values).
-        let tx = [0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6, 0x86, 0xfa, 0x87, 0xdf, 0xae];
+        let tx = [
+            0xb7, 0xe7, 0xa7, 0x01, 0xbc, 0x34, 0xd6, 0x86, 0xfa, 0x87, 0xdf, 0xae,
+        ];
         let mut msg = vec![0x01, 0x01, 0x00, 0x0c, 0x21, 0x12, 0xa4, 0x42];
         msg.extend_from_slice(&tx);
-        msg.extend_from_slice(&[0x00, 0x20, 0x00, 0x08, 0x00, 0x01, 0xa1, 0x47, 0xe1, 0x12, 0xa6, 0x43]);
+        msg.extend_from_slice(&[
+            0x00, 0x20, 0x00, 0x08, 0x00, 0x01, 0xa1, 0x47, 0xe1, 0x12, 0xa6, 0x43,
+        ]);
         let m = decode(&msg).unwrap();
         assert_eq!(m.mapped, Some("192.0.2.1:32853".parse().unwrap()));
     }
