@@ -9,6 +9,7 @@
 pub mod dht;
 pub mod identity;
 pub mod nat;
+pub mod relay;
 pub mod wire;
 
 pub use identity::{Keypair, PeerId, PeerIdError};

@@ -1,0 +1,442 @@
+//! Relay acquisition: how a node that is not directly reachable gets, keeps
+//! and replaces a relay, and what it publishes meanwhile.
+//!
+//! ```text
+//!            success                     relay lost / left our K closest
+//! Acquiring ─────────► Holding ───────────────────────────► Lost
+//!     │ failure            ▲                                  │ publish direct-only
+//!     ▼                    │ success                          ▼ first, then
+//!  Backoff ──(timer or routing change)──► Acquiring ◄─────────┘
+//! ```
+//!
+//! The machine never does I/O. The driver feeds [`Event`]s and timeouts in
+//! and carries out the [`Action`]s it polls out, in order: the order is part
+//! of the contract ("republish the direct-only set BEFORE re-acquiring", so
+//! nobody keeps dialing a dead relay).
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use crate::PeerId;
+use crate::dht::record::{AddrKind, TypedAddr};
+
+/// First backoff after a failed acquisition.
+pub const BACKOFF_INITIAL: Duration = Duration::from_secs(30);
+/// Longest backoff: relays come and go; five minutes bounds how long a node
+/// stays unreachable after the network recovers.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// How often a held relay's health is polled (besides connection-loss
+/// events): at most 5 s, so a silently dead relay is noticed quickly.
+pub const HEALTH_POLL: Duration = Duration::from_secs(5);
+
+/// The states of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Acquiring,
+    Holding { relay: PeerId, addr: SocketAddr },
+    Lost,
+    Backoff { until: Duration },
+}
+
+/// What happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A reservation at `relay` succeeded.
+    Reserved { relay: PeerId, addr: SocketAddr },
+    /// Every candidate refused or failed.
+    ReservationFailed,
+    /// The connection to the held relay closed, or a health poll failed.
+    RelayLost,
+    /// The held relay is no longer among our K closest DHT peers.
+    RelayLeftClosest,
+    /// A non-relay address of ours: verified reachable from outside (or not).
+    OwnAddr { addr: SocketAddr, verified: bool },
+    /// The routing table changed (new peers: maybe new relay candidates).
+    RoutingChanged,
+}
+
+/// What the driver must do, in the order polled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Publish our endpoint record with exactly these addresses.
+    Publish(Vec<TypedAddr>),
+    /// Pick relay candidates (public, healthy, DHT-close first) and try to
+    /// reserve at them; report back `Reserved` or `ReservationFailed`.
+    Acquire,
+    /// Check the held relay is still alive; report `RelayLost` if not.
+    CheckHealth { relay: PeerId },
+}
+
+/// The relay-acquisition state machine.
+#[derive(Debug, Clone)]
+pub struct RelayAcquisition {
+    state: State,
+    failures: u32,
+    /// Best non-relay address per family, and whether it is verified.
+    v4: Option<(SocketAddr, bool)>,
+    v6: Option<(SocketAddr, bool)>,
+    next_health: Option<Duration>,
+    actions: VecDeque<Action>,
+}
+
+impl Default for RelayAcquisition {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RelayAcquisition {
+    /// Starts in `Acquiring`, asking the driver to acquire.
+    pub fn new() -> Self {
+        let mut m = RelayAcquisition {
+            state: State::Acquiring,
+            failures: 0,
+            v4: None,
+            v6: None,
+            next_health: None,
+            actions: VecDeque::new(),
+        };
+        m.actions.push_back(Action::Acquire);
+        m
+    }
+
+    pub fn state(&self) -> State {
+        self.state
+    }
+
+    /// The backoff after `failures` consecutive failures: 30 s, ×2 each,
+    /// capped at 300 s.
+    pub fn backoff(failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(16);
+        BACKOFF_INITIAL.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
+    }
+
+    /// The non-relay addresses: one best per family, `Direct` only once
+    /// verified, else `Unverified`.
+    fn direct_addrs(&self) -> Vec<TypedAddr> {
+        [self.v4, self.v6]
+            .into_iter()
+            .flatten()
+            .map(|(addr, verified)| TypedAddr {
+                kind: if verified {
+                    AddrKind::Direct
+                } else {
+                    AddrKind::Unverified
+                },
+                addr,
+                via: None,
+            })
+            .collect()
+    }
+
+    /// The full set while holding: the relay first, tagged `Relay`.
+    fn full_addrs(&self, relay: PeerId, addr: SocketAddr) -> Vec<TypedAddr> {
+        let mut out = vec![TypedAddr {
+            kind: AddrKind::Relay,
+            addr,
+            via: Some(relay),
+        }];
+        out.extend(self.direct_addrs());
+        out
+    }
+
+    fn acquire(&mut self) {
+        self.state = State::Acquiring;
+        self.next_health = None;
+        self.actions.push_back(Action::Acquire);
+    }
+
+    /// Feeds an event in.
+    pub fn handle(&mut self, event: Event, now: Duration) {
+        match (self.state, event) {
+            (_, Event::OwnAddr { addr, verified }) => {
+                let slot = if addr.is_ipv4() {
+                    &mut self.v4
+                } else {
+                    &mut self.v6
+                };
+                let changed = *slot != Some((addr, verified));
+                // A verified address is never replaced by an unverified one.
+                if slot.is_some_and(|(_, v)| v) && !verified {
+                    return;
+                }
+                *slot = Some((addr, verified));
+                if changed && verified {
+                    // Republish when a non-relay address is newly verified.
+                    let addrs = match self.state {
+                        State::Holding { relay, addr } => self.full_addrs(relay, addr),
+                        _ => self.direct_addrs(),
+                    };
+                    self.actions.push_back(Action::Publish(addrs));
+                }
+            }
+            (State::Acquiring, Event::Reserved { relay, addr }) => {
+                self.failures = 0;
+                self.state = State::Holding { relay, addr };
+                self.next_health = Some(now + HEALTH_POLL);
+                let addrs = self.full_addrs(relay, addr);
+                self.actions.push_back(Action::Publish(addrs));
+            }
+            (State::Acquiring, Event::ReservationFailed) => {
+                self.failures += 1;
+                let until = now + Self::backoff(self.failures);
+                self.state = State::Backoff { until };
+                let addrs = self.direct_addrs();
+                self.actions.push_back(Action::Publish(addrs));
+            }
+            (State::Holding { .. }, Event::RelayLost | Event::RelayLeftClosest) => {
+                self.state = State::Lost;
+                self.next_health = None;
+                // Direct-only first, so nobody keeps dialing the dead relay…
+                let addrs = self.direct_addrs();
+                self.actions.push_back(Action::Publish(addrs));
+                // …then look for a new one.
+                self.acquire();
+            }
+            (State::Backoff { .. }, Event::RoutingChanged) => self.acquire(),
+            // Anything else is stale (e.g. a late reservation result).
+            _ => {}
+        }
+    }
+
+    /// When the machine next needs `handle_timeout`.
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        match self.state {
+            State::Backoff { until } => Some(until),
+            State::Holding { .. } => self.next_health,
+            _ => None,
+        }
+    }
+
+    /// Advances time.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        match self.state {
+            State::Backoff { until } if now >= until => self.acquire(),
+            State::Holding { relay, .. } if self.next_health.is_some_and(|t| now >= t) => {
+                self.next_health = Some(now + HEALTH_POLL);
+                self.actions.push_back(Action::CheckHealth { relay });
+            }
+            _ => {}
+        }
+    }
+
+    /// The next action to carry out.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Keypair;
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    fn relay() -> (PeerId, SocketAddr) {
+        (
+            Keypair::from_secret_bytes([7; 32]).peer_id(),
+            "203.0.113.10:4433".parse().unwrap(),
+        )
+    }
+
+    fn drain(m: &mut RelayAcquisition) -> Vec<Action> {
+        std::iter::from_fn(|| m.poll_action()).collect()
+    }
+
+    fn own() -> SocketAddr {
+        "198.51.100.7:5000".parse().unwrap()
+    }
+
+    #[test]
+    fn starts_acquiring_and_publishes_relay_first_on_success() {
+        let mut m = RelayAcquisition::new();
+        assert_eq!(drain(&mut m), vec![Action::Acquire]);
+        m.handle(
+            Event::OwnAddr {
+                addr: own(),
+                verified: false,
+            },
+            S(0),
+        );
+        assert!(
+            drain(&mut m).is_empty(),
+            "unverified addresses do not trigger a publish"
+        );
+        let (r, a) = relay();
+        m.handle(Event::Reserved { relay: r, addr: a }, S(1));
+        assert_eq!(m.state(), State::Holding { relay: r, addr: a });
+        let acts = drain(&mut m);
+        let Action::Publish(addrs) = &acts[0] else {
+            panic!("{acts:?}")
+        };
+        assert_eq!(addrs[0].kind, AddrKind::Relay);
+        assert_eq!(addrs[0].via, Some(r));
+        assert_eq!(addrs[1].kind, AddrKind::Unverified);
+        assert_eq!(addrs[1].addr, own());
+    }
+
+    #[test]
+    fn failure_publishes_direct_only_and_backs_off() {
+        let mut m = RelayAcquisition::new();
+        drain(&mut m);
+        m.handle(
+            Event::OwnAddr {
+                addr: own(),
+                verified: true,
+            },
+            S(0),
+        );
+        drain(&mut m);
+        m.handle(Event::ReservationFailed, S(10));
+        assert_eq!(m.state(), State::Backoff { until: S(40) });
+        let acts = drain(&mut m);
+        assert_eq!(acts.len(), 1);
+        let Action::Publish(addrs) = &acts[0] else {
+            panic!()
+        };
+        assert!(addrs.iter().all(|a| a.kind == AddrKind::Direct));
+        // Not before the deadline…
+        m.handle_timeout(S(39));
+        assert!(drain(&mut m).is_empty());
+        // …then again.
+        m.handle_timeout(S(40));
+        assert_eq!(m.state(), State::Acquiring);
+        assert_eq!(drain(&mut m), vec![Action::Acquire]);
+    }
+
+    #[test]
+    fn backoff_doubles_caps_and_resets_on_success() {
+        assert_eq!(RelayAcquisition::backoff(1), S(30));
+        assert_eq!(RelayAcquisition::backoff(2), S(60));
+        assert_eq!(RelayAcquisition::backoff(3), S(120));
+        assert_eq!(RelayAcquisition::backoff(4), S(240));
+        assert_eq!(RelayAcquisition::backoff(5), S(300));
+        assert_eq!(RelayAcquisition::backoff(50), S(300));
+        let mut m = RelayAcquisition::new();
+        let mut now = S(0);
+        for expected in [30, 60, 120] {
+            m.handle(Event::ReservationFailed, now);
+            let State::Backoff { until } = m.state() else {
+                panic!()
+            };
+            assert_eq!(until - now, S(expected));
+            now = until;
+            m.handle_timeout(now);
+        }
+        let (r, a) = relay();
+        m.handle(Event::Reserved { relay: r, addr: a }, now);
+        m.handle(Event::RelayLost, now);
+        m.handle(Event::ReservationFailed, now);
+        assert_eq!(
+            m.state(),
+            State::Backoff { until: now + S(30) },
+            "reset after success"
+        );
+    }
+
+    #[test]
+    fn routing_change_cuts_backoff_short() {
+        let mut m = RelayAcquisition::new();
+        m.handle(Event::ReservationFailed, S(0));
+        drain(&mut m);
+        m.handle(Event::RoutingChanged, S(1));
+        assert_eq!(m.state(), State::Acquiring);
+        assert_eq!(drain(&mut m), vec![Action::Acquire]);
+        // In other states a routing change does nothing.
+        m.handle(Event::RoutingChanged, S(2));
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn loss_republishes_direct_only_before_reacquiring() {
+        for loss in [Event::RelayLost, Event::RelayLeftClosest] {
+            let mut m = RelayAcquisition::new();
+            m.handle(
+                Event::OwnAddr {
+                    addr: own(),
+                    verified: true,
+                },
+                S(0),
+            );
+            let (r, a) = relay();
+            m.handle(Event::Reserved { relay: r, addr: a }, S(1));
+            drain(&mut m);
+            m.handle(loss, S(2));
+            let acts = drain(&mut m);
+            assert_eq!(acts.len(), 2, "{acts:?}");
+            let Action::Publish(addrs) = &acts[0] else {
+                panic!("publish first: {acts:?}")
+            };
+            assert!(addrs.iter().all(|t| t.kind != AddrKind::Relay));
+            assert_eq!(acts[1], Action::Acquire);
+            assert_eq!(m.state(), State::Acquiring);
+        }
+    }
+
+    #[test]
+    fn holding_polls_health_every_five_seconds() {
+        let mut m = RelayAcquisition::new();
+        let (r, a) = relay();
+        m.handle(Event::Reserved { relay: r, addr: a }, S(0));
+        drain(&mut m);
+        assert_eq!(m.poll_timeout(), Some(HEALTH_POLL));
+        m.handle_timeout(S(4));
+        assert!(drain(&mut m).is_empty());
+        m.handle_timeout(S(5));
+        assert_eq!(drain(&mut m), vec![Action::CheckHealth { relay: r }]);
+        assert_eq!(m.poll_timeout(), Some(S(10)));
+    }
+
+    #[test]
+    fn newly_verified_address_republishes_while_holding() {
+        let mut m = RelayAcquisition::new();
+        let (r, a) = relay();
+        m.handle(Event::Reserved { relay: r, addr: a }, S(0));
+        drain(&mut m);
+        m.handle(
+            Event::OwnAddr {
+                addr: own(),
+                verified: true,
+            },
+            S(1),
+        );
+        let acts = drain(&mut m);
+        let Action::Publish(addrs) = &acts[0] else {
+            panic!()
+        };
+        assert_eq!(addrs[0].kind, AddrKind::Relay);
+        assert_eq!(addrs[1].kind, AddrKind::Direct);
+        // The same verified address again: nothing new to publish.
+        m.handle(
+            Event::OwnAddr {
+                addr: own(),
+                verified: true,
+            },
+            S(2),
+        );
+        assert!(drain(&mut m).is_empty());
+        // A verified address is not downgraded.
+        m.handle(
+            Event::OwnAddr {
+                addr: own(),
+                verified: false,
+            },
+            S(3),
+        );
+        assert!(drain(&mut m).is_empty());
+    }
+
+    #[test]
+    fn stale_results_are_ignored() {
+        let mut m = RelayAcquisition::new();
+        let (r, a) = relay();
+        m.handle(Event::Reserved { relay: r, addr: a }, S(0));
+        drain(&mut m);
+        // A late failure from an earlier attempt changes nothing.
+        m.handle(Event::ReservationFailed, S(1));
+        assert_eq!(m.state(), State::Holding { relay: r, addr: a });
+        assert!(drain(&mut m).is_empty());
+    }
+}
