@@ -327,6 +327,14 @@ fn print_status(s: &Status) {
     for a in &s.local_addrs {
         println!("address   {a}");
     }
+    for e in &s.external {
+        println!(
+            "external  {} (seen by {} peer IPs{})",
+            e.addr,
+            e.reporters,
+            if e.confirmed { ", confirmed" } else { "" }
+        );
+    }
     if s.connected_peers.is_empty() {
         println!("peers     none connected");
     } else {
@@ -339,6 +347,12 @@ fn print_status(s: &Status) {
         }
     }
     let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    println!(
+        "dht       {} contacts, {} records held, {} lookups",
+        g("dht_routing_table_size"),
+        g("dht_records_stored"),
+        g("dht_lookups")
+    );
     println!(
         "messages  {} sent, {} received",
         g("messages_sent"),

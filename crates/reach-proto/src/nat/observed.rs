@@ -18,7 +18,7 @@ pub const MAX_TRACKED: usize = 32;
 pub const MAX_REPORTERS: usize = 16;
 
 /// One external address and its support.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ScoredAddr {
     pub addr: SocketAddr,
     pub reporters: usize,

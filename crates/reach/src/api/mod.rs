@@ -57,6 +57,9 @@ pub struct Status {
     pub local_addr: SocketAddr,
     pub local_addrs: Vec<SocketAddr>,
     pub connected_peers: Vec<ConnectedPeer>,
+    /// External addresses as peers reported them, best supported first.
+    #[serde(default)]
+    pub external: Vec<reach_proto::nat::observed::ScoredAddr>,
     pub stats: serde_json::Value,
 }
 

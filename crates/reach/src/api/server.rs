@@ -227,6 +227,7 @@ async fn status(State(state): State<AppState>) -> Response {
         local_addr: node.local_addr(),
         local_addrs: node.local_addrs(),
         connected_peers: node.connected_peers().into_iter().map(Into::into).collect(),
+        external: node.external_addrs(),
         stats: stats_json(&node.stats()),
     })
 }
