@@ -21,6 +21,8 @@ use crate::cli::DemoArgs;
 
 /// Bytes each node writes on its demo stream.
 const STREAM_BLOCK: usize = 256 * 1024;
+/// Nodes that join at once.
+const JOIN_WAVE: usize = 25;
 /// The demo gives up (and says so) if it has not finished by then.
 const DEMO_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -99,23 +101,34 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
     );
 
     let started = Instant::now();
-    progress.set_message("starting nodes");
+    progress.set_message("starting nodes, joining the DHT");
     progress.set_length(n as u64);
+    // Nodes join in waves of JOIN_WAVE, each through a random node that has
+    // already joined: a real network grows like that, and a 2-core machine
+    // does not drown in a few hundred simultaneous handshakes.
     let mut nodes: Vec<Node> = Vec::with_capacity(n);
-    for i in 0..n {
-        let mut builder = Node::builder().bind("127.0.0.1:0".parse()?);
-        if i > 0 {
-            builder = builder.bootstrap([nodes[0].local_addr()]);
+    let mut pick = 0x9E37_79B9_7F4A_7C15u64;
+    while nodes.len() < n {
+        let wave_start = nodes.len();
+        let wave_end = (wave_start + JOIN_WAVE).min(n);
+        for _ in wave_start..wave_end {
+            let mut builder = Node::builder().bind("127.0.0.1:0".parse()?);
+            if wave_start > 0 {
+                pick ^= pick << 13;
+                pick ^= pick >> 7;
+                pick ^= pick << 17;
+                let via = &nodes[(pick % wave_start as u64) as usize];
+                builder = builder.bootstrap([via.local_addr()]);
+            } else if !nodes.is_empty() {
+                builder = builder.bootstrap([nodes[0].local_addr()]);
+            }
+            let node = builder.spawn().await.context("starting a demo node")?;
+            nodes.push(node);
         }
-        let node = builder.spawn().await.context("starting a demo node")?;
-        nodes.push(node);
-        progress.inc(1);
-    }
-    progress.set_message("joining the DHT");
-    progress.set_position(0);
-    for node in &nodes {
-        node.joined().await;
-        progress.inc(1);
+        for node in &nodes[wave_start..wave_end] {
+            node.joined().await;
+            progress.inc(1);
+        }
     }
     let join_ms = started.elapsed().as_millis() as u64;
     let routing_table_mean = nodes

@@ -26,6 +26,9 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10 * 60);
 pub const MAINTENANCE_TICK: Duration = Duration::from_secs(30);
 /// Bucket refreshes per maintenance tick at most, to spread the load.
 pub const MAX_REFRESHES_PER_TICK: usize = 4;
+/// First wait before retrying a join nobody answered; doubles up to
+/// [`MAINTENANCE_TICK`].
+pub const JOIN_RETRY_INITIAL: Duration = Duration::from_secs(1);
 /// Lookups run at once while joining (one per bucket to fill).
 pub const JOIN_PARALLEL_REFRESHES: usize = 8;
 
@@ -102,8 +105,12 @@ pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport
             ops::lookup(inner, k, Query::FindNode).await;
         })
         .await;
-    report.endpoint_replicas = publish_endpoint(inner).await;
     report.routing_table_size = dht.routing().len();
+    if report.routing_table_size == 0 && !addrs.is_empty() {
+        // Nobody answered: not joined. The caller retries.
+        return report;
+    }
+    report.endpoint_replicas = publish_endpoint(inner).await;
     save_peer_cache(inner);
     dht.joined.send_replace(true);
     tracing::debug!(?report, "joined the DHT");
@@ -153,8 +160,18 @@ pub(crate) fn save_peer_cache(inner: &Inner) {
 /// buckets, republishes the endpoint record, expires stored records and
 /// saves the peer cache.
 pub(crate) async fn maintain(inner: Arc<Inner>) {
-    join(&inner, &[]).await;
     let dht = &inner.dht;
+    // Join, retrying with backoff while nobody answers (the bootstrap node
+    // may be starting too, or overloaded).
+    let mut retry = JOIN_RETRY_INITIAL;
+    loop {
+        join(&inner, &[]).await;
+        if *dht.joined.borrow() {
+            break;
+        }
+        tokio::time::sleep(retry).await;
+        retry = (retry * 2).min(MAINTENANCE_TICK);
+    }
     let mut last_publish = dht.now();
     loop {
         tokio::time::sleep(MAINTENANCE_TICK).await;

@@ -324,8 +324,10 @@ impl Node {
         crate::dht::join::join(&self.inner, addrs).await
     }
 
-    /// Waits until the node's first join of the DHT (started by `spawn`)
-    /// has finished, its endpoint record included.
+    /// Waits until the node has joined the DHT (started by `spawn`): some
+    /// peer answered (or no bootstrap peers were given: the first node of a
+    /// network) and the endpoint record was published. A join nobody
+    /// answers is retried with backoff; bound this wait with a timeout.
     pub async fn joined(&self) {
         let mut rx = self.inner.dht.joined.subscribe();
         let _ = rx.wait_for(|j| *j).await;
