@@ -5,7 +5,12 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use reach_sim::net::LinkModel;
+use reach_sim::scenarios::lookup::{self, LookupParams};
 use reach_sim::scenarios::probe::{ProbeParams, run_with_wall};
+use serde::Serialize;
+
+/// Largest --latency-ms accepted (one minute).
+const MAX_LATENCY_MS: f64 = 60_000.0;
 
 /// Deterministic discrete-event simulations of reach-proto. The same seed
 /// gives the same numbers (wall_s and peak_rss_mib aside).
@@ -36,6 +41,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Iterative Kademlia lookups over a network built by real joins.
+    Lookup {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        #[arg(long, default_value_t = 1_000)]
+        lookups: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Mean one-way latency in milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        latency_ms: f64,
+        /// Per-packet loss probability (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Fraction of nodes that leave, and of fresh nodes that join, while
+        /// the lookups run (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Virtual seconds over which lookups and churn are spread.
+        #[arg(long, default_value_t = lookup::DEFAULT_WINDOW.as_secs_f64())]
+        window_s: f64,
+        /// Print JSON (the only output format; accepted for symmetry).
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn print_json(out: &impl Serialize) -> ExitCode {
+    match serde_json::to_string(out) {
+        Ok(s) => {
+            println!("{s}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -53,7 +96,7 @@ fn main() -> ExitCode {
                 eprintln!("error: --nodes must be at least 2");
                 return ExitCode::FAILURE;
             }
-            if !(0.0..1.0).contains(&loss) || !(0.0..=60_000.0).contains(&latency_ms) {
+            if !(0.0..1.0).contains(&loss) || !(0.0..=MAX_LATENCY_MS).contains(&latency_ms) {
                 eprintln!("error: --loss must be in [0, 1) and --latency-ms in [0, 60000]");
                 return ExitCode::FAILURE;
             }
@@ -67,14 +110,49 @@ fn main() -> ExitCode {
                     loss,
                 },
             });
-            match serde_json::to_string(&out) {
-                Ok(s) => println!("{s}"),
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
+            print_json(&out)
+        }
+        Command::Lookup {
+            nodes,
+            lookups,
+            seed,
+            latency_ms,
+            loss,
+            churn,
+            window_s,
+            json: _,
+        } => {
+            if !(2..=lookup::MAX_NODES).contains(&nodes) {
+                eprintln!("error: --nodes must be in [2, {}]", lookup::MAX_NODES);
+                return ExitCode::FAILURE;
             }
+            if lookups > lookup::MAX_LOOKUPS {
+                eprintln!("error: --lookups must be at most {}", lookup::MAX_LOOKUPS);
+                return ExitCode::FAILURE;
+            }
+            if !(0.0..1.0).contains(&loss)
+                || !(0.0..=MAX_LATENCY_MS).contains(&latency_ms)
+                || !(0.0..=1.0).contains(&churn)
+            {
+                eprintln!(
+                    "error: --loss must be in [0, 1), --churn in [0, 1] and --latency-ms in [0, {MAX_LATENCY_MS}]"
+                );
+                return ExitCode::FAILURE;
+            }
+            let max_window = lookup::MAX_WINDOW.as_secs_f64();
+            if !(window_s > 0.0 && window_s <= max_window) {
+                eprintln!("error: --window-s must be in (0, {max_window}]");
+                return ExitCode::FAILURE;
+            }
+            let out = lookup::run_with_wall(&LookupParams {
+                nodes,
+                lookups,
+                seed,
+                link: lookup::link(Duration::from_secs_f64(latency_ms / 1000.0), loss),
+                churn,
+                window: Duration::from_secs_f64(window_s),
+            });
+            print_json(&out)
         }
     }
-    ExitCode::SUCCESS
 }

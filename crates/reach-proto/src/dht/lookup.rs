@@ -5,12 +5,39 @@
 //! [`Lookup::handle_timeout`] turns queries older than the timeout into
 //! failures. No I/O and no clock: `now` is passed in.
 //!
-//! Strategy (Kademlia §2.3 with its final sweep): keep α queries in flight to
-//! the closest candidates not yet asked. When a response teaches nothing that
-//! enters the current k closest, the search has stopped converging: then ask
-//! every remaining one of the k closest at once, so the end of a lookup costs
-//! one round trip rather than k/α. The lookup is finished when each of the k
+//! Strategy (Kademlia §2.3, with its final sweep started early): the first
+//! round asks the α closest seeds. From the first answer on, the lookup
+//! "sweeps": every candidate among the current k closest is asked as soon as
+//! it is known, not α at a time. The lookup is finished when each of the k
 //! closest candidates has answered or failed.
+//!
+//! Why not α at a time until the search stops converging (the textbook
+//! trigger, and this module's first version)? Measured in reach-sim (10,000
+//! nodes whose tables were built by real joins, 50 ms one-way latency), the
+//! textbook trigger fires a round late: the answer that reveals the target's
+//! neighbourhood usually still "progresses", so its contacts were asked α at
+//! a time and the lookup needed one more round trip (p50 312 ms, 4 RTT for a
+//! third of the lookups). Freshly built buckets are also clustered (filled by
+//! the answers of one refresh lookup), so any single answer knows only part
+//! of the neighbourhood; asking all of the k closest at each step finds it
+//! from more answers at once, in fewer hops. Sweeping from the first answer
+//! gives p50 298 ms / p99 397 ms for ~48 queries per lookup instead of ~37.
+//! α still bounds the queries while nothing has answered yet, so a stale
+//! seed list (an old peer cache) is probed α at a time.
+//!
+//! A query counts against the limit only while its peer is still among the k
+//! closest candidates: one overtaken by closer contacts (often a slow or dead
+//! peer) stays in flight, and may still answer, but no longer holds back the
+//! search.
+//!
+//! Once sweeping, a query to one of the k closest that is still unanswered
+//! after half the query timeout is sent once more ([`Lookup::poll_queries`]
+//! returns the peer again, [`Lookup::poll_timeout`] says when). One lost
+//! datagram used to fail the peer for this lookup, which on a 1 % loss path
+//! dropped the very node looked up from ~2 % of results; the peer still fails
+//! at the full timeout after the first send, so a dead peer costs no more
+//! time, only one more request. Before anything answers, silence more likely
+//! means stale seeds or no network, and nothing is re-sent.
 
 use std::time::Duration;
 
@@ -22,6 +49,9 @@ pub const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
 /// Candidates remembered at most: the k closest matter, the rest are spares
 /// for when they fail. Bounds memory against peers that answer with junk.
 pub const MAX_CANDIDATES: usize = 8 * K;
+/// A sweeping lookup re-sends a query unanswered for `query_timeout / this`
+/// (once; see the module docs).
+const RESEND_DIVISOR: u32 = 2;
 
 /// Tunables of a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +86,8 @@ struct Candidate {
     state: State,
     /// Hops from us: seeds are 1, contacts they name are 2, …
     depth: u32,
+    /// The query was sent a second time.
+    resent: bool,
 }
 
 /// Counters of a lookup.
@@ -109,10 +141,10 @@ impl Lookup {
         self.target
     }
 
-    /// Adds a candidate; returns whether it landed among the k closest.
-    fn add_candidate(&mut self, contact: Contact, depth: u32) -> bool {
+    /// Adds a candidate (or notes a shorter path to a known one).
+    fn add_candidate(&mut self, contact: Contact, depth: u32) {
         if contact.peer == self.local {
-            return false;
+            return;
         }
         if let Some(c) = self
             .candidates
@@ -120,12 +152,12 @@ impl Lookup {
             .find(|c| c.contact.peer == contact.peer)
         {
             c.depth = c.depth.min(depth);
-            return false;
+            return;
         }
         let distance = contact.key().distance(&self.target);
         let pos = self.candidates.partition_point(|c| c.distance < distance);
         if pos >= MAX_CANDIDATES {
-            return false;
+            return;
         }
         self.candidates.insert(
             pos,
@@ -134,15 +166,10 @@ impl Lookup {
                 distance,
                 state: State::Waiting,
                 depth,
+                resent: false,
             },
         );
         self.candidates.truncate(MAX_CANDIDATES);
-        // Did it enter the k closest that are still in the running?
-        self.candidates
-            .iter()
-            .filter(|c| c.state != State::Failed)
-            .take(self.cfg.k)
-            .any(|c| c.contact.peer == contact.peer)
     }
 
     /// Queries to send now: marks them in flight and returns them.
@@ -150,35 +177,47 @@ impl Lookup {
         if self.finished {
             return Vec::new();
         }
-        let cap = if self.sweeping {
-            self.cfg.k
-        } else {
-            self.cfg.alpha
-        };
+        let k = self.cfg.k;
+        let cap = if self.sweeping { k } else { self.cfg.alpha };
+        // Only queries to the k closest count: see the module docs.
         let mut in_flight = self
             .candidates
             .iter()
+            .filter(|c| c.state != State::Failed)
+            .take(k)
             .filter(|c| matches!(c.state, State::InFlight { .. }))
             .count();
+        let resend_after = self.resend_after();
         let mut out = Vec::new();
-        let k = self.cfg.k;
         for c in self
             .candidates
             .iter_mut()
             .filter(|c| c.state != State::Failed)
             .take(k)
         {
-            if in_flight >= cap {
-                break;
+            match c.state {
+                State::Waiting if in_flight < cap => {
+                    c.state = State::InFlight { since: now };
+                    in_flight += 1;
+                }
+                State::InFlight { since }
+                    if resend_after.is_some_and(|r| now.saturating_sub(since) >= r)
+                        && !c.resent =>
+                {
+                    c.resent = true;
+                }
+                _ => continue,
             }
-            if c.state == State::Waiting {
-                c.state = State::InFlight { since: now };
-                in_flight += 1;
-                self.stats.queries += 1;
-                out.push(c.contact);
-            }
+            self.stats.queries += 1;
+            out.push(c.contact);
         }
         out
+    }
+
+    /// After how long an unanswered query is sent again, if it is.
+    fn resend_after(&self) -> Option<Duration> {
+        self.sweeping
+            .then(|| self.cfg.query_timeout / RESEND_DIVISOR)
     }
 
     /// `peer` answered with `closer` contacts.
@@ -192,13 +231,11 @@ impl Lookup {
         c.state = State::Responded;
         let depth = c.depth;
         self.stats.responses += 1;
-        let mut progressed = false;
         for contact in closer {
-            progressed |= self.add_candidate(*contact, depth + 1);
+            self.add_candidate(*contact, depth + 1);
         }
-        if !progressed {
-            self.sweeping = true;
-        }
+        // Something answered: sweep from now on (see the module docs).
+        self.sweeping = true;
         self.check_finished();
     }
 
@@ -234,15 +271,25 @@ impl Lookup {
         timed_out
     }
 
-    /// When the earliest query in flight times out, if any.
+    /// When the driver should next call [`Lookup::handle_timeout`] and
+    /// [`Lookup::poll_queries`]: the earliest time a query in flight times
+    /// out or is due to be re-sent (see the module docs), if any.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        self.candidates
-            .iter()
-            .filter_map(|c| match c.state {
-                State::InFlight { since } => Some(since + self.cfg.query_timeout),
-                _ => None,
-            })
-            .min()
+        let timeouts = self.candidates.iter().filter_map(|c| match c.state {
+            State::InFlight { since } => Some(since + self.cfg.query_timeout),
+            _ => None,
+        });
+        let resends = self.resend_after().into_iter().flat_map(|after| {
+            self.candidates
+                .iter()
+                .filter(|c| c.state != State::Failed)
+                .take(self.cfg.k)
+                .filter_map(move |c| match c.state {
+                    State::InFlight { since } if !c.resent => Some(since + after),
+                    _ => None,
+                })
+        });
+        timeouts.chain(resends).min()
     }
 
     fn check_finished(&mut self) {
@@ -412,6 +459,67 @@ mod tests {
         for c in l.closest() {
             assert!(!dead.contains(&net.index(&c.peer)));
         }
+    }
+
+    #[test]
+    fn overtaken_queries_stop_holding_back_the_search() {
+        // Seeds far from the target, then K contacts closer than all of them.
+        let target = Key([0; 32]);
+        let mut by_distance: Vec<Contact> = (0..2000).map(contact).collect();
+        by_distance.sort_by_key(|c| c.key().distance(&target));
+        let closer: Vec<Contact> = by_distance[..K].to_vec();
+        let seeds: Vec<Contact> = by_distance[by_distance.len() - ALPHA..].to_vec();
+        let mut l = Lookup::new(target, peer(99_999), seeds.clone(), LookupConfig::default());
+        assert_eq!(l.poll_queries(Duration::ZERO).len(), ALPHA);
+        // Nothing answered yet: α bounds the queries.
+        assert!(l.poll_queries(Duration::ZERO).is_empty());
+        // One seed names K closer contacts: the two seeds still in flight
+        // are overtaken and the sweep asks all K at once.
+        l.on_response(&seeds[0].peer, &closer);
+        assert_eq!(l.poll_queries(Duration::ZERO).len(), K);
+        assert!(l.has_in_flight());
+        // The overtaken seeds may still answer; the lookup ends when the K
+        // closest have answered, whatever became of them.
+        for c in &closer {
+            l.on_response(&c.peer, &[]);
+        }
+        assert!(l.is_finished());
+        assert_eq!(l.closest(), closer);
+        assert_eq!(l.stats().hops, 2);
+    }
+
+    #[test]
+    fn sweeping_lookups_resend_once_and_still_fail_at_the_deadline() {
+        let seeds: Vec<Contact> = (0..5).map(contact).collect();
+        let mut l = Lookup::new(Key([0; 32]), peer(9999), seeds, LookupConfig::default());
+        let first = l.poll_queries(Duration::ZERO);
+        assert_eq!(first.len(), ALPHA);
+        // Nothing answered yet: no re-sends, only the timeout matters.
+        assert_eq!(l.poll_timeout(), Some(QUERY_TIMEOUT));
+        let t1 = Duration::from_millis(100);
+        l.on_response(&first[0].peer, &[]);
+        let swept = l.poll_queries(t1);
+        assert_eq!(swept.len(), 2, "the sweep asks the two seeds left");
+        // The two first queries still unanswered are due again at half the
+        // timeout, and only once.
+        let half = QUERY_TIMEOUT / 2;
+        assert_eq!(l.poll_timeout(), Some(half));
+        assert!(l.poll_queries(half - Duration::from_millis(1)).is_empty());
+        let again = l.poll_queries(half);
+        assert_eq!(again, first[1..].to_vec());
+        assert!(l.poll_queries(half).is_empty());
+        assert_eq!(l.poll_timeout(), Some(t1 + half));
+        assert_eq!(l.poll_queries(t1 + half), swept);
+        // The deadline still counts from the first send.
+        assert_eq!(l.poll_timeout(), Some(QUERY_TIMEOUT));
+        let failed = l.handle_timeout(QUERY_TIMEOUT);
+        assert_eq!(failed, vec![first[1].peer, first[2].peer]);
+        // A re-sent query that answers counts.
+        l.on_response(&swept[0].peer, &[]);
+        assert_eq!(l.handle_timeout(t1 + QUERY_TIMEOUT), vec![swept[1].peer]);
+        assert!(l.is_finished());
+        assert_eq!(l.closest().len(), 2);
+        assert_eq!(l.stats().queries, 5 + 4);
     }
 
     #[test]

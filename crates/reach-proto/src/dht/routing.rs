@@ -194,6 +194,14 @@ impl RoutingTable {
             }
         }
         if bucket.entries.len() < cfg.k {
+            // Grow 4, 8, 16, …, but never past k: a full bucket then costs
+            // k entries, not the next power of two (32 for k = 20), which is
+            // a third of a table's memory in a 100,000-node simulation.
+            let len = bucket.entries.len();
+            if len == bucket.entries.capacity() {
+                let want = (len * 2).max(4).min(cfg.k);
+                bucket.entries.reserve_exact(want - len);
+            }
             bucket.entries.push(fresh);
             return InsertOutcome::Inserted;
         }
@@ -256,18 +264,46 @@ impl RoutingTable {
     }
 
     /// The `n` contacts closest to `key` that are not `Bad`.
+    ///
+    /// Reads only the buckets that can hold them. With `t` the common-prefix
+    /// length of `key` and our key, every contact of bucket `t` or deeper is
+    /// closer to `key` than any contact of bucket `t - 1`, which in turn is
+    /// closer than any of bucket `t - 2`, and so on (XOR distance: a contact
+    /// of bucket `i < t` differs from `key` first at bit `i`; one of bucket
+    /// `i > t` first at bit `t`; one of bucket `t` only after bit `t`). So
+    /// buckets `t..` are taken whole, then `t-1, t-2, …` until `n` are in
+    /// hand, and only those are ranked. Same result as ranking the whole
+    /// table, at a fraction of the cost when `key` is near us: this is what
+    /// every FindNode answer runs, and the simulator runs millions of them.
     pub fn closest(&self, key: &Key, n: usize) -> Vec<Contact> {
-        let mut all: Vec<(super::Distance, Contact)> = self
-            .iter()
-            .filter(|e| e.health != Health::Bad)
-            .map(|e| (e.key.distance(key), e.contact))
-            .collect();
-        if all.len() > n {
-            all.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
-            all.truncate(n);
+        if n == 0 {
+            return Vec::new();
         }
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all.into_iter().map(|(_, c)| c).collect()
+        let t = self.bucket_index(key).min(self.buckets.len());
+        let mut picked: Vec<(super::Distance, &Entry)> = Vec::new();
+        fn take<'a>(picked: &mut Vec<(super::Distance, &'a Entry)>, b: &'a Bucket, key: &Key) {
+            picked.extend(
+                b.entries
+                    .iter()
+                    .filter(|e| e.health != Health::Bad)
+                    .map(|e| (e.key.distance(key), e)),
+            );
+        }
+        for b in &self.buckets[t..] {
+            take(&mut picked, b, key);
+        }
+        for b in self.buckets[..t].iter().rev() {
+            if picked.len() >= n {
+                break;
+            }
+            take(&mut picked, b, key);
+        }
+        if picked.len() > n {
+            picked.select_nth_unstable_by(n, |a, b| a.0.cmp(&b.0));
+            picked.truncate(n);
+        }
+        picked.sort_unstable_by_key(|a| a.0);
+        picked.into_iter().map(|(_, e)| e.contact).collect()
     }
 
     /// Every entry, bucket by bucket.
@@ -355,6 +391,37 @@ mod tests {
         all.sort_by_key(|c| c.key().distance(&target));
         all.truncate(K);
         assert_eq!(got, all);
+    }
+
+    #[test]
+    fn closest_matches_brute_force_near_and_far_with_bad_entries() {
+        let mut t = table();
+        for i in 0..3000 {
+            t.on_seen(Contact::new(peer(i), addr(i)), Duration::ZERO);
+        }
+        // Some entries go bad and must be skipped.
+        let bad: Vec<PeerId> = t.iter().step_by(7).map(|e| e.contact.peer).collect();
+        for p in &bad {
+            t.on_failure(p);
+            t.on_failure(p);
+        }
+        let me = t.local_key();
+        let mut keys = vec![me, Key([0; 32]), Key([0xff; 32])];
+        for cpl in [0, 1, 3, 6, 9, 12, 20, 255] {
+            keys.push(me.random_in_bucket(cpl, [cpl as u8; 32]));
+        }
+        for key in keys {
+            for n in [0, 1, 5, K, 50, 10_000] {
+                let mut all: Vec<Contact> = t
+                    .iter()
+                    .filter(|e| e.health != Health::Bad)
+                    .map(|e| e.contact)
+                    .collect();
+                all.sort_by_key(|c| c.key().distance(&key));
+                all.truncate(n);
+                assert_eq!(t.closest(&key, n), all, "key {key:?}, n {n}");
+            }
+        }
     }
 
     #[test]

@@ -1,3 +1,4 @@
 //! Simulated scenarios, each printing one JSON report.
 
+pub mod lookup;
 pub mod probe;

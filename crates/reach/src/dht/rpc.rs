@@ -122,7 +122,7 @@ fn answer(inner: &Inner, request: DhtRequest) -> DhtResponse {
         DhtRequest::GetRecords { kind, key } => {
             let mut records = dht.store().get(kind, &key, unix_ms());
             // Newest first, then bounded by count and bytes.
-            records.sort_by(|a, b| b.seq.cmp(&a.seq));
+            records.sort_by_key(|r| std::cmp::Reverse(r.seq));
             let mut bytes = 0;
             records.retain(|r| {
                 bytes += r.payload.len() + 200;

@@ -31,18 +31,17 @@ pub const MAX_REPLIES_PER_SEC: u32 = 1000;
 /// Outstanding requests of one kind this node waits on at most.
 pub const MAX_PENDING: usize = 256;
 
+/// One waiting request: who may answer, and where the (sender, value)
+/// answer goes.
+type Waiter = (
+    Option<SocketAddr>,
+    oneshot::Sender<(SocketAddr, SocketAddr)>,
+);
+
 /// Requests this node sent that await an answer, by id. The answer must
 /// come from `expect_from` when set.
 pub(crate) struct Waiters<K> {
-    map: Mutex<
-        HashMap<
-            K,
-            (
-                Option<SocketAddr>,
-                oneshot::Sender<(SocketAddr, SocketAddr)>,
-            ),
-        >,
-    >,
+    map: Mutex<HashMap<K, Waiter>>,
 }
 
 impl<K> Default for Waiters<K> {
@@ -54,19 +53,7 @@ impl<K> Default for Waiters<K> {
 }
 
 impl<K: Eq + Hash + Copy> Waiters<K> {
-    #[allow(clippy::type_complexity)]
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        HashMap<
-            K,
-            (
-                Option<SocketAddr>,
-                oneshot::Sender<(SocketAddr, SocketAddr)>,
-            ),
-        >,
-    > {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<K, Waiter>> {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
