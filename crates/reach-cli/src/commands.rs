@@ -290,6 +290,7 @@ async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
                     "coturn_external": k.coturn_external,
                     "coturn_agrees": k.coturn_agrees,
                     "stunclient_interop": k.stunclient_interop,
+                    "external_published": k.external_published,
                 })
             })
             .collect();

@@ -63,6 +63,11 @@ pub struct KindResult {
     /// coturn's `turnutils_stunclient`, run in the site, got its reflexive
     /// address from helper A's reach STUN server.
     pub stunclient_interop: bool,
+    /// After joining the helpers' DHT, the node's endpoint record (looked
+    /// up by helper B) lists its external address. Expected for every kind
+    /// with endpoint-independent mapping; with endpoint-dependent mapping
+    /// no single address is confirmed, so none is published.
+    pub external_published: bool,
     pub report: NatReport,
 }
 
@@ -153,8 +158,13 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
     }))
     .await;
 
+    // Join the helpers' DHT, then see what the endpoint records say.
+    let seed = [a.local_addr()];
+    futures::future::join_all(nodes.iter().map(|n| n.bootstrap(&seed))).await;
+    // B looks the records up: it joins last, so it learns the sites' nodes.
+    b.bootstrap(&seed).await;
     let mut kinds = Vec::new();
-    for ((site, (report, coturn_external)), _node) in sites.iter().zip(reports).zip(&nodes) {
+    for ((site, (report, coturn_external)), node) in sites.iter().zip(reports).zip(&nodes) {
         let (expected_mapping, expected_filtering) = site.kind.expected();
         // The external address as helper A saw it.
         let external = report.external.first().map(|s| s.addr);
@@ -180,6 +190,14 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
             (Some(seen), Some(e)) => seen.ip() == e.ip(),
             _ => false,
         };
+        let published = b.lookup(node.peer_id()).await.unwrap_or_default();
+        let external_published = match external {
+            Some(e) if expected_mapping == Mapping::EndpointIndependent => {
+                published.iter().any(|t| t.addr == e)
+            }
+            // EDM: only the node's own (inside) address may appear.
+            _ => published.iter().all(|t| t.addr.ip() == site.node_ip),
+        };
         kinds.push(KindResult {
             kind: site.kind,
             expected_mapping,
@@ -194,6 +212,7 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
             coturn_external,
             coturn_agrees,
             stunclient_interop,
+            external_published,
             report,
         });
     }
@@ -203,7 +222,7 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
     lab.teardown();
     let all_match = kinds
         .iter()
-        .all(|k| k.matches && k.coturn_agrees && k.stunclient_interop);
+        .all(|k| k.matches && k.coturn_agrees && k.stunclient_interop && k.external_published);
     Ok(NatMatrixReport {
         kinds,
         all_match,

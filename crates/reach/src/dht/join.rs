@@ -131,7 +131,28 @@ pub(crate) async fn publish_endpoint(inner: &Arc<Inner>) -> usize {
     if dht.mode == DhtMode::Client {
         return 0;
     }
-    let addrs = own_addrs(&crate::node::local_addrs_of(inner));
+    let mut addrs = own_addrs(&crate::node::local_addrs_of(inner));
+    // External addresses that peers at two or more IPs agree on: behind a
+    // NAT they are the ones the outside can try. Unverified until a
+    // reachability check confirms them.
+    let confirmed = inner
+        .observed
+        .lock()
+        .map(|o| o.confirmed())
+        .unwrap_or_default();
+    for ext in confirmed {
+        if !addrs.iter().any(|a| a.addr == ext) {
+            addrs.insert(
+                0,
+                TypedAddr {
+                    kind: AddrKind::Unverified,
+                    addr: ext,
+                    via: None,
+                },
+            );
+        }
+    }
+    addrs.truncate(reach_proto::dht::record::MAX_ENDPOINT_ADDRS);
     // Sequence numbers follow the wall clock, so a restarted node (which
     // forgot its last seq) still publishes a newer record.
     let now_ms = unix_ms();
@@ -173,6 +194,7 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
         retry = (retry * 2).min(MAINTENANCE_TICK);
     }
     let mut last_publish = dht.now();
+    let mut last_external: Vec<SocketAddr> = Vec::new();
     loop {
         tokio::time::sleep(MAINTENANCE_TICK).await;
         if dht.routing().is_empty() {
@@ -188,7 +210,14 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
         for cpl in stale.into_iter().take(MAX_REFRESHES_PER_TICK) {
             ops::lookup(&inner, random_key_in(own, cpl), Query::FindNode).await;
         }
-        if dht.now().saturating_sub(last_publish) >= REPUBLISH_INTERVAL {
+        let external = inner
+            .observed
+            .lock()
+            .map(|o| o.confirmed())
+            .unwrap_or_default();
+        let external_changed = external != last_external;
+        if external_changed || dht.now().saturating_sub(last_publish) >= REPUBLISH_INTERVAL {
+            last_external = external;
             publish_endpoint(&inner).await;
             last_publish = dht.now();
         }
