@@ -32,6 +32,10 @@ use tokio::sync::mpsc;
 /// traffic is lossy by nature and must never stall QUIC.
 pub const NON_QUIC_QUEUE: usize = 1024;
 
+/// Batches of nothing but non-QUIC datagrams read in one `poll_recv` before
+/// yielding: a flood of junk must not monopolise the executor thread.
+pub const MAX_NON_QUIC_BATCHES_PER_POLL: usize = 16;
+
 /// A non-QUIC datagram received on the shared socket.
 #[derive(Debug, Clone)]
 pub struct NonQuicDatagram {
@@ -148,7 +152,7 @@ impl AsyncUdpSocket for DemuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        loop {
+        for _ in 0..MAX_NON_QUIC_BATCHES_PER_POLL {
             let n = match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => n,
                 other => return other,
@@ -172,6 +176,10 @@ impl AsyncUdpSocket for DemuxSocket {
             // Everything was non-QUIC: read again (this registers the waker
             // if nothing more is ready).
         }
+        // A flood of non-QUIC datagrams: yield to other tasks, but ask to be
+        // polled again at once.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
