@@ -115,6 +115,9 @@ impl NodeBuilder {
             // filtering tests.
             None => std::net::UdpSocket::bind(SocketAddr::new(local_addr.ip(), 0)).ok(),
         };
+        // It only ever sends one small datagram at a time from the datagram
+        // loop, which must never block.
+        let alt = alt.filter(|s| s.set_nonblocking(true).is_ok());
         let runtime = Arc::new(TokioRuntime);
         let udp = runtime
             .wrap_udp_socket(std_socket)

@@ -199,8 +199,7 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
 /// Sends `bytes` to `to` from a fresh socket on our IP: a port the
 /// requester never sent to (RFC 5780's alternate port).
 fn send_from_other_port(inner: &Inner, to: SocketAddr, bytes: &[u8]) {
-    let bind = SocketAddr::new(inner.local_addr.ip(), 0);
-    match inner.alt_socket(bind) {
+    match inner.alt_socket() {
         Ok(sock) => {
             let _ = sock.send_to(bytes, to);
         }

@@ -140,7 +140,7 @@ impl Inner {
     }
 
     /// The alternate socket for filtering tests, if this node has one.
-    pub(crate) fn alt_socket(&self, _bind: SocketAddr) -> std::io::Result<&std::net::UdpSocket> {
+    pub(crate) fn alt_socket(&self) -> std::io::Result<&std::net::UdpSocket> {
         self.alt
             .as_ref()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
