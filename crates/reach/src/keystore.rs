@@ -82,11 +82,15 @@ pub fn load(path: &Path) -> Result<Keypair> {
         ));
     }
     if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(
-            path = %path.display(),
-            "identity key file is readable by other users; run: chmod 600 {}",
-            path.display()
-        );
+        // Like ssh: a secret others can read is no longer a secret.
+        return Err(key_err(
+            path,
+            format!(
+                "is readable by other users (mode {:o}); run: chmod 600 {}",
+                meta.permissions().mode() & 0o777,
+                path.display()
+            ),
+        ));
     }
     let text = fs::read_to_string(path).map_err(|e| key_err(path, format!("cannot read: {e}")))?;
     parse(&text).map_err(|reason| key_err(path, reason))
@@ -142,6 +146,11 @@ fn write_new(path: &Path, kp: &Keypair) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn write_0600(path: &Path, text: &str) {
+        fs::write(path, text).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
     #[test]
     fn created_once_with_owner_only_permissions_then_reloaded() {
         let dir = tempfile::tempdir().unwrap();
@@ -159,16 +168,32 @@ mod tests {
     fn malformed_key_is_an_error_naming_the_file_and_is_kept() {
         let dir = tempfile::tempdir().unwrap();
         let path = key_path(dir.path());
-        fs::write(&path, "not a key\n").unwrap();
+        write_0600(&path, "not a key\n");
         let err = load_or_create(dir.path()).unwrap_err();
         assert_eq!(err.kind(), "key_file");
         assert!(err.to_string().contains(&path.display().to_string()));
         assert_eq!(fs::read_to_string(&path).unwrap(), "not a key\n");
 
-        fs::write(&path, format!("{KEY_PREFIX}zz")).unwrap();
+        write_0600(&path, &format!("{KEY_PREFIX}zz"));
         assert_eq!(load_or_create(dir.path()).unwrap_err().kind(), "key_file");
-        fs::write(&path, format!("{KEY_PREFIX}{}", "é".repeat(32))).unwrap();
+        write_0600(&path, &format!("{KEY_PREFIX}{}", "é".repeat(32)));
         assert_eq!(load_or_create(dir.path()).unwrap_err().kind(), "key_file");
+    }
+
+    #[test]
+    fn a_key_readable_by_others_is_refused_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let (kp, _) = load_or_create(dir.path()).unwrap();
+        let path = key_path(dir.path());
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = load_or_create(dir.path()).unwrap_err();
+        assert_eq!(err.kind(), "key_file");
+        assert!(err.to_string().contains("chmod 600"));
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            load_or_create(dir.path()).unwrap().0.peer_id(),
+            kp.peer_id()
+        );
     }
 
     #[test]

@@ -315,6 +315,11 @@ impl RoutingTable {
         self.buckets.iter().map(|b| b.entries.len()).sum()
     }
 
+    /// Contacts that are not `Bad`: the ones lookups can start from.
+    pub fn live_len(&self) -> usize {
+        self.iter().filter(|e| e.health != Health::Bad).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

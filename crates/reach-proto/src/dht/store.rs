@@ -24,12 +24,18 @@ pub const MAX_PER_PUBLISHER: usize = 64;
 /// Default: records at one key (members of a topic, messages in a mailbox).
 pub const MAX_PER_KEY: usize = 512;
 
+/// Default: payload bytes held in total. Identities are free, so per-publisher
+/// quotas alone would let many fake publishers fill memory (65,536 mailbox
+/// records × 16 KiB ≈ 1 GiB); 64 MiB bounds it.
+pub const MAX_BYTES: usize = 64 * 1024 * 1024;
+
 /// Tunables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
     pub max_records: usize,
     pub max_per_publisher: usize,
     pub max_per_key: usize,
+    pub max_bytes: usize,
 }
 
 impl Default for StoreLimits {
@@ -38,6 +44,7 @@ impl Default for StoreLimits {
             max_records: MAX_RECORDS,
             max_per_publisher: MAX_PER_PUBLISHER,
             max_per_key: MAX_PER_KEY,
+            max_bytes: MAX_BYTES,
         }
     }
 }
@@ -58,6 +65,7 @@ pub struct RecordStore {
     by_key: HashMap<(RecordKind, Key), Vec<SignedRecord>>,
     per_publisher: HashMap<PeerId, usize>,
     total: usize,
+    bytes: usize,
     rejections: BTreeMap<&'static str, u64>,
 }
 
@@ -108,6 +116,7 @@ impl RecordStore {
             }
             let v = self.by_key.entry((kind, record.key)).or_default();
             if let Some(r) = v.iter_mut().find(|r| Self::same_slot(kind, r, &record)) {
+                self.bytes = self.bytes - r.payload.len() + record.payload.len();
                 *r = record;
             }
             return Ok(PutOutcome::Replaced);
@@ -121,11 +130,13 @@ impl RecordStore {
         if publisher_count >= self.limits.max_per_publisher
             || key_count >= self.limits.max_per_key
             || self.total >= self.limits.max_records
+            || self.bytes + record.payload.len() > self.limits.max_bytes
         {
             return Err(RecordError::QuotaExceeded);
         }
         *self.per_publisher.entry(record.publisher).or_default() += 1;
         self.total += 1;
+        self.bytes += record.payload.len();
         self.by_key
             .entry((kind, record.key))
             .or_default()
@@ -149,11 +160,13 @@ impl RecordStore {
     /// Drops expired records; returns how many.
     pub fn expire(&mut self, now_ms: u64) -> usize {
         let mut dropped = Vec::new();
+        let mut freed = 0;
         self.by_key.retain(|_, v| {
             v.retain(|r| {
                 let live = r.expires_ms() > now_ms;
                 if !live {
                     dropped.push(r.publisher);
+                    freed += r.payload.len();
                 }
                 live
             });
@@ -168,6 +181,7 @@ impl RecordStore {
             }
         }
         self.total -= dropped.len();
+        self.bytes -= freed;
         dropped.len()
     }
 
@@ -260,6 +274,7 @@ mod tests {
             max_records: 100,
             max_per_publisher: 8,
             max_per_key: 50,
+            ..StoreLimits::default()
         };
         let mut s = RecordStore::new(limits);
         let honest = Keypair::generate();
@@ -293,6 +308,51 @@ mod tests {
             s.get(RecordKind::Endpoint, &Key::for_peer(&honest.peer_id()), NOW)
                 .len(),
             1
+        );
+    }
+
+    #[test]
+    fn the_byte_budget_bounds_memory_against_many_publishers() {
+        let limits = StoreLimits {
+            max_bytes: 40 * 1024,
+            ..StoreLimits::default()
+        };
+        let mut s = RecordStore::new(limits);
+        let key = Key([3; 32]);
+        let mut stored = 0;
+        for _ in 0..10 {
+            let kp = Keypair::generate();
+            let r = SignedRecord::sign(
+                &kp,
+                RecordKind::Mailbox,
+                key,
+                1,
+                NOW,
+                HOUR,
+                vec![0; 16 * 1024],
+            );
+            if s.put(r, NOW).is_ok() {
+                stored += 1;
+            }
+        }
+        assert_eq!(
+            stored, 2,
+            "two 16 KiB payloads fit in 40 KiB, a third does not"
+        );
+        assert_eq!(s.expire(NOW + 2 * 3_600_000), 2);
+        let kp = Keypair::generate();
+        let r = SignedRecord::sign(
+            &kp,
+            RecordKind::Mailbox,
+            key,
+            1,
+            NOW + 2 * 3_600_000,
+            HOUR,
+            vec![0; 16 * 1024],
+        );
+        assert!(
+            s.put(r, NOW + 2 * 3_600_000).is_ok(),
+            "expiry frees the budget"
         );
     }
 

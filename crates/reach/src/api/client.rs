@@ -191,7 +191,7 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, ClientError> {
         if size == 0 {
             return Ok(out);
         }
-        if raw.len() < size + 2 {
+        if raw.len() < size.checked_add(2).ok_or_else(bad)? {
             return Err(bad());
         }
         out.extend_from_slice(&raw[..size]);
@@ -202,6 +202,12 @@ fn dechunk(mut raw: &[u8]) -> Result<Vec<u8>, ClientError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_absurd_chunk_size_is_an_error_not_a_panic() {
+        let huge = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nffffffffffffffff\r\nab";
+        assert!(parse_response(huge).is_err());
+    }
 
     #[test]
     fn parses_plain_and_chunked_responses() {

@@ -106,7 +106,7 @@ pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport
         })
         .await;
     report.routing_table_size = dht.routing().len();
-    if report.routing_table_size == 0 && !addrs.is_empty() {
+    if dht.routing().live_len() == 0 && !addrs.is_empty() {
         // Nobody answered: not joined. The caller retries.
         return report;
     }
@@ -197,7 +197,7 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
     let mut last_external: Vec<SocketAddr> = Vec::new();
     loop {
         tokio::time::sleep(MAINTENANCE_TICK).await;
-        if dht.routing().is_empty() {
+        if dht.routing().live_len() == 0 {
             // Lost everyone (e.g. the network was down): start over.
             join(&inner, &[]).await;
             last_publish = dht.now();

@@ -75,14 +75,17 @@ impl<K: Eq + Hash + Copy> Waiters<K> {
 
     /// Completes the waiter for `key` with (sender, value) if `from` is
     /// allowed to answer it.
-    fn complete(&self, key: K, from: SocketAddr, value: SocketAddr) {
+    /// Returns whether an answer was expected (only those are believed).
+    fn complete(&self, key: K, from: SocketAddr, value: SocketAddr) -> bool {
         let mut m = self.lock();
         if m.get(&key)
             .is_some_and(|(e, _)| e.is_none_or(|e| e == from))
             && let Some((_, tx)) = m.remove(&key)
         {
             let _ = tx.send((from, value));
+            return true;
         }
+        false
     }
 
     fn cancel(&self, key: K) {
@@ -142,8 +145,11 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
             reply(inner, limiter, d.from, d.data.len(), &answer);
         }
         ControlPacket::ProbeReply { nonce, observed } => {
-            inner.observed_addr(observed, d.from);
-            inner.probes.probes.complete(nonce, d.from, observed);
+            // Only an answer to a probe we sent, from where we sent it,
+            // counts as a report of our external address.
+            if inner.probes.probes.complete(nonce, d.from, observed) {
+                inner.observed_addr(observed, d.from);
+            }
         }
         ControlPacket::FilterTest {
             nonce,
@@ -191,7 +197,7 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
             }
         }
         ControlPacket::FilterProbe { nonce } => {
-            inner.probes.filter.complete(nonce, d.from, d.from);
+            let _ = inner.probes.filter.complete(nonce, d.from, d.from);
         }
     }
 }
@@ -223,7 +229,7 @@ fn handle_stun(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter) {
         }
         stun::BINDING_SUCCESS => {
             if let Some(mapped) = msg.mapped {
-                inner.probes.stun.complete(msg.transaction, d.from, mapped);
+                let _ = inner.probes.stun.complete(msg.transaction, d.from, mapped);
             }
         }
         _ => {}

@@ -12,6 +12,10 @@ use super::{Direction, Inner, stats};
 use crate::events::{Event, Stream};
 use crate::tls;
 
+/// Slowest accepted delivery of a message body, bytes per second, beyond
+/// [`STREAM_HEADER_TIMEOUT`]: 64 KiB/s lets a 16 MiB message take 4+ minutes
+/// on a poor link, yet bounds how long a stalled sender holds the budget.
+pub const MIN_MESSAGE_RATE: usize = 64 * 1024;
 /// A peer must send a new stream's header frame within this time.
 pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -118,10 +122,17 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
         Err(_) => return refuse(&mut recv, codes::SHUTTING_DOWN),
     };
     let mut body = vec![0u8; len];
-    let read_ok = recv.read_exact(&mut body).await.is_ok();
-    // The stream must end right after the frame.
-    let ended = read_ok && matches!(recv.read(&mut [0u8; 1]).await, Ok(None));
-    if !ended {
+    // A peer that announces a message and stalls must not hold the budget
+    // forever: the body has to arrive at MIN_MESSAGE_RATE or better.
+    let allowed = STREAM_HEADER_TIMEOUT + Duration::from_secs((len / MIN_MESSAGE_RATE) as u64);
+    let read = tokio::time::timeout(allowed, async {
+        recv.read_exact(&mut body).await.is_ok()
+            // The stream must end right after the frame.
+            && matches!(recv.read(&mut [0u8; 1]).await, Ok(None))
+    })
+    .await;
+    if !matches!(read, Ok(true)) {
+        drop(permit);
         return refuse(&mut recv, codes::MALFORMED);
     }
     let data = match Envelope::decode(&body) {

@@ -63,9 +63,12 @@ impl PeerTable {
         }
         self.with(|m| {
             let e = m.entry(peer).or_default();
-            let mut merged = new.clone();
-            merged.extend(e.addrs.iter().filter(|a| !new.contains(a)));
-            merged.dedup();
+            let mut merged: Vec<SocketAddr> = Vec::new();
+            for a in new.iter().chain(e.addrs.iter()) {
+                if !merged.contains(a) {
+                    merged.push(*a);
+                }
+            }
             merged.truncate(MAX_ADDRS_PER_PEER);
             e.addrs = merged;
         });
