@@ -69,13 +69,15 @@ pub(crate) async fn lookup(inner: &Arc<Inner>, target: Key, query: Query) -> Out
             .unwrap_or(QUERY_TIMEOUT);
         tokio::select! {
             Some((c, res)) = inflight.next() => match res {
-                Ok(msg) => match msg.response {
+                Ok((msg, remote)) => match msg.response {
                     DhtResponse::Nodes { closer } => {
-                        dht.routing().on_seen(c, dht.now());
+                        // Record where the answer came from, not what a third
+                        // party claimed.
+                        dht.routing().on_seen(Contact::new(c.peer, remote), dht.now());
                         l.on_response(&c.peer, &closer);
                     }
                     DhtResponse::Records { records: got, closer } => {
-                        dht.routing().on_seen(c, dht.now());
+                        dht.routing().on_seen(Contact::new(c.peer, remote), dht.now());
                         let now_ms = unix_ms();
                         for r in got {
                             let wanted = matches!(query, Query::GetRecords { kind, .. } if kind == r.kind);
@@ -135,7 +137,7 @@ pub(crate) async fn put(inner: &Arc<Inner>, record: SignedRecord) -> usize {
         .collect();
     let mut stored = 0;
     while let Some(r) = puts.next().await {
-        if matches!(r, Ok(m) if m.response == DhtResponse::Stored) {
+        if matches!(r, Ok((m, _)) if m.response == DhtResponse::Stored) {
             stored += 1;
         }
     }

@@ -23,12 +23,14 @@ use crate::node::{Inner, peers, stats};
 /// Time for one request, including dialing the peer if needed.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Sends `request` to `contact` and waits for the answer.
+/// Sends `request` to `contact` and waits for the answer. Returns it with
+/// the address the answer actually came from (an existing connection may be
+/// at another address than the one a third party claimed for the contact).
 pub(crate) async fn request(
     inner: &Arc<Inner>,
     contact: Contact,
     request: DhtRequest,
-) -> Result<DhtResponseMsg> {
+) -> Result<(DhtResponseMsg, SocketAddr)> {
     let dht = &inner.dht;
     stats::bump(&dht.counters.rpcs_sent);
     let res = tokio::time::timeout(RPC_TIMEOUT, request_inner(inner, contact, request)).await;
@@ -46,7 +48,7 @@ async fn request_inner(
     inner: &Arc<Inner>,
     contact: Contact,
     request: DhtRequest,
-) -> Result<DhtResponseMsg> {
+) -> Result<(DhtResponseMsg, SocketAddr)> {
     let peer = contact.peer;
     inner.peers.remember_fallback(peer, contact.addr);
     let conn = peers::connection_known(inner, peer, &[contact.addr]).await?;
@@ -68,8 +70,9 @@ async fn request_inner(
         .map_err(|e| fail(&e))?;
     match Envelope::from_frame(&bytes, MAX_CONTROL_ENVELOPE_LEN)?.body {
         Body::DhtResponse(r) => {
-            inner.observed_addr(r.observed, contact.addr);
-            Ok(r)
+            let remote = conn.remote_address();
+            inner.observed_addr(r.observed, remote);
+            Ok((r, remote))
         }
         _ => Err(fail(&"answered with something other than a DHT response")),
     }

@@ -208,7 +208,7 @@ async fn connect_with(
         return Ok(c);
     }
     let (_, lock) = inner.peers.addrs_and_lock(peer);
-    let _dialing = lock.lock().await;
+    let dialing = lock.lock().await;
     // Someone else may have connected while we waited for the lock.
     if let Some(c) = inner.peers.live(&peer) {
         return Ok(c);
@@ -230,6 +230,9 @@ async fn connect_with(
         Err(e @ Error::PeerIdMismatch { .. }) => return Err(e),
         Err(e) if !resolve => return Err(e),
         Err(first_err) => {
+            // Not under the dial lock: the lookup may well query this very
+            // peer, and that query must not wait for us.
+            drop(dialing);
             let (_, typed) = match ops::resolve(inner, peer).await {
                 Ok(found) => found,
                 Err(Error::NotFound(_)) if !matches!(first_err, Error::NoAddress(_)) => {
@@ -246,6 +249,11 @@ async fn connect_with(
                 return Err(first_err);
             }
             inner.peers.remember(peer, fresh.iter().copied());
+            let _dialing = lock.lock().await;
+            // The lookup itself may have connected us.
+            if let Some(c) = inner.peers.live(&peer) {
+                return Ok(c);
+            }
             dial_any(inner, peer, &fresh).await?
         }
     };
