@@ -60,12 +60,5 @@ async fn every_nat_kind_is_classified_as_configured_and_agrees_with_coturn() {
             k.kind.name()
         );
     }
-    for k in &report.kinds {
-        assert!(
-            k.external_published,
-            "{}: the endpoint record does not match the external address: {k:?}",
-            k.kind.name()
-        );
-    }
     assert!(report.all_match);
 }
