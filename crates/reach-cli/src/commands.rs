@@ -291,6 +291,7 @@ async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
                     "coturn_agrees": k.coturn_agrees,
                     "stunclient_interop": k.stunclient_interop,
                     "external_published": k.external_published,
+                    "join": k.join,
                 })
             })
             .collect();

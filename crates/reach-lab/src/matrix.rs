@@ -70,6 +70,8 @@ pub struct KindResult {
     /// with endpoint-independent mapping; with endpoint-dependent mapping
     /// no single address is confirmed, so none is published.
     pub external_published: bool,
+    /// What the node's join of the helpers' DHT achieved.
+    pub join: reach::JoinReport,
     pub report: NatReport,
 }
 
@@ -162,9 +164,11 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
 
     // Join the helpers' DHT, then see what the endpoint records say.
     let seed = [a.local_addr()];
-    futures::future::join_all(nodes.iter().map(|n| n.bootstrap(&seed))).await;
+    let joins = futures::future::join_all(nodes.iter().map(|n| n.bootstrap(&seed))).await;
     let mut kinds = Vec::new();
-    for ((site, (report, coturn_external)), node) in sites.iter().zip(reports).zip(&nodes) {
+    for (((site, (report, coturn_external)), node), join) in
+        sites.iter().zip(reports).zip(&nodes).zip(joins)
+    {
         let (expected_mapping, expected_filtering) = site.kind.expected();
         // The external address as helper A saw it.
         let external = report.external.first().map(|s| s.addr);
@@ -216,6 +220,7 @@ pub async fn run(opts: &NatMatrixOptions) -> Result<NatMatrixReport, LabError> {
             coturn_agrees,
             stunclient_interop,
             external_published,
+            join,
             report,
         });
     }
