@@ -125,6 +125,20 @@ fn bad_cert(reason: String) -> rustls::Error {
 #[error("{0}")]
 struct CertRejected(String);
 
+/// The identity in a peer's certificate chain: exactly one Ed25519
+/// certificate, checked the same way on both sides of the handshake.
+fn presented_identity(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+) -> Result<PeerId, rustls::Error> {
+    if !intermediates.is_empty() {
+        return Err(bad_cert(
+            "reach peers present exactly one certificate".into(),
+        ));
+    }
+    peer_id_from_cert(end_entity).map_err(bad_cert)
+}
+
 fn verify_tls13(
     message: &[u8],
     cert: &CertificateDer<'_>,
@@ -154,12 +168,7 @@ impl ServerCertVerifier for ServerVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if !intermediates.is_empty() {
-            return Err(bad_cert(
-                "reach peers present exactly one certificate".into(),
-            ));
-        }
-        let actual = peer_id_from_cert(end_entity).map_err(bad_cert)?;
+        let actual = presented_identity(end_entity, intermediates)?;
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(actual);
         }
@@ -214,12 +223,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        if !intermediates.is_empty() {
-            return Err(bad_cert(
-                "reach peers present exactly one certificate".into(),
-            ));
-        }
-        peer_id_from_cert(end_entity).map_err(bad_cert)?;
+        presented_identity(end_entity, intermediates)?;
         Ok(ClientCertVerified::assertion())
     }
 
