@@ -57,6 +57,10 @@ pub enum Error {
     NotFound(PeerId),
     #[error("DHT request to {peer} failed: {reason}")]
     Rpc { peer: PeerId, reason: String },
+    #[error("relay request failed: {reason}")]
+    Relay { reason: String },
+    #[error("relay {relay} refused: {reason}")]
+    RelayRefused { relay: PeerId, reason: String },
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -91,6 +95,8 @@ impl Error {
             Error::Storage { .. } => "storage",
             Error::NotFound(_) => "not_found",
             Error::Rpc { .. } => "rpc",
+            Error::Relay { .. } => "relay",
+            Error::RelayRefused { .. } => "relay_refused",
         }
     }
 }

@@ -108,7 +108,12 @@ impl Node {
 
     /// Classifies the NAT with connected peers as helpers.
     pub async fn nat_report(&self) -> NatReport {
-        let helpers: Vec<SocketAddr> = self.connected_peers().iter().map(|p| p.addr).collect();
+        let helpers: Vec<SocketAddr> = self
+            .connected_peers()
+            .iter()
+            .filter(|p| p.relay.is_none())
+            .map(|p| p.addr)
+            .collect();
         self.nat_report_with(&helpers).await
     }
 

@@ -12,6 +12,12 @@
 //! from the batch; a mixed buffer is passed on whole, and quinn drops its
 //! non-QUIC segments because their QUIC fixed bit is clear (reach disables
 //! fixed-bit greasing).
+//!
+//! Relayed packets take a detour through here too (see
+//! [`crate::relay::paths`]): sends to a virtual address are wrapped in a
+//! relay frame for the relay; frames from a relay are unwrapped and handed
+//! to quinn from the virtual address; frames of circuits this node relays
+//! are forwarded at once, without leaving the receive path.
 
 use std::fmt;
 use std::io::{self, IoSliceMut};
@@ -24,8 +30,11 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
+use reach_proto::wire::datagram::{RELAY_HEADER_LEN, relay_frame, relay_header};
 use reach_proto::wire::{DatagramKind, classify};
 use tokio::sync::mpsc;
+
+use crate::relay::paths::{RelayPaths, is_virtual};
 
 /// Capacity of the queue of non-QUIC datagrams waiting for the node. When it
 /// is full (a flood), further ones are dropped and counted: UDP control
@@ -35,6 +44,10 @@ pub const NON_QUIC_QUEUE: usize = 1024;
 /// Batches of nothing but non-QUIC datagrams read in one `poll_recv` before
 /// yielding: a flood of junk must not monopolise the executor thread.
 pub const MAX_NON_QUIC_BATCHES_PER_POLL: usize = 16;
+
+/// Largest relayed send (all segments with their relay headers) in one
+/// system call, below UDP's 64 KiB limit.
+pub const MAX_RELAYED_BATCH_BYTES: usize = 60_000;
 
 /// A non-QUIC datagram received on the shared socket.
 #[derive(Debug, Clone)]
@@ -52,6 +65,9 @@ pub struct DemuxStats {
     pub stun_datagrams: AtomicU64,
     pub unknown_dropped: AtomicU64,
     pub queue_full_dropped: AtomicU64,
+    /// Relayed segments dropped because GRO had coalesced them with
+    /// packets of another path (QUIC retransmits them).
+    pub relay_mixed_dropped: AtomicU64,
 }
 
 /// quinn's socket with non-QUIC datagrams diverted to the node.
@@ -59,6 +75,18 @@ pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     to_node: mpsc::Sender<NonQuicDatagram>,
     stats: Arc<DemuxStats>,
+    paths: Arc<RelayPaths>,
+}
+
+/// What one received segment turned out to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Seg {
+    /// QUIC from the sender's real address.
+    Quic,
+    /// QUIC relayed on a circuit: from this virtual address.
+    Relayed(SocketAddr),
+    /// Handled here (diverted, forwarded or dropped).
+    Done,
 }
 
 impl fmt::Debug for DemuxSocket {
@@ -73,6 +101,7 @@ impl DemuxSocket {
     /// Wraps `inner`; non-QUIC datagrams are sent to the returned receiver.
     pub fn new(
         inner: Arc<dyn AsyncUdpSocket>,
+        paths: Arc<RelayPaths>,
     ) -> (Arc<Self>, mpsc::Receiver<NonQuicDatagram>, Arc<DemuxStats>) {
         let (tx, rx) = mpsc::channel(NON_QUIC_QUEUE);
         let stats = Arc::new(DemuxStats::default());
@@ -80,6 +109,7 @@ impl DemuxSocket {
             inner,
             to_node: tx,
             stats: stats.clone(),
+            paths,
         });
         (sock, rx, stats)
     }
@@ -118,22 +148,149 @@ impl DemuxSocket {
         }
     }
 
-    /// Diverts the non-QUIC segments of one received buffer; returns whether
-    /// any QUIC segment remains for quinn.
-    fn filter(&self, meta: &RecvMeta, buf: &[u8]) -> bool {
-        let stride = meta.stride.max(1);
-        let data = &buf[..meta.len.min(buf.len())];
-        let mut has_quic = false;
-        for seg in data.chunks(stride) {
-            match classify(seg) {
-                DatagramKind::Quic => has_quic = true,
-                kind => self.divert(meta.addr, kind, seg),
+    /// Sorts one received segment.
+    fn sort(&self, from: SocketAddr, seg: &[u8]) -> Seg {
+        match classify(seg) {
+            DatagramKind::Quic => Seg::Quic,
+            DatagramKind::Relay => self.relay_segment(from, seg),
+            kind => {
+                self.divert(from, kind, seg);
+                Seg::Done
             }
         }
-        if has_quic {
+    }
+
+    /// A relay frame: ours to unwrap, or a circuit we relay, or junk.
+    fn relay_segment(&self, from: SocketAddr, seg: &[u8]) -> Seg {
+        let Some((circuit, _)) = relay_frame(seg) else {
+            return Seg::Done;
+        };
+        if let Some(v) = self.paths.virtual_for(from, circuit) {
+            self.paths.stats.client_received.fetch_add(1, Ordering::Relaxed);
+            return Seg::Relayed(v);
+        }
+        if let Some(to) = self.paths.forward_to(circuit, from, seg.len()) {
+            let sent = self.inner.try_send(&Transmit {
+                destination: to,
+                ecn: None,
+                contents: seg,
+                segment_size: None,
+                src_ip: None,
+            });
+            if sent.is_ok() {
+                let st = &self.paths.stats;
+                st.forwarded_packets.fetch_add(1, Ordering::Relaxed);
+                st.forwarded_bytes
+                    .fetch_add(seg.len() as u64, Ordering::Relaxed);
+            }
+        }
+        Seg::Done
+    }
+
+    /// Handles one received buffer in place: diverts non-QUIC segments,
+    /// forwards relayed ones, unwraps ours. Returns whether something is
+    /// left for quinn (then `meta` and `buf` describe it).
+    fn filter(&self, meta: &mut RecvMeta, buf: &mut [u8]) -> bool {
+        let stride = meta.stride.max(1);
+        let len = meta.len.min(buf.len());
+        let mut kinds: Vec<Seg> = Vec::new();
+        for seg in buf[..len].chunks(stride) {
+            kinds.push(self.sort(meta.addr, seg));
+        }
+        // What quinn gets: the segments of the first path seen. GRO only
+        // merges packets of one sender, so a second path in one buffer is
+        // rare; its segments are dropped and QUIC resends them.
+        let Some(&first) = kinds.iter().find(|k| **k != Seg::Done) else {
+            return false;
+        };
+        let mixed = kinds.iter().filter(|k| **k != Seg::Done && **k != first).count();
+        if mixed > 0 {
+            self.stats
+                .relay_mixed_dropped
+                .fetch_add(mixed as u64, Ordering::Relaxed);
+        }
+        let keep = |i: usize| kinds[i] == first;
+        let (header, to) = match first {
+            Seg::Relayed(v) => (RELAY_HEADER_LEN, v),
+            _ => (0, meta.addr),
+        };
+        // Compact the kept segments, minus any relay header, to the front.
+        let out_stride = stride - header;
+        let mut out_len = 0;
+        let mut kept = 0;
+        for (i, start) in (0..len).step_by(stride).enumerate() {
+            if !keep(i) {
+                continue;
+            }
+            let end = (start + stride).min(len);
+            let seg_len = end - start - header;
+            if kept > 0 && out_len % out_stride != 0 {
+                // A short segment may only come last in a GRO batch; it
+                // did, since only the last chunk can be short.
+                break;
+            }
+            buf.copy_within(start + header..end, out_len);
+            out_len += seg_len;
+            kept += 1;
+        }
+        meta.len = out_len;
+        meta.stride = if kept > 1 { out_stride } else { out_len };
+        meta.addr = to;
+        if first == Seg::Quic {
             self.stats.quic_datagrams.fetch_add(1, Ordering::Relaxed);
         }
-        has_quic
+        true
+    }
+
+    /// Sends quinn's transmit to a virtual address: each segment wrapped in
+    /// a relay frame, as one GSO batch to the relay.
+    fn send_relayed(&self, transmit: &Transmit) -> io::Result<()> {
+        let Some(path) = self.paths.path(&transmit.destination) else {
+            // The circuit is gone: the packet is lost, as on a dead path.
+            return Ok(());
+        };
+        let seg_size = transmit
+            .segment_size
+            .unwrap_or(transmit.contents.len())
+            .max(1);
+        let header = relay_header(path.circuit);
+        // Wrapped segments grow by the header; keep each batch inside the
+        // 64 KiB a UDP send can carry.
+        let per_batch = (MAX_RELAYED_BATCH_BYTES / (seg_size + RELAY_HEADER_LEN)).max(1);
+        let segments: Vec<&[u8]> = transmit.contents.chunks(seg_size).collect();
+        let mut first_error = None;
+        for batch in segments.chunks(per_batch) {
+            let mut out = Vec::with_capacity(batch.len() * (seg_size + RELAY_HEADER_LEN));
+            for seg in batch {
+                out.extend_from_slice(&header);
+                out.extend_from_slice(seg);
+            }
+            let sent = self.inner.try_send(&Transmit {
+                destination: path.relay_addr,
+                ecn: None,
+                contents: &out,
+                segment_size: (batch.len() > 1).then_some(seg_size + RELAY_HEADER_LEN),
+                src_ip: None,
+            });
+            match sent {
+                Ok(()) => {
+                    self.paths
+                        .stats
+                        .client_sent
+                        .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                    break;
+                }
+            }
+        }
+        match first_error {
+            // Nothing went out: let quinn wait for the socket and retry.
+            Some(e) if segments.len() <= per_batch => Err(e),
+            // Part went out: the rest is lost, as on any lossy path.
+            _ => Ok(()),
+        }
     }
 }
 
@@ -143,6 +300,9 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if is_virtual(&transmit.destination) {
+            return self.send_relayed(transmit);
+        }
         self.inner.try_send(transmit)
     }
 
@@ -162,7 +322,7 @@ impl AsyncUdpSocket for DemuxSocket {
             // with its buffer.
             let mut kept = 0;
             for i in 0..n {
-                if self.filter(&meta[i], &bufs[i]) {
+                if self.filter(&mut meta[i], &mut bufs[i]) {
                     if i != kept {
                         meta.swap(i, kept);
                         bufs.swap(i, kept);

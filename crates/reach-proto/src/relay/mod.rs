@@ -3,6 +3,8 @@
 //! - [`acquire`]: the relay-acquisition state machine of a node that is not
 //!   directly reachable (Acquiring → Holding → Lost → Backoff).
 //! - [`service`]: a relay's reservations, limits and per-client rate caps.
+//! - [`rpc`]: the signalling messages (reserve, connect, incoming circuit).
 
 pub mod acquire;
+pub mod rpc;
 pub mod service;

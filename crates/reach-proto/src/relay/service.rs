@@ -202,6 +202,12 @@ impl Reservations {
         self.clients.remove(client);
     }
 
+    /// Whether `client` holds an unexpired reservation (as of the last
+    /// `expire`).
+    pub fn holds(&self, client: &PeerId) -> bool {
+        self.clients.contains_key(client)
+    }
+
     pub fn len(&self) -> usize {
         self.clients.len()
     }

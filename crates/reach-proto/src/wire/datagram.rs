@@ -7,7 +7,10 @@
 //!   so a conforming peer never clears it towards us);
 //! - STUN starts with two zero bits and carries the magic cookie at bytes 4..8;
 //! - reach control packets start with [`CONTROL_MAGIC`], whose first byte
-//!   (0x08) lies in the range RFC 7983 leaves unassigned.
+//!   (0x08) lies in the range RFC 7983 leaves unassigned;
+//! - relayed packets start with [`RELAY_MAGIC`] (first byte 0x09, also
+//!   unassigned), then an 8-byte circuit id, then the end-to-end QUIC packet
+//!   the relay forwards without being able to read it.
 //!
 //! Anything else is [`DatagramKind::Unknown`] and is dropped.
 
@@ -20,6 +23,10 @@ use super::WireError;
 
 /// The first bytes of every reach control packet.
 pub const CONTROL_MAGIC: [u8; 4] = [0x08, b'R', b'C', b'H'];
+/// The first bytes of every relayed packet.
+pub const RELAY_MAGIC: [u8; 4] = [0x09, b'R', b'L', b'Y'];
+/// Relay frame header: magic plus the big-endian circuit id.
+pub const RELAY_HEADER_LEN: usize = RELAY_MAGIC.len() + 8;
 /// Version of the control-packet format, the byte after the magic.
 pub const CONTROL_VERSION: u8 = 1;
 /// Largest control packet sent or accepted: below the 1200-byte minimum path
@@ -46,6 +53,8 @@ pub enum DatagramKind {
     Quic,
     Stun,
     Control,
+    /// A packet of a relay circuit (see [`relay_frame`]).
+    Relay,
     Unknown,
 }
 
@@ -63,7 +72,29 @@ pub fn classify(bytes: &[u8]) -> DatagramKind {
     if bytes.starts_with(&CONTROL_MAGIC) {
         return DatagramKind::Control;
     }
+    if bytes.len() > RELAY_HEADER_LEN && bytes.starts_with(&RELAY_MAGIC) {
+        return DatagramKind::Relay;
+    }
     DatagramKind::Unknown
+}
+
+/// The header of a relayed packet on circuit `circuit`; the payload follows.
+pub fn relay_header(circuit: u64) -> [u8; RELAY_HEADER_LEN] {
+    let mut h = [0u8; RELAY_HEADER_LEN];
+    h[..RELAY_MAGIC.len()].copy_from_slice(&RELAY_MAGIC);
+    h[RELAY_MAGIC.len()..].copy_from_slice(&circuit.to_be_bytes());
+    h
+}
+
+/// Splits a relayed packet into circuit id and payload; `None` if `bytes` is
+/// not one (wrong magic, or no payload).
+pub fn relay_frame(bytes: &[u8]) -> Option<(u64, &[u8])> {
+    if bytes.len() <= RELAY_HEADER_LEN || !bytes.starts_with(&RELAY_MAGIC) {
+        return None;
+    }
+    let (head, payload) = bytes.split_at(RELAY_HEADER_LEN);
+    let id: [u8; 8] = head[RELAY_MAGIC.len()..].try_into().ok()?;
+    Some((u64::from_be_bytes(id), payload))
 }
 
 /// IPs a filter test may ask the helper to avoid at most.
@@ -184,6 +215,20 @@ mod tests {
         let probe = ControlPacket::Probe { nonce: 1 }.encode();
         assert_eq!(classify(&probe), DatagramKind::Control);
         assert_eq!(classify(b"\x00garbage"), DatagramKind::Unknown);
+        let mut relayed = relay_header(7).to_vec();
+        relayed.push(0x40);
+        assert_eq!(classify(&relayed), DatagramKind::Relay);
+        // A header without payload is nothing.
+        assert_eq!(classify(&relayed[..RELAY_HEADER_LEN]), DatagramKind::Unknown);
+    }
+
+    #[test]
+    fn relay_frames_round_trip() {
+        let mut bytes = relay_header(u64::MAX - 3).to_vec();
+        bytes.extend_from_slice(b"quic");
+        assert_eq!(relay_frame(&bytes), Some((u64::MAX - 3, &b"quic"[..])));
+        assert_eq!(relay_frame(&bytes[..RELAY_HEADER_LEN]), None);
+        assert_eq!(relay_frame(b"\x09RLX0000000000payload"), None);
     }
 
     #[test]
@@ -259,6 +304,7 @@ mod tests {
         fn decode_and_classify_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1300)) {
             let _ = classify(&bytes);
             let _ = ControlPacket::decode(&bytes);
+            let _ = relay_frame(&bytes);
         }
 
         #[test]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{WireError, decode_exact, frame};
 use crate::dht::rpc::{DhtRequestMsg, DhtResponseMsg};
+use crate::relay::rpc::{RelayRequest, RelayResponse};
 
 /// The wire version this build speaks.
 pub const WIRE_VERSION: u8 = 1;
@@ -47,6 +48,10 @@ pub enum Body {
     DhtRequest(DhtRequestMsg),
     /// The answer to a [`Body::DhtRequest`].
     DhtResponse(DhtResponseMsg),
+    /// A relay signalling request, alone on a bidirectional stream.
+    RelayRequest(RelayRequest),
+    /// The answer to a [`Body::RelayRequest`].
+    RelayResponse(RelayResponse),
 }
 
 /// A versioned body.

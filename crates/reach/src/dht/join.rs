@@ -131,7 +131,23 @@ pub(crate) async fn publish_endpoint(inner: &Arc<Inner>) -> usize {
     if dht.mode == DhtMode::Client {
         return 0;
     }
-    let mut addrs = own_addrs(&crate::node::local_addrs_of(inner));
+    let mut addrs: Vec<TypedAddr> = Vec::new();
+    // The relay first: it is what works from anywhere.
+    if let Some((relay, addr)) = inner.relay.held() {
+        addrs.push(TypedAddr {
+            kind: AddrKind::Relay,
+            addr,
+            via: Some(relay),
+        });
+    }
+    // An address a never-contacted host reached us at is verified.
+    if let crate::relay::Reachability::Public(addr) = inner.relay.reachability() {
+        addrs.push(TypedAddr {
+            kind: AddrKind::Direct,
+            addr,
+            via: None,
+        });
+    }
     // External addresses that peers at two or more IPs agree on: behind a
     // NAT they are the ones the outside can try. Unverified until a
     // reachability check confirms them.
@@ -142,14 +158,16 @@ pub(crate) async fn publish_endpoint(inner: &Arc<Inner>) -> usize {
         .unwrap_or_default();
     for ext in confirmed {
         if !addrs.iter().any(|a| a.addr == ext) {
-            addrs.insert(
-                0,
-                TypedAddr {
-                    kind: AddrKind::Unverified,
-                    addr: ext,
-                    via: None,
-                },
-            );
+            addrs.push(TypedAddr {
+                kind: AddrKind::Unverified,
+                addr: ext,
+                via: None,
+            });
+        }
+    }
+    for local in own_addrs(&crate::node::local_addrs_of(inner)) {
+        if !addrs.iter().any(|a| a.addr == local.addr) {
+            addrs.push(local);
         }
     }
     addrs.truncate(reach_proto::dht::record::MAX_ENDPOINT_ADDRS);

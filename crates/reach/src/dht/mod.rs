@@ -90,6 +90,14 @@ impl Dht {
         self.clock.elapsed()
     }
 
+    /// Records that `contact` answered or asked. A contact reached over a
+    /// relay circuit has no address others could use: it stays out.
+    pub fn saw(&self, contact: reach_proto::dht::Contact) {
+        if !crate::relay::paths::is_virtual(&contact.addr) {
+            self.routing().on_seen(contact, self.now());
+        }
+    }
+
     pub fn routing(&self) -> std::sync::MutexGuard<'_, RoutingTable> {
         // A poisoned lock means a panic mid-update elsewhere; the table is
         // still a valid table.

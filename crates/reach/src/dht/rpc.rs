@@ -94,7 +94,7 @@ pub(crate) async fn serve(
         }
     } else {
         if msg.server_mode {
-            dht.routing().on_seen(Contact::new(peer, remote), dht.now());
+            dht.saw(Contact::new(peer, remote));
         }
         answer(&inner, msg.request)
     };

@@ -14,6 +14,8 @@ use super::{
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
+use crate::relay::RelayRuntime;
+use crate::relay::paths::RelayPaths;
 use crate::socket::DemuxSocket;
 use crate::{keystore, tls, transport};
 
@@ -32,6 +34,9 @@ pub struct NodeBuilder {
     socket: Option<std::net::UdpSocket>,
     alt_socket: Option<std::net::UdpSocket>,
     no_stun_server: bool,
+    relay_service: crate::relay::RelayMode,
+    acquire_relay: crate::relay::RelayMode,
+    relay_limits: Option<reach_proto::relay::service::RelayLimits>,
 }
 
 impl NodeBuilder {
@@ -86,6 +91,29 @@ impl NodeBuilder {
         self
     }
 
+    /// Whether to relay for others: `Auto` (default) serves once the node
+    /// has verified that it is publicly reachable; `On` serves at once (a
+    /// node known to be public); `Off` never.
+    pub fn relay_service(mut self, mode: crate::relay::RelayMode) -> Self {
+        self.relay_service = mode;
+        self
+    }
+
+    /// Whether to acquire a relay: `Auto` (default) once the node has
+    /// verified that it is not reachable from outside; `On` always (a node
+    /// known to sit behind NAT); `Off` never. Client-mode nodes never do.
+    pub fn acquire_relay(mut self, mode: crate::relay::RelayMode) -> Self {
+        self.acquire_relay = mode;
+        self
+    }
+
+    /// Limits of the relay service (clients, reservation lifetime, rates,
+    /// idle expiry); see [`reach_proto::relay::service`] for the defaults.
+    pub fn relay_limits(mut self, limits: reach_proto::relay::service::RelayLimits) -> Self {
+        self.relay_limits = Some(limits);
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -122,7 +150,9 @@ impl NodeBuilder {
         let udp = runtime
             .wrap_udp_socket(std_socket)
             .map_err(|source| Error::Bind { addr: bind, source })?;
-        let (socket, non_quic_rx, demux_stats) = DemuxSocket::new(udp);
+        let relay_limits = self.relay_limits.unwrap_or_default();
+        let paths = Arc::new(RelayPaths::new(local_addr.is_ipv6(), relay_limits));
+        let (socket, non_quic_rx, demux_stats) = DemuxSocket::new(udp, paths.clone());
 
         let mut endpoint_config = EndpointConfig::default();
         // Peers must never clear the QUIC fixed bit towards us: it is how the
@@ -187,10 +217,14 @@ impl NodeBuilder {
             stun_server: !self.no_stun_server,
             alt,
             observed: Default::default(),
+            paths,
+            relay: RelayRuntime::new(self.relay_service, self.acquire_relay, relay_limits),
         });
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
         inner.spawn(crate::dht::join::maintain(inner.clone()));
+        inner.spawn(crate::relay::acquire::drive(inner.clone()));
+        inner.spawn(crate::relay::service::expire_loop(inner.clone()));
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),

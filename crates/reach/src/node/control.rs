@@ -169,7 +169,8 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
                 FilterVia::OtherHost => {
                     // A connected peer at an IP the requester never sent to.
                     let helper = inner.peers.connected().into_iter().find(|p| {
-                        p.addr.ip() != inner.local_addr.ip()
+                        !crate::relay::paths::is_virtual(&p.addr)
+                            && p.addr.ip() != inner.local_addr.ip()
                             && p.addr.ip() != d.from.ip()
                             && !exclude.contains(&p.addr.ip())
                     });

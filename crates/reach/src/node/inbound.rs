@@ -64,7 +64,10 @@ fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
 
 /// Records `conn` as the connection to `peer` and starts serving it.
 pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection, dir: Direction) {
-    if dir == Direction::Inbound {
+    let relayed = crate::relay::paths::is_virtual(&conn.remote_address());
+    if relayed {
+        crate::relay::client::watch_virtual(inner, conn.clone());
+    } else if dir == Direction::Inbound {
         // The address an inbound connection came from is a way back.
         inner.peers.remember_fallback(peer, conn.remote_address());
     }
@@ -88,6 +91,10 @@ async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
         }
     }
     inner.peers.remove_if_current(peer, conn.stable_id());
+    if inner.peers.live(&peer).is_none() {
+        // A relay client that left takes its reservation and circuits along.
+        inner.paths.release(&peer);
+    }
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
 }
 
@@ -177,6 +184,10 @@ async fn receive_stream(
             inner.peers.touch(&peer, false);
             crate::dht::rpc::serve(inner, peer, remote, msg, send).await
         }
+        Ok(Some(Envelope {
+            body: Body::RelayRequest(req),
+            ..
+        })) => crate::relay::service::serve(inner, peer, remote, req, send).await,
         Ok(Some(Envelope {
             body: Body::OpenStream,
             ..

@@ -65,6 +65,9 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
     pub rtt_ms: u64,
     pub direction: Direction,
+    /// The relay the connection goes through (`addr` is then the relay's
+    /// address); `None` for a direct connection.
+    pub relay: Option<PeerId>,
 }
 
 /// Who opened a connection.
@@ -107,6 +110,9 @@ pub(crate) struct Inner {
     pub alt: Option<std::net::UdpSocket>,
     /// Our external addresses as peers report them.
     pub observed: std::sync::Mutex<reach_proto::nat::ObservedAddrs>,
+    /// Relay circuits, shared with the socket.
+    pub paths: Arc<crate::relay::paths::RelayPaths>,
+    pub relay: crate::relay::RelayRuntime,
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -132,8 +138,13 @@ impl Inner {
         }
     }
 
-    /// Records that the peer at `reporter` saw us at `observed`.
+    /// Records that the peer at `reporter` saw us at `observed`. Reports
+    /// over relayed paths say nothing about our own address.
     pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
+        use crate::relay::paths::is_virtual;
+        if is_virtual(&observed) || is_virtual(&reporter) {
+            return;
+        }
         if let Ok(mut o) = self.observed.lock() {
             o.record(observed, reporter.ip());
         }
@@ -300,7 +311,65 @@ impl Node {
 
     /// Peers with a live connection.
     pub fn connected_peers(&self) -> Vec<PeerInfo> {
-        self.inner.peers.connected()
+        let mut peers = self.inner.peers.connected();
+        for p in &mut peers {
+            if let Some(path) = self.inner.paths.path(&p.addr) {
+                p.addr = path.relay_addr;
+                p.relay = Some(path.relay);
+            }
+        }
+        peers
+    }
+
+    /// Closes the connection to `peer`, if any (the peer sees it closed).
+    /// The next `send` or `connect` dials again.
+    pub fn disconnect(&self, peer: PeerId) {
+        if let Some(conn) = self.inner.peers.live(&peer) {
+            conn.close(0u32.into(), b"disconnect");
+            self.inner.peers.remove_if_current(peer, conn.stable_id());
+        }
+    }
+
+    /// Connects to `peer` through `relay` (at `relay_addr`), even if a
+    /// direct path exists, unless a live connection exists already. For
+    /// tests and measurements; `connect` picks relays by itself.
+    pub async fn connect_via_relay(
+        &self,
+        peer: PeerId,
+        relay: PeerId,
+        relay_addr: SocketAddr,
+    ) -> Result<()> {
+        if self.inner.peers.live(&peer).is_some() {
+            return Ok(());
+        }
+        let conn = crate::relay::client::dial_via(&self.inner, relay, relay_addr, peer).await?;
+        stats::bump(&self.inner.counters.connections_outbound);
+        inbound::register(&self.inner, peer, conn, Direction::Outbound);
+        Ok(())
+    }
+
+    /// The relay side of this node: whether it serves as a relay, which
+    /// relay it holds, its reservations and circuits.
+    pub fn relay_status(&self) -> crate::relay::RelayStatus {
+        let r = &self.inner.relay;
+        let held = r.held();
+        crate::relay::RelayStatus {
+            service: r.service,
+            acquire: r.acquire,
+            serving: r.is_serving(),
+            reachability: r.reachability(),
+            held_relay: held.map(|(p, _)| p),
+            held_relay_addr: held.map(|(_, a)| a),
+            reservations: self.inner.paths.reservation_count(),
+            circuits: self.inner.paths.circuits(),
+            relayed_connections: self
+                .inner
+                .peers
+                .connected()
+                .iter()
+                .filter(|p| crate::relay::paths::is_virtual(&p.addr))
+                .count(),
+        }
     }
 
     /// Asks the node at `addr` which address it sees this node's packets come
@@ -349,6 +418,8 @@ impl Node {
             &self.inner.counters,
             &self.inner.demux_stats,
             &self.inner.dht,
+            &self.inner.relay.counters,
+            &self.inner.paths.stats,
         )
     }
 

@@ -17,15 +17,29 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::{Direction, Inner, PeerInfo, inbound, stats};
 use crate::dht::ops;
+use crate::relay::paths::is_virtual;
+use reach_proto::dht::record::{AddrKind, TypedAddr};
 use crate::error::{Error, Result};
 use crate::{tls, transport};
 
 /// Addresses remembered per peer; the oldest are forgotten first.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
+/// Relays remembered per peer.
+pub const MAX_RELAYS_PER_PEER: usize = 4;
+/// Happy eyeballs: how long direct addresses have to themselves before the
+/// relayed dial starts too. A direct path wins when it works quickly; a
+/// NATed peer costs this much extra at most.
+pub const RELAY_DIAL_DELAY: Duration = Duration::from_millis(250);
+/// When dialing known addresses has not succeeded within this, the peer's
+/// endpoint record is looked up in parallel (it may have moved, or changed
+/// relays).
+pub const RESOLVE_AFTER: Duration = Duration::from_secs(1);
 
 #[derive(Default)]
 struct PeerEntry {
     addrs: Vec<SocketAddr>,
+    /// Relays the peer published (relay id, relay address), newest first.
+    relays: Vec<(PeerId, SocketAddr)>,
     conn: Option<(quinn::Connection, Direction)>,
     dial_lock: Arc<AsyncMutex<()>>,
     /// The application sent or received a message or stream on the current
@@ -57,7 +71,9 @@ impl PeerTable {
     /// Adds addresses for `peer`, newest first, keeping at most
     /// [`MAX_ADDRS_PER_PEER`].
     pub fn remember(&self, peer: PeerId, addrs: impl IntoIterator<Item = SocketAddr>) {
-        let new: Vec<SocketAddr> = addrs.into_iter().collect();
+        // Virtual (relayed) addresses mean nothing outside this process's
+        // circuits; relays are remembered as relays.
+        let new: Vec<SocketAddr> = addrs.into_iter().filter(|a| !is_virtual(a)).collect();
         if new.is_empty() {
             return;
         }
@@ -74,9 +90,47 @@ impl PeerTable {
         });
     }
 
+    /// Remembers the typed addresses of `peer`'s endpoint record: relays as
+    /// relays, the others as addresses (LAN ones first).
+    pub fn remember_typed(&self, peer: PeerId, typed: &[TypedAddr]) {
+        let mut direct: Vec<&TypedAddr> = typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
+        direct.sort_by_key(|t| t.kind != AddrKind::Lan);
+        self.remember(peer, direct.iter().map(|t| t.addr));
+        let relays: Vec<(PeerId, SocketAddr)> = typed
+            .iter()
+            .filter(|t| t.kind == AddrKind::Relay)
+            .filter_map(|t| Some((t.via?, t.addr)))
+            .filter(|(r, a)| *r != peer && !is_virtual(a))
+            .collect();
+        if relays.is_empty() {
+            return;
+        }
+        self.with(|m| {
+            let e = m.entry(peer).or_default();
+            // A record's relays replace the old ones: a peer that changed
+            // relays is not to be dialed through the old one.
+            e.relays = relays;
+            e.relays.truncate(MAX_RELAYS_PER_PEER);
+        });
+    }
+
+    /// Whether some live connection has remote address `addr`.
+    pub fn connected_addr(&self, addr: &SocketAddr) -> bool {
+        self.with(|m| {
+            m.values().any(|e| {
+                e.conn
+                    .as_ref()
+                    .is_some_and(|(c, _)| c.close_reason().is_none() && c.remote_address() == *addr)
+            })
+        })
+    }
+
     /// Adds `addr` as the least preferred address of `peer` if it is new
     /// and there is room.
     pub fn remember_fallback(&self, peer: PeerId, addr: SocketAddr) {
+        if is_virtual(&addr) {
+            return;
+        }
         self.with(|m| {
             let e = m.entry(peer).or_default();
             if !e.addrs.contains(&addr) && e.addrs.len() < MAX_ADDRS_PER_PEER {
@@ -85,7 +139,8 @@ impl PeerTable {
         });
     }
 
-    fn live(&self, peer: &PeerId) -> Option<quinn::Connection> {
+    /// The live connection to `peer`, if any.
+    pub fn live(&self, peer: &PeerId) -> Option<quinn::Connection> {
         self.with(|m| {
             m.get(peer)
                 .and_then(|e| e.conn.as_ref())
@@ -94,10 +149,16 @@ impl PeerTable {
         })
     }
 
-    fn addrs_and_lock(&self, peer: PeerId) -> (Vec<SocketAddr>, Arc<AsyncMutex<()>>) {
+    fn addrs_and_lock(&self, peer: PeerId) -> (Known, Arc<AsyncMutex<()>>) {
         self.with(|m| {
             let e = m.entry(peer).or_default();
-            (e.addrs.clone(), e.dial_lock.clone())
+            (
+                Known {
+                    addrs: e.addrs.clone(),
+                    relays: e.relays.clone(),
+                },
+                e.dial_lock.clone(),
+            )
         })
     }
 
@@ -158,6 +219,7 @@ impl PeerTable {
                         addr: c.remote_address(),
                         rtt_ms: c.rtt().as_millis() as u64,
                         direction: *dir,
+                        relay: None,
                     })
                 })
                 .collect()
@@ -189,6 +251,19 @@ pub(crate) async fn connection_known(
     Ok(conn)
 }
 
+/// Where a peer may be dialed.
+#[derive(Debug, Clone, Default)]
+struct Known {
+    addrs: Vec<SocketAddr>,
+    relays: Vec<(PeerId, SocketAddr)>,
+}
+
+impl Known {
+    fn is_empty(&self) -> bool {
+        self.addrs.is_empty() && self.relays.is_empty()
+    }
+}
+
 async fn connect_with(
     inner: &Arc<Inner>,
     peer: PeerId,
@@ -208,57 +283,88 @@ async fn connect_with(
         return Ok(c);
     }
     let (_, lock) = inner.peers.addrs_and_lock(peer);
-    let dialing = lock.lock().await;
+    let _dialing = lock.lock().await;
     // Someone else may have connected while we waited for the lock.
     if let Some(c) = inner.peers.live(&peer) {
         return Ok(c);
     }
-    let (mut addrs, _) = inner.peers.addrs_and_lock(peer);
+    let (mut known, _) = inner.peers.addrs_and_lock(peer);
     for h in hint {
-        if !addrs.contains(h) {
-            addrs.push(*h);
+        if !known.addrs.contains(h) {
+            known.addrs.push(*h);
         }
     }
-    let first = if addrs.is_empty() {
-        Err(Error::NoAddress(peer))
-    } else {
-        dial_any(inner, peer, &addrs).await
-    };
-    let conn = match first {
-        Ok(c) => c,
-        // A proven impostor at a known address is not fixed by a lookup.
-        Err(e @ Error::PeerIdMismatch { .. }) => return Err(e),
-        Err(e) if !resolve => return Err(e),
-        Err(first_err) => {
-            // Not under the dial lock: the lookup may well query this very
-            // peer, and that query must not wait for us.
-            drop(dialing);
-            let (_, typed) = match ops::resolve(inner, peer).await {
-                Ok(found) => found,
-                Err(Error::NotFound(_)) if !matches!(first_err, Error::NoAddress(_)) => {
-                    return Err(first_err);
-                }
-                Err(e) => return Err(e),
-            };
-            let fresh: Vec<SocketAddr> = typed
-                .iter()
-                .map(|t| t.addr)
-                .filter(|a| !addrs.contains(a))
-                .collect();
-            if fresh.is_empty() {
-                return Err(first_err);
-            }
-            inner.peers.remember(peer, fresh.iter().copied());
-            let _dialing = lock.lock().await;
-            // The lookup itself may have connected us.
-            if let Some(c) = inner.peers.live(&peer) {
-                return Ok(c);
-            }
-            dial_any(inner, peer, &fresh).await?
+    let conn = if !resolve {
+        if known.is_empty() {
+            return Err(Error::NoAddress(peer));
         }
+        dial_any(inner, peer, &known).await?
+    } else {
+        dial_or_resolve(inner, peer, known).await?
     };
     inbound::register(inner, peer, conn.clone(), Direction::Outbound);
     Ok(conn)
+}
+
+/// Dials the known addresses and, if that has not worked within
+/// [`RESOLVE_AFTER`] (at once when nothing is known), also resolves the
+/// peer's endpoint record and dials what is new in it. The first
+/// authenticated connection wins.
+///
+/// Boxed with a named type: resolving runs DHT requests, which dial.
+fn dial_or_resolve(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    known: Known,
+) -> futures::future::BoxFuture<'_, Result<quinn::Connection>> {
+    Box::pin(dial_or_resolve_inner(inner, peer, known))
+}
+
+async fn dial_or_resolve_inner(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    known: Known,
+) -> Result<quinn::Connection> {
+    use futures::FutureExt;
+    let nothing_known = known.is_empty();
+    let direct = {
+        let known = known.clone();
+        async move {
+            if known.is_empty() {
+                return Err(Error::NoAddress(peer));
+            }
+            dial_any(inner, peer, &known).await
+        }
+    };
+    let via_record = async move {
+        if !nothing_known {
+            tokio::time::sleep(RESOLVE_AFTER).await;
+        }
+        let (_, typed) = ops::resolve(inner, peer).await?;
+        inner.peers.remember_typed(peer, &typed);
+        let fresh = Known {
+            addrs: typed
+                .iter()
+                .filter(|t| t.kind != AddrKind::Relay)
+                .map(|t| t.addr)
+                .filter(|a| !known.addrs.contains(a))
+                .collect(),
+            relays: typed
+                .iter()
+                .filter(|t| t.kind == AddrKind::Relay)
+                .filter_map(|t| Some((t.via?, t.addr)))
+                .filter(|r| !known.relays.contains(r))
+                .collect(),
+        };
+        if fresh.is_empty() {
+            return Err(Error::NotFound(peer));
+        }
+        dial_any(inner, peer, &fresh).await
+    };
+    match futures::future::select_ok([direct.boxed(), via_record.boxed()]).await {
+        Ok((conn, _)) => Ok(conn),
+        Err(e) => Err(e),
+    }
 }
 
 /// Dials a bare address whose identity we do not know yet (bootstrap):
@@ -311,13 +417,30 @@ pub(crate) async fn open_uni(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::
     }
 }
 
-/// Dials all `addrs` at once; the first authenticated connection wins.
-async fn dial_any(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-    addrs: &[SocketAddr],
-) -> Result<quinn::Connection> {
-    let mut attempts: FuturesUnordered<_> = addrs.iter().map(|&a| dial(inner, peer, a)).collect();
+/// Dials all direct addresses at once and, [`RELAY_DIAL_DELAY`] later (at
+/// once if there are none), through each relay; the first authenticated
+/// connection wins.
+async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<quinn::Connection> {
+    use futures::FutureExt;
+    let delay = if known.addrs.is_empty() {
+        Duration::ZERO
+    } else {
+        RELAY_DIAL_DELAY
+    };
+    let mut attempts: FuturesUnordered<_> = known
+        .addrs
+        .iter()
+        .map(|&a| dial(inner, peer, a).boxed())
+        .collect();
+    for &(relay, relay_addr) in &known.relays {
+        attempts.push(
+            async move {
+                tokio::time::sleep(delay).await;
+                crate::relay::client::dial_via(inner, relay, relay_addr, peer).await
+            }
+            .boxed(),
+        );
+    }
     let mut failures = Vec::new();
     while let Some(res) = attempts.next().await {
         match res {
@@ -343,7 +466,12 @@ async fn dial_any(
     })
 }
 
-async fn dial(inner: &Arc<Inner>, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection> {
+/// One QUIC handshake with `peer` at `addr` (real or virtual).
+pub(crate) async fn dial(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection> {
     let (client, seen) = tls::client_config(&inner.keypair, peer)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
         .map_err(|e| Error::Tls(e.to_string()))?;

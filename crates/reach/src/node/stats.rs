@@ -64,10 +64,32 @@ pub struct NodeStats {
     pub dht_resolution_failures: u64,
     pub dht_routing_table_size: u64,
     pub dht_records_stored: u64,
+    pub relay_reservations_granted: u64,
+    pub relay_reservations_refused: u64,
+    pub relay_circuits_opened: u64,
+    pub relay_circuits_refused: u64,
+    pub relay_forwarded_packets: u64,
+    pub relay_forwarded_bytes: u64,
+    pub relay_dropped_unknown: u64,
+    pub relay_dropped_rate_limited: u64,
+    pub relayed_dials: u64,
+    pub relayed_dial_failures: u64,
+    pub relayed_packets_sent: u64,
+    pub relayed_packets_received: u64,
+    pub relay_mixed_dropped: u64,
+    pub relay_acquisitions: u64,
+    pub relay_acquisition_failures: u64,
+    pub relay_losses: u64,
 }
 
 impl NodeStats {
-    pub(crate) fn collect(c: &Counters, d: &DemuxStats, dht: &crate::dht::Dht) -> Self {
+    pub(crate) fn collect(
+        c: &Counters,
+        d: &DemuxStats,
+        dht: &crate::dht::Dht,
+        r: &crate::relay::RelayCounters,
+        p: &crate::relay::paths::RelayPathStats,
+    ) -> Self {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
             messages_sent: g(&c.messages_sent),
@@ -98,6 +120,22 @@ impl NodeStats {
             dht_resolution_failures: g(&dht.counters.resolution_failures),
             dht_routing_table_size: dht.routing().len() as u64,
             dht_records_stored: dht.store().len() as u64,
+            relay_reservations_granted: g(&r.reservations_granted),
+            relay_reservations_refused: g(&r.reservations_refused),
+            relay_circuits_opened: g(&r.circuits_opened),
+            relay_circuits_refused: g(&r.circuits_refused),
+            relay_forwarded_packets: g(&p.forwarded_packets),
+            relay_forwarded_bytes: g(&p.forwarded_bytes),
+            relay_dropped_unknown: g(&p.dropped_unknown),
+            relay_dropped_rate_limited: g(&p.dropped_rate_limited),
+            relayed_dials: g(&r.relayed_dials),
+            relayed_dial_failures: g(&r.relayed_dial_failures),
+            relayed_packets_sent: g(&p.client_sent),
+            relayed_packets_received: g(&p.client_received),
+            relay_mixed_dropped: g(&d.relay_mixed_dropped),
+            relay_acquisitions: g(&r.acquisitions),
+            relay_acquisition_failures: g(&r.acquisition_failures),
+            relay_losses: g(&r.relay_losses),
         }
     }
 }

@@ -1,0 +1,66 @@
+//! The relay's signalling protocol: one request per bidirectional QUIC
+//! stream on the authenticated connection between a node and a relay, like
+//! the DHT's RPCs.
+//!
+//! ```text
+//! B (behind NAT)        relay R                    A (dialer)
+//!   ── Reserve ─────────►                            
+//!   ◄──────── Reserved ──                            
+//!                         ◄──────── Connect{B} ──────
+//!   ◄── Incoming{A, id} ──                            
+//!   ── Accepted ────────►                            
+//!                         ── Circuit{id} ───────────►
+//!   ◄═══ relay frames (circuit id) ═══ R ═══ relay frames ═══►
+//!        carrying end-to-end QUIC between A and B
+//! ```
+//!
+//! Circuit ids are random 64-bit values chosen by the relay; the relay
+//! forwards a frame only between the two addresses it bound to the circuit
+//! (the addresses of A's and B's own QUIC connections to it).
+
+use serde::{Deserialize, Serialize};
+
+use crate::PeerId;
+
+/// A request to a relay, or (`Incoming`) from a relay to its client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayRequest {
+    /// Reserve (or renew) a slot: "accept circuits for me".
+    Reserve,
+    /// Open a circuit to `target`, which must hold a reservation here.
+    Connect { target: PeerId },
+    /// Relay to client: `from` opened circuit `circuit` to you.
+    Incoming { from: PeerId, circuit: u64 },
+    /// Cancel our reservation (leaving cleanly).
+    Release,
+}
+
+/// The answer to a [`RelayRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RelayResponse {
+    /// The reservation holds for `ttl_s` seconds; renew before then.
+    Reserved { ttl_s: u32 },
+    /// The circuit is open: frame packets with this id.
+    Circuit { circuit: u64 },
+    /// The client accepted an incoming circuit, or a release was done.
+    Accepted,
+    /// Refused; `reason` is a stable kind string ([`refusal`]).
+    Refused { reason: String },
+}
+
+/// The stable refusal reasons a relay sends.
+pub mod refusal {
+    /// This node does not serve as a relay (not publicly reachable, or
+    /// relaying is turned off).
+    pub const NOT_A_RELAY: &str = "relay_not_serving";
+    /// The relay is at its client limit.
+    pub const FULL: &str = "relay_full";
+    /// The target holds no reservation at this relay.
+    pub const NO_RESERVATION: &str = "relay_no_reservation";
+    /// The target did not accept the circuit.
+    pub const TARGET_UNREACHABLE: &str = "relay_target_unreachable";
+    /// Too many circuits are open.
+    pub const TOO_MANY_CIRCUITS: &str = "relay_too_many_circuits";
+    /// A client refuses an incoming circuit it did not expect.
+    pub const NOT_RESERVED: &str = "relay_not_reserved_here";
+}

@@ -1,0 +1,258 @@
+//! Finding out whether this node is reachable, and if not, getting and
+//! keeping a relay: the runtime driver of reach-proto's
+//! [`RelayAcquisition`] state machine.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use reach_proto::dht::record::AddrKind;
+use reach_proto::dht::{K, Key};
+use reach_proto::relay::acquire::{Action, Event, RelayAcquisition};
+use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
+
+use super::{Reachability, RelayMode, client, paths::is_virtual};
+use crate::dht::{DhtMode, join};
+use crate::node::{Inner, control, stats};
+
+/// Relay candidates tried per acquisition at most.
+pub const MAX_CANDIDATES: usize = 8;
+/// A health poll (a reservation renewal) must answer within this.
+pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often an unknown reachability is checked again (no helper yet).
+pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
+/// How often the driver looks at the routing table (a change cuts a
+/// backoff short).
+pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
+
+/// Checks whether unsolicited packets reach us, with connected peers as
+/// helpers: public when a never-contacted host's probe gets through, or when
+/// our address is not translated and a probe from a port we never sent to
+/// gets through (a plain public host; firewalls drop that probe).
+pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
+    let mut helpers: Vec<SocketAddr> = inner
+        .peers
+        .connected()
+        .into_iter()
+        .map(|p| p.addr)
+        .filter(|a| !is_virtual(a))
+        .collect();
+    helpers.sort_by_key(|a| a.ip() == inner.local_addr.ip());
+    let Some(&helper) = helpers.first() else {
+        return Reachability::Unknown;
+    };
+    let Ok(observed) = control::probe(inner, helper).await else {
+        return Reachability::Unknown;
+    };
+    let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
+    exclude.dedup();
+    exclude.truncate(MAX_FILTER_EXCLUDES);
+    let other_host = control::filter_test(inner, helper, FilterVia::OtherHost, exclude)
+        .await
+        .unwrap_or(false);
+    if other_host {
+        return Reachability::Public(observed);
+    }
+    let untranslated = crate::node::local_addrs_of(inner).contains(&observed);
+    if untranslated {
+        let other_port = control::filter_test(inner, helper, FilterVia::OtherPort, vec![])
+            .await
+            .unwrap_or(false);
+        if other_port {
+            return Reachability::Public(observed);
+        }
+    }
+    Reachability::Private
+}
+
+/// Runs for the node's lifetime: checks reachability after joining, turns
+/// the relay service on for a public node (mode `auto`), and acquires and
+/// keeps a relay for a node that needs one.
+pub(crate) async fn drive(inner: Arc<Inner>) {
+    let mut joined = inner.dht.joined.subscribe();
+    if joined.wait_for(|j| *j).await.is_err() {
+        return;
+    }
+    let relay = &inner.relay;
+    let needs_check = relay.service == RelayMode::Auto || relay.acquire == RelayMode::Auto;
+    let mut reach = Reachability::Unknown;
+    if needs_check {
+        loop {
+            reach = check_reachability(&inner).await;
+            if reach != Reachability::Unknown {
+                break;
+            }
+            tokio::time::sleep(RECHECK_UNKNOWN).await;
+        }
+        relay.set_reachability(reach);
+        tracing::debug!(?reach, "reachability checked");
+    }
+    if let Reachability::Public(_) = reach {
+        if relay.service == RelayMode::Auto {
+            relay
+                .serving
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Republish with the now verified address.
+        join::publish_endpoint(&inner).await;
+    }
+    let wants_relay = match relay.acquire {
+        RelayMode::On => true,
+        RelayMode::Off => false,
+        RelayMode::Auto => reach == Reachability::Private,
+    };
+    if wants_relay && inner.dht.mode == DhtMode::Server {
+        hold_relay(inner).await;
+    }
+}
+
+/// The acquisition loop: carries out the machine's actions in order and
+/// feeds it what happens.
+async fn hold_relay(inner: Arc<Inner>) {
+    let mut m = RelayAcquisition::new();
+    let now = || inner.dht.now();
+    let confirmed = inner
+        .observed
+        .lock()
+        .map(|o| o.confirmed())
+        .unwrap_or_default();
+    for addr in confirmed {
+        m.handle(
+            Event::OwnAddr {
+                addr,
+                verified: false,
+            },
+            now(),
+        );
+    }
+    let mut relay_conn: Option<quinn::Connection> = None;
+    // The relay just lost is not retried at once; a relay chosen from
+    // outside our K closest is not dropped for being outside them.
+    let mut lost: Option<reach_proto::PeerId> = None;
+    let mut was_close = false;
+    let mut routing_size = inner.dht.routing().len();
+    loop {
+        while let Some(action) = m.poll_action() {
+            match action {
+                Action::Publish(addrs) => {
+                    let held = addrs
+                        .iter()
+                        .find(|a| a.kind == AddrKind::Relay)
+                        .and_then(|a| Some((a.via?, a.addr)));
+                    inner.relay.set_held(held);
+                    join::publish_endpoint(&inner).await;
+                }
+                Action::Acquire => match acquire_one(&inner, lost.take()).await {
+                    Some((relay, addr, conn)) => {
+                        was_close = among_closest(&inner, relay);
+                        stats::bump(&inner.relay.counters.acquisitions);
+                        tracing::debug!(%relay, %addr, "holding a relay");
+                        relay_conn = Some(conn);
+                        m.handle(Event::Reserved { relay, addr }, now());
+                    }
+                    None => {
+                        stats::bump(&inner.relay.counters.acquisition_failures);
+                        m.handle(Event::ReservationFailed, now());
+                    }
+                },
+                Action::CheckHealth { relay } => {
+                    let alive = match inner.relay.held() {
+                        Some((r, addr)) if r == relay => tokio::time::timeout(
+                            HEALTH_TIMEOUT,
+                            client::reserve(&inner, relay, addr),
+                        )
+                        .await
+                        .is_ok_and(|r| r.is_ok()),
+                        _ => false,
+                    };
+                    if !alive {
+                        lost = Some(relay);
+                        relay_lost(&inner, &mut m, &mut relay_conn);
+                    } else if was_close && !among_closest(&inner, relay) {
+                        // Still alive, but no longer one of our K closest:
+                        // hand over to a closer one (publishing direct-only
+                        // first, as on a loss).
+                        m.handle(Event::RelayLeftClosest, now());
+                        relay_conn = None;
+                    }
+                }
+            }
+        }
+        let wait = m
+            .poll_timeout()
+            .map(|t| t.saturating_sub(now()))
+            .unwrap_or(ROUTING_WATCH)
+            .min(ROUTING_WATCH);
+        let closed = async {
+            match &relay_conn {
+                Some(c) => {
+                    c.closed().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {
+                m.handle_timeout(now());
+                let size = inner.dht.routing().len();
+                if size != routing_size {
+                    routing_size = size;
+                    m.handle(Event::RoutingChanged, now());
+                }
+            }
+            _ = closed => {
+                lost = inner.relay.held().map(|(r, _)| r);
+                relay_lost(&inner, &mut m, &mut relay_conn);
+            }
+        }
+    }
+}
+
+fn relay_lost(
+    inner: &Arc<Inner>,
+    m: &mut RelayAcquisition,
+    relay_conn: &mut Option<quinn::Connection>,
+) {
+    stats::bump(&inner.relay.counters.relay_losses);
+    tracing::debug!(relay = ?inner.relay.held(), "relay lost");
+    *relay_conn = None;
+    m.handle(Event::RelayLost, inner.dht.now());
+}
+
+/// Whether `relay` is among our K closest contacts, or we know fewer than K
+/// (then every contact is "close").
+fn among_closest(inner: &Inner, relay: reach_proto::PeerId) -> bool {
+    let table = inner.dht.routing();
+    let own = Key::for_peer(&inner.peer_id);
+    let closest = table.closest(&own, K);
+    closest.len() < K || closest.iter().any(|c| c.peer == relay)
+}
+
+/// Tries candidates, DHT-closest first, until one grants a reservation.
+async fn acquire_one(
+    inner: &Arc<Inner>,
+    exclude: Option<reach_proto::PeerId>,
+) -> Option<(reach_proto::PeerId, SocketAddr, quinn::Connection)> {
+    let own = Key::for_peer(&inner.peer_id);
+    let mut candidates: Vec<(reach_proto::PeerId, SocketAddr)> = inner
+        .dht
+        .routing()
+        .closest(&own, K)
+        .into_iter()
+        .map(|c| (c.peer, c.addr))
+        .collect();
+    // Connected peers we already know are alive come next.
+    for p in inner.peers.connected() {
+        if !candidates.iter().any(|(id, _)| *id == p.peer) {
+            candidates.push((p.peer, p.addr));
+        }
+    }
+    candidates.retain(|(id, a)| !is_virtual(a) && Some(*id) != exclude);
+    for (relay, addr) in candidates.into_iter().take(MAX_CANDIDATES) {
+        match client::reserve(inner, relay, addr).await {
+            Ok((conn, _ttl)) => return Some((relay, conn.remote_address(), conn)),
+            Err(e) => tracing::debug!(%relay, error = %e, "relay candidate refused"),
+        }
+    }
+    None
+}

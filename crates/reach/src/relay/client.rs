@@ -1,0 +1,180 @@
+//! The client side of relaying: reserving a slot at a relay, dialing a peer
+//! through its relay, and accepting circuits a relay announces.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+
+use reach_proto::PeerId;
+use reach_proto::relay::rpc::{RelayRequest, RelayResponse};
+use reach_proto::wire::FRAME_HEADER_LEN;
+use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
+
+use crate::error::{Error, Result};
+use crate::node::{Inner, peers, stats};
+use crate::transport;
+
+/// Time for one relay request, including dialing the relay if needed.
+pub const RELAY_RPC_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Sends one relay request on `conn` and reads the answer.
+pub(crate) async fn rpc(conn: &quinn::Connection, request: RelayRequest) -> Result<RelayResponse> {
+    let fail = |e: &dyn std::fmt::Display| Error::Relay {
+        reason: e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
+    let frame = Envelope::new(Body::RelayRequest(request)).to_frame()?;
+    send.write_all(&frame).await.map_err(|e| fail(&e))?;
+    send.finish().map_err(|e| fail(&e))?;
+    let bytes = recv
+        .read_to_end(MAX_CONTROL_ENVELOPE_LEN + FRAME_HEADER_LEN)
+        .await
+        .map_err(|e| fail(&e))?;
+    match Envelope::from_frame(&bytes, MAX_CONTROL_ENVELOPE_LEN)?.body {
+        Body::RelayResponse(r) => Ok(r),
+        _ => Err(fail(&"answered with something other than a relay response")),
+    }
+}
+
+/// The connection to `relay` (dialing `addr` if needed) and its answer to
+/// `request`, within [`RELAY_RPC_TIMEOUT`].
+async fn ask(
+    inner: &Arc<Inner>,
+    relay: PeerId,
+    addr: SocketAddr,
+    request: RelayRequest,
+) -> Result<(quinn::Connection, RelayResponse)> {
+    let go = async {
+        let conn = peers::connection_known(inner, relay, &[addr]).await?;
+        let answer = rpc(&conn, request).await?;
+        Ok((conn, answer))
+    };
+    tokio::time::timeout(RELAY_RPC_TIMEOUT, go)
+        .await
+        .map_err(|_| Error::Timeout("relay request"))?
+}
+
+/// Reserves (or renews) a slot at `relay`. Returns the connection that
+/// carries the reservation and its lifetime.
+pub(crate) async fn reserve(
+    inner: &Arc<Inner>,
+    relay: PeerId,
+    addr: SocketAddr,
+) -> Result<(quinn::Connection, Duration)> {
+    match ask(inner, relay, addr, RelayRequest::Reserve).await? {
+        (conn, RelayResponse::Reserved { ttl_s }) => {
+            // Circuits arrive on this connection: keep it open.
+            inner.peers.touch(&relay, true);
+            Ok((conn, Duration::from_secs(u64::from(ttl_s))))
+        }
+        (_, RelayResponse::Refused { reason }) => Err(Error::RelayRefused { relay, reason }),
+        _ => Err(Error::Relay {
+            reason: format!("{relay} answered a reservation with something else"),
+        }),
+    }
+}
+
+/// Dials `target` through `relay`: asks the relay for a circuit, then runs
+/// an ordinary QUIC handshake with `target` over it.
+///
+/// Boxed with a named type: dialing a relay may itself dial (the relay), and
+/// that recursion needs a concrete future type.
+pub(crate) fn dial_via(
+    inner: &Arc<Inner>,
+    relay: PeerId,
+    relay_addr: SocketAddr,
+    target: PeerId,
+) -> BoxFuture<'_, Result<quinn::Connection>> {
+    Box::pin(async move {
+        stats::bump(&inner.relay.counters.relayed_dials);
+        let res = dial_via_inner(inner, relay, relay_addr, target).await;
+        if res.is_err() {
+            stats::bump(&inner.relay.counters.relayed_dial_failures);
+        }
+        res
+    })
+}
+
+async fn dial_via_inner(
+    inner: &Arc<Inner>,
+    relay: PeerId,
+    relay_addr: SocketAddr,
+    target: PeerId,
+) -> Result<quinn::Connection> {
+    if relay == inner.peer_id || relay == target {
+        return Err(Error::Relay {
+            reason: "a peer cannot be its own relay".into(),
+        });
+    }
+    let (conn, answer) = ask(inner, relay, relay_addr, RelayRequest::Connect { target }).await?;
+    let circuit = match answer {
+        RelayResponse::Circuit { circuit } => circuit,
+        RelayResponse::Refused { reason } => return Err(Error::RelayRefused { relay, reason }),
+        _ => {
+            return Err(Error::Relay {
+                reason: format!("{relay} answered a circuit request with something else"),
+            });
+        }
+    };
+    let virt = inner
+        .paths
+        .add_virtual(relay, conn.remote_address(), circuit)
+        .ok_or_else(|| Error::Relay {
+            reason: "too many relayed paths".into(),
+        })?;
+    match peers::dial(inner, target, virt).await {
+        Ok(c) => Ok(c),
+        Err(e) => {
+            inner.paths.forget_virtual(&virt);
+            Err(e)
+        }
+    }
+}
+
+/// Forgets a relayed connection's virtual address once it closes (called
+/// for every registered connection over a virtual address).
+pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
+    let paths = inner.paths.clone();
+    inner.spawn(async move {
+        conn.closed().await;
+        paths.forget_virtual(&conn.remote_address());
+    });
+}
+
+/// A relay announced circuit `circuit` from `from`: accept it if we hold a
+/// reservation at that relay, so the handshake that follows reaches us.
+pub(crate) fn accept_incoming(
+    inner: &Arc<Inner>,
+    relay: PeerId,
+    relay_addr: SocketAddr,
+    from: PeerId,
+    circuit: u64,
+) -> RelayResponse {
+    if inner.relay.held().is_none_or(|(r, _)| r != relay) {
+        return RelayResponse::Refused {
+            reason: reach_proto::relay::rpc::refusal::NOT_RESERVED.into(),
+        };
+    }
+    let Some(virt) = inner.paths.add_virtual(relay, relay_addr, circuit) else {
+        return RelayResponse::Refused {
+            reason: reach_proto::relay::rpc::refusal::TOO_MANY_CIRCUITS.into(),
+        };
+    };
+    tracing::debug!(%from, %relay, circuit, "accepted a relayed circuit");
+    // If no handshake comes over it in time, the path is dropped again;
+    // once a connection uses it, it lives as long as that connection.
+    let paths = inner.paths.clone();
+    let weak = Arc::downgrade(inner);
+    inner.spawn(async move {
+        tokio::time::sleep(transport::CONNECT_TIMEOUT).await;
+        let used = weak
+            .upgrade()
+            .is_some_and(|i| i.peers.connected_addr(&virt));
+        if !used {
+            paths.forget_virtual(&virt);
+        }
+    });
+    RelayResponse::Accepted
+}

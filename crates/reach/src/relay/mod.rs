@@ -1,0 +1,130 @@
+//! Relays: the capability that makes every node reachable by key.
+//!
+//! - [`paths`]: circuits and virtual addresses, shared with the socket (the
+//!   data path: relayed QUIC packets never leave the receive path of a relay);
+//! - [`service`]: a publicly reachable node serving reservations and opening
+//!   circuits;
+//! - [`client`]: reserving at a relay, dialing a peer through its relay,
+//!   accepting incoming circuits;
+//! - [`acquire`]: the driver of reach-proto's acquisition state machine in a
+//!   node that is not directly reachable.
+//!
+//! End-to-end encryption: the packets a relay forwards are the two peers'
+//! own QUIC packets (TLS 1.3 keys only they hold); the relay sees who talks
+//! to whom, when, and how much.
+
+pub(crate) mod acquire;
+pub(crate) mod client;
+pub mod paths;
+pub(crate) mod service;
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64};
+
+use reach_proto::PeerId;
+use reach_proto::relay::service::RelayLimits;
+use serde::{Deserialize, Serialize};
+
+/// Whether a node relays for others, or acquires a relay for itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayMode {
+    /// Decide by reachability: serve as a relay once verified publicly
+    /// reachable; acquire a relay once verified not to be.
+    #[default]
+    Auto,
+    /// Always (a relay known to be public; a node known to be behind NAT).
+    On,
+    /// Never.
+    Off,
+}
+
+/// What a node found out about its own reachability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "addr")]
+pub enum Reachability {
+    /// Not checked yet (or no helper was available).
+    Unknown,
+    /// Unsolicited packets from a never-contacted host reach us at this
+    /// address.
+    Public(SocketAddr),
+    /// They do not: we need a relay.
+    Private,
+}
+
+/// Counters of the relay capability.
+#[derive(Debug, Default)]
+pub struct RelayCounters {
+    pub reservations_granted: AtomicU64,
+    pub reservations_refused: AtomicU64,
+    pub circuits_opened: AtomicU64,
+    pub circuits_refused: AtomicU64,
+    pub relayed_dials: AtomicU64,
+    pub relayed_dial_failures: AtomicU64,
+    pub acquisitions: AtomicU64,
+    pub acquisition_failures: AtomicU64,
+    pub relay_losses: AtomicU64,
+}
+
+/// Relay state of a node.
+pub(crate) struct RelayRuntime {
+    pub service: RelayMode,
+    pub acquire: RelayMode,
+    pub limits: RelayLimits,
+    /// Serving reservations right now.
+    pub serving: AtomicBool,
+    /// The relay we hold a reservation at, as published.
+    pub held: Mutex<Option<(PeerId, SocketAddr)>>,
+    pub reachability: Mutex<Reachability>,
+    pub counters: RelayCounters,
+}
+
+impl RelayRuntime {
+    pub fn new(service: RelayMode, acquire: RelayMode, limits: RelayLimits) -> Self {
+        RelayRuntime {
+            service,
+            acquire,
+            limits,
+            serving: AtomicBool::new(service == RelayMode::On),
+            held: Mutex::new(None),
+            reachability: Mutex::new(Reachability::Unknown),
+            counters: RelayCounters::default(),
+        }
+    }
+
+    pub fn held(&self) -> Option<(PeerId, SocketAddr)> {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_held(&self, held: Option<(PeerId, SocketAddr)>) {
+        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+    }
+
+    pub fn reachability(&self) -> Reachability {
+        *self.reachability.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn set_reachability(&self, r: Reachability) {
+        *self.reachability.lock().unwrap_or_else(|p| p.into_inner()) = r;
+    }
+
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The relay state as `Node::relay_status` and the control API show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct RelayStatus {
+    pub service: RelayMode,
+    pub acquire: RelayMode,
+    pub serving: bool,
+    pub reachability: Reachability,
+    /// The relay this node holds a reservation at.
+    pub held_relay: Option<PeerId>,
+    pub held_relay_addr: Option<SocketAddr>,
+    pub reservations: usize,
+    pub circuits: Vec<paths::CircuitInfo>,
+    pub relayed_connections: usize,
+}
