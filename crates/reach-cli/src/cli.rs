@@ -108,6 +108,25 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Connect every pair of NAT kinds by PeerId alone: two sites of every
+    /// kind with a default-configured reach node each (nodes behind NATs
+    /// acquire relays by themselves), three public bootstrap/relay nodes;
+    /// per pair: runs, connected, direct, relayed, failed, connect time.
+    /// Fails unless every run of every pair delivered its message.
+    Matrix {
+        /// Only these kinds (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Connect-and-deliver runs per pair (each dials afresh).
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+        /// One-way delay added on every router's WAN side (tc netem).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u32,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

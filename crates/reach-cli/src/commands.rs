@@ -97,6 +97,12 @@ pub async fn run(cli: Cli) -> Result<()> {
             delay_ms,
             json,
         }) => lab_nat(kinds, delay_ms, json).await,
+        Command::Lab(LabCommand::Matrix {
+            kinds,
+            runs,
+            delay_ms,
+            json,
+        }) => lab_matrix(kinds, runs, delay_ms, json).await,
         Command::Demo(args) => demo::run(args).await,
     }
 }
@@ -251,10 +257,9 @@ fn print_nat(r: &serde_json::Value) {
 }
 
 /// `reach lab nat`: the NAT classification over every lab kind.
-async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
-    use reach_lab::matrix::{NatMatrixOptions, run};
+fn parse_kinds(kinds: Vec<String>) -> Result<Vec<reach_lab::nat::NatKind>> {
     use reach_lab::nat::{ALL_KINDS, NatKind};
-    let kinds = if kinds.is_empty() {
+    Ok(if kinds.is_empty() {
         ALL_KINDS.to_vec()
     } else {
         kinds
@@ -266,8 +271,58 @@ async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
                 })
             })
             .collect::<Result<Vec<_>>>()?
+    })
+}
+
+async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) -> Result<()> {
+    use reach_lab::pairs::{PairMatrixOptions, run};
+    let opts = PairMatrixOptions {
+        kinds: parse_kinds(kinds)?,
+        runs,
+        delay_ms,
     };
-    let opts = NatMatrixOptions { kinds, delay_ms };
+    let report = tokio::select! {
+        r = run(&opts) => r?,
+        _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{:<9} {:<9} {:>4} {:>9} {:>6} {:>7} {:>6} {:>8}",
+            "a", "b", "runs", "connected", "direct", "relayed", "failed", "p50 ms"
+        );
+        for p in &report.pairs {
+            println!(
+                "{:<9} {:<9} {:>4} {:>9} {:>6} {:>7} {:>6} {:>8}",
+                p.a.name(),
+                p.b.name(),
+                p.runs,
+                p.connected,
+                p.direct,
+                p.relayed,
+                p.failed,
+                p.connect_ms_p50.map_or("-".into(), |v| format!("{v:.2}"))
+            );
+            if let Some(e) = &p.error {
+                println!("          first failure: {e}");
+            }
+        }
+        println!(
+            "all connected: {} ({} ms)",
+            report.all_connected, report.wall_ms
+        );
+    }
+    anyhow::ensure!(report.all_connected, "some pairs did not connect in every run");
+    Ok(())
+}
+
+async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
+    use reach_lab::matrix::{NatMatrixOptions, run};
+    let opts = NatMatrixOptions {
+        kinds: parse_kinds(kinds)?,
+        delay_ms,
+    };
     // Ctrl-C drops the run, and with it the lab, which tears itself down.
     let report = tokio::select! {
         r = run(&opts) => r?,

@@ -11,9 +11,11 @@
 //! - [`netns`]: namespaces, links, commands and sockets inside namespaces.
 //! - [`nat`]: the NAT kinds, in RFC 4787 terms, as nftables rulesets.
 //! - [`matrix`]: the classification run over every kind (`reach lab nat`).
+//! - [`pairs`]: every pair of kinds connecting by PeerId (`reach lab matrix`).
 
 pub mod matrix;
 pub mod nat;
+pub mod pairs;
 pub mod netns;
 
 pub use netns::{Lab, LabError};

@@ -86,6 +86,11 @@ pub struct Internet {
     pub bridge: String,
     pub public: String,
     ports: u32,
+    /// Namespaces plugged into the bridge.
+    attached: Vec<String>,
+    /// Routed public subnets behind routers (subnet, gateway, router ns):
+    /// every host on the internet needs them, as on the real one.
+    routes: Vec<(String, String, String)>,
 }
 
 /// The public subnet, inside the lab only.
@@ -101,6 +106,8 @@ impl Internet {
             bridge,
             public: public.clone(),
             ports: 0,
+            attached: Vec::new(),
+            routes: Vec::new(),
         };
         net.attach(lab, &public, "eth0", &format!("{PUBLIC_PREFIX}.10/24"))?;
         Ok(net)
@@ -127,6 +134,27 @@ impl Internet {
             "master",
             "br0",
         ])?;
+        for (subnet, via, _) in &self.routes {
+            lab.run(&["ip", "-n", ns, "route", "add", subnet, "via", via])?;
+        }
+        self.attached.push(ns.to_string());
+        Ok(())
+    }
+
+    /// Makes `subnet` reachable through the router namespace `router` at
+    /// `via` from every namespace on the internet, now and later.
+    pub fn add_route(
+        &mut self,
+        lab: &Lab,
+        subnet: &str,
+        via: &str,
+        router: &str,
+    ) -> Result<(), LabError> {
+        for ns in self.attached.iter().filter(|ns| *ns != router) {
+            lab.run(&["ip", "-n", ns, "route", "add", subnet, "via", via])?;
+        }
+        self.routes
+            .push((subnet.to_string(), via.to_string(), router.to_string()));
         Ok(())
     }
 
@@ -282,16 +310,7 @@ impl Site {
                     "lan",
                 ])?;
                 let subnet = format!("198.51.100.{base}/29");
-                lab.run(&[
-                    "ip",
-                    "-n",
-                    &net.public,
-                    "route",
-                    "add",
-                    &subnet,
-                    "via",
-                    &wan_ip,
-                ])?;
+                net.add_route(lab, &subnet, &wan_ip, &r)?;
                 lab.nft(&r, STATEFUL_FIREWALL)?;
                 Site {
                     kind,

@@ -150,22 +150,41 @@ pub(crate) async fn resolve(
     inner: &Arc<Inner>,
     peer: PeerId,
 ) -> Result<(SignedRecord, Vec<TypedAddr>)> {
+    resolve_from(inner, peer, false).await
+}
+
+/// Like [`resolve`], but asks the network even when a copy is stored here,
+/// and collects the answers of all the closest nodes (newest wins): for
+/// when the addresses of a stored or first-found record did not work (the
+/// peer may have changed relays since).
+pub(crate) async fn resolve_fresh(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+) -> Result<(SignedRecord, Vec<TypedAddr>)> {
+    resolve_from(inner, peer, true).await
+}
+
+async fn resolve_from(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    fresh: bool,
+) -> Result<(SignedRecord, Vec<TypedAddr>)> {
     let dht = &inner.dht;
     stats::bump(&dht.counters.resolutions);
     let key = Key::for_peer(&peer);
     let now_ms = unix_ms();
     let mut candidates = dht.store().get(RecordKind::Endpoint, &key, now_ms);
-    if candidates.is_empty() {
+    if candidates.is_empty() || fresh {
         let out = lookup(
             inner,
             key,
             Query::GetRecords {
                 kind: RecordKind::Endpoint,
-                first: true,
+                first: !fresh,
             },
         )
         .await;
-        candidates = out.records;
+        candidates.extend(out.records);
     }
     let best = candidates
         .into_iter()

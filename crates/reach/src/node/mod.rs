@@ -322,8 +322,15 @@ impl Node {
     }
 
     /// Closes the connection to `peer`, if any (the peer sees it closed).
-    /// The next `send` or `connect` dials again.
+    /// The next `send` or `connect` dials again. A connection that carries
+    /// a relay reservation (ours at `peer`, or `peer`'s here) stays open:
+    /// the node itself needs it.
     pub fn disconnect(&self, peer: PeerId) {
+        let carries_reservation = self.inner.relay.held().is_some_and(|(r, _)| r == peer)
+            || self.inner.paths.has_reservation(&peer);
+        if carries_reservation {
+            return;
+        }
         if let Some(conn) = self.inner.peers.live(&peer) {
             conn.close(0u32.into(), b"disconnect");
             self.inner.peers.remove_if_current(peer, conn.stable_id());

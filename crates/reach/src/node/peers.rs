@@ -340,26 +340,49 @@ async fn dial_or_resolve_inner(
         if !nothing_known {
             tokio::time::sleep(RESOLVE_AFTER).await;
         }
-        let (_, typed) = ops::resolve(inner, peer).await?;
-        inner.peers.remember_typed(peer, &typed);
-        let fresh = Known {
-            addrs: typed
-                .iter()
-                .filter(|t| t.kind != AddrKind::Relay)
-                .map(|t| t.addr)
-                .filter(|a| !known.addrs.contains(a))
-                .collect(),
-            relays: typed
-                .iter()
-                .filter(|t| t.kind == AddrKind::Relay)
-                .filter_map(|t| Some((t.via?, t.addr)))
-                .filter(|r| !known.relays.contains(r))
-                .collect(),
-        };
-        if fresh.is_empty() {
-            return Err(Error::NotFound(peer));
+        let mut tried = known;
+        let mut last = Error::NotFound(peer);
+        // A stored or first-found record first (fast); if its addresses
+        // fail, the newest record the network has.
+        for fresh in [false, true] {
+            let found = if fresh {
+                ops::resolve_fresh(inner, peer).await
+            } else {
+                ops::resolve(inner, peer).await
+            };
+            let typed = match found {
+                Ok((_, typed)) => typed,
+                Err(e) => {
+                    last = e;
+                    continue;
+                }
+            };
+            inner.peers.remember_typed(peer, &typed);
+            let new = Known {
+                addrs: typed
+                    .iter()
+                    .filter(|t| t.kind != AddrKind::Relay)
+                    .map(|t| t.addr)
+                    .filter(|a| !tried.addrs.contains(a))
+                    .collect(),
+                relays: typed
+                    .iter()
+                    .filter(|t| t.kind == AddrKind::Relay)
+                    .filter_map(|t| Some((t.via?, t.addr)))
+                    .filter(|r| !tried.relays.contains(r))
+                    .collect(),
+            };
+            if new.is_empty() {
+                continue;
+            }
+            tried.addrs.extend(&new.addrs);
+            tried.relays.extend(&new.relays);
+            match dial_any(inner, peer, &new).await {
+                Ok(c) => return Ok(c),
+                Err(e) => last = e,
+            }
         }
-        dial_any(inner, peer, &fresh).await
+        Err(last)
     };
     match futures::future::select_ok([direct.boxed(), via_record.boxed()]).await {
         Ok((conn, _)) => Ok(conn),

@@ -1,0 +1,272 @@
+//! `reach lab matrix`: can every pair of NAT kinds reach each other by
+//! PeerId alone?
+//!
+//! One lab run: three public infrastructure nodes (bootstrap, and relays by
+//! the default `auto` mode once they find themselves reachable); two sites
+//! of every kind (one site with two hosts for `same-nat`), each with a
+//! default-configured reach node that joins through the first public node,
+//! checks its reachability and, behind a NAT, acquires a relay. Then, for
+//! every unordered pair of kinds, side A connects to side B knowing only
+//! B's PeerId, sends a message and B must receive it; the connection is
+//! closed before the next run, so every run dials afresh.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use reach::{Event, Node, Reachability};
+use serde::Serialize;
+
+use crate::nat::{ALL_KINDS, Internet, NatKind, Site};
+use crate::netns::{Lab, LabError};
+
+/// Time a node has to join, check its reachability and settle (hold a relay
+/// when it needs one).
+pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// Time one connect-and-deliver run may take before it counts as failed.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Options of a matrix run.
+#[derive(Debug, Clone)]
+pub struct PairMatrixOptions {
+    pub kinds: Vec<NatKind>,
+    /// Connect-and-deliver runs per pair.
+    pub runs: u32,
+    /// One-way delay on every router's WAN side (needs `tc netem`).
+    pub delay_ms: u32,
+}
+
+impl Default for PairMatrixOptions {
+    fn default() -> Self {
+        PairMatrixOptions {
+            kinds: ALL_KINDS.to_vec(),
+            runs: 1,
+            delay_ms: 0,
+        }
+    }
+}
+
+/// The outcome of one pair.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairResult {
+    pub a: NatKind,
+    pub b: NatKind,
+    pub runs: u32,
+    /// Runs where A connected to B by PeerId and B received A's message.
+    pub connected: u32,
+    pub direct: u32,
+    pub relayed: u32,
+    pub failed: u32,
+    pub connect_ms_p50: Option<f64>,
+    /// The first failure's error, if any.
+    pub error: Option<String>,
+}
+
+/// How a site's node settled.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeSettled {
+    pub kind: NatKind,
+    pub side: char,
+    pub reachability: Reachability,
+    pub relay: Option<reach::PeerId>,
+    /// From the end of the lab build until settled (nodes settle
+    /// concurrently; this is when this one was seen settled).
+    pub settle_ms: u64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct PairMatrixReport {
+    pub pairs: Vec<PairResult>,
+    pub nodes: Vec<NodeSettled>,
+    pub runs_per_pair: u32,
+    pub delay_ms: u32,
+    /// Every pair connected in every run.
+    pub all_connected: bool,
+    pub wall_ms: u64,
+}
+
+fn public(host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(203, 0, 113, host))
+}
+
+async fn node_in(lab: &Lab, ns: &str, ip: IpAddr, seed: Option<SocketAddr>) -> Result<Node, LabError> {
+    let sock = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
+    let alt = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
+    let mut b = Node::builder().socket(sock).alt_socket(alt);
+    if let Some(s) = seed {
+        b = b.bootstrap([s]);
+    }
+    Ok(b.spawn().await?)
+}
+
+/// Waits until `node` has joined and decided about relays: public, or
+/// holding a relay.
+async fn settle(node: &Node) -> bool {
+    let wait = async {
+        node.joined().await;
+        loop {
+            let st = node.relay_status();
+            match st.reachability {
+                Reachability::Public(_) => return,
+                Reachability::Private if st.held_relay.is_some() => return,
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    tokio::time::timeout(SETTLE_TIMEOUT, wait).await.is_ok()
+}
+
+/// One run: A connects to B by id, sends, B receives; then both close.
+async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), String> {
+    // Dial afresh: close what DHT traffic may have opened between them
+    // (a connection carrying a relay reservation stays: see `disconnect`).
+    a.disconnect(b.peer_id());
+    b.disconnect(a.peer_id());
+    let started = Instant::now();
+    let run = async {
+        a.connect(b.peer_id(), []).await.map_err(|e| e.to_string())?;
+        let took = started.elapsed();
+        let relayed = a
+            .connected_peers()
+            .iter()
+            .find(|p| p.peer == b.peer_id())
+            .map(|p| p.relay.is_some())
+            .ok_or("connected, but no connection listed")?;
+        let payload = format!("matrix run {tag}");
+        a.send(b.peer_id(), payload.clone().into_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        loop {
+            match b.next_event().await {
+                Some(Event::Message { from, data }) if from == a.peer_id() && data == payload.as_bytes() => {
+                    break;
+                }
+                Some(_) => continue,
+                None => return Err("B shut down".to_string()),
+            }
+        }
+        Ok((took, relayed))
+    };
+    let res = tokio::time::timeout(RUN_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("no delivery within {RUN_TIMEOUT:?}")));
+    a.disconnect(b.peer_id());
+    b.disconnect(a.peer_id());
+    res
+}
+
+/// The median, in milliseconds with microsecond resolution.
+fn p50_ms(mut v: Vec<Duration>) -> Option<f64> {
+    v.sort_unstable();
+    let mid = v.get(v.len().saturating_sub(1) / 2)?;
+    Some((mid.as_micros() as f64 / 1000.0 * 100.0).round() / 100.0)
+}
+
+/// Runs the matrix over `opts.kinds`.
+pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError> {
+    let started = Instant::now();
+    let mut lab = Lab::new()?;
+    let mut net = Internet::build(&mut lab)?;
+    for host in [11, 12] {
+        net.add_public_ip(&lab, host)?;
+    }
+    let infra_a = node_in(&lab, &net.public, public(10), None).await?;
+    let seed = infra_a.local_addr();
+    let infra_b = node_in(&lab, &net.public, public(11), Some(seed)).await?;
+    let infra_c = node_in(&lab, &net.public, public(12), Some(seed)).await?;
+    let infra = [infra_a, infra_b, infra_c];
+
+    // Two sides per kind: two sites, or one same-nat site's two hosts.
+    let mut sides: BTreeMap<(usize, char), (NatKind, Node)> = BTreeMap::new();
+    let mut site_no = 0u8;
+    for (k, kind) in opts.kinds.iter().enumerate() {
+        if *kind == NatKind::SameNat {
+            site_no += 1;
+            let site = Site::build(&mut lab, &mut net, *kind, site_no, opts.delay_ms)?;
+            let (ns2, ip2) = site
+                .peer
+                .clone()
+                .ok_or_else(|| LabError::Other("same-nat site without a second host".into()))?;
+            sides.insert((k, 'a'), (*kind, node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?));
+            sides.insert((k, 'b'), (*kind, node_in(&lab, &ns2, ip2, Some(seed)).await?));
+        } else {
+            for side in ['a', 'b'] {
+                site_no += 1;
+                let site = Site::build(&mut lab, &mut net, *kind, site_no, opts.delay_ms)?;
+                sides.insert((k, side), (*kind, node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?));
+            }
+        }
+    }
+    let settle_started = Instant::now();
+    for n in &infra {
+        settle(n).await;
+    }
+    let settled = futures::future::join_all(sides.iter().map(|((_, side), (kind, node))| async move {
+        settle(node).await;
+        let st = node.relay_status();
+        NodeSettled {
+            kind: *kind,
+            side: *side,
+            reachability: st.reachability,
+            relay: st.held_relay,
+            settle_ms: settle_started.elapsed().as_millis() as u64,
+        }
+    }))
+    .await;
+
+    let mut pairs = Vec::new();
+    for i in 0..opts.kinds.len() {
+        for j in i..opts.kinds.len() {
+            let (ka, a) = &sides[&(i, 'a')];
+            let (kb, b) = &sides[&(j, 'b')];
+            let mut times = Vec::new();
+            let mut result = PairResult {
+                a: *ka,
+                b: *kb,
+                runs: opts.runs,
+                connected: 0,
+                direct: 0,
+                relayed: 0,
+                failed: 0,
+                connect_ms_p50: None,
+                error: None,
+            };
+            for r in 0..opts.runs {
+                match one_run(a, b, r).await {
+                    Ok((took, relayed)) => {
+                        result.connected += 1;
+                        if relayed {
+                            result.relayed += 1;
+                        } else {
+                            result.direct += 1;
+                        }
+                        times.push(took);
+                    }
+                    Err(e) => {
+                        result.failed += 1;
+                        result.error.get_or_insert(e);
+                    }
+                }
+            }
+            result.connect_ms_p50 = p50_ms(times);
+            pairs.push(result);
+        }
+    }
+    for (_, n) in sides.values() {
+        n.shutdown().await;
+    }
+    for n in &infra {
+        n.shutdown().await;
+    }
+    lab.teardown();
+    let all_connected = pairs.iter().all(|p| p.connected == p.runs);
+    Ok(PairMatrixReport {
+        pairs,
+        nodes: settled,
+        runs_per_pair: opts.runs,
+        delay_ms: opts.delay_ms,
+        all_connected,
+        wall_ms: started.elapsed().as_millis() as u64,
+    })
+}
