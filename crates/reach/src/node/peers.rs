@@ -336,9 +336,15 @@ async fn dial_or_resolve_inner(
             dial_any(inner, peer, &known).await
         }
     };
+    // Known addresses that all failed start the lookup at once.
+    let (direct_failed, direct_failed_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut direct_failed = Some(direct_failed);
     let via_record = async move {
         if !nothing_known {
-            tokio::time::sleep(RESOLVE_AFTER).await;
+            tokio::select! {
+                _ = tokio::time::sleep(RESOLVE_AFTER) => {}
+                _ = direct_failed_rx => {}
+            }
         }
         let mut tried = known;
         let mut last = Error::NotFound(peer);
@@ -384,9 +390,36 @@ async fn dial_or_resolve_inner(
         }
         Err(last)
     };
-    match futures::future::select_ok([direct.boxed(), via_record.boxed()]).await {
-        Ok((conn, _)) => Ok(conn),
-        Err(e) => Err(e),
+    let mut direct = direct.boxed().fuse();
+    let mut via_record = via_record.boxed().fuse();
+    let mut direct_err = None;
+    let mut record_err = None;
+    while direct_err.is_none() || record_err.is_none() {
+        futures::select! {
+            r = direct => match r {
+                Ok(c) => return Ok(c),
+                // A proven impostor at a known address is not fixed by a
+                // lookup.
+                Err(e @ Error::PeerIdMismatch { .. }) => return Err(e),
+                Err(e) => {
+                    direct_err = Some(e);
+                    if let Some(tx) = direct_failed.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            },
+            r = via_record => match r {
+                Ok(c) => return Ok(c),
+                Err(e) => record_err = Some(e),
+            },
+        }
+    }
+    // The most telling error: what the known addresses said, unless there
+    // were none.
+    match (direct_err, record_err) {
+        (Some(Error::NoAddress(_)), Some(e)) | (None, Some(e)) => Err(e),
+        (Some(e), _) => Err(e),
+        (None, None) => Err(Error::NoAddress(peer)),
     }
 }
 
