@@ -313,7 +313,10 @@ async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) ->
             report.all_connected, report.wall_ms
         );
     }
-    anyhow::ensure!(report.all_connected, "some pairs did not connect in every run");
+    anyhow::ensure!(
+        report.all_connected,
+        "some pairs did not connect in every run"
+    );
     Ok(())
 }
 

@@ -15,7 +15,7 @@
 
 pub mod matrix;
 pub mod nat;
-pub mod pairs;
 pub mod netns;
+pub mod pairs;
 
 pub use netns::{Lab, LabError};

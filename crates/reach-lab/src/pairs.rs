@@ -90,7 +90,12 @@ fn public(host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(203, 0, 113, host))
 }
 
-async fn node_in(lab: &Lab, ns: &str, ip: IpAddr, seed: Option<SocketAddr>) -> Result<Node, LabError> {
+async fn node_in(
+    lab: &Lab,
+    ns: &str,
+    ip: IpAddr,
+    seed: Option<SocketAddr>,
+) -> Result<Node, LabError> {
     let sock = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
     let alt = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
     let mut b = Node::builder().socket(sock).alt_socket(alt);
@@ -125,7 +130,9 @@ async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), Strin
     b.disconnect(a.peer_id());
     let started = Instant::now();
     let run = async {
-        a.connect(b.peer_id(), []).await.map_err(|e| e.to_string())?;
+        a.connect(b.peer_id(), [])
+            .await
+            .map_err(|e| e.to_string())?;
         let took = started.elapsed();
         let relayed = a
             .connected_peers()
@@ -139,7 +146,9 @@ async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), Strin
             .map_err(|e| e.to_string())?;
         loop {
             match b.next_event().await {
-                Some(Event::Message { from, data }) if from == a.peer_id() && data == payload.as_bytes() => {
+                Some(Event::Message { from, data })
+                    if from == a.peer_id() && data == payload.as_bytes() =>
+                {
                     break;
                 }
                 Some(_) => continue,
@@ -188,13 +197,28 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 .peer
                 .clone()
                 .ok_or_else(|| LabError::Other("same-nat site without a second host".into()))?;
-            sides.insert((k, 'a'), (*kind, node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?));
-            sides.insert((k, 'b'), (*kind, node_in(&lab, &ns2, ip2, Some(seed)).await?));
+            sides.insert(
+                (k, 'a'),
+                (
+                    *kind,
+                    node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                ),
+            );
+            sides.insert(
+                (k, 'b'),
+                (*kind, node_in(&lab, &ns2, ip2, Some(seed)).await?),
+            );
         } else {
             for side in ['a', 'b'] {
                 site_no += 1;
                 let site = Site::build(&mut lab, &mut net, *kind, site_no, opts.delay_ms)?;
-                sides.insert((k, side), (*kind, node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?));
+                sides.insert(
+                    (k, side),
+                    (
+                        *kind,
+                        node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                    ),
+                );
             }
         }
     }
@@ -202,18 +226,19 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
     for n in &infra {
         settle(n).await;
     }
-    let settled = futures::future::join_all(sides.iter().map(|((_, side), (kind, node))| async move {
-        settle(node).await;
-        let st = node.relay_status();
-        NodeSettled {
-            kind: *kind,
-            side: *side,
-            reachability: st.reachability,
-            relay: st.held_relay,
-            settle_ms: settle_started.elapsed().as_millis() as u64,
-        }
-    }))
-    .await;
+    let settled =
+        futures::future::join_all(sides.iter().map(|((_, side), (kind, node))| async move {
+            settle(node).await;
+            let st = node.relay_status();
+            NodeSettled {
+                kind: *kind,
+                side: *side,
+                reachability: st.reachability,
+                relay: st.held_relay,
+                settle_ms: settle_started.elapsed().as_millis() as u64,
+            }
+        }))
+        .await;
 
     let mut pairs = Vec::new();
     for i in 0..opts.kinds.len() {
@@ -268,5 +293,127 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
         delay_ms: opts.delay_ms,
         all_connected,
         wall_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+/// What `failover` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverReport {
+    /// From the relay's death until the NATed node held a new relay.
+    pub new_relay_ms: u64,
+    /// Until its republished record (new relay first) was served.
+    pub republished_ms: u64,
+    /// Until the peer that was talking to it had delivered a message again,
+    /// dialing by key with no help.
+    pub reconnected_ms: u64,
+    pub old_relay: reach::PeerId,
+    pub new_relay: Option<reach::PeerId>,
+}
+
+/// `talker` sends `tag` to `target` by PeerId; `target` must receive it.
+async fn deliver(talker: &Node, target: &Node, tag: &str) -> Result<(), LabError> {
+    talker
+        .send(target.peer_id(), tag.as_bytes().to_vec())
+        .await
+        .map_err(|e| LabError::Other(format!("send {tag}: {e}")))?;
+    loop {
+        match target.next_event().await {
+            Some(Event::Message { data, .. }) if data == tag.as_bytes() => return Ok(()),
+            Some(_) => continue,
+            None => return Err(LabError::Other("target shut down".into())),
+        }
+    }
+}
+
+/// Relay failover across real NATs: a node behind an eim-apdf NAT holds a
+/// relay and a peer behind another NAT talks to it through it; the relay
+/// dies; the node must hold a new relay and republish, and the peer must
+/// get through again by PeerId alone.
+pub async fn failover() -> Result<FailoverReport, LabError> {
+    let fail = |what: &str| LabError::Other(format!("failover: {what}"));
+    let mut lab = Lab::new()?;
+    let mut net = Internet::build(&mut lab)?;
+    for host in [11, 12] {
+        net.add_public_ip(&lab, host)?;
+    }
+    let a = node_in(&lab, &net.public, public(10), None).await?;
+    let seed = a.local_addr();
+    let b = node_in(&lab, &net.public, public(11), Some(seed)).await?;
+    let c = node_in(&lab, &net.public, public(12), Some(seed)).await?;
+    let infra = [a, b, c];
+    let s1 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 1, 0)?;
+    let s2 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 2, 0)?;
+    let target = node_in(&lab, &s1.node_ns, s1.node_ip, Some(seed)).await?;
+    let talker = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed)).await?;
+    for n in infra.iter().chain([&target, &talker]) {
+        if !settle(n).await {
+            return Err(fail("a node did not settle"));
+        }
+    }
+    let old = target
+        .relay_status()
+        .held_relay
+        .ok_or_else(|| fail("no relay held"))?;
+    let relay = infra
+        .iter()
+        .find(|n| n.peer_id() == old)
+        .ok_or_else(|| fail("the relay is not an infrastructure node"))?;
+    let checker = infra
+        .iter()
+        .find(|n| n.peer_id() != old)
+        .ok_or_else(|| fail("no second infrastructure node"))?;
+    tokio::time::timeout(RUN_TIMEOUT, async {
+        talker
+            .connect(target.peer_id(), [])
+            .await
+            .map_err(|e| fail(&e.to_string()))?;
+        deliver(&talker, &target, "before").await
+    })
+    .await
+    .map_err(|_| fail("first delivery timed out"))??;
+
+    let lost_at = Instant::now();
+    relay.shutdown().await;
+    tokio::time::timeout(RUN_TIMEOUT, async {
+        loop {
+            match target.relay_status().held_relay {
+                Some(r) if r != old => return,
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    })
+    .await
+    .map_err(|_| fail("no new relay"))?;
+    let new_relay_ms = lost_at.elapsed().as_millis() as u64;
+    let new_relay = target.relay_status().held_relay;
+    tokio::time::timeout(RUN_TIMEOUT, async {
+        loop {
+            if let Ok(addrs) = checker.lookup(target.peer_id()).await
+                && addrs
+                    .first()
+                    .is_some_and(|a| a.kind == reach::AddrKind::Relay && a.via == new_relay)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .map_err(|_| fail("not republished"))?;
+    let republished_ms = lost_at.elapsed().as_millis() as u64;
+    tokio::time::timeout(RUN_TIMEOUT, deliver(&talker, &target, "after"))
+        .await
+        .map_err(|_| fail("no delivery after the failover"))??;
+    let reconnected_ms = lost_at.elapsed().as_millis() as u64;
+    for n in infra.iter().chain([&target, &talker]) {
+        n.shutdown().await;
+    }
+    lab.teardown();
+    Ok(FailoverReport {
+        new_relay_ms,
+        republished_ms,
+        reconnected_ms,
+        old_relay: old,
+        new_relay,
     })
 }

@@ -19,13 +19,17 @@
 //! to quinn from the virtual address; frames of circuits this node relays
 //! are forwarded at once, without leaving the receive path.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::{self, IoSliceMut};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
@@ -48,6 +52,67 @@ pub const MAX_NON_QUIC_BATCHES_PER_POLL: usize = 16;
 /// Largest relayed send (all segments with their relay headers) in one
 /// system call, below UDP's 64 KiB limit.
 pub const MAX_RELAYED_BATCH_BYTES: usize = 60_000;
+
+/// How long a destination counts as "contacted": NATs with address-dependent
+/// filtering typically keep a contacted address open for up to 5 minutes.
+pub const CONTACT_MEMORY: Duration = Duration::from_secs(300);
+/// Destination IPs remembered at most; beyond that, every IP counts as
+/// contacted (a filtering test is then inconclusive, never wrongly open).
+pub const MAX_CONTACTED: usize = 8192;
+
+/// The IPs this socket sent to recently. A filtering test's probe from such
+/// an IP proves nothing: an address-dependent filter lets it through.
+#[derive(Default)]
+struct Contacted {
+    last: AtomicU64,
+    map: Mutex<HashMap<IpAddr, Instant>>,
+    overflow_until: Mutex<Option<Instant>>,
+}
+
+impl Contacted {
+    fn note(&self, ip: IpAddr) {
+        let tag = match ip {
+            IpAddr::V4(v4) => u64::from(u32::from(v4)),
+            IpAddr::V6(v6) => {
+                let b = u128::from(v6);
+                (b as u64) ^ ((b >> 64) as u64) ^ (1 << 63)
+            }
+        };
+        // Consecutive sends mostly go to one peer: skip the map then.
+        if self.last.swap(tag, Ordering::Relaxed) == tag {
+            return;
+        }
+        let now = Instant::now();
+        let mut m = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        m.insert(ip, now);
+        if m.len() > MAX_CONTACTED {
+            m.retain(|_, t| now.duration_since(*t) < CONTACT_MEMORY);
+            if m.len() > MAX_CONTACTED {
+                m.clear();
+                *self
+                    .overflow_until
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(now + CONTACT_MEMORY);
+            }
+        }
+    }
+
+    fn recently(&self, ip: IpAddr) -> bool {
+        let now = Instant::now();
+        let overflow = self
+            .overflow_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| now < until);
+        overflow
+            || self
+                .map
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ip)
+                .is_some_and(|t| now.duration_since(*t) < CONTACT_MEMORY)
+    }
+}
 
 /// A non-QUIC datagram received on the shared socket.
 #[derive(Debug, Clone)]
@@ -76,6 +141,7 @@ pub struct DemuxSocket {
     to_node: mpsc::Sender<NonQuicDatagram>,
     stats: Arc<DemuxStats>,
     paths: Arc<RelayPaths>,
+    contacted: Contacted,
 }
 
 /// What one received segment turned out to be.
@@ -110,6 +176,7 @@ impl DemuxSocket {
             to_node: tx,
             stats: stats.clone(),
             paths,
+            contacted: Contacted::default(),
         });
         (sock, rx, stats)
     }
@@ -117,6 +184,7 @@ impl DemuxSocket {
     /// Sends one non-QUIC datagram from the shared socket. Best effort: if the
     /// socket buffer is full the datagram is dropped, as UDP would.
     pub fn send_datagram(&self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
+        self.contacted.note(to.ip());
         self.inner.try_send(&Transmit {
             destination: to,
             ecn: None,
@@ -148,6 +216,11 @@ impl DemuxSocket {
         }
     }
 
+    /// Whether this socket sent to `ip` within [`CONTACT_MEMORY`].
+    pub fn contacted_recently(&self, ip: IpAddr) -> bool {
+        self.contacted.recently(ip)
+    }
+
     /// Sorts one received segment.
     fn sort(&self, from: SocketAddr, seg: &[u8]) -> Seg {
         match classify(seg) {
@@ -166,7 +239,10 @@ impl DemuxSocket {
             return Seg::Done;
         };
         if let Some(v) = self.paths.virtual_for(from, circuit) {
-            self.paths.stats.client_received.fetch_add(1, Ordering::Relaxed);
+            self.paths
+                .stats
+                .client_received
+                .fetch_add(1, Ordering::Relaxed);
             return Seg::Relayed(v);
         }
         if let Some(to) = self.paths.forward_to(circuit, from, seg.len()) {
@@ -203,7 +279,10 @@ impl DemuxSocket {
         let Some(&first) = kinds.iter().find(|k| **k != Seg::Done) else {
             return false;
         };
-        let mixed = kinds.iter().filter(|k| **k != Seg::Done && **k != first).count();
+        let mixed = kinds
+            .iter()
+            .filter(|k| **k != Seg::Done && **k != first)
+            .count();
         if mixed > 0 {
             self.stats
                 .relay_mixed_dropped
@@ -253,6 +332,7 @@ impl DemuxSocket {
             .segment_size
             .unwrap_or(transmit.contents.len())
             .max(1);
+        self.contacted.note(path.relay_addr.ip());
         let header = relay_header(path.circuit);
         // Wrapped segments grow by the header; keep each batch inside the
         // 64 KiB a UDP send can carry.
@@ -303,6 +383,7 @@ impl AsyncUdpSocket for DemuxSocket {
         if is_virtual(&transmit.destination) {
             return self.send_relayed(transmit);
         }
+        self.contacted.note(transmit.destination.ip());
         self.inner.try_send(transmit)
     }
 

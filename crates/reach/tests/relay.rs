@@ -122,7 +122,10 @@ async fn relayed_traffic_is_end_to_end_encrypted_and_the_relay_sees_no_plaintext
         .unwrap();
     within("bob joins", bob.joined()).await;
     within("alice joins", alice.joined()).await;
-    until("bob holds the relay", || held(&bob) == Some(relay.peer_id())).await;
+    until("bob holds the relay", || {
+        held(&bob) == Some(relay.peer_id())
+    })
+    .await;
 
     alice
         .connect_via_relay(bob.peer_id(), relay.peer_id(), tap.addr)
@@ -133,7 +136,11 @@ async fn relayed_traffic_is_end_to_end_encrypted_and_the_relay_sees_no_plaintext
         .into_iter()
         .find(|p| p.peer == bob.peer_id())
         .unwrap();
-    assert_eq!(path.relay, Some(relay.peer_id()), "the connection is relayed");
+    assert_eq!(
+        path.relay,
+        Some(relay.peer_id()),
+        "the connection is relayed"
+    );
 
     let secret = b"the eagle lands at dawn: 8f3k2-relay-plaintext-canary".repeat(40);
     alice.send(bob.peer_id(), secret.clone()).await.unwrap();
@@ -163,7 +170,9 @@ async fn relayed_traffic_is_end_to_end_encrypted_and_the_relay_sees_no_plaintext
     let seen = tap.seen.lock().unwrap();
     let needle = b"8f3k2-relay-plaintext-canary";
     assert!(
-        !seen.iter().any(|d| d.windows(needle.len()).any(|w| w == needle)),
+        !seen
+            .iter()
+            .any(|d| d.windows(needle.len()).any(|w| w == needle)),
         "plaintext visible to the relay"
     );
     let relayed: usize = seen
@@ -200,7 +209,10 @@ async fn a_full_relay_refuses_and_the_client_finds_another() {
     let r1 = relay_node(Some(full_limits), None).await;
     // The first client takes r1's only slot.
     let first = relayed_node(&[r1.local_addr()], None).await;
-    until("the first client holds r1", || held(&first) == Some(r1.peer_id())).await;
+    until("the first client holds r1", || {
+        held(&first) == Some(r1.peer_id())
+    })
+    .await;
     // r2 is farther from Bob than r1, so Bob asks r1 first.
     let r2 = relay_node(None, Some(farther(&bob_kp.peer_id(), &r1.peer_id()))).await;
     r2.bootstrap(&[r1.local_addr()]).await;

@@ -219,7 +219,10 @@ mod tests {
         relayed.push(0x40);
         assert_eq!(classify(&relayed), DatagramKind::Relay);
         // A header without payload is nothing.
-        assert_eq!(classify(&relayed[..RELAY_HEADER_LEN]), DatagramKind::Unknown);
+        assert_eq!(
+            classify(&relayed[..RELAY_HEADER_LEN]),
+            DatagramKind::Unknown
+        );
     }
 
     #[test]

@@ -281,6 +281,18 @@ pub(crate) async fn filter_test(
     via: FilterVia,
     exclude: Vec<std::net::IpAddr>,
 ) -> Result<bool> {
+    Ok(filter_probe_source(inner, helper, via, exclude)
+        .await?
+        .is_some())
+}
+
+/// Like [`filter_test`], returning where the probe came from.
+pub(crate) async fn filter_probe_source(
+    inner: &Arc<Inner>,
+    helper: SocketAddr,
+    via: FilterVia,
+    exclude: Vec<std::net::IpAddr>,
+) -> Result<Option<SocketAddr>> {
     let nonce = random_u64()?;
     let rx = inner.probes.filter.register(nonce, None)?;
     let packet = ControlPacket::FilterTest {
@@ -291,7 +303,7 @@ pub(crate) async fn filter_test(
     .encode();
     let got = retry_until(inner, helper, &packet, rx, PROBE_RETRY_AFTER).await;
     inner.probes.filter.cancel(nonce);
-    Ok(got.is_some())
+    Ok(got.map(|(from, _)| from))
 }
 
 /// Asks the STUN server at `server` for our reflexive address.

@@ -17,10 +17,10 @@ use tokio::sync::Mutex as AsyncMutex;
 
 use super::{Direction, Inner, PeerInfo, inbound, stats};
 use crate::dht::ops;
-use crate::relay::paths::is_virtual;
-use reach_proto::dht::record::{AddrKind, TypedAddr};
 use crate::error::{Error, Result};
+use crate::relay::paths::is_virtual;
 use crate::{tls, transport};
+use reach_proto::dht::record::{AddrKind, TypedAddr};
 
 /// Addresses remembered per peer; the oldest are forgotten first.
 pub const MAX_ADDRS_PER_PEER: usize = 8;
@@ -93,7 +93,8 @@ impl PeerTable {
     /// Remembers the typed addresses of `peer`'s endpoint record: relays as
     /// relays, the others as addresses (LAN ones first).
     pub fn remember_typed(&self, peer: PeerId, typed: &[TypedAddr]) {
-        let mut direct: Vec<&TypedAddr> = typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
+        let mut direct: Vec<&TypedAddr> =
+            typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
         direct.sort_by_key(|t| t.kind != AddrKind::Lan);
         self.remember(peer, direct.iter().map(|t| t.addr));
         let relays: Vec<(PeerId, SocketAddr)> = typed

@@ -19,8 +19,11 @@ use crate::node::{Inner, control, stats};
 pub const MAX_CANDIDATES: usize = 8;
 /// A health poll (a reservation renewal) must answer within this.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Other-host filtering tests per reachability check at most (each probe
+/// from an already contacted IP is inconclusive and excluded next time).
+pub const OTHER_HOST_ATTEMPTS: usize = 3;
 /// How often an unknown reachability is checked again (no helper yet).
-pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(30);
+pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(5);
 /// How often the driver looks at the routing table (a change cuts a
 /// backoff short).
 pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
@@ -46,12 +49,22 @@ pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
     };
     let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
     exclude.dedup();
-    exclude.truncate(MAX_FILTER_EXCLUDES);
-    let other_host = control::filter_test(inner, helper, FilterVia::OtherHost, exclude)
-        .await
-        .unwrap_or(false);
-    if other_host {
-        return Reachability::Public(observed);
+    // A probe from an IP we sent to recently proves nothing (an
+    // address-dependent filter lets it through): exclude it and ask again.
+    for _ in 0..OTHER_HOST_ATTEMPTS {
+        exclude.truncate(MAX_FILTER_EXCLUDES);
+        let source =
+            control::filter_probe_source(inner, helper, FilterVia::OtherHost, exclude.clone())
+                .await
+                .ok()
+                .flatten();
+        match source {
+            Some(from) if !inner.socket.contacted_recently(from.ip()) => {
+                return Reachability::Public(observed);
+            }
+            Some(from) => exclude.insert(0, from.ip()),
+            None => break,
+        }
     }
     let untranslated = crate::node::local_addrs_of(inner).contains(&observed);
     if untranslated {
@@ -215,7 +228,11 @@ fn relay_lost(
 ) {
     stats::bump(&inner.relay.counters.relay_losses);
     tracing::debug!(relay = ?inner.relay.held(), "relay lost");
-    *relay_conn = None;
+    // Closing it (if a health poll found it dead) also closes the
+    // connections relayed through it, so their peers redial.
+    if let Some(c) = relay_conn.take() {
+        c.close(0u32.into(), b"relay lost");
+    }
     m.handle(Event::RelayLost, inner.dht.now());
 }
 

@@ -133,12 +133,34 @@ async fn dial_via_inner(
     }
 }
 
-/// Forgets a relayed connection's virtual address once it closes (called
-/// for every registered connection over a virtual address).
+/// Ties a relayed connection to the connection with its relay (called for
+/// every registered connection over a virtual address): when the relay
+/// connection closes, the circuit is gone and the relayed connection is
+/// closed at once (rather than after the idle timeout), so the next send
+/// redials by key; when the relayed connection closes, its virtual address
+/// is forgotten.
 pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
     let paths = inner.paths.clone();
+    let relay_conn = paths
+        .path(&conn.remote_address())
+        .and_then(|p| inner.peers.live(&p.relay).map(|c| (p.relay, c)));
+    if let Some((relay, _)) = &relay_conn {
+        // The relay forgets our circuits when this connection closes: keep
+        // it open as long as we use it.
+        inner.peers.touch(relay, true);
+    }
     inner.spawn(async move {
-        conn.closed().await;
+        match relay_conn {
+            Some((_, rc)) => {
+                tokio::select! {
+                    _ = conn.closed() => {}
+                    _ = rc.closed() => conn.close(0u32.into(), b"relay lost"),
+                }
+            }
+            None => {
+                conn.closed().await;
+            }
+        }
         paths.forget_virtual(&conn.remote_address());
     });
 }

@@ -244,12 +244,7 @@ impl RelayPaths {
 
     /// Opens circuit `id` between `a` (the dialer) and `b` (the reservation
     /// holder). False if at [`MAX_CIRCUITS`] or the id is taken.
-    pub fn open_circuit(
-        &self,
-        id: u64,
-        a: (PeerId, SocketAddr),
-        b: (PeerId, SocketAddr),
-    ) -> bool {
+    pub fn open_circuit(&self, id: u64, a: (PeerId, SocketAddr), b: (PeerId, SocketAddr)) -> bool {
         let mut r = self.relay_state();
         if r.circuits.len() >= MAX_CIRCUITS || r.circuits.contains_key(&id) {
             return false;
@@ -277,9 +272,8 @@ impl RelayPaths {
         let mut r = self.relay_state();
         let now = r.clock.elapsed();
         let gone = r.reservations.expire(now);
-        r.circuits.retain(|_, c| {
-            c.last_active.elapsed() < idle && !gone.contains(&c.b_peer)
-        });
+        r.circuits
+            .retain(|_, c| c.last_active.elapsed() < idle && !gone.contains(&c.b_peer));
     }
 
     /// The circuits this node forwards.
