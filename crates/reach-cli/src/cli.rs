@@ -89,6 +89,31 @@ pub enum Command {
     /// each other by public key alone, exchange messages and streams; prints
     /// a summary.
     Demo(DemoArgs),
+    /// Benchmarks that print JSON.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Direct versus relayed, in one run on loopback: bulk throughput over
+    /// one stream, ping round trip, and the relay's forwarding rate on one
+    /// core (the relay runs on its own single-threaded runtime).
+    Relay {
+        /// MiB per bulk transfer.
+        #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        mib: u64,
+        /// Bulk transfers per path (alternating direct and relayed; the
+        /// median is reported).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+        rounds: u32,
+        /// Pings per path.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        pings: u32,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -8,7 +8,7 @@ use reach::api::client::ApiClient;
 use reach::api::{LookupRequest, LookupResponse, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
 
-use crate::cli::{Cli, Command, DataDirArg, LabCommand, NodeArgs};
+use crate::cli::{BenchCommand, Cli, Command, DataDirArg, LabCommand, NodeArgs};
 use crate::config::Config;
 use crate::demo;
 
@@ -104,6 +104,31 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
         }) => lab_matrix(kinds, runs, delay_ms, json).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(BenchCommand::Relay {
+            mib,
+            rounds,
+            pings,
+            json,
+        }) => {
+            let r = crate::bench::relay(mib, rounds, pings).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "bulk ({} MiB x {}): direct {:.1} MiB/s, relayed {:.1} MiB/s, ratio {:.2}",
+                    mib, rounds, r.direct_mib_s, r.relayed_mib_s, r.bulk_ratio
+                );
+                println!(
+                    "ping p50 ({} pings): direct {} µs, relayed {} µs, overhead {} µs",
+                    pings, r.direct_rtt_p50_us, r.relayed_rtt_p50_us, r.rtt_overhead_p50_us
+                );
+                println!(
+                    "relay forwarding (one core): {:.0} packets/s, {} dropped",
+                    r.relay_forwarded_pps, r.relay_dropped
+                );
+            }
+            Ok(())
+        }
     }
 }
 

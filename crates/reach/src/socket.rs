@@ -263,12 +263,55 @@ impl DemuxSocket {
         Seg::Done
     }
 
+    /// A relay's fast path: a buffer whose segments are all frames of one
+    /// circuit this node relays is forwarded whole, as one GSO send, the way
+    /// the kernel coalesced it. Returns whether the buffer was handled.
+    fn forward_batch(&self, from: SocketAddr, data: &[u8], stride: usize) -> bool {
+        if classify(data) != DatagramKind::Relay {
+            return false;
+        }
+        let Some((circuit, _)) = relay_frame(data) else {
+            return false;
+        };
+        let header = &data[..RELAY_HEADER_LEN];
+        let same_circuit = data
+            .chunks(stride)
+            .all(|seg| seg.len() > RELAY_HEADER_LEN && &seg[..RELAY_HEADER_LEN] == header);
+        if !same_circuit || self.paths.virtual_for(from, circuit).is_some() {
+            return false;
+        }
+        let segments = data.len().div_ceil(stride) as u64;
+        let Some(to) = self
+            .paths
+            .forward_batch_to(circuit, from, data.len(), segments)
+        else {
+            return true;
+        };
+        let sent = self.inner.try_send(&Transmit {
+            destination: to,
+            ecn: None,
+            contents: data,
+            segment_size: (segments > 1).then_some(stride),
+            src_ip: None,
+        });
+        if sent.is_ok() {
+            let st = &self.paths.stats;
+            st.forwarded_packets.fetch_add(segments, Ordering::Relaxed);
+            st.forwarded_bytes
+                .fetch_add(data.len() as u64, Ordering::Relaxed);
+        }
+        true
+    }
+
     /// Handles one received buffer in place: diverts non-QUIC segments,
     /// forwards relayed ones, unwraps ours. Returns whether something is
     /// left for quinn (then `meta` and `buf` describe it).
     fn filter(&self, meta: &mut RecvMeta, buf: &mut [u8]) -> bool {
         let stride = meta.stride.max(1);
         let len = meta.len.min(buf.len());
+        if self.forward_batch(meta.addr, &buf[..len], stride) {
+            return false;
+        }
         let mut kinds: Vec<Seg> = Vec::new();
         for seg in buf[..len].chunks(stride) {
             kinds.push(self.sort(meta.addr, seg));

@@ -169,12 +169,24 @@ impl Reservations {
 
     /// Whether a packet of `len` bytes from `client` may be forwarded now.
     pub fn admit(&mut self, client: &PeerId, len: usize, now: Duration) -> Result<(), Drop> {
+        self.admit_batch(client, len, 1, now)
+    }
+
+    /// Whether `packets` packets of `len` bytes in all may be forwarded now
+    /// (a batch the kernel coalesced).
+    pub fn admit_batch(
+        &mut self,
+        client: &PeerId,
+        len: usize,
+        packets: u64,
+        now: Duration,
+    ) -> Result<(), Drop> {
         let c = self
             .clients
             .get_mut(client)
             .filter(|c| c.expires > now)
             .ok_or(Drop::NoReservation)?;
-        if !c.packets.take(1, now) || !c.bytes.take(len as u64, now) {
+        if !c.packets.take(packets, now) || !c.bytes.take(len as u64, now) {
             return Err(Drop::RateLimited);
         }
         c.last_active = now;

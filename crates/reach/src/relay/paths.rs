@@ -297,10 +297,23 @@ impl RelayPaths {
     /// other end, if `from` is an end and the holder's allowance admits
     /// `len` bytes.
     pub fn forward_to(&self, circuit: u64, from: SocketAddr, len: usize) -> Option<SocketAddr> {
+        self.forward_batch_to(circuit, from, len, 1)
+    }
+
+    /// Like [`Self::forward_to`] for `packets` frames of `len` bytes in all.
+    pub fn forward_batch_to(
+        &self,
+        circuit: u64,
+        from: SocketAddr,
+        len: usize,
+        packets: u64,
+    ) -> Option<SocketAddr> {
         let mut r = self.relay_state();
         let now = r.clock.elapsed();
         let Some(c) = r.circuits.get_mut(&circuit) else {
-            self.stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_unknown
+                .fetch_add(packets, Ordering::Relaxed);
             return None;
         };
         let to = if from == c.a {
@@ -308,21 +321,25 @@ impl RelayPaths {
         } else if from == c.b {
             c.a
         } else {
-            self.stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .dropped_unknown
+                .fetch_add(packets, Ordering::Relaxed);
             return None;
         };
         c.last_active = Instant::now();
         let holder = c.b_peer;
-        match r.reservations.admit(&holder, len, now) {
+        match r.reservations.admit_batch(&holder, len, packets, now) {
             Ok(()) => Some(to),
             Err(RelayDrop::RateLimited) => {
                 self.stats
                     .dropped_rate_limited
-                    .fetch_add(1, Ordering::Relaxed);
+                    .fetch_add(packets, Ordering::Relaxed);
                 None
             }
             Err(RelayDrop::NoReservation) => {
-                self.stats.dropped_unknown.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .dropped_unknown
+                    .fetch_add(packets, Ordering::Relaxed);
                 None
             }
         }
