@@ -179,6 +179,13 @@ pub struct NodeArgs {
     /// Use the DHT without serving it (for nodes others cannot reach).
     #[arg(long)]
     pub client: bool,
+    /// Relay for others: auto (once verified publicly reachable), on, off.
+    #[arg(long, value_name = "MODE")]
+    pub relay: Option<reach::RelayMode>,
+    /// Hold a relay of our own: auto (once verified not reachable from
+    /// outside), on, off.
+    #[arg(long, value_name = "MODE")]
+    pub acquire_relay: Option<reach::RelayMode>,
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

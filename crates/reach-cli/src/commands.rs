@@ -174,13 +174,21 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     } else {
         config.dht_mode.unwrap_or_default()
     };
-    let node = Node::builder()
+    let mut builder = Node::builder()
         .bind(listen)
         .data_dir(&dir)
         .bootstrap(bootstrap)
         .dht_mode(mode)
-        .spawn()
-        .await?;
+        .relay_service(args.relay.or(config.relay).unwrap_or_default())
+        .acquire_relay(
+            args.acquire_relay
+                .or(config.acquire_relay)
+                .unwrap_or_default(),
+        );
+    if let Some(limits) = &config.relay_limits {
+        builder = builder.relay_limits(limits.to_limits());
+    }
+    let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());
     for a in node.local_addrs() {
@@ -425,11 +433,40 @@ fn print_status(s: &Status) {
     } else {
         println!("peers     {} connected", s.connected_peers.len());
         for p in &s.connected_peers {
+            let via = p
+                .relay
+                .map_or_else(String::new, |r| format!("  via relay {r}"));
             println!(
-                "  {}  {}  rtt {} ms  {}",
+                "  {}  {}  rtt {} ms  {}{via}",
                 p.peer, p.addr, p.rtt_ms, p.direction
             );
         }
+    }
+    let r = |k: &str| s.relay.get(k).cloned().unwrap_or_default();
+    let reach = r("reachability");
+    println!(
+        "reach     {}{}",
+        reach
+            .get("state")
+            .and_then(|v| v.as_str())
+            .unwrap_or("unknown"),
+        reach
+            .get("addr")
+            .and_then(|v| v.as_str())
+            .map_or_else(String::new, |a| format!(" at {a}"))
+    );
+    if let Some(held) = r("held_relay").as_str() {
+        println!(
+            "relay     holding {held} at {}",
+            r("held_relay_addr").as_str().unwrap_or("?")
+        );
+    }
+    if r("serving").as_bool() == Some(true) {
+        println!(
+            "relaying  for {} clients, {} circuits",
+            r("reservations").as_u64().unwrap_or(0),
+            r("circuits").as_array().map_or(0, |c| c.len())
+        );
     }
     let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     println!(

@@ -6,6 +6,17 @@
 //! data_dir = "/var/lib/reach"   # identity key and API token
 //! bootstrap = ["198.51.100.7:4433"]  # nodes to join the DHT through
 //! dht_mode = "server"           # or "client": use the DHT, don't serve it
+//! relay = "auto"                # relay for others: "auto" (once verified
+//!                               # publicly reachable), "on", "off"
+//! acquire_relay = "auto"        # hold a relay: "auto" (once verified not
+//!                               # reachable), "on", "off"
+//!
+//! [relay_limits]                # the relay service's limits (defaults shown)
+//! max_clients = 512
+//! reservation_ttl_s = 600
+//! bytes_per_sec = 8388608       # per client
+//! packets_per_sec = 8192        # per client
+//! idle_expiry_s = 120
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -29,6 +40,34 @@ pub struct Config {
     #[serde(default)]
     pub bootstrap: Vec<SocketAddr>,
     pub dht_mode: Option<reach::DhtMode>,
+    pub relay: Option<reach::RelayMode>,
+    pub acquire_relay: Option<reach::RelayMode>,
+    pub relay_limits: Option<RelayLimitsConfig>,
+}
+
+/// `[relay_limits]`: every key optional, defaults from `reach::RelayLimits`.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct RelayLimitsConfig {
+    pub max_clients: Option<usize>,
+    pub reservation_ttl_s: Option<u64>,
+    pub bytes_per_sec: Option<u64>,
+    pub packets_per_sec: Option<u64>,
+    pub idle_expiry_s: Option<u64>,
+}
+
+impl RelayLimitsConfig {
+    pub fn to_limits(&self) -> reach::RelayLimits {
+        let d = reach::RelayLimits::default();
+        let secs = std::time::Duration::from_secs;
+        reach::RelayLimits {
+            max_clients: self.max_clients.unwrap_or(d.max_clients),
+            reservation_ttl: self.reservation_ttl_s.map_or(d.reservation_ttl, secs),
+            bytes_per_sec: self.bytes_per_sec.unwrap_or(d.bytes_per_sec),
+            packets_per_sec: self.packets_per_sec.unwrap_or(d.packets_per_sec),
+            idle_expiry: self.idle_expiry_s.map_or(d.idle_expiry, secs),
+        }
+    }
 }
 
 impl Config {
@@ -76,6 +115,22 @@ mod tests {
         assert!(Config::parse("listen = \"not an address\"").is_err());
         assert!(Config::parse("listen = 5").is_err());
         assert!(Config::parse("dht_mode = \"sometimes\"").is_err());
+        assert!(Config::parse("relay = \"maybe\"").is_err());
+        assert!(Config::parse("[relay_limits]\nmax_client = 3").is_err());
+    }
+
+    #[test]
+    fn relay_settings_parse_and_default() {
+        let c = Config::parse(
+            "relay = \"off\"\nacquire_relay = \"on\"\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
+        )
+        .unwrap();
+        assert_eq!(c.relay, Some(reach::RelayMode::Off));
+        assert_eq!(c.acquire_relay, Some(reach::RelayMode::On));
+        let l = c.relay_limits.unwrap().to_limits();
+        assert_eq!(l.max_clients, 3);
+        assert_eq!(l.idle_expiry, std::time::Duration::from_secs(9));
+        assert_eq!(l.bytes_per_sec, reach::RelayLimits::default().bytes_per_sec);
     }
 
     #[test]

@@ -60,6 +60,9 @@ pub struct Status {
     /// External addresses as peers reported them, best supported first.
     #[serde(default)]
     pub external: Vec<reach_proto::nat::observed::ScoredAddr>,
+    /// The relay side: serving, held relay, reservations, circuits.
+    #[serde(default)]
+    pub relay: serde_json::Value,
     pub stats: serde_json::Value,
 }
 
@@ -70,6 +73,9 @@ pub struct ConnectedPeer {
     pub addr: SocketAddr,
     pub rtt_ms: u64,
     pub direction: String,
+    /// The relay the connection goes through, if relayed.
+    #[serde(default)]
+    pub relay: Option<PeerId>,
 }
 
 impl From<PeerInfo> for ConnectedPeer {
@@ -79,6 +85,7 @@ impl From<PeerInfo> for ConnectedPeer {
             addr: p.addr,
             rtt_ms: p.rtt_ms,
             direction: format!("{:?}", p.direction).to_lowercase(),
+            relay: p.relay,
         }
     }
 }

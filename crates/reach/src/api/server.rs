@@ -108,6 +108,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/send", post(send))
         .route("/v1/lookup", post(lookup))
         .route("/v1/nat", get(nat))
+        .route("/v1/relay", get(relay))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
         .fallback(not_found)
@@ -228,8 +229,13 @@ async fn status(State(state): State<AppState>) -> Response {
         local_addrs: node.local_addrs(),
         connected_peers: node.connected_peers().into_iter().map(Into::into).collect(),
         external: node.external_addrs(),
+        relay: serde_json::to_value(node.relay_status()).unwrap_or_default(),
         stats: stats_json(&node.stats()),
     })
+}
+
+async fn relay(State(state): State<AppState>) -> Response {
+    ok(state.node.relay_status())
 }
 
 async fn stats(State(state): State<AppState>) -> Response {

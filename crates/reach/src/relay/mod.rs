@@ -40,6 +40,31 @@ pub enum RelayMode {
     Off,
 }
 
+impl std::str::FromStr for RelayMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(RelayMode::Auto),
+            "on" => Ok(RelayMode::On),
+            "off" => Ok(RelayMode::Off),
+            other => Err(format!(
+                "unknown relay mode {other:?}; one of: auto, on, off"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for RelayMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            RelayMode::Auto => "auto",
+            RelayMode::On => "on",
+            RelayMode::Off => "off",
+        })
+    }
+}
+
 /// What a node found out about its own reachability.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "addr")]
