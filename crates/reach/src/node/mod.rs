@@ -386,10 +386,11 @@ impl Node {
     }
 
     /// Looks up `peer`'s endpoint record in the DHT and returns its
-    /// addresses (without connecting). Fails with [`Error::NotFound`] when
-    /// no node holds a valid record.
+    /// addresses (without connecting): the newest record the closest nodes
+    /// hold, even if this node stores an older copy. Fails with
+    /// [`Error::NotFound`] when no node holds a valid record.
     pub async fn lookup(&self, peer: PeerId) -> Result<Vec<TypedAddr>> {
-        let (_, addrs) = ops::resolve(&self.inner, peer).await?;
+        let (_, addrs) = ops::resolve_fresh(&self.inner, peer).await?;
         Ok(addrs)
     }
 
