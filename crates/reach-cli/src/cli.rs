@@ -133,8 +133,9 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Connect every pair of NAT kinds by PeerId alone: two sites of every
-    /// kind with a default-configured reach node each (nodes behind NATs
+    /// Connect every pair of NAT kinds (and udp-blocked, a network that
+    /// lets only TCP out) by PeerId alone: two sites of every kind with a
+    /// default-configured reach node each (nodes behind NATs
     /// acquire relays by themselves), three public bootstrap/relay nodes;
     /// per pair: runs, connected, direct, relayed, failed, connect time.
     /// Fails unless every run of every pair delivered its message.

@@ -290,16 +290,19 @@ fn print_nat(r: &serde_json::Value) {
 }
 
 /// `reach lab nat`: the NAT classification over every lab kind.
-fn parse_kinds(kinds: Vec<String>) -> Result<Vec<reach_lab::nat::NatKind>> {
-    use reach_lab::nat::{ALL_KINDS, NatKind};
+fn parse_kinds(
+    kinds: Vec<String>,
+    default: &[reach_lab::nat::NatKind],
+) -> Result<Vec<reach_lab::nat::NatKind>> {
+    use reach_lab::nat::{MATRIX_KINDS, NatKind};
     Ok(if kinds.is_empty() {
-        ALL_KINDS.to_vec()
+        default.to_vec()
     } else {
         kinds
             .iter()
             .map(|k| {
                 NatKind::parse(k).with_context(|| {
-                    let names: Vec<&str> = ALL_KINDS.iter().map(|k| k.name()).collect();
+                    let names: Vec<&str> = MATRIX_KINDS.iter().map(|k| k.name()).collect();
                     format!("unknown NAT kind {k:?}; one of: {}", names.join(", "))
                 })
             })
@@ -310,7 +313,7 @@ fn parse_kinds(kinds: Vec<String>) -> Result<Vec<reach_lab::nat::NatKind>> {
 async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) -> Result<()> {
     use reach_lab::pairs::{PairMatrixOptions, run};
     let opts = PairMatrixOptions {
-        kinds: parse_kinds(kinds)?,
+        kinds: parse_kinds(kinds, &reach_lab::nat::MATRIX_KINDS)?,
         runs,
         delay_ms,
     };
@@ -356,7 +359,7 @@ async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) ->
 async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
     use reach_lab::matrix::{NatMatrixOptions, run};
     let opts = NatMatrixOptions {
-        kinds: parse_kinds(kinds)?,
+        kinds: parse_kinds(kinds, &reach_lab::nat::ALL_KINDS)?,
         delay_ms,
     };
     // Ctrl-C drops the run, and with it the lab, which tears itself down.

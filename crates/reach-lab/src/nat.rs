@@ -28,9 +28,27 @@ pub enum NatKind {
     Firewall,
     /// Two peers behind one eim-apdf router.
     SameNat,
+    /// An eim-apdf router that drops all UDP from the inside: only TCP
+    /// gets out (some corporate and hotel networks).
+    UdpBlocked,
 }
 
-/// Every kind, in matrix order.
+/// Every kind the connectivity matrix runs (`reach lab matrix`): the NAT
+/// kinds plus a network that blocks UDP.
+pub const MATRIX_KINDS: [NatKind; 9] = [
+    NatKind::Public,
+    NatKind::EimEif,
+    NatKind::EimAdf,
+    NatKind::EimApdf,
+    NatKind::Edm,
+    NatKind::Cgnat,
+    NatKind::Firewall,
+    NatKind::SameNat,
+    NatKind::UdpBlocked,
+];
+
+/// Every NAT kind the classification runs (`reach lab nat`), in matrix
+/// order. (UDP-blocked networks cannot be classified: no UDP gets out.)
 pub const ALL_KINDS: [NatKind; 8] = [
     NatKind::Public,
     NatKind::EimEif,
@@ -53,11 +71,12 @@ impl NatKind {
             NatKind::Cgnat => "cgnat",
             NatKind::Firewall => "firewall",
             NatKind::SameNat => "same-nat",
+            NatKind::UdpBlocked => "udp-blocked",
         }
     }
 
     pub fn parse(s: &str) -> Option<NatKind> {
-        ALL_KINDS.iter().copied().find(|k| k.name() == s)
+        MATRIX_KINDS.iter().copied().find(|k| k.name() == s)
     }
 
     /// The behaviour the lab configures, which classification must find.
@@ -71,6 +90,7 @@ impl NatKind {
                 (Mapping::EndpointIndependent, AddressAndPortDependent)
             }
             NatKind::Edm => (Mapping::EndpointDependent, AddressAndPortDependent),
+            NatKind::UdpBlocked => (Mapping::Unknown, Unknown),
         }
     }
 
@@ -223,6 +243,15 @@ const ADF_FILTER: &str = "table ip filter {
 }
 ";
 
+/// Nothing over UDP leaves the inside.
+const UDP_BLOCK: &str = "table ip filter {
+  chain forward_filter {
+    type filter hook forward priority 0; policy accept;
+    iifname \"lan\" meta l4proto udp drop
+  }
+}
+";
+
 const STATEFUL_FIREWALL: &str = "table ip filter {
   chain forward_filter {
     type filter hook forward priority 0; policy drop;
@@ -369,6 +398,10 @@ impl Site {
                         lab.nft(&r, ADF_FILTER)?;
                     }
                     NatKind::Edm => lab.nft(&r, &masquerade("fully-random"))?,
+                    NatKind::UdpBlocked => {
+                        lab.nft(&r, &masquerade(""))?;
+                        lab.nft(&r, UDP_BLOCK)?;
+                    }
                     NatKind::SameNat => {
                         lab.nft(&r, &masquerade(""))?;
                         // A second host on the same LAN, via a bridge-less

@@ -224,17 +224,43 @@ impl Lab {
     pub fn udp_socket(&self, ns: &str, addr: SocketAddr) -> Result<UdpSocket, LabError> {
         let path = format!("/var/run/netns/{ns}");
         std::thread::spawn(move || -> std::io::Result<UdpSocket> {
-            let f = File::open(path)?;
-            // SAFETY: setns on a namespace fd affects only this short-lived
-            // thread, which exits right after binding.
-            if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            enter(&path)?;
             UdpSocket::bind(addr)
         })
         .join()
         .map_err(|_| LabError::Other("socket thread panicked".into()))?
         .map_err(LabError::Io)
+    }
+
+    /// Binds a TCP listener inside namespace `ns` (see [`Lab::udp_socket`]).
+    pub fn tcp_listener(
+        &self,
+        ns: &str,
+        addr: SocketAddr,
+    ) -> Result<std::net::TcpListener, LabError> {
+        let path = format!("/var/run/netns/{ns}");
+        std::thread::spawn(move || -> std::io::Result<std::net::TcpListener> {
+            enter(&path)?;
+            std::net::TcpListener::bind(addr)
+        })
+        .join()
+        .map_err(|_| LabError::Other("socket thread panicked".into()))?
+        .map_err(LabError::Io)
+    }
+
+    /// A connector that opens TCP connections from inside namespace `ns`
+    /// (each on a fresh thread that enters the namespace and exits after).
+    pub fn tcp_connector(&self, ns: &str) -> reach::tcp::Connector {
+        let path = format!("/var/run/netns/{ns}");
+        std::sync::Arc::new(move |to: SocketAddr| {
+            let path = path.clone();
+            std::thread::spawn(move || -> std::io::Result<std::net::TcpStream> {
+                enter(&path)?;
+                std::net::TcpStream::connect_timeout(&to, TCP_CONNECT_TIMEOUT)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("socket thread panicked"))?
+        })
     }
 
     /// Tears everything down now (also done on drop).
@@ -256,4 +282,20 @@ impl Drop for Lab {
     fn drop(&mut self) {
         self.teardown();
     }
+}
+
+/// How long a lab TCP connect may take.
+const TCP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Moves the calling thread into the network namespace at `path`. Only ever
+/// called on a fresh, short-lived thread that ends right after its one
+/// socket call.
+fn enter(path: &str) -> std::io::Result<()> {
+    let f = File::open(path)?;
+    // SAFETY: setns on a namespace fd affects only the calling thread,
+    // which is a fresh thread that exits right after creating its socket.
+    if unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }

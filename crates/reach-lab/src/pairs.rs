@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use reach::{Event, Node, Reachability};
 use serde::Serialize;
 
-use crate::nat::{ALL_KINDS, Internet, NatKind, Site};
+use crate::nat::{Internet, MATRIX_KINDS, NatKind, Site};
 use crate::netns::{Lab, LabError};
 
 /// Time a node has to join, check its reachability and settle (hold a relay
@@ -39,7 +39,7 @@ pub struct PairMatrixOptions {
 impl Default for PairMatrixOptions {
     fn default() -> Self {
         PairMatrixOptions {
-            kinds: ALL_KINDS.to_vec(),
+            kinds: MATRIX_KINDS.to_vec(),
             runs: 1,
             delay_ms: 0,
         }
@@ -97,8 +97,15 @@ async fn node_in(
     seed: Option<SocketAddr>,
 ) -> Result<Node, LabError> {
     let sock = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
+    let bound = sock.local_addr().map_err(LabError::Io)?;
     let alt = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
-    let mut b = Node::builder().socket(sock).alt_socket(alt);
+    // TCP links (for UDP-blocked peers) on the same port number, and
+    // outgoing ones from inside the namespace too.
+    let mut b = Node::builder()
+        .socket(sock)
+        .alt_socket(alt)
+        .tcp_listener(lab.tcp_listener(ns, bound)?)
+        .tcp_connector(lab.tcp_connector(ns));
     if let Some(s) = seed {
         b = b.bootstrap([s]);
     }

@@ -47,7 +47,11 @@ async fn every_pair_of_nat_kinds_connects_by_peer_id_alone() {
             p.error.as_deref().unwrap_or("")
         );
     }
-    assert_eq!(report.pairs.len(), 36, "every unordered pair of 8 kinds");
+    assert_eq!(
+        report.pairs.len(),
+        45,
+        "every unordered pair of the 9 kinds (8 NAT kinds and udp-blocked)"
+    );
     for p in &report.pairs {
         assert_eq!(
             p.connected,

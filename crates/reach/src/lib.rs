@@ -36,6 +36,7 @@ pub mod nat;
 pub mod node;
 pub mod relay;
 pub mod socket;
+pub mod tcp;
 pub mod tls;
 pub mod transport;
 

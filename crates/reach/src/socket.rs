@@ -39,6 +39,7 @@ use reach_proto::wire::{DatagramKind, classify};
 use tokio::sync::mpsc;
 
 use crate::relay::paths::{RelayPaths, is_virtual};
+use crate::tcp::{TcpLinks, is_link};
 
 /// Capacity of the queue of non-QUIC datagrams waiting for the node. When it
 /// is full (a flood), further ones are dropped and counted: UDP control
@@ -141,6 +142,7 @@ pub struct DemuxSocket {
     to_node: mpsc::Sender<NonQuicDatagram>,
     stats: Arc<DemuxStats>,
     paths: Arc<RelayPaths>,
+    links: Arc<TcpLinks>,
     contacted: Contacted,
 }
 
@@ -168,6 +170,7 @@ impl DemuxSocket {
     pub fn new(
         inner: Arc<dyn AsyncUdpSocket>,
         paths: Arc<RelayPaths>,
+        links: Arc<TcpLinks>,
     ) -> (Arc<Self>, mpsc::Receiver<NonQuicDatagram>, Arc<DemuxStats>) {
         let (tx, rx) = mpsc::channel(NON_QUIC_QUEUE);
         let stats = Arc::new(DemuxStats::default());
@@ -176,6 +179,7 @@ impl DemuxSocket {
             to_node: tx,
             stats: stats.clone(),
             paths,
+            links,
             contacted: Contacted::default(),
         });
         (sock, rx, stats)
@@ -185,11 +189,19 @@ impl DemuxSocket {
     /// socket buffer is full the datagram is dropped, as UDP would.
     pub fn send_datagram(&self, to: SocketAddr, data: &[u8]) -> io::Result<()> {
         self.contacted.note(to.ip());
+        self.send_raw(to, data, None)
+    }
+
+    /// Sends over a TCP link when `to` is a link address, else over UDP.
+    fn send_raw(&self, to: SocketAddr, data: &[u8], segment_size: Option<usize>) -> io::Result<()> {
+        if let Some(sent) = self.links.send(&to, data, segment_size) {
+            return sent;
+        }
         self.inner.try_send(&Transmit {
             destination: to,
             ecn: None,
             contents: data,
-            segment_size: None,
+            segment_size,
             src_ip: None,
         })
     }
@@ -246,13 +258,7 @@ impl DemuxSocket {
             return Seg::Relayed(v);
         }
         if let Some(to) = self.paths.forward_to(circuit, from, seg.len()) {
-            let sent = self.inner.try_send(&Transmit {
-                destination: to,
-                ecn: None,
-                contents: seg,
-                segment_size: None,
-                src_ip: None,
-            });
+            let sent = self.send_raw(to, seg, None);
             if sent.is_ok() {
                 let st = &self.paths.stats;
                 st.forwarded_packets.fetch_add(1, Ordering::Relaxed);
@@ -287,13 +293,7 @@ impl DemuxSocket {
         else {
             return true;
         };
-        let sent = self.inner.try_send(&Transmit {
-            destination: to,
-            ecn: None,
-            contents: data,
-            segment_size: (segments > 1).then_some(stride),
-            src_ip: None,
-        });
+        let sent = self.send_raw(to, data, (segments > 1).then_some(stride));
         if sent.is_ok() {
             let st = &self.paths.stats;
             st.forwarded_packets.fetch_add(segments, Ordering::Relaxed);
@@ -364,6 +364,23 @@ impl DemuxSocket {
         true
     }
 
+    /// Filters the first `n` received buffers and moves those that still
+    /// hold QUIC to the front, in order; returns how many. Swapping whole
+    /// slots keeps each meta paired with its buffer.
+    fn keep_quic(&self, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta], n: usize) -> usize {
+        let mut kept = 0;
+        for i in 0..n {
+            if self.filter(&mut meta[i], &mut bufs[i]) {
+                if i != kept {
+                    meta.swap(i, kept);
+                    bufs.swap(i, kept);
+                }
+                kept += 1;
+            }
+        }
+        kept
+    }
+
     /// Sends quinn's transmit to a virtual address: each segment wrapped in
     /// a relay frame, as one GSO batch to the relay.
     fn send_relayed(&self, transmit: &Transmit) -> io::Result<()> {
@@ -388,13 +405,11 @@ impl DemuxSocket {
                 out.extend_from_slice(&header);
                 out.extend_from_slice(seg);
             }
-            let sent = self.inner.try_send(&Transmit {
-                destination: path.relay_addr,
-                ecn: None,
-                contents: &out,
-                segment_size: (batch.len() > 1).then_some(seg_size + RELAY_HEADER_LEN),
-                src_ip: None,
-            });
+            let sent = self.send_raw(
+                path.relay_addr,
+                &out,
+                (batch.len() > 1).then_some(seg_size + RELAY_HEADER_LEN),
+            );
             match sent {
                 Ok(()) => {
                     self.paths
@@ -423,6 +438,13 @@ impl AsyncUdpSocket for DemuxSocket {
     }
 
     fn try_send(&self, transmit: &Transmit) -> io::Result<()> {
+        if is_link(&transmit.destination) {
+            return self.send_raw(
+                transmit.destination,
+                transmit.contents,
+                transmit.segment_size,
+            );
+        }
         if is_virtual(&transmit.destination) {
             return self.send_relayed(transmit);
         }
@@ -436,24 +458,25 @@ impl AsyncUdpSocket for DemuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
+        // Datagrams that came over TCP links first; they go through the
+        // same sorting as UDP ones.
+        let injected = self.links.poll_injected(cx, bufs, meta);
+        if injected == bufs.len().min(meta.len()) {
+            // More may be queued, and no waker is registered for it.
+            cx.waker().wake_by_ref();
+        }
+        if injected > 0 {
+            let kept = self.keep_quic(bufs, meta, injected);
+            if kept > 0 {
+                return Poll::Ready(Ok(kept));
+            }
+        }
         for _ in 0..MAX_NON_QUIC_BATCHES_PER_POLL {
             let n = match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => n,
                 other => return other,
             };
-            // Compact the batch: keep buffers that still hold QUIC at the
-            // front, in order. Swapping whole slots keeps each meta paired
-            // with its buffer.
-            let mut kept = 0;
-            for i in 0..n {
-                if self.filter(&mut meta[i], &mut bufs[i]) {
-                    if i != kept {
-                        meta.swap(i, kept);
-                        bufs.swap(i, kept);
-                    }
-                    kept += 1;
-                }
-            }
+            let kept = self.keep_quic(bufs, meta, n);
             if kept > 0 {
                 return Poll::Ready(Ok(kept));
             }

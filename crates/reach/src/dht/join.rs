@@ -78,21 +78,23 @@ pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport
     addrs.sort();
     addrs.dedup();
     addrs.retain(|a| *a != inner.local_addr);
-    let mut dials: FuturesUnordered<_> = addrs
-        .iter()
-        .map(|&a| {
-            let inner = inner.clone();
-            async move { (a, peers::dial_unknown(&inner, a).await) }
-        })
-        .collect();
     let mut report = JoinReport::default();
-    while let Some((addr, res)) = dials.next().await {
-        match res {
-            Ok(peer) => {
-                report.bootstrap_reached += 1;
-                dht.routing().on_seen(Contact::new(peer, addr), dht.now());
-            }
-            Err(e) => tracing::warn!(%addr, error = %e, "bootstrap node unreachable"),
+    dial_bootstrap(inner, &addrs, &mut report).await;
+    if report.bootstrap_reached == 0 && !addrs.is_empty() && inner.tcp_fallback && !inner.tcp_mode()
+    {
+        // Nobody answers over UDP: perhaps this network blocks it. Try TCP
+        // links to the same addresses; if they work, every dial from now on
+        // goes over TCP.
+        inner
+            .tcp_mode
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        dial_bootstrap(inner, &addrs, &mut report).await;
+        if report.bootstrap_reached == 0 {
+            inner
+                .tcp_mode
+                .store(false, std::sync::atomic::Ordering::Relaxed);
+        } else {
+            tracing::warn!("no bootstrap node answers over UDP: using TCP links");
         }
     }
     // Find our neighbours, then fill every bucket we know of.
@@ -115,6 +117,27 @@ pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport
     dht.joined.send_replace(true);
     tracing::debug!(?report, "joined the DHT");
     report
+}
+
+/// Dials every bootstrap address at once; counts and records who answers.
+async fn dial_bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinReport) {
+    let dht = &inner.dht;
+    let mut dials: FuturesUnordered<_> = addrs
+        .iter()
+        .map(|&a| {
+            let inner = inner.clone();
+            async move { (a, peers::dial_unknown(&inner, a).await) }
+        })
+        .collect();
+    while let Some((addr, res)) = dials.next().await {
+        match res {
+            Ok(peer) => {
+                report.bootstrap_reached += 1;
+                dht.routing().on_seen(Contact::new(peer, addr), dht.now());
+            }
+            Err(e) => tracing::warn!(%addr, error = %e, "bootstrap node unreachable"),
+        }
+    }
 }
 
 fn random_key_in(own: Key, cpl: usize) -> Key {

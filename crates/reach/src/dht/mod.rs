@@ -91,8 +91,13 @@ impl Dht {
     }
 
     /// Records that `contact` answered or asked. A contact reached over a
-    /// relay circuit has no address others could use: it stays out.
-    pub fn saw(&self, contact: reach_proto::dht::Contact) {
+    /// relay circuit, or over a TCP link it opened to us, has no address
+    /// others could use: it stays out. One we reach over a TCP link we
+    /// opened is recorded at the address we dialed.
+    pub fn saw(&self, links: &crate::tcp::TcpLinks, mut contact: reach_proto::dht::Contact) {
+        if let Some(real) = links.dialed_remote(&contact.addr) {
+            contact.addr = real;
+        }
         if !crate::relay::paths::is_virtual(&contact.addr) {
             self.routing().on_seen(contact, self.now());
         }

@@ -94,7 +94,7 @@ pub(crate) async fn serve(
         }
     } else {
         if msg.server_mode {
-            dht.saw(Contact::new(peer, remote));
+            dht.saw(&inner.links, Contact::new(peer, remote));
         }
         answer(&inner, msg.request)
     };

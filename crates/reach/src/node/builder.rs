@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::relay::RelayRuntime;
 use crate::relay::paths::RelayPaths;
 use crate::socket::DemuxSocket;
+use crate::tcp::TcpLinks;
 use crate::{keystore, tls, transport};
 
 /// The default bind address: every IPv4 interface, a port the OS picks.
@@ -24,7 +25,7 @@ pub const DEFAULT_BIND: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), 0);
 
 /// Builder of a [`Node`]; see [`Node::builder`].
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct NodeBuilder {
     bind: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
@@ -37,6 +38,20 @@ pub struct NodeBuilder {
     relay_service: crate::relay::RelayMode,
     acquire_relay: crate::relay::RelayMode,
     relay_limits: Option<reach_proto::relay::service::RelayLimits>,
+    tcp_listener: Option<std::net::TcpListener>,
+    tcp_connector: Option<crate::tcp::Connector>,
+    no_tcp_fallback: bool,
+}
+
+impl std::fmt::Debug for NodeBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeBuilder")
+            .field("bind", &self.bind)
+            .field("data_dir", &self.data_dir)
+            .field("bootstrap", &self.bootstrap)
+            .field("dht_mode", &self.dht_mode)
+            .finish_non_exhaustive()
+    }
 }
 
 impl NodeBuilder {
@@ -114,6 +129,28 @@ impl NodeBuilder {
         self
     }
 
+    /// The TCP listener for links from peers whose UDP is blocked (see
+    /// [`crate::tcp`]). Without it the node listens on its UDP port number
+    /// on TCP, if that port is free.
+    pub fn tcp_listener(mut self, listener: std::net::TcpListener) -> Self {
+        self.tcp_listener = Some(listener);
+        self
+    }
+
+    /// How to open outgoing TCP links (e.g. from inside another network
+    /// namespace). Default: an ordinary connect.
+    pub fn tcp_connector(mut self, connector: crate::tcp::Connector) -> Self {
+        self.tcp_connector = Some(connector);
+        self
+    }
+
+    /// Whether to fall back to TCP links when no bootstrap node answers
+    /// over UDP (default: yes).
+    pub fn tcp_fallback(mut self, enabled: bool) -> Self {
+        self.no_tcp_fallback = !enabled;
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -152,7 +189,24 @@ impl NodeBuilder {
             .map_err(|source| Error::Bind { addr: bind, source })?;
         let relay_limits = self.relay_limits.unwrap_or_default();
         let paths = Arc::new(RelayPaths::new(local_addr.is_ipv6(), relay_limits));
-        let (socket, non_quic_rx, demux_stats) = DemuxSocket::new(udp, paths.clone());
+        let (shutdown_tx, _) = watch::channel(false);
+        let links = TcpLinks::new(
+            local_addr.is_ipv6(),
+            shutdown_tx.subscribe(),
+            self.tcp_connector.clone(),
+        );
+        let (socket, non_quic_rx, demux_stats) =
+            DemuxSocket::new(udp, paths.clone(), links.clone());
+        // Best effort: without a listener only peers behind UDP-blocking
+        // networks cannot use this node.
+        let tcp_listener = match self.tcp_listener {
+            Some(l) => Some(l),
+            None => std::net::TcpListener::bind(local_addr).ok(),
+        }
+        .and_then(|l| {
+            l.set_nonblocking(true).ok()?;
+            tokio::net::TcpListener::from_std(l).ok()
+        });
 
         let mut endpoint_config = EndpointConfig::default();
         // Peers must never clear the QUIC fixed bit towards us: it is how the
@@ -197,7 +251,6 @@ impl NodeBuilder {
             }
         }
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
-        let (shutdown_tx, _) = watch::channel(false);
         let inner = Arc::new(Inner {
             peer_id: keypair.peer_id(),
             keypair,
@@ -219,7 +272,13 @@ impl NodeBuilder {
             observed: Default::default(),
             paths,
             relay: RelayRuntime::new(self.relay_service, self.acquire_relay, relay_limits),
+            links: links.clone(),
+            tcp_mode: std::sync::atomic::AtomicBool::new(false),
+            tcp_fallback: !self.no_tcp_fallback,
         });
+        if let Some(l) = tcp_listener {
+            inner.spawn(links.accept_loop(l));
+        }
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
         inner.spawn(crate::dht::join::maintain(inner.clone()));

@@ -113,6 +113,11 @@ pub(crate) struct Inner {
     /// Relay circuits, shared with the socket.
     pub paths: Arc<crate::relay::paths::RelayPaths>,
     pub relay: crate::relay::RelayRuntime,
+    pub links: Arc<crate::tcp::TcpLinks>,
+    /// UDP is blocked here: every dial goes over a TCP link.
+    pub tcp_mode: std::sync::atomic::AtomicBool,
+    /// Whether to switch to TCP links when UDP reaches nobody.
+    pub tcp_fallback: bool,
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -155,6 +160,24 @@ impl Inner {
         self.alt
             .as_ref()
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
+    }
+
+    /// Whether every dial goes over a TCP link (UDP is blocked).
+    pub(crate) fn tcp_mode(&self) -> bool {
+        self.tcp_mode.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The address to hand quinn for dialing `addr`: `addr` itself, or in
+    /// TCP mode the link to it (opened if needed).
+    pub(crate) async fn dial_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
+        if !self.tcp_mode() || crate::relay::paths::is_virtual(&addr) {
+            return Ok(addr);
+        }
+        self.links.connect(addr).await.map_err(|e| Error::Io {
+            context: "opening a TCP link",
+            path: std::path::PathBuf::from(addr.to_string()),
+            source: e,
+        })
     }
 
     pub(crate) fn is_shut_down(&self) -> bool {
@@ -314,8 +337,14 @@ impl Node {
         let mut peers = self.inner.peers.connected();
         for p in &mut peers {
             if let Some(path) = self.inner.paths.path(&p.addr) {
-                p.addr = path.relay_addr;
+                p.addr = self
+                    .inner
+                    .links
+                    .remote(&path.relay_addr)
+                    .unwrap_or(path.relay_addr);
                 p.relay = Some(path.relay);
+            } else if let Some(remote) = self.inner.links.remote(&p.addr) {
+                p.addr = remote;
             }
         }
         peers

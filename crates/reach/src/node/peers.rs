@@ -419,6 +419,12 @@ async fn dial_or_resolve_inner(
     // were none.
     match (direct_err, record_err) {
         (Some(Error::NoAddress(_)), Some(e)) | (None, Some(e)) => Err(e),
+        (Some(Error::Connect { reason, .. }), Some(e)) if !matches!(e, Error::NotFound(_)) => {
+            Err(Error::Connect {
+                peer,
+                reason: format!("{reason}; then through its DHT record: {e}"),
+            })
+        }
         (Some(e), _) => Err(e),
         (None, None) => Err(Error::NoAddress(peer)),
     }
@@ -433,9 +439,13 @@ pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport::transport_config());
     let fail = |reason: String| Error::Config(format!("bootstrap {addr}: {reason}"));
+    let quic_addr = inner
+        .dial_addr(addr)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     let connecting = inner
         .endpoint
-        .connect_with(cfg, addr, tls::SERVER_NAME)
+        .connect_with(cfg, quic_addr, tls::SERVER_NAME)
         .map_err(|e| fail(e.to_string()))?;
     let conn = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting)
         .await
@@ -538,9 +548,13 @@ pub(crate) async fn dial(
         peer,
         reason: format!("{addr}: {reason}"),
     };
+    let quic_addr = inner
+        .dial_addr(addr)
+        .await
+        .map_err(|e| fail(e.to_string()))?;
     let connecting = inner
         .endpoint
-        .connect_with(cfg, addr, tls::SERVER_NAME)
+        .connect_with(cfg, quic_addr, tls::SERVER_NAME)
         .map_err(|e| fail(e.to_string()))?;
     let result = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting).await;
     let mismatch = || {

@@ -89,7 +89,11 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
     let relay = &inner.relay;
     let needs_check = relay.service == RelayMode::Auto || relay.acquire == RelayMode::Auto;
     let mut reach = Reachability::Unknown;
-    if needs_check {
+    if inner.tcp_mode() {
+        // UDP is blocked: nobody can reach us but through a relay.
+        reach = Reachability::Private;
+        relay.set_reachability(reach);
+    } else if needs_check {
         loop {
             reach = check_reachability(&inner).await;
             if reach != Reachability::Unknown {

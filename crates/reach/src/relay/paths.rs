@@ -32,12 +32,21 @@ pub const MAX_VIRTUAL_PATHS: usize = 4096;
 /// Circuits a relay forwards at once at most.
 pub const MAX_CIRCUITS: usize = 4096;
 
-/// Whether `addr` is a virtual (relayed) address, in either family's form.
+/// Port of relayed-circuit addresses (TCP links use port 2).
+const CIRCUIT_PORT: u16 = 1;
+
+/// Whether `addr` is a virtual address: a relayed circuit or a TCP link
+/// (see [`crate::tcp`]), in either family's form. Virtual addresses mean
+/// something only inside this process: they are never published, never
+/// put in routing tables, never remembered as a peer's address.
 pub fn is_virtual(addr: &SocketAddr) -> bool {
-    virtual_index(addr).is_some()
+    virtual_index(addr).is_some() || crate::tcp::is_link(addr)
 }
 
 fn virtual_index(addr: &SocketAddr) -> Option<u32> {
+    if addr.port() != CIRCUIT_PORT {
+        return None;
+    }
     let v4 = match addr.ip() {
         IpAddr::V4(v4) => v4,
         IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
@@ -53,7 +62,7 @@ fn virtual_addr(index: u32, v6: bool) -> SocketAddr {
     } else {
         IpAddr::V4(v4)
     };
-    SocketAddr::new(ip, 1)
+    SocketAddr::new(ip, CIRCUIT_PORT)
 }
 
 /// Where a virtual address leads.

@@ -1,0 +1,374 @@
+//! TCP links: the way out for a node whose network blocks UDP entirely.
+//!
+//! A link is a TCP connection that carries the node's datagrams (QUIC
+//! packets, relay frames), each prefixed by its 2-byte length, after a short
+//! magic preamble. The socket treats a link as one more path: quinn sees the
+//! far end at a *link address* (240.0.0.0/4, port 2, never routable), so the
+//! QUIC connection over it is the ordinary end-to-end encrypted one, and
+//! relayed circuits work over it unchanged. Every node listens for links on
+//! its UDP port number; a node that cannot reach anyone over UDP dials its
+//! peers (in practice: its bootstrap nodes and its relay) over TCP instead.
+//!
+//! TCP brings head-of-line blocking: it is the fallback, never the default.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::udp::RecvMeta;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// The preamble a link starts with (both directions): name and version.
+pub const LINK_MAGIC: [u8; 8] = *b"REACHTC1";
+/// Largest datagram a link carries (the 2-byte length prefix).
+pub const MAX_LINK_DATAGRAM: usize = u16::MAX as usize;
+/// Datagrams queued per link for sending; beyond that they are dropped, as
+/// a full UDP socket buffer would (QUIC recovers).
+pub const LINK_QUEUE: usize = 2048;
+/// Datagrams received over all links waiting for the socket.
+pub const INJECT_QUEUE: usize = 4096;
+/// Links a node keeps at most (inbound and outbound).
+pub const MAX_LINKS: usize = 1024;
+/// Time to open a link (TCP handshake and preamble).
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
+/// First octet range and port of link addresses.
+const LINK_NET: u32 = 0xF000_0000;
+const LINK_PORT: u16 = 2;
+
+/// Whether `addr` is a link address (either family's form).
+pub fn is_link(addr: &SocketAddr) -> bool {
+    link_index(addr).is_some()
+}
+
+fn link_index(addr: &SocketAddr) -> Option<u32> {
+    if addr.port() != LINK_PORT {
+        return None;
+    }
+    let v4 = match addr.ip() {
+        IpAddr::V4(v4) => v4,
+        IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
+    };
+    let bits = u32::from(v4);
+    (bits & 0xF000_0000 == LINK_NET && bits != u32::MAX).then_some(bits & 0x0FFF_FFFF)
+}
+
+/// Opens a TCP connection to an address, blocking (it runs on a blocking
+/// thread). For sockets that must be created elsewhere, e.g. inside another
+/// network namespace.
+pub type Connector = Arc<dyn Fn(SocketAddr) -> io::Result<std::net::TcpStream> + Send + Sync>;
+
+struct Link {
+    tx: mpsc::Sender<Bytes>,
+    /// The TCP peer's real address.
+    remote: SocketAddr,
+    /// We dialed it (its `remote` is a peer's published address).
+    outbound: bool,
+}
+
+/// Counters of the links.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    pub opened: AtomicU64,
+    pub accepted: AtomicU64,
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// The TCP links of one node, shared with its socket.
+pub struct TcpLinks {
+    v6: bool,
+    next: AtomicU32,
+    links: Mutex<HashMap<u32, Link>>,
+    inject_tx: mpsc::Sender<(SocketAddr, Bytes)>,
+    inject_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
+    shutdown: watch::Receiver<bool>,
+    connector: Option<Connector>,
+    pub stats: LinkStats,
+}
+
+impl TcpLinks {
+    pub fn new(
+        v6: bool,
+        shutdown: watch::Receiver<bool>,
+        connector: Option<Connector>,
+    ) -> Arc<Self> {
+        let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
+        Arc::new(TcpLinks {
+            v6,
+            next: AtomicU32::new(1),
+            links: Mutex::new(HashMap::new()),
+            inject_tx,
+            inject_rx: Mutex::new(inject_rx),
+            shutdown,
+            connector,
+            stats: LinkStats::default(),
+        })
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Link>> {
+        self.links.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn addr_of(&self, index: u32) -> SocketAddr {
+        let v4 = Ipv4Addr::from(LINK_NET | (index & 0x0FFF_FFFF));
+        let ip = if self.v6 {
+            IpAddr::V6(v4.to_ipv6_mapped())
+        } else {
+            IpAddr::V4(v4)
+        };
+        SocketAddr::new(ip, LINK_PORT)
+    }
+
+    /// Sends a datagram (or a GSO batch of `segment_size` segments) over
+    /// the link at `dest`. `None` if `dest` is not a link address.
+    pub fn send(
+        &self,
+        dest: &SocketAddr,
+        contents: &[u8],
+        segment_size: Option<usize>,
+    ) -> Option<io::Result<()>> {
+        let index = link_index(dest)?;
+        let tx = self.map().get(&index).map(|l| l.tx.clone());
+        let Some(tx) = tx else {
+            // The link is gone: the datagram is lost, as on a dead path.
+            return Some(Ok(()));
+        };
+        let seg = segment_size.unwrap_or(contents.len()).max(1);
+        for d in contents.chunks(seg) {
+            if d.len() > MAX_LINK_DATAGRAM || tx.try_send(Bytes::copy_from_slice(d)).is_err() {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.stats.sent.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        Some(Ok(()))
+    }
+
+    /// The real address behind a link we dialed (a peer's published
+    /// address, usable as its contact address).
+    pub fn dialed_remote(&self, addr: &SocketAddr) -> Option<SocketAddr> {
+        let index = link_index(addr)?;
+        self.map()
+            .get(&index)
+            .filter(|l| l.outbound)
+            .map(|l| l.remote)
+    }
+
+    /// The TCP peer's address behind a link, either direction.
+    pub fn remote(&self, addr: &SocketAddr) -> Option<SocketAddr> {
+        let index = link_index(addr)?;
+        self.map().get(&index).map(|l| l.remote)
+    }
+
+    /// Moves received link datagrams into quinn's buffers; returns how many.
+    pub fn poll_injected(
+        &self,
+        cx: &mut Context,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> usize {
+        let Ok(mut rx) = self.inject_rx.try_lock() else {
+            return 0;
+        };
+        let mut n = 0;
+        while n < bufs.len().min(meta.len()) {
+            let Poll::Ready(Some((addr, data))) = rx.poll_recv(cx) else {
+                break;
+            };
+            let len = data.len().min(bufs[n].len());
+            bufs[n][..len].copy_from_slice(&data[..len]);
+            meta[n] = RecvMeta {
+                addr,
+                len,
+                stride: len,
+                ecn: None,
+                dst_ip: None,
+            };
+            n += 1;
+        }
+        n
+    }
+
+    /// The link to `remote` (opening one if needed); returns its address.
+    pub async fn connect(self: &Arc<Self>, remote: SocketAddr) -> io::Result<SocketAddr> {
+        let existing = self
+            .map()
+            .iter()
+            .find(|(_, l)| l.outbound && l.remote == remote && !l.tx.is_closed())
+            .map(|(i, _)| *i);
+        if let Some(i) = existing {
+            return Ok(self.addr_of(i));
+        }
+        let connector = self.connector.clone();
+        let open = async {
+            let mut stream = match connector {
+                Some(c) => {
+                    let std = tokio::task::spawn_blocking(move || c(remote))
+                        .await
+                        .map_err(io::Error::other)??;
+                    std.set_nonblocking(true)?;
+                    TcpStream::from_std(std)?
+                }
+                None => TcpStream::connect(remote).await?,
+            };
+            stream.set_nodelay(true)?;
+            stream.write_all(&LINK_MAGIC).await?;
+            let mut magic = [0u8; LINK_MAGIC.len()];
+            stream.read_exact(&mut magic).await?;
+            if magic != LINK_MAGIC {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "not a reach TCP link",
+                ));
+            }
+            io::Result::Ok(stream)
+        };
+        let stream = tokio::time::timeout(LINK_TIMEOUT, open)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP link timed out"))??;
+        self.stats.opened.fetch_add(1, Ordering::Relaxed);
+        self.start(stream, remote, true)
+    }
+
+    /// Accepts links until the node stops.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            let (mut stream, remote) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(x) => x,
+                    Err(_) => continue,
+                },
+                _ = shutdown.wait_for(|s| *s) => return,
+            };
+            let links = self.clone();
+            tokio::spawn(async move {
+                let greet = async {
+                    let mut magic = [0u8; LINK_MAGIC.len()];
+                    stream.read_exact(&mut magic).await?;
+                    if magic != LINK_MAGIC {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "bad magic"));
+                    }
+                    stream.write_all(&LINK_MAGIC).await?;
+                    stream.set_nodelay(true)
+                };
+                if matches!(tokio::time::timeout(LINK_TIMEOUT, greet).await, Ok(Ok(()))) {
+                    links.stats.accepted.fetch_add(1, Ordering::Relaxed);
+                    let _ = links.start(stream, remote, false);
+                }
+            });
+        }
+    }
+
+    /// Registers a link and starts its reader and writer.
+    fn start(
+        self: &Arc<Self>,
+        stream: TcpStream,
+        remote: SocketAddr,
+        outbound: bool,
+    ) -> io::Result<SocketAddr> {
+        let (tx, rx) = mpsc::channel(LINK_QUEUE);
+        let index = {
+            let mut map = self.map();
+            map.retain(|_, l| !l.tx.is_closed());
+            if map.len() >= MAX_LINKS {
+                return Err(io::Error::other("too many TCP links"));
+            }
+            let index = self.next.fetch_add(1, Ordering::Relaxed) & 0x0FFF_FFFF;
+            map.insert(
+                index,
+                Link {
+                    tx,
+                    remote,
+                    outbound,
+                },
+            );
+            index
+        };
+        let addr = self.addr_of(index);
+        let (read, write) = stream.into_split();
+        tokio::spawn(write_loop(write, rx, self.shutdown.clone()));
+        tokio::spawn(read_loop(
+            Arc::downgrade(self),
+            read,
+            addr,
+            index,
+            self.inject_tx.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(addr)
+    }
+}
+
+async fn write_loop(
+    write: tokio::net::tcp::OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut w = BufWriter::new(write);
+    loop {
+        let d = tokio::select! {
+            d = rx.recv() => d,
+            _ = shutdown.wait_for(|s| *s) => None,
+        };
+        let Some(d) = d else { break };
+        let len = (d.len() as u16).to_be_bytes();
+        if w.write_all(&len).await.is_err() || w.write_all(&d).await.is_err() {
+            break;
+        }
+        // Batch what is queued, then flush.
+        if rx.is_empty() && w.flush().await.is_err() {
+            break;
+        }
+    }
+    let _ = w.shutdown().await;
+}
+
+async fn read_loop(
+    links: Weak<TcpLinks>,
+    mut read: tokio::net::tcp::OwnedReadHalf,
+    addr: SocketAddr,
+    index: u32,
+    inject: mpsc::Sender<(SocketAddr, Bytes)>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut buf = vec![0u8; MAX_LINK_DATAGRAM];
+    loop {
+        let frame = async {
+            let mut len = [0u8; 2];
+            read.read_exact(&mut len).await?;
+            let len = usize::from(u16::from_be_bytes(len));
+            read.read_exact(&mut buf[..len]).await?;
+            io::Result::Ok(len)
+        };
+        let len = tokio::select! {
+            r = frame => match r {
+                Ok(len) => len,
+                Err(_) => break,
+            },
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        if let Some(l) = links.upgrade() {
+            l.stats.received.fetch_add(1, Ordering::Relaxed);
+        }
+        if inject
+            .send((addr, Bytes::copy_from_slice(&buf[..len])))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    if let Some(l) = links.upgrade() {
+        l.map().remove(&index);
+    }
+}
