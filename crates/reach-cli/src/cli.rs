@@ -133,6 +133,11 @@ pub enum LabCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Relay failover behind real NATs: a node behind a NAT holds a relay, a
+    /// peer talks to it through it, the relay dies; prints how long until
+    /// the node held a new relay, republished, and the peer got through
+    /// again by PeerId (one JSON object).
+    Failover,
     /// Connect every pair of NAT kinds (and udp-blocked, a network that
     /// lets only TCP out) by PeerId alone: two sites of every kind with a
     /// default-configured reach node each (nodes behind NATs

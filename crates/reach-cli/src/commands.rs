@@ -97,6 +97,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             delay_ms,
             json,
         }) => lab_nat(kinds, delay_ms, json).await,
+        Command::Lab(LabCommand::Failover) => {
+            let r = tokio::select! {
+                r = reach_lab::pairs::failover() => r?,
+                _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+            };
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }
         Command::Lab(LabCommand::Matrix {
             kinds,
             runs,

@@ -30,6 +30,12 @@ pub const MAX_RELAYS_PER_PEER: usize = 4;
 /// relayed dial starts too. A direct path wins when it works quickly; a
 /// NATed peer costs this much extra at most.
 pub const RELAY_DIAL_DELAY: Duration = Duration::from_millis(250);
+/// Network lookups of a peer's record per dial at most, [`FRESH_RESOLVE_GAP`]
+/// apart, while each finds nothing new to dial: a peer that just lost its
+/// relay republishes within seconds.
+pub const FRESH_RESOLVES: usize = 4;
+/// The gap between those lookups.
+pub const FRESH_RESOLVE_GAP: Duration = Duration::from_secs(1);
 /// When dialing known addresses has not succeeded within this, the peer's
 /// endpoint record is looked up in parallel (it may have moved, or changed
 /// relays).
@@ -351,7 +357,13 @@ async fn dial_or_resolve_inner(
         let mut last = Error::NotFound(peer);
         // A stored or first-found record first (fast); if its addresses
         // fail, the newest record the network has.
-        for fresh in [false, true] {
+        for attempt in 0..=FRESH_RESOLVES {
+            let fresh = attempt > 0;
+            if attempt > 1 {
+                // The peer may be between relays, its new record not yet
+                // published: look again shortly.
+                tokio::time::sleep(FRESH_RESOLVE_GAP).await;
+            }
             let found = if fresh {
                 ops::resolve_fresh(inner, peer).await
             } else {
@@ -360,10 +372,12 @@ async fn dial_or_resolve_inner(
             let typed = match found {
                 Ok((_, typed)) => typed,
                 Err(e) => {
+                    tracing::debug!(%peer, fresh, error = %e, "no endpoint record");
                     last = e;
                     continue;
                 }
             };
+            tracing::debug!(%peer, fresh, ?typed, "endpoint record");
             inner.peers.remember_typed(peer, &typed);
             let new = Known {
                 addrs: typed
