@@ -271,7 +271,13 @@ async fn acquire_one(
     candidates.retain(|(id, a)| !is_virtual(a) && Some(*id) != exclude);
     for (relay, addr) in candidates.into_iter().take(MAX_CANDIDATES) {
         match client::reserve(inner, relay, addr).await {
-            Ok((conn, _ttl)) => return Some((relay, conn.remote_address(), conn)),
+            Ok((conn, _ttl)) => {
+                // Published for others: the relay's real address, also when
+                // we reach it over a TCP link.
+                let remote = conn.remote_address();
+                let public = inner.links.dialed_remote(&remote).unwrap_or(remote);
+                return Some((relay, public, conn));
+            }
             Err(e) => tracing::debug!(%relay, error = %e, "relay candidate refused"),
         }
     }
