@@ -118,17 +118,15 @@ pub enum ControlPacket {
     ProbeReply { nonce: u64, observed: SocketAddr },
     /// "Send an unsolicited [`ControlPacket::FilterProbe`] to the address
     /// you see this packet come from", either from another port of the
-    /// helper or from a peer of the helper at an IP not in `exclude`.
+    /// helper or from a peer of the helper at an IP not in `exclude` (the
+    /// helper asks that peer over their authenticated QUIC connection:
+    /// `Body::FilterProbeRequest`).
     /// Padded to [`PROBE_REQUEST_LEN`].
     FilterTest {
         nonce: u64,
         via: FilterVia,
         exclude: Vec<std::net::IpAddr>,
     },
-    /// Helper to its peer: send a [`ControlPacket::FilterProbe`] to
-    /// `target` (which the helper observed as a requester's source). Only
-    /// accepted from addresses of authenticated peers.
-    RelayFilterProbe { nonce: u64, target: SocketAddr },
     /// The unsolicited probe itself.
     FilterProbe { nonce: u64 },
 }

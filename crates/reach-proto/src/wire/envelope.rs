@@ -52,6 +52,15 @@ pub enum Body {
     RelayRequest(RelayRequest),
     /// The answer to a [`Body::RelayRequest`].
     RelayResponse(RelayResponse),
+    /// Helper to one of its peers, alone on a bidirectional stream: "send an
+    /// unsolicited filter probe with `nonce` to `target`" (a requester's
+    /// address as the helper observed it; the other-host filtering test).
+    /// Over QUIC, so nobody can make a node probe a third party by
+    /// spoofing a peer's UDP source address. No answer.
+    FilterProbeRequest {
+        nonce: u64,
+        target: std::net::SocketAddr,
+    },
 }
 
 /// A versioned body.

@@ -262,6 +262,7 @@ impl NodeBuilder {
             events_rx: AsyncMutex::new(events_rx),
             message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
             probes: control::PendingProbes::default(),
+            replies: std::sync::Mutex::new(control::RateLimiter::new(control::MAX_REPLIES_PER_SEC)),
             counters: Default::default(),
             demux_stats,
             shutdown_tx,

@@ -5,8 +5,8 @@
 //! the packet that asked for it, answers are never larger than requests
 //! (requests are padded), and all answers share one rate limit. The one
 //! packet sent elsewhere, a relayed filter probe, is sent only on behalf of
-//! an authenticated peer, to the address that peer observed, and under the
-//! same rate limit.
+//! an authenticated peer (asked over its QUIC connection), to the address
+//! that peer observed, and under the same rate limit.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use reach_proto::wire::datagram::{
     ControlPacket, DatagramKind, FilterVia, PROBE_ATTEMPTS, PROBE_RETRY_AFTER,
 };
+use reach_proto::wire::envelope::{Body, Envelope};
 use reach_proto::wire::stun;
 use tokio::sync::{mpsc, oneshot};
 
@@ -103,13 +104,31 @@ pub(crate) struct PendingProbes {
 
 /// Handles non-QUIC datagrams until the node stops.
 pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQuicDatagram>) {
-    let mut limiter = RateLimiter::new(MAX_REPLIES_PER_SEC);
     while let Some(d) = rx.recv().await {
+        let mut limiter = inner.replies.lock().unwrap_or_else(|p| p.into_inner());
         match d.kind {
             DatagramKind::Control => handle_control(&inner, &d, &mut limiter),
             DatagramKind::Stun => handle_stun(&inner, &d, &mut limiter),
             _ => {}
         }
+    }
+}
+
+/// A peer asked us (over QUIC) to send the unsolicited probe of another
+/// node's filtering test to `target`.
+pub(crate) fn send_filter_probe(inner: &Inner, nonce: u64, target: SocketAddr) {
+    let allowed = inner
+        .replies
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .allow(Instant::now());
+    if !allowed {
+        stats::bump(&inner.counters.probes_refused);
+        return;
+    }
+    let probe = ControlPacket::FilterProbe { nonce }.encode();
+    if inner.socket.send_datagram(target, &probe).is_ok() {
+        stats::bump(&inner.counters.probes_answered);
     }
 }
 
@@ -130,7 +149,7 @@ fn reply(
     }
 }
 
-fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter) {
+fn handle_control(inner: &Arc<Inner>, d: &NonQuicDatagram, limiter: &mut RateLimiter) {
     let Ok(packet) = ControlPacket::decode(&d.data) else {
         tracing::trace!(from = %d.from, "malformed control packet dropped");
         return;
@@ -174,27 +193,22 @@ fn handle_control(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter)
                             && p.addr.ip() != d.from.ip()
                             && !exclude.contains(&p.addr.ip())
                     });
-                    if let Some(h) = helper {
-                        let relay = ControlPacket::RelayFilterProbe {
-                            nonce,
-                            target: d.from,
-                        }
-                        .encode();
-                        let _ = inner.socket.send_datagram(h.addr, &relay);
+                    if let Some(conn) = helper.and_then(|h| inner.peers.live(&h.peer)) {
+                        let target = d.from;
+                        inner.spawn(async move {
+                            let ask = async {
+                                let (mut send, _recv) = conn.open_bi().await.ok()?;
+                                let frame =
+                                    Envelope::new(Body::FilterProbeRequest { nonce, target })
+                                        .to_frame()
+                                        .ok()?;
+                                send.write_all(&frame).await.ok()?;
+                                send.finish().ok()
+                            };
+                            let _ = tokio::time::timeout(PROBE_RETRY_AFTER, ask).await;
+                        });
                     }
                 }
-            }
-        }
-        ControlPacket::RelayFilterProbe { nonce, target } => {
-            // Only on behalf of an authenticated peer, from its address.
-            let trusted = inner.peers.connected().iter().any(|p| p.addr == d.from);
-            if !trusted || !limiter.allow(Instant::now()) {
-                stats::bump(&inner.counters.probes_refused);
-                return;
-            }
-            let probe = ControlPacket::FilterProbe { nonce }.encode();
-            if inner.socket.send_datagram(target, &probe).is_ok() {
-                stats::bump(&inner.counters.probes_answered);
             }
         }
         ControlPacket::FilterProbe { nonce } => {
@@ -320,14 +334,14 @@ pub(crate) async fn stun_binding(inner: &Arc<Inner>, server: SocketAddr) -> Resu
 
 /// A fixed-window rate limiter (per second). Coarse, but enough to bound
 /// what a node sends in answer to unsolicited packets.
-struct RateLimiter {
+pub(crate) struct RateLimiter {
     per_sec: u32,
     window_start: Option<Instant>,
     used: u32,
 }
 
 impl RateLimiter {
-    fn new(per_sec: u32) -> Self {
+    pub(crate) fn new(per_sec: u32) -> Self {
         RateLimiter {
             per_sec,
             window_start: None,

@@ -189,6 +189,13 @@ async fn receive_stream(
             ..
         })) => crate::relay::service::serve(inner, peer, remote, req, send).await,
         Ok(Some(Envelope {
+            body: Body::FilterProbeRequest { nonce, target },
+            ..
+        })) => {
+            drop(send);
+            super::control::send_filter_probe(&inner, nonce, target);
+        }
+        Ok(Some(Envelope {
             body: Body::OpenStream,
             ..
         })) => {

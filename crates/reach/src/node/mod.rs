@@ -98,6 +98,9 @@ pub(crate) struct Inner {
     /// Byte budget of received messages not yet taken by the application.
     pub message_budget: Arc<Semaphore>,
     pub probes: control::PendingProbes,
+    /// One budget for every answer to unsolicited packets (probe replies,
+    /// filter probes, STUN responses): see `control::MAX_REPLIES_PER_SEC`.
+    pub replies: std::sync::Mutex<control::RateLimiter>,
     pub counters: stats::Counters,
     pub demux_stats: Arc<DemuxStats>,
     pub shutdown_tx: watch::Sender<bool>,
