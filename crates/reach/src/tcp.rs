@@ -1,8 +1,9 @@
 //! TCP links: the way out for a node whose network blocks UDP entirely.
 //!
-//! A link is a TCP connection that carries the node's datagrams (QUIC
-//! packets, relay frames), each prefixed by its 2-byte length, after a short
-//! magic preamble. The socket treats a link as one more path: quinn sees the
+//! A link is a TLS 1.3 connection over TCP (the node's own Ed25519
+//! certificate, like its QUIC connections: to a middlebox it looks like
+//! HTTPS) that carries the node's datagrams (QUIC packets, relay frames),
+//! each prefixed by its 2-byte length, after a short magic preamble. The socket treats a link as one more path: quinn sees the
 //! far end at a *link address* (240.0.0.0/4, port 2, never routable), so the
 //! QUIC connection over it is the ordinary end-to-end encrypted one, and
 //! relayed circuits work over it unchanged. Every node listens for links on
@@ -22,11 +23,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use quinn::udp::RecvMeta;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
 
-/// The preamble a link starts with (both directions): name and version.
+/// The preamble a link starts with inside the TLS (both directions): name
+/// and version.
 pub const LINK_MAGIC: [u8; 8] = *b"REACHTC1";
 /// Largest datagram a link carries (the 2-byte length prefix).
 pub const MAX_LINK_DATAGRAM: usize = u16::MAX as usize;
@@ -92,14 +95,23 @@ pub struct TcpLinks {
     inject_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
     shutdown: watch::Receiver<bool>,
     connector: Option<Connector>,
+    tls_client: TlsConnector,
+    tls_server: TlsAcceptor,
     pub stats: LinkStats,
 }
 
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
 impl TcpLinks {
+    /// `tls`: the node's client and server TLS configs (any valid reach
+    /// identity is accepted: the QUIC connection inside authenticates the
+    /// peer that matters).
     pub fn new(
         v6: bool,
         shutdown: watch::Receiver<bool>,
         connector: Option<Connector>,
+        tls: (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>),
     ) -> Arc<Self> {
         let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
         Arc::new(TcpLinks {
@@ -110,6 +122,8 @@ impl TcpLinks {
             inject_rx: Mutex::new(inject_rx),
             shutdown,
             connector,
+            tls_client: TlsConnector::from(tls.0),
+            tls_server: TlsAcceptor::from(tls.1),
             stats: LinkStats::default(),
         })
     }
@@ -209,8 +223,9 @@ impl TcpLinks {
             return Ok(self.addr_of(i));
         }
         let connector = self.connector.clone();
+        let tls = self.tls_client.clone();
         let open = async {
-            let mut stream = match connector {
+            let tcp = match connector {
                 Some(c) => {
                     let std = tokio::task::spawn_blocking(move || c(remote))
                         .await
@@ -220,8 +235,12 @@ impl TcpLinks {
                 }
                 None => TcpStream::connect(remote).await?,
             };
-            stream.set_nodelay(true)?;
+            tcp.set_nodelay(true)?;
+            let name = rustls::pki_types::ServerName::try_from(crate::tls::SERVER_NAME)
+                .map_err(io::Error::other)?;
+            let mut stream = tls.connect(name, tcp).await?;
             stream.write_all(&LINK_MAGIC).await?;
+            stream.flush().await?;
             let mut magic = [0u8; LINK_MAGIC.len()];
             stream.read_exact(&mut magic).await?;
             if magic != LINK_MAGIC {
@@ -230,20 +249,21 @@ impl TcpLinks {
                     "not a reach TCP link",
                 ));
             }
-            io::Result::Ok(stream)
+            let (r, w) = tokio::io::split(stream);
+            io::Result::Ok((Box::new(r) as Reader, Box::new(w) as Writer))
         };
-        let stream = tokio::time::timeout(LINK_TIMEOUT, open)
+        let (r, w) = tokio::time::timeout(LINK_TIMEOUT, open)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP link timed out"))??;
         self.stats.opened.fetch_add(1, Ordering::Relaxed);
-        self.start(stream, remote, true)
+        self.start(r, w, remote, true)
     }
 
     /// Accepts links until the node stops.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let mut shutdown = self.shutdown.clone();
         loop {
-            let (mut stream, remote) = tokio::select! {
+            let (tcp, remote) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(_) => continue,
@@ -253,17 +273,21 @@ impl TcpLinks {
             let links = self.clone();
             tokio::spawn(async move {
                 let greet = async {
+                    tcp.set_nodelay(true)?;
+                    let mut stream = links.tls_server.accept(tcp).await?;
                     let mut magic = [0u8; LINK_MAGIC.len()];
                     stream.read_exact(&mut magic).await?;
                     if magic != LINK_MAGIC {
                         return Err(io::Error::new(io::ErrorKind::InvalidData, "bad magic"));
                     }
                     stream.write_all(&LINK_MAGIC).await?;
-                    stream.set_nodelay(true)
+                    stream.flush().await?;
+                    let (r, w) = tokio::io::split(stream);
+                    io::Result::Ok((Box::new(r) as Reader, Box::new(w) as Writer))
                 };
-                if matches!(tokio::time::timeout(LINK_TIMEOUT, greet).await, Ok(Ok(()))) {
+                if let Ok(Ok((r, w))) = tokio::time::timeout(LINK_TIMEOUT, greet).await {
                     links.stats.accepted.fetch_add(1, Ordering::Relaxed);
-                    let _ = links.start(stream, remote, false);
+                    let _ = links.start(r, w, remote, false);
                 }
             });
         }
@@ -272,7 +296,8 @@ impl TcpLinks {
     /// Registers a link and starts its reader and writer.
     fn start(
         self: &Arc<Self>,
-        stream: TcpStream,
+        read: Reader,
+        write: Writer,
         remote: SocketAddr,
         outbound: bool,
     ) -> io::Result<SocketAddr> {
@@ -295,7 +320,6 @@ impl TcpLinks {
             index
         };
         let addr = self.addr_of(index);
-        let (read, write) = stream.into_split();
         tokio::spawn(write_loop(write, rx, self.shutdown.clone()));
         tokio::spawn(read_loop(
             Arc::downgrade(self),
@@ -310,7 +334,7 @@ impl TcpLinks {
 }
 
 async fn write_loop(
-    write: tokio::net::tcp::OwnedWriteHalf,
+    write: Writer,
     mut rx: mpsc::Receiver<Bytes>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -335,7 +359,7 @@ async fn write_loop(
 
 async fn read_loop(
     links: Weak<TcpLinks>,
-    mut read: tokio::net::tcp::OwnedReadHalf,
+    mut read: Reader,
     addr: SocketAddr,
     index: u32,
     inject: mpsc::Sender<(SocketAddr, Bytes)>,

@@ -190,10 +190,15 @@ impl NodeBuilder {
         let relay_limits = self.relay_limits.unwrap_or_default();
         let paths = Arc::new(RelayPaths::new(local_addr.is_ipv6(), relay_limits));
         let (shutdown_tx, _) = watch::channel(false);
+        let link_tls = (
+            Arc::new(tls::client_config(&keypair, None)?.0),
+            Arc::new(tls::server_config(&keypair)?),
+        );
         let links = TcpLinks::new(
             local_addr.is_ipv6(),
             shutdown_tx.subscribe(),
             self.tcp_connector.clone(),
+            link_tls,
         );
         let (socket, non_quic_rx, demux_stats) =
             DemuxSocket::new(udp, paths.clone(), links.clone());
