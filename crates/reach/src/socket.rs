@@ -143,6 +143,8 @@ pub struct DemuxSocket {
     stats: Arc<DemuxStats>,
     paths: Arc<RelayPaths>,
     links: Arc<TcpLinks>,
+    /// Alternates which path `poll_recv` reads first.
+    links_turn: std::sync::atomic::AtomicBool,
     contacted: Contacted,
 }
 
@@ -180,6 +182,7 @@ impl DemuxSocket {
             stats: stats.clone(),
             paths,
             links,
+            links_turn: std::sync::atomic::AtomicBool::new(false),
             contacted: Contacted::default(),
         });
         (sock, rx, stats)
@@ -293,7 +296,13 @@ impl DemuxSocket {
         else {
             return true;
         };
-        let sent = self.send_raw(to, data, (segments > 1).then_some(stride));
+        let sent = if segments as usize <= self.inner.max_transmit_segments() {
+            self.send_raw(to, data, (segments > 1).then_some(stride))
+        } else {
+            // More than one GSO send may carry (or GSO is off): one by one.
+            data.chunks(stride)
+                .try_for_each(|seg| self.send_raw(to, seg, None))
+        };
         if sent.is_ok() {
             let st = &self.paths.stats;
             st.forwarded_packets.fetch_add(segments, Ordering::Relaxed);
@@ -458,9 +467,15 @@ impl AsyncUdpSocket for DemuxSocket {
         bufs: &mut [IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> Poll<io::Result<usize>> {
-        // Datagrams that came over TCP links first; they go through the
-        // same sorting as UDP ones.
-        let injected = self.links.poll_injected(cx, bufs, meta);
+        // Datagrams that came over TCP links, every other call first (so
+        // neither path can starve the other); they go through the same
+        // sorting as UDP ones.
+        let links_first = !self.links_turn.fetch_xor(true, Ordering::Relaxed);
+        let injected = if links_first {
+            self.links.poll_injected(cx, bufs, meta)
+        } else {
+            0
+        };
         if injected == bufs.len().min(meta.len()) {
             // More may be queued, and no waker is registered for it.
             cx.waker().wake_by_ref();
@@ -474,6 +489,18 @@ impl AsyncUdpSocket for DemuxSocket {
         for _ in 0..MAX_NON_QUIC_BATCHES_PER_POLL {
             let n = match self.inner.poll_recv(cx, bufs, meta) {
                 Poll::Ready(Ok(n)) => n,
+                Poll::Pending if !links_first => {
+                    // UDP had nothing: now the links.
+                    let injected = self.links.poll_injected(cx, bufs, meta);
+                    if injected == bufs.len().min(meta.len()) {
+                        cx.waker().wake_by_ref();
+                    }
+                    let kept = self.keep_quic(bufs, meta, injected);
+                    if kept > 0 {
+                        return Poll::Ready(Ok(kept));
+                    }
+                    return Poll::Pending;
+                }
                 other => return other,
             };
             let kept = self.keep_quic(bufs, meta, n);

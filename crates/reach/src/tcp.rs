@@ -31,8 +31,20 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 /// The preamble a link starts with inside the TLS (both directions): name
 /// and version.
 pub const LINK_MAGIC: [u8; 8] = *b"REACHTC1";
-/// Largest datagram a link carries (the 2-byte length prefix).
-pub const MAX_LINK_DATAGRAM: usize = u16::MAX as usize;
+/// Largest datagram a link carries: QUIC packets (≤ 1,452 bytes after MTU
+/// discovery) plus a relay header, with room to spare. A larger length
+/// prefix closes the link (nothing reach sends is that big).
+pub const MAX_LINK_DATAGRAM: usize = 2048;
+/// A link that delivers nothing for this long is closed (QUIC keep-alives
+/// every 15 s keep a used link busy).
+pub const LINK_IDLE: Duration = Duration::from_secs(120);
+/// Links from one IP address at most.
+pub const MAX_LINKS_PER_IP: usize = 16;
+/// Link handshakes (TLS and preamble) in progress at once at most.
+pub const MAX_PENDING_HANDSHAKES: usize = 64;
+/// Pause after a failed `accept` (e.g. out of file descriptors), so the
+/// loop does not spin.
+pub const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 /// Datagrams queued per link for sending; beyond that they are dropped, as
 /// a full UDP socket buffer would (QUIC recovers).
 pub const LINK_QUEUE: usize = 2048;
@@ -262,16 +274,32 @@ impl TcpLinks {
     /// Accepts links until the node stops.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
         let mut shutdown = self.shutdown.clone();
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_HANDSHAKES));
         loop {
-            let (tcp, remote) = tokio::select! {
-                r = listener.accept() => match r {
-                    Ok(x) => x,
-                    Err(_) => continue,
-                },
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
                 _ = shutdown.wait_for(|s| *s) => return,
             };
+            let Ok((tcp, remote)) = accepted else {
+                tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                continue;
+            };
+            let from_ip = self
+                .map()
+                .values()
+                .filter(|l| l.remote.ip() == remote.ip() && !l.tx.is_closed())
+                .count();
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if from_ip >= MAX_LINKS_PER_IP {
+                self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             let links = self.clone();
             tokio::spawn(async move {
+                let _permit = permit;
                 let greet = async {
                     tcp.set_nodelay(true)?;
                     let mut stream = links.tls_server.accept(tcp).await?;
@@ -371,13 +399,19 @@ async fn read_loop(
             let mut len = [0u8; 2];
             read.read_exact(&mut len).await?;
             let len = usize::from(u16::from_be_bytes(len));
+            if len > MAX_LINK_DATAGRAM {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "oversized datagram",
+                ));
+            }
             read.read_exact(&mut buf[..len]).await?;
             io::Result::Ok(len)
         };
         let len = tokio::select! {
-            r = frame => match r {
-                Ok(len) => len,
-                Err(_) => break,
+            r = tokio::time::timeout(LINK_IDLE, frame) => match r {
+                Ok(Ok(len)) => len,
+                _ => break,
             },
             _ = shutdown.wait_for(|s| *s) => break,
         };

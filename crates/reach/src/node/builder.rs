@@ -222,6 +222,11 @@ impl NodeBuilder {
                 .map_err(|e| Error::Tls(e.to_string()))?;
         let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
         server_config.transport_config(transport::transport_config());
+        // A client's address must not change under an open connection: a
+        // relay binds circuits to it, and quinn adopts a migrated address
+        // before validating it (a spoofed packet could redirect a circuit).
+        // Path upgrades (hole punching) make new connections instead.
+        server_config.migration(false);
         let endpoint = quinn::Endpoint::new_with_abstract_socket(
             endpoint_config,
             Some(server_config),

@@ -121,17 +121,6 @@ impl PeerTable {
         });
     }
 
-    /// Whether some live connection has remote address `addr`.
-    pub fn connected_addr(&self, addr: &SocketAddr) -> bool {
-        self.with(|m| {
-            m.values().any(|e| {
-                e.conn
-                    .as_ref()
-                    .is_some_and(|(c, _)| c.close_reason().is_none() && c.remote_address() == *addr)
-            })
-        })
-    }
-
     /// Adds `addr` as the least preferred address of `peer` if it is new
     /// and there is room.
     pub fn remember_fallback(&self, peer: PeerId, addr: SocketAddr) {
@@ -290,7 +279,13 @@ async fn connect_with(
         return Ok(c);
     }
     let (_, lock) = inner.peers.addrs_and_lock(peer);
-    let _dialing = lock.lock().await;
+    // DHT requests (resolve = false) never wait for a dial in progress: a
+    // lookup run by that very dial may be querying this peer.
+    let _dialing = if resolve {
+        Some(lock.lock().await)
+    } else {
+        lock.try_lock().ok()
+    };
     // Someone else may have connected while we waited for the lock.
     if let Some(c) = inner.peers.live(&peer) {
         return Ok(c);
@@ -374,6 +369,11 @@ async fn dial_or_resolve_inner(
                 Err(e) => {
                     tracing::debug!(%peer, fresh, error = %e, "no endpoint record");
                     last = e;
+                    // No record anywhere: waiting will not make one. (A
+                    // record that offers nothing new is looked up again.)
+                    if fresh {
+                        break;
+                    }
                     continue;
                 }
             };

@@ -19,6 +19,10 @@ use crate::node::{Inner, control, stats};
 pub const MAX_CANDIDATES: usize = 8;
 /// A health poll (a reservation renewal) must answer within this.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+/// Health polls that must fail in a row before the relay counts as lost
+/// (a closed connection counts at once): one slow answer on a loaded
+/// machine is not a dead relay.
+pub const HEALTH_FAILURES: u32 = 2;
 /// Other-host filtering tests per reachability check at most (each probe
 /// from an already contacted IP is inconclusive and excluded next time).
 pub const OTHER_HOST_ATTEMPTS: usize = 3;
@@ -51,7 +55,10 @@ pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
     exclude.dedup();
     // A probe from an IP we sent to recently proves nothing (an
     // address-dependent filter lets it through): exclude it and ask again.
-    for _ in 0..OTHER_HOST_ATTEMPTS {
+    // Peers all on our own IP (one host, e.g. loopback) have no other host
+    // to ask.
+    let other_hosts = helpers.iter().any(|a| a.ip() != inner.local_addr.ip());
+    for _ in 0..if other_hosts { OTHER_HOST_ATTEMPTS } else { 0 } {
         exclude.truncate(MAX_FILTER_EXCLUDES);
         let source =
             control::filter_probe_source(inner, helper, FilterVia::OtherHost, exclude.clone())
@@ -147,6 +154,7 @@ async fn hold_relay(inner: Arc<Inner>) {
     // outside our K closest is not dropped for being outside them.
     let mut lost: Option<reach_proto::PeerId> = None;
     let mut was_close = false;
+    let mut failed_polls = 0u32;
     let mut routing_size = inner.dht.routing().len();
     loop {
         while let Some(action) = m.poll_action() {
@@ -182,10 +190,12 @@ async fn hold_relay(inner: Arc<Inner>) {
                         .is_ok_and(|r| r.is_ok()),
                         _ => false,
                     };
-                    if !alive {
+                    failed_polls = if alive { 0 } else { failed_polls + 1 };
+                    if failed_polls >= HEALTH_FAILURES {
+                        failed_polls = 0;
                         lost = Some(relay);
                         relay_lost(&inner, &mut m, &mut relay_conn);
-                    } else if was_close && !among_closest(&inner, relay) {
+                    } else if alive && was_close && !among_closest(&inner, relay) {
                         // Still alive, but no longer one of our K closest:
                         // hand over to a closer one (publishing direct-only
                         // first, as on a loss).

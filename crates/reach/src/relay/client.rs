@@ -124,11 +124,31 @@ async fn dial_via_inner(
         .ok_or_else(|| Error::Relay {
             reason: "too many relayed paths".into(),
         })?;
-    match peers::dial(inner, target, virt).await {
-        Ok(c) => Ok(c),
-        Err(e) => {
-            inner.paths.forget_virtual(&virt);
-            Err(e)
+    // Forgets the path unless a connection came of it, also when this
+    // dial is dropped because another attempt of a race won.
+    let guard = ForgetUnlessUsed {
+        paths: inner.paths.clone(),
+        addr: virt,
+        keep: false,
+    };
+    let conn = peers::dial(inner, target, virt).await?;
+    inner.paths.mark_used(&virt);
+    let mut guard = guard;
+    guard.keep = true;
+    Ok(conn)
+}
+
+/// Forgets a virtual address on drop unless told to keep it.
+struct ForgetUnlessUsed {
+    paths: Arc<crate::relay::paths::RelayPaths>,
+    addr: SocketAddr,
+    keep: bool,
+}
+
+impl Drop for ForgetUnlessUsed {
+    fn drop(&mut self) {
+        if !self.keep {
+            self.paths.forget_virtual(&self.addr);
         }
     }
 }
@@ -141,6 +161,7 @@ async fn dial_via_inner(
 /// is forgotten.
 pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
     let paths = inner.paths.clone();
+    paths.mark_used(&conn.remote_address());
     let relay_conn = paths
         .path(&conn.remote_address())
         .and_then(|p| inner.peers.live(&p.relay).map(|c| (p.relay, c)));
@@ -188,13 +209,9 @@ pub(crate) fn accept_incoming(
     // If no handshake comes over it in time, the path is dropped again;
     // once a connection uses it, it lives as long as that connection.
     let paths = inner.paths.clone();
-    let weak = Arc::downgrade(inner);
     inner.spawn(async move {
         tokio::time::sleep(transport::CONNECT_TIMEOUT).await;
-        let used = weak
-            .upgrade()
-            .is_some_and(|i| i.peers.connected_addr(&virt));
-        if !used {
+        if paths.path(&virt).is_some_and(|p| !p.used) {
             paths.forget_virtual(&virt);
         }
     });

@@ -31,6 +31,12 @@ const VIRTUAL_NET: u32 = 0xF000_0000;
 pub const MAX_VIRTUAL_PATHS: usize = 4096;
 /// Circuits a relay forwards at once at most.
 pub const MAX_CIRCUITS: usize = 4096;
+/// Circuits one peer may have open at a relay at once, as dialer or as
+/// target: no single peer can take every circuit.
+pub const MAX_CIRCUITS_PER_PEER: usize = 64;
+/// A circuit that has carried no frame this long after opening is dropped
+/// (a handshake takes far less; idle circuits in use have keep-alives).
+pub const UNUSED_CIRCUIT_EXPIRY: Duration = Duration::from_secs(15);
 
 /// Port of relayed-circuit addresses (TCP links use port 2).
 const CIRCUIT_PORT: u16 = 1;
@@ -72,6 +78,8 @@ pub struct VirtualPath {
     pub relay_addr: SocketAddr,
     pub relay: PeerId,
     pub circuit: u64,
+    /// A registered connection uses it (it is forgotten when that closes).
+    pub used: bool,
 }
 
 /// One circuit a relay forwards.
@@ -82,7 +90,9 @@ struct Circuit {
     a_peer: PeerId,
     /// The reservation holder: its allowance pays for the circuit.
     b_peer: PeerId,
+    opened: Instant,
     last_active: Instant,
+    used: bool,
 }
 
 /// A circuit as `/debug` and tests see it.
@@ -183,6 +193,7 @@ impl RelayPaths {
                 relay_addr,
                 relay,
                 circuit,
+                used: false,
             },
         );
         c.by_circuit.insert((relay_addr, circuit), index);
@@ -197,6 +208,16 @@ impl RelayPaths {
         let mut c = self.client_write();
         if let Some(p) = c.by_index.remove(&index) {
             c.by_circuit.remove(&(p.relay_addr, p.circuit));
+        }
+    }
+
+    /// Marks a virtual address as carrying a registered connection.
+    pub fn mark_used(&self, addr: &SocketAddr) {
+        let Some(index) = virtual_index(addr) else {
+            return;
+        };
+        if let Some(p) = self.client_write().by_index.get_mut(&index) {
+            p.used = true;
         }
     }
 
@@ -255,7 +276,17 @@ impl RelayPaths {
     /// holder). False if at [`MAX_CIRCUITS`] or the id is taken.
     pub fn open_circuit(&self, id: u64, a: (PeerId, SocketAddr), b: (PeerId, SocketAddr)) -> bool {
         let mut r = self.relay_state();
-        if r.circuits.len() >= MAX_CIRCUITS || r.circuits.contains_key(&id) {
+        let per_peer = |p: &PeerId| {
+            r.circuits
+                .values()
+                .filter(|c| c.a_peer == *p || c.b_peer == *p)
+                .count()
+        };
+        if r.circuits.len() >= MAX_CIRCUITS
+            || r.circuits.contains_key(&id)
+            || per_peer(&a.0) >= MAX_CIRCUITS_PER_PEER
+            || per_peer(&b.0) >= MAX_CIRCUITS_PER_PEER
+        {
             return false;
         }
         r.circuits.insert(
@@ -265,7 +296,9 @@ impl RelayPaths {
                 b: b.1,
                 a_peer: a.0,
                 b_peer: b.0,
+                opened: Instant::now(),
                 last_active: Instant::now(),
+                used: false,
             },
         );
         true
@@ -281,8 +314,11 @@ impl RelayPaths {
         let mut r = self.relay_state();
         let now = r.clock.elapsed();
         let gone = r.reservations.expire(now);
-        r.circuits
-            .retain(|_, c| c.last_active.elapsed() < idle && !gone.contains(&c.b_peer));
+        r.circuits.retain(|_, c| {
+            c.last_active.elapsed() < idle
+                && !gone.contains(&c.b_peer)
+                && (c.used || c.opened.elapsed() < UNUSED_CIRCUIT_EXPIRY)
+        });
     }
 
     /// The circuits this node forwards.
@@ -336,6 +372,7 @@ impl RelayPaths {
             return None;
         };
         c.last_active = Instant::now();
+        c.used = true;
         let holder = c.b_peer;
         match r.reservations.admit_batch(&holder, len, packets, now) {
             Ok(()) => Some(to),

@@ -32,7 +32,7 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
 ) {
     let response = match request {
-        RelayRequest::Reserve => reserve(&inner, peer),
+        RelayRequest::Reserve => reserve(&inner, peer, remote),
         RelayRequest::Connect { target } => connect(&inner, peer, remote, target).await,
         RelayRequest::Incoming { from, circuit } => {
             client::accept_incoming(&inner, peer, remote, from, circuit)
@@ -48,9 +48,9 @@ pub(crate) async fn serve(
     }
 }
 
-fn reserve(inner: &Inner, peer: PeerId) -> RelayResponse {
+fn reserve(inner: &Inner, peer: PeerId, remote: SocketAddr) -> RelayResponse {
     let c = &inner.relay.counters;
-    if !inner.relay.is_serving() {
+    if !inner.relay.is_serving() || inner.paths.path(&remote).is_some() {
         stats::bump(&c.reservations_refused);
         return refuse(refusal::NOT_A_RELAY);
     }
@@ -82,6 +82,11 @@ async fn connect(
         refuse(reason)
     };
     if !inner.relay.is_serving() {
+        return refused(refusal::NOT_A_RELAY);
+    }
+    // No circuits over circuits: an end reached through another relay has
+    // no address to forward to.
+    if inner.paths.path(&remote).is_some() {
         return refused(refusal::NOT_A_RELAY);
     }
     if !inner.paths.has_reservation(&target) {
