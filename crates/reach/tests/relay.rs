@@ -33,6 +33,14 @@ async fn until(what: &str, mut cond: impl FnMut() -> bool) {
     .await
 }
 
+/// `REACH_LOG=reach=debug cargo test …` shows the nodes' logs.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("REACH_LOG"))
+        .with_test_writer()
+        .try_init();
+}
+
 async fn relay_node(limits: Option<RelayLimits>, kp: Option<Keypair>) -> Node {
     let mut b = Node::builder()
         .bind(loopback())
@@ -229,6 +237,7 @@ async fn a_full_relay_refuses_and_the_client_finds_another() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn losing_the_relay_republishes_and_holds_a_new_one_within_ten_seconds() {
+    logs();
     let r1 = relay_node(None, None).await;
     let r2 = relay_node(None, None).await;
     r2.bootstrap(&[r1.local_addr()]).await;
@@ -236,6 +245,7 @@ async fn losing_the_relay_republishes_and_holds_a_new_one_within_ten_seconds() {
     let alice = Node::builder()
         .bind(loopback())
         .bootstrap([r2.local_addr()])
+        .relay_service(RelayMode::Off)
         .acquire_relay(RelayMode::Off)
         .spawn()
         .await
