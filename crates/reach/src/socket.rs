@@ -115,6 +115,11 @@ impl Contacted {
     }
 }
 
+thread_local! {
+    /// The buffer relayed sends are assembled in (one per sending thread).
+    static RELAY_BUF: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// A non-QUIC datagram received on the shared socket.
 #[derive(Debug, Clone)]
 pub struct NonQuicDatagram {
@@ -321,10 +326,19 @@ impl DemuxSocket {
         if self.forward_batch(meta.addr, &buf[..len], stride) {
             return false;
         }
-        let mut kinds: Vec<Seg> = Vec::new();
-        for seg in buf[..len].chunks(stride) {
-            kinds.push(self.sort(meta.addr, seg));
+        // The common case, one plain QUIC datagram or a GRO batch of them,
+        // goes through untouched and without allocating.
+        if buf[..len]
+            .chunks(stride)
+            .all(|seg| classify(seg) == DatagramKind::Quic)
+        {
+            self.stats.quic_datagrams.fetch_add(1, Ordering::Relaxed);
+            return true;
         }
+        let kinds: Vec<Seg> = buf[..len]
+            .chunks(stride)
+            .map(|seg| self.sort(meta.addr, seg))
+            .collect();
         // What quinn gets: the segments of the first path seen. GRO only
         // merges packets of one sender, so a second path in one buffer is
         // rare; its segments are dropped and QUIC resends them.
@@ -404,21 +418,23 @@ impl DemuxSocket {
         self.contacted.note(path.relay_addr.ip());
         let header = relay_header(path.circuit);
         // Wrapped segments grow by the header; keep each batch inside the
-        // 64 KiB a UDP send can carry.
+        // 64 KiB a UDP send can carry. One buffer per thread, reused.
         let per_batch = (MAX_RELAYED_BATCH_BYTES / (seg_size + RELAY_HEADER_LEN)).max(1);
         let segments: Vec<&[u8]> = transmit.contents.chunks(seg_size).collect();
         let mut first_error = None;
         for batch in segments.chunks(per_batch) {
-            let mut out = Vec::with_capacity(batch.len() * (seg_size + RELAY_HEADER_LEN));
-            for seg in batch {
-                out.extend_from_slice(&header);
-                out.extend_from_slice(seg);
-            }
-            let sent = self.send_raw(
-                path.relay_addr,
-                &out,
-                (batch.len() > 1).then_some(seg_size + RELAY_HEADER_LEN),
-            );
+            let sent = RELAY_BUF.with_borrow_mut(|out| {
+                out.clear();
+                for seg in batch {
+                    out.extend_from_slice(&header);
+                    out.extend_from_slice(seg);
+                }
+                self.send_raw(
+                    path.relay_addr,
+                    out,
+                    (batch.len() > 1).then_some(seg_size + RELAY_HEADER_LEN),
+                )
+            });
             match sent {
                 Ok(()) => {
                     self.paths

@@ -109,6 +109,8 @@ pub struct TcpLinks {
     connector: Option<Connector>,
     tls_client: TlsConnector,
     tls_server: TlsAcceptor,
+    /// Links open now: the socket skips the link queue while there are none.
+    open: std::sync::atomic::AtomicUsize,
     pub stats: LinkStats,
 }
 
@@ -136,6 +138,7 @@ impl TcpLinks {
             connector,
             tls_client: TlsConnector::from(tls.0),
             tls_server: TlsAcceptor::from(tls.1),
+            open: std::sync::atomic::AtomicUsize::new(0),
             stats: LinkStats::default(),
         })
     }
@@ -202,6 +205,9 @@ impl TcpLinks {
         bufs: &mut [std::io::IoSliceMut<'_>],
         meta: &mut [RecvMeta],
     ) -> usize {
+        if self.open.load(Ordering::Relaxed) == 0 {
+            return 0;
+        }
         let Ok(mut rx) = self.inject_rx.try_lock() else {
             return 0;
         };
@@ -348,6 +354,7 @@ impl TcpLinks {
             index
         };
         let addr = self.addr_of(index);
+        self.open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(write_loop(write, rx, self.shutdown.clone()));
         tokio::spawn(read_loop(
             Arc::downgrade(self),
@@ -428,5 +435,8 @@ async fn read_loop(
     }
     if let Some(l) = links.upgrade() {
         l.map().remove(&index);
+        // Datagrams still queued are delivered once the socket polls the
+        // links again; with no link left they wait for the next one.
+        l.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
