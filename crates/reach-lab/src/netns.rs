@@ -284,6 +284,22 @@ impl Drop for Lab {
     }
 }
 
+/// For the lab's tests: whether the lab can run here. When it cannot, the
+/// reason is printed and the test should pass without running, unless
+/// `REACH_LAB_REQUIRED=1` (CI), where this panics with the reason.
+pub fn lab_available_for_tests() -> bool {
+    match check_prerequisites() {
+        Ok(()) => true,
+        Err(e) => {
+            if std::env::var("REACH_LAB_REQUIRED").as_deref() == Ok("1") {
+                panic!("the NAT lab is required here but cannot run: {e}");
+            }
+            eprintln!("skipping the NAT lab: {e}");
+            false
+        }
+    }
+}
+
 /// How long a lab TCP connect may take.
 const TCP_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 

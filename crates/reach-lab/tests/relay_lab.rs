@@ -5,20 +5,10 @@
 
 use std::time::Duration;
 
-use reach_lab::netns::check_prerequisites;
 use reach_lab::pairs::{PairMatrixOptions, failover, run};
 
 fn lab_available() -> bool {
-    match check_prerequisites() {
-        Ok(()) => true,
-        Err(e) => {
-            if std::env::var("REACH_LAB_REQUIRED").as_deref() == Ok("1") {
-                panic!("the NAT lab is required here but cannot run: {e}");
-            }
-            eprintln!("skipping the NAT lab: {e}");
-            false
-        }
-    }
+    reach_lab::netns::lab_available_for_tests()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -447,20 +447,8 @@ async fn dial_or_resolve_inner(
 /// Dials a bare address whose identity we do not know yet (bootstrap):
 /// accepts any valid identity and returns it.
 pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result<PeerId> {
-    let (client, seen) = tls::client_config(&inner.keypair, None)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport::transport_config());
     let fail = |reason: String| Error::Config(format!("bootstrap {addr}: {reason}"));
-    let quic_addr = inner
-        .dial_addr(addr)
-        .await
-        .map_err(|e| fail(e.to_string()))?;
-    let connecting = inner
-        .endpoint
-        .connect_with(cfg, quic_addr, tls::SERVER_NAME)
-        .map_err(|e| fail(e.to_string()))?;
+    let (connecting, seen) = start_handshake(inner, None, addr, fail).await?;
     let conn = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::Timeout("bootstrap handshake"))?
@@ -547,21 +535,21 @@ async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<qui
     })
 }
 
-/// One QUIC handshake with `peer` at `addr` (real or virtual).
-pub(crate) async fn dial(
+/// Starts a QUIC handshake with whoever is at `addr` (over a TCP link in
+/// TCP mode), accepting only `expected` (any identity when `None`; the
+/// returned [`tls::SeenPeer`] tells who answered). Addressing failures go
+/// through `fail`.
+async fn start_handshake(
     inner: &Arc<Inner>,
-    peer: PeerId,
+    expected: Option<PeerId>,
     addr: SocketAddr,
-) -> Result<quinn::Connection> {
-    let (client, seen) = tls::client_config(&inner.keypair, peer)?;
+    fail: impl Fn(String) -> Error,
+) -> Result<(quinn::Connecting, tls::SeenPeer)> {
+    let (client, seen) = tls::client_config(&inner.keypair, expected)?;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
         .map_err(|e| Error::Tls(e.to_string()))?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(transport::transport_config());
-    let fail = |reason: String| Error::Connect {
-        peer,
-        reason: format!("{addr}: {reason}"),
-    };
     let quic_addr = inner
         .dial_addr(addr)
         .await
@@ -570,6 +558,20 @@ pub(crate) async fn dial(
         .endpoint
         .connect_with(cfg, quic_addr, tls::SERVER_NAME)
         .map_err(|e| fail(e.to_string()))?;
+    Ok((connecting, seen))
+}
+
+/// One QUIC handshake with `peer` at `addr` (real or virtual).
+pub(crate) async fn dial(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection> {
+    let fail = |reason: String| Error::Connect {
+        peer,
+        reason: format!("{addr}: {reason}"),
+    };
+    let (connecting, seen) = start_handshake(inner, Some(peer), addr, fail).await?;
     let result = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting).await;
     let mismatch = || {
         let actual = seen.lock().ok().and_then(|s| *s)?;
