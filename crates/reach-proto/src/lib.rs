@@ -9,6 +9,7 @@
 pub mod dht;
 pub mod identity;
 pub mod nat;
+pub mod punch;
 pub mod relay;
 pub mod wire;
 
