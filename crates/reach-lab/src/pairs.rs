@@ -179,19 +179,26 @@ fn p50_ms(mut v: Vec<Duration>) -> Option<f64> {
     Some((mid.as_micros() as f64 / 1000.0 * 100.0).round() / 100.0)
 }
 
-/// Runs the matrix over `opts.kinds`.
-pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError> {
-    let started = Instant::now();
+/// A fresh lab with its internet and the three public infrastructure nodes
+/// (.10, .11 and .12; the last two join through the first).
+async fn lab_with_infrastructure() -> Result<(Lab, Internet, [Node; 3]), LabError> {
     let mut lab = Lab::new()?;
-    let mut net = Internet::build(&mut lab)?;
+    let net = Internet::build(&mut lab)?;
     for host in [11, 12] {
         net.add_public_ip(&lab, host)?;
     }
-    let infra_a = node_in(&lab, &net.public, public(10), None).await?;
-    let seed = infra_a.local_addr();
-    let infra_b = node_in(&lab, &net.public, public(11), Some(seed)).await?;
-    let infra_c = node_in(&lab, &net.public, public(12), Some(seed)).await?;
-    let infra = [infra_a, infra_b, infra_c];
+    let a = node_in(&lab, &net.public, public(10), None).await?;
+    let seed = Some(a.local_addr());
+    let b = node_in(&lab, &net.public, public(11), seed).await?;
+    let c = node_in(&lab, &net.public, public(12), seed).await?;
+    Ok((lab, net, [a, b, c]))
+}
+
+/// Runs the matrix over `opts.kinds`.
+pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError> {
+    let started = Instant::now();
+    let (mut lab, mut net, infra) = lab_with_infrastructure().await?;
+    let seed = infra[0].local_addr();
 
     // Two sides per kind: two sites, or one same-nat site's two hosts.
     let mut sides: BTreeMap<(usize, char), (NatKind, Node)> = BTreeMap::new();
@@ -338,16 +345,8 @@ async fn deliver(talker: &Node, target: &Node, tag: &str) -> Result<(), LabError
 /// get through again by PeerId alone.
 pub async fn failover() -> Result<FailoverReport, LabError> {
     let fail = |what: &str| LabError::Other(format!("failover: {what}"));
-    let mut lab = Lab::new()?;
-    let mut net = Internet::build(&mut lab)?;
-    for host in [11, 12] {
-        net.add_public_ip(&lab, host)?;
-    }
-    let a = node_in(&lab, &net.public, public(10), None).await?;
-    let seed = a.local_addr();
-    let b = node_in(&lab, &net.public, public(11), Some(seed)).await?;
-    let c = node_in(&lab, &net.public, public(12), Some(seed)).await?;
-    let infra = [a, b, c];
+    let (mut lab, mut net, infra) = lab_with_infrastructure().await?;
+    let seed = infra[0].local_addr();
     let s1 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 1, 0)?;
     let s2 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 2, 0)?;
     let target = node_in(&lab, &s1.node_ns, s1.node_ip, Some(seed)).await?;
