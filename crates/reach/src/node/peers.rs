@@ -99,16 +99,8 @@ impl PeerTable {
     /// Remembers the typed addresses of `peer`'s endpoint record: relays as
     /// relays, the others as addresses (LAN ones first).
     pub fn remember_typed(&self, peer: PeerId, typed: &[TypedAddr]) {
-        let mut direct: Vec<&TypedAddr> =
-            typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
-        direct.sort_by_key(|t| t.kind != AddrKind::Lan);
-        self.remember(peer, direct.iter().map(|t| t.addr));
-        let relays: Vec<(PeerId, SocketAddr)> = typed
-            .iter()
-            .filter(|t| t.kind == AddrKind::Relay)
-            .filter_map(|t| Some((t.via?, t.addr)))
-            .filter(|(r, a)| *r != peer && !is_virtual(a))
-            .collect();
+        let Known { addrs, relays } = Known::from_record(peer, typed);
+        self.remember(peer, addrs);
         if relays.is_empty() {
             return;
         }
@@ -255,6 +247,23 @@ struct Known {
 }
 
 impl Known {
+    /// What `peer`'s endpoint record offers: its addresses (LAN ones first)
+    /// and its relays (never the peer itself, never a virtual address).
+    fn from_record(peer: PeerId, typed: &[TypedAddr]) -> Self {
+        let mut direct: Vec<&TypedAddr> =
+            typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
+        direct.sort_by_key(|t| t.kind != AddrKind::Lan);
+        Known {
+            addrs: direct.iter().map(|t| t.addr).collect(),
+            relays: typed
+                .iter()
+                .filter(|t| t.kind == AddrKind::Relay)
+                .filter_map(|t| Some((t.via?, t.addr)))
+                .filter(|(r, a)| *r != peer && !is_virtual(a))
+                .collect(),
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.addrs.is_empty() && self.relays.is_empty()
     }
@@ -379,20 +388,9 @@ async fn dial_or_resolve_inner(
             };
             tracing::debug!(%peer, fresh, ?typed, "endpoint record");
             inner.peers.remember_typed(peer, &typed);
-            let new = Known {
-                addrs: typed
-                    .iter()
-                    .filter(|t| t.kind != AddrKind::Relay)
-                    .map(|t| t.addr)
-                    .filter(|a| !tried.addrs.contains(a))
-                    .collect(),
-                relays: typed
-                    .iter()
-                    .filter(|t| t.kind == AddrKind::Relay)
-                    .filter_map(|t| Some((t.via?, t.addr)))
-                    .filter(|r| !tried.relays.contains(r))
-                    .collect(),
-            };
+            let mut new = Known::from_record(peer, &typed);
+            new.addrs.retain(|a| !tried.addrs.contains(a));
+            new.relays.retain(|r| !tried.relays.contains(r));
             if new.is_empty() {
                 continue;
             }
