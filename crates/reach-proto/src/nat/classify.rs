@@ -18,7 +18,7 @@ use serde::Serialize;
 pub const MIN_MAPPING_SERVERS: usize = 2;
 
 /// RFC 4787 mapping behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mapping {
     EndpointIndependent,
@@ -27,7 +27,7 @@ pub enum Mapping {
 }
 
 /// RFC 4787 filtering behaviour.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Filtering {
     EndpointIndependent,

@@ -10,6 +10,8 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::Serialize;
 
+use super::Mapping;
+
 /// Distinct reporter IPs that confirm an external address.
 pub const CONFIRMATIONS: usize = 2;
 /// Addresses tracked at most; the least reported are forgotten first.
@@ -78,6 +80,35 @@ impl ObservedAddrs {
     }
 }
 
+impl ObservedAddrs {
+    /// The mapping behaviour these reports imply, for one address family:
+    /// endpoint-independent when a majority of at least two reporter IPs
+    /// saw one address, endpoint-dependent when reporters at two or more
+    /// IPs saw us at different addresses and no address has a majority
+    /// (the NAT picked a mapping per destination), else unknown. The
+    /// running node's cheap version of `classify_mapping`: it needs no
+    /// extra probes, only what DHT replies already report.
+    pub fn mapping(&self, ipv4: bool) -> Mapping {
+        let mut reporters: BTreeSet<IpAddr> = BTreeSet::new();
+        let mut best = 0;
+        for (addr, r) in &self.by_addr {
+            if addr.is_ipv4() != ipv4 {
+                continue;
+            }
+            reporters.extend(r.iter().copied());
+            best = best.max(r.len());
+        }
+        let total = reporters.len();
+        if total < CONFIRMATIONS {
+            Mapping::Unknown
+        } else if best >= CONFIRMATIONS && best * 2 > total {
+            Mapping::EndpointIndependent
+        } else {
+            Mapping::EndpointDependent
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,6 +131,31 @@ mod tests {
         o.record(b, ip(9));
         assert_eq!(o.scored()[0].addr, a);
         assert_eq!(o.confirmed(), vec![a]);
+    }
+
+    #[test]
+    fn mapping_from_reports() {
+        let mut o = ObservedAddrs::default();
+        assert_eq!(o.mapping(true), Mapping::Unknown);
+        let a: SocketAddr = "203.0.113.2:5000".parse().unwrap();
+        o.record(a, ip(1));
+        assert_eq!(o.mapping(true), Mapping::Unknown, "one reporter");
+        o.record(a, ip(2));
+        assert_eq!(o.mapping(true), Mapping::EndpointIndependent);
+        // One liar does not flip a majority.
+        o.record("203.0.113.2:1".parse().unwrap(), ip(3));
+        assert_eq!(o.mapping(true), Mapping::EndpointIndependent);
+        assert_eq!(o.mapping(false), Mapping::Unknown, "no IPv6 reports");
+
+        // A new port for every reporter: endpoint-dependent.
+        let mut edm = ObservedAddrs::default();
+        for i in 1..=3u8 {
+            edm.record(
+                SocketAddr::from(([203, 0, 113, 2], 40000 + u16::from(i))),
+                ip(i),
+            );
+        }
+        assert_eq!(edm.mapping(true), Mapping::EndpointDependent);
     }
 
     #[test]

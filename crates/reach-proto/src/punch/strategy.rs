@@ -1,9 +1,8 @@
 //! Which hole-punching technique a pair of NATs calls for, and the
 //! synchronised moment both sides start sending.
 //!
-//! Groundwork for hole punching (the relay coordinates; the runtime does not
-//! use this yet). Pure functions of what the classification found and what
-//! the coordinator measured, so they are tested exhaustively here.
+//! Pure functions of what the classification found and what the coordinator
+//! measured, so they are tested exhaustively here.
 
 use std::time::Duration;
 

@@ -21,18 +21,31 @@
 use serde::{Deserialize, Serialize};
 
 use crate::PeerId;
+use crate::punch::{Introduction, PunchInfo};
 
 /// A request to a relay, or (`Incoming`) from a relay to its client.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RelayRequest {
-    /// Reserve (or renew) a slot: "accept circuits for me".
-    Reserve,
+    /// Reserve (or renew) a slot: "accept circuits for me". `punch` is
+    /// what the client knows about its NAT, kept for coordinating punches
+    /// to it (renewals keep it current).
+    Reserve { punch: PunchInfo },
     /// Open a circuit to `target`, which must hold a reservation here.
     Connect { target: PeerId },
     /// Relay to client: `from` opened circuit `circuit` to you.
     Incoming { from: PeerId, circuit: u64 },
     /// Cancel our reservation (leaving cleanly).
     Release,
+    /// Coordinate a hole punch with `target` (which holds a reservation
+    /// here): the relay answers with our [`Introduction`] and sends the
+    /// target its own. `attempt` counts from 0; retries swap roles.
+    Punch {
+        target: PeerId,
+        attempt: u32,
+        info: PunchInfo,
+    },
+    /// Relay to client: a peer asked to punch through to you.
+    Introduce(Introduction),
 }
 
 /// The answer to a [`RelayRequest`].
@@ -44,6 +57,8 @@ pub enum RelayResponse {
     Circuit { circuit: u64 },
     /// The client accepted an incoming circuit, or a release was done.
     Accepted,
+    /// The requester's introduction of a punch.
+    Introduced(Introduction),
     /// Refused; `reason` is a stable kind string ([`refusal`]).
     Refused { reason: String },
 }
@@ -63,4 +78,9 @@ pub mod refusal {
     pub const TOO_MANY_CIRCUITS: &str = "relay_too_many_circuits";
     /// A client refuses an incoming circuit it did not expect.
     pub const NOT_RESERVED: &str = "relay_not_reserved_here";
+    /// Punch requests come faster than the relay coordinates them.
+    pub const PUNCH_RATE: &str = "relay_punch_rate_limited";
+    /// A client refuses an introduction: no relayed connection to that
+    /// peer, or no UDP.
+    pub const PUNCH_UNWANTED: &str = "relay_punch_unwanted";
 }

@@ -129,6 +129,12 @@ pub enum ControlPacket {
     },
     /// The unsolicited probe itself.
     FilterProbe { nonce: u64 },
+    /// A hole-punching packet of punch `id` (the token the coordinator gave
+    /// both peers): opens our NAT towards the peer, and tells the peer where
+    /// our packets come from.
+    Punch { id: u64 },
+    /// "Your punch `id` reached me" (sent back to where it came from).
+    PunchAck { id: u64 },
 }
 
 impl ControlPacket {
