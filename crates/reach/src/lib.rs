@@ -34,6 +34,7 @@ pub mod events;
 pub mod keystore;
 pub mod nat;
 pub mod node;
+pub mod punch;
 pub mod relay;
 pub mod socket;
 pub mod tcp;

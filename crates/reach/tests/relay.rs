@@ -121,10 +121,12 @@ async fn relayed_traffic_is_end_to_end_encrypted_and_the_relay_sees_no_plaintext
     let relay = relay_node(None, None).await;
     let tap = tap(relay.local_addr()).await;
     let bob = relayed_node(&[tap.addr], None).await;
+    // No hole punching: this test is about what the relay sees.
     let alice = Node::builder()
         .bind(loopback())
         .bootstrap([tap.addr])
         .acquire_relay(RelayMode::Off)
+        .hole_punching(false)
         .spawn()
         .await
         .unwrap();

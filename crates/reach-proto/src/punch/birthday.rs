@@ -43,8 +43,8 @@ pub fn probe_ports(seed: u64) -> impl Iterator<Item = u16> {
     let n = u64::from(NAT_PORTS);
     let start = seed % n;
     // NAT_PORTS = 2^10 · 3^2 · 7: a step that none of those divide.
-    let mut step = (seed >> 20) % n | 1;
-    while step % 3 == 0 || step % 7 == 0 {
+    let mut step = ((seed >> 20) % n) | 1;
+    while step.is_multiple_of(3) || step.is_multiple_of(7) {
         step += 2;
     }
     (0..n).map(move |i| {

@@ -39,7 +39,10 @@ fn push_varint(out: &mut Vec<u8>, mut v: u64) {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Body {
     /// A whole application message, alone on a unidirectional stream.
-    Message(Vec<u8>),
+    /// `id` is the sender's random message id: a message sent again over
+    /// another connection (its first one died before the acknowledgement
+    /// came back) is recognised and delivered once.
+    Message { id: u64, data: Vec<u8> },
     /// Header of an application bidirectional stream; raw application bytes
     /// follow the frame.
     OpenStream,
@@ -89,12 +92,12 @@ impl Envelope {
     }
 
     /// The bytes that precede a `len`-byte payload in the frame of
-    /// `Envelope::new(Body::Message(payload))`: frame header, version,
-    /// variant and length. Lets a sender write a large message without
+    /// `Envelope::new(Body::Message { id, data })`: frame header, version,
+    /// variant, id and length. Lets a sender write a large message without
     /// copying it into an encoding buffer; identical to [`Self::to_frame`]'s
     /// output by construction (postcard encodes enum variants and lengths as
     /// LEB128 varints), which a test checks.
-    pub fn message_prefix(len: usize) -> Result<Vec<u8>, WireError> {
+    pub fn message_prefix(len: usize, id: u64) -> Result<Vec<u8>, WireError> {
         if len > MAX_MESSAGE_LEN {
             return Err(WireError::TooLarge {
                 len,
@@ -102,6 +105,7 @@ impl Envelope {
             });
         }
         let mut body_head = vec![WIRE_VERSION, MESSAGE_VARIANT];
+        push_varint(&mut body_head, id);
         push_varint(&mut body_head, len as u64);
         let mut out = frame::header(body_head.len() + len)?.to_vec();
         out.extend_from_slice(&body_head);
@@ -139,7 +143,10 @@ mod tests {
 
     #[test]
     fn message_round_trips() {
-        let env = Envelope::new(Body::Message(b"hi there".to_vec()));
+        let env = Envelope::new(Body::Message {
+            id: 42,
+            data: b"hi there".to_vec(),
+        });
         let f = env.to_frame().unwrap();
         assert_eq!(Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap(), env);
     }
@@ -165,8 +172,8 @@ mod tests {
 
     #[test]
     fn message_length_prefix_larger_than_input_is_an_error_not_an_allocation() {
-        // Variant 0 (Message) announcing a ~4 GiB payload in 6 bytes.
-        let body = [WIRE_VERSION, 0, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        // Variant 0 (Message), id 1, announcing a ~4 GiB payload in 5 bytes.
+        let body = [WIRE_VERSION, 0, 1, 0xff, 0xff, 0xff, 0xff, 0x0f];
         assert!(matches!(
             Envelope::decode(&body),
             Err(WireError::Malformed(_))
@@ -175,16 +182,22 @@ mod tests {
 
     #[test]
     fn message_prefix_matches_full_encoding() {
-        for len in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+        for (len, id) in [0usize, 1, 127, 128, 300, 16_383, 16_384, 70_000]
+            .into_iter()
+            .zip([0, 1, 127, 128, u64::MAX, 99, 1 << 40, 7])
+        {
             let payload = vec![7u8; len];
-            let full = Envelope::new(Body::Message(payload.clone()))
-                .to_frame()
-                .unwrap();
-            let mut fast = Envelope::message_prefix(len).unwrap();
+            let full = Envelope::new(Body::Message {
+                id,
+                data: payload.clone(),
+            })
+            .to_frame()
+            .unwrap();
+            let mut fast = Envelope::message_prefix(len, id).unwrap();
             fast.extend_from_slice(&payload);
             assert_eq!(fast, full, "len {len}");
         }
-        assert!(Envelope::message_prefix(MAX_MESSAGE_LEN + 1).is_err());
+        assert!(Envelope::message_prefix(MAX_MESSAGE_LEN + 1, 0).is_err());
     }
 
     proptest! {
@@ -195,8 +208,8 @@ mod tests {
         }
 
         #[test]
-        fn messages_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048)) {
-            let env = Envelope::new(Body::Message(payload));
+        fn messages_round_trip(payload in proptest::collection::vec(any::<u8>(), 0..2048), id: u64) {
+            let env = Envelope::new(Body::Message { id, data: payload });
             let f = env.to_frame().unwrap();
             prop_assert_eq!(Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap(), env);
         }

@@ -41,6 +41,7 @@ pub struct NodeBuilder {
     tcp_listener: Option<std::net::TcpListener>,
     tcp_connector: Option<crate::tcp::Connector>,
     no_tcp_fallback: bool,
+    no_hole_punching: bool,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -148,6 +149,14 @@ impl NodeBuilder {
     /// over UDP (default: yes).
     pub fn tcp_fallback(mut self, enabled: bool) -> Self {
         self.no_tcp_fallback = !enabled;
+        self
+    }
+
+    /// Whether relayed connections try to upgrade to direct ones by hole
+    /// punching, and this node takes part in punches peers ask for
+    /// (default: yes).
+    pub fn hole_punching(mut self, enabled: bool) -> Self {
+        self.no_hole_punching = !enabled;
         self
     }
 
@@ -283,6 +292,8 @@ impl NodeBuilder {
             observed: Default::default(),
             paths,
             relay: RelayRuntime::new(self.relay_service, self.acquire_relay, relay_limits),
+            punch: crate::punch::PunchRuntime::new(!self.no_hole_punching),
+            seen_messages: Default::default(),
             links: links.clone(),
             tcp_mode: std::sync::atomic::AtomicBool::new(false),
             tcp_fallback: !self.no_tcp_fallback,

@@ -214,6 +214,9 @@ fn handle_control(inner: &Arc<Inner>, d: &NonQuicDatagram, limiter: &mut RateLim
         ControlPacket::FilterProbe { nonce } => {
             let _ = inner.probes.filter.complete(nonce, d.from, d.from);
         }
+        ControlPacket::Punch { .. } | ControlPacket::PunchAck { .. } => {
+            crate::punch::on_packet(inner, d.from, &packet);
+        }
     }
 }
 
@@ -251,7 +254,7 @@ fn handle_stun(inner: &Inner, d: &NonQuicDatagram, limiter: &mut RateLimiter) {
     }
 }
 
-fn random_u64() -> Result<u64> {
+pub(crate) fn random_u64() -> Result<u64> {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).map_err(|e| Error::Config(format!("random: {e}")))?;
     Ok(u64::from_le_bytes(b))
@@ -349,7 +352,7 @@ impl RateLimiter {
         }
     }
 
-    fn allow(&mut self, now: Instant) -> bool {
+    pub(crate) fn allow(&mut self, now: Instant) -> bool {
         let fresh = self
             .window_start
             .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1));

@@ -71,8 +71,19 @@ pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection
         // The address an inbound connection came from is a way back.
         inner.peers.remember_fallback(peer, conn.remote_address());
     }
-    inner.peers.insert(peer, conn.clone(), dir);
-    tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, "connected");
+    let in_use = inner.peers.insert(peer, conn.clone(), dir);
+    tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, in_use, "connected");
+    if !relayed {
+        inner.punch.direct.notify_waiters();
+        if in_use && inner.peers.standby(&peer).is_some() {
+            crate::punch::liveness::watch(inner, peer, conn.clone());
+        }
+    } else if in_use && dir == Direction::Outbound {
+        // We dialed through a relay: try for a direct path.
+        if let Some(path) = inner.paths.path(&conn.remote_address()) {
+            crate::punch::start_upgrade(inner, peer, path.relay);
+        }
+    }
     inner.spawn(serve(inner.clone(), peer, conn));
 }
 
@@ -112,7 +123,7 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
     if !matches!(header, Ok(Ok(()))) {
         return refuse(&mut recv, codes::MALFORMED);
     }
-    let max_body = Envelope::message_prefix(MAX_MESSAGE_LEN)
+    let max_body = Envelope::message_prefix(MAX_MESSAGE_LEN, u64::MAX)
         .map(|p| p.len() - FRAME_HEADER_LEN + MAX_MESSAGE_LEN)
         .unwrap_or(MAX_MESSAGE_LEN);
     let len = match frame::parse_header(&head, max_body) {
@@ -142,13 +153,20 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
         drop(permit);
         return refuse(&mut recv, codes::MALFORMED);
     }
-    let data = match Envelope::decode(&body) {
+    let (id, data) = match Envelope::decode(&body) {
         Ok(Envelope {
-            body: Body::Message(data),
+            body: Body::Message { id, data },
             ..
-        }) => data,
+        }) => (id, data),
         _ => return refuse(&mut recv, codes::MALFORMED),
     };
+    if !inner.seen_messages.first_time(peer, id) {
+        // Sent again after its first connection died unacknowledged: it
+        // was delivered already.
+        drop(permit);
+        stats::bump(&inner.counters.duplicate_messages);
+        return;
+    }
     // Keep only the payload's share of the budget; `next_event` returns it.
     let payload_len = data.len();
     drop(body);

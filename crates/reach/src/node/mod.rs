@@ -22,7 +22,8 @@
 
 mod builder;
 pub(crate) mod control;
-mod inbound;
+mod dedup;
+pub(crate) mod inbound;
 pub(crate) mod peers;
 pub(crate) mod stats;
 
@@ -116,6 +117,9 @@ pub(crate) struct Inner {
     /// Relay circuits, shared with the socket.
     pub paths: Arc<crate::relay::paths::RelayPaths>,
     pub relay: crate::relay::RelayRuntime,
+    pub punch: crate::punch::PunchRuntime,
+    /// Ids of received messages, to deliver a resent one once.
+    pub seen_messages: dedup::SeenMessages,
     pub links: Arc<crate::tcp::TcpLinks>,
     /// UDP is blocked here: every dial goes over a TCP link.
     pub tcp_mode: std::sync::atomic::AtomicBool,
@@ -277,30 +281,67 @@ impl Node {
                 max: MAX_MESSAGE_LEN,
             });
         }
-        let prefix = Envelope::message_prefix(data.len())?;
-        let mut stream = peers::open_uni(&self.inner, peer).await?;
+        let id = control::random_u64()?;
+        let prefix = Envelope::message_prefix(data.len(), id)?;
+        let (first, used) = self.send_once(peer, &prefix, &data).await;
+        let result = match first {
+            // The connection died before the peer acknowledged the
+            // message, and traffic has moved to another connection (a
+            // dead direct path fell back to the relay): send it again
+            // there. The peer delivers each message id once.
+            Err(Error::ConnectionLost { .. })
+                if used.is_some_and(|id| {
+                    self.inner
+                        .peers
+                        .live(&peer)
+                        .is_some_and(|c| c.stable_id() != id)
+                }) =>
+            {
+                stats::bump(&self.inner.counters.messages_resent);
+                self.send_once(peer, &prefix, &data).await.0
+            }
+            other => other,
+        };
+        if result.is_ok() {
+            stats::bump(&self.inner.counters.messages_sent);
+            stats::add(&self.inner.counters.message_bytes_sent, data.len());
+        }
+        result
+    }
+
+    /// One try of [`Node::send`]; also returns the connection it used.
+    async fn send_once(
+        &self,
+        peer: PeerId,
+        prefix: &[u8],
+        data: &Bytes,
+    ) -> (Result<()>, Option<usize>) {
+        let (mut stream, conn_id) = match peers::open_uni(&self.inner, peer).await {
+            Ok(s) => s,
+            Err(e) => return (Err(e), None),
+        };
         let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
             peer,
             reason: e.to_string(),
         };
-        stream.write_all(&prefix).await.map_err(|e| lost(&e))?;
-        stream
-            .write_chunk(data.clone())
-            .await
-            .map_err(|e| lost(&e))?;
-        stream.finish().map_err(|e| lost(&e))?;
-        match stream.stopped().await {
-            Ok(None) => {
-                stats::bump(&self.inner.counters.messages_sent);
-                stats::add(&self.inner.counters.message_bytes_sent, data.len());
-                Ok(())
+        let sent = async {
+            stream.write_all(prefix).await.map_err(|e| lost(&e))?;
+            stream
+                .write_chunk(data.clone())
+                .await
+                .map_err(|e| lost(&e))?;
+            stream.finish().map_err(|e| lost(&e))?;
+            match stream.stopped().await {
+                Ok(None) => Ok(()),
+                Ok(Some(code)) => Err(Error::Refused {
+                    peer,
+                    code: code.into_inner(),
+                }),
+                Err(e) => Err(lost(&e)),
             }
-            Ok(Some(code)) => Err(Error::Refused {
-                peer,
-                code: code.into_inner(),
-            }),
-            Err(e) => Err(lost(&e)),
         }
+        .await;
+        (sent, Some(conn_id))
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
@@ -363,9 +404,8 @@ impl Node {
         if carries_reservation {
             return;
         }
-        if let Some(conn) = self.inner.peers.live(&peer) {
+        for conn in self.inner.peers.take_all(&peer) {
             conn.close(0u32.into(), b"disconnect");
-            self.inner.peers.remove_if_current(peer, conn.stable_id());
         }
     }
 
@@ -409,6 +449,21 @@ impl Node {
                 .filter(|p| crate::relay::paths::is_virtual(&p.addr))
                 .count(),
         }
+    }
+
+    /// Hole punching so far: attempts, successes and failures per
+    /// technique, fallbacks to the relay, time to direct, and the latest
+    /// outcome per peer.
+    pub fn punch_stats(&self) -> crate::punch::PunchStats {
+        self.inner.punch.stats()
+    }
+
+    /// Waits up to `timeout` until the connection to `peer` is direct (a
+    /// relayed connection upgrades by itself when a punch succeeds).
+    /// Returns whether it is.
+    pub async fn wait_direct(&self, peer: PeerId, timeout: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        crate::punch::wait_direct(&self.inner, &peer, deadline).await
     }
 
     /// Asks the node at `addr` which address it sees this node's packets come

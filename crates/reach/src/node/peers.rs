@@ -47,6 +47,10 @@ struct PeerEntry {
     /// Relays the peer published (relay id, relay address), newest first.
     relays: Vec<(PeerId, SocketAddr)>,
     conn: Option<(quinn::Connection, Direction)>,
+    /// A relayed connection kept open behind a direct one that replaced it
+    /// (a punch succeeded): if the direct path dies, traffic moves back to
+    /// it at once instead of waiting for a redial.
+    standby: Option<(quinn::Connection, Direction)>,
     dial_lock: Arc<AsyncMutex<()>>,
     /// The application sent or received a message or stream on the current
     /// connection: it is kept open (with keep-alives) until a side closes it.
@@ -150,14 +154,47 @@ impl PeerTable {
         })
     }
 
-    /// Records a new live connection to `peer`, replacing a previous one.
-    pub fn insert(&self, peer: PeerId, conn: quinn::Connection, dir: Direction) {
+    /// Records a new live connection to `peer`. A direct connection
+    /// replaces a relayed one, which stays open as the standby; a relayed
+    /// connection arriving while a direct one lives becomes the standby;
+    /// otherwise the new connection replaces the old. Returns whether the
+    /// new connection is the one traffic now uses.
+    pub fn insert(&self, peer: PeerId, conn: quinn::Connection, dir: Direction) -> bool {
+        let alive = |c: &quinn::Connection| c.close_reason().is_none();
+        let new_direct = !is_virtual(&conn.remote_address());
         self.with(|m| {
             let e = m.entry(peer).or_default();
+            let current = e.conn.as_ref().filter(|(c, _)| alive(c)).cloned();
+            match current {
+                Some((old, _)) if !new_direct && !is_virtual(&old.remote_address()) => {
+                    e.standby = Some((conn, dir));
+                    return false;
+                }
+                Some(old) if new_direct && is_virtual(&old.0.remote_address()) => {
+                    e.standby = Some(old);
+                }
+                Some(_) => {}
+                None => e.app_used = false,
+            }
             e.conn = Some((conn, dir));
-            e.app_used = false;
             e.last_used = Some(Instant::now());
-        });
+            true
+        })
+    }
+
+    /// Whether the connection to `peer` is live and direct.
+    pub fn is_direct(&self, peer: &PeerId) -> bool {
+        self.live(peer)
+            .is_some_and(|c| !is_virtual(&c.remote_address()))
+    }
+
+    /// The relayed connection kept behind `peer`'s direct one, if live.
+    pub fn standby(&self, peer: &PeerId) -> Option<quinn::Connection> {
+        self.with(|m| {
+            m.get(peer)
+                .and_then(|e| e.standby.as_ref().map(|(c, _)| c.clone()))
+                .filter(|c| c.close_reason().is_none())
+        })
     }
 
     /// Notes a use of the connection to `peer`: by the application (which
@@ -183,17 +220,43 @@ impl PeerTable {
         })
     }
 
-    /// Forgets `conn` if it is still the one recorded for `peer`.
-    pub fn remove_if_current(&self, peer: PeerId, stable_id: usize) {
+    /// Forgets `conn` if it is recorded for `peer`; when it was the one in
+    /// use, a live standby takes its place. Returns whether a standby did.
+    pub fn remove_if_current(&self, peer: PeerId, stable_id: usize) -> bool {
         self.with(|m| {
-            if let Some(e) = m.get_mut(&peer)
-                && e.conn
-                    .as_ref()
-                    .is_some_and(|(c, _)| c.stable_id() == stable_id)
+            let Some(e) = m.get_mut(&peer) else {
+                return false;
+            };
+            if e.standby
+                .as_ref()
+                .is_some_and(|(c, _)| c.stable_id() == stable_id)
             {
-                e.conn = None;
+                e.standby = None;
             }
-        });
+            if e.conn
+                .as_ref()
+                .is_none_or(|(c, _)| c.stable_id() != stable_id)
+            {
+                return false;
+            }
+            e.conn = e.standby.take().filter(|(c, _)| c.close_reason().is_none());
+            e.conn.is_some()
+        })
+    }
+
+    /// Forgets every connection to `peer` and returns them (to close).
+    pub fn take_all(&self, peer: &PeerId) -> Vec<quinn::Connection> {
+        self.with(|m| {
+            let Some(e) = m.get_mut(peer) else {
+                return Vec::new();
+            };
+            e.conn
+                .take()
+                .into_iter()
+                .chain(e.standby.take())
+                .map(|(c, _)| c)
+                .collect()
+        })
     }
 
     /// Peers with a live connection, sorted by peer id.
@@ -446,7 +509,7 @@ async fn dial_or_resolve_inner(
 /// accepts any valid identity and returns it.
 pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result<PeerId> {
     let fail = |reason: String| Error::Config(format!("bootstrap {addr}: {reason}"));
-    let (connecting, seen) = start_handshake(inner, None, addr, fail).await?;
+    let (connecting, seen) = start_handshake(inner, &inner.endpoint, None, addr, fail).await?;
     let conn = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::Timeout("bootstrap handshake"))?
@@ -468,18 +531,24 @@ pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result
 
 /// Opens a unidirectional stream to `peer`, redialing once if the recorded
 /// connection turns out to be dead (nothing has been sent on it yet, so the
-/// retry cannot duplicate a message).
-pub(crate) async fn open_uni(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::SendStream> {
+/// retry cannot duplicate a message). Also returns the connection's id.
+pub(crate) async fn open_uni(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+) -> Result<(quinn::SendStream, usize)> {
     let conn = connection(inner, peer).await?;
     match conn.open_uni().await {
-        Ok(s) => Ok(s),
+        Ok(s) => Ok((s, conn.stable_id())),
         Err(_) => {
             inner.peers.remove_if_current(peer, conn.stable_id());
             let conn = connection(inner, peer).await?;
-            conn.open_uni().await.map_err(|e| Error::ConnectionLost {
-                peer,
-                reason: e.to_string(),
-            })
+            conn.open_uni()
+                .await
+                .map(|s| (s, conn.stable_id()))
+                .map_err(|e| Error::ConnectionLost {
+                    peer,
+                    reason: e.to_string(),
+                })
         }
     }
 }
@@ -539,6 +608,7 @@ async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<qui
 /// through `fail`.
 async fn start_handshake(
     inner: &Arc<Inner>,
+    endpoint: &quinn::Endpoint,
     expected: Option<PeerId>,
     addr: SocketAddr,
     fail: impl Fn(String) -> Error,
@@ -552,8 +622,7 @@ async fn start_handshake(
         .dial_addr(addr)
         .await
         .map_err(|e| fail(e.to_string()))?;
-    let connecting = inner
-        .endpoint
+    let connecting = endpoint
         .connect_with(cfg, quic_addr, tls::SERVER_NAME)
         .map_err(|e| fail(e.to_string()))?;
     Ok((connecting, seen))
@@ -565,11 +634,22 @@ pub(crate) async fn dial(
     peer: PeerId,
     addr: SocketAddr,
 ) -> Result<quinn::Connection> {
+    dial_from(inner, &inner.endpoint, peer, addr).await
+}
+
+/// One QUIC handshake with `peer` at `addr` from `endpoint` (the node's
+/// own, or one on a socket a punch opened).
+pub(crate) async fn dial_from(
+    inner: &Arc<Inner>,
+    endpoint: &quinn::Endpoint,
+    peer: PeerId,
+    addr: SocketAddr,
+) -> Result<quinn::Connection> {
     let fail = |reason: String| Error::Connect {
         peer,
         reason: format!("{addr}: {reason}"),
     };
-    let (connecting, seen) = start_handshake(inner, Some(peer), addr, fail).await?;
+    let (connecting, seen) = start_handshake(inner, endpoint, Some(peer), addr, fail).await?;
     let result = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting).await;
     let mismatch = || {
         let actual = seen.lock().ok().and_then(|s| *s)?;

@@ -11,6 +11,10 @@ use crate::socket::DemuxStats;
 pub(crate) struct Counters {
     pub messages_sent: AtomicU64,
     pub messages_received: AtomicU64,
+    /// Messages sent again after their connection died unacknowledged.
+    pub messages_resent: AtomicU64,
+    /// Messages received a second time (and not delivered again).
+    pub duplicate_messages: AtomicU64,
     pub message_bytes_sent: AtomicU64,
     pub message_bytes_received: AtomicU64,
     pub streams_opened: AtomicU64,
@@ -38,6 +42,8 @@ pub(crate) fn add(c: &AtomicU64, n: usize) {
 pub struct NodeStats {
     pub messages_sent: u64,
     pub messages_received: u64,
+    pub messages_resent: u64,
+    pub duplicate_messages: u64,
     pub message_bytes_sent: u64,
     pub message_bytes_received: u64,
     pub streams_opened: u64,
@@ -94,6 +100,8 @@ impl NodeStats {
         NodeStats {
             messages_sent: g(&c.messages_sent),
             messages_received: g(&c.messages_received),
+            messages_resent: g(&c.messages_resent),
+            duplicate_messages: g(&c.duplicate_messages),
             message_bytes_sent: g(&c.message_bytes_sent),
             message_bytes_received: g(&c.message_bytes_received),
             streams_opened: g(&c.streams_opened),

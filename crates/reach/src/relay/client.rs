@@ -63,7 +63,8 @@ pub(crate) async fn reserve(
     relay: PeerId,
     addr: SocketAddr,
 ) -> Result<(quinn::Connection, Duration)> {
-    match ask(inner, relay, addr, RelayRequest::Reserve).await? {
+    let punch = crate::punch::local_info(inner);
+    match ask(inner, relay, addr, RelayRequest::Reserve { punch }).await? {
         (conn, RelayResponse::Reserved { ttl_s }) => {
             // Circuits arrive on this connection: keep it open.
             inner.peers.touch(&relay, true);

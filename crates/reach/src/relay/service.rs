@@ -32,15 +32,29 @@ pub(crate) async fn serve(
     mut send: quinn::SendStream,
 ) {
     let response = match request {
-        RelayRequest::Reserve => reserve(&inner, peer, remote),
+        RelayRequest::Reserve { punch } => {
+            let answer = reserve(&inner, peer, remote);
+            if matches!(answer, RelayResponse::Reserved { .. }) {
+                let max = inner.relay.limits.max_clients;
+                inner.punch.remember_info(peer, punch, max);
+            }
+            answer
+        }
         RelayRequest::Connect { target } => connect(&inner, peer, remote, target).await,
         RelayRequest::Incoming { from, circuit } => {
             client::accept_incoming(&inner, peer, remote, from, circuit)
         }
         RelayRequest::Release => {
             inner.paths.release(&peer);
+            inner.punch.forget_info(&peer);
             RelayResponse::Accepted
         }
+        RelayRequest::Punch {
+            target,
+            attempt,
+            info,
+        } => crate::punch::coordinate(&inner, peer, remote, target, attempt, info).await,
+        RelayRequest::Introduce(intro) => crate::punch::on_introduce(&inner, peer, intro),
     };
     if let Ok(frame) = Envelope::new(Body::RelayResponse(response)).to_frame() {
         let _ = send.write_all(&frame).await;

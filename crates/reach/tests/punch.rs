@@ -1,0 +1,132 @@
+//! Hole punching with real nodes on loopback: a relayed connection upgrades
+//! to a direct one by itself, and messages sent meanwhile arrive exactly
+//! once. (Punching through real NATs, every technique, and falling back
+//! when the direct path dies are the lab's: `crates/reach-lab/tests`.)
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reach::{Event, Node, RelayMode};
+
+/// Every wait is bounded by this.
+const DEADLINE: Duration = Duration::from_secs(60);
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
+}
+
+/// `REACH_LOG=reach=debug cargo test …` shows the nodes' logs.
+fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("REACH_LOG"))
+        .with_test_writer()
+        .try_init();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubled() {
+    logs();
+    let relay = Node::builder()
+        .bind(loopback())
+        .relay_service(RelayMode::On)
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    let bob = Node::builder()
+        .bind(loopback())
+        .bootstrap([relay.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::On)
+        .spawn()
+        .await
+        .unwrap();
+    // Alice stays out of the DHT: no DHT request may open a direct path to
+    // Bob before the punch does.
+    let alice = Node::builder()
+        .bind(loopback())
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    within("bob joins", bob.joined()).await;
+    within("bob holds the relay", async {
+        while bob.relay_status().held_relay != Some(relay.peer_id()) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+
+    alice
+        .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
+        .await
+        .unwrap();
+    // Messages go out while the punch runs: each must arrive exactly once,
+    // whichever connection carries it.
+    const N: usize = 200;
+    let sender = {
+        let alice = alice.clone();
+        let bob_id = bob.peer_id();
+        tokio::spawn(async move {
+            for i in 0..N {
+                alice
+                    .send(bob_id, format!("message {i}").into_bytes())
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    assert!(
+        alice
+            .wait_direct(bob.peer_id(), Duration::from_secs(20))
+            .await,
+        "the connection became direct: {:?}",
+        alice.punch_stats()
+    );
+    let mut got: HashMap<String, usize> = HashMap::new();
+    within("bob receives every message", async {
+        while got.len() < N {
+            match bob.next_event().await {
+                Some(Event::Message { from, data }) => {
+                    assert_eq!(from, alice.peer_id());
+                    *got.entry(String::from_utf8(data.to_vec()).unwrap())
+                        .or_default() += 1;
+                }
+                other => panic!("unexpected event {other:?}"),
+            }
+        }
+    })
+    .await;
+    within("the sender finishes", sender).await.unwrap();
+    assert!(got.values().all(|&n| n == 1), "a message arrived twice");
+
+    let path = alice
+        .connected_peers()
+        .into_iter()
+        .find(|p| p.peer == bob.peer_id())
+        .unwrap();
+    assert_eq!(path.relay, None, "traffic now goes direct: {path:?}");
+    let stats = alice.punch_stats();
+    let outcome = stats
+        .recent
+        .iter()
+        .find(|o| o.peer == bob.peer_id())
+        .expect("an outcome for bob");
+    assert!(outcome.direct, "{outcome:?}");
+    // Loopback: both come from one IP, so the LAN addresses go first.
+    assert_eq!(outcome.technique, "lan_first");
+    assert!(outcome.time_to_direct_ms.is_some());
+    // A message after the upgrade goes direct, and arrives.
+    alice.send(bob.peer_id(), b"after".to_vec()).await.unwrap();
+    match within("bob receives", bob.next_event()).await {
+        Some(Event::Message { data, .. }) => assert_eq!(&data[..], b"after"),
+        other => panic!("unexpected event {other:?}"),
+    }
+}
