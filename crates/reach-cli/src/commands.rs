@@ -333,23 +333,40 @@ async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) ->
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "{:<9} {:<9} {:>4} {:>9} {:>6} {:>7} {:>6} {:>8}",
-            "a", "b", "runs", "connected", "direct", "relayed", "failed", "p50 ms"
+            "{:<11} {:<11} {:>4} {:>9} {:>6} {:>7} {:>8} {:>6} {:<17} {:>10} {:>10}",
+            "a",
+            "b",
+            "runs",
+            "connected",
+            "direct",
+            "relayed",
+            "upgraded",
+            "direct%",
+            "strategy",
+            "connect ms",
+            "punch ms"
         );
+        let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.2}"));
         for p in &report.pairs {
             println!(
-                "{:<9} {:<9} {:>4} {:>9} {:>6} {:>7} {:>6} {:>8}",
+                "{:<11} {:<11} {:>4} {:>9} {:>6} {:>7} {:>8} {:>6.0}% {:<17} {:>10} {:>10}",
                 p.a.name(),
                 p.b.name(),
                 p.runs,
                 p.connected,
                 p.direct,
                 p.relayed,
-                p.failed,
-                p.connect_ms_p50.map_or("-".into(), |v| format!("{v:.2}"))
+                p.upgraded,
+                p.direct_rate * 100.0,
+                p.strategy,
+                ms(p.connect_ms_p50),
+                ms(p.time_to_direct_ms_p50),
             );
             if let Some(e) = &p.error {
-                println!("          first failure: {e}");
+                println!("            first failure: {e}");
+            }
+            if let Some(e) = &p.punch_error {
+                println!("            first failed punch: {e}");
             }
         }
         println!(

@@ -208,9 +208,29 @@ pub struct Site {
     pub router: Option<String>,
 }
 
+/// A masquerading router, which (like a home router: OpenWrt's default
+/// `wan` zone rejects input) drops unsolicited packets addressed to itself
+/// on its WAN side. That matters for hole punching: a packet accepted to
+/// the router's own address leaves an UNREPLIED conntrack entry for its
+/// 4-tuple, and the router then moves the inside host's next mapping
+/// towards that peer to another port (measured in this lab); a dropped
+/// packet's entry is never confirmed.
 fn masquerade(extra: &str) -> String {
     format!(
-        "table ip nat {{\n  chain post {{\n    type nat hook postrouting priority 100;\n    oifname \"wan\" masquerade {extra}\n  }}\n}}\n"
+        "table ip nat {{
+  chain post {{
+    type nat hook postrouting priority 100;
+    oifname \"wan\" masquerade {extra}
+  }}
+}}
+table ip router_input {{
+  chain input {{
+    type filter hook input priority 0; policy accept;
+    iifname \"wan\" ct state established,related accept
+    iifname \"wan\" drop
+  }}
+}}
+"
     )
 }
 

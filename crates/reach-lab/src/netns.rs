@@ -263,6 +263,21 @@ impl Lab {
         })
     }
 
+    /// Opens UDP sockets inside namespace `ns` (for a node's hole punching:
+    /// see `NodeBuilder::udp_binder`).
+    pub fn udp_binder(&self, ns: &str) -> reach::punch::UdpBinder {
+        let path = format!("/var/run/netns/{ns}");
+        std::sync::Arc::new(move |addr: SocketAddr, count: usize| {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                enter(&path)?;
+                reach::punch::bind_here(addr, count)
+            })
+            .join()
+            .map_err(|_| std::io::Error::other("socket thread panicked"))?
+        })
+    }
+
     /// Tears everything down now (also done on drop).
     pub fn teardown(&mut self) {
         for mut c in self.children.drain(..) {

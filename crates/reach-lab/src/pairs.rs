@@ -25,6 +25,9 @@ use crate::netns::{Lab, LabError};
 pub const SETTLE_TIMEOUT: Duration = Duration::from_secs(90);
 /// Time one connect-and-deliver run may take before it counts as failed.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a relayed connection has to finish its punch attempts (three
+/// attempts of at most five seconds, a second apart, plus margin).
+pub const PUNCH_WAIT: Duration = Duration::from_secs(25);
 
 /// Options of a matrix run.
 #[derive(Debug, Clone)]
@@ -54,12 +57,29 @@ pub struct PairResult {
     pub runs: u32,
     /// Runs where A connected to B by PeerId and B received A's message.
     pub connected: u32,
+    /// Runs whose first connection was direct (no punch needed).
     pub direct: u32,
+    /// Runs whose first connection was relayed.
     pub relayed: u32,
+    /// Relayed runs that a punch upgraded to direct (a message then
+    /// crossed the direct path).
+    pub upgraded: u32,
     pub failed: u32,
     pub connect_ms_p50: Option<f64>,
+    /// Runs that ended on a direct path, of all runs.
+    pub direct_rate: f64,
+    /// The punch technique of this pair (the coordinator's choice), or
+    /// `direct_dial` when no run needed one.
+    pub strategy: String,
+    /// Runs per technique (`direct_dial` for runs that needed no punch).
+    pub strategies: BTreeMap<String, u32>,
+    /// Median time from punch request to the first packet from the peer's
+    /// direct address, over the upgraded runs.
+    pub time_to_direct_ms_p50: Option<f64>,
     /// The first failure's error, if any.
     pub error: Option<String>,
+    /// The first failed punch's error, if any.
+    pub punch_error: Option<String>,
 }
 
 /// How a site's node settled.
@@ -105,7 +125,8 @@ async fn node_in(
         .socket(sock)
         .alt_socket(alt)
         .tcp_listener(lab.tcp_listener(ns, bound)?)
-        .tcp_connector(lab.tcp_connector(ns));
+        .tcp_connector(lab.tcp_connector(ns))
+        .udp_binder(lab.udp_binder(ns));
     if let Some(s) = seed {
         b = b.bootstrap([s]);
     }
@@ -129,12 +150,89 @@ async fn settle(node: &Node) -> bool {
     tokio::time::timeout(SETTLE_TIMEOUT, wait).await.is_ok()
 }
 
-/// One run: A connects to B by id, sends, B receives; then both close.
-async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), String> {
+/// What one run found.
+struct RunOutcome {
+    connect: Duration,
+    relayed: bool,
+    /// The punch's outcome, for a relayed run: technique, direct, time to
+    /// direct, error.
+    punch: Option<(String, bool, Option<Duration>, Option<String>)>,
+}
+
+/// Waits for the punch A started towards `peer` after outcome `after` to
+/// end; when it went direct, a message must cross the direct path.
+async fn punch_result(
+    a: &Node,
+    b: &Node,
+    after: Option<u64>,
+    tag: u32,
+) -> Result<(String, bool, Option<Duration>, Option<String>), String> {
+    let peer = b.peer_id();
+    let wait = async {
+        loop {
+            let found = a
+                .punch_stats()
+                .recent
+                .into_iter()
+                .find(|o| o.peer == peer && Some(o.seq) != after);
+            if let Some(o) = found {
+                return o;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let o = tokio::time::timeout(PUNCH_WAIT, wait)
+        .await
+        .map_err(|_| format!("the punch did not end within {PUNCH_WAIT:?}"))?;
+    if o.direct {
+        let on_direct = a
+            .connected_peers()
+            .iter()
+            .any(|p| p.peer == peer && p.relay.is_none());
+        if !on_direct {
+            return Err("the punch reported direct, but the connection is relayed".into());
+        }
+        deliver_once(a, b, &format!("matrix run {tag}, direct")).await?;
+    }
+    Ok((
+        o.technique.to_string(),
+        o.direct,
+        o.time_to_direct_ms.map(Duration::from_millis),
+        o.error,
+    ))
+}
+
+/// A sends `payload` to B, and B receives it.
+async fn deliver_once(a: &Node, b: &Node, payload: &str) -> Result<(), String> {
+    a.send(b.peer_id(), payload.as_bytes().to_vec())
+        .await
+        .map_err(|e| e.to_string())?;
+    loop {
+        match b.next_event().await {
+            Some(Event::Message { from, data })
+                if from == a.peer_id() && data == payload.as_bytes() =>
+            {
+                return Ok(());
+            }
+            Some(_) => continue,
+            None => return Err("B shut down".to_string()),
+        }
+    }
+}
+
+/// One run: A connects to B by id, sends, B receives; a relayed connection
+/// then gets its punch; then both close.
+async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<RunOutcome, String> {
     // Dial afresh: close what DHT traffic may have opened between them
     // (a connection carrying a relay reservation stays: see `disconnect`).
     a.disconnect(b.peer_id());
     b.disconnect(a.peer_id());
+    let last_outcome = a
+        .punch_stats()
+        .recent
+        .iter()
+        .find(|o| o.peer == b.peer_id())
+        .map(|o| o.seq);
     let started = Instant::now();
     let run = async {
         a.connect(b.peer_id(), [])
@@ -147,26 +245,25 @@ async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), Strin
             .find(|p| p.peer == b.peer_id())
             .map(|p| p.relay.is_some())
             .ok_or("connected, but no connection listed")?;
-        let payload = format!("matrix run {tag}");
-        a.send(b.peer_id(), payload.clone().into_bytes())
-            .await
-            .map_err(|e| e.to_string())?;
-        loop {
-            match b.next_event().await {
-                Some(Event::Message { from, data })
-                    if from == a.peer_id() && data == payload.as_bytes() =>
-                {
-                    break;
-                }
-                Some(_) => continue,
-                None => return Err("B shut down".to_string()),
-            }
-        }
+        deliver_once(a, b, &format!("matrix run {tag}")).await?;
         Ok((took, relayed))
     };
-    let res = tokio::time::timeout(RUN_TIMEOUT, run)
-        .await
-        .unwrap_or_else(|_| Err(format!("no delivery within {RUN_TIMEOUT:?}")));
+    let res = match tokio::time::timeout(RUN_TIMEOUT, run).await {
+        Ok(Ok((connect, relayed))) => {
+            let punch = if relayed {
+                Some(punch_result(a, b, last_outcome, tag).await?)
+            } else {
+                None
+            };
+            Ok(RunOutcome {
+                connect,
+                relayed,
+                punch,
+            })
+        }
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(format!("no delivery within {RUN_TIMEOUT:?}")),
+    };
     a.disconnect(b.peer_id());
     b.disconnect(a.peer_id());
     res
@@ -260,6 +357,7 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
             let (ka, a) = &sides[&(i, 'a')];
             let (kb, b) = &sides[&(j, 'b')];
             let mut times = Vec::new();
+            let mut to_direct = Vec::new();
             let mut result = PairResult {
                 a: *ka,
                 b: *kb,
@@ -267,20 +365,40 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 connected: 0,
                 direct: 0,
                 relayed: 0,
+                upgraded: 0,
                 failed: 0,
                 connect_ms_p50: None,
+                direct_rate: 0.0,
+                strategy: String::new(),
+                strategies: BTreeMap::new(),
+                time_to_direct_ms_p50: None,
                 error: None,
+                punch_error: None,
             };
             for r in 0..opts.runs {
                 match one_run(a, b, r).await {
-                    Ok((took, relayed)) => {
+                    Ok(run) => {
                         result.connected += 1;
-                        if relayed {
+                        times.push(run.connect);
+                        let technique = match run.punch {
+                            None => "direct_dial".to_string(),
+                            Some((technique, direct, time, error)) => {
+                                if direct {
+                                    result.upgraded += 1;
+                                }
+                                to_direct.extend(time);
+                                if let Some(e) = error {
+                                    result.punch_error.get_or_insert(e);
+                                }
+                                technique
+                            }
+                        };
+                        if run.relayed {
                             result.relayed += 1;
                         } else {
                             result.direct += 1;
                         }
-                        times.push(took);
+                        *result.strategies.entry(technique).or_default() += 1;
                     }
                     Err(e) => {
                         result.failed += 1;
@@ -289,6 +407,17 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 }
             }
             result.connect_ms_p50 = p50_ms(times);
+            result.time_to_direct_ms_p50 = p50_ms(to_direct);
+            result.direct_rate =
+                f64::from(result.direct + result.upgraded) / f64::from(opts.runs.max(1));
+            // The coordinator's choice when a punch ran, else direct dial.
+            result.strategy = result
+                .strategies
+                .iter()
+                .filter(|(k, _)| k.as_str() != "direct_dial")
+                .max_by_key(|(_, n)| **n)
+                .or_else(|| result.strategies.iter().next())
+                .map_or_else(|| "none".to_string(), |(k, _)| k.clone());
             pairs.push(result);
         }
     }

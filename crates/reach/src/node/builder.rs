@@ -40,6 +40,7 @@ pub struct NodeBuilder {
     relay_limits: Option<reach_proto::relay::service::RelayLimits>,
     tcp_listener: Option<std::net::TcpListener>,
     tcp_connector: Option<crate::tcp::Connector>,
+    udp_binder: Option<crate::punch::UdpBinder>,
     no_tcp_fallback: bool,
     no_hole_punching: bool,
 }
@@ -142,6 +143,15 @@ impl NodeBuilder {
     /// namespace). Default: an ordinary connect.
     pub fn tcp_connector(mut self, connector: crate::tcp::Connector) -> Self {
         self.tcp_connector = Some(connector);
+        self
+    }
+
+    /// How to open the extra UDP sockets hole punching needs against a NAT
+    /// that maps per destination (default: bind in this process's network
+    /// namespace). For nodes whose socket was made elsewhere, e.g. inside
+    /// another network namespace.
+    pub fn udp_binder(mut self, binder: crate::punch::UdpBinder) -> Self {
+        self.udp_binder = Some(binder);
         self
     }
 
@@ -294,6 +304,10 @@ impl NodeBuilder {
             relay: RelayRuntime::new(self.relay_service, self.acquire_relay, relay_limits),
             punch: crate::punch::PunchRuntime::new(!self.no_hole_punching),
             seen_messages: Default::default(),
+            udp_binder: self
+                .udp_binder
+                .clone()
+                .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
             links: links.clone(),
             tcp_mode: std::sync::atomic::AtomicBool::new(false),
             tcp_fallback: !self.no_tcp_fallback,

@@ -118,6 +118,8 @@ pub(crate) struct Inner {
     pub paths: Arc<crate::relay::paths::RelayPaths>,
     pub relay: crate::relay::RelayRuntime,
     pub punch: crate::punch::PunchRuntime,
+    /// Opens the birthday technique's extra sockets.
+    pub udp_binder: crate::punch::UdpBinder,
     /// Ids of received messages, to deliver a resent one once.
     pub seen_messages: dedup::SeenMessages,
     pub links: Arc<crate::tcp::TcpLinks>,

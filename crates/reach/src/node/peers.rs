@@ -313,8 +313,19 @@ impl Known {
     /// What `peer`'s endpoint record offers: its addresses (LAN ones first)
     /// and its relays (never the peer itself, never a virtual address).
     fn from_record(peer: PeerId, typed: &[TypedAddr]) -> Self {
-        let mut direct: Vec<&TypedAddr> =
-            typed.iter().filter(|t| t.kind != AddrKind::Relay).collect();
+        // A peer that publishes a relay found itself unreachable: its
+        // unverified (merely observed) address would only be filtered by
+        // its NAT, and an unsolicited packet to it leaves a conntrack
+        // entry on that NAT that makes the peer's own packets towards us
+        // leave from another port, which spoils the hole punch that
+        // follows. Such a peer is dialed at its LAN addresses (a shared
+        // NAT) and its relay, then punched.
+        let has_relay = typed.iter().any(|t| t.kind == AddrKind::Relay);
+        let mut direct: Vec<&TypedAddr> = typed
+            .iter()
+            .filter(|t| t.kind != AddrKind::Relay)
+            .filter(|t| !(has_relay && t.kind == AddrKind::Unverified))
+            .collect();
         direct.sort_by_key(|t| t.kind != AddrKind::Lan);
         Known {
             addrs: direct.iter().map(|t| t.addr).collect(),

@@ -44,16 +44,21 @@ pub(super) async fn hard_side(
     let deadline = tokio::time::Instant::now() + PUNCH_TIMEOUT;
     let target = intro.addrs[0];
     let bind = SocketAddr::new(inner.local_addr.ip(), 0);
-    let mut sockets = Vec::with_capacity(BIRTHDAY_SOCKETS);
-    for _ in 0..BIRTHDAY_SOCKETS {
-        match tokio::net::UdpSocket::bind(bind).await {
-            Ok(s) => sockets.push(Arc::new(s)),
-            Err(e) => {
-                tracing::debug!(error = %e, opened = sockets.len(), "birthday: out of sockets");
-                break;
-            }
-        }
-    }
+    let binder = inner.udp_binder.clone();
+    let opened = tokio::task::spawn_blocking(move || binder(bind, BIRTHDAY_SOCKETS))
+        .await
+        .map_err(|_| PunchError::Abandoned("the socket task failed"))?
+        .map_err(|e| {
+            tracing::debug!(error = %e, "birthday: no sockets");
+            PunchError::Abandoned("could not open any socket")
+        })?;
+    let sockets: Vec<Arc<tokio::net::UdpSocket>> = opened
+        .into_iter()
+        .filter_map(|s| {
+            s.set_nonblocking(true).ok()?;
+            tokio::net::UdpSocket::from_std(s).ok().map(Arc::new)
+        })
+        .collect();
     if sockets.is_empty() {
         return Err(PunchError::Abandoned("could not open any socket"));
     }

@@ -39,6 +39,27 @@ use crate::node::Inner;
 use crate::relay::client;
 use crate::relay::paths::is_virtual;
 
+/// Opens `count` extra UDP sockets bound to `addr` (port 0), blocking (it
+/// runs on a blocking thread): the birthday technique's many mappings.
+/// Returns as many as it could open (an error only if none). The default
+/// binds in this process's network namespace; the lab binds inside a
+/// node's namespace.
+pub type UdpBinder =
+    Arc<dyn Fn(SocketAddr, usize) -> std::io::Result<Vec<std::net::UdpSocket>> + Send + Sync>;
+
+/// The default [`UdpBinder`].
+pub fn bind_here(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(s) => out.push(s),
+            Err(e) if out.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}
+
 /// Attempts per relayed connection; retries swap the roles.
 pub const PUNCH_ATTEMPTS: u32 = 3;
 /// Pause between attempts (a NAT may need its half-open state to expire).
@@ -55,6 +76,10 @@ pub const INTRODUCTIONS_PER_SEC: u32 = 50;
 pub const MAX_OUTCOMES: usize = 256;
 /// Time-to-direct samples kept for the median.
 pub const TIME_SAMPLES: usize = 256;
+/// How long a target waits for the relayed connection an introduction is
+/// about: the requester asks right after its side of the handshake, which
+/// may finish before ours.
+pub const INTRODUCTION_SETTLE: Duration = Duration::from_secs(1);
 /// Punch acknowledgements sent per punch at most (one per punch packet
 /// received, so a peer cannot make us send more than it sends).
 pub const MAX_ACKS_PER_PUNCH: u32 = 32;
@@ -100,6 +125,8 @@ pub struct TechniqueStats {
 /// How the last punch with one peer ended.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 pub struct PunchOutcome {
+    /// Increases with every outcome this node records.
+    pub seq: u64,
     pub peer: PeerId,
     pub technique: &'static str,
     pub direct: bool,
@@ -122,6 +149,27 @@ pub struct PunchStats {
     pub recent: Vec<PunchOutcome>,
 }
 
+/// An outcome to record: `Ok(Some(time to direct))` for a direct path,
+/// `Ok(None)` for staying relayed by choice, `Err` for a failure.
+fn outcome(
+    peer: PeerId,
+    technique: Technique,
+    attempts: u32,
+    result: Result<Option<Duration>, &PunchError>,
+) -> PunchOutcome {
+    let time = result.as_ref().ok().copied().flatten();
+    PunchOutcome {
+        seq: 0,
+        peer,
+        technique: technique.name(),
+        direct: time.is_some(),
+        attempts,
+        time_to_direct_ms: time.map(|t| t.as_millis() as u64),
+        error_kind: result.err().map(|e| e.kind()),
+        error: result.err().map(|e| e.to_string()),
+    }
+}
+
 /// A punch this node is taking part in, waiting for the peer's packets.
 struct Pending {
     allowed: Vec<IpAddr>,
@@ -135,6 +183,7 @@ struct Counters {
     fallbacks: u64,
     times: VecDeque<Duration>,
     outcomes: VecDeque<PunchOutcome>,
+    seq: u64,
 }
 
 /// The node's hole-punching state.
@@ -231,8 +280,10 @@ impl PunchRuntime {
         f(e);
     }
 
-    fn record(&self, outcome: PunchOutcome, time: Option<Duration>) {
+    fn record(&self, mut outcome: PunchOutcome, time: Option<Duration>) {
         let mut c = lock(&self.counters);
+        c.seq += 1;
+        outcome.seq = c.seq;
         if let Some(t) = time {
             if c.times.len() >= TIME_SAMPLES {
                 c.times.pop_front();
@@ -325,6 +376,7 @@ pub(crate) fn on_packet(inner: &Inner, from: SocketAddr, packet: &ControlPacket)
         _ => return,
     };
     let mut pending = lock(&inner.punch.pending);
+    tracing::trace!(%from, id, is_punch, known = pending.contains_key(&id), "punch packet");
     let Some(p) = pending.get_mut(&id) else {
         return;
     };
@@ -368,7 +420,17 @@ pub(crate) async fn wait_direct(
 /// Starts upgrading the relayed connection to `peer` (made through
 /// `relay`) in the background.
 pub(crate) fn start_upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
-    if inner.tcp_mode() || !inner.punch.enabled {
+    if !inner.punch.enabled {
+        return;
+    }
+    if inner.tcp_mode() {
+        // No UDP here: nothing to punch with.
+        inner
+            .punch
+            .count(Technique::StayRelayed, |s| s.attempts += 1);
+        inner
+            .punch
+            .record(outcome(peer, Technique::StayRelayed, 0, Ok(None)), None);
         return;
     }
     let inner2 = inner.clone();
@@ -417,36 +479,14 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         technique = intro.technique;
         if technique == Technique::StayRelayed {
             tracing::debug!(%peer, "punch: staying relayed (both NATs map per destination, or no UDP)");
-            rt.record(
-                PunchOutcome {
-                    peer,
-                    technique: technique.name(),
-                    direct: false,
-                    attempts: 0,
-                    time_to_direct_ms: None,
-                    error_kind: None,
-                    error: None,
-                },
-                None,
-            );
+            rt.record(outcome(peer, technique, 0, Ok(None)), None);
             rt.count(technique, |s| s.attempts += 1);
             return;
         }
         attempts += 1;
         match execute(inner, &intro, started).await {
             Ok(t) => {
-                rt.record(
-                    PunchOutcome {
-                        peer,
-                        technique: technique.name(),
-                        direct: true,
-                        attempts,
-                        time_to_direct_ms: Some(t.as_millis() as u64),
-                        error_kind: None,
-                        error: None,
-                    },
-                    Some(t),
-                );
+                rt.record(outcome(peer, technique, attempts, Ok(Some(t))), Some(t));
                 return;
             }
             Err(e) => {
@@ -459,18 +499,7 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     if inner.peers.is_direct(&peer) {
         return;
     }
-    rt.record(
-        PunchOutcome {
-            peer,
-            technique: technique.name(),
-            direct: false,
-            attempts,
-            time_to_direct_ms: None,
-            error_kind: Some(last.kind()),
-            error: Some(last.to_string()),
-        },
-        None,
-    );
+    rt.record(outcome(peer, technique, attempts, Err(&last)), None);
 }
 
 /// Carries out one introduction: waits for the fire time, then the
@@ -489,6 +518,7 @@ async fn execute(
         return Err(PunchError::Refused("no address to punch to".into()));
     }
     rt.count(intro.technique, |s| s.attempts += 1);
+    tracing::debug!(peer = %intro.peer, technique = intro.technique.name(), role = ?intro.role, addrs = ?intro.addrs, fire_in_ms = intro.fire_in_ms, "punching");
     tokio::time::sleep(Duration::from_millis(u64::from(intro.fire_in_ms))).await;
     let result = match (intro.technique, intro.role) {
         (Technique::Birthday, Role::Dialer) => birthday::hard_side(inner, intro, started).await,
@@ -517,7 +547,6 @@ pub(crate) fn on_introduce(
         reason: refusal::PUNCH_UNWANTED.into(),
     };
     if inner.relay.held().is_none_or(|(r, _)| r != relay)
-        || !relayed(inner, &intro.peer)
         || inner.tcp_mode()
         || !inner.punch.enabled
     {
@@ -527,6 +556,15 @@ pub(crate) fn on_introduce(
     inner.spawn(async move {
         let started = Instant::now();
         let peer = intro.peer;
+        let settle = async {
+            while !relayed(&inner2, &peer) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        if tokio::time::timeout(INTRODUCTION_SETTLE, settle).await.is_err() {
+            tracing::debug!(%peer, "introduced to a peer we have no relayed connection with");
+            return;
+        }
         let outcome = execute(&inner2, &intro, started).await;
         tracing::debug!(%peer, technique = intro.technique.name(), ok = outcome.is_ok(), "punch (target side)");
     });
