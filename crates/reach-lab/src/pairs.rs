@@ -61,17 +61,19 @@ pub struct PairResult {
     pub direct: u32,
     /// Runs whose first connection was relayed.
     pub relayed: u32,
-    /// Relayed runs that a punch upgraded to direct (a message then
-    /// crossed the direct path).
+    /// Punch phases that upgraded a relayed connection to a direct one (a
+    /// message then crossed the direct path).
     pub upgraded: u32,
     pub failed: u32,
     pub connect_ms_p50: Option<f64>,
-    /// Runs that ended on a direct path, of all runs.
+    /// Punch phases that ended on a direct path (punched, or B public), of
+    /// all runs.
     pub direct_rate: f64,
     /// The punch technique of this pair (the coordinator's choice), or
     /// `direct_dial` when no run needed one.
     pub strategy: String,
-    /// Runs per technique (`direct_dial` for runs that needed no punch).
+    /// Punch phases per technique (`direct_dial`: B is public, no punch
+    /// needed; `failed`: the phase itself failed).
     pub strategies: BTreeMap<String, u32>,
     /// Median time from punch request to the first packet from the peer's
     /// direct address, over the upgraded runs.
@@ -150,14 +152,9 @@ async fn settle(node: &Node) -> bool {
     tokio::time::timeout(SETTLE_TIMEOUT, wait).await.is_ok()
 }
 
-/// What one run found.
-struct RunOutcome {
-    connect: Duration,
-    relayed: bool,
-    /// The punch's outcome, for a relayed run: technique, direct, time to
-    /// direct, error.
-    punch: Option<(String, bool, Option<Duration>, Option<String>)>,
-}
+/// How a run's punch phase ended: technique, direct, time to direct,
+/// punch error.
+type PunchRun = (String, bool, Option<Duration>, Option<String>);
 
 /// Waits for the punch A started towards `peer` after outcome `after` to
 /// end; when it went direct, a message must cross the direct path.
@@ -166,7 +163,7 @@ async fn punch_result(
     b: &Node,
     after: Option<u64>,
     tag: u32,
-) -> Result<(String, bool, Option<Duration>, Option<String>), String> {
+) -> Result<PunchRun, String> {
     let peer = b.peer_id();
     let wait = async {
         loop {
@@ -220,19 +217,12 @@ async fn deliver_once(a: &Node, b: &Node, payload: &str) -> Result<(), String> {
     }
 }
 
-/// One run: A connects to B by id, sends, B receives; a relayed connection
-/// then gets its punch; then both close.
-async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<RunOutcome, String> {
+/// One run: A connects to B by id, sends, B receives; then both close.
+async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), String> {
     // Dial afresh: close what DHT traffic may have opened between them
     // (a connection carrying a relay reservation stays: see `disconnect`).
     a.disconnect(b.peer_id());
     b.disconnect(a.peer_id());
-    let last_outcome = a
-        .punch_stats()
-        .recent
-        .iter()
-        .find(|o| o.peer == b.peer_id())
-        .map(|o| o.seq);
     let started = Instant::now();
     let run = async {
         a.connect(b.peer_id(), [])
@@ -248,24 +238,101 @@ async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<RunOutcome, String> {
         deliver_once(a, b, &format!("matrix run {tag}")).await?;
         Ok((took, relayed))
     };
-    let res = match tokio::time::timeout(RUN_TIMEOUT, run).await {
-        Ok(Ok((connect, relayed))) => {
-            let punch = if relayed {
-                Some(punch_result(a, b, last_outcome, tag).await?)
-            } else {
-                None
-            };
-            Ok(RunOutcome {
-                connect,
-                relayed,
-                punch,
-            })
-        }
-        Ok(Err(e)) => Err(e),
-        Err(_) => Err(format!("no delivery within {RUN_TIMEOUT:?}")),
-    };
+    let res = tokio::time::timeout(RUN_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err(format!("no delivery within {RUN_TIMEOUT:?}")));
     a.disconnect(b.peer_id());
     b.disconnect(a.peer_id());
+    res
+}
+
+/// One side of the matrix: its settled node and where it lives.
+struct Side {
+    kind: NatKind,
+    node: Node,
+    ns: String,
+    ip: IpAddr,
+}
+
+/// A fresh node at `side`'s place that is not in the DHT, so no DHT
+/// traffic between it and its target can open their NATs before a punch
+/// does: every punch starts from NATs with no state between the two. It
+/// learns its mapping by probing two infrastructure nodes, as a DHT join
+/// would.
+async fn fresh_dialer(lab: &Lab, side: &Side, infra: &[Node; 3]) -> Result<Node, String> {
+    let sock = lab
+        .udp_socket(&side.ns, SocketAddr::new(side.ip, 0))
+        .map_err(|e| e.to_string())?;
+    let node = Node::builder()
+        .socket(sock)
+        .udp_binder(lab.udp_binder(&side.ns))
+        .relay_service(reach::RelayMode::Off)
+        .acquire_relay(reach::RelayMode::Off)
+        .spawn()
+        .await
+        .map_err(|e| e.to_string())?;
+    for n in &infra[1..] {
+        node.observed_addr(n.local_addr())
+            .await
+            .map_err(|e| format!("probing {}: {e}", n.local_addr()))?;
+    }
+    Ok(node)
+}
+
+/// The punch phase of a run: a dialer at A's place reaches B through B's
+/// relay (or directly, if B is public), a message crosses, and the punch
+/// that follows must end with a message over the direct path, or say why
+/// not. A UDP-blocked A dials from its settled node (a fresh one could not
+/// reach the relay without first finding out that UDP is blocked).
+async fn punch_run(
+    lab: &Lab,
+    a: &Side,
+    b: &Side,
+    infra: &[Node; 3],
+    tag: u32,
+) -> Result<PunchRun, String> {
+    let target = &b.node;
+    let fresh = a.kind != NatKind::UdpBlocked;
+    let dialer = if fresh {
+        fresh_dialer(lab, a, infra).await?
+    } else {
+        a.node.disconnect(target.peer_id());
+        a.node.clone()
+    };
+    let status = target.relay_status();
+    let run = async {
+        if let Reachability::Public(addr) = status.reachability {
+            dialer
+                .connect(target.peer_id(), [addr])
+                .await
+                .map_err(|e| e.to_string())?;
+            deliver_once(&dialer, target, &format!("punch run {tag}")).await?;
+            return Ok(("direct_dial".to_string(), true, None, None));
+        }
+        let (Some(relay), Some(relay_addr)) = (status.held_relay, status.held_relay_addr) else {
+            return Err("B is neither public nor holding a relay".to_string());
+        };
+        let before = dialer
+            .punch_stats()
+            .recent
+            .iter()
+            .find(|o| o.peer == target.peer_id())
+            .map(|o| o.seq);
+        dialer
+            .connect_via_relay(target.peer_id(), relay, relay_addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        deliver_once(&dialer, target, &format!("punch run {tag}, relayed")).await?;
+        punch_result(&dialer, target, before, tag).await
+    };
+    let res = tokio::time::timeout(RUN_TIMEOUT + PUNCH_WAIT, run)
+        .await
+        .unwrap_or_else(|_| Err("the punch phase timed out".to_string()));
+    if fresh {
+        dialer.shutdown().await;
+    } else {
+        dialer.disconnect(target.peer_id());
+    }
     res
 }
 
@@ -298,7 +365,7 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
     let seed = infra[0].local_addr();
 
     // Two sides per kind: two sites, or one same-nat site's two hosts.
-    let mut sides: BTreeMap<(usize, char), (NatKind, Node)> = BTreeMap::new();
+    let mut sides: BTreeMap<(usize, char), Side> = BTreeMap::new();
     let mut site_no = 0u8;
     for (k, kind) in opts.kinds.iter().enumerate() {
         if *kind == NatKind::SameNat {
@@ -310,14 +377,21 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 .ok_or_else(|| LabError::Other("same-nat site without a second host".into()))?;
             sides.insert(
                 (k, 'a'),
-                (
-                    *kind,
-                    node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
-                ),
+                Side {
+                    kind: *kind,
+                    node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                    ns: site.node_ns.clone(),
+                    ip: site.node_ip,
+                },
             );
             sides.insert(
                 (k, 'b'),
-                (*kind, node_in(&lab, &ns2, ip2, Some(seed)).await?),
+                Side {
+                    kind: *kind,
+                    node: node_in(&lab, &ns2, ip2, Some(seed)).await?,
+                    ns: ns2,
+                    ip: ip2,
+                },
             );
         } else {
             for side in ['a', 'b'] {
@@ -325,10 +399,12 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 let site = Site::build(&mut lab, &mut net, *kind, site_no, opts.delay_ms)?;
                 sides.insert(
                     (k, side),
-                    (
-                        *kind,
-                        node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
-                    ),
+                    Side {
+                        kind: *kind,
+                        node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                        ns: site.node_ns.clone(),
+                        ip: site.node_ip,
+                    },
                 );
             }
         }
@@ -337,25 +413,24 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
     for n in &infra {
         settle(n).await;
     }
-    let settled =
-        futures::future::join_all(sides.iter().map(|((_, side), (kind, node))| async move {
-            settle(node).await;
-            let st = node.relay_status();
-            NodeSettled {
-                kind: *kind,
-                side: *side,
-                reachability: st.reachability,
-                relay: st.held_relay,
-                settle_ms: settle_started.elapsed().as_millis() as u64,
-            }
-        }))
-        .await;
+    let settled = futures::future::join_all(sides.iter().map(|((_, side), s)| async move {
+        settle(&s.node).await;
+        let st = s.node.relay_status();
+        NodeSettled {
+            kind: s.kind,
+            side: *side,
+            reachability: st.reachability,
+            relay: st.held_relay,
+            settle_ms: settle_started.elapsed().as_millis() as u64,
+        }
+    }))
+    .await;
 
     let mut pairs = Vec::new();
     for i in 0..opts.kinds.len() {
         for j in i..opts.kinds.len() {
-            let (ka, a) = &sides[&(i, 'a')];
-            let (kb, b) = &sides[&(j, 'b')];
+            let (sa, sb) = (&sides[&(i, 'a')], &sides[&(j, 'b')]);
+            let (ka, a, kb, b) = (&sa.kind, &sa.node, &sb.kind, &sb.node);
             let mut times = Vec::new();
             let mut to_direct = Vec::new();
             let mut result = PairResult {
@@ -375,41 +450,46 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 error: None,
                 punch_error: None,
             };
+            let mut ended_direct = 0;
             for r in 0..opts.runs {
                 match one_run(a, b, r).await {
-                    Ok(run) => {
+                    Ok((took, relayed)) => {
                         result.connected += 1;
-                        times.push(run.connect);
-                        let technique = match run.punch {
-                            None => "direct_dial".to_string(),
-                            Some((technique, direct, time, error)) => {
-                                if direct {
-                                    result.upgraded += 1;
-                                }
-                                to_direct.extend(time);
-                                if let Some(e) = error {
-                                    result.punch_error.get_or_insert(e);
-                                }
-                                technique
-                            }
-                        };
-                        if run.relayed {
+                        times.push(took);
+                        if relayed {
                             result.relayed += 1;
                         } else {
                             result.direct += 1;
                         }
-                        *result.strategies.entry(technique).or_default() += 1;
                     }
                     Err(e) => {
                         result.failed += 1;
                         result.error.get_or_insert(e);
                     }
                 }
+                match punch_run(&lab, sa, sb, &infra, r).await {
+                    Ok((technique, direct, time, error)) => {
+                        if direct {
+                            ended_direct += 1;
+                            if technique != "direct_dial" {
+                                result.upgraded += 1;
+                            }
+                        }
+                        to_direct.extend(time);
+                        if let Some(e) = error {
+                            result.punch_error.get_or_insert(e);
+                        }
+                        *result.strategies.entry(technique).or_default() += 1;
+                    }
+                    Err(e) => {
+                        *result.strategies.entry("failed".into()).or_default() += 1;
+                        result.punch_error.get_or_insert(e);
+                    }
+                }
             }
             result.connect_ms_p50 = p50_ms(times);
             result.time_to_direct_ms_p50 = p50_ms(to_direct);
-            result.direct_rate =
-                f64::from(result.direct + result.upgraded) / f64::from(opts.runs.max(1));
+            result.direct_rate = f64::from(ended_direct) / f64::from(opts.runs.max(1));
             // The coordinator's choice when a punch ran, else direct dial.
             result.strategy = result
                 .strategies
@@ -421,8 +501,8 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
             pairs.push(result);
         }
     }
-    for (_, n) in sides.values() {
-        n.shutdown().await;
+    for s in sides.values() {
+        s.node.shutdown().await;
     }
     for n in &infra {
         n.shutdown().await;
