@@ -138,11 +138,21 @@ pub enum LabCommand {
     /// the node held a new relay, republished, and the peer got through
     /// again by PeerId (one JSON object).
     Failover,
+    /// Hole punching behind real NATs: a peer reaches a node behind
+    /// another NAT through its relay and keeps sending while the punch
+    /// upgrades the connection to direct; then the direct path is cut and
+    /// it keeps sending. Prints counts and times (one JSON object); fails
+    /// unless every message arrived exactly once without a send error.
+    Upgrade,
     /// Connect every pair of NAT kinds (and udp-blocked, a network that
     /// lets only TCP out) by PeerId alone: two sites of every kind with a
     /// default-configured reach node each (nodes behind NATs
     /// acquire relays by themselves), three public bootstrap/relay nodes;
     /// per pair: runs, connected, direct, relayed, failed, connect time.
+    /// Then, per run, a punch phase: a fresh dialer at A's place (outside
+    /// the DHT, so nothing opened the NATs before) reaches B through B's
+    /// relay and the punch must make the connection direct; per pair:
+    /// upgraded, direct rate, strategy, median time to direct.
     /// Fails unless every run of every pair delivered its message.
     Matrix {
         /// Only these kinds (comma-separated).

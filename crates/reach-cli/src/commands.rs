@@ -105,6 +105,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&r)?);
             Ok(())
         }
+        Command::Lab(LabCommand::Upgrade) => {
+            let r = tokio::select! {
+                r = reach_lab::pairs::upgrade() => r?,
+                _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+            };
+            println!("{}", serde_json::to_string(&r)?);
+            anyhow::ensure!(
+                r.received == r.sent && r.duplicates == 0 && r.send_errors == 0,
+                "messages were lost, doubled or failed"
+            );
+            Ok(())
+        }
         Command::Lab(LabCommand::Matrix {
             kinds,
             runs,

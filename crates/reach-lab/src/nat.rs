@@ -206,6 +206,8 @@ pub struct Site {
     pub peer: Option<(String, IpAddr)>,
     /// The outermost router, if any.
     pub router: Option<String>,
+    /// Where the site's packets come from on the internet.
+    pub public_ip: IpAddr,
 }
 
 /// A masquerading router, which (like a home router: OpenWrt's default
@@ -338,6 +340,7 @@ impl Site {
                     node_ip: ip(&addr)?,
                     peer: None,
                     router: None,
+                    public_ip: ip(&addr)?,
                 }
             }
             NatKind::Firewall => {
@@ -367,6 +370,7 @@ impl Site {
                     node_ip: ip(&addr)?,
                     peer: None,
                     router: Some(r),
+                    public_ip: ip(&addr)?,
                 }
             }
             NatKind::Cgnat => {
@@ -404,6 +408,7 @@ impl Site {
                     node_ip: ip(&inside)?,
                     peer: None,
                     router: Some(outer),
+                    public_ip: ip(&wan_ip)?,
                 }
             }
             _ => {
@@ -457,6 +462,7 @@ impl Site {
                     node_ip: ip(&inside)?,
                     peer,
                     router: Some(r),
+                    public_ip: ip(&wan_ip)?,
                 }
             }
         };
@@ -464,6 +470,28 @@ impl Site {
             lab.netem(r, "wan", delay_ms)?;
         }
         Ok(site)
+    }
+
+    /// Cuts the site off from `ip` (both ways) at its router, as when a
+    /// path between two sites dies; traffic to everyone else still flows.
+    pub fn cut_off(&self, lab: &Lab, ip: IpAddr) -> Result<(), LabError> {
+        let r = self
+            .router
+            .as_ref()
+            .ok_or_else(|| LabError::Other("a site without a router cannot be cut off".into()))?;
+        lab.nft(
+            r,
+            &format!(
+                "table ip cut {{
+  chain forward_cut {{
+    type filter hook forward priority -10; policy accept;
+    ip daddr {ip} drop
+    ip saddr {ip} drop
+  }}
+}}
+"
+            ),
+        )
     }
 
     /// The node's socket address inside its namespace (port 0: any).

@@ -259,13 +259,13 @@ struct Side {
 /// does: every punch starts from NATs with no state between the two. It
 /// learns its mapping by probing two infrastructure nodes, as a DHT join
 /// would.
-async fn fresh_dialer(lab: &Lab, side: &Side, infra: &[Node; 3]) -> Result<Node, String> {
+async fn fresh_dialer(lab: &Lab, ns: &str, ip: IpAddr, infra: &[Node; 3]) -> Result<Node, String> {
     let sock = lab
-        .udp_socket(&side.ns, SocketAddr::new(side.ip, 0))
+        .udp_socket(ns, SocketAddr::new(ip, 0))
         .map_err(|e| e.to_string())?;
     let node = Node::builder()
         .socket(sock)
-        .udp_binder(lab.udp_binder(&side.ns))
+        .udp_binder(lab.udp_binder(ns))
         .relay_service(reach::RelayMode::Off)
         .acquire_relay(reach::RelayMode::Off)
         .spawn()
@@ -294,7 +294,7 @@ async fn punch_run(
     let target = &b.node;
     let fresh = a.kind != NatKind::UdpBlocked;
     let dialer = if fresh {
-        fresh_dialer(lab, a, infra).await?
+        fresh_dialer(lab, &a.ns, a.ip, infra).await?
     } else {
         a.node.disconnect(target.peer_id());
         a.node.clone()
@@ -631,4 +631,154 @@ pub async fn failover() -> Result<FailoverReport, LabError> {
         old_relay: old,
         new_relay,
     })
+}
+
+/// What `upgrade` measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct UpgradeReport {
+    /// Messages sent (while the punch ran, then after the direct path died).
+    pub sent: u32,
+    /// Distinct messages the target received.
+    pub received: u32,
+    /// Messages the target's application got more than once.
+    pub duplicates: u32,
+    /// Sends that returned an error.
+    pub send_errors: u32,
+    pub technique: String,
+    /// From the relayed connection until the connection was direct.
+    pub direct_ms: u64,
+    /// From cutting the direct path until traffic was back on the relay.
+    pub fallback_ms: u64,
+    /// Messages the dialer sent again after the direct path died with
+    /// them unacknowledged.
+    pub resent: u64,
+}
+
+/// Upgrade and fall back across real NATs: a dialer behind an eim-apdf
+/// NAT reaches a target behind another through the target's relay, and
+/// keeps sending while the punch upgrades the connection; then the direct
+/// path between the two NATs is cut and it keeps sending. Every message
+/// must arrive exactly once and no send may fail.
+pub async fn upgrade() -> Result<UpgradeReport, LabError> {
+    const DURING_UPGRADE: u32 = 300;
+    const AFTER_CUT: u32 = 100;
+    let fail = |what: &str| LabError::Other(format!("upgrade: {what}"));
+    let (mut lab, mut net, infra) = lab_with_infrastructure().await?;
+    let seed = infra[0].local_addr();
+    let s1 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 1, 0)?;
+    let s2 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 2, 0)?;
+    let target = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed)).await?;
+    for n in infra.iter().chain([&target]) {
+        if !settle(n).await {
+            return Err(fail("a node did not settle"));
+        }
+    }
+    let st = target.relay_status();
+    let (Some(relay), Some(relay_addr)) = (st.held_relay, st.held_relay_addr) else {
+        return Err(fail("the target holds no relay"));
+    };
+    let dialer = fresh_dialer(&lab, &s1.node_ns, s1.node_ip, &infra)
+        .await
+        .map_err(|e| fail(&e))?;
+    let total = DURING_UPGRADE + AFTER_CUT;
+    // The target's application: counts every message it gets.
+    let receiver = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            let mut got: BTreeMap<Vec<u8>, u32> = BTreeMap::new();
+            let all = async {
+                while got.len() < total as usize {
+                    match target.next_event().await {
+                        Some(Event::Message { data, .. }) => {
+                            *got.entry(data.to_vec()).or_default() += 1;
+                        }
+                        Some(_) => {}
+                        None => return,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(RUN_TIMEOUT * 2, all).await;
+            got
+        })
+    };
+    let send_range = |from: u32, to: u32| {
+        let dialer = dialer.clone();
+        let peer = target.peer_id();
+        tokio::spawn(async move {
+            let mut errors = 0;
+            for i in from..to {
+                if dialer
+                    .send(peer, format!("message {i}").into_bytes())
+                    .await
+                    .is_err()
+                {
+                    errors += 1;
+                }
+            }
+            errors
+        })
+    };
+    let connected_at = Instant::now();
+    tokio::time::timeout(
+        RUN_TIMEOUT,
+        dialer.connect_via_relay(target.peer_id(), relay, relay_addr),
+    )
+    .await
+    .map_err(|_| fail("relayed connect timed out"))?
+    .map_err(|e| fail(&e.to_string()))?;
+    let during = send_range(0, DURING_UPGRADE);
+    if !dialer.wait_direct(target.peer_id(), PUNCH_WAIT).await {
+        return Err(fail(&format!(
+            "never direct: {:?}",
+            dialer.punch_stats().recent
+        )));
+    }
+    let direct_ms = connected_at.elapsed().as_millis() as u64;
+    let mut send_errors = during.await.map_err(|_| fail("sender panicked"))?;
+
+    s1.cut_off(&lab, s2.public_ip)?;
+    let cut_at = Instant::now();
+    let after = send_range(DURING_UPGRADE, total);
+    let relayed_again = async {
+        loop {
+            let relayed = dialer
+                .connected_peers()
+                .iter()
+                .any(|p| p.peer == target.peer_id() && p.relay.is_some());
+            if relayed {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    tokio::time::timeout(RUN_TIMEOUT, relayed_again)
+        .await
+        .map_err(|_| fail("traffic never went back to the relay"))?;
+    let fallback_ms = cut_at.elapsed().as_millis() as u64;
+    send_errors += tokio::time::timeout(RUN_TIMEOUT, after)
+        .await
+        .map_err(|_| fail("sending after the cut timed out"))?
+        .map_err(|_| fail("sender panicked"))?;
+    let got = receiver.await.map_err(|_| fail("receiver panicked"))?;
+    let technique = dialer
+        .punch_stats()
+        .recent
+        .first()
+        .map_or_else(String::new, |o| o.technique.to_string());
+    let report = UpgradeReport {
+        sent: total,
+        received: got.len() as u32,
+        duplicates: got.values().map(|n| n - 1).sum(),
+        send_errors,
+        technique,
+        direct_ms,
+        fallback_ms,
+        resent: dialer.stats().messages_resent,
+    };
+    dialer.shutdown().await;
+    for n in infra.iter().chain([&target]) {
+        n.shutdown().await;
+    }
+    lab.teardown();
+    Ok(report)
 }
