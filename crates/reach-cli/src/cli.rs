@@ -202,6 +202,10 @@ pub struct NodeArgs {
     /// outside), on, off.
     #[arg(long, value_name = "MODE")]
     pub acquire_relay: Option<reach::RelayMode>,
+    /// Never try to upgrade relayed connections to direct ones by hole
+    /// punching (and take no part in punches peers ask for).
+    #[arg(long)]
+    pub no_hole_punching: bool,
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

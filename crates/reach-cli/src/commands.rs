@@ -204,7 +204,8 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             args.acquire_relay
                 .or(config.acquire_relay)
                 .unwrap_or_default(),
-        );
+        )
+        .hole_punching(!args.no_hole_punching && config.hole_punching.unwrap_or(true));
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
@@ -455,6 +456,59 @@ async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
     Ok(())
 }
 
+/// The hole-punching lines of `reach status`: techniques tried, with
+/// successes of attempts, and the latest outcome per peer.
+fn print_punch(p: &serde_json::Value) {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let tried: Vec<String> = p
+        .get("techniques")
+        .and_then(|t| t.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|t| n(t, "attempts") > 0)
+        .map(|t| {
+            format!(
+                "{} {}/{}",
+                t.get("technique").and_then(|v| v.as_str()).unwrap_or("?"),
+                n(t, "successes"),
+                n(t, "attempts")
+            )
+        })
+        .collect();
+    if tried.is_empty() {
+        return;
+    }
+    let p50 = p
+        .get("time_to_direct_ms_p50")
+        .and_then(|v| v.as_f64())
+        .map_or_else(String::new, |v| format!(", time to direct p50 {v:.0} ms"));
+    println!(
+        "punch     {}; {} fell back to relay{p50}",
+        tried.join(", "),
+        n(p, "fallbacks")
+    );
+    for o in p
+        .get("recent")
+        .and_then(|r| r.as_array())
+        .into_iter()
+        .flatten()
+        .take(MAX_STATUS_PUNCHES)
+    {
+        let s = |k: &str| o.get(k).and_then(|v| v.as_str()).unwrap_or("");
+        let how = if o.get("direct").and_then(|v| v.as_bool()) == Some(true) {
+            format!("direct after {} ms", n(o, "time_to_direct_ms"))
+        } else if s("error_kind").is_empty() {
+            "relayed".to_string()
+        } else {
+            format!("relayed ({})", s("error_kind"))
+        };
+        println!("  {}  {}  {how}", s("peer"), s("technique"));
+    }
+}
+
+/// Latest punch outcomes `reach status` lists.
+const MAX_STATUS_PUNCHES: usize = 5;
+
 fn print_status(s: &Status) {
     println!("peer id   {}", s.peer_id);
     for a in &s.local_addrs {
@@ -508,6 +562,7 @@ fn print_status(s: &Status) {
             r("circuits").as_array().map_or(0, |c| c.len())
         );
     }
+    print_punch(&s.punch);
     let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     println!(
         "dht       {} contacts, {} records held, {} lookups",

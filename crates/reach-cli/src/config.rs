@@ -10,6 +10,7 @@
 //!                               # publicly reachable), "on", "off"
 //! acquire_relay = "auto"        # hold a relay: "auto" (once verified not
 //!                               # reachable), "on", "off"
+//! hole_punching = true          # upgrade relayed connections to direct
 //!
 //! [relay_limits]                # the relay service's limits (defaults shown)
 //! max_clients = 512
@@ -42,6 +43,7 @@ pub struct Config {
     pub dht_mode: Option<reach::DhtMode>,
     pub relay: Option<reach::RelayMode>,
     pub acquire_relay: Option<reach::RelayMode>,
+    pub hole_punching: Option<bool>,
     pub relay_limits: Option<RelayLimitsConfig>,
 }
 
@@ -122,11 +124,12 @@ mod tests {
     #[test]
     fn relay_settings_parse_and_default() {
         let c = Config::parse(
-            "relay = \"off\"\nacquire_relay = \"on\"\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
+            "relay = \"off\"\nacquire_relay = \"on\"\nhole_punching = false\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
         )
         .unwrap();
         assert_eq!(c.relay, Some(reach::RelayMode::Off));
         assert_eq!(c.acquire_relay, Some(reach::RelayMode::On));
+        assert_eq!(c.hole_punching, Some(false));
         let l = c.relay_limits.unwrap().to_limits();
         assert_eq!(l.max_clients, 3);
         assert_eq!(l.idle_expiry, std::time::Duration::from_secs(9));

@@ -63,6 +63,10 @@ pub struct Status {
     /// The relay side: serving, held relay, reservations, circuits.
     #[serde(default)]
     pub relay: serde_json::Value,
+    /// Hole punching: per technique attempts, successes, failures;
+    /// fallbacks; time to direct; the latest outcome per peer.
+    #[serde(default)]
+    pub punch: serde_json::Value,
     pub stats: serde_json::Value,
 }
 

@@ -109,6 +109,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/lookup", post(lookup))
         .route("/v1/nat", get(nat))
         .route("/v1/relay", get(relay))
+        .route("/v1/punch", get(punch))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
         .fallback(not_found)
@@ -230,12 +231,17 @@ async fn status(State(state): State<AppState>) -> Response {
         connected_peers: node.connected_peers().into_iter().map(Into::into).collect(),
         external: node.external_addrs(),
         relay: serde_json::to_value(node.relay_status()).unwrap_or_default(),
+        punch: serde_json::to_value(node.punch_stats()).unwrap_or_default(),
         stats: stats_json(&node.stats()),
     })
 }
 
 async fn relay(State(state): State<AppState>) -> Response {
     ok(state.node.relay_status())
+}
+
+async fn punch(State(state): State<AppState>) -> Response {
+    ok(state.node.punch_stats())
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
