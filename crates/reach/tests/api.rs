@@ -49,6 +49,20 @@ async fn api_refuses_requests_without_the_token_and_serves_with_it() {
     let status: Status = client.get("/v1/status").await.unwrap();
     assert_eq!(status.peer_id, node.peer_id());
     assert_eq!(status.local_addr, node.local_addr());
+    // Hole punching stats: every technique listed, nothing tried yet.
+    let punch: serde_json::Value = client.get("/v1/punch").await.unwrap();
+    let techniques: Vec<&str> = punch["techniques"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["technique"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        techniques,
+        ["lan_first", "simultaneous_open", "birthday", "stay_relayed"]
+    );
+    assert_eq!(punch["fallbacks"], 0);
+    assert_eq!(status.punch["techniques"], punch["techniques"]);
 
     // Send through the API to another node.
     let other = Node::builder()
