@@ -167,6 +167,10 @@ pub enum LabCommand {
         /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Print the punch results as a Markdown grid of kinds (the
+        /// README's NAT matrix) instead of a table.
+        #[arg(long, conflicts_with = "json")]
+        markdown: bool,
     },
 }
 

@@ -122,7 +122,8 @@ pub async fn run(cli: Cli) -> Result<()> {
             runs,
             delay_ms,
             json,
-        }) => lab_matrix(kinds, runs, delay_ms, json).await,
+            markdown,
+        }) => lab_matrix(kinds, runs, delay_ms, json, markdown).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(BenchCommand::Relay {
             mib,
@@ -331,7 +332,13 @@ fn parse_kinds(
     })
 }
 
-async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) -> Result<()> {
+async fn lab_matrix(
+    kinds: Vec<String>,
+    runs: u32,
+    delay_ms: u32,
+    json: bool,
+    markdown: bool,
+) -> Result<()> {
     use reach_lab::pairs::{PairMatrixOptions, run};
     let opts = PairMatrixOptions {
         kinds: parse_kinds(kinds, &reach_lab::nat::MATRIX_KINDS)?,
@@ -344,6 +351,8 @@ async fn lab_matrix(kinds: Vec<String>, runs: u32, delay_ms: u32, json: bool) ->
     };
     if json {
         println!("{}", serde_json::to_string(&report)?);
+    } else if markdown {
+        print!("{}", report.punch_markdown());
     } else {
         println!(
             "{:<11} {:<11} {:>4} {:>9} {:>6} {:>7} {:>8} {:>6} {:<17} {:>10} {:>10}",

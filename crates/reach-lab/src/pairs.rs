@@ -108,6 +108,64 @@ pub struct PairMatrixReport {
     pub wall_ms: u64,
 }
 
+impl PairMatrixReport {
+    /// The punch results as a Markdown grid of kinds (mirrored: each pair
+    /// was measured once, with A = the kind that comes first): per cell the
+    /// direct rate, the technique and the median time to direct in ms.
+    pub fn punch_markdown(&self) -> String {
+        let mut kinds: Vec<NatKind> = Vec::new();
+        for p in &self.pairs {
+            for k in [p.a, p.b] {
+                if !kinds.contains(&k) {
+                    kinds.push(k);
+                }
+            }
+        }
+        let short = |s: &str| {
+            match s {
+                "direct_dial" => "dial",
+                "simultaneous_open" => "open",
+                "lan_first" => "lan",
+                "birthday" => "bday",
+                "stay_relayed" => "relay",
+                other => other,
+            }
+            .to_string()
+        };
+        let cell = |a: NatKind, b: NatKind| {
+            let p = self
+                .pairs
+                .iter()
+                .find(|p| (p.a, p.b) == (a, b) || (p.a, p.b) == (b, a))?;
+            let time = p
+                .time_to_direct_ms_p50
+                .map_or_else(String::new, |t| format!(" {t:.0}"));
+            Some(format!(
+                "{:.0}% {}{time}",
+                p.direct_rate * 100.0,
+                short(&p.strategy)
+            ))
+        };
+        let mut out = format!(
+            "| A \\ B | {} |\n|---|{}\n",
+            kinds
+                .iter()
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(" | "),
+            "---|".repeat(kinds.len())
+        );
+        for a in &kinds {
+            let cells: Vec<String> = kinds
+                .iter()
+                .map(|b| cell(*a, *b).unwrap_or_else(|| "-".into()))
+                .collect();
+            out.push_str(&format!("| {} | {} |\n", a.name(), cells.join(" | ")));
+        }
+        out
+    }
+}
+
 fn public(host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(203, 0, 113, host))
 }
