@@ -19,7 +19,7 @@ use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use crate::error::Error;
 
 /// ALPN protocol id of reach's QUIC connections.
-pub const ALPN: &[u8] = b"reach/1";
+pub const ALPN: &[u8] = b"reach/2";
 
 /// The server name the dialer puts in its ClientHello. Identity is checked by
 /// key, not by name, so it is a constant that reveals nothing.

@@ -30,6 +30,9 @@ use crate::nat::{Filtering, Mapping};
 
 /// LAN addresses a peer may offer for a punch.
 pub const MAX_LAN_ADDRS: usize = 4;
+/// Longest fire delay a side accepts: far above any RTT-derived delay, and
+/// a punch must not hold its slot for long on a coordinator's word.
+pub const MAX_FIRE_DELAY_MS: u32 = 2000;
 
 /// What a peer tells a coordinator about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,13 +136,46 @@ pub struct Party {
     pub rtt: Duration,
 }
 
-/// Whether an address a peer offers is one a punch may be aimed at.
-fn usable(a: &SocketAddr) -> bool {
-    let ip = a.ip();
-    a.port() != 0
-        && !ip.is_unspecified()
-        && !ip.is_multicast()
-        && ip != std::net::Ipv4Addr::BROADCAST
+/// Whether `a` is a LAN address a punch may be aimed at: private,
+/// shared (100.64/10), link-local or unique-local, never loopback (that
+/// would aim at the other side's own host) and never a public address (the
+/// claim cannot be checked, so it must not point at the internet).
+pub fn is_lan_target(a: &SocketAddr) -> bool {
+    use std::net::IpAddr;
+    if a.port() == 0 {
+        return false;
+    }
+    match a.ip() {
+        IpAddr::V4(v4) => {
+            let [x, y, ..] = v4.octets();
+            v4.is_private() || v4.is_link_local() || (x == 100 && (64..128).contains(&y))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Whether an introduction is one this side may act on: a technique with
+/// addresses, at most one observed address plus [`MAX_LAN_ADDRS`] LAN ones
+/// (only LAN-first has any), none unspecified or multicast, and a fire
+/// delay of at most [`MAX_FIRE_DELAY_MS`]. A coordinator is another node:
+/// what it says is bounded before a packet goes out.
+pub fn acceptable(intro: &Introduction) -> bool {
+    let sendable =
+        |a: &SocketAddr| a.port() != 0 && !a.ip().is_unspecified() && !a.ip().is_multicast();
+    let Some((observed, lan)) = intro.addrs.split_last() else {
+        return false;
+    };
+    let lan_ok = match intro.technique {
+        Technique::LanFirst => lan.len() <= MAX_LAN_ADDRS && lan.iter().all(is_lan_target),
+        _ => lan.is_empty(),
+    };
+    intro.technique != Technique::StayRelayed
+        && sendable(observed)
+        && lan_ok
+        && intro.fire_in_ms <= MAX_FIRE_DELAY_MS
 }
 
 /// The two introductions (requester's, target's) of attempt `attempt` of
@@ -167,7 +203,12 @@ pub fn introduce(
         if technique == Technique::StayRelayed {
             return Vec::new();
         }
-        let lan = p.info.lan.iter().filter(|a| usable(a)).take(MAX_LAN_ADDRS);
+        let lan = p
+            .info
+            .lan
+            .iter()
+            .filter(|a| is_lan_target(a))
+            .take(MAX_LAN_ADDRS);
         let mut out: Vec<SocketAddr> = if technique == Technique::LanFirst {
             lan.copied().chain([p.observed]).collect()
         } else {
@@ -257,15 +298,16 @@ mod tests {
         let a = party(
             EIM,
             "198.51.100.7:4000",
-            &["10.0.0.2:4000", "0.0.0.0:1"],
+            &["10.0.0.2:4000", "0.0.0.0:1", "127.0.0.1:4000", "8.8.8.8:53"],
             10,
         );
         let b = party(EDM, "198.51.100.7:4001", &["10.0.0.3:4001"], 10);
         let (ia, ib) = introduce(1, &a, &b, 0);
         assert_eq!(ia.technique, Technique::LanFirst);
         assert_eq!(ia.addrs, vec!["10.0.0.3:4001".parse().unwrap(), b.observed]);
-        // The unusable address is never passed on.
+        // Unspecified, loopback and public "LAN" addresses are never passed on.
         assert_eq!(ib.addrs, vec!["10.0.0.2:4000".parse().unwrap(), a.observed]);
+        assert!(acceptable(&ia) && acceptable(&ib));
     }
 
     #[test]
@@ -305,5 +347,53 @@ mod tests {
             introduce(1, &h1, &h2, 0).0.technique,
             Technique::StayRelayed
         );
+    }
+
+    #[test]
+    fn a_side_refuses_introductions_beyond_the_bounds() {
+        let a = party(EIM, "198.51.100.7:4000", &[], 10);
+        let b = party(EIM, "203.0.113.9:5000", &[], 10);
+        let (good, _) = introduce(1, &a, &b, 0);
+        assert!(acceptable(&good));
+        let mut many = good.clone();
+        many.addrs.push("203.0.113.10:1".parse().unwrap());
+        assert!(!acceptable(&many), "a second public address");
+        let mut late = good.clone();
+        late.fire_in_ms = MAX_FIRE_DELAY_MS + 1;
+        assert!(!acceptable(&late));
+        let mut none = good.clone();
+        none.addrs.clear();
+        assert!(!acceptable(&none));
+        let mut lan = good.clone();
+        lan.technique = Technique::LanFirst;
+        lan.addrs.insert(0, "1.1.1.1:53".parse().unwrap());
+        assert!(!acceptable(&lan), "a public address posing as LAN");
+        lan.addrs[0] = "192.168.1.5:4000".parse().unwrap();
+        assert!(acceptable(&lan));
+    }
+
+    #[test]
+    fn lan_targets_are_private_ranges_only() {
+        for ok in [
+            "10.1.2.3:1",
+            "172.16.0.1:1",
+            "192.168.0.1:1",
+            "100.64.0.1:1",
+            "169.254.1.1:1",
+            "[fd00::1]:1",
+            "[fe80::1]:1",
+        ] {
+            assert!(is_lan_target(&ok.parse().unwrap()), "{ok}");
+        }
+        for bad in [
+            "127.0.0.1:1",
+            "8.8.8.8:1",
+            "100.128.0.1:1",
+            "[::1]:1",
+            "[2001:db8::1]:1",
+            "10.0.0.1:0",
+        ] {
+            assert!(!is_lan_target(&bad.parse().unwrap()), "{bad}");
+        }
     }
 }

@@ -78,6 +78,8 @@ pub mod refusal {
     pub const TOO_MANY_CIRCUITS: &str = "relay_too_many_circuits";
     /// A client refuses an incoming circuit it did not expect.
     pub const NOT_RESERVED: &str = "relay_not_reserved_here";
+    /// Only the two ends of a circuit at this relay may punch.
+    pub const PUNCH_NO_CIRCUIT: &str = "relay_punch_no_circuit";
     /// Punch requests come faster than the relay coordinates them.
     pub const PUNCH_RATE: &str = "relay_punch_rate_limited";
     /// A client refuses an introduction: no relayed connection to that

@@ -12,7 +12,7 @@ use crate::dht::rpc::{DhtRequestMsg, DhtResponseMsg};
 use crate::relay::rpc::{RelayRequest, RelayResponse};
 
 /// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 1;
+pub const WIRE_VERSION: u8 = 2;
 
 /// Largest application message `Node::send` accepts, in bytes. Messages are
 /// delivered whole, so the receiver must buffer one entirely: 16 MiB keeps

@@ -11,12 +11,13 @@ use std::sync::Mutex;
 
 use reach_proto::PeerId;
 
-/// Message ids remembered per peer: far more than can be in flight on one
-/// connection (`transport::MAX_CONCURRENT_UNI_STREAMS`).
-pub const IDS_PER_PEER: usize = 4096;
-/// Peers whose ids are remembered; the least recently heard from are
-/// forgotten first.
-pub const MAX_PEERS: usize = 1024;
+/// Message ids remembered per peer: as many as can be in flight on one
+/// connection (`transport::MAX_CONCURRENT_UNI_STREAMS`), so every message
+/// that can be resent is still known when its resend arrives.
+pub const IDS_PER_PEER: usize = 1024;
+/// Peers whose ids are remembered (the first remembered are forgotten
+/// first): 256 × 1,024 ids bound the memory to a few MiB.
+pub const MAX_PEERS: usize = 256;
 
 #[derive(Default)]
 struct PeerIds {

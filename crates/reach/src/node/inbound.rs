@@ -73,12 +73,16 @@ pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection
     }
     let in_use = inner.peers.insert(peer, conn.clone(), dir);
     tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, in_use, "connected");
-    if !relayed {
-        inner.punch.direct.notify_waiters();
-        if in_use && inner.peers.standby(&peer).is_some() {
-            crate::punch::liveness::watch(inner, peer, conn.clone());
-        }
-    } else if in_use && dir == Direction::Outbound {
+    inner.punch.connections.notify_waiters();
+    if inner.peers.standby(&peer).is_some()
+        && let Some(direct) = inner.peers.live(&peer)
+        && !crate::relay::paths::is_virtual(&direct.remote_address())
+    {
+        // A direct connection with a relayed one behind it: watch its path
+        // (whichever of the two arrived last).
+        crate::punch::liveness::watch(inner, peer, direct);
+    }
+    if relayed && in_use && dir == Direction::Outbound {
         // We dialed through a relay: try for a direct path.
         if let Some(path) = inner.paths.path(&conn.remote_address()) {
             crate::punch::start_upgrade(inner, peer, path.relay);
@@ -105,6 +109,7 @@ async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
     if inner.peers.live(&peer).is_none() {
         // A relay client that left takes its reservation and circuits along.
         inner.paths.release(&peer);
+        inner.punch.forget_info(&peer);
     }
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
 }

@@ -145,6 +145,7 @@ impl Inner {
         }
         self.shutdown_tx.send_replace(true);
         self.endpoint.close(0u32.into(), b"shutdown");
+        self.punch.close_endpoints();
         if let Ok(mut tasks) = self.tasks.lock() {
             for t in tasks.drain(..) {
                 t.abort();
@@ -293,6 +294,10 @@ impl Node {
             // there. The peer delivers each message id once.
             Err(Error::ConnectionLost { .. })
                 if used.is_some_and(|id| {
+                    // The peer may have closed it before our own watch (or
+                    // the connection's reader) noticed: let the standby
+                    // take over now.
+                    self.inner.peers.remove_if_current(peer, id);
                     self.inner
                         .peers
                         .live(&peer)

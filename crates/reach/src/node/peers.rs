@@ -165,13 +165,23 @@ impl PeerTable {
         self.with(|m| {
             let e = m.entry(peer).or_default();
             let current = e.conn.as_ref().filter(|(c, _)| alive(c)).cloned();
+            // A standby pushed out by a newer one is idle (traffic runs on
+            // the direct connection): close it, or its keep-alives would
+            // hold it, and its relay circuit, forever.
+            let mut replace_standby = |new: (quinn::Connection, Direction)| {
+                if let Some((displaced, _)) = e.standby.replace(new)
+                    && displaced.stable_id() != e.standby.as_ref().map_or(0, |(c, _)| c.stable_id())
+                {
+                    displaced.close(0u32.into(), b"replaced");
+                }
+            };
             match current {
                 Some((old, _)) if !new_direct && !is_virtual(&old.remote_address()) => {
-                    e.standby = Some((conn, dir));
+                    replace_standby((conn, dir));
                     return false;
                 }
                 Some(old) if new_direct && is_virtual(&old.0.remote_address()) => {
-                    e.standby = Some(old);
+                    replace_standby(old);
                 }
                 Some(_) => {}
                 None => e.app_used = false,
@@ -179,6 +189,21 @@ impl PeerTable {
             e.conn = Some((conn, dir));
             e.last_used = Some(Instant::now());
             true
+        })
+    }
+
+    /// Whether the connection to `peer` is live and relayed.
+    pub fn is_relayed(&self, peer: &PeerId) -> bool {
+        self.live(peer)
+            .is_some_and(|c| is_virtual(&c.remote_address()))
+    }
+
+    /// The live connection to `peer` and who opened it.
+    pub fn live_with_direction(&self, peer: &PeerId) -> Option<(quinn::Connection, Direction)> {
+        self.with(|m| {
+            m.get(peer)
+                .and_then(|e| e.conn.clone())
+                .filter(|(c, _)| c.close_reason().is_none())
         })
     }
 

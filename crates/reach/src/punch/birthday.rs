@@ -19,7 +19,7 @@ use reach_proto::punch::birthday::{
 use reach_proto::wire::datagram::{ControlPacket, MAX_CONTROL_PACKET_LEN};
 
 use super::{PUNCH_TIMEOUT, PunchError, wait_direct};
-use crate::node::{Direction, Inner, inbound, peers};
+use crate::node::Inner;
 
 /// Rounds of packets each of the hard side's sockets sends (its mapping
 /// must exist before the easy side's probe arrives, and a repeat lets an
@@ -113,21 +113,9 @@ pub(super) async fn hard_side(
     config.grease_quic_bit(false);
     let endpoint = quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
         .map_err(|e| PunchError::Handshake(e.to_string()))?;
-    let conn = tokio::time::timeout_at(
-        deadline,
-        peers::dial_from(inner, &endpoint, intro.peer, from),
-    )
-    .await
-    .map_err(|_| PunchError::Handshake("timed out".into()))?
-    .map_err(|e| PunchError::Handshake(e.to_string()))?;
-    // The endpoint lives until its one connection closes.
-    let closed = conn.clone();
-    inner.spawn(async move {
-        closed.closed().await;
-        endpoint.close(0u32.into(), b"");
-        endpoint.wait_idle().await;
-    });
-    inbound::register(inner, intro.peer, conn, Direction::Outbound);
+    // The endpoint lives until its connection closes, or the node stops.
+    inner.punch.keep_endpoint(endpoint.clone());
+    super::dial_and_register(inner, &endpoint, intro.peer, from, deadline).await?;
     Ok(time_to_direct)
 }
 

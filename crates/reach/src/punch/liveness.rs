@@ -15,20 +15,29 @@ use std::time::Duration;
 use bytes::Bytes;
 use reach_proto::PeerId;
 
-use crate::node::Inner;
+use super::REPUNCH_AFTER_FALLBACK;
+use crate::node::{Direction, Inner};
 
 /// How often the watch looks at the connection's receive counter.
 pub const LIVENESS_TICK: Duration = Duration::from_millis(250);
 /// Silence after which the watch elicits an answer.
 pub const PING_AFTER: Duration = Duration::from_secs(1);
-/// Silence after which the direct path counts as dead: three pings
-/// unanswered, far above any RTT a direct path that beat its relay has.
+/// Silence after which the direct path counts as dead: two seconds of
+/// pings (one per tick after the first second) unanswered, far above any
+/// RTT of a direct path that beat its relay. An idle watched connection
+/// thus costs about one small packet per second each way.
 pub const DIRECT_PATH_DEAD: Duration = Duration::from_secs(3);
+/// What a ping carries: one byte, read and dropped by the peer's watch.
+const PING: &[u8] = &[0];
 /// Close code of a direct connection whose path died.
 pub const PATH_DEAD_CODE: u32 = 0x50;
 
-/// Watches `conn`, `peer`'s direct connection, while it is in use.
+/// Watches `conn`, `peer`'s direct connection, while it is in use (once
+/// per connection, however often this is called).
 pub(crate) fn watch(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
+    if !inner.punch.start_watching(&conn) {
+        return;
+    }
     let inner2 = inner.clone();
     inner.spawn(async move {
         let mut last_rx = conn.stats().udp_rx.datagrams;
@@ -36,9 +45,9 @@ pub(crate) fn watch(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
         let mut tick = tokio::time::interval(LIVENESS_TICK);
         loop {
             tokio::select! {
-                _ = conn.closed() => return,
+                _ = conn.closed() => break,
                 // The peer's pings: read and dropped, so they never pile up.
-                d = conn.read_datagram() => if d.is_err() { return },
+                d = conn.read_datagram() => if d.is_err() { break },
                 _ = tick.tick() => {}
             }
             let rx = conn.stats().udp_rx.datagrams;
@@ -49,18 +58,35 @@ pub(crate) fn watch(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
             }
             quiet += LIVENESS_TICK;
             if quiet >= DIRECT_PATH_DEAD {
+                fall_back(&inner2, peer, &conn);
                 break;
             }
             if quiet >= PING_AFTER {
-                let _ = conn.send_datagram(Bytes::from_static(&[0]));
+                let _ = conn.send_datagram(Bytes::from_static(PING));
             }
         }
-        // Move traffic to the standby before the close fails the sends
-        // in progress, so their retry finds it.
-        if inner2.peers.remove_if_current(peer, conn.stable_id()) {
-            inner2.punch.fell_back();
-            tracing::debug!(%peer, "direct path lost: back on the relay");
-        }
-        conn.close(PATH_DEAD_CODE.into(), b"direct path lost");
+        inner2.punch.stop_watching(&conn);
     });
+}
+
+/// The direct path to `peer` died: traffic moves to the standby before the
+/// close fails the sends in progress (so their resend finds it), and the
+/// side that dialed through the relay tries punching again later.
+fn fall_back(inner: &Arc<Inner>, peer: PeerId, conn: &quinn::Connection) {
+    if inner.peers.remove_if_current(peer, conn.stable_id()) {
+        inner.punch.fell_back();
+        tracing::debug!(%peer, "direct path lost: back on the relay");
+        if let Some((relayed, Direction::Outbound)) = inner.peers.live_with_direction(&peer)
+            && let Some(path) = inner.paths.path(&relayed.remote_address())
+        {
+            let inner2 = inner.clone();
+            inner.spawn(async move {
+                tokio::time::sleep(REPUNCH_AFTER_FALLBACK).await;
+                if inner2.peers.is_relayed(&peer) {
+                    super::start_upgrade(&inner2, peer, path.relay);
+                }
+            });
+        }
+    }
+    conn.close(PATH_DEAD_CODE.into(), b"direct path lost");
 }

@@ -35,7 +35,7 @@ use reach_proto::wire::datagram::ControlPacket;
 use serde::Serialize;
 use tokio::sync::{Notify, mpsc};
 
-use crate::node::Inner;
+use crate::node::{Direction, Inner, inbound, peers};
 use crate::relay::client;
 use crate::relay::paths::is_virtual;
 
@@ -80,6 +80,13 @@ pub const TIME_SAMPLES: usize = 256;
 /// about: the requester asks right after its side of the handshake, which
 /// may finish before ours.
 pub const INTRODUCTION_SETTLE: Duration = Duration::from_secs(1);
+/// Birthday punches (either side) at once: each opens 256 sockets or sends
+/// up to 2,048 probes, so one at a time bounds a node's descriptors and
+/// probe rate whatever peers and coordinators ask.
+pub const MAX_BIRTHDAY_PUNCHES: usize = 1;
+/// After a direct path died and traffic went back to the relay, the side
+/// that dialed through the relay tries punching again this much later.
+pub const REPUNCH_AFTER_FALLBACK: Duration = Duration::from_secs(30);
 /// Punch acknowledgements sent per punch at most (one per punch packet
 /// received, so a peer cannot make us send more than it sends).
 pub const MAX_ACKS_PER_PUNCH: u32 = 32;
@@ -149,24 +156,31 @@ pub struct PunchStats {
     pub recent: Vec<PunchOutcome>,
 }
 
-/// An outcome to record: `Ok(Some(time to direct))` for a direct path,
-/// `Ok(None)` for staying relayed by choice, `Err` for a failure.
-fn outcome(
-    peer: PeerId,
-    technique: Technique,
-    attempts: u32,
-    result: Result<Option<Duration>, &PunchError>,
-) -> PunchOutcome {
-    let time = result.as_ref().ok().copied().flatten();
+/// How a punch ended, for [`outcome`].
+enum Ended<'a> {
+    /// Direct; the time to the first direct packet when this side saw it.
+    Direct(Option<Duration>),
+    /// Relayed by choice (the technique says so).
+    Relayed,
+    Failed(&'a PunchError),
+}
+
+/// The outcome to record.
+fn outcome(peer: PeerId, technique: Technique, attempts: u32, ended: Ended<'_>) -> PunchOutcome {
+    let (direct, time, error) = match ended {
+        Ended::Direct(t) => (true, t, None),
+        Ended::Relayed => (false, None, None),
+        Ended::Failed(e) => (false, None, Some(e)),
+    };
     PunchOutcome {
         seq: 0,
         peer,
         technique: technique.name(),
-        direct: time.is_some(),
+        direct,
         attempts,
         time_to_direct_ms: time.map(|t| t.as_millis() as u64),
-        error_kind: result.err().map(|e| e.kind()),
-        error: result.err().map(|e| e.to_string()),
+        error_kind: error.map(|e| e.kind()),
+        error: error.map(|e| e.to_string()),
     }
 }
 
@@ -193,8 +207,16 @@ pub(crate) struct PunchRuntime {
     pending: Mutex<HashMap<u64, Pending>>,
     counters: Mutex<Counters>,
     active: AtomicUsize,
-    /// Woken whenever a direct connection is registered.
-    pub direct: Notify,
+    /// Woken whenever a connection is registered.
+    pub connections: Notify,
+    /// The one birthday punch (either side) allowed at a time: 256 sockets
+    /// or 2,048 probes each.
+    pub birthday: tokio::sync::Semaphore,
+    /// QUIC endpoints made on sockets a birthday punch opened, closed with
+    /// the node.
+    endpoints: Mutex<Vec<quinn::Endpoint>>,
+    /// Direct connections whose path is being watched (by stable id).
+    watched: Mutex<std::collections::HashSet<usize>>,
     /// The coordinator's budget of introductions.
     introductions: Mutex<crate::node::control::RateLimiter>,
     /// What peers holding a reservation here said about their NAT.
@@ -208,7 +230,10 @@ impl PunchRuntime {
             pending: Mutex::default(),
             counters: Mutex::default(),
             active: AtomicUsize::new(0),
-            direct: Notify::new(),
+            connections: Notify::new(),
+            birthday: tokio::sync::Semaphore::new(MAX_BIRTHDAY_PUNCHES),
+            endpoints: Mutex::default(),
+            watched: Mutex::default(),
             introductions: Mutex::new(crate::node::control::RateLimiter::new(
                 INTRODUCTIONS_PER_SEC,
             )),
@@ -325,16 +350,52 @@ impl PunchRuntime {
 
     /// Keeps what a reservation holder said about its NAT (bounded by the
     /// number of reservations the relay grants).
-    pub(crate) fn remember_info(&self, peer: PeerId, info: PunchInfo, max: usize) {
+    pub(crate) fn remember_info(
+        &self,
+        peer: PeerId,
+        mut info: PunchInfo,
+        max: usize,
+        holds: impl Fn(&PeerId) -> bool,
+    ) {
+        info.lan
+            .truncate(reach_proto::punch::coordinate::MAX_LAN_ADDRS);
         let mut m = lock(&self.infos);
         if m.len() >= max && !m.contains_key(&peer) {
-            return;
+            // Forget those whose reservation expired without a release.
+            m.retain(|p, _| holds(p));
+            if m.len() >= max {
+                return;
+            }
         }
         m.insert(peer, info);
     }
 
     pub(crate) fn forget_info(&self, peer: &PeerId) {
         lock(&self.infos).remove(peer);
+    }
+
+    /// Keeps `endpoint` (a birthday punch's) until the node shuts down or
+    /// it has no connection left.
+    pub(crate) fn keep_endpoint(&self, endpoint: quinn::Endpoint) {
+        let mut e = lock(&self.endpoints);
+        e.retain(|e| e.open_connections() > 0);
+        e.push(endpoint);
+    }
+
+    /// Closes every extra endpoint (node shutdown).
+    pub(crate) fn close_endpoints(&self) {
+        for e in lock(&self.endpoints).drain(..) {
+            e.close(0u32.into(), b"shutdown");
+        }
+    }
+
+    /// Marks `conn` as watched; false if it already was.
+    pub(crate) fn start_watching(&self, conn: &quinn::Connection) -> bool {
+        lock(&self.watched).insert(conn.stable_id())
+    }
+
+    pub(crate) fn stop_watching(&self, conn: &quinn::Connection) {
+        lock(&self.watched).remove(&conn.stable_id());
     }
 
     fn info_of(&self, peer: &PeerId) -> PunchInfo {
@@ -392,27 +453,29 @@ pub(crate) fn on_packet(inner: &Inner, from: SocketAddr, packet: &ControlPacket)
     }
 }
 
-/// Whether `peer` is connected over a relay right now.
-fn relayed(inner: &Inner, peer: &PeerId) -> bool {
-    inner
-        .peers
-        .live(peer)
-        .is_some_and(|c| is_virtual(&c.remote_address()))
-}
-
 /// Waits until the connection to `peer` is direct, up to `deadline`.
 pub(crate) async fn wait_direct(
     inner: &Inner,
     peer: &PeerId,
     deadline: tokio::time::Instant,
 ) -> bool {
+    wait_until(inner, deadline, || inner.peers.is_direct(peer)).await
+}
+
+/// Waits until `cond` holds, checking again whenever a connection is
+/// registered, up to `deadline`.
+async fn wait_until(
+    inner: &Inner,
+    deadline: tokio::time::Instant,
+    cond: impl Fn() -> bool,
+) -> bool {
     loop {
-        let notified = inner.punch.direct.notified();
-        if inner.peers.is_direct(peer) {
+        let notified = inner.punch.connections.notified();
+        if cond() {
             return true;
         }
         if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return inner.peers.is_direct(peer);
+            return cond();
         }
     }
 }
@@ -428,9 +491,10 @@ pub(crate) fn start_upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         inner
             .punch
             .count(Technique::StayRelayed, |s| s.attempts += 1);
-        inner
-            .punch
-            .record(outcome(peer, Technique::StayRelayed, 0, Ok(None)), None);
+        inner.punch.record(
+            outcome(peer, Technique::StayRelayed, 0, Ended::Relayed),
+            None,
+        );
         return;
     }
     let inner2 = inner.clone();
@@ -446,9 +510,16 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     let mut attempts = 0;
     for attempt in 0..PUNCH_ATTEMPTS {
         if inner.peers.is_direct(&peer) {
+            if attempts > 0 {
+                // The other side's handshake got through after all.
+                rt.record(
+                    outcome(peer, technique, attempts, Ended::Direct(None)),
+                    None,
+                );
+            }
             return;
         }
-        if !relayed(inner, &peer) {
+        if !inner.peers.is_relayed(&peer) {
             last = PunchError::Abandoned("the relayed connection closed");
             break;
         }
@@ -479,14 +550,17 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         technique = intro.technique;
         if technique == Technique::StayRelayed {
             tracing::debug!(%peer, "punch: staying relayed (both NATs map per destination, or no UDP)");
-            rt.record(outcome(peer, technique, 0, Ok(None)), None);
+            rt.record(outcome(peer, technique, 0, Ended::Relayed), None);
             rt.count(technique, |s| s.attempts += 1);
             return;
         }
         attempts += 1;
         match execute(inner, &intro, started).await {
             Ok(t) => {
-                rt.record(outcome(peer, technique, attempts, Ok(Some(t))), Some(t));
+                rt.record(
+                    outcome(peer, technique, attempts, Ended::Direct(Some(t))),
+                    Some(t),
+                );
                 return;
             }
             Err(e) => {
@@ -499,7 +573,27 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     if inner.peers.is_direct(&peer) {
         return;
     }
-    rt.record(outcome(peer, technique, attempts, Err(&last)), None);
+    rt.record(
+        outcome(peer, technique, attempts, Ended::Failed(&last)),
+        None,
+    );
+}
+
+/// The dialer's last step: a QUIC handshake with `peer` at `addr` from
+/// `endpoint`, registered as the peer's (direct) connection.
+async fn dial_and_register(
+    inner: &Arc<Inner>,
+    endpoint: &quinn::Endpoint,
+    peer: PeerId,
+    addr: SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Result<(), PunchError> {
+    let conn = tokio::time::timeout_at(deadline, peers::dial_from(inner, endpoint, peer, addr))
+        .await
+        .map_err(|_| PunchError::Handshake("timed out".into()))?
+        .map_err(|e| PunchError::Handshake(e.to_string()))?;
+    inbound::register(inner, peer, conn, Direction::Outbound);
+    Ok(())
 }
 
 /// Carries out one introduction: waits for the fire time, then the
@@ -514,9 +608,19 @@ async fn execute(
     let Some(_slot) = rt.slot() else {
         return Err(PunchError::Abandoned("too many punches at once"));
     };
-    if intro.addrs.is_empty() {
-        return Err(PunchError::Refused("no address to punch to".into()));
+    if !reach_proto::punch::coordinate::acceptable(intro) {
+        return Err(PunchError::Refused(
+            "the introduction is beyond this node's bounds".into(),
+        ));
     }
+    let _birthday = if intro.technique == Technique::Birthday {
+        match rt.birthday.try_acquire() {
+            Ok(permit) => Some(permit),
+            Err(_) => return Err(PunchError::Abandoned("another birthday punch is running")),
+        }
+    } else {
+        None
+    };
     rt.count(intro.technique, |s| s.attempts += 1);
     tracing::debug!(peer = %intro.peer, technique = intro.technique.name(), role = ?intro.role, addrs = ?intro.addrs, fire_in_ms = intro.fire_in_ms, "punching");
     tokio::time::sleep(Duration::from_millis(u64::from(intro.fire_in_ms))).await;
@@ -556,12 +660,8 @@ pub(crate) fn on_introduce(
     inner.spawn(async move {
         let started = Instant::now();
         let peer = intro.peer;
-        let settle = async {
-            while !relayed(&inner2, &peer) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        if tokio::time::timeout(INTRODUCTION_SETTLE, settle).await.is_err() {
+        let settle = tokio::time::Instant::now() + INTRODUCTION_SETTLE;
+        if !wait_until(&inner2, settle, || inner2.peers.is_relayed(&peer)).await {
             tracing::debug!(%peer, "introduced to a peer we have no relayed connection with");
             return;
         }
@@ -590,6 +690,11 @@ pub(crate) async fn coordinate(
     }
     if !inner.paths.has_reservation(&target) {
         return refused(refusal::NO_RESERVATION);
+    }
+    // Only the two ends of a circuit here may punch: nobody else learns
+    // the target's address or spends the introduction budget on it.
+    if !inner.paths.has_circuit_between(&peer, &target) {
+        return refused(refusal::PUNCH_NO_CIRCUIT);
     }
     let (Some(requester_conn), Some(target_conn)) =
         (inner.peers.live(&peer), inner.peers.live(&target))

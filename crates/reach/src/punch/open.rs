@@ -12,13 +12,16 @@ use reach_proto::punch::{Introduction, Role};
 use reach_proto::wire::datagram::ControlPacket;
 
 use super::{PUNCH_TIMEOUT, PunchError, wait_direct};
-use crate::node::{Direction, Inner, inbound, peers};
+use crate::node::Inner;
 
 /// Punch packets sent per address at most in one attempt.
 pub const PUNCH_PACKETS: u32 = 12;
 /// Gap between them: twelve over about half a second cover the fire-time
 /// error of paths up to a few hundred milliseconds.
 pub const PUNCH_INTERVAL: Duration = Duration::from_millis(40);
+/// Punches the listener sends on to the proven address while it waits for
+/// the handshake (the dialer's NAT may need one more to open).
+pub const LISTENER_EXTRA_PACKETS: u32 = PUNCH_PACKETS;
 
 pub(super) async fn run(
     inner: &Arc<Inner>,
@@ -50,11 +53,7 @@ pub(super) async fn run(
     let _ = inner.socket.send_datagram(from, &packet);
     match intro.role {
         Role::Dialer => {
-            let conn = tokio::time::timeout_at(deadline, peers::dial(inner, intro.peer, from))
-                .await
-                .map_err(|_| PunchError::Handshake("timed out".into()))?
-                .map_err(|e| PunchError::Handshake(e.to_string()))?;
-            inbound::register(inner, intro.peer, conn, Direction::Outbound);
+            super::dial_and_register(inner, &inner.endpoint, intro.peer, from, deadline).await?;
             Ok(time_to_direct)
         }
         Role::Listener => {
@@ -62,7 +61,7 @@ pub(super) async fn run(
             // dialer's handshake.
             loop {
                 tokio::select! {
-                    _ = tick.tick(), if sent < 2 * PUNCH_PACKETS => {
+                    _ = tick.tick(), if sent < PUNCH_PACKETS + LISTENER_EXTRA_PACKETS => {
                         let _ = inner.socket.send_datagram(from, &packet);
                         sent += 1;
                     }

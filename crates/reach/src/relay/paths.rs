@@ -259,6 +259,14 @@ impl RelayPaths {
         r.reservations.holds(client)
     }
 
+    /// Whether a circuit joins `a` and `b` (either way round).
+    pub fn has_circuit_between(&self, a: &PeerId, b: &PeerId) -> bool {
+        self.relay_state()
+            .circuits
+            .values()
+            .any(|c| (c.a_peer == *a && c.b_peer == *b) || (c.a_peer == *b && c.b_peer == *a))
+    }
+
     /// Drops `client`'s reservation and every circuit it is an end of.
     pub fn release(&self, client: &PeerId) {
         let mut r = self.relay_state();

@@ -36,7 +36,10 @@ pub(crate) async fn serve(
             let answer = reserve(&inner, peer, remote);
             if matches!(answer, RelayResponse::Reserved { .. }) {
                 let max = inner.relay.limits.max_clients;
-                inner.punch.remember_info(peer, punch, max);
+                let paths = &inner.paths;
+                inner
+                    .punch
+                    .remember_info(peer, punch, max, |p| paths.has_reservation(p));
             }
             answer
         }
