@@ -353,6 +353,16 @@ async fn lab_matrix(
         println!("{}", serde_json::to_string(&report)?);
     } else if markdown {
         print!("{}", report.punch_markdown());
+        for p in report.pairs.iter().filter(|p| p.failed > 0) {
+            eprintln!(
+                "{} x {}: {}/{} connected; first failure: {}",
+                p.a.name(),
+                p.b.name(),
+                p.connected,
+                p.runs,
+                p.error.as_deref().unwrap_or("?")
+            );
+        }
     } else {
         println!(
             "{:<11} {:<11} {:>4} {:>9} {:>6} {:>7} {:>8} {:>6} {:<17} {:>10} {:>10}",
