@@ -322,6 +322,15 @@ impl PunchRuntime {
         c.outcomes.push_front(outcome);
     }
 
+    /// The coordinator (or this node, without UDP) decided to stay relayed.
+    fn stay_relayed(&self, peer: PeerId) {
+        self.count(Technique::StayRelayed, |s| s.attempts += 1);
+        self.record(
+            outcome(peer, Technique::StayRelayed, 0, Ended::Relayed),
+            None,
+        );
+    }
+
     /// A direct path died and its traffic went back to the relay.
     pub(crate) fn fell_back(&self) {
         lock(&self.counters).fallbacks += 1;
@@ -488,13 +497,7 @@ pub(crate) fn start_upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     }
     if inner.tcp_mode() {
         // No UDP here: nothing to punch with.
-        inner
-            .punch
-            .count(Technique::StayRelayed, |s| s.attempts += 1);
-        inner.punch.record(
-            outcome(peer, Technique::StayRelayed, 0, Ended::Relayed),
-            None,
-        );
+        inner.punch.stay_relayed(peer);
         return;
     }
     let inner2 = inner.clone();
@@ -508,15 +511,19 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     let mut technique = Technique::StayRelayed;
     let mut last = PunchError::NoCoordinator;
     let mut attempts = 0;
+    let direct_after_all = |attempts: u32, technique: Technique| {
+        let direct = inner.peers.is_direct(&peer);
+        if direct && attempts > 0 {
+            // The other side's handshake got through after all.
+            rt.record(
+                outcome(peer, technique, attempts, Ended::Direct(None)),
+                None,
+            );
+        }
+        direct
+    };
     for attempt in 0..PUNCH_ATTEMPTS {
-        if inner.peers.is_direct(&peer) {
-            if attempts > 0 {
-                // The other side's handshake got through after all.
-                rt.record(
-                    outcome(peer, technique, attempts, Ended::Direct(None)),
-                    None,
-                );
-            }
+        if direct_after_all(attempts, technique) {
             return;
         }
         if !inner.peers.is_relayed(&peer) {
@@ -550,8 +557,7 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         technique = intro.technique;
         if technique == Technique::StayRelayed {
             tracing::debug!(%peer, "punch: staying relayed (both NATs map per destination, or no UDP)");
-            rt.record(outcome(peer, technique, 0, Ended::Relayed), None);
-            rt.count(technique, |s| s.attempts += 1);
+            rt.stay_relayed(peer);
             return;
         }
         attempts += 1;
@@ -570,7 +576,7 @@ async fn upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         }
         tokio::time::sleep(PUNCH_RETRY_GAP).await;
     }
-    if inner.peers.is_direct(&peer) {
+    if direct_after_all(attempts, technique) {
         return;
     }
     rt.record(
