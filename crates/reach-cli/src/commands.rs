@@ -353,6 +353,10 @@ async fn lab_matrix(
         println!("{}", serde_json::to_string(&report)?);
     } else if markdown {
         print!("{}", report.punch_markdown());
+        eprintln!(
+            "{} runs per pair, {} ms",
+            report.runs_per_pair, report.wall_ms
+        );
         for p in report.pairs.iter().filter(|p| p.failed > 0) {
             eprintln!(
                 "{} x {}: {}/{} connected; first failure: {}",
