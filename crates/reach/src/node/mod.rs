@@ -293,15 +293,19 @@ impl Node {
             // dead direct path fell back to the relay): send it again
             // there. The peer delivers each message id once.
             Err(Error::ConnectionLost { .. })
-                if used.is_some_and(|id| {
-                    // The peer may have closed it before our own watch (or
-                    // the connection's reader) noticed: let the standby
-                    // take over now.
-                    self.inner.peers.remove_if_current(peer, id);
-                    self.inner
-                        .peers
-                        .live(&peer)
-                        .is_some_and(|c| c.stable_id() != id)
+                if used.as_ref().is_some_and(|c| {
+                    // Closed (not merely a refused stream). The peer may
+                    // have closed it before our own watch (or the
+                    // connection's reader) noticed: let the standby take
+                    // over now.
+                    let id = c.stable_id();
+                    c.close_reason().is_some()
+                        && (self.inner.peers.remove_if_current(peer, id)
+                            || self
+                                .inner
+                                .peers
+                                .live(&peer)
+                                .is_some_and(|l| l.stable_id() != id))
                 }) =>
             {
                 stats::bump(&self.inner.counters.messages_resent);
@@ -322,8 +326,8 @@ impl Node {
         peer: PeerId,
         prefix: &[u8],
         data: &Bytes,
-    ) -> (Result<()>, Option<usize>) {
-        let (mut stream, conn_id) = match peers::open_uni(&self.inner, peer).await {
+    ) -> (Result<()>, Option<quinn::Connection>) {
+        let (mut stream, conn) = match peers::open_uni(&self.inner, peer).await {
             Ok(s) => s,
             Err(e) => return (Err(e), None),
         };
@@ -348,7 +352,7 @@ impl Node {
             }
         }
         .await;
-        (sent, Some(conn_id))
+        (sent, Some(conn))
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer

@@ -133,12 +133,7 @@ impl PeerTable {
 
     /// The live connection to `peer`, if any.
     pub fn live(&self, peer: &PeerId) -> Option<quinn::Connection> {
-        self.with(|m| {
-            m.get(peer)
-                .and_then(|e| e.conn.as_ref())
-                .filter(|(c, _)| c.close_reason().is_none())
-                .map(|(c, _)| c.clone())
-        })
+        self.live_with_direction(peer).map(|(c, _)| c)
     }
 
     fn addrs_and_lock(&self, peer: PeerId) -> (Known, Arc<AsyncMutex<()>>) {
@@ -169,8 +164,9 @@ impl PeerTable {
             // the direct connection): close it, or its keep-alives would
             // hold it, and its relay circuit, forever.
             let mut replace_standby = |new: (quinn::Connection, Direction)| {
+                let new_id = new.0.stable_id();
                 if let Some((displaced, _)) = e.standby.replace(new)
-                    && displaced.stable_id() != e.standby.as_ref().map_or(0, |(c, _)| c.stable_id())
+                    && displaced.stable_id() != new_id
                 {
                     displaced.close(0u32.into(), b"replaced");
                 }
@@ -567,20 +563,20 @@ pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result
 
 /// Opens a unidirectional stream to `peer`, redialing once if the recorded
 /// connection turns out to be dead (nothing has been sent on it yet, so the
-/// retry cannot duplicate a message). Also returns the connection's id.
+/// retry cannot duplicate a message). Also returns the connection.
 pub(crate) async fn open_uni(
     inner: &Arc<Inner>,
     peer: PeerId,
-) -> Result<(quinn::SendStream, usize)> {
+) -> Result<(quinn::SendStream, quinn::Connection)> {
     let conn = connection(inner, peer).await?;
     match conn.open_uni().await {
-        Ok(s) => Ok((s, conn.stable_id())),
+        Ok(s) => Ok((s, conn)),
         Err(_) => {
             inner.peers.remove_if_current(peer, conn.stable_id());
             let conn = connection(inner, peer).await?;
             conn.open_uni()
                 .await
-                .map(|s| (s, conn.stable_id()))
+                .map(|s| (s, conn.clone()))
                 .map_err(|e| Error::ConnectionLost {
                     peer,
                     reason: e.to_string(),
