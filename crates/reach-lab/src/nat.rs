@@ -494,6 +494,15 @@ impl Site {
         )
     }
 
+    /// Undoes [`Site::cut_off`].
+    pub fn reconnect(&self, lab: &Lab) -> Result<(), LabError> {
+        let r = self
+            .router
+            .as_ref()
+            .ok_or_else(|| LabError::Other("a site without a router".into()))?;
+        lab.nft(r, "delete table ip cut\n")
+    }
+
     /// The node's socket address inside its namespace (port 0: any).
     pub fn node_bind(&self) -> SocketAddr {
         SocketAddr::new(self.node_ip, 0)

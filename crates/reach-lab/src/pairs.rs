@@ -723,16 +723,21 @@ pub struct UpgradeReport {
     /// Messages the dialer sent again after the direct path died with
     /// them unacknowledged.
     pub resent: u64,
+    /// From restoring the path until the connection was direct again (the
+    /// dialer punches again a while after a fallback).
+    pub direct_again_ms: u64,
 }
 
 /// Upgrade and fall back across real NATs: a dialer behind an eim-apdf
 /// NAT reaches a target behind another through the target's relay, and
 /// keeps sending while the punch upgrades the connection; then the direct
-/// path between the two NATs is cut and it keeps sending. Every message
-/// must arrive exactly once and no send may fail.
+/// path between the two NATs is cut and it keeps sending; then the path
+/// comes back and the connection must become direct again by itself.
+/// Every message must arrive exactly once and no send may fail.
 pub async fn upgrade() -> Result<UpgradeReport, LabError> {
     const DURING_UPGRADE: u32 = 300;
     const AFTER_CUT: u32 = 100;
+    const AFTER_REPAIR: u32 = 20;
     let fail = |what: &str| LabError::Other(format!("upgrade: {what}"));
     let (mut lab, mut net, infra) = lab_with_infrastructure().await?;
     let seed = infra[0].local_addr();
@@ -751,7 +756,7 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
     let dialer = fresh_dialer(&lab, &s1.node_ns, s1.node_ip, &infra)
         .await
         .map_err(|e| fail(&e))?;
-    let total = DURING_UPGRADE + AFTER_CUT;
+    let total = DURING_UPGRADE + AFTER_CUT + AFTER_REPAIR;
     // The target's application: counts every message it gets.
     let receiver = {
         let target = target.clone();
@@ -768,7 +773,9 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
                     }
                 }
             };
-            let _ = tokio::time::timeout(RUN_TIMEOUT * 2, all).await;
+            let _ =
+                tokio::time::timeout(RUN_TIMEOUT * 2 + reach::punch::REPUNCH_AFTER_FALLBACK, all)
+                    .await;
             got
         })
     };
@@ -809,7 +816,7 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
 
     s1.cut_off(&lab, s2.public_ip)?;
     let cut_at = Instant::now();
-    let after = send_range(DURING_UPGRADE, total);
+    let after = send_range(DURING_UPGRADE, DURING_UPGRADE + AFTER_CUT);
     let relayed_again = async {
         loop {
             let relayed = dialer
@@ -830,6 +837,17 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
         .await
         .map_err(|_| fail("sending after the cut timed out"))?
         .map_err(|_| fail("sender panicked"))?;
+    // The path comes back: the dialer punches again by itself.
+    s1.reconnect(&lab)?;
+    let repaired_at = Instant::now();
+    let wait = reach::punch::REPUNCH_AFTER_FALLBACK + PUNCH_WAIT;
+    if !dialer.wait_direct(target.peer_id(), wait).await {
+        return Err(fail("never direct again after the path came back"));
+    }
+    let direct_again_ms = repaired_at.elapsed().as_millis() as u64;
+    send_errors += send_range(DURING_UPGRADE + AFTER_CUT, total)
+        .await
+        .map_err(|_| fail("sender panicked"))?;
     let got = receiver.await.map_err(|_| fail("receiver panicked"))?;
     let technique = dialer
         .punch_stats()
@@ -845,6 +863,7 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
         direct_ms,
         fallback_ms,
         resent: dialer.stats().messages_resent,
+        direct_again_ms,
     };
     dialer.shutdown().await;
     for n in infra.iter().chain([&target]) {

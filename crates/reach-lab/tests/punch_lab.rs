@@ -1,6 +1,7 @@
 //! Hole punching against real kernel NATs: a relayed connection upgrades to
-//! direct while messages flow, and falls back to the relay when the direct
-//! path dies, with every message delivered exactly once and no send error.
+//! direct while messages flow, falls back to the relay when the direct path
+//! dies and becomes direct again when it returns, with every message
+//! delivered exactly once and no send error.
 //! (The per-pair punch results are asserted with the matrix in
 //! `relay_lab.rs`.) Needs root and the lab's tools, like the other lab
 //! tests.
@@ -27,4 +28,6 @@ async fn upgrade_loses_nothing_and_a_dead_direct_path_falls_back_to_the_relay() 
         "back on the relay after {} ms",
         r.fallback_ms
     );
+    // (`upgrade` fails unless the connection became direct again after the
+    // path came back: the dialer punches again 30 s after a fallback.)
 }
