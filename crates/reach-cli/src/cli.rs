@@ -141,8 +141,10 @@ pub enum LabCommand {
     /// Hole punching behind real NATs: a peer reaches a node behind
     /// another NAT through its relay and keeps sending while the punch
     /// upgrades the connection to direct; then the direct path is cut and
-    /// it keeps sending. Prints counts and times (one JSON object); fails
-    /// unless every message arrived exactly once without a send error.
+    /// it keeps sending; then the path comes back and the connection must
+    /// turn direct again by itself. Prints counts and times (one JSON
+    /// object); fails unless every message arrived exactly once without a
+    /// send error.
     Upgrade,
     /// Connect every pair of NAT kinds (and udp-blocked, a network that
     /// lets only TCP out) by PeerId alone: two sites of every kind with a
