@@ -304,3 +304,34 @@ async fn losing_the_relay_republishes_and_holds_a_new_one_within_ten_seconds() {
     );
     assert!(bob.stats().relay_losses >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_relayed_connection_frees_its_circuit_at_the_relay() {
+    logs();
+    let relay = relay_node(None, None).await;
+    let bob = relayed_node(&[relay.local_addr()], None).await;
+    // Alice is not in the DHT, so her only path to Bob is the relay's.
+    let alice = Node::builder()
+        .bind(loopback())
+        .acquire_relay(RelayMode::Off)
+        .hole_punching(false)
+        .spawn()
+        .await
+        .unwrap();
+    within("bob joins", bob.joined()).await;
+    until("bob holds the relay", || {
+        held(&bob) == Some(relay.peer_id())
+    })
+    .await;
+    alice
+        .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
+        .await
+        .unwrap();
+    assert_eq!(relay.relay_status().circuits.len(), 1);
+    alice.disconnect(bob.peer_id());
+    // Far sooner than the 120 s idle expiry: the ends say it is done.
+    until("the relay dropped the circuit", || {
+        relay.relay_status().circuits.is_empty()
+    })
+    .await;
+}

@@ -46,6 +46,10 @@ pub enum RelayRequest {
     },
     /// Relay to client: a peer asked to punch through to you.
     Introduce(Introduction),
+    /// The connection over circuit `circuit` closed: drop it (only its two
+    /// ends may ask). Without this a circuit would live until it idled out,
+    /// and a busy peer would run into the per-peer circuit limit.
+    CloseCircuit { circuit: u64 },
 }
 
 /// The answer to a [`RelayRequest`].
@@ -78,6 +82,8 @@ pub mod refusal {
     pub const TOO_MANY_CIRCUITS: &str = "relay_too_many_circuits";
     /// A client refuses an incoming circuit it did not expect.
     pub const NOT_RESERVED: &str = "relay_not_reserved_here";
+    /// No circuit of that id with the requester as an end.
+    pub const NO_SUCH_CIRCUIT: &str = "relay_no_such_circuit";
     /// Only the two ends of a circuit at this relay may punch.
     pub const PUNCH_NO_CIRCUIT: &str = "relay_punch_no_circuit";
     /// Punch requests come faster than the relay coordinates them.

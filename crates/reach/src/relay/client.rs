@@ -171,11 +171,18 @@ pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
         // it open as long as we use it.
         inner.peers.touch(relay, true);
     }
+    let circuit = paths.path(&conn.remote_address()).map(|p| p.circuit);
     inner.spawn(async move {
         match relay_conn {
             Some((_, rc)) => {
                 tokio::select! {
-                    _ = conn.closed() => {}
+                    _ = conn.closed() => {
+                        // Tell the relay the circuit is done (best effort).
+                        if let Some(circuit) = circuit {
+                            let close = rpc(&rc, RelayRequest::CloseCircuit { circuit });
+                            let _ = tokio::time::timeout(RELAY_RPC_TIMEOUT, close).await;
+                        }
+                    }
                     _ = rc.closed() => conn.close(0u32.into(), b"relay lost"),
                 }
             }

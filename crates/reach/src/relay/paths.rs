@@ -259,6 +259,20 @@ impl RelayPaths {
         r.reservations.holds(client)
     }
 
+    /// Drops circuit `id` if `by` is one of its ends (its connection over
+    /// it closed). Returns whether it did.
+    pub fn close_circuit(&self, id: u64, by: &PeerId) -> bool {
+        let mut r = self.relay_state();
+        let is_end = r
+            .circuits
+            .get(&id)
+            .is_some_and(|c| c.a_peer == *by || c.b_peer == *by);
+        if is_end {
+            r.circuits.remove(&id);
+        }
+        is_end
+    }
+
     /// Whether a circuit joins `a` and `b` (either way round).
     pub fn has_circuit_between(&self, a: &PeerId, b: &PeerId) -> bool {
         self.relay_state()

@@ -58,6 +58,13 @@ pub(crate) async fn serve(
             info,
         } => crate::punch::coordinate(&inner, peer, remote, target, attempt, info).await,
         RelayRequest::Introduce(intro) => crate::punch::on_introduce(&inner, peer, intro),
+        RelayRequest::CloseCircuit { circuit } => {
+            if inner.paths.close_circuit(circuit, &peer) {
+                RelayResponse::Accepted
+            } else {
+                refuse(refusal::NO_SUCH_CIRCUIT)
+            }
+        }
     };
     if let Ok(frame) = Envelope::new(Body::RelayResponse(response)).to_frame() {
         let _ = send.write_all(&frame).await;
