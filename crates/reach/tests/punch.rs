@@ -4,31 +4,12 @@
 //! when the direct path dies are the lab's: `crates/reach-lab/tests`.)
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use reach::{Event, Node, RelayMode};
 
-/// Every wait is bounded by this.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
-}
-
-/// `REACH_LOG=reach=debug cargo test …` shows the nodes' logs.
-fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("REACH_LOG"))
-        .with_test_writer()
-        .try_init();
-}
+mod common;
+use common::{logs, loopback, until, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubled() {
@@ -57,10 +38,8 @@ async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubl
         .await
         .unwrap();
     within("bob joins", bob.joined()).await;
-    within("bob holds the relay", async {
-        while bob.relay_status().held_relay != Some(relay.peer_id()) {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    until("bob holds the relay", || {
+        bob.relay_status().held_relay == Some(relay.peer_id())
     })
     .await;
 

@@ -10,36 +10,8 @@ use std::time::{Duration, Instant};
 use reach::{Event, Keypair, Node, PeerId, RelayLimits, RelayMode};
 use tokio::net::UdpSocket;
 
-/// Every wait is bounded by this.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
-
-async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, f)
-        .await
-        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
-}
-
-/// Waits until `cond` holds, checking every 20 ms, for at most DEADLINE.
-async fn until(what: &str, mut cond: impl FnMut() -> bool) {
-    within(what, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-/// `REACH_LOG=reach=debug cargo test …` shows the nodes' logs.
-fn logs() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_env("REACH_LOG"))
-        .with_test_writer()
-        .try_init();
-}
+mod common;
+use common::{logs, loopback, until, within};
 
 async fn relay_node(limits: Option<RelayLimits>, kp: Option<Keypair>) -> Node {
     let mut b = Node::builder()

@@ -1,0 +1,37 @@
+//! Helpers shared by the loopback integration tests of relays and hole
+//! punching. (Each test file compiles this on its own and uses a part.)
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Every wait is bounded by this.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+pub fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+pub async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+    tokio::time::timeout(DEADLINE, f)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not finish within {DEADLINE:?}"))
+}
+
+/// Waits until `cond` holds, checking every 20 ms, for at most DEADLINE.
+pub async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+    within(what, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+}
+
+/// `REACH_LOG=reach=debug cargo test …` shows the nodes' logs.
+pub fn logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_env("REACH_LOG"))
+        .with_test_writer()
+        .try_init();
+}
