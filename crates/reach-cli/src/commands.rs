@@ -550,9 +550,11 @@ fn print_status(s: &Status) {
     } else {
         println!("peers     {} connected", s.connected_peers.len());
         for p in &s.connected_peers {
-            let via = p
-                .relay
-                .map_or_else(String::new, |r| format!("  via relay {r}"));
+            let via = match (p.relay, p.standby_relay) {
+                (Some(r), _) => format!("  via relay {r}"),
+                (None, Some(r)) => format!("  direct (punched; relay {r} on standby)"),
+                (None, None) => String::new(),
+            };
             println!(
                 "  {}  {}  rtt {} ms  {}{via}",
                 p.peer, p.addr, p.rtt_ms, p.direction

@@ -92,6 +92,11 @@ async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubl
         .find(|p| p.peer == bob.peer_id())
         .unwrap();
     assert_eq!(path.relay, None, "traffic now goes direct: {path:?}");
+    assert_eq!(
+        path.standby_relay,
+        Some(relay.peer_id()),
+        "the relayed connection stays behind it: {path:?}"
+    );
     let stats = alice.punch_stats();
     let outcome = stats
         .recent

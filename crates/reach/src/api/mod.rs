@@ -80,6 +80,10 @@ pub struct ConnectedPeer {
     /// The relay the connection goes through, if relayed.
     #[serde(default)]
     pub relay: Option<PeerId>,
+    /// The relay of the relayed connection kept behind a punched direct
+    /// one, if any.
+    #[serde(default)]
+    pub standby_relay: Option<PeerId>,
 }
 
 impl From<PeerInfo> for ConnectedPeer {
@@ -90,6 +94,7 @@ impl From<PeerInfo> for ConnectedPeer {
             rtt_ms: p.rtt_ms,
             direction: format!("{:?}", p.direction).to_lowercase(),
             relay: p.relay,
+            standby_relay: p.standby_relay,
         }
     }
 }

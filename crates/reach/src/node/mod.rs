@@ -69,6 +69,10 @@ pub struct PeerInfo {
     /// The relay the connection goes through (`addr` is then the relay's
     /// address); `None` for a direct connection.
     pub relay: Option<PeerId>,
+    /// For a direct connection that replaced a relayed one (a punch): the
+    /// relay of the relayed connection kept open behind it, which takes
+    /// over if the direct path dies.
+    pub standby_relay: Option<PeerId>,
 }
 
 /// Who opened a connection.
@@ -391,6 +395,12 @@ impl Node {
     pub fn connected_peers(&self) -> Vec<PeerInfo> {
         let mut peers = self.inner.peers.connected();
         for p in &mut peers {
+            p.standby_relay = self
+                .inner
+                .peers
+                .standby(&p.peer)
+                .and_then(|s| self.inner.paths.path(&s.remote_address()))
+                .map(|path| path.relay);
             if let Some(path) = self.inner.paths.path(&p.addr) {
                 p.addr = self
                     .inner

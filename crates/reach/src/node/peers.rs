@@ -292,6 +292,7 @@ impl PeerTable {
                         rtt_ms: c.rtt().as_millis() as u64,
                         direction: *dir,
                         relay: None,
+                        standby_relay: None,
                     })
                 })
                 .collect()
