@@ -174,6 +174,8 @@ fn two_node_daemons_talk_through_the_cli() {
     a.wait_line("control API");
     let sa = status(a_dir.path());
     let a_addr = sa["local_addr"].as_str().unwrap().to_string();
+    // The status carries the hole-punching stats, every technique listed.
+    assert_eq!(sa["punch"]["techniques"].as_array().map(Vec::len), Some(4));
     // B joins the DHT through A's bare address.
     let b = NodeProcess::start(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
     b.wait_line("control API");
