@@ -11,12 +11,12 @@ use std::sync::Mutex;
 
 use reach_proto::PeerId;
 
-/// Message ids remembered per peer: as many as can be in flight on one
-/// connection (`transport::MAX_CONCURRENT_UNI_STREAMS`), so every message
-/// that can be resent is still known when its resend arrives.
-pub const IDS_PER_PEER: usize = 1024;
-/// Peers whose ids are remembered (the first remembered are forgotten
-/// first): 256 × 1,024 ids bound the memory to a few MiB.
+/// Message ids remembered per peer: four times as many as can be in flight
+/// on one connection, so resends arriving among new messages still find
+/// their originals' ids.
+pub const IDS_PER_PEER: usize = 4 * crate::transport::MAX_CONCURRENT_UNI_STREAMS as usize;
+/// Peers whose ids are remembered; the one heard from least recently is
+/// forgotten first. 256 × 4,096 ids bound the memory to about 24 MiB.
 pub const MAX_PEERS: usize = 256;
 
 #[derive(Default)]
@@ -36,14 +36,17 @@ impl SeenMessages {
     pub fn first_time(&self, peer: PeerId, id: u64) -> bool {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let (peers, recency) = &mut *guard;
-        if !peers.contains_key(&peer) {
-            if peers.len() >= MAX_PEERS
-                && let Some(old) = recency.pop_front()
-            {
-                peers.remove(&old);
+        if peers.contains_key(&peer) {
+            // Most recently heard from: to the back.
+            if let Some(pos) = recency.iter().position(|p| *p == peer) {
+                recency.remove(pos);
             }
-            recency.push_back(peer);
+        } else if peers.len() >= MAX_PEERS
+            && let Some(old) = recency.pop_front()
+        {
+            peers.remove(&old);
         }
+        recency.push_back(peer);
         let ids = peers.entry(peer).or_default();
         if !ids.set.insert(id) {
             return false;
@@ -85,6 +88,8 @@ mod tests {
         assert!(!seen.first_time(a, IDS_PER_PEER as u64 + 9));
         for _ in 0..MAX_PEERS + 5 {
             seen.first_time(Keypair::generate().peer_id(), 1);
+            // A peer heard from all along is never the one forgotten.
+            assert!(!seen.first_time(a, IDS_PER_PEER as u64 + 9));
         }
         assert!(seen.inner.lock().unwrap().0.len() <= MAX_PEERS);
     }

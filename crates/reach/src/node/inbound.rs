@@ -105,7 +105,10 @@ async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
             },
         }
     }
-    inner.peers.remove_if_current(peer, conn.stable_id());
+    if inner.peers.remove_if_current(peer, conn.stable_id()) {
+        // The peer closed a punched connection: back on the relay.
+        crate::punch::liveness::moved_to_standby(&inner, peer);
+    }
     if inner.peers.live(&peer).is_none() {
         // A relay client that left takes its reservation and circuits along.
         inner.paths.release(&peer);

@@ -194,12 +194,19 @@ impl PeerTable {
             .is_some_and(|c| is_virtual(&c.remote_address()))
     }
 
-    /// The live connection to `peer` and who opened it.
+    /// The live connection to `peer` and who opened it. When the current
+    /// one has closed and nobody has noticed yet, a live standby takes its
+    /// place here, so no caller dials while one is available.
     pub fn live_with_direction(&self, peer: &PeerId) -> Option<(quinn::Connection, Direction)> {
+        let alive = |c: &quinn::Connection| c.close_reason().is_none();
         self.with(|m| {
-            m.get(peer)
-                .and_then(|e| e.conn.clone())
-                .filter(|(c, _)| c.close_reason().is_none())
+            let e = m.get_mut(peer)?;
+            if e.conn.as_ref().is_none_or(|(c, _)| !alive(c))
+                && e.standby.as_ref().is_some_and(|(s, _)| alive(s))
+            {
+                e.conn = e.standby.take();
+            }
+            e.conn.clone().filter(|(c, _)| alive(c))
         })
     }
 

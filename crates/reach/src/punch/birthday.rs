@@ -113,9 +113,12 @@ pub(super) async fn hard_side(
     config.grease_quic_bit(false);
     let endpoint = quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
         .map_err(|e| PunchError::Handshake(e.to_string()))?;
+    if let Err(e) = super::dial_and_register(inner, &endpoint, intro.peer, from, deadline).await {
+        endpoint.close(0u32.into(), b"");
+        return Err(e);
+    }
     // The endpoint lives until its connection closes, or the node stops.
-    inner.punch.keep_endpoint(endpoint.clone());
-    super::dial_and_register(inner, &endpoint, intro.peer, from, deadline).await?;
+    inner.punch.keep_endpoint(endpoint);
     Ok(time_to_direct)
 }
 

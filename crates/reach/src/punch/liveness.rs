@@ -74,19 +74,26 @@ pub(crate) fn watch(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
 /// side that dialed through the relay tries punching again later.
 fn fall_back(inner: &Arc<Inner>, peer: PeerId, conn: &quinn::Connection) {
     if inner.peers.remove_if_current(peer, conn.stable_id()) {
-        inner.punch.fell_back();
-        tracing::debug!(%peer, "direct path lost: back on the relay");
-        if let Some((relayed, Direction::Outbound)) = inner.peers.live_with_direction(&peer)
-            && let Some(path) = inner.paths.path(&relayed.remote_address())
-        {
-            let inner2 = inner.clone();
-            inner.spawn(async move {
-                tokio::time::sleep(REPUNCH_AFTER_FALLBACK).await;
-                if inner2.peers.is_relayed(&peer) {
-                    super::start_upgrade(&inner2, peer, path.relay);
-                }
-            });
-        }
+        moved_to_standby(inner, peer);
     }
     conn.close(PATH_DEAD_CODE.into(), b"direct path lost");
+}
+
+/// Traffic to `peer` moved from a dead direct connection (ours noticed, or
+/// the peer closed it) to the relayed standby: counted, and the side that
+/// dialed through the relay punches again after [`REPUNCH_AFTER_FALLBACK`].
+pub(crate) fn moved_to_standby(inner: &Arc<Inner>, peer: PeerId) {
+    inner.punch.fell_back();
+    tracing::debug!(%peer, "direct path lost: back on the relay");
+    if let Some((relayed, Direction::Outbound)) = inner.peers.live_with_direction(&peer)
+        && let Some(path) = inner.paths.path(&relayed.remote_address())
+    {
+        let inner2 = inner.clone();
+        inner.spawn(async move {
+            tokio::time::sleep(REPUNCH_AFTER_FALLBACK).await;
+            if inner2.peers.is_relayed(&peer) {
+                super::start_upgrade(&inner2, peer, path.relay);
+            }
+        });
+    }
 }

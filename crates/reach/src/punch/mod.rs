@@ -217,6 +217,8 @@ pub(crate) struct PunchRuntime {
     endpoints: Mutex<Vec<quinn::Endpoint>>,
     /// Direct connections whose path is being watched (by stable id).
     watched: Mutex<std::collections::HashSet<usize>>,
+    /// Peers this node is upgrading (one upgrade per peer at a time).
+    upgrading: Mutex<std::collections::HashSet<PeerId>>,
     /// The coordinator's budget of introductions.
     introductions: Mutex<crate::node::control::RateLimiter>,
     /// What peers holding a reservation here said about their NAT.
@@ -234,6 +236,7 @@ impl PunchRuntime {
             birthday: tokio::sync::Semaphore::new(MAX_BIRTHDAY_PUNCHES),
             endpoints: Mutex::default(),
             watched: Mutex::default(),
+            upgrading: Mutex::default(),
             introductions: Mutex::new(crate::node::control::RateLimiter::new(
                 INTRODUCTIONS_PER_SEC,
             )),
@@ -500,8 +503,14 @@ pub(crate) fn start_upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
         inner.punch.stay_relayed(peer);
         return;
     }
+    if !lock(&inner.punch.upgrading).insert(peer) {
+        return;
+    }
     let inner2 = inner.clone();
-    inner.spawn(async move { upgrade(&inner2, peer, relay).await });
+    inner.spawn(async move {
+        upgrade(&inner2, peer, relay).await;
+        lock(&inner2.punch.upgrading).remove(&peer);
+    });
 }
 
 /// The requester's side: asks the relay to coordinate, carries out the

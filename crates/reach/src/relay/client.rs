@@ -16,6 +16,10 @@ use crate::error::{Error, Result};
 use crate::node::{Inner, peers, stats};
 use crate::transport;
 
+/// How long after its connection closed an end asks the relay to drop the
+/// circuit: the QUIC close must cross the circuit first, or the other end
+/// would only notice at its idle timeout.
+pub const CIRCUIT_CLOSE_GRACE: Duration = Duration::from_secs(1);
 /// Time for one relay request, including dialing the relay if needed.
 pub const RELAY_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -177,8 +181,10 @@ pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
             Some((_, rc)) => {
                 tokio::select! {
                     _ = conn.closed() => {
-                        // Tell the relay the circuit is done (best effort).
+                        // Tell the relay the circuit is done (best effort),
+                        // once our CONNECTION_CLOSE has had time to cross it.
                         if let Some(circuit) = circuit {
+                            tokio::time::sleep(CIRCUIT_CLOSE_GRACE).await;
                             let close = rpc(&rc, RelayRequest::CloseCircuit { circuit });
                             let _ = tokio::time::timeout(RELAY_RPC_TIMEOUT, close).await;
                         }
