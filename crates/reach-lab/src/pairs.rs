@@ -275,16 +275,21 @@ async fn deliver_once(a: &Node, b: &Node, payload: &str) -> Result<(), String> {
     }
 }
 
+/// The sequence number of `node`'s latest punch outcome with `peer`, so a
+/// run can wait for the next one.
+fn last_punch(node: &Node, peer: &reach::PeerId) -> Option<u64> {
+    node.punch_stats()
+        .recent
+        .iter()
+        .find(|o| o.peer == *peer)
+        .map(|o| o.seq)
+}
+
 /// One run: A connects to B by id, sends, B receives; then both close. A
 /// relayed connection's punch is let finish first, so that it cannot
 /// overlap the punch phase that follows.
 async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), String> {
-    let before = a
-        .punch_stats()
-        .recent
-        .iter()
-        .find(|o| o.peer == b.peer_id())
-        .map(|o| o.seq);
+    let before = last_punch(a, &b.peer_id());
     // Dial afresh: close what DHT traffic may have opened between them
     // (a connection carrying a relay reservation stays: see `disconnect`).
     a.disconnect(b.peer_id());
@@ -383,12 +388,7 @@ async fn punch_run(
         let (Some(relay), Some(relay_addr)) = (status.held_relay, status.held_relay_addr) else {
             return Err("B is neither public nor holding a relay".to_string());
         };
-        let before = dialer
-            .punch_stats()
-            .recent
-            .iter()
-            .find(|o| o.peer == target.peer_id())
-            .map(|o| o.seq);
+        let before = last_punch(&dialer, &target.peer_id());
         dialer
             .connect_via_relay(target.peer_id(), relay, relay_addr)
             .await
