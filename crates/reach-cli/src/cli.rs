@@ -96,6 +96,17 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Connect-to-first-echoed-byte of fresh dialers on loopback: raw quinn
+    /// (server auth only; mutual auth) against reach (pq off; hybrid
+    /// post-quantum), interleaved, with the ratios and the negotiated groups.
+    Connect {
+        /// Fresh dialers per variant.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        dialers: u32,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Direct versus relayed, in one run on loopback: bulk throughput over
     /// one stream, ping round trip, and the relay's forwarding rate on one
     /// core (the relay runs on its own single-threaded runtime).
@@ -212,6 +223,10 @@ pub struct NodeArgs {
     /// punching (and take no part in punches peers ask for).
     #[arg(long)]
     pub no_hole_punching: bool,
+    /// Post-quantum key exchange (X25519MLKEM768): prefer (default: use it
+    /// with every peer that can), require (refuse peers that cannot), off.
+    #[arg(long, value_name = "MODE")]
+    pub pq: Option<reach::PostQuantum>,
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,

@@ -125,6 +125,37 @@ pub async fn run(cli: Cli) -> Result<()> {
             markdown,
         }) => lab_matrix(kinds, runs, delay_ms, json, markdown).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Bench(BenchCommand::Connect { dialers, json }) => {
+            let r = crate::bench::connect(dialers).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "connect to first echoed byte, {dialers} fresh dialers each (median / p99):"
+                );
+                for (name, v) in [
+                    ("raw quinn, server auth only", &r.quinn_server_auth),
+                    ("raw quinn, mutual auth", &r.quinn_mutual),
+                    ("reach, pq off", &r.reach_classical),
+                    ("reach, hybrid pq", &r.reach_hybrid),
+                ] {
+                    let groups = if v.groups.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  [{}]", v.groups.join(", "))
+                    };
+                    println!(
+                        "  {name:<28} {:>6} µs / {:>6} µs{groups}",
+                        v.median_us, v.p99_us
+                    );
+                }
+                println!(
+                    "ratios: hybrid / quinn mutual {:.2} (target ≤ 1.25), hybrid / classical {:.2} ({:+} µs; target ≤ 1.10 or ≤ +1000 µs)",
+                    r.ratio_hybrid_vs_quinn_mutual, r.ratio_hybrid_vs_classical, r.hybrid_extra_us
+                );
+            }
+            Ok(())
+        }
         Command::Bench(BenchCommand::Relay {
             mib,
             rounds,
@@ -206,7 +237,8 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                 .or(config.acquire_relay)
                 .unwrap_or_default(),
         )
-        .hole_punching(!args.no_hole_punching && config.hole_punching.unwrap_or(true));
+        .hole_punching(!args.no_hole_punching && config.hole_punching.unwrap_or(true))
+        .post_quantum(args.pq.or(config.pq).unwrap_or_default());
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
@@ -555,12 +587,25 @@ fn print_status(s: &Status) {
                 (None, Some(r)) => format!("  direct (punched; relay {r} on standby)"),
                 (None, None) => String::new(),
             };
+            let kx = p.kx_group.as_deref().unwrap_or("unknown");
             println!(
-                "  {}  {}  rtt {} ms  {}{via}",
+                "  {}  {}  rtt {} ms  {}  {kx}{via}",
                 p.peer, p.addr, p.rtt_ms, p.direction
             );
         }
     }
+    let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    println!(
+        "handshake pq {}; by group: X25519MLKEM768 {}, X25519 {}, other {}",
+        if s.post_quantum.is_empty() {
+            "unknown"
+        } else {
+            &s.post_quantum
+        },
+        g("handshakes_x25519mlkem768"),
+        g("handshakes_x25519"),
+        g("handshakes_other_group")
+    );
     let r = |k: &str| s.relay.get(k).cloned().unwrap_or_default();
     let reach = r("reachability");
     println!(

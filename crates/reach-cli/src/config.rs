@@ -11,6 +11,9 @@
 //! acquire_relay = "auto"        # hold a relay: "auto" (once verified not
 //!                               # reachable), "on", "off"
 //! hole_punching = true          # upgrade relayed connections to direct
+//! pq = "prefer"                  # post-quantum key exchange (X25519MLKEM768):
+//!                               # "prefer", "require" (refuse classical
+//!                               # peers) or "off" (classical only)
 //!
 //! [relay_limits]                # the relay service's limits (defaults shown)
 //! max_clients = 512
@@ -44,6 +47,7 @@ pub struct Config {
     pub relay: Option<reach::RelayMode>,
     pub acquire_relay: Option<reach::RelayMode>,
     pub hole_punching: Option<bool>,
+    pub pq: Option<reach::PostQuantum>,
     pub relay_limits: Option<RelayLimitsConfig>,
 }
 
@@ -124,12 +128,13 @@ mod tests {
     #[test]
     fn relay_settings_parse_and_default() {
         let c = Config::parse(
-            "relay = \"off\"\nacquire_relay = \"on\"\nhole_punching = false\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
+            "relay = \"off\"\nacquire_relay = \"on\"\nhole_punching = false\npq = \"require\"\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
         )
         .unwrap();
         assert_eq!(c.relay, Some(reach::RelayMode::Off));
         assert_eq!(c.acquire_relay, Some(reach::RelayMode::On));
         assert_eq!(c.hole_punching, Some(false));
+        assert_eq!(c.pq, Some(reach::PostQuantum::Require));
         let l = c.relay_limits.unwrap().to_limits();
         assert_eq!(l.max_clients, 3);
         assert_eq!(l.idle_expiry, std::time::Duration::from_secs(9));

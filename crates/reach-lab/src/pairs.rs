@@ -61,6 +61,9 @@ pub struct PairResult {
     pub direct: u32,
     /// Runs whose first connection was relayed.
     pub relayed: u32,
+    /// Key-exchange groups of the connected runs' connections, by name
+    /// (`X25519MLKEM768`: post-quantum hybrid, the default).
+    pub kx_groups: BTreeMap<String, u32>,
     /// Punch phases that upgraded a relayed connection to a direct one (a
     /// message then crossed the direct path).
     pub upgraded: u32,
@@ -288,7 +291,7 @@ fn last_punch(node: &Node, peer: &reach::PeerId) -> Option<u64> {
 /// One run: A connects to B by id, sends, B receives; then both close. A
 /// relayed connection's punch is let finish first, so that it cannot
 /// overlap the punch phase that follows.
-async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), String> {
+async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool, String), String> {
     let before = last_punch(a, &b.peer_id());
     // Dial afresh: close what DHT traffic may have opened between them
     // (a connection carrying a relay reservation stays: see `disconnect`).
@@ -300,19 +303,19 @@ async fn one_run(a: &Node, b: &Node, tag: u32) -> Result<(Duration, bool), Strin
             .await
             .map_err(|e| e.to_string())?;
         let took = started.elapsed();
-        let relayed = a
+        let (relayed, group) = a
             .connected_peers()
-            .iter()
+            .into_iter()
             .find(|p| p.peer == b.peer_id())
-            .map(|p| p.relay.is_some())
+            .map(|p| (p.relay.is_some(), p.kx_group.unwrap_or_default()))
             .ok_or("connected, but no connection listed")?;
         deliver_once(a, b, &format!("matrix run {tag}")).await?;
-        Ok((took, relayed))
+        Ok((took, relayed, group))
     };
     let res = tokio::time::timeout(RUN_TIMEOUT, run)
         .await
         .unwrap_or_else(|_| Err(format!("no delivery within {RUN_TIMEOUT:?}")));
-    if matches!(res, Ok((_, true))) {
+    if matches!(res, Ok((_, true, _))) {
         // Its result is not this phase's measure (DHT traffic may have
         // opened the NATs already): only its end matters.
         let _ = punch_result(a, b, before, tag).await;
@@ -511,6 +514,7 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 connected: 0,
                 direct: 0,
                 relayed: 0,
+                kx_groups: BTreeMap::new(),
                 upgraded: 0,
                 failed: 0,
                 connect_ms_p50: None,
@@ -524,8 +528,9 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
             let mut ended_direct = 0;
             for r in 0..opts.runs {
                 match one_run(a, b, r).await {
-                    Ok((took, relayed)) => {
+                    Ok((took, relayed, group)) => {
                         result.connected += 1;
+                        *result.kx_groups.entry(group).or_default() += 1;
                         times.push(took);
                         if relayed {
                             result.relayed += 1;

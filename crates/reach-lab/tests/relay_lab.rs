@@ -72,6 +72,18 @@ async fn every_pair_of_nat_kinds_connects_by_peer_id_and_punches_where_mappings_
             p.error
         );
     }
+    // Every connection, direct, relayed or over a TCP link (udp-blocked),
+    // negotiated the post-quantum hybrid key exchange.
+    for p in &report.pairs {
+        assert_eq!(
+            p.kx_groups.get(reach::handshake::HYBRID_GROUP_NAME),
+            Some(&p.connected),
+            "{} -> {}: {:?}",
+            p.a.name(),
+            p.b.name(),
+            p.kx_groups
+        );
+    }
     // Behind NATs that filter, nodes needed relays and used them.
     assert!(report.pairs.iter().any(|p| p.relayed > 0));
     assert!(report.all_connected);

@@ -35,6 +35,12 @@ pub enum Error {
     },
     #[error("could not connect to {peer}: {reason}")]
     Connect { peer: PeerId, reason: String },
+    /// This node requires post-quantum key exchange (`pq = "require"`) and
+    /// the peer offers none (it runs with `pq = "off"` or an older reach).
+    #[error(
+        "{peer} at {addr} cannot do post-quantum key exchange (X25519MLKEM768), which this node requires (pq = \"require\")"
+    )]
+    PostQuantumRequired { peer: PeerId, addr: SocketAddr },
     #[error("no known address for {0}; pass addresses to connect() first")]
     NoAddress(PeerId),
     #[error("connection to {peer} lost: {reason}")]
@@ -84,6 +90,7 @@ impl Error {
             Error::Tls(_) => "tls",
             Error::PeerIdMismatch { .. } => "peer_id_mismatch",
             Error::Connect { .. } => "connect",
+            Error::PostQuantumRequired { .. } => "pq_required",
             Error::NoAddress(_) => "no_address",
             Error::ConnectionLost { .. } => "connection_lost",
             Error::MessageTooLarge { .. } => "message_too_large",

@@ -7,7 +7,7 @@
 //! verifier rejects any other key during the handshake. The listener accepts
 //! any well-formed Ed25519 certificate and learns the dialer's `PeerId` from it.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 use reach_proto::{Keypair, PeerId};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -17,6 +17,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::error::Error;
+use crate::handshake::{self, PostQuantum};
 
 /// ALPN protocol id of reach's QUIC connections.
 pub const ALPN: &[u8] = b"reach/2";
@@ -63,20 +64,38 @@ fn certificate(
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(pkcs8)))
 }
 
-fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+/// The one crypto provider of the workspace (aws-lc-rs: it has the hybrid
+/// post-quantum group; ring's releases have no ML-KEM), with the key
+/// exchange groups of `pq`.
+fn provider(pq: PostQuantum) -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        kx_groups: pq.kx_groups(),
+        ..rustls::crypto::aws_lc_rs::default_provider()
+    })
 }
 
 /// Only Ed25519 is offered and accepted: it is the identity algorithm.
-fn algorithms() -> WebPkiSupportedAlgorithms {
-    rustls::crypto::ring::default_provider().signature_verification_algorithms
+/// Built once: a verification must not rebuild a provider.
+fn algorithms() -> &'static WebPkiSupportedAlgorithms {
+    static ALGORITHMS: LazyLock<WebPkiSupportedAlgorithms> = LazyLock::new(|| {
+        rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms
+    });
+    &ALGORITHMS
 }
 
 /// Server-side config: present our certificate, require and check the
-/// client's.
+/// client's. Post-quantum key exchange preferred ([`PostQuantum::Prefer`]).
 pub fn server_config(keypair: &Keypair) -> Result<rustls::ServerConfig, Error> {
+    server_config_with(keypair, PostQuantum::default())
+}
+
+/// [`server_config`] with the given post-quantum mode.
+pub fn server_config_with(
+    keypair: &Keypair,
+    pq: PostQuantum,
+) -> Result<rustls::ServerConfig, Error> {
     let (cert, key) = certificate(keypair)?;
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider(pq))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .with_client_cert_verifier(Arc::new(ClientVerifier))
@@ -94,14 +113,27 @@ pub type SeenPeer = Arc<Mutex<Option<PeerId>>>;
 /// accept only a server whose key is `expected`. With `None` (bootstrapping
 /// from a bare address) any well-formed Ed25519 identity is accepted and
 /// learned from the handshake through the returned [`SeenPeer`].
+/// Post-quantum key exchange preferred ([`PostQuantum::Prefer`]).
+///
+/// A node builds its configs once and reuses them for every dial; this
+/// function is for using reach's TLS outside a node (tests, benchmarks).
 pub fn client_config(
     keypair: &Keypair,
     expected: impl Into<Option<PeerId>>,
 ) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
+    client_config_with(keypair, expected, PostQuantum::default())
+}
+
+/// [`client_config`] with the given post-quantum mode.
+pub fn client_config_with(
+    keypair: &Keypair,
+    expected: impl Into<Option<PeerId>>,
+    pq: PostQuantum,
+) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
     let expected = expected.into();
     let (cert, key) = certificate(keypair)?;
     let seen = SeenPeer::default();
-    let mut cfg = rustls::ClientConfig::builder_with_provider(provider())
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider(pq))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
@@ -113,6 +145,37 @@ pub fn client_config(
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
     Ok((cfg, seen))
+}
+
+/// A server config without client authentication: only for measuring
+/// what mutual authentication costs (`reach bench connect`); reach itself
+/// always authenticates both ends.
+pub fn server_config_without_client_auth(keypair: &Keypair) -> Result<rustls::ServerConfig, Error> {
+    let (cert, key) = certificate(keypair)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider(PostQuantum::default()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| Error::Tls(e.to_string()))?;
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
+}
+
+/// The client half of [`server_config_without_client_auth`]: the server's
+/// key is pinned (`expected`), no client certificate is sent.
+pub fn client_config_without_client_auth(expected: PeerId) -> Result<rustls::ClientConfig, Error> {
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider(PostQuantum::default()))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| Error::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(ServerVerifier {
+            expected: Some(expected),
+            seen: SeenPeer::default(),
+        }))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(cfg)
 }
 
 fn bad_cert(reason: String) -> rustls::Error {
@@ -149,7 +212,7 @@ fn verify_tls13(
             rustls::PeerIncompatible::NoSignatureSchemesInCommon,
         ));
     }
-    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms())
 }
 
 /// Checks that the server is the peer the dialer asked for.
@@ -172,7 +235,11 @@ impl ServerCertVerifier for ServerVerifier {
         if let Ok(mut seen) = self.seen.lock() {
             *seen = Some(actual);
         }
-        if let Some(expected) = self.expected
+        // A node's dial states its expected peer in the handshake context
+        // (its config is shared by every dial); a config built for one
+        // dial states it in the verifier.
+        let expected = handshake::report_seen(actual).or(self.expected);
+        if let Some(expected) = expected
             && actual != expected
         {
             return Err(bad_cert(format!(
@@ -223,7 +290,8 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        presented_identity(end_entity, intermediates)?;
+        let actual = presented_identity(end_entity, intermediates)?;
+        handshake::report_seen(actual);
         Ok(ClientCertVerified::assertion())
     }
 

@@ -57,6 +57,9 @@ pub struct Status {
     pub local_addr: SocketAddr,
     pub local_addrs: Vec<SocketAddr>,
     pub connected_peers: Vec<ConnectedPeer>,
+    /// The node's post-quantum mode: `prefer`, `require` or `off`.
+    #[serde(default)]
+    pub post_quantum: String,
     /// External addresses as peers reported them, best supported first.
     #[serde(default)]
     pub external: Vec<reach_proto::nat::observed::ScoredAddr>,
@@ -84,6 +87,10 @@ pub struct ConnectedPeer {
     /// one, if any.
     #[serde(default)]
     pub standby_relay: Option<PeerId>,
+    /// The key-exchange group the connection negotiated (`X25519MLKEM768`:
+    /// post-quantum hybrid).
+    #[serde(default)]
+    pub kx_group: Option<String>,
 }
 
 impl From<PeerInfo> for ConnectedPeer {
@@ -95,6 +102,7 @@ impl From<PeerInfo> for ConnectedPeer {
             direction: format!("{:?}", p.direction).to_lowercase(),
             relay: p.relay,
             standby_relay: p.standby_relay,
+            kx_group: p.kx_group,
         }
     }
 }

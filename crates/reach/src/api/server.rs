@@ -229,6 +229,7 @@ async fn status(State(state): State<AppState>) -> Response {
         local_addr: node.local_addr(),
         local_addrs: node.local_addrs(),
         connected_peers: node.connected_peers().into_iter().map(Into::into).collect(),
+        post_quantum: node.post_quantum().to_string(),
         external: node.external_addrs(),
         relay: serde_json::to_value(node.relay_status()).unwrap_or_default(),
         punch: serde_json::to_value(node.punch_stats()).unwrap_or_default(),

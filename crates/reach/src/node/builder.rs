@@ -14,11 +14,11 @@ use super::{
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
+use crate::keystore;
 use crate::relay::RelayRuntime;
 use crate::relay::paths::RelayPaths;
 use crate::socket::DemuxSocket;
 use crate::tcp::TcpLinks;
-use crate::{keystore, tls, transport};
 
 /// The default bind address: every IPv4 interface, a port the OS picks.
 pub const DEFAULT_BIND: SocketAddr =
@@ -43,6 +43,7 @@ pub struct NodeBuilder {
     udp_binder: Option<crate::punch::UdpBinder>,
     no_tcp_fallback: bool,
     no_hole_punching: bool,
+    post_quantum: crate::handshake::PostQuantum,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -170,6 +171,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Post-quantum key exchange: prefer (default), require or off. See
+    /// [`PostQuantum`](crate::handshake::PostQuantum).
+    pub fn post_quantum(mut self, mode: crate::handshake::PostQuantum) -> Self {
+        self.post_quantum = mode;
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -209,10 +217,9 @@ impl NodeBuilder {
         let relay_limits = self.relay_limits.unwrap_or_default();
         let paths = Arc::new(RelayPaths::new(local_addr.is_ipv6(), relay_limits));
         let (shutdown_tx, _) = watch::channel(false);
-        let link_tls = (
-            Arc::new(tls::client_config(&keypair, None)?.0),
-            Arc::new(tls::server_config(&keypair)?),
-        );
+        // Certificate, keys and TLS configs: once per node, not per dial.
+        let tls = crate::handshake::NodeTls::new(&keypair, self.post_quantum)?;
+        let link_tls = tls.link_configs();
         let links = TcpLinks::new(
             local_addr.is_ipv6(),
             shutdown_tx.subscribe(),
@@ -236,11 +243,7 @@ impl NodeBuilder {
         // Peers must never clear the QUIC fixed bit towards us: it is how the
         // shared socket tells QUIC from STUN and control packets.
         endpoint_config.grease_quic_bit(false);
-        let server_crypto =
-            quinn::crypto::rustls::QuicServerConfig::try_from(tls::server_config(&keypair)?)
-                .map_err(|e| Error::Tls(e.to_string()))?;
-        let mut server_config = quinn::ServerConfig::with_crypto(Arc::new(server_crypto));
-        server_config.transport_config(transport::transport_config());
+        let mut server_config = tls.server_config();
         // A client's address must not change under an open connection: a
         // relay binds circuits to it, and quinn adopts a migrated address
         // before validating it (a spoofed packet could redirect a circuit).
@@ -283,6 +286,7 @@ impl NodeBuilder {
         let inner = Arc::new(Inner {
             peer_id: keypair.peer_id(),
             keypair,
+            tls,
             endpoint,
             socket,
             local_addr,

@@ -73,6 +73,9 @@ pub struct PeerInfo {
     /// relay of the relayed connection kept open behind it, which takes
     /// over if the direct path dies.
     pub standby_relay: Option<PeerId>,
+    /// The key-exchange group the connection's handshake negotiated, e.g.
+    /// `X25519MLKEM768` (post-quantum hybrid) or `X25519`.
+    pub kx_group: Option<String>,
 }
 
 /// Who opened a connection.
@@ -94,6 +97,8 @@ pub struct Node {
 pub(crate) struct Inner {
     pub keypair: Keypair,
     pub peer_id: PeerId,
+    /// TLS configs and handshake counters, built once.
+    pub tls: crate::handshake::NodeTls,
     pub endpoint: quinn::Endpoint,
     pub socket: Arc<DemuxSocket>,
     pub local_addr: SocketAddr,
@@ -391,6 +396,11 @@ impl Node {
         Some(event)
     }
 
+    /// The node's post-quantum key-exchange mode.
+    pub fn post_quantum(&self) -> crate::handshake::PostQuantum {
+        self.inner.tls.pq()
+    }
+
     /// Peers with a live connection.
     pub fn connected_peers(&self) -> Vec<PeerInfo> {
         let mut peers = self.inner.peers.connected();
@@ -536,6 +546,7 @@ impl Node {
             &self.inner.dht,
             &self.inner.relay.counters,
             &self.inner.paths.stats,
+            self.inner.tls.stats(),
         )
     }
 

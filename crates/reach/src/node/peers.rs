@@ -18,6 +18,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use super::{Direction, Inner, PeerInfo, inbound, stats};
 use crate::dht::ops;
 use crate::error::{Error, Result};
+use crate::handshake::{self, PostQuantum};
 use crate::relay::paths::is_virtual;
 use crate::{tls, transport};
 use reach_proto::dht::record::{AddrKind, TypedAddr};
@@ -300,6 +301,7 @@ impl PeerTable {
                         direction: *dir,
                         relay: None,
                         standby_relay: None,
+                        kx_group: crate::handshake::negotiated_group(c),
                     })
                 })
                 .collect()
@@ -555,9 +557,7 @@ pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result
         .map_err(|_| Error::Timeout("bootstrap handshake"))?
         .map_err(|e| fail(e.to_string()))?;
     let peer = seen
-        .lock()
-        .ok()
-        .and_then(|s| *s)
+        .seen()
         .ok_or_else(|| fail("no identity in the handshake".into()))?;
     if peer == inner.peer_id {
         conn.close(0u32.into(), b"self");
@@ -628,11 +628,14 @@ async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<qui
         }
     }
     stats::bump(&inner.counters.dial_failures);
-    // A proven wrong identity is the most useful thing to report.
-    if let Some(pos) = failures
-        .iter()
-        .position(|e| matches!(e, Error::PeerIdMismatch { .. }))
-    {
+    // A proven wrong identity, or a peer that cannot meet our key-exchange
+    // requirement, is the most useful thing to report.
+    if let Some(pos) = failures.iter().position(|e| {
+        matches!(
+            e,
+            Error::PeerIdMismatch { .. } | Error::PostQuantumRequired { .. }
+        )
+    }) {
         return Err(failures.swap_remove(pos));
     }
     let reasons: Vec<String> = failures.iter().map(|e| e.to_string()).collect();
@@ -644,7 +647,7 @@ async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<qui
 
 /// Starts a QUIC handshake with whoever is at `addr` (over a TCP link in
 /// TCP mode), accepting only `expected` (any identity when `None`; the
-/// returned [`tls::SeenPeer`] tells who answered). Addressing failures go
+/// returned handshake context tells who answered). Addressing failures go
 /// through `fail`.
 async fn start_handshake(
     inner: &Arc<Inner>,
@@ -652,12 +655,8 @@ async fn start_handshake(
     expected: Option<PeerId>,
     addr: SocketAddr,
     fail: impl Fn(String) -> Error,
-) -> Result<(quinn::Connecting, tls::SeenPeer)> {
-    let (client, seen) = tls::client_config(&inner.keypair, expected)?;
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client)
-        .map_err(|e| Error::Tls(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(transport::transport_config());
+) -> Result<(quinn::Connecting, Arc<handshake::HandshakeContext>)> {
+    let (cfg, seen) = inner.tls.dial_config(expected);
     let quic_addr = inner
         .dial_addr(addr)
         .await
@@ -692,7 +691,7 @@ pub(crate) async fn dial_from(
     let (connecting, seen) = start_handshake(inner, endpoint, Some(peer), addr, fail).await?;
     let result = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting).await;
     let mismatch = || {
-        let actual = seen.lock().ok().and_then(|s| *s)?;
+        let actual = seen.seen()?;
         (actual != peer).then_some(Error::PeerIdMismatch {
             expected: peer,
             actual,
@@ -701,6 +700,11 @@ pub(crate) async fn dial_from(
     };
     match result {
         Ok(Ok(conn)) => Ok(conn),
+        Ok(Err(e))
+            if inner.tls.pq() == PostQuantum::Require && handshake::is_no_common_group(&e) =>
+        {
+            Err(Error::PostQuantumRequired { peer, addr })
+        }
         Ok(Err(e)) => Err(mismatch().unwrap_or_else(|| fail(e.to_string()))),
         Err(_) => Err(fail(format!(
             "no handshake within {:?}",

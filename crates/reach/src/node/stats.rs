@@ -86,6 +86,13 @@ pub struct NodeStats {
     pub relay_acquisitions: u64,
     pub relay_acquisition_failures: u64,
     pub relay_losses: u64,
+    /// Completed handshakes that negotiated the hybrid post-quantum group
+    /// X25519MLKEM768.
+    pub handshakes_x25519mlkem768: u64,
+    /// Completed handshakes that negotiated classical X25519.
+    pub handshakes_x25519: u64,
+    /// Completed handshakes that negotiated any other group.
+    pub handshakes_other_group: u64,
 }
 
 impl NodeStats {
@@ -95,6 +102,7 @@ impl NodeStats {
         dht: &crate::dht::Dht,
         r: &crate::relay::RelayCounters,
         p: &crate::relay::paths::RelayPathStats,
+        h: &crate::handshake::HandshakeStats,
     ) -> Self {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         NodeStats {
@@ -144,6 +152,9 @@ impl NodeStats {
             relay_acquisitions: g(&r.acquisitions),
             relay_acquisition_failures: g(&r.acquisition_failures),
             relay_losses: g(&r.relay_losses),
+            handshakes_x25519mlkem768: h.hybrid(),
+            handshakes_x25519: h.x25519(),
+            handshakes_other_group: h.other(),
         }
     }
 }
