@@ -292,6 +292,53 @@ fn kill_9_at_random_moments_then_restart_same_identity_and_rejoin_from_the_cache
     assert!(cached_peers(&dir).contains(&b_id));
 }
 
+/// Fresh data dirs killed during their very first start.
+const FIRST_START_KILLS: usize = 30;
+/// Latest kill of a first start: the identity key is written about 10 ms
+/// after exec (debug build), so kills spread over this land before, during
+/// and after it.
+const FIRST_START_KILL_MAX: Duration = Duration::from_millis(25);
+
+#[test]
+fn kill_9_during_the_first_start_leaves_no_broken_identity() {
+    let seed = seed();
+    println!("first start seed {seed} (rerun with REACH_CRASH_SEED={seed})");
+    let mut rng = Rng(seed);
+    let root = tempfile::tempdir().unwrap();
+    let logs = root.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let mut with_key = 0;
+    for i in 0..FIRST_START_KILLS {
+        let dir = root.path().join(format!("node{i}"));
+        let delay = FIRST_START_KILL_MAX.mul_f64(rng.unit());
+        let t0 = Instant::now();
+        let mut victim = NodeProcess::start(&dir, &logs, None);
+        std::thread::sleep(delay.saturating_sub(t0.elapsed()));
+        victim.kill9();
+        // Absent or whole, never empty or cut short.
+        let key = std::fs::read_to_string(dir.join("identity.key")).ok();
+        if let Some(k) = &key {
+            assert!(
+                k.starts_with("reach-ed25519-secret-v1:") && k.len() == 89,
+                "kill at {delay:?} left {k:?}"
+            );
+            with_key += 1;
+        }
+        // The restart starts, with the key the killed start left, if any.
+        let mut node = NodeProcess::start(&dir, &logs, None);
+        let api = node.wait_api();
+        until("status after a killed first start", || api.peer_id());
+        if let Some(k) = key {
+            assert_eq!(
+                std::fs::read_to_string(dir.join("identity.key")).unwrap(),
+                k
+            );
+        }
+        node.kill9();
+    }
+    println!("{FIRST_START_KILLS} first starts killed, {with_key} had written their key");
+}
+
 fn random_bytes(rng: &mut Rng, n: usize) -> Vec<u8> {
     (0..n).map(|_| rng.next() as u8).collect()
 }
