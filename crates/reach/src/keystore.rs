@@ -31,9 +31,12 @@ const KEY_PREFIX: &str = "reach-ed25519-secret-v1:";
 /// not ours.
 const MAX_KEY_FILE_LEN: u64 = 1024;
 /// Prefix of the temporary file a new key is written to before it is linked
-/// into place; the writer's pid follows, so concurrent first starts (say
-/// `reach id` next to `reach node`) never share one.
+/// into place; `<pid>-<n>` follows (n counts writes in this process), so
+/// concurrent first starts (say `reach id` next to `reach node`, or two
+/// threads) never share one.
 const TMP_PREFIX: &str = "identity.key.tmp-";
+/// Numbers the temporary files of this process.
+static TMP_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Path of the key file inside `data_dir`.
 pub fn key_path(data_dir: &Path) -> PathBuf {
@@ -169,7 +172,8 @@ fn format_key(kp: &Keypair) -> String {
 fn write_new(path: &Path, kp: &Keypair) -> Result<Keypair> {
     let dir = path.parent().unwrap_or(Path::new("."));
     remove_stale_tmp_files(dir);
-    let tmp = dir.join(format!("{TMP_PREFIX}{}", std::process::id()));
+    let n = TMP_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = dir.join(format!("{TMP_PREFIX}{}-{n}", std::process::id()));
     let _ = fs::remove_file(&tmp);
     let written = (|| {
         let mut file = fs::OpenOptions::new()
@@ -187,9 +191,17 @@ fn write_new(path: &Path, kp: &Keypair) -> Result<Keypair> {
             format!("cannot write {}: {e}", tmp.display()),
         ));
     }
-    let linked = fs::hard_link(&tmp, path);
+    let placed = match fs::hard_link(&tmp, path) {
+        // Filesystems without hard links: a rename, which would replace a
+        // key created meanwhile, so look first (the data dir lock keeps
+        // other nodes out; this only races a concurrent `reach id`).
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists && !path.exists() => {
+            fs::rename(&tmp, path)
+        }
+        other => other,
+    };
     let _ = fs::remove_file(&tmp);
-    match linked {
+    match placed {
         Ok(()) => {}
         // Someone else's first start won: theirs is the identity.
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return load(path),
@@ -214,7 +226,11 @@ fn remove_stale_tmp_files(dir: &Path) {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(pid) = name.to_str().and_then(|n| n.strip_prefix(TMP_PREFIX)) else {
+        let Some((pid, _)) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(TMP_PREFIX))
+            .and_then(|n| n.split_once('-'))
+        else {
             continue;
         };
         if pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists() {
@@ -350,12 +366,28 @@ mod tests {
     fn a_stale_temporary_file_is_removed_and_a_live_one_kept() {
         let dir = tempfile::tempdir().unwrap();
         // pid 4000000 is above Linux's largest pid: nobody runs as it.
-        let stale = dir.path().join(format!("{TMP_PREFIX}4000000"));
-        let live = dir.path().join(format!("{TMP_PREFIX}1"));
+        let stale = dir.path().join(format!("{TMP_PREFIX}4000000-0"));
+        let live = dir.path().join(format!("{TMP_PREFIX}1-0"));
         fs::write(&stale, "x").unwrap();
         fs::write(&live, "x").unwrap();
         load_or_create(dir.path()).unwrap();
         assert!(!stale.exists());
         assert!(live.exists());
+    }
+
+    #[test]
+    fn concurrent_first_starts_agree_on_one_identity() {
+        let dir = tempfile::tempdir().unwrap();
+        let results: Vec<(Keypair, bool)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| load_or_create(dir.path()).unwrap()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let id = results[0].0.peer_id();
+        assert!(results.iter().all(|(kp, _)| kp.peer_id() == id));
+        assert_eq!(results.iter().filter(|(_, created)| *created).count(), 1);
+        assert_eq!(load(&key_path(dir.path())).unwrap().peer_id(), id);
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 }
