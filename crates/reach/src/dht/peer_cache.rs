@@ -246,7 +246,8 @@ impl PeerCache {
                 Ok(v)
             }
             Err(Failure::Io(r)) => {
-                self.close_db(db);
+                // Not the file's fault: keep it, whatever closing says.
+                let _ = close(db);
                 Err(self.err(r))
             }
             Err(Failure::Corrupt(r)) => {
