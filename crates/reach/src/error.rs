@@ -67,6 +67,16 @@ pub enum Error {
     Relay { reason: String },
     #[error("relay {relay} refused: {reason}")]
     RelayRefused { relay: PeerId, reason: String },
+    #[error(
+        "data dir {dir} is in use by another reach node ({holder}); stop that node first, or use another data dir",
+        holder = match pid { Some(p) => format!("pid {p}"), None => "pid not known yet".to_string() }
+    )]
+    DataDirLocked { dir: PathBuf, pid: Option<u32> },
+    #[error(
+        "identity key file {path} is {what} (an interrupted first start?): delete it to create a new identity, or restore it from a backup",
+        what = if *len == 0 { "empty".to_string() } else { format!("incomplete ({len} bytes)") }
+    )]
+    KeyFileIncomplete { path: PathBuf, len: u64 },
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -104,6 +114,8 @@ impl Error {
             Error::Rpc { .. } => "rpc",
             Error::Relay { .. } => "relay",
             Error::RelayRefused { .. } => "relay_refused",
+            Error::DataDirLocked { .. } => "data_dir_locked",
+            Error::KeyFileIncomplete { .. } => "key_file_incomplete",
         }
     }
 }

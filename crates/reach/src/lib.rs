@@ -28,6 +28,7 @@
 //! with tokio and quinn.
 
 pub mod api;
+pub mod datadir;
 pub mod dht;
 pub mod error;
 pub mod events;

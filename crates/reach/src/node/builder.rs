@@ -187,6 +187,12 @@ impl NodeBuilder {
     /// Binds the socket and starts the node's tasks, including joining the
     /// DHT in the background (see [`Node::joined`]).
     pub async fn spawn(self) -> Result<Node> {
+        // Before anything in the data dir is read or written: one node per
+        // data dir (see crate::datadir).
+        let dir_lock = match &self.data_dir {
+            Some(dir) => Some(crate::datadir::DataDirLock::acquire(dir)?),
+            None => None,
+        };
         let keypair = match (self.keypair, &self.data_dir) {
             (Some(kp), _) => kp,
             (None, Some(dir)) => keystore::load_or_create(dir)?.0,
@@ -315,6 +321,7 @@ impl NodeBuilder {
             links: links.clone(),
             tcp_mode: std::sync::atomic::AtomicBool::new(false),
             tcp_fallback: !self.no_tcp_fallback,
+            dir_lock: std::sync::Mutex::new(dir_lock),
         });
         if let Some(l) = tcp_listener {
             inner.spawn(links.accept_loop(l));

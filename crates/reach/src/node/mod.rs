@@ -136,6 +136,9 @@ pub(crate) struct Inner {
     pub tcp_mode: std::sync::atomic::AtomicBool,
     /// Whether to switch to TCP links when UDP reaches nobody.
     pub tcp_fallback: bool,
+    /// The exclusive lock on the data dir, if the node has one; released at
+    /// shutdown, after the peer cache is saved and closed.
+    pub dir_lock: std::sync::Mutex<Option<crate::datadir::DataDirLock>>,
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -152,6 +155,9 @@ impl Inner {
         if !self.is_shut_down() {
             crate::dht::join::save_peer_cache(self);
         }
+        if let Some(cache) = &self.dht.cache {
+            cache.close();
+        }
         self.shutdown_tx.send_replace(true);
         self.endpoint.close(0u32.into(), b"shutdown");
         self.punch.close_endpoints();
@@ -159,6 +165,9 @@ impl Inner {
             for t in tasks.drain(..) {
                 t.abort();
             }
+        }
+        if let Ok(mut lock) = self.dir_lock.lock() {
+            lock.take();
         }
     }
 
@@ -550,8 +559,21 @@ impl Node {
         )
     }
 
+    /// Saves the routing table to the peer cache now (the node also saves it
+    /// after joining, every maintenance tick and at shutdown). `Ok` without
+    /// doing anything for a node without a data dir.
+    pub fn save_peer_cache(&self) -> Result<()> {
+        let Some(cache) = &self.inner.dht.cache else {
+            return Ok(());
+        };
+        let contacts: Vec<reach_proto::dht::Contact> =
+            self.inner.dht.routing().iter().map(|e| e.contact).collect();
+        cache.save(&contacts)
+    }
+
     /// Closes every connection, tells peers, and stops the node's tasks.
-    /// Waits up to [`SHUTDOWN_GRACE`] for peers to acknowledge.
+    /// Waits up to [`SHUTDOWN_GRACE`] for peers to acknowledge. Releases the
+    /// data dir (see [`crate::datadir`]).
     pub async fn shutdown(&self) {
         self.inner.begin_shutdown();
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inner.endpoint.wait_idle()).await;
