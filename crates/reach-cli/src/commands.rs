@@ -145,8 +145,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                         format!("  [{}]", v.groups.join(", "))
                     };
                     println!(
-                        "  {name:<28} {:>6} µs / {:>6} µs{groups}",
-                        v.median_us, v.p99_us
+                        "  {name:<28} {:>6} µs / {:>6} µs  (handshake {:>6} µs){groups}",
+                        v.median_us, v.p99_us, v.handshake_median_us
                     );
                 }
                 println!(

@@ -77,17 +77,20 @@ impl PostQuantum {
     }
 }
 
+/// A post-quantum mode that is not `prefer`, `require` or `off`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown post-quantum mode {0:?} (expected prefer, require or off)")]
+pub struct UnknownPostQuantumMode(pub String);
+
 impl std::str::FromStr for PostQuantum {
-    type Err = String;
+    type Err = UnknownPostQuantumMode;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "prefer" => Ok(PostQuantum::Prefer),
             "require" => Ok(PostQuantum::Require),
             "off" => Ok(PostQuantum::Off),
-            other => Err(format!(
-                "unknown post-quantum mode {other:?} (expected prefer, require or off)"
-            )),
+            other => Err(UnknownPostQuantumMode(other.into())),
         }
     }
 }
@@ -165,14 +168,15 @@ pub(crate) fn current() -> Option<Arc<HandshakeContext>> {
     CURRENT.with(|c| c.borrow().clone())
 }
 
-/// Records what a verifier saw in the current handshake; returns the
-/// identity that handshake expects, if any.
-pub(crate) fn report_seen(actual: PeerId) -> Option<PeerId> {
+/// Records what a verifier saw in the current handshake. Returns `None`
+/// when no handshake context is in scope, else the identity that
+/// handshake expects (`Some(None)`: any).
+pub(crate) fn report_seen(actual: PeerId) -> Option<Option<PeerId>> {
     let ctx = current()?;
     if let Ok(mut seen) = ctx.seen.lock() {
         *seen = Some(actual);
     }
-    ctx.expected
+    Some(ctx.expected)
 }
 
 fn report_group(group: NamedGroup) {
@@ -265,7 +269,9 @@ impl ActiveKeyExchange for RecordedActive {
 // ---------------------------------------------------------------------------
 // Counters.
 
-/// Completed handshakes by negotiated key-exchange group.
+/// Completed TLS handshakes by negotiated key-exchange group (counted when
+/// TLS completes, so also handshakes whose connection the node then closed,
+/// e.g. a dial that reached itself).
 #[derive(Debug, Default)]
 pub struct HandshakeStats {
     hybrid: AtomicU64,
@@ -305,6 +311,8 @@ impl HandshakeStats {
 /// What [`quinn::Connection::handshake_data`] returns for reach connections.
 #[derive(Debug, Clone)]
 pub struct HandshakeInfo {
+    /// The negotiated application protocol (reach's ALPN).
+    pub alpn: Option<Vec<u8>>,
     /// The negotiated key-exchange group (`None` before it completed).
     pub group: Option<NamedGroup>,
 }
@@ -331,8 +339,13 @@ impl crypto::Session for ReachSession {
 
     fn handshake_data(&self) -> Option<Box<dyn Any>> {
         // Ready when quinn's is (ALPN known), with the group read now.
-        self.inner.handshake_data()?;
+        let quinn_data = self.inner.handshake_data()?;
+        let alpn = quinn_data
+            .downcast::<quinn::crypto::rustls::HandshakeData>()
+            .ok()
+            .and_then(|d| d.protocol);
         Some(Box::new(HandshakeInfo {
+            alpn,
             group: self.ctx.group(),
         }))
     }
@@ -466,7 +479,7 @@ impl crypto::ServerConfig for AcceptCrypto {
 /// Everything a node's handshakes need, computed once when it starts.
 pub(crate) struct NodeTls {
     pq: PostQuantum,
-    client: Arc<rustls::ClientConfig>,
+    link_client: Arc<rustls::ClientConfig>,
     server: Arc<rustls::ServerConfig>,
     quic_client: Arc<QuicClientConfig>,
     quic_server: Arc<AcceptCrypto>,
@@ -476,11 +489,13 @@ pub(crate) struct NodeTls {
 
 impl NodeTls {
     pub(crate) fn new(keypair: &Keypair, pq: PostQuantum) -> Result<Self, Error> {
-        let client = Arc::new(tls::client_config_with(keypair, None, pq)?.0);
-        let server = Arc::new(tls::server_config_with(keypair, pq)?);
+        let quic_client = tls::client_config_accepting(keypair, tls::Accept::PerDial, pq)?.0;
         let quic_client = Arc::new(
-            QuicClientConfig::try_from(client.clone()).map_err(|e| Error::Tls(e.to_string()))?,
+            QuicClientConfig::try_from(Arc::new(quic_client))
+                .map_err(|e| Error::Tls(e.to_string()))?,
         );
+        let link_client = Arc::new(tls::client_config_accepting(keypair, tls::Accept::Any, pq)?.0);
+        let server = Arc::new(tls::server_config_with(keypair, pq)?);
         let stats = Arc::new(HandshakeStats::default());
         let quic_server = Arc::new(AcceptCrypto {
             shared: Arc::new(
@@ -491,7 +506,7 @@ impl NodeTls {
         });
         Ok(NodeTls {
             pq,
-            client,
+            link_client,
             server,
             quic_client,
             quic_server,
@@ -511,7 +526,7 @@ impl NodeTls {
     /// The TLS configs of TCP links (any reach identity: the QUIC
     /// connection inside authenticates the peer that matters).
     pub(crate) fn link_configs(&self) -> (Arc<rustls::ClientConfig>, Arc<rustls::ServerConfig>) {
-        (self.client.clone(), self.server.clone())
+        (self.link_client.clone(), self.server.clone())
     }
 
     /// The QUIC server config of the node's endpoint.
@@ -541,15 +556,18 @@ impl NodeTls {
     }
 }
 
-/// Whether a failed dial looks like the peer refused every key-exchange
-/// group we offered (TLS alert 40, handshake_failure: with reach's fixed
-/// cipher suite and signature scheme, the groups are what can differ).
-pub(crate) fn is_no_common_group(err: &quinn::ConnectionError) -> bool {
+/// Whether a failed dial shows the peer refusing our ClientHello: it sent
+/// TLS alert 40 (handshake_failure) before presenting any certificate.
+/// rustls sends that alert when nothing we offered is acceptable; between
+/// reach nodes the cipher suites and the signature scheme are fixed, so
+/// with `pq = "require"` it is the key-exchange groups that differ.
+pub(crate) fn refused_our_hello(err: &quinn::ConnectionError, ctx: &HandshakeContext) -> bool {
+    /// TLS alert handshake_failure (RFC 8446, section 6).
     const HANDSHAKE_FAILURE_ALERT: u8 = 40;
-    let code = match err {
-        quinn::ConnectionError::ConnectionClosed(c) => c.error_code,
-        quinn::ConnectionError::TransportError(t) => t.code,
-        _ => return false,
+    let quinn::ConnectionError::ConnectionClosed(close) = err else {
+        return false;
     };
-    code == quinn_proto::TransportErrorCode::crypto(HANDSHAKE_FAILURE_ALERT)
+    close.error_code == quinn_proto::TransportErrorCode::crypto(HANDSHAKE_FAILURE_ALERT)
+        && ctx.seen().is_none()
+        && ctx.group().is_none()
 }

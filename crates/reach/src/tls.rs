@@ -102,7 +102,18 @@ pub fn server_config_with(
         .with_single_cert(vec![cert], key)
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    no_resumption_server(&mut cfg);
     Ok(cfg)
+}
+
+/// No session tickets, no session cache: a resumed TLS 1.3 session skips
+/// the certificate check, and every reach handshake must prove both
+/// identities afresh. (With one client config shared by all dials, a
+/// ticket from peer A would be offered to whoever answers a dial to B,
+/// e.g. the relay in between, and accepted without B's key.)
+fn no_resumption_server(cfg: &mut rustls::ServerConfig) {
+    cfg.send_tls13_tickets = 0;
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
 }
 
 /// Where the dialer's verifier records the key it was actually shown, so a
@@ -130,7 +141,33 @@ pub fn client_config_with(
     expected: impl Into<Option<PeerId>>,
     pq: PostQuantum,
 ) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
-    let expected = expected.into();
+    let accept = match expected.into() {
+        Some(peer) => Accept::Peer(peer),
+        None => Accept::Any,
+    };
+    client_config_accepting(keypair, accept, pq)
+}
+
+/// Whom a client config accepts as the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Accept {
+    /// Exactly this peer.
+    Peer(PeerId),
+    /// Any well-formed reach identity: bootstrapping from a bare address,
+    /// and TCP links (the QUIC connection inside a link authenticates the
+    /// peer that matters).
+    Any,
+    /// Whom the current dial's handshake context names (a node's QUIC
+    /// config, shared by all its dials). Without a context the handshake
+    /// is refused: this verifier fails closed.
+    PerDial,
+}
+
+pub(crate) fn client_config_accepting(
+    keypair: &Keypair,
+    accept: Accept,
+    pq: PostQuantum,
+) -> Result<(rustls::ClientConfig, SeenPeer), Error> {
     let (cert, key) = certificate(keypair)?;
     let seen = SeenPeer::default();
     let mut cfg = rustls::ClientConfig::builder_with_provider(provider(pq))
@@ -138,12 +175,14 @@ pub fn client_config_with(
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            expected,
-            seen: seen.clone(),
+            accept,
+            seen: (accept != Accept::PerDial).then(|| seen.clone()),
         }))
         .with_client_auth_cert(vec![cert], key)
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    // See `no_resumption_server`.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok((cfg, seen))
 }
 
@@ -159,6 +198,7 @@ pub fn server_config_without_client_auth(keypair: &Keypair) -> Result<rustls::Se
         .with_single_cert(vec![cert], key)
         .map_err(|e| Error::Tls(e.to_string()))?;
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    no_resumption_server(&mut cfg);
     Ok(cfg)
 }
 
@@ -170,11 +210,12 @@ pub fn client_config_without_client_auth(expected: PeerId) -> Result<rustls::Cli
         .map_err(|e| Error::Tls(e.to_string()))?
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(ServerVerifier {
-            expected: Some(expected),
-            seen: SeenPeer::default(),
+            accept: Accept::Peer(expected),
+            seen: None,
         }))
         .with_no_client_auth();
     cfg.alpn_protocols = vec![ALPN.to_vec()];
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 
@@ -218,8 +259,9 @@ fn verify_tls13(
 /// Checks that the server is the peer the dialer asked for.
 #[derive(Debug)]
 struct ServerVerifier {
-    expected: Option<PeerId>,
-    seen: SeenPeer,
+    accept: Accept,
+    /// Where a config built for one dial records who answered.
+    seen: Option<SeenPeer>,
 }
 
 impl ServerCertVerifier for ServerVerifier {
@@ -232,13 +274,21 @@ impl ServerCertVerifier for ServerVerifier {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let actual = presented_identity(end_entity, intermediates)?;
-        if let Ok(mut seen) = self.seen.lock() {
+        if let Some(seen) = &self.seen
+            && let Ok(mut seen) = seen.lock()
+        {
             *seen = Some(actual);
         }
-        // A node's dial states its expected peer in the handshake context
-        // (its config is shared by every dial); a config built for one
-        // dial states it in the verifier.
-        let expected = handshake::report_seen(actual).or(self.expected);
+        let expected = match self.accept {
+            Accept::Peer(peer) => Some(peer),
+            Accept::Any => None,
+            // A node's dials share one config: each states its expected
+            // peer in its handshake context (`None`: a bootstrap dial).
+            Accept::PerDial => match handshake::report_seen(actual) {
+                Some(expected) => expected,
+                None => return Err(bad_cert("no dial context for this handshake".into())),
+            },
+        };
         if let Some(expected) = expected
             && actual != expected
         {

@@ -166,3 +166,31 @@ async fn a_relayed_connection_negotiates_the_hybrid_group_end_to_end() {
         n.shutdown().await;
     }
 }
+
+/// Every handshake proves the peer's key afresh: after talking to A, a dial
+/// for B that reaches A (a stale address, or a relay in between) must not
+/// be answered by A's TLS session (no resumption), and re-bootstrapping
+/// through an address already joined learns its identity again.
+#[tokio::test]
+async fn a_dial_for_one_peer_answered_by_another_is_refused_even_after_talking_to_it() {
+    let a = node(PostQuantum::Prefer).await;
+    let b = node(PostQuantum::Prefer).await;
+    let c = node(PostQuantum::Prefer).await;
+    within("connect to A", connect(&c, &a)).await.unwrap();
+    let err = within(
+        "a dial for B at A's address",
+        c.connect(b.peer_id(), [a.local_addr()]),
+    )
+    .await
+    .expect_err("A must not pass for B");
+    assert_eq!(err.kind(), "peer_id_mismatch", "{err}");
+    assert!(c.connected_peers().iter().all(|p| p.peer != b.peer_id()));
+    // Bootstrapping twice through A reaches A both times.
+    for _ in 0..2 {
+        let report = within("bootstrap", c.bootstrap(&[a.local_addr()])).await;
+        assert_eq!(report.bootstrap_reached, 1, "{report:?}");
+    }
+    for n in [a, b, c] {
+        n.shutdown().await;
+    }
+}

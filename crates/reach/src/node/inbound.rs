@@ -54,7 +54,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
 }
 
 /// The authenticated identity of the remote end of `conn`.
-fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
+pub(crate) fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
     let identity = conn.peer_identity()?;
     let certs = identity
         .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()

@@ -551,14 +551,15 @@ async fn dial_or_resolve_inner(
 /// accepts any valid identity and returns it.
 pub(crate) async fn dial_unknown(inner: &Arc<Inner>, addr: SocketAddr) -> Result<PeerId> {
     let fail = |reason: String| Error::Config(format!("bootstrap {addr}: {reason}"));
-    let (connecting, seen) = start_handshake(inner, &inner.endpoint, None, addr, fail).await?;
+    let (connecting, _) = start_handshake(inner, &inner.endpoint, None, addr, fail).await?;
     let conn = tokio::time::timeout(transport::CONNECT_TIMEOUT, connecting)
         .await
         .map_err(|_| Error::Timeout("bootstrap handshake"))?
         .map_err(|e| fail(e.to_string()))?;
-    let peer = seen
-        .seen()
-        .ok_or_else(|| fail("no identity in the handshake".into()))?;
+    let Some(peer) = inbound::remote_peer_id(&conn) else {
+        conn.close(inbound::codes::MALFORMED.into(), b"no identity");
+        return Err(fail("no identity in the handshake".into()));
+    };
     if peer == inner.peer_id {
         conn.close(0u32.into(), b"self");
         return Err(fail("that address is this node itself".into()));
@@ -699,9 +700,27 @@ pub(crate) async fn dial_from(
         })
     };
     match result {
-        Ok(Ok(conn)) => Ok(conn),
+        // The verifier already refused any other key; the certificate the
+        // connection carries is checked again so that no path (a resumed
+        // session, a verifier without its dial context) can hand back a
+        // connection to someone else.
+        Ok(Ok(conn)) => match inbound::remote_peer_id(&conn) {
+            Some(actual) if actual == peer => Ok(conn),
+            actual => {
+                conn.close(inbound::codes::MALFORMED.into(), b"wrong identity");
+                Err(match actual {
+                    Some(actual) => Error::PeerIdMismatch {
+                        expected: peer,
+                        actual,
+                        addr,
+                    },
+                    None => fail("no identity in the handshake".into()),
+                })
+            }
+        },
         Ok(Err(e))
-            if inner.tls.pq() == PostQuantum::Require && handshake::is_no_common_group(&e) =>
+            if inner.tls.pq() == PostQuantum::Require
+                && handshake::refused_our_hello(&e, &seen) =>
         {
             Err(Error::PostQuantumRequired { peer, addr })
         }
