@@ -36,7 +36,9 @@ pub enum Command {
     /// Run a node in the foreground, serving the local control API.
     ///
     /// Received messages are printed to stdout as
-    /// `message from <peer>: <text>`. Stop with Ctrl-C.
+    /// `message from <peer>: <text>`, control characters escaped (`\n`,
+    /// `\u{1b}`, …) so a message is always one line; `--json` prints one
+    /// JSON object per message instead. Stop with Ctrl-C.
     Node(NodeArgs),
     /// Print this node's peer id (creating the identity if needed).
     Id(DataDirArg),
@@ -215,6 +217,11 @@ pub struct NodeArgs {
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print each received message as one JSON object per line
+    /// (`{"peer", "len", "text"}`, or `"hex"` instead of `"text"` when the
+    /// message is not UTF-8) instead of `message from <peer>: <text>`.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub data_dir: DataDirArg,
 }

@@ -272,3 +272,71 @@ fn two_node_daemons_talk_through_the_cli() {
     assert!(b.terminate().success());
     assert!(!a_dir.path().join("api.json").exists());
 }
+
+#[test]
+fn received_messages_print_as_one_escaped_line_or_one_json_object() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let c_dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let status = |dir: &Path| -> serde_json::Value {
+        let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    let b = NodeProcess::start(b_dir.path(), &cfg, &[]);
+    let c = NodeProcess::start(c_dir.path(), &cfg, &["--json"]);
+    for n in [&a, &b, &c] {
+        n.wait_line("control API");
+    }
+    let a_id = status(a_dir.path())["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let send = |to_dir: &Path, text: &str| {
+        let s = status(to_dir);
+        let out = reach(&[
+            "send",
+            s["peer_id"].as_str().unwrap(),
+            text,
+            "--addr",
+            s["local_addr"].as_str().unwrap(),
+            "--data-dir",
+            a_dir.path().to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A peer tries to forge a line from another peer and to colour the
+    // terminal; then a harmless message follows.
+    let forged = "hi\nmessage from mallory: x\x1b[31m";
+    send(b_dir.path(), forged);
+    send(b_dir.path(), "after");
+    let line = b.wait_line("message from");
+    assert_eq!(
+        line,
+        format!("message from {a_id}: hi\\nmessage from mallory: x\\u{{1b}}[31m")
+    );
+    // The next line printed is the next message: nothing was injected.
+    let next = b.wait_line("message from");
+    assert_eq!(next, format!("message from {a_id}: after"));
+
+    // --json: one object per message, the text exactly as sent.
+    send(c_dir.path(), forged);
+    let line = c.wait_line("\"peer\"");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["peer"], a_id.as_str());
+    assert_eq!(v["text"], forged);
+    assert_eq!(v["len"], forged.len());
+    assert!(!line.contains('\x1b'));
+}
