@@ -144,8 +144,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     pings, r.direct_rtt_p50_us, r.relayed_rtt_p50_us, r.rtt_overhead_p50_us
                 );
                 println!(
-                    "relay forwarding (one core): {:.0} packets/s, {} dropped",
-                    r.relay_forwarded_pps, r.relay_dropped
+                    "relay forwarding (one core): {:.0} packets/s, {} bytes forwarded, {} dropped",
+                    r.relay_forwarded_pps, r.relay_forwarded_bytes, r.relay_dropped
                 );
             }
             Ok(())
