@@ -56,7 +56,8 @@ pub enum Command {
         peer: PeerId,
         /// The message text.
         message: String,
-        /// An address to reach the peer at (repeatable). Not needed: without
+        /// An address to reach the peer at (repeatable), for this send only:
+        /// remembered only if the peer answered there. Not needed: without
         /// it the peer is found through the DHT by its id.
         #[arg(long = "addr", value_name = "IP:PORT")]
         addrs: Vec<SocketAddr>,
@@ -100,7 +101,9 @@ pub enum Command {
 pub enum BenchCommand {
     /// Direct versus relayed, in one run on loopback: bulk throughput over
     /// one stream, ping round trip, and the relay's forwarding rate on one
-    /// core (the relay runs on its own single-threaded runtime).
+    /// core (the relay runs on its own single-threaded runtime). Hole
+    /// punching is off; fails unless the relay forwarded every relayed bulk
+    /// byte and each path stayed as measured.
     Relay {
         /// MiB per bulk transfer.
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
