@@ -210,7 +210,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
-    raise_fd_limit();
+    reach::api::raise_fd_limit();
     let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());
@@ -264,36 +264,6 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     node.shutdown().await;
     printer.abort();
     Ok(())
-}
-
-/// Raises this process's soft limit on open files to its hard limit, so
-/// descriptors (control API connections, TCP links, the peer cache) run out
-/// only where the system says, not at the common soft default of 1024. A
-/// failure only leaves the limit as it was.
-fn raise_fd_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    let raised = unsafe {
-        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
-            && limit.rlim_cur < limit.rlim_max
-            && libc::setrlimit(
-                libc::RLIMIT_NOFILE,
-                &libc::rlimit {
-                    rlim_cur: limit.rlim_max,
-                    rlim_max: limit.rlim_max,
-                },
-            ) == 0
-    };
-    if raised {
-        tracing::debug!(
-            from = limit.rlim_cur,
-            to = limit.rlim_max,
-            "raised the open-files limit"
-        );
-    }
 }
 
 /// A received message as printable text on one line: invalid UTF-8 becomes

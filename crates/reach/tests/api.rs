@@ -153,6 +153,9 @@ fn error_kind(body: &[u8]) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_open_connections_do_not_lock_out_a_real_request_and_are_closed() {
+    // This process holds both ends: as `reach node` does, lift the
+    // open-files soft limit (often 1024) to the hard one.
+    reach::api::raise_fd_limit();
     let dir = tempfile::tempdir().unwrap();
     let (node, api, _) = node_with_api(dir.path()).await;
     const HALF_OPEN: usize = 1100;

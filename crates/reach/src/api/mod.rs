@@ -29,7 +29,7 @@
 pub mod client;
 mod server;
 
-pub use server::{ApiServer, serve};
+pub use server::{ApiServer, raise_fd_limit, serve};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -360,6 +360,36 @@ async fn read_body(req: Request, next: Next) -> Response {
     next.run(Request::from_parts(parts, Body::from(buf))).await
 }
 
+/// Raises this process's soft limit on open files to its hard limit, so
+/// descriptors (control API connections, TCP links, the peer cache) run out
+/// only where the system says, not at the common soft default of 1024.
+/// Returns the (old, new) soft limit if it was raised; a failure leaves the
+/// limit as it was. `reach node` calls this at start.
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && libc::setrlimit(
+                libc::RLIMIT_NOFILE,
+                &libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                },
+            ) == 0
+    };
+    if !raised {
+        return None;
+    }
+    let (old, new) = (limit.rlim_cur, limit.rlim_max);
+    tracing::debug!(old, new, "raised the open-files limit");
+    Some((old, new))
+}
+
 fn new_token() -> Result<String> {
     let mut bytes = [0u8; TOKEN_BYTES];
     getrandom::fill(&mut bytes).map_err(|e| Error::Config(format!("random: {e}")))?;
