@@ -340,3 +340,23 @@ fn received_messages_print_as_one_escaped_line_or_one_json_object() {
     assert_eq!(v["len"], forged.len());
     assert!(!line.contains('\x1b'));
 }
+
+#[test]
+fn bench_relay_goes_through_the_relay() {
+    let out = reach(&[
+        "bench", "relay", "--json", "--mib", "4", "--rounds", "2", "--pings", "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let relayed_bulk = v["bulk_bytes"].as_u64().unwrap() * v["rounds"].as_u64().unwrap();
+    assert_eq!(relayed_bulk, 2 * 4 * 1024 * 1024);
+    assert!(
+        v["relay_forwarded_bytes"].as_u64().unwrap() >= relayed_bulk,
+        "{v}"
+    );
+    assert!(v["bulk_ratio"].as_f64().unwrap() > 0.0);
+}
