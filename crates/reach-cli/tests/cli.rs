@@ -322,14 +322,16 @@ fn received_messages_print_as_one_escaped_line_or_one_json_object() {
     let forged = "hi\nmessage from mallory: x\x1b[31m";
     send(b_dir.path(), forged);
     send(b_dir.path(), "after");
-    let line = b.wait_line("message from");
+    // The two lines printed are the two messages: nothing was injected.
+    let mut lines = [b.wait_line("message from"), b.wait_line("message from")];
+    lines.sort();
     assert_eq!(
-        line,
-        format!("message from {a_id}: hi\\nmessage from mallory: x\\u{{1b}}[31m")
+        lines,
+        [
+            format!("message from {a_id}: after"),
+            format!("message from {a_id}: hi\\nmessage from mallory: x\\u{{1b}}[31m"),
+        ]
     );
-    // The next line printed is the next message: nothing was injected.
-    let next = b.wait_line("message from");
-    assert_eq!(next, format!("message from {a_id}: after"));
 
     // --json: one object per message, the text exactly as sent.
     send(c_dir.path(), forged);
