@@ -1,6 +1,6 @@
 //! The `reach` binary as a user runs it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -96,10 +96,15 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(REACH)
-            .args(["node", "--data-dir", data_dir.to_str().unwrap()])
+        let mut cmd = Command::new(REACH);
+        cmd.args(["node", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--config", config.to_str().unwrap()])
-            .args(extra)
+            .args(extra);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -361,4 +366,67 @@ fn bench_relay_goes_through_the_relay() {
         "{v}"
     );
     assert!(v["bulk_ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_api_answers_through_a_flood_of_half_open_connections_with_few_descriptors() {
+    // This process holds the flood's 1,100 client ends.
+    reach::api::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    // The node may hold at most 1,024 descriptors (soft and hard limit), as
+    // under a common default: fewer than the flood's connections.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", REACH])
+        .args(["node", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap()]);
+    let node = NodeProcess::spawn(cmd);
+    node.wait_line("control API");
+    let disc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("api.json")).unwrap()).unwrap();
+    let api: std::net::SocketAddr = disc["addr"].as_str().unwrap().parse().unwrap();
+
+    let mut stalled = Vec::new();
+    for _ in 0..1100 {
+        let mut s = std::net::TcpStream::connect_timeout(&api, DEADLINE).expect("connect");
+        // The node may already have closed it to make room.
+        let _ = s.write_all(b"POST /v1/send HTTP/1.1\r\nHost: x\r\nContent-Le");
+        stalled.push(s);
+    }
+    let flooded = Instant::now();
+    // The node holds at most its connection cap of them, far from its
+    // descriptor limit.
+    let pid = node.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 512, "the node holds {fds} descriptors");
+    let out = reach(&[
+        "status",
+        "--json",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["peer_id"], disc["peer_id"]);
+    // Answered at once, not when the stalled connections' header time
+    // (5 s) is up and frees descriptors.
+    assert!(
+        flooded.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        flooded.elapsed()
+    );
+    drop(stalled);
+    assert!(node.terminate().success());
 }
