@@ -36,7 +36,9 @@ pub enum Command {
     /// Run a node in the foreground, serving the local control API.
     ///
     /// Received messages are printed to stdout as
-    /// `message from <peer>: <text>`. Stop with Ctrl-C.
+    /// `message from <peer>: <text>`, control characters escaped (`\n`,
+    /// `\u{1b}`, …) so a message is always one line; `--json` prints one
+    /// JSON object per message instead. Stop with Ctrl-C.
     Node(NodeArgs),
     /// Print this node's peer id (creating the identity if needed).
     Id(DataDirArg),
@@ -54,7 +56,8 @@ pub enum Command {
         peer: PeerId,
         /// The message text.
         message: String,
-        /// An address to reach the peer at (repeatable). Not needed: without
+        /// An address to reach the peer at (repeatable), for this send only:
+        /// remembered only if the peer answered there. Not needed: without
         /// it the peer is found through the DHT by its id.
         #[arg(long = "addr", value_name = "IP:PORT")]
         addrs: Vec<SocketAddr>,
@@ -109,7 +112,9 @@ pub enum BenchCommand {
     },
     /// Direct versus relayed, in one run on loopback: bulk throughput over
     /// one stream, ping round trip, and the relay's forwarding rate on one
-    /// core (the relay runs on its own single-threaded runtime).
+    /// core (the relay runs on its own single-threaded runtime). Hole
+    /// punching is off; fails unless the relay forwarded every relayed bulk
+    /// byte and each path stayed as measured.
     Relay {
         /// MiB per bulk transfer.
         #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..=4096))]
@@ -230,6 +235,11 @@ pub struct NodeArgs {
     /// A TOML config file; command-line flags override its values.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// Print each received message as one JSON object per line
+    /// (`{"peer", "len", "text"}`, or `"hex"` instead of `"text"` when the
+    /// message is not UTF-8) instead of `message from <peer>: <text>`.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub data_dir: DataDirArg,
 }

@@ -175,8 +175,8 @@ pub async fn run(cli: Cli) -> Result<()> {
                     pings, r.direct_rtt_p50_us, r.relayed_rtt_p50_us, r.rtt_overhead_p50_us
                 );
                 println!(
-                    "relay forwarding (one core): {:.0} packets/s, {} dropped",
-                    r.relay_forwarded_pps, r.relay_dropped
+                    "relay forwarding (one core): {:.0} packets/s, {} bytes forwarded, {} dropped",
+                    r.relay_forwarded_pps, r.relay_forwarded_bytes, r.relay_dropped
                 );
             }
             Ok(())
@@ -242,6 +242,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
+    reach::api::raise_fd_limit();
     let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());
@@ -268,11 +269,16 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     }
     let printer = {
         let node = node.clone();
+        let json = args.json;
         tokio::spawn(async move {
             while let Some(event) = node.next_event().await {
                 match event {
                     Event::Message { from, data } => {
-                        println!("message from {from}: {}", String::from_utf8_lossy(&data));
+                        if json {
+                            println!("{}", message_json(&from, &data));
+                        } else {
+                            println!("message from {from}: {}", escape_text(&data));
+                        }
                     }
                     Event::Stream(s) => {
                         println!(
@@ -290,6 +296,51 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     node.shutdown().await;
     printer.abort();
     Ok(())
+}
+
+/// A received message as printable text on one line: invalid UTF-8 becomes
+/// U+FFFD, and every character that could forge a line or drive the
+/// terminal (C0 and C1 controls including newline and ESC, DEL, and the
+/// Unicode bidi overrides that reorder what is shown) is written as a Rust
+/// escape (`\n`, `\u{1b}`, …). A backslash is doubled, so the escaping
+/// cannot be imitated by the sender.
+fn escape_text(data: &[u8]) -> String {
+    let text = String::from_utf8_lossy(data);
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if c.is_control() || is_bidi_control(c) => {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Unicode's explicit bidirectional formatting characters: they make a
+/// terminal show text in another order than it was sent.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// A received message as one line of JSON: `{"peer", "len", "text"}` when it
+/// is UTF-8 (JSON escapes every control character), else `{"peer", "len",
+/// "hex"}` with the bytes in lowercase hex.
+fn message_json(from: &reach::PeerId, data: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(data) {
+        Ok(text) => {
+            serde_json::json!({ "peer": from.to_string(), "len": data.len(), "text": text })
+        }
+        Err(_) => {
+            let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+            serde_json::json!({ "peer": from.to_string(), "len": data.len(), "hex": hex })
+        }
+    }
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, so `kill` and service managers stop
@@ -645,4 +696,37 @@ fn print_status(s: &Status) {
         g("messages_sent"),
         g("messages_received")
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printed_messages_cannot_forge_lines_or_drive_the_terminal() {
+        let sent = "hi\nmessage from someone: x\x1b[31m\r\u{7f}\u{9b}\u{202e}\\n";
+        let shown = escape_text(sent.as_bytes());
+        assert_eq!(
+            shown,
+            "hi\\nmessage from someone: x\\u{1b}[31m\\r\\u{7f}\\u{9b}\\u{202e}\\\\n"
+        );
+        assert!(!shown.chars().any(|c| c.is_control()));
+        // Plain text, other scripts and emoji are shown as sent.
+        assert_eq!(escape_text("héllo 世界 👋".as_bytes()), "héllo 世界 👋");
+        // Invalid UTF-8 is replaced, never printed raw.
+        assert_eq!(escape_text(b"a\xff\x1b"), "a\u{fffd}\\u{1b}");
+    }
+
+    #[test]
+    fn json_messages_carry_text_or_hex() {
+        let peer = reach::Keypair::generate().peer_id();
+        let v = message_json(&peer, b"a\nb");
+        assert_eq!(v["text"], "a\nb");
+        assert_eq!(v["len"], 3);
+        assert_eq!(v["peer"], peer.to_string());
+        assert!(!v.to_string().contains('\n'));
+        let v = message_json(&peer, b"\xff\x00");
+        assert_eq!(v["hex"], "ff00");
+        assert!(v.get("text").is_none());
+    }
 }

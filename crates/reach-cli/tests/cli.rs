@@ -1,6 +1,6 @@
 //! The `reach` binary as a user runs it.
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -96,10 +96,15 @@ struct NodeProcess {
 
 impl NodeProcess {
     fn start(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
-        let mut child = Command::new(REACH)
-            .args(["node", "--data-dir", data_dir.to_str().unwrap()])
+        let mut cmd = Command::new(REACH);
+        cmd.args(["node", "--data-dir", data_dir.to_str().unwrap()])
             .args(["--config", config.to_str().unwrap()])
-            .args(extra)
+            .args(extra);
+        Self::spawn(cmd)
+    }
+
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -271,4 +276,157 @@ fn two_node_daemons_talk_through_the_cli() {
     assert!(a.terminate().success());
     assert!(b.terminate().success());
     assert!(!a_dir.path().join("api.json").exists());
+}
+
+#[test]
+fn received_messages_print_as_one_escaped_line_or_one_json_object() {
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let c_dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let status = |dir: &Path| -> serde_json::Value {
+        let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+        assert!(out.status.success());
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    let b = NodeProcess::start(b_dir.path(), &cfg, &[]);
+    let c = NodeProcess::start(c_dir.path(), &cfg, &["--json"]);
+    for n in [&a, &b, &c] {
+        n.wait_line("control API");
+    }
+    let a_id = status(a_dir.path())["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let send = |to_dir: &Path, text: &str| {
+        let s = status(to_dir);
+        let out = reach(&[
+            "send",
+            s["peer_id"].as_str().unwrap(),
+            text,
+            "--addr",
+            s["local_addr"].as_str().unwrap(),
+            "--data-dir",
+            a_dir.path().to_str().unwrap(),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    // A peer tries to forge a line from another peer and to colour the
+    // terminal; then a harmless message follows.
+    let forged = "hi\nmessage from mallory: x\x1b[31m";
+    send(b_dir.path(), forged);
+    send(b_dir.path(), "after");
+    // The two lines printed are the two messages: nothing was injected.
+    let mut lines = [b.wait_line("message from"), b.wait_line("message from")];
+    lines.sort();
+    assert_eq!(
+        lines,
+        [
+            format!("message from {a_id}: after"),
+            format!("message from {a_id}: hi\\nmessage from mallory: x\\u{{1b}}[31m"),
+        ]
+    );
+
+    // --json: one object per message, the text exactly as sent.
+    send(c_dir.path(), forged);
+    let line = c.wait_line("\"peer\"");
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["peer"], a_id.as_str());
+    assert_eq!(v["text"], forged);
+    assert_eq!(v["len"], forged.len());
+    assert!(!line.contains('\x1b'));
+}
+
+#[test]
+fn bench_relay_goes_through_the_relay() {
+    let out = reach(&[
+        "bench", "relay", "--json", "--mib", "4", "--rounds", "2", "--pings", "20",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let relayed_bulk = v["bulk_bytes"].as_u64().unwrap() * v["rounds"].as_u64().unwrap();
+    assert_eq!(relayed_bulk, 2 * 4 * 1024 * 1024);
+    assert!(
+        v["relay_forwarded_bytes"].as_u64().unwrap() >= relayed_bulk,
+        "{v}"
+    );
+    assert!(v["bulk_ratio"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn the_api_answers_through_a_flood_of_half_open_connections_with_few_descriptors() {
+    // This process holds the flood's 1,100 client ends.
+    reach::api::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    // The node may hold at most 1,024 descriptors (soft and hard limit), as
+    // under a common default: fewer than the flood's connections.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", REACH])
+        .args(["node", "--data-dir", dir.path().to_str().unwrap()])
+        .args(["--config", cfg.to_str().unwrap()]);
+    let node = NodeProcess::spawn(cmd);
+    node.wait_line("control API");
+    let disc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("api.json")).unwrap()).unwrap();
+    let api: std::net::SocketAddr = disc["addr"].as_str().unwrap().parse().unwrap();
+
+    let mut stalled = Vec::new();
+    for _ in 0..1100 {
+        let mut s = std::net::TcpStream::connect_timeout(&api, DEADLINE).expect("connect");
+        // The node may already have closed it to make room.
+        let _ = s.write_all(b"POST /v1/send HTTP/1.1\r\nHost: x\r\nContent-Le");
+        stalled.push(s);
+    }
+    let flooded = Instant::now();
+    // The node holds at most its connection cap of them, far from its
+    // descriptor limit.
+    let pid = node.child.id();
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count();
+    assert!(fds < 512, "the node holds {fds} descriptors");
+    let out = reach(&[
+        "status",
+        "--json",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["peer_id"], disc["peer_id"]);
+    // Answered at once, not when the stalled connections' header time
+    // (5 s) is up and frees descriptors.
+    assert!(
+        flooded.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        flooded.elapsed()
+    );
+    drop(stalled);
+    assert!(node.terminate().success());
 }

@@ -56,3 +56,10 @@ pub use reach_proto::relay::service::RelayLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError};
 pub use relay::{Reachability, RelayMode, RelayStatus};
+
+/// The README's code blocks, compiled by `cargo test --doc` so the library
+/// example there cannot drift from the API (its non-Rust blocks are marked
+/// `sh`, `toml` or `text`).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+mod readme {}

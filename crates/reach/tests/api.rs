@@ -1,11 +1,13 @@
 //! The local control API: token required, status and send work.
 
 use std::os::unix::fs::PermissionsExt;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use reach::api::client::{ApiClient, ClientError, raw_request};
-use reach::api::{SendRequest, SendResponse, Status};
+use reach::api::{ApiErrorBody, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
@@ -127,4 +129,135 @@ async fn api_refuses_a_non_loopback_listen_address() {
         .err()
         .unwrap();
     assert_eq!(err.kind(), "config");
+}
+
+async fn node_with_api(dir: &std::path::Path) -> (Node, reach::api::ApiServer, String) {
+    let node = Node::builder()
+        .bind("127.0.0.1:0".parse().unwrap())
+        .data_dir(dir)
+        .spawn()
+        .await
+        .unwrap();
+    let api = reach::api::serve(node.clone(), dir, "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+    let token = std::fs::read_to_string(dir.join(reach::api::TOKEN_FILE)).unwrap();
+    (node, api, token)
+}
+
+fn error_kind(body: &[u8]) -> String {
+    let e: ApiErrorBody = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not a JSON error ({e}): {}", String::from_utf8_lossy(body)));
+    e.error.kind
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_do_not_lock_out_a_real_request_and_are_closed() {
+    // This process holds both ends: as `reach node` does, lift the
+    // open-files soft limit (often 1024) to the hard one.
+    reach::api::raise_fd_limit();
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, _) = node_with_api(dir.path()).await;
+    const HALF_OPEN: usize = 1100;
+    const { assert!(HALF_OPEN > reach::api::MAX_API_CONNECTIONS) };
+
+    // Any local process, no token needed: connect, send part of a request
+    // head, never finish it.
+    let mut stalled = Vec::with_capacity(HALF_OPEN);
+    for _ in 0..HALF_OPEN {
+        let mut s = tokio::time::timeout(DEADLINE, TcpStream::connect(api.addr()))
+            .await
+            .expect("connect in time")
+            .expect("connect");
+        // The server may already have closed it to make room.
+        let _ = s
+            .write_all(b"GET /v1/status HTTP/1.1\r\nHost: x\r\nAuthoriza")
+            .await;
+        stalled.push(s);
+    }
+    let flooded = Instant::now();
+
+    // The user's request is answered at once, long before any of them
+    // timed out.
+    let client = ApiClient::from_data_dir(dir.path()).unwrap();
+    let status: Status = tokio::time::timeout(DEADLINE, client.get("/v1/status"))
+        .await
+        .expect("answer in time")
+        .unwrap();
+    assert_eq!(status.peer_id, node.peer_id());
+    assert!(
+        flooded.elapsed() < reach::api::HEADER_READ_TIMEOUT,
+        "answered after {:?}",
+        flooded.elapsed()
+    );
+
+    // Every stalled connection is closed by the server: the oldest to make
+    // room, the rest once their header time is up.
+    let deadline = tokio::time::Instant::from_std(flooded)
+        + reach::api::HEADER_READ_TIMEOUT
+        + Duration::from_secs(5);
+    for (i, mut s) in stalled.into_iter().enumerate() {
+        let mut sink = Vec::new();
+        let closed = tokio::time::timeout_at(deadline, s.read_to_end(&mut sink)).await;
+        assert!(closed.is_ok(), "stalled connection {i} still open");
+    }
+    // And the API still serves.
+    let _: Status = client.get("/v1/status").await.unwrap();
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn every_refusal_is_a_json_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, api, token) = node_with_api(dir.path()).await;
+    let bearer = token.trim();
+    let token = Some(bearer);
+
+    // A body over the limit: 413 with a typed body, not plain text.
+    let big = serde_json::to_vec(&serde_json::json!({
+        "peer": "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        "message": "x".repeat(reach::api::MAX_REQUEST_BODY + 1),
+    }))
+    .unwrap();
+    let (status, body) = raw_request(api.addr(), token, "POST", "/v1/send", Some(big))
+        .await
+        .unwrap();
+    assert_eq!(status, 413);
+    assert_eq!(error_kind(&body), "request_too_large");
+
+    // No such endpoint, wrong method.
+    let (status, body) = raw_request(api.addr(), token, "GET", "/nope", None)
+        .await
+        .unwrap();
+    assert_eq!((status, error_kind(&body).as_str()), (404, "not_found"));
+    let (status, body) = raw_request(api.addr(), token, "GET", "/v1/send", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, error_kind(&body).as_str()),
+        (405, "method_not_allowed")
+    );
+
+    // A body that stops coming: 408 once the body time is up.
+    let mut s = TcpStream::connect(api.addr()).await.unwrap();
+    let head = format!(
+        "POST /v1/send HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{\"peer\"",
+        bearer
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut resp = Vec::new();
+    tokio::time::timeout(
+        reach::api::BODY_READ_TIMEOUT + DEADLINE,
+        s.read_to_end(&mut resp),
+    )
+    .await
+    .expect("an answer")
+    .unwrap();
+    assert!(started.elapsed() >= reach::api::BODY_READ_TIMEOUT);
+    let resp = String::from_utf8_lossy(&resp);
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    let body = &resp[resp.find("\r\n\r\n").unwrap() + 4..];
+    assert_eq!(error_kind(body.as_bytes()), "timeout");
+    api.stop().await;
 }

@@ -6,6 +6,12 @@
 //! target directly, the other through the relay. Both measure bulk
 //! throughput over one stream and the round trip of an 8-byte ping on a
 //! stream, alternately, so machine noise hits both alike.
+//!
+//! Hole punching is off on every node: otherwise the relayed connection is
+//! upgraded to a direct one right away and "relayed" measures loopback. The
+//! run checks that the relay forwarded at least every relayed bulk byte and
+//! that the relayed connection still goes through the relay at the end, and
+//! fails otherwise.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -42,6 +48,10 @@ pub struct RelayBenchReport {
     /// transfers, on one core (its runtime is single-threaded).
     pub relay_forwarded_pps: f64,
     pub relay_forwarded_packets: u64,
+    /// Bytes the relay forwarded during the relayed bulk transfers (relay
+    /// framing and QUIC overhead included, both directions): at least
+    /// `bulk_bytes × rounds` if they really went through it.
+    pub relay_forwarded_bytes: u64,
     pub relay_dropped: u64,
     /// The relay ran without per-client rate caps (the defaults cap each
     /// client at 8 MiB/s; see `RelayLimits`).
@@ -57,6 +67,7 @@ pub async fn relay(bulk_mib: u64, rounds: u32, pings: u32) -> Result<RelayBenchR
         .bootstrap([relay_addr])
         .relay_service(RelayMode::Off)
         .acquire_relay(RelayMode::On)
+        .hole_punching(false)
         .spawn()
         .await?;
     tokio::spawn(serve(target.clone()));
@@ -96,7 +107,8 @@ pub async fn relay(bulk_mib: u64, rounds: u32, pings: u32) -> Result<RelayBenchR
     let after = relay_handle.stats();
     let direct_rtt = pings_p50(&direct, target.peer_id(), pings).await?;
     let relayed_rtt = pings_p50(&relayed, target.peer_id(), pings).await?;
-    let forwarded = after.0 - before.0;
+    let forwarded = after.packets - before.packets;
+    let forwarded_bytes = after.bytes - before.bytes;
     let report = RelayBenchReport {
         bulk_bytes,
         rounds,
@@ -109,17 +121,40 @@ pub async fn relay(bulk_mib: u64, rounds: u32, pings: u32) -> Result<RelayBenchR
         rtt_overhead_p50_us: relayed_rtt.as_micros() as i64 - direct_rtt.as_micros() as i64,
         relay_forwarded_pps: forwarded as f64 / relayed_time.as_secs_f64().max(1e-9),
         relay_forwarded_packets: forwarded,
-        relay_dropped: after.1,
+        relay_forwarded_bytes: forwarded_bytes,
+        relay_dropped: after.dropped,
         relay_rate_caps: "off".into(),
     };
     let report = RelayBenchReport {
         bulk_ratio: round2(report.relayed_mib_s / report.direct_mib_s.max(1e-9)),
         ..report
     };
+    let still_relayed = relayed
+        .connected_peers()
+        .iter()
+        .any(|p| p.peer == target.peer_id() && p.relay == Some(relay_id));
+    let still_direct = direct
+        .connected_peers()
+        .iter()
+        .any(|p| p.peer == target.peer_id() && p.relay.is_none());
+    let relayed_bulk = bulk_bytes * u64::from(rounds);
     for n in [&direct, &relayed, &target] {
         n.shutdown().await;
     }
     relay_handle.stop();
+    let json = serde_json::to_string(&report).unwrap_or_default();
+    anyhow::ensure!(
+        still_relayed && still_direct,
+        "the paths changed during the run (relayed dialer still through the relay: \
+         {still_relayed}, direct dialer still direct: {still_direct}): the figures do not \
+         measure what they say: {json}"
+    );
+    anyhow::ensure!(
+        report.relay_forwarded_bytes >= relayed_bulk,
+        "the relay forwarded {} bytes, fewer than the {relayed_bulk} bytes sent over the \
+         relayed connection: they did not all go through the relay: {json}",
+        report.relay_forwarded_bytes
+    );
     Ok(report)
 }
 
@@ -141,8 +176,16 @@ async fn dialer() -> Result<Node> {
         .bind(loopback())
         .relay_service(RelayMode::Off)
         .acquire_relay(RelayMode::Off)
+        .hole_punching(false)
         .spawn()
         .await?)
+}
+
+/// What the relay forwarded and dropped.
+struct RelayCounts {
+    packets: u64,
+    bytes: u64,
+    dropped: u64,
 }
 
 /// The relay node, on its own thread with a single-threaded runtime.
@@ -153,13 +196,14 @@ struct RelayHandle {
 }
 
 impl RelayHandle {
-    /// (forwarded packets, dropped packets) so far.
-    fn stats(&self) -> (u64, u64) {
+    /// The relay's forwarding counters so far.
+    fn stats(&self) -> RelayCounts {
         let s = self.node.stats();
-        (
-            s.relay_forwarded_packets,
-            s.relay_dropped_unknown + s.relay_dropped_rate_limited,
-        )
+        RelayCounts {
+            packets: s.relay_forwarded_packets,
+            bytes: s.relay_forwarded_bytes,
+            dropped: s.relay_dropped_unknown + s.relay_dropped_rate_limited,
+        }
     }
 
     fn stop(mut self) {
@@ -197,6 +241,7 @@ fn spawn_relay_thread() -> Result<(PeerId, SocketAddr, RelayHandle)> {
                 .relay_service(RelayMode::On)
                 .acquire_relay(RelayMode::Off)
                 .relay_limits(unlimited)
+                .hole_punching(false)
                 .spawn()
                 .await;
             match node {

@@ -18,15 +18,22 @@
 //! - `GET  /debug/routing` — the DHT routing table
 //! - `GET  /debug/store`   — records this node holds for others
 //!
-//! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`.
+//! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`,
+//! refusals by the server itself too: `unauthorized` (401), `not_found`
+//! (404), `method_not_allowed` (405), `timeout` (408, a body not sent within
+//! [`BODY_READ_TIMEOUT`]), `request_too_large` (413, a body over
+//! [`MAX_REQUEST_BODY`]), `busy` (503, [`MAX_API_CONNECTIONS`] requests in
+//! progress). A connection that has not sent its request head within
+//! [`HEADER_READ_TIMEOUT`] is closed without an answer.
 
 pub mod client;
 mod server;
 
-pub use server::{ApiServer, serve};
+pub use server::{ApiServer, raise_fd_limit, serve};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -41,6 +48,24 @@ pub const DISCOVERY_FILE: &str = "api.json";
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:0";
 /// Largest request body the API accepts: a message plus JSON overhead.
 pub const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
+/// Longest a client may take to send a request line and headers. The CLI
+/// sends them in one write right after connecting; a connection that has
+/// not finished them by then is stalled or hostile (slowloris) and only
+/// holds a file descriptor: it is closed.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest a client may take to send a request body once its headers are
+/// in. [`MAX_REQUEST_BODY`] over loopback takes milliseconds; this only
+/// bounds a client that stalls mid-body (answered with a JSON 408).
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections the API serves at once. The CLI opens one per command, so
+/// real use is a handful; the cap keeps a flood of local connections from
+/// taking the process's file descriptors (at most this many of them, far
+/// below the default soft limit of 1024, which the node also raises at
+/// start). At the cap, the connection that has waited longest without
+/// sending its request head is closed to make room, so stalled connections
+/// cannot lock out a real request; only when every connection is busy with
+/// a real request is a new one refused (JSON 503).
+pub const MAX_API_CONNECTIONS: usize = 256;
 
 /// Where a running node's API is, as written to [`DISCOVERY_FILE`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

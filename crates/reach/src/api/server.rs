@@ -1,24 +1,31 @@
 //! Serving the control API.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures::StreamExt;
 use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 use super::{
-    ApiErrorBody, ApiErrorDetail, ConnectRequest, Discovery, LookupRequest, LookupResponse,
-    MAX_REQUEST_BODY, SendRequest, SendResponse, Status, discovery_path, stats_json, token_path,
+    ApiErrorBody, ApiErrorDetail, BODY_READ_TIMEOUT, ConnectRequest, Discovery,
+    HEADER_READ_TIMEOUT, LookupRequest, LookupResponse, MAX_API_CONNECTIONS, MAX_REQUEST_BODY,
+    SendRequest, SendResponse, Status, discovery_path, stats_json, token_path,
 };
 use crate::error::{Error, Result};
 use crate::keystore;
@@ -26,6 +33,13 @@ use crate::node::Node;
 
 /// Bytes of randomness in a token.
 const TOKEN_BYTES: usize = 32;
+/// Bytes of an oversized body read (and dropped) before the JSON 413 is
+/// sent: a client still writing its body when the server closes would get
+/// a reset instead of the answer. Past this much the connection is closed.
+const MAX_BODY_DRAIN: usize = 64 * 1024 * 1024;
+/// Pause after a failed `accept` (out of file descriptors, say) before the
+/// next: retrying at once would spin on the same error.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
 /// A running control API. Stops when [`ApiServer::stop`] is called or the
 /// value is dropped.
@@ -113,18 +127,15 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Layers run outside in: the token is checked before any body is
+        // read, so only the local user can make the server read one.
         .layer(DefaultBodyLimit::max(MAX_REQUEST_BODY))
+        .layer(middleware::from_fn(read_body))
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
         .with_state(state);
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(async {
-            let _ = stop_rx.await;
-        });
-        if let Err(e) = server.await {
-            tracing::warn!(error = %e, "control API stopped with an error");
-        }
-    });
+    let task = tokio::spawn(accept_loop(listener, app, stop_rx));
     tracing::info!(%addr, "control API listening");
     Ok(ApiServer {
         addr,
@@ -132,6 +143,251 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         stop: Some(stop_tx),
         task: Some(task),
     })
+}
+
+/// Connections being served, oldest first (ids grow).
+#[derive(Default)]
+struct Conns {
+    next_id: u64,
+    open: BTreeMap<u64, Conn>,
+}
+
+struct Conn {
+    /// Whether a whole request head arrived (set by the service when hyper
+    /// hands it the request): such a connection is doing real work.
+    head_seen: Arc<AtomicBool>,
+    task: AbortHandle,
+}
+
+fn lock(conns: &Mutex<Conns>) -> std::sync::MutexGuard<'_, Conns> {
+    // Only plain bookkeeping happens under the lock; a poisoned one is
+    // still consistent.
+    conns.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Removes its connection from [`Conns`] when the connection's task ends,
+/// however it ends (finished, failed, aborted).
+struct ConnGuard {
+    conns: Arc<Mutex<Conns>>,
+    id: u64,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        lock(&self.conns).open.remove(&self.id);
+    }
+}
+
+/// Accepts connections until `stop` fires, serving each on its own task
+/// with hyper (HTTP/1.1, one request per connection, the head within
+/// [`HEADER_READ_TIMEOUT`]) and at most [`MAX_API_CONNECTIONS`] at once.
+/// On stop, every connection still open is closed.
+async fn accept_loop(listener: TcpListener, app: Router, mut stop: oneshot::Receiver<()>) {
+    let conns = Arc::new(Mutex::new(Conns::default()));
+    loop {
+        let stream = tokio::select! {
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control API: accept failed");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
+        };
+        admit(&conns, stream, &app);
+    }
+    let open = std::mem::take(&mut lock(&conns).open);
+    for conn in open.into_values() {
+        conn.task.abort();
+    }
+}
+
+/// Serves `stream`, first making room under [`MAX_API_CONNECTIONS`] by
+/// closing the oldest connection that has not sent its request head; with
+/// none such, refuses `stream` with a JSON 503.
+fn admit(conns: &Arc<Mutex<Conns>>, stream: TcpStream, app: &Router) {
+    let mut evicted = None;
+    let mut guard = lock(conns);
+    if guard.open.len() >= MAX_API_CONNECTIONS {
+        let stalled = guard
+            .open
+            .iter()
+            .find(|(_, c)| !c.head_seen.load(Ordering::Relaxed))
+            .map(|(id, _)| *id);
+        match stalled {
+            Some(id) => evicted = guard.open.remove(&id),
+            None => {
+                drop(guard);
+                refuse_busy(&stream);
+                return;
+            }
+        }
+    }
+    let id = guard.next_id;
+    guard.next_id += 1;
+    let head_seen = Arc::new(AtomicBool::new(false));
+    let on_end = ConnGuard {
+        conns: conns.clone(),
+        id,
+    };
+    // The task cannot remove its entry before it is inserted: that takes
+    // the lock held here.
+    let task = tokio::spawn(serve_connection(
+        stream,
+        app.clone(),
+        head_seen.clone(),
+        on_end,
+    ));
+    guard.open.insert(
+        id,
+        Conn {
+            head_seen,
+            task: task.abort_handle(),
+        },
+    );
+    drop(guard);
+    if let Some(conn) = evicted {
+        tracing::debug!("control API: closing a connection that sent no request head");
+        conn.task.abort();
+    }
+}
+
+/// Answers a connection over the cap with a JSON 503 and closes it. The
+/// answer is small enough for a fresh socket's send buffer, so one
+/// non-blocking write suffices (if it does not, the client sees a close).
+fn refuse_busy(stream: &TcpStream) {
+    let body = serde_json::to_string(&ApiErrorBody {
+        error: ApiErrorDetail {
+            kind: "busy".into(),
+            message: format!(
+                "the control API is serving its maximum of {MAX_API_CONNECTIONS} requests; try again"
+            ),
+        },
+    })
+    .unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(response.as_bytes());
+}
+
+/// One connection: one request (no keep-alive), its head within
+/// [`HEADER_READ_TIMEOUT`] or the connection is closed.
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    head_seen: Arc<AtomicBool>,
+    _on_end: ConnGuard,
+) {
+    use hyper::service::Service as _;
+    let app = hyper_util::service::TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+        head_seen.store(true, Ordering::Relaxed);
+        app.call(req)
+    });
+    let served = hyper::server::conn::http1::Builder::new()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(false)
+        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .await;
+    if let Err(e) = served {
+        tracing::debug!(error = %e, "control API connection ended with an error");
+    }
+}
+
+/// Reads the whole request body, at most [`MAX_REQUEST_BODY`] within
+/// [`BODY_READ_TIMEOUT`], so handlers get it in one piece and every refusal
+/// is a JSON error. An oversized body is read on (up to
+/// [`MAX_BODY_DRAIN`]) and dropped, so the client, still writing, gets to
+/// read the 413.
+async fn read_body(req: Request, next: Next) -> Response {
+    let (parts, body) = req.into_parts();
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        api_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+            format!("request body over the limit of {MAX_REQUEST_BODY} bytes"),
+        )
+    };
+    if declared.is_some_and(|n| n > MAX_BODY_DRAIN as u64) {
+        return too_large();
+    }
+    let read = async {
+        let mut data = body.into_data_stream();
+        let mut buf = Vec::new();
+        let mut seen = 0usize;
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| {
+                api_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    format!("reading the request body: {e}"),
+                )
+            })?;
+            seen = seen.saturating_add(chunk.len());
+            if seen > MAX_BODY_DRAIN {
+                return Err(too_large());
+            }
+            if seen <= MAX_REQUEST_BODY {
+                buf.extend_from_slice(&chunk);
+            }
+        }
+        if seen > MAX_REQUEST_BODY {
+            return Err(too_large());
+        }
+        Ok(buf)
+    };
+    let buf = match tokio::time::timeout(BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(buf)) => buf,
+        Ok(Err(refused)) => return refused,
+        Err(_) => {
+            return api_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "timeout",
+                format!("request body not received within {BODY_READ_TIMEOUT:?}"),
+            );
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(buf))).await
+}
+
+/// Raises this process's soft limit on open files to its hard limit, so
+/// descriptors (control API connections, TCP links, the peer cache) run out
+/// only where the system says, not at the common soft default of 1024.
+/// Returns the (old, new) soft limit if it was raised; a failure leaves the
+/// limit as it was. `reach node` calls this at start.
+pub fn raise_fd_limit() -> Option<(u64, u64)> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0
+            && limit.rlim_cur < limit.rlim_max
+            && libc::setrlimit(
+                libc::RLIMIT_NOFILE,
+                &libc::rlimit {
+                    rlim_cur: limit.rlim_max,
+                    rlim_max: limit.rlim_max,
+                },
+            ) == 0
+    };
+    if !raised {
+        return None;
+    }
+    let (old, new) = (limit.rlim_cur, limit.rlim_max);
+    tracing::debug!(old, new, "raised the open-files limit");
+    Some((old, new))
 }
 
 fn new_token() -> Result<String> {
@@ -220,6 +476,14 @@ fn ok<T: Serialize>(value: T) -> Response {
 
 async fn not_found() -> Response {
     api_error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn method_not_allowed() -> Response {
+    api_error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "this endpoint does not take that method",
+    )
 }
 
 async fn status(State(state): State<AppState>) -> Response {

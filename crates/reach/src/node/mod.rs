@@ -272,10 +272,12 @@ impl Node {
     }
 
     /// Connects to `peer` at one of `addrs` (tried in parallel; the first
-    /// authenticated handshake wins) unless a live connection exists. The
-    /// addresses are remembered, so later `send`s redial on their own.
-    /// With no addresses (or none that works) the peer's endpoint record is
-    /// looked up in the DHT: dialing by key alone.
+    /// authenticated handshake wins) unless a live connection exists.
+    /// `addrs` apply to this call only: the one that produced the
+    /// authenticated connection is remembered, so later `send`s redial on
+    /// their own; one that failed is forgotten, never tried again by a later
+    /// call. With no addresses (or none that works) the peer's endpoint
+    /// record is looked up in the DHT: dialing by key alone.
     ///
     /// Fails with [`Error::PeerIdMismatch`] when the remote proves a different
     /// key than `peer`.
@@ -284,8 +286,10 @@ impl Node {
         peer: PeerId,
         addrs: impl IntoIterator<Item = SocketAddr>,
     ) -> Result<()> {
-        self.inner.peers.remember(peer, addrs);
-        peers::connection(&self.inner, peer).await.map(|_| ())
+        let hint: Vec<SocketAddr> = addrs.into_iter().collect();
+        peers::connection_via(&self.inner, peer, &hint)
+            .await
+            .map(|_| ())
     }
 
     /// Sends one whole message reliably. Returns once the peer's QUIC stack

@@ -315,7 +315,19 @@ impl PeerTable {
 /// and resolving its endpoint record through the DHT when none is known or
 /// none works.
 pub(crate) async fn connection(inner: &Arc<Inner>, peer: PeerId) -> Result<quinn::Connection> {
-    let conn = connect_with(inner, peer, &[], true).await?;
+    connection_via(inner, peer, &[]).await
+}
+
+/// Like [`connection`], also trying `hint` (addresses the user gave for
+/// this call). A hint is remembered only if it produced the authenticated
+/// connection (see [`dial_any`]): an address that failed once is not tried
+/// again by later calls that did not give it.
+pub(crate) async fn connection_via(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    hint: &[SocketAddr],
+) -> Result<quinn::Connection> {
+    let conn = connect_with(inner, peer, hint, true).await?;
     inner.peers.touch(&peer, true);
     Ok(conn)
 }
@@ -596,7 +608,8 @@ pub(crate) async fn open_uni(
 
 /// Dials all direct addresses at once and, [`RELAY_DIAL_DELAY`] later (at
 /// once if there are none), through each relay; the first authenticated
-/// connection wins.
+/// connection wins. The direct address that won is remembered (first):
+/// it is proven to be the peer's.
 async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<quinn::Connection> {
     use futures::FutureExt;
     let delay = if known.addrs.is_empty() {
@@ -607,22 +620,26 @@ async fn dial_any(inner: &Arc<Inner>, peer: PeerId, known: &Known) -> Result<qui
     let mut attempts: FuturesUnordered<_> = known
         .addrs
         .iter()
-        .map(|&a| dial(inner, peer, a).boxed())
+        .map(|&a| dial(inner, peer, a).map(move |r| (r, Some(a))).boxed())
         .collect();
     for &(relay, relay_addr) in &known.relays {
         attempts.push(
             async move {
                 tokio::time::sleep(delay).await;
-                crate::relay::client::dial_via(inner, relay, relay_addr, peer).await
+                let r = crate::relay::client::dial_via(inner, relay, relay_addr, peer).await;
+                (r, None)
             }
             .boxed(),
         );
     }
     let mut failures = Vec::new();
-    while let Some(res) = attempts.next().await {
+    while let Some((res, addr)) = attempts.next().await {
         match res {
             Ok(conn) => {
                 stats::bump(&inner.counters.connections_outbound);
+                if let Some(a) = addr {
+                    inner.peers.remember(peer, [a]);
+                }
                 return Ok(conn);
             }
             Err(e) => failures.push(e),
