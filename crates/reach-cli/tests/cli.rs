@@ -223,6 +223,9 @@ fn two_node_daemons_talk_through_the_cli() {
         text.contains("1 connected") && text.contains(&b_id),
         "{text}"
     );
+    // The connection's key exchange is post-quantum, and status shows it.
+    assert!(text.contains("X25519MLKEM768"), "{text}");
+    assert!(text.contains("handshake pq prefer"), "{text}");
 
     // B finds A by key alone, through the DHT, and sends without an address.
     let a_id = sa["peer_id"].as_str().unwrap();

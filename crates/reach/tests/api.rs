@@ -98,6 +98,12 @@ async fn api_refuses_requests_without_the_token_and_serves_with_it() {
     let status: Status = client.get("/v1/status").await.unwrap();
     assert_eq!(status.connected_peers.len(), 1);
     assert_eq!(status.connected_peers[0].peer, other.peer_id());
+    // Post-quantum by default, and the status says so.
+    assert_eq!(status.post_quantum, "prefer");
+    assert_eq!(
+        status.connected_peers[0].kx_group.as_deref(),
+        Some("X25519MLKEM768")
+    );
 
     // Malformed bodies get a typed 400.
     let err = client
