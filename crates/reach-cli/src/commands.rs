@@ -136,6 +136,7 @@ pub async fn run(cli: Cli) -> Result<()> {
                 for (name, v) in [
                     ("raw quinn, server auth only", &r.quinn_server_auth),
                     ("raw quinn, mutual auth", &r.quinn_mutual),
+                    ("raw quinn, mutual, pq off", &r.quinn_mutual_classical),
                     ("reach, pq off", &r.reach_classical),
                     ("reach, hybrid pq", &r.reach_hybrid),
                 ] {

@@ -10,8 +10,10 @@
 //! - `quinn_server_auth`: raw quinn, the server presents reach's kind of
 //!   certificate (self-signed Ed25519), the client pins it; no client cert.
 //! - `quinn_mutual`: raw quinn with reach's own TLS configs (mutual Ed25519
-//!   authentication, same key-exchange groups): the baseline reach must
-//!   stay close to.
+//!   authentication, same key-exchange groups, hybrid first): the baseline
+//!   reach must stay close to.
+//! - `quinn_mutual_classical`: the same with `pq = off`: what the hybrid
+//!   key exchange costs raw quinn.
 //! - `reach_classical`: two reach nodes with `pq = off`.
 //! - `reach_hybrid`: two reach nodes with the default `pq = prefer`; every
 //!   connection must negotiate X25519MLKEM768 (checked, not assumed).
@@ -57,6 +59,7 @@ pub struct ConnectBenchReport {
     pub dialers: u32,
     pub quinn_server_auth: VariantReport,
     pub quinn_mutual: VariantReport,
+    pub quinn_mutual_classical: VariantReport,
     pub reach_classical: VariantReport,
     pub reach_hybrid: VariantReport,
     /// reach (hybrid) median / raw quinn with mutual auth median (target ≤ 1.25).
@@ -72,22 +75,25 @@ pub struct ConnectBenchReport {
 
 /// Runs the benchmark with `dialers` fresh dialers per variant.
 pub async fn connect(dialers: u32) -> Result<ConnectBenchReport> {
-    let quinn_server_auth = RawServer::start(false)?;
-    let quinn_mutual = RawServer::start(true)?;
+    let quinn_server_auth = RawServer::start(RawAuth::ServerOnly)?;
+    let quinn_mutual = RawServer::start(RawAuth::Mutual(PostQuantum::Prefer))?;
+    let quinn_classical = RawServer::start(RawAuth::Mutual(PostQuantum::Off))?;
     let reach_off = echo_node(PostQuantum::Off).await?;
     let reach_pq = echo_node(PostQuantum::Prefer).await?;
 
-    let mut times: [Vec<Sample>; 4] = Default::default();
+    let mut times: [Vec<Sample>; 5] = Default::default();
     let mut groups: [Vec<String>; 2] = Default::default();
     // One untimed round first: one-time costs (crypto library set-up,
     // lazily built tables) belong to no dial.
     quinn_server_auth.dial_once().await?;
     quinn_mutual.dial_once().await?;
+    quinn_classical.dial_once().await?;
     reach_dial_once(&reach_off, PostQuantum::Off).await?;
     reach_dial_once(&reach_pq, PostQuantum::Prefer).await?;
     for _ in 0..dialers {
         times[0].push(quinn_server_auth.dial_once().await?);
         times[1].push(quinn_mutual.dial_once().await?);
+        times[4].push(quinn_classical.dial_once().await?);
         for (i, (target, pq)) in [
             (&reach_off, PostQuantum::Off),
             (&reach_pq, PostQuantum::Prefer),
@@ -118,8 +124,9 @@ pub async fn connect(dialers: u32) -> Result<ConnectBenchReport> {
     reach_pq.shutdown().await;
     quinn_server_auth.close();
     quinn_mutual.close();
+    quinn_classical.close();
 
-    let [t_sa, t_mu, t_off, t_pq] = times;
+    let [t_sa, t_mu, t_off, t_pq, t_mc] = times;
     let [g_off, g_pq] = groups;
     let v = |t: Vec<Sample>, groups: Vec<String>| {
         let (handshake, _) = median_p99(t.iter().map(|s| s.handshake).collect());
@@ -133,6 +140,7 @@ pub async fn connect(dialers: u32) -> Result<ConnectBenchReport> {
     };
     let quinn_server_auth = v(t_sa, Vec::new());
     let quinn_mutual = v(t_mu, Vec::new());
+    let quinn_mutual_classical = v(t_mc, Vec::new());
     let reach_classical = v(t_off, g_off);
     let reach_hybrid = v(t_pq, g_pq);
     let ratio = |a: u64, b: u64| round2(a as f64 / (b as f64).max(1.0));
@@ -147,6 +155,7 @@ pub async fn connect(dialers: u32) -> Result<ConnectBenchReport> {
         ),
         quinn_server_auth,
         quinn_mutual,
+        quinn_mutual_classical,
         reach_classical,
         reach_hybrid,
     })
@@ -239,20 +248,28 @@ async fn reach_dial_once(target: &Node, pq: PostQuantum) -> Result<(Sample, Stri
     Ok((took, group))
 }
 
+/// How a raw quinn baseline authenticates.
+#[derive(Clone, Copy)]
+enum RawAuth {
+    /// The server only; the client pins the server's key.
+    ServerOnly,
+    /// Both ends, with reach's TLS configs and this key-exchange mode.
+    Mutual(PostQuantum),
+}
+
 /// A raw quinn echo server with reach's certificate kind.
 struct RawServer {
     endpoint: quinn::Endpoint,
     server_key: Keypair,
-    mutual: bool,
+    auth: RawAuth,
 }
 
 impl RawServer {
-    fn start(mutual: bool) -> Result<Self> {
+    fn start(auth: RawAuth) -> Result<Self> {
         let server_key = Keypair::generate();
-        let tls = if mutual {
-            reach::tls::server_config(&server_key)?
-        } else {
-            reach::tls::server_config_without_client_auth(&server_key)?
+        let tls = match auth {
+            RawAuth::Mutual(pq) => reach::tls::server_config_with(&server_key, pq)?,
+            RawAuth::ServerOnly => reach::tls::server_config_without_client_auth(&server_key)?,
         };
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -276,17 +293,19 @@ impl RawServer {
         Ok(RawServer {
             endpoint,
             server_key,
-            mutual,
+            auth,
         })
     }
 
     /// One fresh client (new identity and endpoint, set up untimed), then
     /// connect, one byte there and back.
     async fn dial_once(&self) -> Result<Sample> {
-        let tls = if self.mutual {
-            reach::tls::client_config(&Keypair::generate(), self.server_key.peer_id())?.0
-        } else {
-            reach::tls::client_config_without_client_auth(self.server_key.peer_id())?
+        let server = self.server_key.peer_id();
+        let tls = match self.auth {
+            RawAuth::Mutual(pq) => {
+                reach::tls::client_config_with(&Keypair::generate(), server, pq)?.0
+            }
+            RawAuth::ServerOnly => reach::tls::client_config_without_client_auth(server)?,
         };
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
