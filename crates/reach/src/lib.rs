@@ -46,7 +46,7 @@ pub use dht::join::JoinReport;
 pub use error::{Error, Result};
 pub use events::{Event, Stream};
 pub use nat::NatReport;
-pub use node::{Direction, Node, NodeBuilder, NodeStats, PeerInfo};
+pub use node::{ConnectionLimits, Direction, Node, NodeBuilder, NodeStats, PeerInfo};
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::relay::service::RelayLimits;

@@ -1,5 +1,7 @@
 //! `reach bench …`: measurements that print JSON, one file per benchmark.
 
+pub mod flood;
 pub mod relay;
 
+pub use flood::flood;
 pub use relay::relay;
