@@ -326,6 +326,7 @@ impl NodeBuilder {
             inner.spawn(links.accept_loop(l));
         }
         inner.spawn(inbound::accept_loop(inner.clone()));
+        inner.spawn(super::limits::trim_loop(inner.inbound_gate.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
         inner.spawn(crate::dht::join::maintain(inner.clone()));
         inner.spawn(crate::relay::acquire::drive(inner.clone()));

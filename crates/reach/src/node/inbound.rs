@@ -170,6 +170,11 @@ async fn serve(
         // A relay client that left takes its reservation and circuits along.
         inner.paths.release(&peer);
         inner.punch.forget_info(&peer);
+        if slot.is_some() {
+            // An inbound peer that never used its connection for anything
+            // of the application's leaves no entry behind.
+            inner.peers.forget_if_unused(&peer);
+        }
     }
     drop(slot);
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");

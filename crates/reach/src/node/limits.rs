@@ -54,6 +54,14 @@ pub const MAX_IDLE_PEERS: usize = 1024;
 /// (a minute) would let a stalled one hold a slot far longer.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How often the node checks whether closed connections left memory to give
+/// back to the OS (see [`trim_loop`]).
+pub const TRIM_CHECK: Duration = Duration::from_secs(2);
+/// Inbound connections that must have closed since the last trim before
+/// the next one: a trim walks the heap (milliseconds), so it runs only
+/// after a burst, never per connection.
+pub const TRIM_AFTER_CLOSES: u64 = 64;
+
 /// Tunable limits on inbound connections and the peer table; see the
 /// constants of this module for the defaults and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -120,6 +128,8 @@ fn canonical(ip: IpAddr) -> IpAddr {
 
 #[derive(Debug, Default)]
 struct Counts {
+    /// Inbound connections closed since the last trim.
+    closed_since_trim: u64,
     total: usize,
     handshakes: usize,
     per_ip: HashMap<IpAddr, usize>,
@@ -226,6 +236,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut c = self.gate.counts();
         c.total = c.total.saturating_sub(1);
+        c.closed_since_trim += 1;
         if self.handshaking {
             c.handshakes = c.handshakes.saturating_sub(1);
         }
@@ -240,6 +251,41 @@ impl Drop for Slot {
         }
     }
 }
+
+/// Gives the memory of closed connections back to the OS after a burst.
+///
+/// Measured with `reach bench flood`: after 20,000 refused handshakes and
+/// 20,000 connect-then-close identities the node's live data was back to
+/// its pre-flood size, yet its RSS stayed at the flood's peak. glibc's
+/// malloc returns freed memory to the OS only from the top of each heap;
+/// the thousands of small allocations a QUIC connection makes, freed in
+/// another order than made, leave the heaps' middles free but resident.
+/// `malloc_trim(0)` releases those free pages too.
+pub(crate) async fn trim_loop(gate: Arc<InboundGate>) {
+    let mut tick = tokio::time::interval(TRIM_CHECK);
+    loop {
+        tick.tick().await;
+        let closed = std::mem::take(&mut gate.counts().closed_since_trim);
+        if closed >= TRIM_AFTER_CLOSES {
+            release_freed_memory();
+        } else {
+            gate.counts().closed_since_trim += closed;
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn release_freed_memory() {
+    // SAFETY: malloc_trim only walks and trims glibc's own heaps, under
+    // their locks; it takes no pointers and is safe to call from any
+    // thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn release_freed_memory() {}
 
 #[cfg(test)]
 mod tests {

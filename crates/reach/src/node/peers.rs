@@ -156,6 +156,26 @@ impl PeerTable {
         out
     }
 
+    /// Forgets `peer` at once if nothing needs its entry: no live
+    /// connection, no dial in progress, and the application never used the
+    /// connection that just closed (an identity that connected and left:
+    /// a flood of those would otherwise fill the table up to its bound,
+    /// and each surviving entry pins a page of the heap its connection
+    /// was allocated among). Returns whether it did.
+    pub fn forget_if_unused(&self, peer: &PeerId) -> bool {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        let unused = t
+            .map
+            .get(peer)
+            .is_some_and(|e| e.is_idle() && !e.app_used && e.relays.is_empty());
+        if unused {
+            t.map.remove(peer);
+            t.evicted += 1;
+        }
+        unused
+    }
+
     /// Entries forgotten so far to keep the table bounded.
     pub fn evicted(&self) -> u64 {
         self.entries.lock().map_or(0, |t| t.evicted)
