@@ -147,23 +147,29 @@ async fn a_flood_from_one_host_is_refused_silent_connections_close_and_peers_are
         (honest.peer_id(), b"still here".to_vec())
     );
 
-    // The flood's connections carry nothing: closed after the silent
-    // timeout, which gives their slots back.
-    for c in &held {
-        let reason = within("silent close", c.closed()).await;
+    // The flood's connections carry nothing and crowd their IP: closed
+    // after the silent timeout while they hold at least half its limit
+    // (the last one below half may stay), which gives their slots back.
+    until("silent closes", || {
+        held.iter().filter(|c| c.close_reason().is_some()).count() >= 3
+    })
+    .await;
+    for c in held.iter().filter(|c| c.close_reason().is_some()) {
+        let reason = c.close_reason().unwrap();
         assert!(
             matches!(&reason, quinn::ConnectionError::ApplicationClosed(a) if a.error_code == 4u32.into()),
             "{reason:?}"
         );
     }
-    assert!(target.stats().silent_connections_closed >= 4);
+    assert!(target.stats().silent_connections_closed >= 3);
     until("slots given back", || {
-        target.stats().inbound_connections <= 1
+        target.stats().inbound_connections <= 2
     })
     .await;
     let again = within("dial after", raw_dial(&ep, &target, &Keypair::generate())).await;
     assert!(again.is_ok(), "{again:?}");
     drop(again);
+    drop(held);
 
     // 200 identities connect and close: the peer table stays bounded.
     for _ in 0..200 {

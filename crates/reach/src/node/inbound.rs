@@ -132,7 +132,8 @@ fn carried_traffic(conn: &quinn::Connection) -> bool {
 
 /// Serves the streams a peer opens on one connection until it closes. An
 /// inbound direct connection (`slot` held) that carries nothing within the
-/// silent timeout is closed (see [`limits::SILENT_CONNECTION_TIMEOUT`]).
+/// silent timeout while its address is crowded is closed (see
+/// [`limits::SILENT_CONNECTION_TIMEOUT`]).
 async fn serve(
     inner: Arc<Inner>,
     peer: PeerId,
@@ -146,10 +147,16 @@ async fn serve(
     loop {
         tokio::select! {
             _ = &mut silent, if watch_silence => {
-                watch_silence = false;
-                if !carried_traffic(&conn) {
+                if carried_traffic(&conn) {
+                    watch_silence = false;
+                } else if slot.as_ref().is_some_and(|s| s.under_pressure()) {
+                    watch_silence = false;
                     stats::bump(&inner.counters.silent_connections_closed);
                     conn.close(codes::SILENT.into(), b"silent");
+                } else {
+                    // Look again later: pressure may come.
+                    let period = inner.inbound_gate.limits().silent_timeout;
+                    silent.as_mut().reset(tokio::time::Instant::now() + period);
                 }
             },
             uni = conn.accept_uni() => match uni {

@@ -37,11 +37,14 @@ pub const MAX_CONNECTIONS_PER_PREFIX: usize = 128;
 /// per-network limit, so one network can never hold every handshake slot.
 pub const MAX_HANDSHAKES_IN_FLIGHT: usize = 256;
 /// Default: an inbound connection that has carried no stream and no
-/// datagram either way this long after its handshake is closed. Every
-/// honest use starts with a request or a message right after the
+/// datagram either way this long after its handshake is closed, when it
+/// takes room others may need: its IP or network holds at least half its
+/// limit, or the node half its total (checked again every this long).
+/// Every honest use starts with a request or a message right after the
 /// handshake; a connection that only shook hands and sits silent is a
-/// flood's cheapest way to hold memory. The dialer redials when it needs
-/// the peer again.
+/// flood's cheapest way to hold memory. Without pressure it stays: the
+/// dialer may hold it as its current connection, and closing it under
+/// a send would fail that send.
 pub const SILENT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default: peer-table entries kept for peers that are neither connected
 /// nor being dialed (their remembered addresses); beyond this the least
@@ -214,6 +217,21 @@ impl InboundGate {
 }
 
 impl Slot {
+    /// Whether this connection's IP or network holds at least half its
+    /// limit, or the node at least half its total.
+    pub fn under_pressure(&self) -> bool {
+        let l = &self.gate.limits;
+        let c = self.gate.counts();
+        if c.total * 2 >= l.max_inbound {
+            return true;
+        }
+        let Some(ip) = self.ip else {
+            return false;
+        };
+        c.per_ip.get(&ip).copied().unwrap_or(0) * 2 >= l.max_per_ip
+            || c.per_prefix.get(&prefix(ip)).copied().unwrap_or(0) * 2 >= l.max_per_prefix
+    }
+
     /// The handshake is over: the slot no longer counts as one in flight.
     pub fn handshake_done(&mut self) {
         if std::mem::take(&mut self.handshaking) {
@@ -329,6 +347,26 @@ mod tests {
         drop(a);
         let _e = g.admit(addr("198.51.100.3:1"), false).unwrap();
         assert_eq!(g.inbound(), 4);
+    }
+
+    #[test]
+    fn pressure_is_half_a_limit() {
+        let g = InboundGate::new(ConnectionLimits {
+            max_per_ip: 4,
+            max_per_prefix: 100,
+            ..limits()
+        });
+        let a = g.admit(addr("198.51.100.1:1"), false).unwrap();
+        assert!(!a.under_pressure());
+        let _b = g.admit(addr("198.51.100.1:2"), false).unwrap();
+        assert!(a.under_pressure(), "2 of 4 from one IP");
+        let other = g.admit(addr("203.0.113.1:1"), false).unwrap();
+        assert!(!other.under_pressure());
+        let lo = g.admit(addr("127.0.0.1:1"), false).unwrap();
+        assert!(
+            !lo.under_pressure(),
+            "exempt loopback: only the total counts"
+        );
     }
 
     #[test]
