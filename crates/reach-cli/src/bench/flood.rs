@@ -83,6 +83,12 @@ pub struct FloodBenchReport {
     pub target_final_rss_mib: f64,
     /// final / before − 1.
     pub target_final_rss_growth: f64,
+    /// The RSS split: anonymous memory (what the node allocated) and file
+    /// pages (the binary's code as far as it has run), before and after.
+    pub target_anon_before_mib: f64,
+    pub target_anon_final_mib: f64,
+    pub target_file_before_mib: f64,
+    pub target_file_final_mib: f64,
     /// The target's own counters after the run.
     pub target_inbound_refused: u64,
     pub target_silent_connections_closed: u64,
@@ -200,8 +206,30 @@ fn start_target() -> Result<Target> {
     Ok(target)
 }
 
-/// The target's VmRSS and VmHWM in MiB.
-fn rss_mib(pid: u32) -> Result<(f64, f64)> {
+/// The target's memory in MiB, from `/proc/<pid>/status`.
+#[derive(Debug, Clone, Copy)]
+struct Mem {
+    rss: f64,
+    peak: f64,
+    /// Of `rss`: anonymous memory (heap, stacks), what the node holds.
+    anon: f64,
+    /// Of `rss`: pages of files, i.e. the binary's code and data as far as
+    /// it has run (shared, clean, reclaimable).
+    file: f64,
+}
+
+fn mem(pid: u32) -> Result<Mem> {
+    let (rss, peak, anon, file) = rss_mib(pid)?;
+    Ok(Mem {
+        rss,
+        peak,
+        anon,
+        file,
+    })
+}
+
+/// The target's VmRSS, VmHWM, RssAnon and RssFile in MiB.
+fn rss_mib(pid: u32) -> Result<(f64, f64, f64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .context("reading the target's /proc status")?;
     let field = |name: &str| -> Result<f64> {
@@ -216,7 +244,12 @@ fn rss_mib(pid: u32) -> Result<(f64, f64)> {
             .parse()?;
         Ok(kib / 1024.0)
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok((
+        field("VmRSS:")?,
+        field("VmHWM:")?,
+        field("RssAnon:")?,
+        field("RssFile:")?,
+    ))
 }
 
 #[derive(Default)]
@@ -352,7 +385,8 @@ pub async fn flood(handshakes: u64, churn: u64) -> Result<FloodBenchReport> {
     };
     // Warm up, then the baseline.
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let (rss_before, _) = rss_mib(target.pid)?;
+    let before = mem(target.pid)?;
+    let rss_before = before.rss;
 
     let mut endpoints = Vec::new();
     for _ in 0..FLOOD_ENDPOINTS {
@@ -419,7 +453,8 @@ pub async fn flood(handshakes: u64, churn: u64) -> Result<FloodBenchReport> {
     {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rss_after, rss_peak) = rss_mib(target.pid)?;
+    let after = mem(target.pid)?;
+    let (rss_after, rss_peak) = (after.rss, after.peak);
     let stats = target_stats(&target.dir).await?;
     honest.shutdown().await;
 
@@ -463,6 +498,10 @@ pub async fn flood(handshakes: u64, churn: u64) -> Result<FloodBenchReport> {
         target_peak_rss_mib: rss_peak,
         target_final_rss_mib: rss_after,
         target_final_rss_growth: growth,
+        target_anon_before_mib: before.anon,
+        target_anon_final_mib: after.anon,
+        target_file_before_mib: before.file,
+        target_file_final_mib: after.file,
         target_inbound_refused: stat(&stats, "inbound_refused"),
         target_silent_connections_closed: stat(&stats, "silent_connections_closed"),
         target_peers_evicted: stat(&stats, "peers_evicted"),
