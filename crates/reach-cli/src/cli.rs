@@ -130,6 +130,23 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// A handshake flood and an identity churn from one host against a
+    /// `reach node` process on loopback, while an honest peer at another
+    /// address keeps sending: accepted/refused, the target's RSS before,
+    /// at peak and after, the honest messages' delivery and latency.
+    /// Fails unless the targets are met (peak RSS ≤ 256 MiB, final RSS
+    /// within 20% of before, every honest message delivered, p99 ≤ 1 s).
+    Flood {
+        /// Fresh-identity handshakes, held open while the flood runs.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+        handshakes: u64,
+        /// Fresh identities that connect and close at once.
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+        churn: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -157,6 +157,40 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Bench(BenchCommand::Flood {
+            handshakes,
+            churn,
+            json,
+        }) => {
+            let r = crate::bench::flood(handshakes, churn).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "flood: {} handshakes in {:.1} s ({:.0}/s): {} accepted, {} refused, {} failed",
+                    r.handshakes,
+                    r.flood_s,
+                    r.flood_rate_per_s,
+                    r.handshakes_accepted,
+                    r.handshakes_refused,
+                    r.handshakes_failed
+                );
+                println!(
+                    "churn: {} identities: {} accepted, {} refused; target evicted {} peer entries",
+                    r.churn, r.churn_accepted, r.churn_refused, r.target_peers_evicted
+                );
+                println!(
+                    "target RSS: {:.1} MiB before, {:.1} MiB peak, {:.1} MiB after",
+                    r.target_rss_before_mib, r.target_peak_rss_mib, r.target_final_rss_mib
+                );
+                println!(
+                    "honest peer: {}/{} delivered, p50 {:.1} ms, p99 {:.1} ms",
+                    r.honest_delivered, r.honest_sent, r.honest_p50_ms, r.honest_p99_ms
+                );
+            }
+            anyhow::ensure!(r.targets_met, "the flood targets were not met");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Relay {
             mib,
             rounds,
@@ -244,6 +278,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
         builder = builder.relay_limits(limits.to_limits());
     }
     reach::api::raise_fd_limit();
+    if let Some(limits) = &config.connection_limits {
+        builder = builder.connection_limits(limits.to_limits());
+    }
     let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());

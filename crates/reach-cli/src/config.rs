@@ -21,6 +21,15 @@
 //! bytes_per_sec = 8388608       # per client
 //! packets_per_sec = 8192        # per client
 //! idle_expiry_s = 120
+//!
+//! [connection_limits]           # inbound connection limits (defaults shown)
+//! max_inbound = 1024            # at once, handshaking or established
+//! max_per_ip = 32
+//! max_per_prefix = 128          # per /24 (IPv4) or /48 (IPv6)
+//! max_handshakes = 256          # in flight
+//! silent_timeout_s = 10         # close inbound connections that carry nothing
+//! max_idle_peers = 1024         # peer-table entries without a connection
+//! limit_loopback = false        # apply per-IP/prefix limits to loopback too
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -49,6 +58,38 @@ pub struct Config {
     pub hole_punching: Option<bool>,
     pub pq: Option<reach::PostQuantum>,
     pub relay_limits: Option<RelayLimitsConfig>,
+    pub connection_limits: Option<ConnectionLimitsConfig>,
+}
+
+/// `[connection_limits]`: every key optional, defaults from
+/// `reach::ConnectionLimits`.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ConnectionLimitsConfig {
+    pub max_inbound: Option<usize>,
+    pub max_per_ip: Option<usize>,
+    pub max_per_prefix: Option<usize>,
+    pub max_handshakes: Option<usize>,
+    pub silent_timeout_s: Option<u64>,
+    pub max_idle_peers: Option<usize>,
+    pub limit_loopback: Option<bool>,
+}
+
+impl ConnectionLimitsConfig {
+    pub fn to_limits(&self) -> reach::ConnectionLimits {
+        let d = reach::ConnectionLimits::default();
+        reach::ConnectionLimits {
+            max_inbound: self.max_inbound.unwrap_or(d.max_inbound),
+            max_per_ip: self.max_per_ip.unwrap_or(d.max_per_ip),
+            max_per_prefix: self.max_per_prefix.unwrap_or(d.max_per_prefix),
+            max_handshakes: self.max_handshakes.unwrap_or(d.max_handshakes),
+            silent_timeout: self
+                .silent_timeout_s
+                .map_or(d.silent_timeout, std::time::Duration::from_secs),
+            max_idle_peers: self.max_idle_peers.unwrap_or(d.max_idle_peers),
+            limit_loopback: self.limit_loopback.unwrap_or(d.limit_loopback),
+        }
+    }
 }
 
 /// `[relay_limits]`: every key optional, defaults from `reach::RelayLimits`.
@@ -139,6 +180,23 @@ mod tests {
         assert_eq!(l.max_clients, 3);
         assert_eq!(l.idle_expiry, std::time::Duration::from_secs(9));
         assert_eq!(l.bytes_per_sec, reach::RelayLimits::default().bytes_per_sec);
+    }
+
+    #[test]
+    fn connection_limits_parse_and_default() {
+        let c = Config::parse(
+            "[connection_limits]\nmax_per_ip = 4\nsilent_timeout_s = 3\nlimit_loopback = true\n",
+        )
+        .unwrap();
+        let l = c.connection_limits.unwrap().to_limits();
+        assert_eq!(l.max_per_ip, 4);
+        assert_eq!(l.silent_timeout, std::time::Duration::from_secs(3));
+        assert!(l.limit_loopback);
+        let d = reach::ConnectionLimits::default();
+        assert_eq!(l.max_inbound, d.max_inbound);
+        assert_eq!(l.max_idle_peers, d.max_idle_peers);
+        assert!(Config::parse("[connection_limits]\nmax_per_pi = 3").is_err());
+        assert!(Config::parse("[connection_limits]\nmax_per_ip = -1").is_err());
     }
 
     #[test]

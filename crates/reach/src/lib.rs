@@ -49,7 +49,7 @@ pub use error::{Error, Result};
 pub use events::{Event, Stream};
 pub use handshake::PostQuantum;
 pub use nat::NatReport;
-pub use node::{Direction, Node, NodeBuilder, NodeStats, PeerInfo};
+pub use node::{ConnectionLimits, Direction, Node, NodeBuilder, NodeStats, PeerInfo};
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::relay::service::RelayLimits;

@@ -1,7 +1,9 @@
 //! `reach bench …`: measurements that print JSON, one file per benchmark.
 
 pub mod connect;
+pub mod flood;
 pub mod relay;
 
 pub use connect::connect;
+pub use flood::flood;
 pub use relay::relay;

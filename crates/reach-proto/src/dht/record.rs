@@ -122,6 +122,10 @@ pub enum RecordError {
     Oversize,
     #[error("store quota exceeded")]
     QuotaExceeded,
+    #[error("the sender's network holds its share of the store")]
+    SourceQuotaExceeded,
+    #[error("this node is not among the closest to the key")]
+    NotClosest,
     #[error("malformed payload")]
     Malformed,
 }
@@ -138,6 +142,8 @@ impl RecordError {
             RecordError::Stale => "stale_seq",
             RecordError::Oversize => "oversize",
             RecordError::QuotaExceeded => "quota_exceeded",
+            RecordError::SourceQuotaExceeded => "source_quota_exceeded",
+            RecordError::NotClosest => "not_closest",
             RecordError::Malformed => "malformed",
         }
     }

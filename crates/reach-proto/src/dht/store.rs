@@ -7,8 +7,20 @@
 //! refused: nothing already stored is ever evicted to make room, so flooding
 //! cannot push honest records out. Expired records are dropped by
 //! [`RecordStore::expire`].
+//!
+//! Identities are free, so per-publisher quotas alone do not stop one host
+//! posing as a thousand publishers. Records stored for others therefore
+//! also count against their sender's network ([`Source`]: the /24 or /48 the
+//! storing request came from): one network may hold at most
+//! [`StoreLimits::max_per_source`] records here and
+//! [`StoreLimits::max_per_source_per_key`] at one key, so junk from one
+//! network fills only its share and records from everyone else still fit.
+//! And a node stores records only for keys it is among the k closest to
+//! ([`among_closest`]), as Kademlia intends: a flooder cannot make one node
+//! hold records for the whole keyspace.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 
 use serde::Serialize;
 
@@ -29,6 +41,16 @@ pub const MAX_PER_KEY: usize = 512;
 /// records × 16 KiB ≈ 1 GiB); 64 MiB bounds it.
 pub const MAX_BYTES: usize = 64 * 1024 * 1024;
 
+/// Default: records one network ([`Source`]) may have stored here: a
+/// sixteenth of the store, so a flood from one network leaves fifteen
+/// sixteenths to the rest, while a network hosting many honest nodes
+/// still stores thousands of records.
+pub const MAX_PER_SOURCE: usize = MAX_RECORDS / 16;
+/// Default: records one network may have stored at one key: an eighth of
+/// a key's slots, so junk from one network can never block a topic or a
+/// victim's mailbox at this node.
+pub const MAX_PER_SOURCE_PER_KEY: usize = MAX_PER_KEY / 8;
+
 /// Tunables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
@@ -36,6 +58,8 @@ pub struct StoreLimits {
     pub max_per_publisher: usize,
     pub max_per_key: usize,
     pub max_bytes: usize,
+    pub max_per_source: usize,
+    pub max_per_source_per_key: usize,
 }
 
 impl Default for StoreLimits {
@@ -45,8 +69,64 @@ impl Default for StoreLimits {
             max_per_publisher: MAX_PER_PUBLISHER,
             max_per_key: MAX_PER_KEY,
             max_bytes: MAX_BYTES,
+            max_per_source: MAX_PER_SOURCE,
+            max_per_source_per_key: MAX_PER_SOURCE_PER_KEY,
         }
     }
+}
+
+/// The network a storing request came from, for the store's fairness
+/// limits: the /24 of an IPv4 address (also IPv6-mapped), the /48 of an
+/// IPv6 one. A loopback address counts on its own (it stands for one host
+/// of a test or a lab, each on its own 127.x.y.z), the way the routing
+/// table treats loopback as exempt from its per-/24 rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Source([u8; 17]);
+
+impl Source {
+    pub fn of(ip: IpAddr) -> Source {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        let mut b = [0u8; 17];
+        match ip {
+            IpAddr::V4(v4) => {
+                b[0] = 4;
+                let o = v4.octets();
+                let n = if v4.is_loopback() { 4 } else { 3 };
+                b[1..1 + n].copy_from_slice(&o[..n]);
+            }
+            IpAddr::V6(v6) => {
+                b[0] = 6;
+                let o = v6.octets();
+                let n = if v6.is_loopback() { 16 } else { 6 };
+                b[1..1 + n].copy_from_slice(&o[..n]);
+            }
+        }
+        Source(b)
+    }
+}
+
+/// Whether a node at `own` is among the `k` closest to `key`, judged by the
+/// `known` contacts' keys (its routing table's closest to `key`): it is when
+/// it knows fewer than `k`, or when it is closer to `key` than the k-th
+/// closest it knows. A node stores records only for such keys.
+pub fn among_closest(own: &Key, key: &Key, known: &[Key], k: usize) -> bool {
+    if known.len() < k || k == 0 {
+        return true;
+    }
+    let mut d: Vec<super::Distance> = known.iter().map(|c| c.distance(key)).collect();
+    d.sort_unstable();
+    own.distance(key) < d[k - 1]
+}
+
+/// A stored record and the network it came from (`None`: stored locally,
+/// e.g. our own).
+#[derive(Debug, Clone)]
+struct Held {
+    record: SignedRecord,
+    source: Option<Source>,
 }
 
 /// What `put` did with an accepted record.
@@ -62,8 +142,9 @@ pub enum PutOutcome {
 #[derive(Debug, Default)]
 pub struct RecordStore {
     limits: StoreLimits,
-    by_key: HashMap<(RecordKind, Key), Vec<SignedRecord>>,
+    by_key: HashMap<(RecordKind, Key), Vec<Held>>,
     per_publisher: HashMap<PeerId, usize>,
+    per_source: HashMap<Source, usize>,
     total: usize,
     bytes: usize,
     rejections: BTreeMap<&'static str, u64>,
@@ -90,22 +171,41 @@ impl RecordStore {
         a.publisher == b.publisher && (kind != RecordKind::Mailbox || a.seq == b.seq)
     }
 
-    /// Validates and stores `record`. `now_ms` is Unix time.
+    /// Validates and stores `record`, a record of this node's own (no
+    /// fairness limits). `now_ms` is Unix time.
     pub fn put(&mut self, record: SignedRecord, now_ms: u64) -> Result<PutOutcome, RecordError> {
-        let res = self.try_put(record, now_ms);
+        self.put_from(record, None, now_ms)
+    }
+
+    /// Validates and stores `record` that a peer at `source` asked this
+    /// node to hold (see the module docs for the limits).
+    pub fn put_from(
+        &mut self,
+        record: SignedRecord,
+        source: Option<Source>,
+        now_ms: u64,
+    ) -> Result<PutOutcome, RecordError> {
+        let res = self.try_put(record, source, now_ms);
         if let Err(e) = &res {
             *self.rejections.entry(e.kind()).or_default() += 1;
         }
         res
     }
 
-    fn try_put(&mut self, record: SignedRecord, now_ms: u64) -> Result<PutOutcome, RecordError> {
+    fn try_put(
+        &mut self,
+        record: SignedRecord,
+        source: Option<Source>,
+        now_ms: u64,
+    ) -> Result<PutOutcome, RecordError> {
         record.validate(now_ms)?;
         let kind = record.kind;
         let slot = self.by_key.get(&(kind, record.key));
-        if let Some(existing) =
-            slot.and_then(|v| v.iter().find(|r| Self::same_slot(kind, r, &record)))
-        {
+        if let Some(existing) = slot.and_then(|v| {
+            v.iter()
+                .map(|h| &h.record)
+                .find(|r| Self::same_slot(kind, r, &record))
+        }) {
             if existing == &record {
                 return Ok(PutOutcome::Unchanged);
             }
@@ -114,10 +214,15 @@ impl RecordStore {
                 // the same seq is a replay.
                 return Err(RecordError::Stale);
             }
+            // A newer version takes the old one's place (and its count
+            // against the network that first stored it).
             let v = self.by_key.entry((kind, record.key)).or_default();
-            if let Some(r) = v.iter_mut().find(|r| Self::same_slot(kind, r, &record)) {
-                self.bytes = self.bytes - r.payload.len() + record.payload.len();
-                *r = record;
+            if let Some(h) = v
+                .iter_mut()
+                .find(|h| Self::same_slot(kind, &h.record, &record))
+            {
+                self.bytes = self.bytes - h.record.payload.len() + record.payload.len();
+                h.record = record;
             }
             return Ok(PutOutcome::Replaced);
         }
@@ -134,13 +239,22 @@ impl RecordStore {
         {
             return Err(RecordError::QuotaExceeded);
         }
+        if let Some(src) = source {
+            let at_key = slot.map_or(0, |v| v.iter().filter(|h| h.source == source).count());
+            if self.per_source.get(&src).copied().unwrap_or(0) >= self.limits.max_per_source
+                || at_key >= self.limits.max_per_source_per_key
+            {
+                return Err(RecordError::SourceQuotaExceeded);
+            }
+            *self.per_source.entry(src).or_default() += 1;
+        }
         *self.per_publisher.entry(record.publisher).or_default() += 1;
         self.total += 1;
         self.bytes += record.payload.len();
         self.by_key
             .entry((kind, record.key))
             .or_default()
-            .push(record);
+            .push(Held { record, source });
         Ok(PutOutcome::Stored)
     }
 
@@ -150,6 +264,7 @@ impl RecordStore {
             .get(&(kind, *key))
             .map(|v| {
                 v.iter()
+                    .map(|h| &h.record)
                     .filter(|r| r.expires_ms() > now_ms)
                     .cloned()
                     .collect()
@@ -160,18 +275,28 @@ impl RecordStore {
     /// Drops expired records; returns how many.
     pub fn expire(&mut self, now_ms: u64) -> usize {
         let mut dropped = Vec::new();
+        let mut sources = Vec::new();
         let mut freed = 0;
         self.by_key.retain(|_, v| {
-            v.retain(|r| {
-                let live = r.expires_ms() > now_ms;
+            v.retain(|h| {
+                let live = h.record.expires_ms() > now_ms;
                 if !live {
-                    dropped.push(r.publisher);
-                    freed += r.payload.len();
+                    dropped.push(h.record.publisher);
+                    sources.extend(h.source);
+                    freed += h.record.payload.len();
                 }
                 live
             });
             !v.is_empty()
         });
+        for s in &sources {
+            if let Some(n) = self.per_source.get_mut(s) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_source.remove(s);
+                }
+            }
+        }
         for p in &dropped {
             if let Some(n) = self.per_publisher.get_mut(p) {
                 *n -= 1;
@@ -187,7 +312,12 @@ impl RecordStore {
 
     /// Every stored record (for replication to new neighbours).
     pub fn iter(&self) -> impl Iterator<Item = &SignedRecord> {
-        self.by_key.values().flatten()
+        self.by_key.values().flatten().map(|h| &h.record)
+    }
+
+    /// Records stored here on behalf of the network `source`.
+    pub fn held_for(&self, source: &Source) -> usize {
+        self.per_source.get(source).copied().unwrap_or(0)
     }
 
     pub fn len(&self) -> usize {
@@ -402,5 +532,145 @@ mod tests {
         let replay = SignedRecord::sign(&sender, RecordKind::Mailbox, key, 2, NOW, HOUR, vec![9]);
         assert_eq!(s.put(replay, NOW), Err(RecordError::Stale));
         assert_eq!(s.get(RecordKind::Mailbox, &key, NOW).len(), 3);
+    }
+
+    fn src(ip: &str) -> Option<Source> {
+        Some(Source::of(ip.parse().unwrap()))
+    }
+
+    #[test]
+    fn one_network_fills_only_its_share_and_others_still_store() {
+        let limits = StoreLimits {
+            max_per_source: 100,
+            max_per_source_per_key: 8,
+            ..StoreLimits::default()
+        };
+        let mut s = RecordStore::new(limits);
+        let victim = Key::for_peer(&Keypair::generate().peer_id());
+        let flood = src("198.51.100.7");
+        let (mut stored, mut refused) = (0, 0);
+        // 1,000 throwaway identities, 10 records each, from one host:
+        // mailbox junk at the victim's key, and topics.
+        for n in 0..1000 {
+            let kp = Keypair::generate();
+            for i in 0..10u64 {
+                let r = if i < 2 {
+                    SignedRecord::sign(&kp, RecordKind::Mailbox, victim, i + 1, NOW, HOUR, vec![1])
+                } else {
+                    SignedRecord::topic(&kp, &format!("junk-{n}-{i}"), 1, NOW, HOUR)
+                };
+                match s.put_from(r, flood, NOW) {
+                    Ok(_) => stored += 1,
+                    Err(RecordError::SourceQuotaExceeded) => refused += 1,
+                    Err(e) => panic!("unexpected refusal {e}"),
+                }
+            }
+        }
+        assert_eq!(stored, 100, "the network got exactly its share");
+        assert_eq!(refused, 10_000 - 100);
+        assert_eq!(
+            s.held_for(&Source::of("198.51.100.7".parse().unwrap())),
+            100
+        );
+        assert_eq!(s.get(RecordKind::Mailbox, &victim, NOW).len(), 8);
+        // The same /24 shares the share.
+        let kp = Keypair::generate();
+        assert_eq!(
+            s.put_from(endpoint(&kp, 1, 1), src("198.51.100.200"), NOW),
+            Err(RecordError::SourceQuotaExceeded)
+        );
+        // An honest sender on another network: its endpoint record and a
+        // message into the victim's mailbox are both accepted.
+        let honest = Keypair::generate();
+        assert_eq!(
+            s.put_from(endpoint(&honest, 1, 1), src("203.0.113.5"), NOW),
+            Ok(PutOutcome::Stored)
+        );
+        let mail = SignedRecord::sign(&honest, RecordKind::Mailbox, victim, 1, NOW, HOUR, vec![7]);
+        assert_eq!(
+            s.put_from(mail, src("203.0.113.5"), NOW),
+            Ok(PutOutcome::Stored)
+        );
+        assert_eq!(s.get(RecordKind::Mailbox, &victim, NOW).len(), 9);
+        assert_eq!(s.rejections().get("source_quota_exceeded"), Some(&9901));
+        // Records stored locally (our own) are not counted against anyone.
+        assert_eq!(
+            s.put(endpoint(&Keypair::generate(), 1, 1), NOW),
+            Ok(PutOutcome::Stored)
+        );
+    }
+
+    #[test]
+    fn expiry_gives_a_network_its_share_back() {
+        let limits = StoreLimits {
+            max_per_source: 2,
+            ..StoreLimits::default()
+        };
+        let mut s = RecordStore::new(limits);
+        let from = src("192.0.2.1");
+        for _ in 0..2 {
+            s.put_from(endpoint(&Keypair::generate(), 1, 1), from, NOW)
+                .unwrap();
+        }
+        let late = endpoint(&Keypair::generate(), 1, 1);
+        assert_eq!(
+            s.put_from(late, from, NOW),
+            Err(RecordError::SourceQuotaExceeded)
+        );
+        let later = NOW + 2 * 3_600_000;
+        assert_eq!(s.expire(later), 2);
+        let kp = Keypair::generate();
+        let r = SignedRecord::endpoint(&kp, vec![], 1, later, HOUR);
+        assert_eq!(s.put_from(r, from, later), Ok(PutOutcome::Stored));
+        // A newer version of a stored record replaces it within the share.
+        let r2 = SignedRecord::endpoint(&kp, vec![], 2, later, HOUR);
+        assert_eq!(s.put_from(r2, from, later), Ok(PutOutcome::Replaced));
+        assert_eq!(s.held_for(&Source::of("192.0.2.9".parse().unwrap())), 1);
+    }
+
+    #[test]
+    fn sources_are_networks_and_loopback_addresses_count_apart() {
+        let of = |s: &str| Source::of(s.parse().unwrap());
+        assert_eq!(of("198.51.100.1"), of("198.51.100.254"));
+        assert_eq!(of("198.51.100.1"), of("::ffff:198.51.100.9"));
+        assert_ne!(of("198.51.100.1"), of("198.51.101.1"));
+        assert_eq!(of("2001:db8:1:1::1"), of("2001:db8:1:ffff::2"));
+        assert_ne!(of("2001:db8:1::1"), of("2001:db8:2::1"));
+        assert_ne!(of("127.0.0.1"), of("127.0.0.2"));
+        assert_eq!(of("127.0.0.1"), of("::ffff:127.0.0.1"));
+    }
+
+    #[test]
+    fn a_node_stores_only_for_keys_it_is_among_the_closest_to() {
+        let own = Key([0; 32]);
+        let near = Key([0, 0, 0, 1]
+            .iter()
+            .copied()
+            .chain([0; 28])
+            .collect::<Vec<u8>>()
+            .try_into()
+            .unwrap());
+        let mut far = [0u8; 32];
+        far[0] = 0x80;
+        let far = Key(far);
+        // Known contacts all sit around `far`.
+        let known: Vec<Key> = (1..=30u8)
+            .map(|i| {
+                let mut k = far.0;
+                k[31] = i;
+                Key(k)
+            })
+            .collect();
+        assert!(among_closest(&own, &near, &known, 20), "near us: ours");
+        assert!(
+            !among_closest(&own, &far, &known, 20),
+            "20 known are closer"
+        );
+        assert!(
+            among_closest(&own, &far, &known[..19], 20),
+            "knowing fewer than k, we may be among the k closest"
+        );
+        // Closer than the k-th: accepted, even with closer ones known.
+        assert!(among_closest(&known[0], &far, &known[1..], 20));
     }
 }

@@ -9,11 +9,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reach_proto::PeerId;
+use reach_proto::dht::record::RecordError;
 use reach_proto::dht::rpc::{
     DhtRequest, DhtRequestMsg, DhtResponse, DhtResponseMsg, MAX_CONTACTS_PER_RESPONSE,
     MAX_RECORD_BYTES_PER_RESPONSE, MAX_RECORDS_PER_RESPONSE,
 };
-use reach_proto::dht::{Contact, Key};
+use reach_proto::dht::store::{Source, among_closest};
+use reach_proto::dht::{Contact, K, Key};
 use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
 
 use super::{DhtMode, unix_ms};
@@ -96,7 +98,7 @@ pub(crate) async fn serve(
         if msg.server_mode {
             dht.saw(&inner.links, Contact::new(peer, remote));
         }
-        answer(&inner, msg.request)
+        answer(&inner, remote, msg.request)
     };
     let reply = DhtResponseMsg {
         observed: remote,
@@ -108,6 +110,19 @@ pub(crate) async fn serve(
     }
 }
 
+/// Whether this node is among the k closest it knows to `key` (see
+/// [`reach_proto::dht::store::among_closest`]).
+fn is_among_closest(inner: &Inner, key: &Key) -> bool {
+    let known: Vec<Key> = inner
+        .dht
+        .routing()
+        .closest(key, K)
+        .iter()
+        .map(|c| c.key())
+        .collect();
+    among_closest(&Key::for_peer(&inner.peer_id), key, &known, K)
+}
+
 fn closer(inner: &Inner, target: &Key) -> Vec<Contact> {
     inner
         .dht
@@ -115,7 +130,8 @@ fn closer(inner: &Inner, target: &Key) -> Vec<Contact> {
         .closest(target, MAX_CONTACTS_PER_RESPONSE)
 }
 
-fn answer(inner: &Inner, request: DhtRequest) -> DhtResponse {
+/// The answer to `request` from a peer whose packets come from `remote`.
+fn answer(inner: &Inner, remote: SocketAddr, request: DhtRequest) -> DhtResponse {
     let dht = &inner.dht;
     match request {
         DhtRequest::Ping => DhtResponse::Pong,
@@ -137,11 +153,25 @@ fn answer(inner: &Inner, request: DhtRequest) -> DhtResponse {
                 closer: closer(inner, &key),
             }
         }
-        DhtRequest::PutRecord { record } => match dht.store().put(record, unix_ms()) {
-            Ok(_) => DhtResponse::Stored,
-            Err(e) => DhtResponse::Refused {
-                reason: e.kind().to_string(),
-            },
-        },
+        DhtRequest::PutRecord { record } => {
+            let stored = if is_among_closest(inner, &record.key) {
+                // A relayed or TCP-linked sender's address is this node's
+                // own virtual one: it says nothing about the sender's
+                // network (those paths are bounded where they are made).
+                let source =
+                    (!crate::relay::paths::is_virtual(&remote)).then(|| Source::of(remote.ip()));
+                dht.store().put_from(record, source, unix_ms())
+            } else {
+                let e = RecordError::NotClosest;
+                dht.store().count_rejection(&e);
+                Err(e)
+            };
+            match stored {
+                Ok(_) => DhtResponse::Stored,
+                Err(e) => DhtResponse::Refused {
+                    reason: e.kind().to_string(),
+                },
+            }
+        }
     }
 }

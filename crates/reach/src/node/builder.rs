@@ -44,6 +44,7 @@ pub struct NodeBuilder {
     no_tcp_fallback: bool,
     no_hole_punching: bool,
     post_quantum: crate::handshake::PostQuantum,
+    connection_limits: Option<super::ConnectionLimits>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -178,6 +179,13 @@ impl NodeBuilder {
         self
     }
 
+    /// Limits on inbound connections, handshakes, silent connections and
+    /// the peer table; see [`super::limits`] for the defaults.
+    pub fn connection_limits(mut self, limits: super::ConnectionLimits) -> Self {
+        self.connection_limits = Some(limits);
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -289,6 +297,7 @@ impl NodeBuilder {
             }
         }
         let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+        let connection_limits = self.connection_limits.unwrap_or_default();
         let inner = Arc::new(Inner {
             peer_id: keypair.peer_id(),
             keypair,
@@ -296,7 +305,8 @@ impl NodeBuilder {
             endpoint,
             socket,
             local_addr,
-            peers: peers::PeerTable::default(),
+            peers: peers::PeerTable::new(connection_limits.max_idle_peers),
+            inbound_gate: super::limits::InboundGate::new(connection_limits),
             events_tx,
             events_rx: AsyncMutex::new(events_rx),
             message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
@@ -327,6 +337,7 @@ impl NodeBuilder {
             inner.spawn(links.accept_loop(l));
         }
         inner.spawn(inbound::accept_loop(inner.clone()));
+        inner.spawn(super::limits::trim_loop(inner.inbound_gate.clone()));
         inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
         inner.spawn(crate::dht::join::maintain(inner.clone()));
         inner.spawn(crate::relay::acquire::drive(inner.clone()));

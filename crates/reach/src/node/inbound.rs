@@ -8,7 +8,7 @@ use reach_proto::PeerId;
 use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN, MAX_MESSAGE_LEN};
 use reach_proto::wire::{FRAME_HEADER_LEN, frame};
 
-use super::{Direction, Inner, stats};
+use super::{Direction, Inner, limits, stats};
 use crate::events::{Event, Stream};
 use crate::tls;
 
@@ -27,28 +27,50 @@ pub mod codes {
     pub const TOO_LARGE: u32 = 2;
     /// The node is shutting down.
     pub const SHUTTING_DOWN: u32 = 3;
+    /// An inbound connection carried nothing within the silent timeout.
+    pub const SILENT: u32 = 4;
 }
 
-/// Accepts incoming connections until the endpoint closes.
+/// Accepts incoming connections until the endpoint closes. Each attempt
+/// must first get a slot from the node's [`limits::InboundGate`]; one over
+/// a limit is refused before any handshake work.
 pub(crate) async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
+        let remote = incoming.remote_address();
+        let virtual_source = crate::relay::paths::is_virtual(&remote);
+        let mut slot = match inner.inbound_gate.admit(remote, virtual_source) {
+            Ok(slot) => slot,
+            Err(why) => {
+                stats::bump(&inner.counters.inbound_refused);
+                tracing::trace!(%remote, ?why, "inbound connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let inner2 = inner.clone();
         inner.spawn(async move {
-            let conn = match incoming.await {
-                Ok(c) => c,
-                Err(e) => {
+            let handshake = async { incoming.accept()?.await };
+            let conn = match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, handshake).await {
+                Ok(Ok(c)) => c,
+                Ok(Err(e)) => {
                     stats::bump(&inner2.counters.inbound_handshake_failures);
                     tracing::debug!(error = %e, "inbound handshake failed");
                     return;
                 }
+                Err(_) => {
+                    stats::bump(&inner2.counters.inbound_handshake_failures);
+                    tracing::debug!(%remote, "inbound handshake timed out");
+                    return;
+                }
             };
+            slot.handshake_done();
             let Some(peer) = remote_peer_id(&conn) else {
                 stats::bump(&inner2.counters.inbound_handshake_failures);
                 conn.close(codes::MALFORMED.into(), b"no identity");
                 return;
             };
             stats::bump(&inner2.counters.connections_inbound);
-            register(&inner2, peer, conn, Direction::Inbound);
+            register_slot(&inner2, peer, conn, Direction::Inbound, Some(slot));
         });
     }
 }
@@ -64,6 +86,17 @@ pub(crate) fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
 
 /// Records `conn` as the connection to `peer` and starts serving it.
 pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection, dir: Direction) {
+    register_slot(inner, peer, conn, dir, None)
+}
+
+/// [`register`], for an inbound connection holding `slot` until it closes.
+fn register_slot(
+    inner: &Arc<Inner>,
+    peer: PeerId,
+    conn: quinn::Connection,
+    dir: Direction,
+    slot: Option<limits::Slot>,
+) {
     let relayed = crate::relay::paths::is_virtual(&conn.remote_address());
     if relayed {
         crate::relay::client::watch_virtual(inner, conn.clone());
@@ -88,13 +121,44 @@ pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection
             crate::punch::start_upgrade(inner, peer, path.relay);
         }
     }
-    inner.spawn(serve(inner.clone(), peer, conn));
+    inner.spawn(serve(inner.clone(), peer, conn, slot));
 }
 
-/// Serves the streams a peer opens on one connection until it closes.
-async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
+/// Whether `conn` has carried a stream or a datagram, either way.
+fn carried_traffic(conn: &quinn::Connection) -> bool {
+    let s = conn.stats();
+    s.frame_rx.stream + s.frame_tx.stream + s.frame_rx.datagram + s.frame_tx.datagram > 0
+}
+
+/// Serves the streams a peer opens on one connection until it closes. An
+/// inbound direct connection (`slot` held) that carries nothing within the
+/// silent timeout while its address is crowded is closed (see
+/// [`limits::SILENT_CONNECTION_TIMEOUT`]).
+async fn serve(
+    inner: Arc<Inner>,
+    peer: PeerId,
+    conn: quinn::Connection,
+    slot: Option<limits::Slot>,
+) {
+    let mut watch_silence =
+        slot.is_some() && !crate::relay::paths::is_virtual(&conn.remote_address());
+    let silent = tokio::time::sleep(inner.inbound_gate.limits().silent_timeout);
+    tokio::pin!(silent);
     loop {
         tokio::select! {
+            _ = &mut silent, if watch_silence => {
+                if carried_traffic(&conn) {
+                    watch_silence = false;
+                } else if slot.as_ref().is_some_and(|s| s.under_pressure()) {
+                    watch_silence = false;
+                    stats::bump(&inner.counters.silent_connections_closed);
+                    conn.close(codes::SILENT.into(), b"silent");
+                } else {
+                    // Look again later: pressure may come.
+                    let period = inner.inbound_gate.limits().silent_timeout;
+                    silent.as_mut().reset(tokio::time::Instant::now() + period);
+                }
+            },
             uni = conn.accept_uni() => match uni {
                 Ok(s) => inner.spawn(receive_message(inner.clone(), peer, s)),
                 Err(_) => break,
@@ -113,7 +177,13 @@ async fn serve(inner: Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
         // A relay client that left takes its reservation and circuits along.
         inner.paths.release(&peer);
         inner.punch.forget_info(&peer);
+        if slot.is_some() {
+            // An inbound peer that never used its connection for anything
+            // of the application's leaves no entry behind.
+            inner.peers.forget_if_unused(&peer);
+        }
     }
+    drop(slot);
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
 }
 

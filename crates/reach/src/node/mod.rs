@@ -24,6 +24,7 @@ mod builder;
 pub(crate) mod control;
 mod dedup;
 pub(crate) mod inbound;
+pub mod limits;
 pub(crate) mod peers;
 pub(crate) mod stats;
 
@@ -39,6 +40,7 @@ use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 pub use builder::NodeBuilder;
+pub use limits::ConnectionLimits;
 pub use stats::NodeStats;
 
 use crate::dht::join::JoinReport;
@@ -103,6 +105,8 @@ pub(crate) struct Inner {
     pub socket: Arc<DemuxSocket>,
     pub local_addr: SocketAddr,
     pub peers: peers::PeerTable,
+    /// Counts inbound connections against [`ConnectionLimits`].
+    pub inbound_gate: Arc<limits::InboundGate>,
     pub events_tx: mpsc::Sender<Event>,
     pub events_rx: AsyncMutex<mpsc::Receiver<Event>>,
     /// Byte budget of received messages not yet taken by the application.
@@ -553,14 +557,18 @@ impl Node {
 
     /// Counters since the node started.
     pub fn stats(&self) -> NodeStats {
-        NodeStats::collect(
+        let mut s = NodeStats::collect(
             &self.inner.counters,
             &self.inner.demux_stats,
             &self.inner.dht,
             &self.inner.relay.counters,
             &self.inner.paths.stats,
             self.inner.tls.stats(),
-        )
+        );
+        s.peers_evicted = self.inner.peers.evicted();
+        s.peer_table_size = self.inner.peers.len() as u64;
+        s.inbound_connections = self.inner.inbound_gate.inbound() as u64;
+        s
     }
 
     /// Saves the routing table to the peer cache now (the node also saves it

@@ -58,6 +58,20 @@ struct PeerEntry {
     app_used: bool,
     /// Last DHT request on the current connection, either way.
     last_used: Option<Instant>,
+    /// When the entry was last used, on the table's logical clock: the
+    /// least recent idle entries are forgotten first.
+    recency: u64,
+}
+
+impl PeerEntry {
+    /// Neither connected nor being dialed: only remembered addresses,
+    /// which a DHT lookup can find again.
+    fn is_idle(&self) -> bool {
+        let alive = |c: &Option<(quinn::Connection, Direction)>| {
+            c.as_ref().is_some_and(|(c, _)| c.close_reason().is_none())
+        };
+        !alive(&self.conn) && !alive(&self.standby) && Arc::strong_count(&self.dial_lock) == 1
+    }
 }
 
 /// A connection that only ever carried DHT requests is closed after this
@@ -66,17 +80,111 @@ struct PeerEntry {
 pub const DHT_CONNECTION_IDLE: Duration = Duration::from_secs(120);
 
 /// Known peers and their connections.
-#[derive(Default)]
 pub(crate) struct PeerTable {
-    entries: Mutex<HashMap<PeerId, PeerEntry>>,
+    entries: Mutex<Entries>,
+    /// Idle entries kept at most (see [`super::limits::MAX_IDLE_PEERS`]).
+    max_idle: usize,
+}
+
+#[derive(Default)]
+struct Entries {
+    map: HashMap<PeerId, PeerEntry>,
+    /// The logical clock of `recency`.
+    clock: u64,
+    /// Table size at which the next pruning pass runs.
+    prune_at: usize,
+    /// Entries forgotten so far.
+    evicted: u64,
+}
+
+impl Default for PeerTable {
+    fn default() -> Self {
+        PeerTable::new(super::limits::MAX_IDLE_PEERS)
+    }
 }
 
 impl PeerTable {
+    pub fn new(max_idle: usize) -> Self {
+        PeerTable {
+            entries: Mutex::new(Entries {
+                prune_at: max_idle,
+                ..Entries::default()
+            }),
+            max_idle,
+        }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<PeerId, PeerEntry>) -> R) -> R {
         // A poisoned lock only means another task panicked mid-update of a
         // plain map; the map itself is still consistent enough to use.
         let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+        f(&mut guard.map)
+    }
+
+    /// Like `with`, for a call that uses `peer` (creating its entry if
+    /// needed): marks it most recently used, and when the table has grown
+    /// past the pruning mark forgets the least recently used idle entries
+    /// beyond `max_idle`. Pruning sorts the idle entries, so it runs only
+    /// after the table grew by an eighth of `max_idle`: amortised cost per
+    /// call O(log n).
+    fn with_peer<R>(&self, peer: PeerId, f: impl FnOnce(&mut PeerEntry) -> R) -> R {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        t.clock += 1;
+        let e = t.map.entry(peer).or_default();
+        e.recency = t.clock;
+        let out = f(e);
+        if t.map.len() > t.prune_at {
+            let mut idle: Vec<(u64, PeerId)> = t
+                .map
+                .iter()
+                .filter(|(p, e)| **p != peer && e.is_idle())
+                .map(|(p, e)| (e.recency, *p))
+                .collect();
+            if idle.len() > self.max_idle {
+                idle.sort_unstable();
+                let excess = idle.len() - self.max_idle;
+                for (_, p) in &idle[..excess] {
+                    t.map.remove(p);
+                }
+                t.evicted += excess as u64;
+                if t.map.capacity() > 4 * t.map.len().max(16) {
+                    t.map.shrink_to_fit();
+                }
+            }
+            t.prune_at = t.map.len() + self.max_idle / 8 + 1;
+        }
+        out
+    }
+
+    /// Forgets `peer` at once if nothing needs its entry: no live
+    /// connection, no dial in progress, and the application never used the
+    /// connection that just closed (an identity that connected and left:
+    /// a flood of those would otherwise fill the table up to its bound,
+    /// and each surviving entry pins a page of the heap its connection
+    /// was allocated among). Returns whether it did.
+    pub fn forget_if_unused(&self, peer: &PeerId) -> bool {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        let unused = t
+            .map
+            .get(peer)
+            .is_some_and(|e| e.is_idle() && !e.app_used && e.relays.is_empty());
+        if unused {
+            t.map.remove(peer);
+            t.evicted += 1;
+        }
+        unused
+    }
+
+    /// Entries forgotten so far to keep the table bounded.
+    pub fn evicted(&self) -> u64 {
+        self.entries.lock().map_or(0, |t| t.evicted)
+    }
+
+    /// Entries in the table (connected or not).
+    pub fn len(&self) -> usize {
+        self.with(|m| m.len())
     }
 
     /// Adds addresses for `peer`, newest first, keeping at most
@@ -88,8 +196,7 @@ impl PeerTable {
         if new.is_empty() {
             return;
         }
-        self.with(|m| {
-            let e = m.entry(peer).or_default();
+        self.with_peer(peer, |e| {
             let mut merged: Vec<SocketAddr> = Vec::new();
             for a in new.iter().chain(e.addrs.iter()) {
                 if !merged.contains(a) {
@@ -109,8 +216,7 @@ impl PeerTable {
         if relays.is_empty() {
             return;
         }
-        self.with(|m| {
-            let e = m.entry(peer).or_default();
+        self.with_peer(peer, |e| {
             // A record's relays replace the old ones: a peer that changed
             // relays is not to be dialed through the old one.
             e.relays = relays;
@@ -124,8 +230,7 @@ impl PeerTable {
         if is_virtual(&addr) {
             return;
         }
-        self.with(|m| {
-            let e = m.entry(peer).or_default();
+        self.with_peer(peer, |e| {
             if !e.addrs.contains(&addr) && e.addrs.len() < MAX_ADDRS_PER_PEER {
                 e.addrs.push(addr);
             }
@@ -138,8 +243,7 @@ impl PeerTable {
     }
 
     fn addrs_and_lock(&self, peer: PeerId) -> (Known, Arc<AsyncMutex<()>>) {
-        self.with(|m| {
-            let e = m.entry(peer).or_default();
+        self.with_peer(peer, |e| {
             (
                 Known {
                     addrs: e.addrs.clone(),
@@ -158,8 +262,7 @@ impl PeerTable {
     pub fn insert(&self, peer: PeerId, conn: quinn::Connection, dir: Direction) -> bool {
         let alive = |c: &quinn::Connection| c.close_reason().is_none();
         let new_direct = !is_virtual(&conn.remote_address());
-        self.with(|m| {
-            let e = m.entry(peer).or_default();
+        self.with_peer(peer, |e| {
             let current = e.conn.as_ref().filter(|(c, _)| alive(c)).cloned();
             // A standby pushed out by a newer one is idle (traffic runs on
             // the direct connection): close it, or its keep-alives would
@@ -229,12 +332,14 @@ impl PeerTable {
     /// Notes a use of the connection to `peer`: by the application (which
     /// pins it open) or by the DHT (which refreshes its idle timer).
     pub fn touch(&self, peer: &PeerId, app: bool) {
-        self.with(|m| {
-            if let Some(e) = m.get_mut(peer) {
-                e.app_used |= app;
-                e.last_used = Some(Instant::now());
-            }
-        });
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        t.clock += 1;
+        if let Some(e) = t.map.get_mut(peer) {
+            e.app_used |= app;
+            e.last_used = Some(Instant::now());
+            e.recency = t.clock;
+        }
     }
 
     /// Connections that only the DHT used and that have been idle for

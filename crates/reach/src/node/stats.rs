@@ -23,6 +23,10 @@ pub(crate) struct Counters {
     pub connections_inbound: AtomicU64,
     pub dial_failures: AtomicU64,
     pub inbound_handshake_failures: AtomicU64,
+    /// Inbound connection attempts refused by a connection limit.
+    pub inbound_refused: AtomicU64,
+    /// Inbound connections closed for carrying nothing.
+    pub silent_connections_closed: AtomicU64,
     pub malformed_streams: AtomicU64,
     pub probes_answered: AtomicU64,
     pub probes_refused: AtomicU64,
@@ -52,6 +56,14 @@ pub struct NodeStats {
     pub connections_inbound: u64,
     pub dial_failures: u64,
     pub inbound_handshake_failures: u64,
+    pub inbound_refused: u64,
+    pub silent_connections_closed: u64,
+    /// Peer-table entries forgotten to keep the table bounded.
+    pub peers_evicted: u64,
+    /// Entries in the peer table now.
+    pub peer_table_size: u64,
+    /// Inbound connections now (handshaking or established).
+    pub inbound_connections: u64,
     pub malformed_streams: u64,
     pub probes_answered: u64,
     pub probes_refused: u64,
@@ -118,6 +130,13 @@ impl NodeStats {
             connections_inbound: g(&c.connections_inbound),
             dial_failures: g(&c.dial_failures),
             inbound_handshake_failures: g(&c.inbound_handshake_failures),
+            inbound_refused: g(&c.inbound_refused),
+            silent_connections_closed: g(&c.silent_connections_closed),
+            // Filled in by `Node::stats` (the peer table and the gate
+            // keep these).
+            peers_evicted: 0,
+            peer_table_size: 0,
+            inbound_connections: 0,
             malformed_streams: g(&c.malformed_streams),
             probes_answered: g(&c.probes_answered),
             probes_refused: g(&c.probes_refused),
