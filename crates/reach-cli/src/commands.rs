@@ -351,7 +351,7 @@ fn escape_text(data: &[u8]) -> String {
             '\n' => out.push_str("\\n"),
             '\r' => out.push_str("\\r"),
             '\t' => out.push_str("\\t"),
-            c if c.is_control() || is_bidi_control(c) => {
+            c if c.is_control() || is_bidi_control(c) || matches!(c, '\u{2028}' | '\u{2029}') => {
                 out.push_str(&format!("\\u{{{:x}}}", c as u32));
             }
             c => out.push(c),
@@ -367,10 +367,12 @@ fn is_bidi_control(c: char) -> bool {
 }
 
 /// A received message as one line of JSON: `{"peer", "len", "text"}` when it
-/// is UTF-8 (JSON escapes every control character), else `{"peer", "len",
-/// "hex"}` with the bytes in lowercase hex.
-fn message_json(from: &reach::PeerId, data: &[u8]) -> serde_json::Value {
-    match std::str::from_utf8(data) {
+/// is UTF-8, else `{"peer", "len", "hex"}` with the bytes in lowercase hex.
+/// JSON itself escapes only C0 controls; DEL, C1 controls (some terminals
+/// act on them), the Unicode line/paragraph separators and bidi overrides
+/// are written as `\uXXXX` escapes too, so the line is safe on a terminal.
+fn message_json(from: &reach::PeerId, data: &[u8]) -> String {
+    let value = match std::str::from_utf8(data) {
         Ok(text) => {
             serde_json::json!({ "peer": from.to_string(), "len": data.len(), "text": text })
         }
@@ -378,7 +380,16 @@ fn message_json(from: &reach::PeerId, data: &[u8]) -> serde_json::Value {
             let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
             serde_json::json!({ "peer": from.to_string(), "len": data.len(), "hex": hex })
         }
+    };
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || is_bidi_control(c) {
+            out.push_str(&format!("\\u{:04x}", c as u32));
+        } else {
+            out.push(c);
+        }
     }
+    out
 }
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, so `kill` and service managers stop
@@ -758,12 +769,21 @@ mod tests {
     #[test]
     fn json_messages_carry_text_or_hex() {
         let peer = reach::Keypair::generate().peer_id();
-        let v = message_json(&peer, b"a\nb");
+        let line = message_json(&peer, "a\nb\u{7f}\u{9b}[31m\u{2028}\u{202e}".as_bytes());
+        assert!(!line.chars().any(|c| c.is_control()), "{line}");
+        assert!(
+            !line.contains('\u{2028}') && !line.contains('\u{202e}'),
+            "{line}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["text"], "a\nb\u{7f}\u{9b}[31m\u{2028}\u{202e}");
+        let line = message_json(&peer, b"a\nb");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["text"], "a\nb");
         assert_eq!(v["len"], 3);
         assert_eq!(v["peer"], peer.to_string());
-        assert!(!v.to_string().contains('\n'));
-        let v = message_json(&peer, b"\xff\x00");
+        assert!(!line.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&message_json(&peer, b"\xff\x00")).unwrap();
         assert_eq!(v["hex"], "ff00");
         assert!(v.get("text").is_none());
     }

@@ -113,15 +113,23 @@ pub(crate) async fn serve(
 /// Whether this node is among the k closest it knows to `key` (see
 /// [`reach_proto::dht::store::among_closest`]).
 fn is_among_closest(inner: &Inner, key: &Key) -> bool {
+    let k = STORE_CLOSENESS_SLACK * K;
     let known: Vec<Key> = inner
         .dht
         .routing()
-        .closest(key, K)
+        .closest(key, k)
         .iter()
         .map(|c| c.key())
         .collect();
-    among_closest(&Key::for_peer(&inner.peer_id), key, &known, K)
+    among_closest(&Key::for_peer(&inner.peer_id), key, &known, k)
 }
+
+/// A node stores a record when fewer than this many times k contacts it
+/// knows are closer to the key. Its routing table holds contacts that are
+/// dead or that a publisher's lookup never reached, so a strict k would
+/// refuse honest stores under churn; the slack only lets a flooder place
+/// records at twice as many nodes around a key.
+pub const STORE_CLOSENESS_SLACK: usize = 2;
 
 fn closer(inner: &Inner, target: &Key) -> Vec<Contact> {
     inner
@@ -155,11 +163,16 @@ fn answer(inner: &Inner, remote: SocketAddr, request: DhtRequest) -> DhtResponse
         }
         DhtRequest::PutRecord { record } => {
             let stored = if is_among_closest(inner, &record.key) {
-                // A relayed or TCP-linked sender's address is this node's
-                // own virtual one: it says nothing about the sender's
-                // network (those paths are bounded where they are made).
-                let source =
-                    (!crate::relay::paths::is_virtual(&remote)).then(|| Source::of(remote.ip()));
+                // A TCP-linked sender counts as its TCP peer's network; a
+                // relayed one as its relay's (circuits are bounded per peer
+                // at the relay, and publishers normally store directly).
+                let source = inner
+                    .real_source(remote)
+                    .or_else(|| {
+                        let relay = inner.paths.path(&remote)?.relay_addr;
+                        inner.real_source(relay)
+                    })
+                    .map(|a| Source::of(a.ip()));
                 dht.store().put_from(record, source, unix_ms())
             } else {
                 let e = RecordError::NotClosest;

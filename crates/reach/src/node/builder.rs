@@ -195,6 +195,9 @@ impl NodeBuilder {
     /// Binds the socket and starts the node's tasks, including joining the
     /// DHT in the background (see [`Node::joined`]).
     pub async fn spawn(self) -> Result<Node> {
+        if let Some(limits) = &self.connection_limits {
+            limits.validate().map_err(Error::Config)?;
+        }
         // Before anything in the data dir is read or written: one node per
         // data dir (see crate::datadir).
         let dir_lock = match &self.data_dir {

@@ -37,8 +37,22 @@ pub mod codes {
 pub(crate) async fn accept_loop(inner: Arc<Inner>) {
     while let Some(incoming) = inner.endpoint.accept().await {
         let remote = incoming.remote_address();
-        let virtual_source = crate::relay::paths::is_virtual(&remote);
-        let mut slot = match inner.inbound_gate.admit(remote, virtual_source) {
+        if !incoming.remote_address_validated() && inner.inbound_gate.handshakes_crowded() {
+            // Under a handshake flood: make the source prove its address
+            // first (costs an honest dialer one round trip).
+            stats::bump(&inner.counters.inbound_retried);
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().ignore();
+            }
+            continue;
+        }
+        // A TCP link counts as its TCP peer's address: one host cannot
+        // open unbounded connections through one link.
+        let source = inner.real_source(remote);
+        let mut slot = match inner
+            .inbound_gate
+            .admit(source.unwrap_or(remote), source.is_none())
+        {
             Ok(slot) => slot,
             Err(why) => {
                 stats::bump(&inner.counters.inbound_refused);
@@ -140,8 +154,7 @@ async fn serve(
     conn: quinn::Connection,
     slot: Option<limits::Slot>,
 ) {
-    let mut watch_silence =
-        slot.is_some() && !crate::relay::paths::is_virtual(&conn.remote_address());
+    let mut watch_silence = slot.is_some() && inner.real_source(conn.remote_address()).is_some();
     let silent = tokio::time::sleep(inner.inbound_gate.limits().silent_timeout);
     tokio::pin!(silent);
     loop {

@@ -94,6 +94,34 @@ impl Default for ConnectionLimits {
     }
 }
 
+/// The shortest silent-connection timeout accepted: a silent connection is
+/// looked at again every timeout, so a zero or tiny one would spin.
+pub const MIN_SILENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+impl ConnectionLimits {
+    /// Refuses settings that would lock everyone out or spin: every count
+    /// at least 1, the silent timeout at least [`MIN_SILENT_TIMEOUT`].
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("max_inbound", self.max_inbound),
+            ("max_per_ip", self.max_per_ip),
+            ("max_per_prefix", self.max_per_prefix),
+            ("max_handshakes", self.max_handshakes),
+            ("max_idle_peers", self.max_idle_peers),
+        ] {
+            if v == 0 {
+                return Err(format!("connection limit {name} must be at least 1"));
+            }
+        }
+        if self.silent_timeout < MIN_SILENT_TIMEOUT {
+            return Err(format!(
+                "silent connection timeout must be at least {MIN_SILENT_TIMEOUT:?}"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// Why an inbound connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Refusal {
@@ -213,6 +241,13 @@ impl InboundGate {
     /// Inbound connections (handshaking or established) right now.
     pub fn inbound(&self) -> usize {
         self.counts().total
+    }
+
+    /// Whether handshakes in flight fill at least half their limit: then
+    /// only sources that proved their address (a QUIC Retry round trip) get
+    /// a handshake slot, so spoofed Initial packets cannot hold the slots.
+    pub fn handshakes_crowded(&self) -> bool {
+        self.counts().handshakes * 2 >= self.limits.max_handshakes
     }
 }
 
@@ -347,6 +382,21 @@ mod tests {
         drop(a);
         let _e = g.admit(addr("198.51.100.3:1"), false).unwrap();
         assert_eq!(g.inbound(), 4);
+    }
+
+    #[test]
+    fn limits_that_lock_everyone_out_or_spin_are_refused() {
+        assert!(ConnectionLimits::default().validate().is_ok());
+        let zero = ConnectionLimits {
+            max_per_ip: 0,
+            ..ConnectionLimits::default()
+        };
+        assert!(zero.validate().unwrap_err().contains("max_per_ip"));
+        let spin = ConnectionLimits {
+            silent_timeout: Duration::ZERO,
+            ..ConnectionLimits::default()
+        };
+        assert!(spin.validate().unwrap_err().contains("silent"));
     }
 
     #[test]

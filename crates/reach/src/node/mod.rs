@@ -155,6 +155,17 @@ impl Drop for DropGuard {
 }
 
 impl Inner {
+    /// The network address a peer's packets really come from: `addr`
+    /// itself for a direct path, the TCP peer's address for a TCP link, and
+    /// `None` for a relayed circuit (bounded at the relay, per peer). Limits
+    /// per IP and per network count sources by this.
+    pub(crate) fn real_source(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        if !crate::relay::paths::is_virtual(&addr) {
+            return Some(addr);
+        }
+        self.links.remote(&addr)
+    }
+
     fn begin_shutdown(&self) {
         if !self.is_shut_down() {
             crate::dht::join::save_peer_cache(self);
@@ -325,8 +336,16 @@ impl Node {
                     // connection's reader) noticed: let the standby take
                     // over now.
                     let id = c.stable_id();
+                    // The peer closed it as silent (its inbound limits were
+                    // under pressure) just as this message left: dial again.
+                    let closed_as_silent = matches!(
+                        c.close_reason(),
+                        Some(quinn::ConnectionError::ApplicationClosed(a))
+                            if a.error_code == inbound::codes::SILENT.into()
+                    );
                     c.close_reason().is_some()
-                        && (self.inner.peers.remove_if_current(peer, id)
+                        && (closed_as_silent
+                            || self.inner.peers.remove_if_current(peer, id)
                             || self
                                 .inner
                                 .peers

@@ -56,6 +56,11 @@ struct PeerEntry {
     /// The application sent or received a message or stream on the current
     /// connection: it is kept open (with keep-alives) until a side closes it.
     app_used: bool,
+    /// The application has used this peer at some point (a message, a
+    /// stream, a dial): its remembered addresses may exist nowhere else
+    /// (e.g. given by the user), so the entry outlives its connections and
+    /// is evicted only after every entry the application never used.
+    ever_app_used: bool,
     /// Last DHT request on the current connection, either way.
     last_used: Option<Instant>,
     /// When the entry was last used, on the table's logical clock: the
@@ -135,16 +140,16 @@ impl PeerTable {
         e.recency = t.clock;
         let out = f(e);
         if t.map.len() > t.prune_at {
-            let mut idle: Vec<(u64, PeerId)> = t
+            let mut idle: Vec<(bool, u64, PeerId)> = t
                 .map
                 .iter()
                 .filter(|(p, e)| **p != peer && e.is_idle())
-                .map(|(p, e)| (e.recency, *p))
+                .map(|(p, e)| (e.ever_app_used, e.recency, *p))
                 .collect();
             if idle.len() > self.max_idle {
                 idle.sort_unstable();
                 let excess = idle.len() - self.max_idle;
-                for (_, p) in &idle[..excess] {
+                for (_, _, p) in &idle[..excess] {
                     t.map.remove(p);
                 }
                 t.evicted += excess as u64;
@@ -169,7 +174,7 @@ impl PeerTable {
         let unused = t
             .map
             .get(peer)
-            .is_some_and(|e| e.is_idle() && !e.app_used && e.relays.is_empty());
+            .is_some_and(|e| e.is_idle() && !e.ever_app_used && e.relays.is_empty());
         if unused {
             t.map.remove(peer);
             t.evicted += 1;
@@ -337,6 +342,7 @@ impl PeerTable {
         t.clock += 1;
         if let Some(e) = t.map.get_mut(peer) {
             e.app_used |= app;
+            e.ever_app_used |= app;
             e.last_used = Some(Instant::now());
             e.recency = t.clock;
         }
@@ -851,5 +857,42 @@ pub(crate) async fn dial_from(
             "no handshake within {:?}",
             transport::CONNECT_TIMEOUT
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(i: u16) -> SocketAddr {
+        SocketAddr::from(([192, 0, 2, 1], 1000 + i))
+    }
+
+    fn known_addrs(t: &PeerTable, peer: PeerId) -> Vec<SocketAddr> {
+        t.with(|m| m.get(&peer).map(|e| e.addrs.clone()).unwrap_or_default())
+    }
+
+    #[test]
+    fn the_table_is_bounded_and_forgets_peers_the_application_never_used_first() {
+        let t = PeerTable::new(8);
+        // A peer the application used, with an address known nowhere else.
+        let app_peer = reach_proto::Keypair::generate().peer_id();
+        t.remember(app_peer, [addr(0)]);
+        t.touch(&app_peer, true);
+        // Then many DHT contacts, each used more recently than it.
+        for i in 1..=100 {
+            t.remember(reach_proto::Keypair::generate().peer_id(), [addr(i)]);
+        }
+        // Pruned back to 8 idle entries whenever it grows past 8 + 8/8 + 1.
+        assert!(t.len() <= 8 + 8 / 8 + 2, "bounded: {} entries", t.len());
+        assert!(t.evicted() >= 90);
+        assert_eq!(known_addrs(&t, app_peer), vec![addr(0)]);
+        // An entry the application used is never forgotten just because a
+        // connection of its closed unused; one it never used is.
+        assert!(!t.forget_if_unused(&app_peer));
+        let dht_peer = reach_proto::Keypair::generate().peer_id();
+        t.remember(dht_peer, [addr(200)]);
+        assert!(t.forget_if_unused(&dht_peer));
+        assert!(known_addrs(&t, dht_peer).is_empty());
     }
 }

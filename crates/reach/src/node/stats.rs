@@ -23,6 +23,9 @@ pub(crate) struct Counters {
     pub connections_inbound: AtomicU64,
     pub dial_failures: AtomicU64,
     pub inbound_handshake_failures: AtomicU64,
+    /// Inbound handshakes asked to prove their address first (a QUIC Retry)
+    /// because handshakes in flight were crowded.
+    pub inbound_retried: AtomicU64,
     /// Inbound connection attempts refused by a connection limit.
     pub inbound_refused: AtomicU64,
     /// Inbound connections closed for carrying nothing.
@@ -56,6 +59,7 @@ pub struct NodeStats {
     pub connections_inbound: u64,
     pub dial_failures: u64,
     pub inbound_handshake_failures: u64,
+    pub inbound_retried: u64,
     pub inbound_refused: u64,
     pub silent_connections_closed: u64,
     /// Peer-table entries forgotten to keep the table bounded.
@@ -130,6 +134,7 @@ impl NodeStats {
             connections_inbound: g(&c.connections_inbound),
             dial_failures: g(&c.dial_failures),
             inbound_handshake_failures: g(&c.inbound_handshake_failures),
+            inbound_retried: g(&c.inbound_retried),
             inbound_refused: g(&c.inbound_refused),
             silent_connections_closed: g(&c.silent_connections_closed),
             // Filled in by `Node::stats` (the peer table and the gate
