@@ -210,7 +210,9 @@ fn write_new(path: &Path, kp: &Keypair) -> Result<Keypair> {
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| key_err(path, format!("cannot sync {}: {e}", dir.display())))?;
-    Ok(kp.clone())
+    // Read back what is on disk: after a rename fallback a concurrent first
+    // start may have placed its key last, and every process must agree.
+    load(path)
 }
 
 /// Removes temporary key files left by writers that no longer run (killed
