@@ -63,17 +63,31 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
         };
         let inner2 = inner.clone();
         inner.spawn(async move {
-            let handshake = async { incoming.accept()?.await };
-            let conn = match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, handshake).await {
-                Ok(Ok(c)) => c,
-                Ok(Err(e)) => {
-                    stats::bump(&inner2.counters.inbound_handshake_failures);
-                    tracing::debug!(error = %e, "inbound handshake failed");
-                    return;
+            let handshake = async {
+                let connecting = incoming.accept()?;
+                tokio::pin!(connecting);
+                loop {
+                    match tokio::time::timeout(limits::HANDSHAKE_TIMEOUT, &mut connecting).await {
+                        Ok(done) => return done.map(Some),
+                        // A slow handshake gives its slot up only when
+                        // others need the slots; else QUIC's own timeouts
+                        // decide (an overloaded but honest node must not
+                        // abort handshakes its dialers already completed).
+                        Err(_) if inner2.inbound_gate.handshakes_crowded() => return Ok(None),
+                        Err(_) => continue,
+                    }
                 }
-                Err(_) => {
+            };
+            let conn = match handshake.await {
+                Ok(Some(c)) => c,
+                Ok(None) => {
                     stats::bump(&inner2.counters.inbound_handshake_failures);
                     tracing::debug!(%remote, "inbound handshake timed out");
+                    return;
+                }
+                Err(e) => {
+                    stats::bump(&inner2.counters.inbound_handshake_failures);
+                    tracing::debug!(error = %e, "inbound handshake failed");
                     return;
                 }
             };

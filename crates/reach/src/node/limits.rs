@@ -52,9 +52,12 @@ pub const SILENT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
 /// well under a KiB, so a flood of throwaway identities costs at most about
 /// a MiB here.
 pub const MAX_IDLE_PEERS: usize = 1024;
-/// An inbound handshake must complete within this, or it gives its slot
-/// back. A handshake takes a few round trips; QUIC's own idle timeout
-/// (a minute) would let a stalled one hold a slot far longer.
+/// An inbound handshake that has not completed within this gives its slot
+/// back when handshakes are crowded (see `InboundGate::handshakes_crowded`).
+/// A handshake takes a few round trips; QUIC's own idle timeout (a minute)
+/// would let a stalled one hold a slot far longer. Uncrowded, a slow one
+/// keeps going: on an overloaded machine the dialer may already have
+/// completed it, and aborting it would break that dialer's connection.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How often the node checks whether closed connections left memory to give

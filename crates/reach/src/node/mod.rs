@@ -376,9 +376,13 @@ impl Node {
             Ok(s) => s,
             Err(e) => return (Err(e), None),
         };
+        // quinn's stream errors say only "connection lost": the
+        // connection's own close reason says why.
         let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
             peer,
-            reason: e.to_string(),
+            reason: conn
+                .close_reason()
+                .map_or_else(|| e.to_string(), |r| format!("{e}: {r}")),
         };
         let sent = async {
             stream.write_all(prefix).await.map_err(|e| lost(&e))?;
