@@ -263,6 +263,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     };
     let mut builder = Node::builder()
         .bind(listen)
+        .connection_events(true)
         .data_dir(&dir)
         .bootstrap(bootstrap)
         .dht_mode(mode)
@@ -324,6 +325,11 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                             s.peer
                         );
                     }
+                    other => {
+                        if let Some(line) = connection_line(&other, json) {
+                            println!("{line}");
+                        }
+                    }
                 }
             }
         })
@@ -371,14 +377,44 @@ fn is_bidi_control(c: char) -> bool {
 /// JSON itself escapes only C0 controls; DEL, C1 controls (some terminals
 /// act on them), the Unicode line/paragraph separators and bidi overrides
 /// are written as `\uXXXX` escapes too, so the line is safe on a terminal.
+/// A connection event as one line: `connected <peer> (<path>, <direction>)`,
+/// `disconnected <peer>`, `path <peer> now <path>`; with `json`, an object
+/// with an `event` field. Peer ids and paths are plain ASCII: nothing to
+/// escape.
+fn connection_line(event: &Event, json: bool) -> Option<String> {
+    let dir = |d: &reach::Direction| match d {
+        reach::Direction::Inbound => "inbound",
+        reach::Direction::Outbound => "outbound",
+    };
+    Some(match (event, json) {
+        (Event::Connected { peer, path, direction }, false) => {
+            format!("connected {peer} ({path}, {})", dir(direction))
+        }
+        (Event::Connected { peer, path, direction }, true) => serde_json::json!({
+            "event": "connected", "peer": peer.to_string(), "path": path, "direction": dir(direction)
+        })
+        .to_string(),
+        (Event::Disconnected { peer }, false) => format!("disconnected {peer}"),
+        (Event::Disconnected { peer }, true) => {
+            serde_json::json!({ "event": "disconnected", "peer": peer.to_string() }).to_string()
+        }
+        (Event::PathChanged { peer, path }, false) => format!("path {peer} now {path}"),
+        (Event::PathChanged { peer, path }, true) => serde_json::json!({
+            "event": "path_changed", "peer": peer.to_string(), "path": path
+        })
+        .to_string(),
+        _ => return None,
+    })
+}
+
 fn message_json(from: &reach::PeerId, data: &[u8]) -> String {
     let value = match std::str::from_utf8(data) {
         Ok(text) => {
-            serde_json::json!({ "peer": from.to_string(), "len": data.len(), "text": text })
+            serde_json::json!({ "event": "message", "peer": from.to_string(), "len": data.len(), "text": text })
         }
         Err(_) => {
             let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-            serde_json::json!({ "peer": from.to_string(), "len": data.len(), "hex": hex })
+            serde_json::json!({ "event": "message", "peer": from.to_string(), "len": data.len(), "hex": hex })
         }
     };
     let mut out = String::new();
@@ -786,5 +822,40 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(&message_json(&peer, b"\xff\x00")).unwrap();
         assert_eq!(v["hex"], "ff00");
         assert!(v.get("text").is_none());
+    }
+
+    #[test]
+    fn connection_events_print_as_one_line_or_one_tagged_object() {
+        let peer = reach::Keypair::generate().peer_id();
+        let relay = reach::Keypair::generate().peer_id();
+        let connected = Event::Connected {
+            peer,
+            path: reach::PathKind::Relayed { relay },
+            direction: reach::Direction::Outbound,
+        };
+        assert_eq!(
+            connection_line(&connected, false).unwrap(),
+            format!("connected {peer} (relayed via {relay}, outbound)")
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&connection_line(&connected, true).unwrap()).unwrap();
+        assert_eq!(v["event"], "connected");
+        assert_eq!(v["path"]["kind"], "relayed");
+        assert_eq!(v["path"]["relay"], relay.to_string());
+        let changed = Event::PathChanged {
+            peer,
+            path: reach::PathKind::Direct,
+        };
+        assert_eq!(
+            connection_line(&changed, false).unwrap(),
+            format!("path {peer} now direct")
+        );
+        let gone = Event::Disconnected { peer };
+        let v: serde_json::Value =
+            serde_json::from_str(&connection_line(&gone, true).unwrap()).unwrap();
+        assert_eq!(v["event"], "disconnected");
+        assert_eq!(v["peer"], peer.to_string());
+        let v: serde_json::Value = serde_json::from_str(&message_json(&peer, b"x")).unwrap();
+        assert_eq!(v["event"], "message");
     }
 }

@@ -274,6 +274,7 @@ async fn receive(
                     anyhow::Ok(())
                 });
             }
+            _ => {}
         }
     }
     while let Some(r) = echoes.join_next().await {

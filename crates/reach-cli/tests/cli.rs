@@ -343,7 +343,7 @@ fn received_messages_print_as_one_escaped_line_or_one_json_object() {
 
     // --json: one object per message, the text exactly as sent.
     send(c_dir.path(), forged);
-    let line = c.wait_line("\"peer\"");
+    let line = c.wait_line("\"event\":\"message\"");
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
     assert_eq!(v["peer"], a_id.as_str());
     assert_eq!(v["text"], forged);

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
-use reach::{Event, Node, Reachability};
+use reach::{Event, Node, NodeEvent, PathKind, Reachability};
 use serde::Serialize;
 
 use crate::nat::{Internet, MATRIX_KINDS, NatKind, Site};
@@ -731,6 +731,10 @@ pub struct UpgradeReport {
     /// From restoring the path until the connection was direct again (the
     /// dialer punches again a while after a fallback).
     pub direct_again_ms: u64,
+    /// The paths the dialer's node reported for the target, in order
+    /// (`NodeEvent::PeerConnected` then each `PathChanged`): "relayed",
+    /// "direct", "tcp_link".
+    pub path_events: Vec<String>,
 }
 
 /// Upgrade and fall back across real NATs: a dialer behind an eim-apdf
@@ -762,6 +766,41 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
         .await
         .map_err(|e| fail(&e))?;
     let total = DURING_UPGRADE + AFTER_CUT + AFTER_REPAIR;
+    // What the dialer's node says about its path to the target.
+    let path_events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let recorder = {
+        let mut events = dialer.subscribe();
+        let target_id = target.peer_id();
+        let paths = path_events.clone();
+        tokio::spawn(async move {
+            let push = |p: &str| {
+                if let Ok(mut v) = paths.lock() {
+                    v.push(p.to_string());
+                }
+            };
+            while let Some(ev) = events.next().await {
+                let path = match ev {
+                    NodeEvent::PeerConnected { peer, path, .. }
+                    | NodeEvent::PathChanged { peer, path }
+                        if peer == target_id =>
+                    {
+                        path
+                    }
+                    NodeEvent::PeerDisconnected { peer } if peer == target_id => {
+                        push("disconnected");
+                        continue;
+                    }
+                    _ => continue,
+                };
+                push(match path {
+                    PathKind::Direct => "direct",
+                    PathKind::Relayed { .. } => "relayed",
+                    PathKind::TcpLink => "tcp_link",
+                    _ => "other",
+                });
+            }
+        })
+    };
     // The target's application: counts every message it gets.
     let receiver = {
         let target = target.clone();
@@ -869,7 +908,18 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
         fallback_ms,
         resent: dialer.stats().messages_resent,
         direct_again_ms,
+        path_events: Vec::new(),
     };
+    let mut report = report;
+    // The recorder may be a moment behind the peer table: four paths
+    // (relayed, direct, relayed, direct) are expected.
+    let recorded = || path_events.lock().map(|v| v.clone()).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while recorded().len() < 4 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    recorder.abort();
+    report.path_events = recorded();
     dialer.shutdown().await;
     for n in infra.iter().chain([&target]) {
         n.shutdown().await;

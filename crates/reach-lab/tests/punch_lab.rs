@@ -28,6 +28,13 @@ async fn upgrade_loses_nothing_and_a_dead_direct_path_falls_back_to_the_relay() 
         "back on the relay after {} ms",
         r.fallback_ms
     );
+    // The dialer's node said so as it happened: connected over the relay,
+    // direct after the punch, relayed after the cut, direct again.
+    assert_eq!(
+        r.path_events,
+        ["relayed", "direct", "relayed", "direct"],
+        "path events for the target"
+    );
     // (`upgrade` fails unless the connection became direct again after the
     // path came back: the dialer punches again 30 s after a fallback.)
 }

@@ -9,6 +9,7 @@ use reach_proto::wire::WireError;
 /// Everything that can go wrong in the reach runtime. Each variant has a
 /// stable machine-readable [`Error::kind`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     #[error("cannot bind UDP socket on {addr}: {source}{hint}", hint = bind_hint(source))]
     Bind {
@@ -55,6 +56,15 @@ pub enum Error {
     Timeout(&'static str),
     #[error("the node has shut down")]
     Shutdown,
+    #[error("invalid protocol name {name:?}: {reason}")]
+    InvalidProtocolName {
+        name: String,
+        reason: reach_proto::wire::envelope::ProtocolNameError,
+    },
+    #[error("protocol {protocol:?} is already registered on this node")]
+    ProtocolInUse { protocol: String },
+    #[error("peer {peer} does not serve protocol {protocol:?}")]
+    ProtocolNotSupported { peer: PeerId, protocol: String },
     #[error("invalid configuration: {0}")]
     Config(String),
     #[error("storage {path}: {reason}")]
@@ -108,6 +118,9 @@ impl Error {
             Error::Wire(e) => e.kind(),
             Error::Timeout(_) => "timeout",
             Error::Shutdown => "shutdown",
+            Error::InvalidProtocolName { .. } => "invalid_protocol_name",
+            Error::ProtocolInUse { .. } => "protocol_in_use",
+            Error::ProtocolNotSupported { .. } => "protocol_not_supported",
             Error::Config(_) => "config",
             Error::Storage { .. } => "storage",
             Error::NotFound(_) => "not_found",

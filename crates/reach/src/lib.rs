@@ -19,6 +19,7 @@
 //!     match event {
 //!         Event::Message { from, data } => println!("{from}: {} bytes", data.len()),
 //!         Event::Stream(stream) => println!("{} opened a stream", stream.peer),
+//!         _ => {}
 //!     }
 //! }
 //! # Ok(()) }
@@ -46,10 +47,13 @@ pub mod transport;
 pub use dht::DhtMode;
 pub use dht::join::JoinReport;
 pub use error::{Error, Result};
-pub use events::{Event, Stream};
+pub use events::{Event, PathKind, Stream};
 pub use handshake::PostQuantum;
 pub use nat::NatReport;
-pub use node::{ConnectionLimits, Direction, Node, NodeBuilder, NodeStats, PeerInfo};
+pub use node::{
+    ConnectionLimits, Direction, Node, NodeBuilder, NodeEvent, NodeEvents, NodeStats, PeerInfo,
+    ProtocolListener,
+};
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::relay::service::RelayLimits;

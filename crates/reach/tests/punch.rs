@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use reach::{Event, Node, RelayMode};
+use reach::{Direction, Event, Node, PathKind, RelayMode};
 
 mod common;
 use common::{logs, loopback, until, within};
@@ -34,6 +34,7 @@ async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubl
     let alice = Node::builder()
         .bind(loopback())
         .acquire_relay(RelayMode::Off)
+        .connection_events(true)
         .spawn()
         .await
         .unwrap();
@@ -107,6 +108,41 @@ async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubl
     // Loopback: both come from one IP, so the LAN addresses go first.
     assert_eq!(outcome.technique, "lan_first");
     assert!(outcome.time_to_direct_ms.is_some());
+    // Alice's application heard the connection come up relayed, then
+    // become direct (events about the relay itself aside).
+    let mut paths = Vec::new();
+    within("alice hears the path change", async {
+        while paths.len() < 2 {
+            match alice.next_event().await {
+                Some(Event::Connected {
+                    peer,
+                    path,
+                    direction,
+                }) if peer == bob.peer_id() => {
+                    assert_eq!(direction, Direction::Outbound);
+                    paths.push(path);
+                }
+                Some(Event::PathChanged { peer, path }) if peer == bob.peer_id() => {
+                    paths.push(path)
+                }
+                Some(Event::Disconnected { peer }) if peer == bob.peer_id() => {
+                    panic!("bob disconnected")
+                }
+                Some(_) => {}
+                None => panic!("alice stopped"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        paths,
+        [
+            PathKind::Relayed {
+                relay: relay.peer_id()
+            },
+            PathKind::Direct
+        ]
+    );
     // A message after the upgrade goes direct, and arrives.
     alice.send(bob.peer_id(), b"after".to_vec()).await.unwrap();
     match within("bob receives", bob.next_event()).await {

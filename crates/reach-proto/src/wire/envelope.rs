@@ -4,6 +4,19 @@
 //! body is the wire version; the rest is a postcard-encoded [`Body`]. Keeping
 //! the version outside the postcard body means a future version can change
 //! the body's shape entirely and still be told apart.
+//!
+//! **Versions are negotiable, not an exact match.** [`Body`] only grows at
+//! the end, and each body is sent with the oldest version that knows it
+//! ([`Body::version`]): a version-2 node still understands every version-2
+//! body a newer node sends, and a body it does not know fails with the
+//! typed [`WireError::UnknownBody`], which a receiver answers by refusing
+//! that one stream, not the connection. Versions below
+//! [`MIN_WIRE_VERSION`] are refused.
+//!
+//! **Protocols.** Each stream a peer opens belongs to one protocol, named
+//! by [`Body::protocol`]: reach's own (the [`protocols`] names, carried as
+//! their historic body kinds) or any application protocol
+//! ([`Body::Open`]), which nodes route to whoever registered that name.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,8 +24,63 @@ use super::{WireError, decode_exact, frame};
 use crate::dht::rpc::{DhtRequestMsg, DhtResponseMsg};
 use crate::relay::rpc::{RelayRequest, RelayResponse};
 
-/// The wire version this build speaks.
-pub const WIRE_VERSION: u8 = 2;
+/// The newest wire version this build speaks.
+pub const WIRE_VERSION: u8 = 3;
+/// The oldest wire version this build still accepts: version 2 is the
+/// one nodes before protocol routing spoke.
+pub const MIN_WIRE_VERSION: u8 = 2;
+/// The version of every body kind that predates [`Body::Open`].
+const V2: u8 = 2;
+
+/// Longest protocol name: room for a reverse-DNS name and a version,
+/// small enough to bound what a stream header costs.
+pub const MAX_PROTOCOL_NAME_LEN: usize = 64;
+
+/// Names of reach's own stream protocols, as the router knows them.
+pub mod protocols {
+    /// DHT requests ([`super::Body::DhtRequest`]).
+    pub const DHT: &str = "reach/dht";
+    /// Relay signalling ([`super::Body::RelayRequest`]).
+    pub const RELAY: &str = "reach/relay";
+    /// Filter-probe requests ([`super::Body::FilterProbeRequest`]).
+    pub const FILTER_PROBE: &str = "reach/filter-probe";
+    /// `Node::open_stream`'s application streams ([`super::Body::OpenStream`]).
+    pub const STREAM: &str = "reach/stream";
+    /// The prefix reserved for reach's own protocols.
+    pub const RESERVED_PREFIX: &str = "reach/";
+}
+
+/// Why a protocol name is not acceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolNameError {
+    #[error("empty protocol name")]
+    Empty,
+    #[error("protocol name of {0} bytes exceeds {MAX_PROTOCOL_NAME_LEN}")]
+    TooLong(usize),
+    #[error("protocol names are printable ASCII without spaces")]
+    NotPrintable,
+    #[error("the prefix \"reach/\" is reserved for reach's own protocols")]
+    Reserved,
+}
+
+/// Checks an application protocol name: 1 to [`MAX_PROTOCOL_NAME_LEN`]
+/// bytes of printable ASCII without spaces (e.g. `myapp/chat/1`), not
+/// starting with [`protocols::RESERVED_PREFIX`].
+pub fn check_protocol_name(name: &str) -> Result<(), ProtocolNameError> {
+    if name.is_empty() {
+        return Err(ProtocolNameError::Empty);
+    }
+    if name.len() > MAX_PROTOCOL_NAME_LEN {
+        return Err(ProtocolNameError::TooLong(name.len()));
+    }
+    if !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ProtocolNameError::NotPrintable);
+    }
+    if name.starts_with(protocols::RESERVED_PREFIX) {
+        return Err(ProtocolNameError::Reserved);
+    }
+    Ok(())
+}
 
 /// Largest application message `Node::send` accepts, in bytes. Messages are
 /// delivered whole, so the receiver must buffer one entirely: 16 MiB keeps
@@ -64,6 +132,56 @@ pub enum Body {
         nonce: u64,
         target: std::net::SocketAddr,
     },
+    /// Header of a bidirectional stream of an application protocol
+    /// (version 3). The receiver answers one [`OPEN_ACCEPTED`] byte when a
+    /// handler took the stream; raw protocol bytes follow either way. A
+    /// node without a handler resets the stream with its "unknown
+    /// protocol" code.
+    Open { protocol: String },
+}
+
+/// The byte a receiver writes when it routed a [`Body::Open`] stream to a
+/// handler.
+pub const OPEN_ACCEPTED: u8 = 0;
+
+/// Number of [`Body`] kinds this build knows: a larger variant index is a
+/// newer node's body ([`WireError::UnknownBody`]).
+const BODY_KINDS: u64 = 8;
+
+impl Body {
+    /// The oldest wire version that knows this body: what it is sent with.
+    pub fn version(&self) -> u8 {
+        match self {
+            Body::Open { .. } => 3,
+            _ => V2,
+        }
+    }
+
+    /// The protocol a stream starting with this body belongs to; `None` for
+    /// bodies that never start a stream a peer opens (answers).
+    pub fn protocol(&self) -> Option<&str> {
+        match self {
+            Body::OpenStream => Some(protocols::STREAM),
+            Body::DhtRequest(_) => Some(protocols::DHT),
+            Body::RelayRequest(_) => Some(protocols::RELAY),
+            Body::FilterProbeRequest { .. } => Some(protocols::FILTER_PROBE),
+            Body::Open { protocol } => Some(protocol),
+            Body::Message { .. } | Body::DhtResponse(_) | Body::RelayResponse(_) => None,
+        }
+    }
+}
+
+/// The LEB128 varint at the start of `bytes`, if complete and at most 64
+/// bits.
+fn leading_varint(bytes: &[u8]) -> Option<u64> {
+    let mut v: u64 = 0;
+    for (i, b) in bytes.iter().take(10).enumerate() {
+        v |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some(v);
+        }
+    }
+    None
 }
 
 /// A versioned body.
@@ -74,10 +192,11 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    /// An envelope of the current [`WIRE_VERSION`].
+    /// An envelope of the oldest version that knows `body` (see the module
+    /// docs: older nodes keep understanding what they know).
     pub fn new(body: Body) -> Self {
         Envelope {
-            version: WIRE_VERSION,
+            version: body.version(),
             body,
         }
     }
@@ -104,7 +223,7 @@ impl Envelope {
                 max: MAX_MESSAGE_LEN,
             });
         }
-        let mut body_head = vec![WIRE_VERSION, MESSAGE_VARIANT];
+        let mut body_head = vec![V2, MESSAGE_VARIANT];
         push_varint(&mut body_head, id);
         push_varint(&mut body_head, len as u64);
         let mut out = frame::header(body_head.len() + len)?.to_vec();
@@ -117,8 +236,15 @@ impl Envelope {
         let (&version, rest) = bytes
             .split_first()
             .ok_or(WireError::Truncated { needed: 1, had: 0 })?;
-        if version != WIRE_VERSION {
+        if version < MIN_WIRE_VERSION {
             return Err(WireError::UnsupportedVersion(version));
+        }
+        // A newer node's body kind is told apart from garbage: the variant
+        // index is postcard's leading varint.
+        if let Some(variant) = leading_varint(rest)
+            && variant >= BODY_KINDS
+        {
+            return Err(WireError::UnknownBody(variant));
         }
         let body = decode_exact(rest)?;
         Ok(Envelope { version, body })
@@ -152,19 +278,77 @@ mod tests {
     }
 
     #[test]
-    fn unknown_version_is_typed() {
+    fn versions_older_than_the_minimum_are_refused_typed() {
+        let mut f = Envelope::new(Body::OpenStream).to_frame().unwrap();
+        f[4] = 1;
+        assert_eq!(
+            Envelope::from_frame(&f, MAX_FRAME_LEN),
+            Err(WireError::UnsupportedVersion(1))
+        );
+    }
+
+    #[test]
+    fn old_bodies_keep_version_2_and_open_is_version_3() {
+        // A version-2 node compares the version byte exactly: every body
+        // it knows must still arrive as version 2.
+        let f = Envelope::new(Body::OpenStream).to_frame().unwrap();
+        assert_eq!(f[4], 2);
+        let open = Body::Open {
+            protocol: "chat/1".into(),
+        };
+        let f = Envelope::new(open.clone()).to_frame().unwrap();
+        assert_eq!(f[4], 3);
+        let env = Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap();
+        assert_eq!(env.body, open);
+        assert_eq!(env.body.protocol(), Some("chat/1"));
+    }
+
+    #[test]
+    fn a_newer_nodes_body_is_understood_when_known_and_typed_when_not() {
+        // Version 9 carrying a body this build knows: understood.
         let mut f = Envelope::new(Body::OpenStream).to_frame().unwrap();
         f[4] = 9;
         assert_eq!(
-            Envelope::from_frame(&f, MAX_FRAME_LEN),
-            Err(WireError::UnsupportedVersion(9))
+            Envelope::from_frame(&f, MAX_FRAME_LEN).unwrap().body,
+            Body::OpenStream
+        );
+        // A body kind from the future: typed, not "malformed".
+        assert_eq!(
+            Envelope::decode(&[9, 8, 1, 2, 3]),
+            Err(WireError::UnknownBody(8))
+        );
+        assert_eq!(
+            Envelope::decode(&[3, 0x80, 0x01]),
+            Err(WireError::UnknownBody(128))
+        );
+    }
+
+    #[test]
+    fn protocol_names_are_checked() {
+        assert_eq!(check_protocol_name("myapp/chat/1"), Ok(()));
+        assert_eq!(check_protocol_name(""), Err(ProtocolNameError::Empty));
+        assert_eq!(
+            check_protocol_name(&"x".repeat(MAX_PROTOCOL_NAME_LEN + 1)),
+            Err(ProtocolNameError::TooLong(MAX_PROTOCOL_NAME_LEN + 1))
+        );
+        assert_eq!(
+            check_protocol_name("my app"),
+            Err(ProtocolNameError::NotPrintable)
+        );
+        assert_eq!(
+            check_protocol_name("é"),
+            Err(ProtocolNameError::NotPrintable)
+        );
+        assert_eq!(
+            check_protocol_name("reach/dht"),
+            Err(ProtocolNameError::Reserved)
         );
     }
 
     #[test]
     fn trailing_bytes_are_rejected() {
         let env = Envelope::new(Body::OpenStream);
-        let mut body = vec![WIRE_VERSION];
+        let mut body = vec![env.version];
         body.extend(postcard::to_allocvec(&env.body).unwrap());
         body.push(0);
         assert_eq!(Envelope::decode(&body), Err(WireError::TrailingBytes(1)));

@@ -16,7 +16,7 @@ pub mod frame;
 pub mod stun;
 
 pub use datagram::{ControlPacket, DatagramKind, classify};
-pub use envelope::{Body, Envelope, WIRE_VERSION};
+pub use envelope::{Body, Envelope, MIN_WIRE_VERSION, WIRE_VERSION};
 pub use frame::{FRAME_HEADER_LEN, MAX_FRAME_LEN};
 
 /// Why bytes from the network could not be decoded.
@@ -26,7 +26,9 @@ pub enum WireError {
     TooLarge { len: usize, max: usize },
     #[error("truncated input: needed {needed} bytes, had {had}")]
     Truncated { needed: usize, had: usize },
-    #[error("unsupported wire version {0} (this build speaks version {WIRE_VERSION})")]
+    #[error(
+        "unsupported wire version {0} (this build speaks versions {MIN_WIRE_VERSION} to {WIRE_VERSION})"
+    )]
     UnsupportedVersion(u8),
     #[error("not a reach control packet (bad magic)")]
     BadMagic,
@@ -34,6 +36,10 @@ pub enum WireError {
     Malformed(String),
     #[error("{0} trailing bytes after the body")]
     TrailingBytes(usize),
+    /// A body kind this build does not know: sent by a newer node. The
+    /// stream is refused as an unknown protocol; the connection stays.
+    #[error("unknown body kind {0} (from a newer version)")]
+    UnknownBody(u64),
 }
 
 impl WireError {
@@ -46,6 +52,7 @@ impl WireError {
             WireError::BadMagic => "wire_bad_magic",
             WireError::Malformed(_) => "wire_malformed",
             WireError::TrailingBytes(_) => "wire_trailing_bytes",
+            WireError::UnknownBody(_) => "wire_unknown_body",
         }
     }
 }

@@ -6,11 +6,9 @@ use std::sync::Arc;
 
 use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
-use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
+use tokio::sync::{Semaphore, watch};
 
-use super::{
-    DropGuard, EVENT_QUEUE, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, control, inbound, peers,
-};
+use super::{DropGuard, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, control, inbound, peers};
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
@@ -45,6 +43,7 @@ pub struct NodeBuilder {
     no_hole_punching: bool,
     post_quantum: crate::handshake::PostQuantum,
     connection_limits: Option<super::ConnectionLimits>,
+    connection_events: bool,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -66,8 +65,8 @@ impl NodeBuilder {
         self
     }
 
-    /// Where the node keeps its identity (and, later, its state). The identity
-    /// key is created there on first start.
+    /// Where the node keeps its identity (`identity.key`, created on first
+    /// start) and its state (the peer cache), locked to one node at a time.
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
         self
@@ -186,6 +185,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Also deliver [`crate::Event::Connected`], [`crate::Event::Disconnected`]
+    /// and [`crate::Event::PathChanged`] through `next_event` (off by
+    /// default, so an application that only waits for messages sees only
+    /// messages and streams). [`crate::Node::subscribe`] sees them either way.
+    pub fn connection_events(mut self, on: bool) -> Self {
+        self.connection_events = on;
+        self
+    }
+
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
@@ -299,8 +307,16 @@ impl NodeBuilder {
                 Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
             }
         }
-        let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
         let connection_limits = self.connection_limits.unwrap_or_default();
+        let bus = super::bus::Bus::default();
+        let router = Arc::new(super::router::Router::default());
+        {
+            use reach_proto::wire::envelope::protocols;
+            router.register_builtin(protocols::DHT, crate::dht::stream_handler());
+            router.register_builtin(protocols::RELAY, crate::relay::service::stream_handler());
+            router.register_builtin(protocols::FILTER_PROBE, control::filter_probe_handler());
+            router.register_builtin(protocols::STREAM, inbound::app_stream_handler());
+        }
         let inner = Arc::new(Inner {
             peer_id: keypair.peer_id(),
             keypair,
@@ -310,8 +326,10 @@ impl NodeBuilder {
             local_addr,
             peers: peers::PeerTable::new(connection_limits.max_idle_peers),
             inbound_gate: super::limits::InboundGate::new(connection_limits),
-            events_tx,
-            events_rx: AsyncMutex::new(events_rx),
+            app: super::app_queue::AppQueue::new(self.connection_events),
+            bus: bus.clone(),
+            path_reports: Default::default(),
+            router,
             message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
             probes: control::PendingProbes::default(),
             replies: std::sync::Mutex::new(control::RateLimiter::new(control::MAX_REPLIES_PER_SEC)),
@@ -324,7 +342,12 @@ impl NodeBuilder {
             alt,
             observed: Default::default(),
             paths,
-            relay: RelayRuntime::new(self.relay_service, self.acquire_relay, relay_limits),
+            relay: RelayRuntime::new(
+                self.relay_service,
+                self.acquire_relay,
+                relay_limits,
+                bus.clone(),
+            ),
             punch: crate::punch::PunchRuntime::new(!self.no_hole_punching),
             seen_messages: Default::default(),
             udp_binder: self
@@ -334,6 +357,7 @@ impl NodeBuilder {
             links: links.clone(),
             tcp_mode: std::sync::atomic::AtomicBool::new(false),
             tcp_fallback: !self.no_tcp_fallback,
+            closed: Default::default(),
             dir_lock: std::sync::Mutex::new(dir_lock),
         });
         if let Some(l) = tcp_listener {

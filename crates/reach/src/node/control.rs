@@ -116,6 +116,20 @@ pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQ
 
 /// A peer asked us (over QUIC) to send the unsolicited probe of another
 /// node's filtering test to `target`.
+/// How filter-probe requests are served
+/// ([`reach_proto::wire::envelope::protocols::FILTER_PROBE`]): no answer.
+pub(crate) fn filter_probe_handler() -> super::router::Handler {
+    Arc::new(|inner, s| {
+        Box::pin(async move {
+            if let reach_proto::wire::envelope::Body::FilterProbeRequest { nonce, target } =
+                s.head.body
+            {
+                send_filter_probe(&inner, nonce, target);
+            }
+        })
+    })
+}
+
 pub(crate) fn send_filter_probe(inner: &Inner, nonce: u64, target: SocketAddr) {
     let allowed = inner
         .replies

@@ -29,6 +29,9 @@ pub mod codes {
     pub const SHUTTING_DOWN: u32 = 3;
     /// An inbound connection carried nothing within the silent timeout.
     pub const SILENT: u32 = 4;
+    /// A stream of a protocol nobody on the node serves (the connection
+    /// stays up).
+    pub const UNKNOWN_PROTOCOL: u32 = 5;
 }
 
 /// Accepts incoming connections until the endpoint closes. Each attempt
@@ -149,6 +152,7 @@ fn register_slot(
             crate::punch::start_upgrade(inner, peer, path.relay);
         }
     }
+    inner.report_path(peer);
     inner.spawn(serve(inner.clone(), peer, conn, slot));
 }
 
@@ -211,6 +215,7 @@ async fn serve(
         }
     }
     drop(slot);
+    inner.report_path(peer);
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
 }
 
@@ -284,13 +289,11 @@ async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvS
         from: peer,
         data: Bytes::from(data),
     };
-    if inner.events_tx.send(event).await.is_err() {
-        inner.message_budget.add_permits(payload_len);
-    }
+    inner.app.push(event).await;
 }
 
-/// Reads the header of a bidirectional stream: a DHT request is answered,
-/// an application stream is handed to the application.
+/// Reads the header of a bidirectional stream and hands the stream to its
+/// protocol's handler (see [`super::router`]).
 async fn receive_stream(
     inner: Arc<Inner>,
     peer: PeerId,
@@ -299,49 +302,63 @@ async fn receive_stream(
     mut recv: quinn::RecvStream,
 ) {
     let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, read_control_frame(&mut recv)).await;
-    match header {
-        Ok(Some(Envelope {
-            body: Body::DhtRequest(msg),
-            ..
-        })) => {
-            inner.peers.touch(&peer, false);
-            crate::dht::rpc::serve(inner, peer, remote, msg, send).await
-        }
-        Ok(Some(Envelope {
-            body: Body::RelayRequest(req),
-            ..
-        })) => crate::relay::service::serve(inner, peer, remote, req, send).await,
-        Ok(Some(Envelope {
-            body: Body::FilterProbeRequest { nonce, target },
-            ..
-        })) => {
-            drop(send);
-            super::control::send_filter_probe(&inner, nonce, target);
-        }
-        Ok(Some(Envelope {
-            body: Body::OpenStream,
-            ..
-        })) => {
-            inner.peers.touch(&peer, true);
-            stats::bump(&inner.counters.streams_accepted);
-            let _ = inner
-                .events_tx
-                .send(Event::Stream(Stream { peer, send, recv }))
-                .await;
+    let head = match header {
+        Ok(Ok(head)) => head,
+        // A newer node's kind of stream: refused like an unknown protocol.
+        Ok(Err(reach_proto::wire::WireError::UnknownBody(_))) => {
+            return super::router::refuse(&inner, send, recv);
         }
         _ => {
             stats::bump(&inner.counters.malformed_streams);
             let _ = recv.stop(codes::MALFORMED.into());
+            return;
         }
-    }
+    };
+    let router = inner.router.clone();
+    router
+        .dispatch(
+            inner,
+            super::router::Inbound {
+                peer,
+                remote,
+                head,
+                send,
+                recv,
+            },
+        )
+        .await;
+}
+
+/// How `Node::open_stream`'s streams are served
+/// ([`reach_proto::wire::envelope::protocols::STREAM`]): handed to the
+/// application as [`Event::Stream`].
+pub(crate) fn app_stream_handler() -> super::router::Handler {
+    Arc::new(|inner, s| {
+        Box::pin(async move {
+            inner.peers.touch(&s.peer, true);
+            stats::bump(&inner.counters.streams_accepted);
+            inner
+                .app
+                .push(Event::Stream(Stream {
+                    peer: s.peer,
+                    send: s.send,
+                    recv: s.recv,
+                }))
+                .await;
+        })
+    })
 }
 
 /// Reads one small framed envelope (at most [`MAX_CONTROL_ENVELOPE_LEN`]).
-async fn read_control_frame(recv: &mut quinn::RecvStream) -> Option<Envelope> {
+async fn read_control_frame(
+    recv: &mut quinn::RecvStream,
+) -> std::result::Result<Envelope, reach_proto::wire::WireError> {
+    use reach_proto::wire::WireError;
+    let short = |_| WireError::Truncated { needed: 0, had: 0 };
     let mut head = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut head).await.ok()?;
-    let len = frame::parse_header(&head, MAX_CONTROL_ENVELOPE_LEN).ok()?;
+    recv.read_exact(&mut head).await.map_err(short)?;
+    let len = frame::parse_header(&head, MAX_CONTROL_ENVELOPE_LEN)?;
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.ok()?;
-    Envelope::decode(&body).ok()
+    recv.read_exact(&mut body).await.map_err(short)?;
+    Envelope::decode(&body)
 }

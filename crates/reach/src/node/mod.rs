@@ -20,13 +20,17 @@
 //! # Ok(()) }
 //! ```
 
+mod app_queue;
 mod builder;
+pub mod bus;
 pub(crate) mod control;
 mod dedup;
 pub(crate) mod inbound;
 pub mod limits;
 pub(crate) mod peers;
+pub(crate) mod router;
 pub(crate) mod stats;
+pub(crate) mod tasks;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,25 +40,25 @@ use bytes::Bytes;
 use reach_proto::wire::envelope::{Body, Envelope, MAX_MESSAGE_LEN};
 use reach_proto::{Keypair, PeerId};
 use serde::Serialize;
-use tokio::sync::{Mutex as AsyncMutex, Semaphore, mpsc, watch};
-use tokio::task::JoinHandle;
+use tokio::sync::{Semaphore, watch};
 
+pub use app_queue::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS};
 pub use builder::NodeBuilder;
+pub use bus::{NodeEvent, NodeEvents};
+pub use inbound::codes;
 pub use limits::ConnectionLimits;
+pub use router::{PROTOCOL_BACKLOG, ProtocolListener};
 pub use stats::NodeStats;
 
 use crate::dht::join::JoinReport;
 use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
-use crate::events::{Event, Stream};
+use crate::events::{Event, PathKind, Stream};
 use crate::socket::{DemuxSocket, DemuxStats};
 use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Events (messages and streams) queued for the application before inbound
-/// processing waits for it to catch up.
-pub const EVENT_QUEUE: usize = 1024;
 /// Bytes of received messages the node holds for the application at most.
 /// When the application falls behind, reading from peers pauses and QUIC flow
 /// control slows the senders: nothing is dropped, memory stays bounded.
@@ -107,8 +111,14 @@ pub(crate) struct Inner {
     pub peers: peers::PeerTable,
     /// Counts inbound connections against [`ConnectionLimits`].
     pub inbound_gate: Arc<limits::InboundGate>,
-    pub events_tx: mpsc::Sender<Event>,
-    pub events_rx: AsyncMutex<mpsc::Receiver<Event>>,
+    /// Events waiting for the application's `next_event`.
+    pub app: app_queue::AppQueue,
+    /// Facts for whoever subscribed (see [`bus`]).
+    pub bus: bus::Bus,
+    /// Which handler serves a stream, by protocol.
+    pub router: Arc<router::Router>,
+    /// The path each connected peer was last reported on.
+    pub path_reports: bus::PathReports,
     /// Byte budget of received messages not yet taken by the application.
     pub message_budget: Arc<Semaphore>,
     pub probes: control::PendingProbes,
@@ -118,7 +128,8 @@ pub(crate) struct Inner {
     pub counters: stats::Counters,
     pub demux_stats: Arc<DemuxStats>,
     pub shutdown_tx: watch::Sender<bool>,
-    pub tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Every task the node runs; see [`tasks`] for how they stop.
+    pub tasks: tasks::TaskSet,
     pub dht: Dht,
     /// Answer STUN Binding requests (public nodes).
     pub stun_server: bool,
@@ -140,6 +151,8 @@ pub(crate) struct Inner {
     pub tcp_mode: std::sync::atomic::AtomicBool,
     /// Whether to switch to TCP links when UDP reaches nobody.
     pub tcp_fallback: bool,
+    /// Set once the endpoint is closed and the peer cache saved.
+    pub closed: std::sync::atomic::AtomicBool,
     /// The exclusive lock on the data dir, if the node has one; released at
     /// shutdown, after the peer cache is saved and closed.
     pub dir_lock: std::sync::Mutex<Option<crate::datadir::DataDirLock>>,
@@ -155,6 +168,50 @@ impl Drop for DropGuard {
 }
 
 impl Inner {
+    /// The kind of path a connection to `addr` (its remote address) uses.
+    pub(crate) fn path_kind(&self, addr: &SocketAddr) -> PathKind {
+        if let Some(path) = self.paths.path(addr) {
+            PathKind::Relayed { relay: path.relay }
+        } else if self.links.remote(addr).is_some() {
+            PathKind::TcpLink
+        } else {
+            PathKind::Direct
+        }
+    }
+
+    /// Reports `peer`'s connection state after the peer table changed:
+    /// emits `PeerConnected`, `PathChanged` or `PeerDisconnected` on the
+    /// bus (and to the application, if it asked) when the state differs
+    /// from the last report.
+    pub(crate) fn report_path(&self, peer: PeerId) {
+        let event = self.path_reports.update(peer, || {
+            let (conn, dir) = self.peers.live_with_direction(&peer)?;
+            Some((self.path_kind(&conn.remote_address()), dir))
+        });
+        let Some(event) = event else { return };
+        let for_app = match &event {
+            NodeEvent::PeerConnected {
+                peer,
+                path,
+                direction,
+            } => Some(Event::Connected {
+                peer: *peer,
+                path: *path,
+                direction: *direction,
+            }),
+            NodeEvent::PeerDisconnected { peer } => Some(Event::Disconnected { peer: *peer }),
+            NodeEvent::PathChanged { peer, path } => Some(Event::PathChanged {
+                peer: *peer,
+                path: *path,
+            }),
+            _ => None,
+        };
+        self.bus.emit(event);
+        if let Some(ev) = for_app {
+            self.app.push_connection_event(ev);
+        }
+    }
+
     /// The network address a peer's packets really come from: `addr`
     /// itself for a direct path, the TCP peer's address for a TCP link, and
     /// `None` for a relayed circuit (bounded at the relay, per peer). Limits
@@ -166,8 +223,33 @@ impl Inner {
         self.links.remote(&addr)
     }
 
+    /// Stops the node at once: tasks are aborted where they stand. What
+    /// the last dropped `Node` handle does (nobody is left to wait).
     fn begin_shutdown(&self) {
-        if !self.is_shut_down() {
+        self.tasks.abort();
+        self.close();
+    }
+
+    /// Stops the node gracefully: services stop, flushing tasks get
+    /// [`tasks::SHUTDOWN_FLUSH_DEADLINE`] to finish, then the rest is
+    /// aborted and the endpoint closed.
+    async fn graceful_shutdown(&self) {
+        if self.is_shut_down() {
+            return;
+        }
+        self.shutdown_tx.send_replace(true);
+        let report = self.tasks.stop(tasks::SHUTDOWN_FLUSH_DEADLINE).await;
+        if !report.flushed {
+            tracing::warn!("shutdown: tasks still flushing at the deadline were aborted");
+        }
+        self.close();
+    }
+
+    /// Saves what must outlive the node and closes the endpoint, the
+    /// punch sockets and the data dir. Idempotent.
+    fn close(&self) {
+        let first = !self.closed.swap(true, std::sync::atomic::Ordering::SeqCst);
+        if first {
             crate::dht::join::save_peer_cache(self);
         }
         if let Some(cache) = &self.dht.cache {
@@ -176,11 +258,6 @@ impl Inner {
         self.shutdown_tx.send_replace(true);
         self.endpoint.close(0u32.into(), b"shutdown");
         self.punch.close_endpoints();
-        if let Ok(mut tasks) = self.tasks.lock() {
-            for t in tasks.drain(..) {
-                t.abort();
-            }
-        }
         if let Ok(mut lock) = self.dir_lock.lock() {
             lock.take();
         }
@@ -193,8 +270,16 @@ impl Inner {
         if is_virtual(&observed) || is_virtual(&reporter) {
             return;
         }
-        if let Ok(mut o) = self.observed.lock() {
-            o.record(observed, reporter.ip());
+        let newly_confirmed = match self.observed.lock() {
+            Ok(mut o) => {
+                let before = o.confirmed();
+                o.record(observed, reporter.ip());
+                o.confirmed().into_iter().find(|a| !before.contains(a))
+            }
+            Err(_) => None,
+        };
+        if let Some(addr) = newly_confirmed {
+            self.bus.emit(NodeEvent::ExternalAddrConfirmed { addr });
         }
     }
 
@@ -227,12 +312,9 @@ impl Inner {
         *self.shutdown_tx.borrow()
     }
 
-    pub(crate) fn spawn(self: &Arc<Self>, fut: impl Future<Output = ()> + Send + 'static) {
-        let handle = tokio::spawn(fut);
-        if let Ok(mut tasks) = self.tasks.lock() {
-            tasks.retain(|t| !t.is_finished());
-            tasks.push(handle);
-        }
+    /// Runs a service task (see [`tasks::TaskSet::spawn`]).
+    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        self.tasks.spawn(fut);
     }
 }
 
@@ -419,14 +501,47 @@ impl Node {
         Ok(Stream { peer, send, recv })
     }
 
+    /// Registers an application protocol on this node: streams peers open
+    /// with [`Node::open_protocol`] for `protocol` arrive at the returned
+    /// listener. Several applications can share a node, each with its own
+    /// protocols. Names are printable ASCII without spaces, at most
+    /// [`reach_proto::wire::envelope::MAX_PROTOCOL_NAME_LEN`] bytes, e.g.
+    /// `myapp/chat/1` (the `reach/` prefix is reserved). Dropping the
+    /// listener unregisters the protocol.
+    ///
+    /// Fails with [`Error::ProtocolInUse`] while another listener holds the
+    /// name, and [`Error::InvalidProtocolName`] for a bad name.
+    pub fn accept_protocol(&self, protocol: &str) -> Result<ProtocolListener> {
+        self.inner.router.register_app(protocol)
+    }
+
+    /// Opens a bidirectional stream of `protocol` to `peer` (dialing if
+    /// needed) and waits until the peer's listener for it took the stream.
+    ///
+    /// Fails with [`Error::ProtocolNotSupported`] when the peer serves no
+    /// such protocol (or runs a reach version without protocol routing);
+    /// the connection stays up either way.
+    pub async fn open_protocol(&self, peer: PeerId, protocol: &str) -> Result<Stream> {
+        reach_proto::wire::envelope::check_protocol_name(protocol).map_err(|reason| {
+            Error::InvalidProtocolName {
+                name: protocol.to_string(),
+                reason,
+            }
+        })?;
+        let conn = peers::connection(&self.inner, peer).await?;
+        let stream = router::open(&conn, peer, protocol).await?;
+        self.inner.peers.touch(&peer, true);
+        stats::bump(&self.inner.counters.streams_opened);
+        Ok(stream)
+    }
+
     /// Waits for the next message or stream from any peer. Returns `None`
     /// once the node has shut down. Several tasks may wait at once; each
     /// event goes to one of them.
     pub async fn next_event(&self) -> Option<Event> {
-        let mut rx = self.inner.events_rx.lock().await;
         let mut shutdown = self.inner.shutdown_tx.subscribe();
         let event = tokio::select! {
-            ev = rx.recv() => ev,
+            ev = self.inner.app.pop() => ev,
             _ = shutdown.wait_for(|s| *s) => None,
         }?;
         if let Event::Message { data, .. } = &event {
@@ -434,6 +549,14 @@ impl Node {
             self.inner.message_budget.add_permits(data.len());
         }
         Some(event)
+    }
+
+    /// Subscribes to the node's own events: connections and paths, external
+    /// addresses, reachability, the held relay, record publication. Each
+    /// subscription sees every event from now on (a subscriber that falls
+    /// far behind skips the oldest; see [`NodeEvents::missed`]).
+    pub fn subscribe(&self) -> NodeEvents {
+        self.inner.bus.subscribe()
     }
 
     /// The node's post-quantum key-exchange mode.
@@ -589,6 +712,7 @@ impl Node {
             self.inner.tls.stats(),
         );
         s.peers_evicted = self.inner.peers.evicted();
+        s.connection_events_dropped = self.inner.app.dropped_connection_events();
         s.peer_table_size = self.inner.peers.len() as u64;
         s.inbound_connections = self.inner.inbound_gate.inbound() as u64;
         s
@@ -610,7 +734,7 @@ impl Node {
     /// Waits up to [`SHUTDOWN_GRACE`] for peers to acknowledge. Releases the
     /// data dir (see [`crate::datadir`]).
     pub async fn shutdown(&self) {
-        self.inner.begin_shutdown();
+        self.inner.graceful_shutdown().await;
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inner.endpoint.wait_idle()).await;
     }
 }

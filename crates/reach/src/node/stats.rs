@@ -19,6 +19,8 @@ pub(crate) struct Counters {
     pub message_bytes_received: AtomicU64,
     pub streams_opened: AtomicU64,
     pub streams_accepted: AtomicU64,
+    pub protocol_streams_accepted: AtomicU64,
+    pub protocol_streams_refused: AtomicU64,
     pub connections_outbound: AtomicU64,
     pub connections_inbound: AtomicU64,
     pub dial_failures: AtomicU64,
@@ -55,6 +57,10 @@ pub struct NodeStats {
     pub message_bytes_received: u64,
     pub streams_opened: u64,
     pub streams_accepted: u64,
+    /// Streams of application protocols handed to a listener.
+    pub protocol_streams_accepted: u64,
+    /// Streams refused because nobody here serves their protocol.
+    pub protocol_streams_refused: u64,
     pub connections_outbound: u64,
     pub connections_inbound: u64,
     pub dial_failures: u64,
@@ -62,6 +68,9 @@ pub struct NodeStats {
     pub inbound_retried: u64,
     pub inbound_refused: u64,
     pub silent_connections_closed: u64,
+    /// Connection events the application did not read in time (see
+    /// `NodeBuilder::connection_events`).
+    pub connection_events_dropped: u64,
     /// Peer-table entries forgotten to keep the table bounded.
     pub peers_evicted: u64,
     /// Entries in the peer table now.
@@ -130,6 +139,8 @@ impl NodeStats {
             message_bytes_received: g(&c.message_bytes_received),
             streams_opened: g(&c.streams_opened),
             streams_accepted: g(&c.streams_accepted),
+            protocol_streams_accepted: g(&c.protocol_streams_accepted),
+            protocol_streams_refused: g(&c.protocol_streams_refused),
             connections_outbound: g(&c.connections_outbound),
             connections_inbound: g(&c.connections_inbound),
             dial_failures: g(&c.dial_failures),
@@ -140,6 +151,7 @@ impl NodeStats {
             // Filled in by `Node::stats` (the peer table and the gate
             // keep these).
             peers_evicted: 0,
+            connection_events_dropped: 0,
             peer_table_size: 0,
             inbound_connections: 0,
             malformed_streams: g(&c.malformed_streams),

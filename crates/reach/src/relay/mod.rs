@@ -103,10 +103,17 @@ pub(crate) struct RelayRuntime {
     pub held: Mutex<Option<(PeerId, SocketAddr)>>,
     pub reachability: Mutex<Reachability>,
     pub counters: RelayCounters,
+    /// Where changes of the held relay and of reachability are announced.
+    bus: crate::node::bus::Bus,
 }
 
 impl RelayRuntime {
-    pub fn new(service: RelayMode, acquire: RelayMode, limits: RelayLimits) -> Self {
+    pub fn new(
+        service: RelayMode,
+        acquire: RelayMode,
+        limits: RelayLimits,
+        bus: crate::node::bus::Bus,
+    ) -> Self {
         RelayRuntime {
             service,
             acquire,
@@ -115,6 +122,7 @@ impl RelayRuntime {
             held: Mutex::new(None),
             reachability: Mutex::new(Reachability::Unknown),
             counters: RelayCounters::default(),
+            bus,
         }
     }
 
@@ -122,16 +130,41 @@ impl RelayRuntime {
         *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records the relay held now (announcing a change on the bus).
     pub fn set_held(&self, held: Option<(PeerId, SocketAddr)>) {
-        *self.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
+        use crate::node::NodeEvent;
+        let before = std::mem::replace(
+            &mut *self.held.lock().unwrap_or_else(|p| p.into_inner()),
+            held,
+        );
+        if before == held {
+            return;
+        }
+        if let Some((relay, _)) = before
+            && held.is_none_or(|(r, _)| r != relay)
+        {
+            self.bus.emit(NodeEvent::RelayLost { relay });
+        }
+        if let Some((relay, addr)) = held {
+            self.bus.emit(NodeEvent::RelayAcquired { relay, addr });
+        }
     }
 
     pub fn reachability(&self) -> Reachability {
         *self.reachability.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Records what the node found out about its reachability
+    /// (announcing a change on the bus).
     pub fn set_reachability(&self, r: Reachability) {
-        *self.reachability.lock().unwrap_or_else(|p| p.into_inner()) = r;
+        let before = std::mem::replace(
+            &mut *self.reachability.lock().unwrap_or_else(|p| p.into_inner()),
+            r,
+        );
+        if before != r {
+            self.bus
+                .emit(crate::node::NodeEvent::ReachabilityChanged { reachability: r });
+        }
     }
 
     pub fn is_serving(&self) -> bool {

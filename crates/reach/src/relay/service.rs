@@ -159,3 +159,16 @@ pub(crate) async fn expire_loop(inner: Arc<Inner>) {
         inner.paths.expire(idle);
     }
 }
+
+/// How the relay serves its signalling protocol
+/// ([`reach_proto::wire::envelope::protocols::RELAY`]): one request per
+/// stream, answered on it.
+pub(crate) fn stream_handler() -> crate::node::router::Handler {
+    std::sync::Arc::new(|inner, s| {
+        Box::pin(async move {
+            if let reach_proto::wire::envelope::Body::RelayRequest(req) = s.head.body {
+                serve(inner, s.peer, s.remote, req, s.send).await
+            }
+        })
+    })
+}

@@ -1,0 +1,228 @@
+//! The protocol router: which handler serves a stream a peer opened.
+//!
+//! Every bidirectional stream starts with an envelope naming its protocol
+//! ([`Body::protocol`]). reach's own capabilities (DHT, relay signalling,
+//! filter probes, `open_stream`) register handlers here when the node is
+//! built; applications register their own protocol names at any time with
+//! [`crate::Node::accept_protocol`] and get the streams through a
+//! [`ProtocolListener`], so several applications can share one node. A
+//! stream for a protocol nobody registered is reset with
+//! [`codes::UNKNOWN_PROTOCOL`]; the connection stays up.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock, Weak};
+
+use futures::future::BoxFuture;
+use reach_proto::PeerId;
+use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED, check_protocol_name};
+use tokio::sync::mpsc;
+
+use super::inbound::codes;
+use super::{Inner, stats};
+use crate::error::{Error, Result};
+use crate::events::Stream;
+
+/// Streams of one application protocol waiting for
+/// [`ProtocolListener::accept`]: beyond this, serving the peer's streams
+/// waits for the application (QUIC's stream limit then slows the peer).
+pub const PROTOCOL_BACKLOG: usize = 64;
+
+/// A stream a peer opened, with its header read.
+pub(crate) struct Inbound {
+    pub peer: PeerId,
+    pub remote: SocketAddr,
+    pub head: Envelope,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// How one of reach's own capabilities serves its streams.
+pub(crate) type Handler = Arc<dyn Fn(Arc<Inner>, Inbound) -> BoxFuture<'static, ()> + Send + Sync>;
+
+#[derive(Clone)]
+enum Route {
+    Builtin(Handler),
+    /// An application's listener; `id` tells registrations of one name
+    /// apart.
+    App {
+        id: u64,
+        tx: mpsc::Sender<Stream>,
+    },
+}
+
+/// Protocol name → handler.
+#[derive(Default)]
+pub(crate) struct Router {
+    routes: RwLock<HashMap<String, Route>>,
+    next_id: std::sync::atomic::AtomicU64,
+}
+
+impl Router {
+    /// Registers one of reach's own protocols (at build time).
+    pub fn register_builtin(&self, name: &'static str, handler: Handler) {
+        self.write()
+            .insert(name.to_string(), Route::Builtin(handler));
+    }
+
+    /// Registers an application protocol; fails if the name is invalid or
+    /// already registered on this node.
+    pub fn register_app(self: &Arc<Self>, name: &str) -> Result<ProtocolListener> {
+        check_protocol_name(name).map_err(|reason| Error::InvalidProtocolName {
+            name: name.to_string(),
+            reason,
+        })?;
+        let mut routes = self.write();
+        if let Some(Route::App { tx, .. }) = routes.get(name)
+            && !tx.is_closed()
+        {
+            return Err(Error::ProtocolInUse {
+                protocol: name.to_string(),
+            });
+        }
+        if matches!(routes.get(name), Some(Route::Builtin(_))) {
+            return Err(Error::ProtocolInUse {
+                protocol: name.to_string(),
+            });
+        }
+        let (tx, rx) = mpsc::channel(PROTOCOL_BACKLOG);
+        let id = self
+            .next_id
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        routes.insert(name.to_string(), Route::App { id, tx });
+        Ok(ProtocolListener {
+            id,
+            protocol: name.to_string(),
+            rx,
+            router: Arc::downgrade(self),
+        })
+    }
+
+    fn route(&self, name: &str) -> Option<Route> {
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Route>> {
+        self.routes.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Hands a stream whose header was read to its protocol's handler, or
+    /// refuses it.
+    pub async fn dispatch(&self, inner: Arc<Inner>, stream: Inbound) {
+        let route = stream.head.body.protocol().and_then(|p| self.route(p));
+        match route {
+            Some(Route::Builtin(handler)) => handler(inner, stream).await,
+            Some(Route::App { tx, .. }) => {
+                let Inbound {
+                    peer,
+                    mut send,
+                    recv,
+                    ..
+                } = stream;
+                if tx.is_closed() {
+                    return refuse(&inner, send, recv);
+                }
+                inner.peers.touch(&peer, true);
+                if send.write_all(&[OPEN_ACCEPTED]).await.is_err() {
+                    return;
+                }
+                stats::bump(&inner.counters.protocol_streams_accepted);
+                let _ = tx.send(Stream { peer, send, recv }).await;
+            }
+            None => refuse(&inner, stream.send, stream.recv),
+        }
+    }
+}
+
+/// Refuses a stream of a protocol nobody here serves; the connection
+/// stays up.
+pub(crate) fn refuse(inner: &Inner, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    stats::bump(&inner.counters.protocol_streams_refused);
+    let _ = send.reset(codes::UNKNOWN_PROTOCOL.into());
+    let _ = recv.stop(codes::UNKNOWN_PROTOCOL.into());
+}
+
+/// The streams peers open for one application protocol; see
+/// [`crate::Node::accept_protocol`]. Dropping it unregisters the protocol.
+#[derive(Debug)]
+pub struct ProtocolListener {
+    id: u64,
+    protocol: String,
+    rx: mpsc::Receiver<Stream>,
+    router: Weak<Router>,
+}
+
+impl ProtocolListener {
+    /// The next stream a peer opened for this protocol; `None` once the
+    /// node has shut down.
+    pub async fn accept(&mut self) -> Option<Stream> {
+        self.rx.recv().await
+    }
+
+    /// The protocol's name.
+    pub fn protocol(&self) -> &str {
+        &self.protocol
+    }
+}
+
+impl Drop for ProtocolListener {
+    fn drop(&mut self) {
+        let Some(router) = self.router.upgrade() else {
+            return;
+        };
+        let mut routes = router.write();
+        // Only our own registration: a newer listener may have taken the
+        // name after this one was closed.
+        if let Some(Route::App { id, .. }) = routes.get(&self.protocol)
+            && *id == self.id
+        {
+            routes.remove(&self.protocol);
+        }
+    }
+}
+
+/// Opens a stream of `protocol` to `peer` on `conn` and waits for the
+/// peer's handler to take it.
+pub(crate) async fn open(conn: &quinn::Connection, peer: PeerId, protocol: &str) -> Result<Stream> {
+    use quinn::{ReadError, ReadExactError};
+    check_protocol_name(protocol).map_err(|reason| Error::InvalidProtocolName {
+        name: protocol.to_string(),
+        reason,
+    })?;
+    let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
+        peer,
+        reason: e.to_string(),
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
+    let header = Envelope::new(Body::Open {
+        protocol: protocol.to_string(),
+    })
+    .to_frame()?;
+    send.write_all(&header).await.map_err(|e| lost(&e))?;
+    let unsupported = || Error::ProtocolNotSupported {
+        peer,
+        protocol: protocol.to_string(),
+    };
+    let mut answer = [0u8; 1];
+    let read = tokio::time::timeout(
+        super::inbound::STREAM_HEADER_TIMEOUT,
+        recv.read_exact(&mut answer),
+    )
+    .await
+    .map_err(|_| Error::Timeout("waiting for the peer to accept the stream"))?;
+    match read {
+        Ok(()) if answer[0] == OPEN_ACCEPTED => Ok(Stream { peer, send, recv }),
+        Ok(()) => Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+            format!("peer answered {} to a stream open", answer[0]),
+        ))),
+        // Reset with "unknown protocol"; a node older than protocol
+        // routing ends or stops the stream as malformed.
+        Err(ReadExactError::ReadError(ReadError::Reset(_)))
+        | Err(ReadExactError::FinishedEarly(_)) => Err(unsupported()),
+        Err(ReadExactError::ReadError(e)) => Err(lost(&e)),
+    }
+}
