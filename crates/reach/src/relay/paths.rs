@@ -1,8 +1,8 @@
 //! Relay circuits as the shared socket sees them.
 //!
 //! **Client side.** quinn addresses every connection by a `SocketAddr`. A
-//! connection through a relay gets a *virtual* address from 240.0.0.0/4
-//! (reserved, never routable): packets quinn sends there are wrapped in a
+//! connection through a relay gets a *virtual* address (`crate::vaddr`, of
+//! kind `AddrClass::Relayed`): packets quinn sends there are wrapped in a
 //! relay frame and sent to the relay; relay frames arriving from the relay
 //! are unwrapped and handed to quinn as if they came from the virtual
 //! address. The end-to-end QUIC connection is an ordinary one; only the
@@ -16,8 +16,8 @@
 //! gives it the time, from tokio's clock.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -29,44 +29,17 @@ use reach_proto::relay::circuits::{Circuits, ForwardDrop};
 use reach_proto::relay::service::RelayLimits;
 use tokio::time::Instant;
 
-/// First octet of the virtual address range (240.0.0.0/4, "reserved for
-/// future use": no real packet ever goes there).
-const VIRTUAL_NET: u32 = 0xF000_0000;
+use crate::vaddr::{AddrClass, VirtualAddrs};
+
 /// Virtual addresses a node holds at once at most (each is one relayed
 /// connection or a circuit being set up).
 pub const MAX_VIRTUAL_PATHS: usize = 4096;
 
-/// Port of relayed-circuit addresses (TCP links use port 2).
-const CIRCUIT_PORT: u16 = 1;
-
-/// Whether `addr` is a virtual address: a relayed circuit or a TCP link
-/// (see [`crate::tcp`]), in either family's form. Virtual addresses mean
-/// something only inside this process: they are never published, never
-/// put in routing tables, never remembered as a peer's address.
-pub fn is_virtual(addr: &SocketAddr) -> bool {
-    virtual_index(addr).is_some() || crate::tcp::is_link(addr)
-}
-
-fn virtual_index(addr: &SocketAddr) -> Option<u32> {
-    if addr.port() != CIRCUIT_PORT {
-        return None;
-    }
-    let v4 = match addr.ip() {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
-    };
-    let bits = u32::from(v4);
-    (bits & 0xF000_0000 == VIRTUAL_NET && bits != u32::MAX).then_some(bits & 0x0FFF_FFFF)
-}
-
-fn virtual_addr(index: u32, v6: bool) -> SocketAddr {
-    let v4 = Ipv4Addr::from(VIRTUAL_NET | (index & 0x0FFF_FFFF));
-    let ip = if v6 {
-        IpAddr::V6(v4.to_ipv6_mapped())
-    } else {
-        IpAddr::V4(v4)
-    };
-    SocketAddr::new(ip, CIRCUIT_PORT)
+/// Whether `addr` is a virtual address: a relayed circuit or a TCP link,
+/// in either family's form (see [`crate::vaddr`]). Where relayed and
+/// linked differ, ask [`crate::vaddr::class_of`].
+pub(crate) fn is_virtual(addr: &SocketAddr) -> bool {
+    crate::vaddr::is_virtual(addr)
 }
 
 /// Where a virtual address leads.
@@ -103,8 +76,8 @@ pub struct RelayPathStats {
 
 /// The relay circuits of one node, shared with its socket.
 pub struct RelayPaths {
-    v6: bool,
-    next_index: AtomicU32,
+    /// Relayed-circuit addresses.
+    addrs: VirtualAddrs,
     client: RwLock<ClientPaths>,
     relay: Mutex<Circuits>,
     /// Time zero of the relay side's clock (tokio's, so tests can pause it).
@@ -117,8 +90,7 @@ impl RelayPaths {
     /// the IPv4-mapped form quinn uses on such sockets).
     pub fn new(v6: bool, limits: RelayLimits) -> Self {
         RelayPaths {
-            v6,
-            next_index: AtomicU32::new(1),
+            addrs: VirtualAddrs::new(AddrClass::Relayed, v6),
             client: RwLock::new(ClientPaths::default()),
             relay: Mutex::new(Circuits::new(limits)),
             epoch: Instant::now(),
@@ -155,12 +127,12 @@ impl RelayPaths {
     ) -> Option<SocketAddr> {
         let mut c = self.client_write();
         if let Some(&i) = c.by_circuit.get(&(relay_addr, circuit)) {
-            return Some(virtual_addr(i, self.v6));
+            return Some(self.addrs.addr(i));
         }
         if c.by_index.len() >= MAX_VIRTUAL_PATHS {
             return None;
         }
-        let index = self.next_index.fetch_add(1, Ordering::Relaxed) & 0x0FFF_FFFF;
+        let index = self.addrs.allocate();
         c.by_index.insert(
             index,
             VirtualPath {
@@ -171,12 +143,12 @@ impl RelayPaths {
             },
         );
         c.by_circuit.insert((relay_addr, circuit), index);
-        Some(virtual_addr(index, self.v6))
+        Some(self.addrs.addr(index))
     }
 
     /// Forgets a virtual address (its connection closed or never came).
     pub fn forget_virtual(&self, addr: &SocketAddr) {
-        let Some(index) = virtual_index(addr) else {
+        let Some(index) = self.addrs.index(addr) else {
             return;
         };
         let mut c = self.client_write();
@@ -187,7 +159,7 @@ impl RelayPaths {
 
     /// Marks a virtual address as carrying a registered connection.
     pub fn mark_used(&self, addr: &SocketAddr) {
-        let Some(index) = virtual_index(addr) else {
+        let Some(index) = self.addrs.index(addr) else {
             return;
         };
         if let Some(p) = self.client_write().by_index.get_mut(&index) {
@@ -197,14 +169,14 @@ impl RelayPaths {
 
     /// Where the virtual address `addr` leads.
     pub fn path(&self, addr: &SocketAddr) -> Option<VirtualPath> {
-        let index = virtual_index(addr)?;
+        let index = self.addrs.index(addr)?;
         self.client_read().by_index.get(&index).copied()
     }
 
     /// The virtual address of frames of `circuit` arriving from `from`.
     pub fn virtual_for(&self, from: SocketAddr, circuit: u64) -> Option<SocketAddr> {
         let index = *self.client_read().by_circuit.get(&(from, circuit))?;
-        Some(virtual_addr(index, self.v6))
+        Some(self.addrs.addr(index))
     }
 
     // ---- relay side ----
@@ -311,8 +283,9 @@ impl RelayPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vaddr::class_of;
     use reach_proto::Keypair;
-    use std::net::Ipv6Addr;
+    use std::net::{IpAddr, Ipv6Addr};
 
     fn peer() -> PeerId {
         Keypair::generate().peer_id()
@@ -325,6 +298,7 @@ mod tests {
         let r = peer();
         let v = p.add_virtual(r, relay, 42).unwrap();
         assert!(is_virtual(&v));
+        assert_eq!(class_of(&v), AddrClass::Relayed);
         assert_eq!(p.virtual_for(relay, 42), Some(v));
         assert_eq!(p.path(&v).map(|x| x.circuit), Some(42));
         let mapped = SocketAddr::new(
