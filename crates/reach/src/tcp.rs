@@ -14,9 +14,9 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+
+use crate::vaddr::{AddrClass, VirtualAddrs};
 
 /// The preamble a link starts with inside the TLS (both directions): name
 /// and version.
@@ -54,25 +56,11 @@ pub const INJECT_QUEUE: usize = 4096;
 pub const MAX_LINKS: usize = 1024;
 /// Time to open a link (TCP handshake and preamble).
 pub const LINK_TIMEOUT: Duration = Duration::from_secs(5);
-/// First octet range and port of link addresses.
-const LINK_NET: u32 = 0xF000_0000;
-const LINK_PORT: u16 = 2;
 
-/// Whether `addr` is a link address (either family's form).
+/// Whether `addr` is a link address (either family's form; see
+/// `crate::vaddr`).
 pub fn is_link(addr: &SocketAddr) -> bool {
-    link_index(addr).is_some()
-}
-
-fn link_index(addr: &SocketAddr) -> Option<u32> {
-    if addr.port() != LINK_PORT {
-        return None;
-    }
-    let v4 = match addr.ip() {
-        IpAddr::V4(v4) => v4,
-        IpAddr::V6(v6) => v6.to_ipv4_mapped()?,
-    };
-    let bits = u32::from(v4);
-    (bits & 0xF000_0000 == LINK_NET && bits != u32::MAX).then_some(bits & 0x0FFF_FFFF)
+    crate::vaddr::class_of(addr) == AddrClass::Link
 }
 
 /// Opens a TCP connection to an address, blocking (it runs on a blocking
@@ -100,8 +88,8 @@ pub struct LinkStats {
 
 /// The TCP links of one node, shared with its socket.
 pub struct TcpLinks {
-    v6: bool,
-    next: AtomicU32,
+    /// Link addresses.
+    addrs: VirtualAddrs,
     links: Mutex<HashMap<u32, Link>>,
     inject_tx: mpsc::Sender<(SocketAddr, Bytes)>,
     inject_rx: Mutex<mpsc::Receiver<(SocketAddr, Bytes)>>,
@@ -111,6 +99,10 @@ pub struct TcpLinks {
     tls_server: TlsAcceptor,
     /// Links open now: the socket skips the link queue while there are none.
     open: std::sync::atomic::AtomicUsize,
+    /// The socket's receiver while it skips the link queue, woken when the
+    /// first link opens (else a node with no UDP traffic would never look
+    /// at the link's first datagrams).
+    first_link: futures::task::AtomicWaker,
     pub stats: LinkStats,
 }
 
@@ -129,8 +121,7 @@ impl TcpLinks {
     ) -> Arc<Self> {
         let (inject_tx, inject_rx) = mpsc::channel(INJECT_QUEUE);
         Arc::new(TcpLinks {
-            v6,
-            next: AtomicU32::new(1),
+            addrs: VirtualAddrs::new(AddrClass::Link, v6),
             links: Mutex::new(HashMap::new()),
             inject_tx,
             inject_rx: Mutex::new(inject_rx),
@@ -139,6 +130,7 @@ impl TcpLinks {
             tls_client: TlsConnector::from(tls.0),
             tls_server: TlsAcceptor::from(tls.1),
             open: std::sync::atomic::AtomicUsize::new(0),
+            first_link: futures::task::AtomicWaker::new(),
             stats: LinkStats::default(),
         })
     }
@@ -148,13 +140,11 @@ impl TcpLinks {
     }
 
     fn addr_of(&self, index: u32) -> SocketAddr {
-        let v4 = Ipv4Addr::from(LINK_NET | (index & 0x0FFF_FFFF));
-        let ip = if self.v6 {
-            IpAddr::V6(v4.to_ipv6_mapped())
-        } else {
-            IpAddr::V4(v4)
-        };
-        SocketAddr::new(ip, LINK_PORT)
+        self.addrs.addr(index)
+    }
+
+    fn link_index(&self, addr: &SocketAddr) -> Option<u32> {
+        self.addrs.index(addr)
     }
 
     /// Sends a datagram (or a GSO batch of `segment_size` segments) over
@@ -165,7 +155,7 @@ impl TcpLinks {
         contents: &[u8],
         segment_size: Option<usize>,
     ) -> Option<io::Result<()>> {
-        let index = link_index(dest)?;
+        let index = self.link_index(dest)?;
         let tx = self.map().get(&index).map(|l| l.tx.clone());
         let Some(tx) = tx else {
             // The link is gone: the datagram is lost, as on a dead path.
@@ -185,7 +175,7 @@ impl TcpLinks {
     /// The real address behind a link we dialed (a peer's published
     /// address, usable as its contact address).
     pub fn dialed_remote(&self, addr: &SocketAddr) -> Option<SocketAddr> {
-        let index = link_index(addr)?;
+        let index = self.link_index(addr)?;
         self.map()
             .get(&index)
             .filter(|l| l.outbound)
@@ -194,7 +184,7 @@ impl TcpLinks {
 
     /// The TCP peer's address behind a link, either direction.
     pub fn remote(&self, addr: &SocketAddr) -> Option<SocketAddr> {
-        let index = link_index(addr)?;
+        let index = self.link_index(addr)?;
         self.map().get(&index).map(|l| l.remote)
     }
 
@@ -206,7 +196,11 @@ impl TcpLinks {
         meta: &mut [RecvMeta],
     ) -> usize {
         if self.open.load(Ordering::Relaxed) == 0 {
-            return 0;
+            self.first_link.register(cx.waker());
+            // A link that opened meanwhile wakes nobody: look again.
+            if self.open.load(Ordering::SeqCst) == 0 {
+                return 0;
+            }
         }
         let Ok(mut rx) = self.inject_rx.try_lock() else {
             return 0;
@@ -342,7 +336,7 @@ impl TcpLinks {
             if map.len() >= MAX_LINKS {
                 return Err(io::Error::other("too many TCP links"));
             }
-            let index = self.next.fetch_add(1, Ordering::Relaxed) & 0x0FFF_FFFF;
+            let index = self.addrs.allocate();
             map.insert(
                 index,
                 Link {
@@ -354,7 +348,8 @@ impl TcpLinks {
             index
         };
         let addr = self.addr_of(index);
-        self.open.fetch_add(1, Ordering::Relaxed);
+        self.open.fetch_add(1, Ordering::SeqCst);
+        self.first_link.wake();
         tokio::spawn(write_loop(write, rx, self.shutdown.clone()));
         tokio::spawn(read_loop(
             Arc::downgrade(self),

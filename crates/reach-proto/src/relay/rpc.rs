@@ -67,13 +67,12 @@ pub enum RelayResponse {
     Refused { reason: String },
 }
 
-/// The stable refusal reasons a relay sends.
+/// The stable refusal reasons a relay sends (besides a refused
+/// reservation's [`RefuseReason::kind`](crate::relay::service::RefuseReason::kind)).
 pub mod refusal {
     /// This node does not serve as a relay (not publicly reachable, or
     /// relaying is turned off).
     pub const NOT_A_RELAY: &str = "relay_not_serving";
-    /// The relay is at its client limit.
-    pub const FULL: &str = "relay_full";
     /// The target holds no reservation at this relay.
     pub const NO_RESERVATION: &str = "relay_no_reservation";
     /// The target did not accept the circuit.

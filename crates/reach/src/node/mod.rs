@@ -640,7 +640,7 @@ impl Node {
                 .peers
                 .connected()
                 .iter()
-                .filter(|p| crate::relay::paths::is_virtual(&p.addr))
+                .filter(|p| crate::vaddr::class_of(&p.addr) == crate::vaddr::AddrClass::Relayed)
                 .count(),
         }
     }

@@ -299,8 +299,9 @@ impl PeerTable {
 
     /// Whether the connection to `peer` is live and relayed.
     pub fn is_relayed(&self, peer: &PeerId) -> bool {
-        self.live(peer)
-            .is_some_and(|c| is_virtual(&c.remote_address()))
+        self.live(peer).is_some_and(|c| {
+            crate::vaddr::class_of(&c.remote_address()) == crate::vaddr::AddrClass::Relayed
+        })
     }
 
     /// The live connection to `peer` and who opened it. When the current
