@@ -38,13 +38,10 @@ pub(crate) fn watch(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection) {
         while let Some(next) = watch.next_timeout() {
             tokio::select! {
                 _ = conn.closed() => break,
-                // The peer's pings: read and dropped, so they never pile up.
-                d = conn.read_datagram() => {
-                    if d.is_err() {
-                        break;
-                    }
-                    continue;
-                }
+                // The peer's pings: read and dropped, so they never pile up
+                // (and the counter is looked at as they arrive, so silence
+                // counts from the last one).
+                d = conn.read_datagram() => if d.is_err() { break },
                 _ = tokio::time::sleep_until(epoch + next) => {}
             }
             match watch.on_rx(conn.stats().udp_rx.datagrams, epoch.elapsed()) {
