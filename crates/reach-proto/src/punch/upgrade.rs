@@ -336,16 +336,20 @@ impl Upgrades {
 
     /// The relay introduced `intro.peer` to this node (the driver checked
     /// it came from the relay this node holds a reservation at); `relayed`:
-    /// whether a relayed connection with that peer exists already.
-    pub fn introduced(&mut self, intro: Introduction, relayed: bool, now: Duration) {
+    /// whether a relayed connection with that peer exists already. An
+    /// error if it is refused at once (the requester's attempt then fails
+    /// by its own deadline).
+    pub fn introduced(
+        &mut self,
+        intro: Introduction,
+        relayed: bool,
+        now: Duration,
+    ) -> Result<(), PunchError> {
         if relayed {
-            // Refusals on the target side end the punch there; the
-            // requester's attempt then fails by its own deadline.
-            let _ = self.accept(Side::Target, intro, now, now);
-            return;
+            return self.accept(Side::Target, intro, now, now).map(|_| ());
         }
         if self.settling.len() >= MAX_SETTLING {
-            return;
+            return Err(PunchError::Abandoned("too many introductions waiting"));
         }
         let until = now + INTRODUCTION_SETTLE;
         self.actions.push_back(Action::AwaitRelayed {
@@ -357,6 +361,7 @@ impl Upgrades {
             introduced_at: now,
             until,
         });
+        Ok(())
     }
 
     /// A relayed connection with `peer` exists now: the introductions
@@ -718,10 +723,16 @@ mod tests {
         // A target-side birthday introduction is refused too.
         let mut as_target = intro(id(12), me, 0, true);
         as_target.peer = id(12);
-        m.introduced(as_target, true, MS(10));
+        assert_eq!(
+            m.introduced(as_target, true, MS(10)),
+            Err(PunchError::Abandoned("another birthday punch is running"))
+        );
         assert_eq!((m.active(), m.active_birthday()), (1, 1));
         // A non-birthday punch may run alongside.
-        m.introduced(intro(id(13), me, 0, false), true, MS(10));
+        assert_eq!(
+            m.introduced(intro(id(13), me, 0, false), true, MS(10)),
+            Ok(())
+        );
         assert_eq!((m.active(), m.active_birthday()), (2, 1));
         let fired = advance(&mut m, MS(10) + MS(u64::from(MAX_FIRE)));
         let birthday: Vec<_> = fired
@@ -760,15 +771,32 @@ mod tests {
     fn punches_at_once_are_bounded() {
         let me = id(1);
         let mut m = Upgrades::new();
-        for n in 0..MAX_CONCURRENT_PUNCHES + 5 {
-            let peer = id(20 + n as u8);
-            let mut i = intro(peer, me, 0, false);
-            i.peer = peer;
-            m.introduced(i, true, MS(0));
-        }
+        let refused = (0..MAX_CONCURRENT_PUNCHES + 5)
+            .filter(|n| {
+                let peer = id(20 + *n as u8);
+                let mut i = intro(peer, me, 0, false);
+                i.peer = peer;
+                m.introduced(i, true, MS(0)).is_err()
+            })
+            .count();
+        assert_eq!(refused, 5);
         assert_eq!(m.active(), MAX_CONCURRENT_PUNCHES);
+        // Waiting introductions are bounded too.
+        let waiting = (0..MAX_SETTLING + 3)
+            .filter(|n| {
+                let peer = id(100 + *n as u8);
+                let mut i = intro(peer, me, 0, false);
+                i.peer = peer;
+                m.introduced(i, false, MS(0)).is_ok()
+            })
+            .count();
+        assert_eq!(waiting, MAX_SETTLING);
         let fired = advance(&mut m, MS(u64::from(MAX_FIRE)));
-        assert_eq!(fired.len(), MAX_CONCURRENT_PUNCHES);
+        let punches = fired
+            .iter()
+            .filter(|a| matches!(a, Action::Punch { .. }))
+            .count();
+        assert_eq!(punches, MAX_CONCURRENT_PUNCHES);
     }
 
     #[test]
@@ -777,7 +805,7 @@ mod tests {
         let mut m = Upgrades::new();
         let mut i = intro(peer, me, 0, false);
         i.peer = peer;
-        m.introduced(i.clone(), false, MS(0));
+        assert_eq!(m.introduced(i.clone(), false, MS(0)), Ok(()));
         assert_eq!(
             drain(&mut m),
             vec![Action::AwaitRelayed {
@@ -793,7 +821,7 @@ mod tests {
 
         // Too late: dropped.
         let mut m = Upgrades::new();
-        m.introduced(i, false, MS(0));
+        let _ = m.introduced(i, false, MS(0));
         drain(&mut m);
         assert!(advance(&mut m, INTRODUCTION_SETTLE).is_empty());
         m.relayed(peer, INTRODUCTION_SETTLE);

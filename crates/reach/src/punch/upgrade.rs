@@ -198,7 +198,12 @@ pub(crate) fn on_introduce(
         return unwanted();
     }
     let relayed = inner.peers.is_relayed(&intro.peer);
-    drive(inner, |m, now| m.introduced(intro, relayed, now));
+    let peer = intro.peer;
+    drive(inner, |m, now| {
+        if let Err(e) = m.introduced(intro, relayed, now) {
+            tracing::debug!(%peer, error = %e, "punch (target side) refused");
+        }
+    });
     RelayResponse::Accepted
 }
 
