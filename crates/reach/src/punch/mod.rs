@@ -15,8 +15,8 @@
 //!
 //! When to punch, how often and how many at once is reach-proto's
 //! `punch::upgrade` machine (and when a path is dead, `punch::liveness`);
-//! [`upgrade`] drives it (the requester's and the target's side),
-//! [`coordinator`] is the relay's side, [`stats`] what `reach status` shows.
+//! `upgrade` drives it (the requester's and the target's side),
+//! `coordinator` is the relay's side, `stats` what `reach status` shows.
 //!
 //! Traversal is an optimisation: the relayed connection stays open
 //! throughout (it carries traffic until the direct one takes over, and
