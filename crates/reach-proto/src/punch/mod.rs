@@ -6,9 +6,16 @@
 //!   introductions the coordinator sends back.
 //! - [`birthday`]: the budget and port order of the birthday technique for
 //!   endpoint-dependent NATs.
+//! - [`upgrade`]: when to punch, how often and how many at once: attempts,
+//!   retries with swapped roles, staying relayed, re-punching after a
+//!   fallback.
+//! - [`liveness`]: when a direct path that replaced a relayed one counts as
+//!   dead.
 
 pub mod birthday;
 pub mod coordinate;
+pub mod liveness;
 pub mod strategy;
+pub mod upgrade;
 
 pub use coordinate::{Introduction, PunchInfo, Role, Technique};

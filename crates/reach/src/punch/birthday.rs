@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -17,6 +17,7 @@ use reach_proto::punch::birthday::{
     BIRTHDAY_PROBE_RATE, BIRTHDAY_PROBES, BIRTHDAY_SOCKETS, probe_ports,
 };
 use reach_proto::wire::datagram::{ControlPacket, MAX_CONTROL_PACKET_LEN};
+use tokio::time::Instant;
 
 use super::{PUNCH_TIMEOUT, PunchError, wait_direct};
 use crate::node::Inner;
@@ -40,8 +41,8 @@ pub(super) async fn hard_side(
     inner: &Arc<Inner>,
     intro: &Introduction,
     started: Instant,
+    deadline: Instant,
 ) -> Result<Duration, PunchError> {
-    let deadline = tokio::time::Instant::now() + PUNCH_TIMEOUT;
     let target = intro.addrs[0];
     let bind = SocketAddr::new(inner.local_addr.ip(), 0);
     let binder = inner.udp_binder.clone();
@@ -113,7 +114,9 @@ pub(super) async fn hard_side(
     config.grease_quic_bit(false);
     let endpoint = quinn::Endpoint::new(config, None, socket, Arc::new(quinn::TokioRuntime))
         .map_err(|e| PunchError::Handshake(e.to_string()))?;
-    if let Err(e) = super::dial_and_register(inner, &endpoint, intro.peer, from, deadline).await {
+    if let Err(e) =
+        super::upgrade::dial_and_register(inner, &endpoint, intro.peer, from, deadline).await
+    {
         endpoint.close(0u32.into(), b"");
         return Err(e);
     }
@@ -129,8 +132,8 @@ pub(super) async fn easy_side(
     inner: &Arc<Inner>,
     intro: &Introduction,
     started: Instant,
+    deadline: Instant,
 ) -> Result<Duration, PunchError> {
-    let deadline = tokio::time::Instant::now() + PUNCH_TIMEOUT;
     let hard_ip = intro.addrs[0].ip();
     let (_pending, mut arrivals) = inner.punch.expect(intro.id, &intro.addrs);
     tokio::time::sleep(EASY_SIDE_HEAD_START).await;

@@ -6,10 +6,11 @@
 //! handshake arrives.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reach_proto::punch::{Introduction, Role};
 use reach_proto::wire::datagram::ControlPacket;
+use tokio::time::Instant;
 
 use super::{PUNCH_TIMEOUT, PunchError, wait_direct};
 use crate::node::Inner;
@@ -27,8 +28,8 @@ pub(super) async fn run(
     inner: &Arc<Inner>,
     intro: &Introduction,
     started: Instant,
+    deadline: Instant,
 ) -> Result<Duration, PunchError> {
-    let deadline = tokio::time::Instant::now() + PUNCH_TIMEOUT;
     let (_pending, mut arrivals) = inner.punch.expect(intro.id, &intro.addrs);
     let packet = ControlPacket::Punch { id: intro.id }.encode();
     let mut tick = tokio::time::interval(PUNCH_INTERVAL);
@@ -53,7 +54,8 @@ pub(super) async fn run(
     let _ = inner.socket.send_datagram(from, &packet);
     match intro.role {
         Role::Dialer => {
-            super::dial_and_register(inner, &inner.endpoint, intro.peer, from, deadline).await?;
+            super::upgrade::dial_and_register(inner, &inner.endpoint, intro.peer, from, deadline)
+                .await?;
             Ok(time_to_direct)
         }
         Role::Listener => {
