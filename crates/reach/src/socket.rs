@@ -29,7 +29,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use bytes::Bytes;
 use quinn::udp::{RecvMeta, Transmit};
@@ -38,8 +40,9 @@ use reach_proto::wire::datagram::{RELAY_HEADER_LEN, relay_frame, relay_header};
 use reach_proto::wire::{DatagramKind, classify};
 use tokio::sync::mpsc;
 
-use crate::relay::paths::{RelayPaths, is_virtual};
+use crate::relay::paths::RelayPaths;
 use crate::tcp::{TcpLinks, is_link};
+use crate::vaddr::is_virtual;
 
 /// Capacity of the queue of non-QUIC datagrams waiting for the node. When it
 /// is full (a flood), further ones are dropped and counted: UDP control

@@ -128,7 +128,7 @@ fn register_slot(
     dir: Direction,
     slot: Option<limits::Slot>,
 ) {
-    let relayed = crate::relay::paths::is_virtual(&conn.remote_address());
+    let relayed = crate::vaddr::is_virtual(&conn.remote_address());
     if relayed {
         crate::relay::client::watch_virtual(inner, conn.clone());
     } else if dir == Direction::Inbound {
@@ -140,7 +140,7 @@ fn register_slot(
     inner.punch.connections.notify_waiters();
     if inner.peers.standby(&peer).is_some()
         && let Some(direct) = inner.peers.live(&peer)
-        && !crate::relay::paths::is_virtual(&direct.remote_address())
+        && !crate::vaddr::is_virtual(&direct.remote_address())
     {
         // A direct connection with a relayed one behind it: watch its path
         // (whichever of the two arrived last).

@@ -169,13 +169,17 @@ impl Drop for DropGuard {
 
 impl Inner {
     /// The kind of path a connection to `addr` (its remote address) uses.
-    pub(crate) fn path_kind(&self, addr: &SocketAddr) -> PathKind {
-        if let Some(path) = self.paths.path(addr) {
-            PathKind::Relayed { relay: path.relay }
-        } else if self.links.remote(addr).is_some() {
-            PathKind::TcpLink
-        } else {
-            PathKind::Direct
+    /// `None` for a relayed circuit the relay client has forgotten: its
+    /// connection is dead.
+    pub(crate) fn path_kind(&self, addr: &SocketAddr) -> Option<PathKind> {
+        use crate::vaddr::AddrClass;
+        match crate::vaddr::class_of(addr) {
+            AddrClass::Direct => Some(PathKind::Direct),
+            AddrClass::Link => Some(PathKind::TcpLink),
+            AddrClass::Relayed => self
+                .paths
+                .path(addr)
+                .map(|p| PathKind::Relayed { relay: p.relay }),
         }
     }
 
@@ -186,7 +190,7 @@ impl Inner {
     pub(crate) fn report_path(&self, peer: PeerId) {
         let event = self.path_reports.update(peer, || {
             let (conn, dir) = self.peers.live_with_direction(&peer)?;
-            Some((self.path_kind(&conn.remote_address()), dir))
+            Some((self.path_kind(&conn.remote_address())?, dir))
         });
         let Some(event) = event else { return };
         let for_app = match &event {
@@ -217,7 +221,7 @@ impl Inner {
     /// `None` for a relayed circuit (bounded at the relay, per peer). Limits
     /// per IP and per network count sources by this.
     pub(crate) fn real_source(&self, addr: SocketAddr) -> Option<SocketAddr> {
-        if !crate::relay::paths::is_virtual(&addr) {
+        if !crate::vaddr::is_virtual(&addr) {
             return Some(addr);
         }
         self.links.remote(&addr)
@@ -266,7 +270,7 @@ impl Inner {
     /// Records that the peer at `reporter` saw us at `observed`. Reports
     /// over relayed paths say nothing about our own address.
     pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
-        use crate::relay::paths::is_virtual;
+        use crate::vaddr::is_virtual;
         if is_virtual(&observed) || is_virtual(&reporter) {
             return;
         }
@@ -298,7 +302,7 @@ impl Inner {
     /// The address to hand quinn for dialing `addr`: `addr` itself, or in
     /// TCP mode the link to it (opened if needed).
     pub(crate) async fn dial_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
-        if !self.tcp_mode() || crate::relay::paths::is_virtual(&addr) {
+        if !self.tcp_mode() || crate::vaddr::is_virtual(&addr) {
             return Ok(addr);
         }
         self.links.connect(addr).await.map_err(|e| Error::Io {

@@ -8,7 +8,9 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -19,7 +21,7 @@ use super::{Direction, Inner, PeerInfo, inbound, stats};
 use crate::dht::ops;
 use crate::error::{Error, Result};
 use crate::handshake::{self, PostQuantum};
-use crate::relay::paths::is_virtual;
+use crate::vaddr::is_virtual;
 use crate::{tls, transport};
 use reach_proto::dht::record::{AddrKind, TypedAddr};
 

@@ -186,13 +186,11 @@ impl Drop for ProtocolListener {
 }
 
 /// Opens a stream of `protocol` to `peer` on `conn` and waits for the
-/// peer's handler to take it.
+/// peer's handler to take it. The name is not checked here: reach's own
+/// capabilities open `reach/…` protocols this way; `Node::open_protocol`
+/// checks an application's name first.
 pub(crate) async fn open(conn: &quinn::Connection, peer: PeerId, protocol: &str) -> Result<Stream> {
     use quinn::{ReadError, ReadExactError};
-    check_protocol_name(protocol).map_err(|reason| Error::InvalidProtocolName {
-        name: protocol.to_string(),
-        reason,
-    })?;
     let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
         peer,
         reason: e.to_string(),

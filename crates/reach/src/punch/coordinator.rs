@@ -11,7 +11,7 @@ use reach_proto::relay::rpc::{RelayRequest, RelayResponse, refusal};
 use super::lock;
 use crate::node::Inner;
 use crate::relay::client;
-use crate::relay::paths::is_virtual;
+use crate::vaddr::is_virtual;
 
 /// Introductions a coordinator hands out per second at most (every one
 /// makes two peers send packets).

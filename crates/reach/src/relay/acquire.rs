@@ -11,9 +11,10 @@ use reach_proto::dht::{K, Key};
 use reach_proto::relay::acquire::{Action, Event, RelayAcquisition};
 use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 
-use super::{Reachability, RelayMode, client, paths::is_virtual};
+use super::{Reachability, RelayMode, client};
 use crate::dht::{DhtMode, join};
 use crate::node::{Inner, control, stats};
+use crate::vaddr::is_virtual;
 
 /// Relay candidates tried per acquisition at most.
 pub const MAX_CANDIDATES: usize = 8;
