@@ -43,6 +43,7 @@ pub mod socket;
 pub mod tcp;
 pub mod tls;
 pub mod transport;
+pub(crate) mod util;
 pub(crate) mod vaddr;
 
 pub use dht::DhtMode;

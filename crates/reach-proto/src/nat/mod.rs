@@ -9,4 +9,4 @@ pub mod classify;
 pub mod observed;
 
 pub use classify::{Filtering, FilteringObservation, Mapping, MappingObservation, MappingResult};
-pub use observed::ObservedAddrs;
+pub use observed::{AddrChange, OBSERVED_ADDR_TTL, ObservedAddrs};

@@ -174,12 +174,7 @@ pub(crate) async fn publish_endpoint(inner: &Arc<Inner>) -> usize {
     // External addresses that peers at two or more IPs agree on: behind a
     // NAT they are the ones the outside can try. Unverified until a
     // reachability check confirms them.
-    let confirmed = inner
-        .observed
-        .lock()
-        .map(|o| o.confirmed())
-        .unwrap_or_default();
-    for ext in confirmed {
+    for ext in inner.nat.confirmed() {
         if !addrs.iter().any(|a| a.addr == ext) {
             addrs.push(TypedAddr {
                 kind: AddrKind::Unverified,
@@ -251,11 +246,7 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
         for cpl in stale.into_iter().take(MAX_REFRESHES_PER_TICK) {
             ops::lookup(&inner, random_key_in(own, cpl), Query::FindNode).await;
         }
-        let external = inner
-            .observed
-            .lock()
-            .map(|o| o.confirmed())
-            .unwrap_or_default();
+        let external = inner.nat.confirmed();
         let external_changed = external != last_external;
         if external_changed || dht.now().saturating_sub(last_publish) >= REPUBLISH_INTERVAL {
             last_external = external;

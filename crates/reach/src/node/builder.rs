@@ -8,7 +8,7 @@ use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
 use tokio::sync::{Semaphore, watch};
 
-use super::{DropGuard, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, control, inbound, peers};
+use super::{DropGuard, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, inbound, peers};
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
@@ -314,7 +314,10 @@ impl NodeBuilder {
             use reach_proto::wire::envelope::protocols;
             router.register_builtin(protocols::DHT, crate::dht::stream_handler());
             router.register_builtin(protocols::RELAY, crate::relay::service::stream_handler());
-            router.register_builtin(protocols::FILTER_PROBE, control::filter_probe_handler());
+            router.register_builtin(
+                protocols::FILTER_PROBE,
+                crate::nat::datagrams::filter_probe_handler(),
+            );
             router.register_builtin(protocols::STREAM, inbound::app_stream_handler());
         }
         let inner = Arc::new(Inner {
@@ -331,16 +334,12 @@ impl NodeBuilder {
             path_reports: Default::default(),
             router,
             message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
-            probes: control::PendingProbes::default(),
-            replies: std::sync::Mutex::new(control::RateLimiter::new(control::MAX_REPLIES_PER_SEC)),
             counters: Default::default(),
             demux_stats,
             shutdown_tx,
             tasks: Default::default(),
             dht,
-            stun_server: !self.no_stun_server,
-            alt,
-            observed: Default::default(),
+            nat: crate::nat::Nat::new(!self.no_stun_server, alt),
             paths,
             relay: RelayRuntime::new(
                 self.relay_service,
@@ -365,7 +364,14 @@ impl NodeBuilder {
         }
         inner.spawn(inbound::accept_loop(inner.clone()));
         inner.spawn(super::limits::trim_loop(inner.inbound_gate.clone()));
-        inner.spawn(control::datagram_loop(inner.clone(), non_quic_rx));
+        inner.spawn(crate::nat::datagrams::datagram_loop(
+            inner.clone(),
+            non_quic_rx,
+        ));
+        inner.spawn({
+            let inner = inner.clone();
+            async move { inner.nat.expiry_loop(&inner.bus).await }
+        });
         inner.spawn(crate::dht::join::maintain(inner.clone()));
         inner.spawn(crate::relay::acquire::drive(inner.clone()));
         inner.spawn(crate::relay::service::expire_loop(inner.clone()));

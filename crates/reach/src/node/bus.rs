@@ -54,6 +54,10 @@ pub enum NodeEvent {
     RelayLost { relay: PeerId },
     /// The node signed and stored its endpoint record at `stored` nodes.
     RecordPublished { seq: u64, stored: usize },
+    /// `addr` is no longer confirmed: the reports that confirmed it are
+    /// older than [`reach_proto::nat::OBSERVED_ADDR_TTL`] (after a network
+    /// change nobody sees this node there any more).
+    ExternalAddrExpired { addr: SocketAddr },
 }
 
 /// The sending side of the bus; cheap to clone.

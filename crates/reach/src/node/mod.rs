@@ -23,7 +23,6 @@
 mod app_queue;
 mod builder;
 pub mod bus;
-pub(crate) mod control;
 mod dedup;
 pub(crate) mod inbound;
 pub mod limits;
@@ -121,23 +120,14 @@ pub(crate) struct Inner {
     pub path_reports: bus::PathReports,
     /// Byte budget of received messages not yet taken by the application.
     pub message_budget: Arc<Semaphore>,
-    pub probes: control::PendingProbes,
-    /// One budget for every answer to unsolicited packets (probe replies,
-    /// filter probes, STUN responses): see `control::MAX_REPLIES_PER_SEC`.
-    pub replies: std::sync::Mutex<control::RateLimiter>,
     pub counters: stats::Counters,
     pub demux_stats: Arc<DemuxStats>,
     pub shutdown_tx: watch::Sender<bool>,
     /// Every task the node runs; see [`tasks`] for how they stop.
     pub tasks: tasks::TaskSet,
     pub dht: Dht,
-    /// Answer STUN Binding requests (public nodes).
-    pub stun_server: bool,
-    /// A second socket on our IP, used only to send filtering-test probes
-    /// from a port requesters never sent to.
-    pub alt: Option<std::net::UdpSocket>,
-    /// Our external addresses as peers report them.
-    pub observed: std::sync::Mutex<reach_proto::nat::ObservedAddrs>,
+    /// What the node knows about the NAT in front of it (see [`crate::nat`]).
+    pub nat: crate::nat::Nat,
     /// Relay circuits, shared with the socket.
     pub paths: Arc<crate::relay::paths::RelayPaths>,
     pub relay: crate::relay::RelayRuntime,
@@ -270,28 +260,7 @@ impl Inner {
     /// Records that the peer at `reporter` saw us at `observed`. Reports
     /// over relayed paths say nothing about our own address.
     pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
-        use crate::vaddr::is_virtual;
-        if is_virtual(&observed) || is_virtual(&reporter) {
-            return;
-        }
-        let newly_confirmed = match self.observed.lock() {
-            Ok(mut o) => {
-                let before = o.confirmed();
-                o.record(observed, reporter.ip());
-                o.confirmed().into_iter().find(|a| !before.contains(a))
-            }
-            Err(_) => None,
-        };
-        if let Some(addr) = newly_confirmed {
-            self.bus.emit(NodeEvent::ExternalAddrConfirmed { addr });
-        }
-    }
-
-    /// The alternate socket for filtering tests, if this node has one.
-    pub(crate) fn alt_socket(&self) -> std::io::Result<&std::net::UdpSocket> {
-        self.alt
-            .as_ref()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
+        self.nat.record_observed(&self.bus, observed, reporter);
     }
 
     /// Whether every dial goes over a TCP link (UDP is blocked).
@@ -407,7 +376,7 @@ impl Node {
                 max: MAX_MESSAGE_LEN,
             });
         }
-        let id = control::random_u64()?;
+        let id = crate::util::random_u64()?;
         let prefix = Envelope::message_prefix(data.len(), id)?;
         let (first, used) = self.send_once(peer, &prefix, &data).await;
         let result = match first {
@@ -667,7 +636,7 @@ impl Node {
     /// Asks the node at `addr` which address it sees this node's packets come
     /// from, over the shared UDP socket (no QUIC involved).
     pub async fn observed_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
-        control::probe(&self.inner, addr).await
+        crate::nat::probe::probe(&self.inner, addr).await
     }
 
     /// Looks up `peer`'s endpoint record in the DHT and returns its

@@ -137,7 +137,7 @@ pub(super) async fn easy_side(
     let hard_ip = intro.addrs[0].ip();
     let (_pending, mut arrivals) = inner.punch.expect(intro.id, &intro.addrs);
     tokio::time::sleep(EASY_SIDE_HEAD_START).await;
-    let seed = crate::node::control::random_u64().unwrap_or(intro.id);
+    let seed = crate::util::random_u64().unwrap_or(intro.id);
     let mut ports = probe_ports(seed).take(BIRTHDAY_PROBES);
     let per_tick = (BIRTHDAY_PROBE_RATE as u128 * PROBE_TICK.as_millis() / 1000).max(1) as usize;
     let probe = ControlPacket::Punch { id: intro.id }.encode();

@@ -47,11 +47,11 @@ pub(crate) async fn coordinate(
     else {
         return refused(refusal::TARGET_UNREACHABLE);
     };
-    let now = tokio::time::Instant::now().into_std();
+    let now = tokio::time::Instant::now();
     if !lock(&inner.punch.introductions).allow(now) {
         return refused(refusal::PUNCH_RATE);
     }
-    let Ok(id) = crate::node::control::random_u64() else {
+    let Ok(id) = crate::util::random_u64() else {
         return refused(refusal::PUNCH_RATE);
     };
     let requester = Party {

@@ -101,7 +101,7 @@ pub(crate) struct PunchRuntime {
     /// Direct connections whose path is being watched (by stable id).
     watched: Mutex<std::collections::HashSet<usize>>,
     /// The coordinator's budget of introductions.
-    introductions: Mutex<crate::node::control::RateLimiter>,
+    introductions: Mutex<crate::util::RateLimiter>,
     /// What peers holding a reservation here said about their NAT.
     infos: Mutex<HashMap<PeerId, PunchInfo>>,
 }
@@ -117,9 +117,7 @@ impl PunchRuntime {
             epoch: tokio::time::Instant::now(),
             endpoints: Mutex::default(),
             watched: Mutex::default(),
-            introductions: Mutex::new(crate::node::control::RateLimiter::new(
-                INTRODUCTIONS_PER_SEC,
-            )),
+            introductions: Mutex::new(crate::util::RateLimiter::new(INTRODUCTIONS_PER_SEC)),
             infos: Mutex::default(),
         }
     }
@@ -231,13 +229,9 @@ impl PunchRuntime {
 
 /// What this node tells a coordinator about itself.
 pub(crate) fn local_info(inner: &Inner) -> PunchInfo {
-    use reach_proto::nat::{Filtering, Mapping};
+    use reach_proto::nat::Filtering;
     let ipv4 = inner.local_addr.is_ipv4();
-    let mapping = inner
-        .observed
-        .lock()
-        .map(|o| o.mapping(ipv4))
-        .unwrap_or(Mapping::Unknown);
+    let mapping = inner.nat.mapping(ipv4);
     let filtering = match inner.relay.reachability() {
         crate::relay::Reachability::Public(_) => Filtering::EndpointIndependent,
         _ => Filtering::Unknown,

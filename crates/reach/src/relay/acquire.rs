@@ -2,18 +2,17 @@
 //! keeping a relay: the runtime driver of reach-proto's
 //! [`RelayAcquisition`] state machine.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reach_proto::dht::record::AddrKind;
 use reach_proto::dht::{K, Key};
 use reach_proto::relay::acquire::{Action, Event, RelayAcquisition};
-use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 
 use super::{Reachability, RelayMode, client};
 use crate::dht::{DhtMode, join};
-use crate::node::{Inner, control, stats};
+use crate::node::{Inner, stats};
 use crate::vaddr::is_virtual;
 
 /// Relay candidates tried per acquisition at most.
@@ -24,67 +23,11 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// (a closed connection counts at once): one slow answer on a loaded
 /// machine is not a dead relay.
 pub const HEALTH_FAILURES: u32 = 2;
-/// Other-host filtering tests per reachability check at most (each probe
-/// from an already contacted IP is inconclusive and excluded next time).
-pub const OTHER_HOST_ATTEMPTS: usize = 3;
 /// How often an unknown reachability is checked again (no helper yet).
 pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(5);
 /// How often the driver looks at the routing table (a change cuts a
 /// backoff short).
 pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
-
-/// Checks whether unsolicited packets reach us, with connected peers as
-/// helpers: public when a never-contacted host's probe gets through, or when
-/// our address is not translated and a probe from a port we never sent to
-/// gets through (a plain public host; firewalls drop that probe).
-pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
-    let mut helpers: Vec<SocketAddr> = inner
-        .peers
-        .connected()
-        .into_iter()
-        .map(|p| p.addr)
-        .filter(|a| !is_virtual(a))
-        .collect();
-    helpers.sort_by_key(|a| a.ip() == inner.local_addr.ip());
-    let Some(&helper) = helpers.first() else {
-        return Reachability::Unknown;
-    };
-    let Ok(observed) = control::probe(inner, helper).await else {
-        return Reachability::Unknown;
-    };
-    let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
-    exclude.dedup();
-    // A probe from an IP we sent to recently proves nothing (an
-    // address-dependent filter lets it through): exclude it and ask again.
-    // Peers all on our own IP (one host, e.g. loopback) have no other host
-    // to ask.
-    let other_hosts = helpers.iter().any(|a| a.ip() != inner.local_addr.ip());
-    for _ in 0..if other_hosts { OTHER_HOST_ATTEMPTS } else { 0 } {
-        exclude.truncate(MAX_FILTER_EXCLUDES);
-        let source =
-            control::filter_probe_source(inner, helper, FilterVia::OtherHost, exclude.clone())
-                .await
-                .ok()
-                .flatten();
-        match source {
-            Some(from) if !inner.socket.contacted_recently(from.ip()) => {
-                return Reachability::Public(observed);
-            }
-            Some(from) => exclude.insert(0, from.ip()),
-            None => break,
-        }
-    }
-    let untranslated = crate::node::local_addrs_of(inner).contains(&observed);
-    if untranslated {
-        let other_port = control::filter_test(inner, helper, FilterVia::OtherPort, vec![])
-            .await
-            .unwrap_or(false);
-        if other_port {
-            return Reachability::Public(observed);
-        }
-    }
-    Reachability::Private
-}
 
 /// Runs for the node's lifetime: checks reachability after joining, turns
 /// the relay service on for a public node (mode `auto`), and acquires and
@@ -103,7 +46,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
         relay.set_reachability(reach);
     } else if needs_check {
         loop {
-            reach = check_reachability(&inner).await;
+            reach = crate::nat::reachability::check_reachability(&inner).await;
             if reach != Reachability::Unknown {
                 break;
             }
@@ -136,12 +79,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
 async fn hold_relay(inner: Arc<Inner>) {
     let mut m = RelayAcquisition::new();
     let now = || inner.dht.now();
-    let confirmed = inner
-        .observed
-        .lock()
-        .map(|o| o.confirmed())
-        .unwrap_or_default();
-    for addr in confirmed {
+    for addr in inner.nat.confirmed() {
         m.handle(
             Event::OwnAddr {
                 addr,

@@ -122,7 +122,7 @@ async fn connect(
     let Some(target_conn) = inner.peers.live(&target) else {
         return refused(refusal::TARGET_UNREACHABLE);
     };
-    let Ok(circuit) = random_u64() else {
+    let Ok(circuit) = crate::util::random_u64() else {
         return refused(refusal::TOO_MANY_CIRCUITS);
     };
     let ask = RelayRequest::Incoming {
@@ -143,12 +143,6 @@ async fn connect(
     stats::bump(&c.circuits_opened);
     tracing::debug!(from = %peer, to = %target, circuit, "circuit opened");
     RelayResponse::Circuit { circuit }
-}
-
-fn random_u64() -> Result<u64, getrandom::Error> {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b)?;
-    Ok(u64::from_le_bytes(b))
 }
 
 /// Drops idle circuits and expired reservations until the node stops.

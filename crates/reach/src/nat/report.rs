@@ -1,5 +1,5 @@
-//! NAT awareness of a node: external addresses, RFC 4787 classification,
-//! hairpinning and STUN, driven over the node's one socket.
+//! `reach nat`: what a node finds out about the NAT in front of it, with
+//! peers as helpers.
 
 use std::net::{IpAddr, SocketAddr};
 
@@ -9,9 +9,9 @@ use reach_proto::nat::{Filtering, FilteringObservation, Mapping, MappingObservat
 use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 use serde::Serialize;
 
+use super::probe;
 use crate::Node;
 use crate::error::Result;
-use crate::node::control;
 
 /// Helpers used for the mapping test (distinct IPs).
 pub const MAPPING_HELPERS: usize = 2;
@@ -56,7 +56,7 @@ impl Node {
         }
         let mut obs = Vec::new();
         for h in &used {
-            if let Ok(observed) = control::probe(inner, *h).await {
+            if let Ok(observed) = probe::probe(inner, *h).await {
                 obs.push(MappingObservation {
                     server: *h,
                     observed,
@@ -66,10 +66,9 @@ impl Node {
         let mapping = classify_mapping(local, &obs);
         let mut filtering = FilteringObservation::default();
         if let Some(a) = used.first() {
-            filtering.from_other_port =
-                control::filter_test(inner, *a, FilterVia::OtherPort, vec![])
-                    .await
-                    .ok();
+            filtering.from_other_port = probe::filter_test(inner, *a, FilterVia::OtherPort, vec![])
+                .await
+                .ok();
             // Every IP we sent to must be avoided for the other-host probe.
             let mut exclude = ips.clone();
             for p in self.connected_peers() {
@@ -78,18 +77,13 @@ impl Node {
                 }
             }
             exclude.truncate(MAX_FILTER_EXCLUDES);
-            filtering.from_other_ip =
-                control::filter_test(inner, *a, FilterVia::OtherHost, exclude)
-                    .await
-                    .ok();
+            filtering.from_other_ip = probe::filter_test(inner, *a, FilterVia::OtherHost, exclude)
+                .await
+                .ok();
         }
-        let external = inner
-            .observed
-            .lock()
-            .map(|o| o.scored())
-            .unwrap_or_default();
+        let external = inner.nat.scored();
         let hairpin = match (mapping.translated, obs.first()) {
-            (Some(true), Some(o)) => Some(control::probe(inner, o.observed).await.is_ok()),
+            (Some(true), Some(o)) => Some(probe::probe(inner, o.observed).await.is_ok()),
             _ => None,
         };
         NatReport {
@@ -120,15 +114,11 @@ impl Node {
     /// Asks a STUN server (RFC 8489 Binding) for our reflexive address,
     /// over the node's own socket.
     pub async fn stun(&self, server: SocketAddr) -> Result<SocketAddr> {
-        control::stun_binding(&self.inner, server).await
+        probe::stun_binding(&self.inner, server).await
     }
 
     /// Our external addresses as peers have reported them so far.
     pub fn external_addrs(&self) -> Vec<ScoredAddr> {
-        self.inner
-            .observed
-            .lock()
-            .map(|o| o.scored())
-            .unwrap_or_default()
+        self.inner.nat.scored()
     }
 }

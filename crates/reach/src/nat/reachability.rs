@@ -1,0 +1,69 @@
+//! Whether unsolicited packets reach this node: what decides if it can
+//! serve as a relay and be dialed directly, or needs a relay itself.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
+
+use super::probe;
+use crate::node::Inner;
+use crate::relay::Reachability;
+use crate::vaddr::is_virtual;
+
+/// Other-host filtering tests per reachability check at most (each probe
+/// from an already contacted IP is inconclusive and excluded next time).
+pub const OTHER_HOST_ATTEMPTS: usize = 3;
+
+/// Checks whether unsolicited packets reach us, with connected peers as
+/// helpers: public when a never-contacted host's probe gets through, or when
+/// our address is not translated and a probe from a port we never sent to
+/// gets through (a plain public host; firewalls drop that probe).
+pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
+    let mut helpers: Vec<SocketAddr> = inner
+        .peers
+        .connected()
+        .into_iter()
+        .map(|p| p.addr)
+        .filter(|a| !is_virtual(a))
+        .collect();
+    helpers.sort_by_key(|a| a.ip() == inner.local_addr.ip());
+    let Some(&helper) = helpers.first() else {
+        return Reachability::Unknown;
+    };
+    let Ok(observed) = probe::probe(inner, helper).await else {
+        return Reachability::Unknown;
+    };
+    let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
+    exclude.dedup();
+    // A probe from an IP we sent to recently proves nothing (an
+    // address-dependent filter lets it through): exclude it and ask again.
+    // Peers all on our own IP (one host, e.g. loopback) have no other host
+    // to ask.
+    let other_hosts = helpers.iter().any(|a| a.ip() != inner.local_addr.ip());
+    for _ in 0..if other_hosts { OTHER_HOST_ATTEMPTS } else { 0 } {
+        exclude.truncate(MAX_FILTER_EXCLUDES);
+        let source =
+            probe::filter_probe_source(inner, helper, FilterVia::OtherHost, exclude.clone())
+                .await
+                .ok()
+                .flatten();
+        match source {
+            Some(from) if !inner.socket.contacted_recently(from.ip()) => {
+                return Reachability::Public(observed);
+            }
+            Some(from) => exclude.insert(0, from.ip()),
+            None => break,
+        }
+    }
+    let untranslated = crate::node::local_addrs_of(inner).contains(&observed);
+    if untranslated {
+        let other_port = probe::filter_test(inner, helper, FilterVia::OtherPort, vec![])
+            .await
+            .unwrap_or(false);
+        if other_port {
+            return Reachability::Public(observed);
+        }
+    }
+    Reachability::Private
+}
