@@ -1,9 +1,11 @@
 //! What a DHT server node answers, sans-IO: a function of its routing table
 //! and record store. The runtime (`reach::dht::rpc::serve`) and the
 //! simulator both answer with it.
+//!
+//! An answer takes two steps, so a driver that keeps the table and the store
+//! behind separate locks never holds both: [`Neighbourhood::of`] reads what
+//! the answer needs from the table, then [`answer`] works on the store.
 
-use super::K;
-use super::Key;
 use super::record::RecordError;
 use super::routing::RoutingTable;
 use super::rpc::{
@@ -11,6 +13,7 @@ use super::rpc::{
     MAX_RECORDS_PER_RESPONSE,
 };
 use super::store::{RecordStore, Source, among_closest};
+use super::{Contact, K, Key};
 
 /// A node stores a record when fewer than this many times k contacts it
 /// knows are closer to the key. Its routing table holds contacts that are
@@ -32,24 +35,69 @@ pub fn is_among_closest(table: &RoutingTable, key: &Key) -> bool {
     among_closest(&table.local_key(), key, &known, k)
 }
 
-/// The answer of the node owning `table` and `store` to `request`.
+/// What an answer to one request needs from the routing table: our own key
+/// and the contacts closest to the request's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbourhood {
+    local: Key,
+    /// Closest first: [`MAX_CONTACTS_PER_RESPONSE`] of them for a query,
+    /// [`STORE_CLOSENESS_SLACK`] × k for a put.
+    closest: Vec<Contact>,
+}
+
+impl Neighbourhood {
+    /// Reads from `table` what the answer to `request` needs.
+    pub fn of(table: &RoutingTable, request: &DhtRequest) -> Self {
+        let closest = match request {
+            DhtRequest::Ping => Vec::new(),
+            DhtRequest::FindNode { target: key } | DhtRequest::GetRecords { key, .. } => {
+                table.closest(key, MAX_CONTACTS_PER_RESPONSE)
+            }
+            DhtRequest::PutRecord { record } => {
+                table.closest(&record.key, STORE_CLOSENESS_SLACK * K)
+            }
+        };
+        Neighbourhood {
+            local: table.local_key(),
+            closest,
+        }
+    }
+
+    /// The contacts a query's answer carries.
+    fn closer(&self) -> Vec<Contact> {
+        self.closest
+            .iter()
+            .take(MAX_CONTACTS_PER_RESPONSE)
+            .copied()
+            .collect()
+    }
+
+    /// Whether we are among the closest to `key` (see [`is_among_closest`]).
+    fn among_closest(&self, key: &Key) -> bool {
+        let known: Vec<Key> = self.closest.iter().map(|c| c.key()).collect();
+        among_closest(&self.local, key, &known, STORE_CLOSENESS_SLACK * K)
+    }
+}
+
+/// The answer to `request` of the node whose routing table gave `near`
+/// ([`Neighbourhood::of`] for this same request) and whose records are in
+/// `store`.
 ///
 /// `source` is the network the request came from (a record put counts
 /// against that network's share of the store); `now_ms` is Unix time, for
 /// record expiry. A put of a record this node is not among the closest to
 /// is refused, and the refusal counted in the store.
 pub fn answer(
-    table: &RoutingTable,
+    near: &Neighbourhood,
     store: &mut RecordStore,
     request: DhtRequest,
     source: Option<Source>,
     now_ms: u64,
 ) -> DhtResponse {
-    let closer = |target: &Key| table.closest(target, MAX_CONTACTS_PER_RESPONSE);
     match request {
         DhtRequest::Ping => DhtResponse::Pong,
-        DhtRequest::FindNode { target } => DhtResponse::Nodes {
-            closer: closer(&target),
+        DhtRequest::FindNode { .. } => DhtResponse::Nodes {
+            closer: near.closer(),
         },
         DhtRequest::GetRecords { kind, key } => {
             let mut records = store.get(kind, &key, now_ms);
@@ -63,11 +111,11 @@ pub fn answer(
             records.truncate(MAX_RECORDS_PER_RESPONSE);
             DhtResponse::Records {
                 records,
-                closer: closer(&key),
+                closer: near.closer(),
             }
         }
         DhtRequest::PutRecord { record } => {
-            let stored = if is_among_closest(table, &record.key) {
+            let stored = if near.among_closest(&record.key) {
                 store.put_from(record, source, now_ms)
             } else {
                 let e = RecordError::NotClosest;
@@ -123,17 +171,19 @@ mod tests {
         RecordStore::new(StoreLimits::default())
     }
 
+    /// Answers as a driver does: the table first, then the store.
+    fn ask(t: &RoutingTable, s: &mut RecordStore, request: DhtRequest, now_ms: u64) -> DhtResponse {
+        let near = Neighbourhood::of(t, &request);
+        answer(&near, s, request, None, now_ms)
+    }
+
     #[test]
     fn find_node_answers_the_k_closest_it_knows() {
         let (t, contacts) = table(300);
         let target = Key::for_topic("somewhere");
-        let DhtResponse::Nodes { closer } = answer(
-            &t,
-            &mut store(),
-            DhtRequest::FindNode { target },
-            None,
-            NOW_MS,
-        ) else {
+        let DhtResponse::Nodes { closer } =
+            ask(&t, &mut store(), DhtRequest::FindNode { target }, NOW_MS)
+        else {
             panic!("not a Nodes answer");
         };
         // Brute force over what the table holds.
@@ -142,7 +192,7 @@ mod tests {
         held.sort_by_key(|c| c.key().distance(&target));
         assert_eq!(closer, held[..K].to_vec());
         assert_eq!(
-            answer(&t, &mut store(), DhtRequest::Ping, None, NOW_MS),
+            ask(&t, &mut store(), DhtRequest::Ping, NOW_MS),
             DhtResponse::Pong
         );
     }
@@ -159,8 +209,7 @@ mod tests {
             kind: record.kind,
             key,
         };
-        let DhtResponse::Records { records, closer } =
-            answer(&t, &mut s, request.clone(), None, NOW_MS)
+        let DhtResponse::Records { records, closer } = ask(&t, &mut s, request.clone(), NOW_MS)
         else {
             panic!("not a Records answer");
         };
@@ -168,7 +217,7 @@ mod tests {
         assert_eq!(closer, t.closest(&key, K));
         // Past its lifetime it is no longer answered.
         let later = NOW_MS + 61_000;
-        let DhtResponse::Records { records, .. } = answer(&t, &mut s, request, None, later) else {
+        let DhtResponse::Records { records, .. } = ask(&t, &mut s, request, later) else {
             panic!("not a Records answer");
         };
         assert!(records.is_empty());
@@ -183,10 +232,7 @@ mod tests {
         let put = DhtRequest::PutRecord {
             record: record.clone(),
         };
-        assert_eq!(
-            answer(&t, &mut s, put.clone(), None, NOW_MS),
-            DhtResponse::Stored
-        );
+        assert_eq!(ask(&t, &mut s, put.clone(), NOW_MS), DhtResponse::Stored);
         assert_eq!(s.len(), 1);
 
         // Many contacts, all closer to the key than we are: refused and
@@ -206,7 +252,7 @@ mod tests {
         }
         let mut s = store();
         assert_eq!(
-            answer(&far, &mut s, put, None, NOW_MS),
+            ask(&far, &mut s, put, NOW_MS),
             DhtResponse::Refused {
                 reason: RecordError::NotClosest.kind().to_string()
             }
