@@ -4,8 +4,8 @@
 //! simulator (`reach-sim`'s lookup scenario):
 //!
 //! - [`JoinAttempt`]: one join. Contact the bootstrap nodes and look up our
-//!   own key; if someone answered, refresh every bucket up to one past the
-//!   deepest, [`JOIN_PARALLEL_REFRESHES`] lookups at a time.
+//!   own key; if someone answered, refresh every bucket the table has,
+//!   [`JOIN_PARALLEL_REFRESHES`] lookups at a time.
 //! - [`Maintenance`]: the life of a node in the network. Join, retrying
 //!   with backoff while nobody answers; then every [`MAINTENANCE_TICK`]
 //!   refresh the buckets nobody looked up for [`REFRESH_INTERVAL`], at most
@@ -111,7 +111,7 @@ impl JoinAttempt {
     /// or there was nobody to ask (the first node of a network). `table` is
     /// the routing table as the self-lookup left it: it says which buckets
     /// exist to refresh.
-    pub fn self_lookup_done(&mut self, now: Duration, answered: bool, table: &RoutingTable) {
+    pub fn self_lookup_done(&mut self, answered: bool, table: &RoutingTable) {
         if self.bootstrapped || self.outcome.is_some() {
             return;
         }
@@ -120,12 +120,9 @@ impl JoinAttempt {
             self.outcome = Some(JoinOutcome::NobodyAnswered);
             return;
         }
-        // Interval zero: every bucket up to one past the deepest, now.
-        self.queued = table
-            .buckets_to_refresh(now, Duration::ZERO)
-            .into_iter()
-            .take(MAX_JOIN_REFRESHES)
-            .collect();
+        // Every bucket the self-lookup left us (the region past the deepest
+        // is the one the self-lookup itself searched).
+        self.queued = (0..table.bucket_count()).take(MAX_JOIN_REFRESHES).collect();
         self.launch();
     }
 
@@ -563,12 +560,11 @@ mod tests {
     #[test]
     fn join_refreshes_every_bucket_eight_at_a_time() {
         let t = table(400, Duration::ZERO);
-        let buckets = t.buckets_to_refresh(Duration::ZERO, Duration::ZERO);
+        let buckets: Vec<usize> = (0..t.bucket_count()).collect();
         assert!(buckets.len() > JOIN_PARALLEL_REFRESHES, "{buckets:?}");
-        assert_eq!(buckets.len(), t.bucket_count() + 1, "one past the deepest");
         let mut j = JoinAttempt::new();
         assert_eq!(drain_join(&mut j), [JoinAction::Bootstrap]);
-        j.self_lookup_done(secs(1), true, &t);
+        j.self_lookup_done(true, &t);
         let mut asked = drain_join(&mut j);
         assert_eq!(asked.len(), JOIN_PARALLEL_REFRESHES);
         let mut done = 0;
@@ -593,20 +589,16 @@ mod tests {
     fn join_nobody_answered_fails_and_alone_joins_at_once() {
         let mut j = JoinAttempt::new();
         drain_join(&mut j);
-        j.self_lookup_done(secs(1), false, &table(3, Duration::ZERO));
+        j.self_lookup_done(false, &table(3, Duration::ZERO));
         assert_eq!(j.outcome(), Some(JoinOutcome::NobodyAnswered));
         assert!(drain_join(&mut j).is_empty(), "no refresh after a failure");
 
-        // The first node: nobody to ask, an empty table, bucket 0 only.
+        // The first node: nobody to ask, an empty table, nothing to
+        // refresh: joined at once.
         let mut j = JoinAttempt::new();
         drain_join(&mut j);
-        j.self_lookup_done(
-            secs(1),
-            true,
-            &RoutingTable::new(peer(0), Default::default()),
-        );
-        assert_eq!(drain_join(&mut j), [JoinAction::Refresh { bucket: 0 }]);
-        j.refresh_done();
+        j.self_lookup_done(true, &RoutingTable::new(peer(0), Default::default()));
+        assert!(drain_join(&mut j).is_empty());
         assert_eq!(j.outcome(), Some(JoinOutcome::Joined));
     }
 }

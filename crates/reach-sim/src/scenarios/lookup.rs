@@ -17,8 +17,8 @@
 //!    and link model as the measured phase (no instant-answer shortcut). A
 //!    join is the runtime's [`JoinAttempt`]: the joiner's bootstrap is one
 //!    random already-joined node, entered into its table; it looks up its
-//!    own key, then refreshes every bucket up to one past its deepest (at
-//!    most [`MAX_JOIN_REFRESHES`], [`JOIN_PARALLEL_REFRESHES`] lookups at a
+//!    own key, then refreshes every bucket its table has (at most
+//!    [`MAX_JOIN_REFRESHES`], [`JOIN_PARALLEL_REFRESHES`] lookups at a
 //!    time) with one lookup each for a random key in that bucket; it has
 //!    joined when they have all finished. A self-lookup nobody answered (the
 //!    bootstrap left, or a datagram was lost) fails the attempt, and
@@ -461,7 +461,7 @@ impl<'a> Sim<'a> {
                     // The first node: nobody to ask.
                     let n = &mut self.nodes[node];
                     if let Some(j) = n.join.as_mut() {
-                        j.self_lookup_done(now, true, &n.table);
+                        j.self_lookup_done(true, &n.table);
                     }
                     return;
                 };
@@ -658,7 +658,7 @@ impl<'a> Sim<'a> {
                 // buckets it spans never finds our own neighbourhood.
                 let answered = !a.lookup.closest().is_empty();
                 if let Some(j) = node.join.as_mut() {
-                    j.self_lookup_done(now, answered, &node.table);
+                    j.self_lookup_done(answered, &node.table);
                 }
                 self.drive(owner);
             }

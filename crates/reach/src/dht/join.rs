@@ -89,7 +89,7 @@ async fn join_attempt(inner: &Arc<Inner>, extra: &[SocketAddr]) -> (JoinReport, 
                     // Nobody to ask (the first node of a network) counts as
                     // answered.
                     let answered = table.live_len() > 0 || addrs.is_empty();
-                    attempt.self_lookup_done(dht.now(), answered, &table);
+                    attempt.self_lookup_done(answered, &table);
                 }
                 JoinAction::Refresh { bucket } => refreshes.push(async move {
                     ops::lookup(inner, random_key_in(own, bucket), Query::FindNode).await;
