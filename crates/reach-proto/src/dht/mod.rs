@@ -10,6 +10,9 @@
 //! - [`store`]: the record store with limits, expiry and per-publisher quotas.
 //! - [`rpc`]: the DHT request/response messages.
 //! - [`estimate`]: network-size estimation from the routing table.
+//! - [`maintenance`]: joining and the maintenance schedule (join retry,
+//!   bucket refresh, republish) as state machines.
+//! - [`server`]: what a node answers to each request.
 //!
 //! Time is a [`std::time::Duration`] since an arbitrary epoch chosen by the
 //! driver (the runtime: node start; the simulator: virtual time zero).
@@ -19,9 +22,11 @@
 pub mod estimate;
 pub mod key;
 pub mod lookup;
+pub mod maintenance;
 pub mod record;
 pub mod routing;
 pub mod rpc;
+pub mod server;
 pub mod store;
 
 pub use key::{Distance, Key};

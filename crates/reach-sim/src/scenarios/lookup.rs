@@ -2,29 +2,38 @@
 //!
 //! Every node has a real Ed25519 identity, a fake address (`10.x.y.z:4433`,
 //! only a value: nothing touches the network, and the simulator reads a
-//! contact's node index back from it) and reach-proto's real
-//! [`RoutingTable`]. Lookups are reach-proto's real [`Lookup`] state
-//! machine; this module only carries its FindNode requests and responses
-//! over links with latency, jitter and loss, and feeds back answers and
-//! timeouts in virtual time.
+//! contact's node index back from it), reach-proto's real [`RoutingTable`]
+//! and [`RecordStore`], and the runtime's join and maintenance schedule:
+//! reach-proto's [`Maintenance`] and [`JoinAttempt`] machines. Lookups are
+//! reach-proto's real [`Lookup`] state machine and nodes answer with
+//! reach-proto's [`server::answer`], as the runtime does; this module only
+//! carries FindNode requests and responses over links with latency, jitter
+//! and loss, and feeds back answers, timeouts and timers in virtual time.
 //!
 //! A run has two phases:
 //!
 //! 1. **Setup.** Nodes join in overlapping waves: join `i` starts at
 //!    `i * SETUP_SPAN / nodes` of virtual time, with the same event machinery
-//!    and link model as the measured phase (no instant-answer shortcut). The
-//!    joiner seeds its table with one random already-joined node, looks up
-//!    its own key, then refreshes every bucket up to one past its deepest (at
-//!    most [`MAX_JOIN_REFRESH_BUCKETS`]) with one lookup each for a random key
-//!    in that bucket, all at once; it has joined when they have all finished.
-//!    Tables are built only by this protocol: requesters enter responders'
-//!    tables (`on_seen`, every node is in server mode), responders enter
-//!    requesters' tables, timed-out queries count as failures. The runtime's
-//!    maintenance loop (bucket refresh every 10 minutes, endpoint republish)
-//!    is not simulated; [`SETUP_SPAN`] is shorter than its refresh interval,
-//!    so it would not have run yet. (Joining strictly one after another took
-//!    hours of virtual time for 10,000 nodes, over which, without that loop
-//!    and with packet loss, idle nodes slowly dropped out of every table.)
+//!    and link model as the measured phase (no instant-answer shortcut). A
+//!    join is the runtime's [`JoinAttempt`]: the joiner's bootstrap is one
+//!    random already-joined node, entered into its table; it looks up its
+//!    own key, then refreshes every bucket its table has (at most
+//!    [`MAX_JOIN_REFRESHES`], [`JOIN_PARALLEL_REFRESHES`] lookups at a
+//!    time) with one lookup each for a random key in that bucket; it has
+//!    joined when they have all finished. A self-lookup nobody answered (the
+//!    bootstrap left, or a datagram was lost) fails the attempt, and
+//!    [`Maintenance`] retries it with backoff through a fresh random
+//!    bootstrap, at most [`MAX_JOIN_ATTEMPTS`] times. Joined nodes run
+//!    [`Maintenance`]'s ticks every [`MAINTENANCE_TICK`]: bucket refreshes
+//!    (counted in [`LookupReport::maintenance_lookups`]) and republishing
+//!    (nothing to carry here: the simulator has no records in flight).
+//!    Ticks stop at the end of the measurement window, so a run ends.
+//!    Tables are built only by these protocols: requesters enter
+//!    responders' tables (`on_seen`, every node is in server mode),
+//!    responders enter requesters' tables, timed-out queries count as
+//!    failures. (Joining strictly one after another took hours of virtual
+//!    time for 10,000 nodes, over which, with packet loss, idle nodes slowly
+//!    dropped out of every table.)
 //! 2. **Measurement.** `lookups` lookups start at random times over
 //!    `window`, each from a random live node for the key of another random
 //!    live node ("live" = joined and not left). With churn `C`, `C * nodes`
@@ -44,7 +53,15 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use reach_proto::dht::lookup::{Lookup, LookupConfig};
+use reach_proto::dht::maintenance::{Action, JoinAction, JoinAttempt, JoinOutcome, Maintenance};
+#[cfg(doc)]
+use reach_proto::dht::maintenance::{
+    JOIN_PARALLEL_REFRESHES, MAINTENANCE_TICK, MAX_JOIN_REFRESHES,
+};
 use reach_proto::dht::routing::{RoutingConfig, RoutingTable};
+use reach_proto::dht::rpc::{DhtRequest, DhtResponse};
+use reach_proto::dht::server;
+use reach_proto::dht::store::{RecordStore, StoreLimits};
 use reach_proto::dht::{Contact, Distance, Key};
 use reach_proto::{Keypair, PeerId};
 use serde::Serialize;
@@ -63,17 +80,12 @@ pub const MAX_LOOKUPS: usize = 10_000_000;
 pub const DEFAULT_WINDOW: Duration = Duration::from_secs(10);
 /// Longest measurement window accepted.
 pub const MAX_WINDOW: Duration = Duration::from_secs(24 * 3600);
-/// Bucket refreshes a join runs at most (buckets `0..` in order), so a node
-/// that happens to share a very long prefix with a neighbour does not run
-/// hundreds of lookups. `log2(nodes) + 3` stays below it up to millions of
-/// nodes.
-pub const MAX_JOIN_REFRESH_BUCKETS: usize = 24;
-/// Bootstrap attempts of a join whose self-lookup got no answer (its
-/// bootstrap node left, or a packet was lost), each through a fresh random
-/// bootstrap node.
+/// Join attempts of a node whose self-lookups get no answer (its bootstrap
+/// node left, or a packet was lost), each through a fresh random bootstrap
+/// node, before the simulator gives up on it (the runtime retries forever;
+/// a run must end). With [`Maintenance`]'s backoff the fifth attempt starts
+/// 15 s after the first.
 pub const MAX_JOIN_ATTEMPTS: u32 = 5;
-/// Pause before a failed bootstrap is retried.
-pub const JOIN_RETRY_AFTER: Duration = Duration::from_secs(1);
 /// Jitter of every link, as a fraction of its latency.
 pub const LINK_JITTER: f64 = 0.1;
 /// Virtual time over which the setup joins start (evenly spaced). Half the
@@ -136,6 +148,8 @@ pub struct LookupReport {
     pub buckets_mean: f64,
     /// Lookups run by joins (self-lookups and bucket refreshes).
     pub join_lookups: usize,
+    /// Bucket refreshes run by maintenance ticks of joined nodes.
+    pub maintenance_lookups: usize,
     /// Joins that gave up after [`MAX_JOIN_ATTEMPTS`] bootstraps.
     pub join_failures: usize,
     /// Nodes that left / fresh nodes that joined during measurement.
@@ -150,6 +164,8 @@ pub struct LookupReport {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Purpose {
     JoinSelf,
+    JoinRefresh,
+    /// A maintenance tick's bucket refresh.
     Refresh,
     /// Measured lookup number `idx`.
     Measured(usize),
@@ -174,6 +190,8 @@ const UNTAGGED: usize = usize::MAX;
 enum Ev {
     /// A node starts joining (setup phase or churn).
     JoinStart { node: usize },
+    /// `node`'s [`Maintenance`] asked to be woken at `at`.
+    Maintenance { node: usize, at: Duration },
     /// A FindNode request arrives at `to`.
     Request {
         from: usize,
@@ -202,12 +220,21 @@ struct Node {
     peer: PeerId,
     key: Key,
     table: RoutingTable,
+    /// Records held for others (none travel in this scenario, but FindNode
+    /// is answered by the same function that would answer for them).
+    store: RecordStore,
     alive: bool,
     /// Finished its join procedure (bootstrap, self-lookup, refreshes).
     joined: bool,
-    /// Join lookups still running.
-    join_pending: usize,
+    /// Gave up joining after [`MAX_JOIN_ATTEMPTS`]: no longer driven.
+    gave_up: bool,
+    /// Join attempts since the last successful join.
     join_attempts: u32,
+    maintenance: Maintenance,
+    /// The join running, if one is.
+    join: Option<JoinAttempt>,
+    /// When a [`Ev::Maintenance`] is scheduled for it.
+    maintenance_wake: Option<Duration>,
     /// Index in [`Sim::live`], when in it.
     live_pos: Option<usize>,
 }
@@ -251,8 +278,12 @@ struct Sim<'a> {
     /// Setup joins not finished yet.
     setup_pending: usize,
     join_lookups: usize,
+    maintenance_lookups: usize,
     join_failures: usize,
     churn_left: usize,
+    /// Virtual time of the last event that did something (maintenance
+    /// wakes past the end of the run do nothing).
+    last_active: Duration,
     churn_joined: usize,
 }
 
@@ -289,10 +320,14 @@ impl<'a> Sim<'a> {
                     peer,
                     key: Key::for_peer(&peer),
                     table: RoutingTable::new(peer, rcfg),
+                    store: RecordStore::new(StoreLimits::default()),
                     alive: false,
                     joined: false,
-                    join_pending: 0,
+                    gave_up: false,
                     join_attempts: 0,
+                    maintenance: Maintenance::new(),
+                    join: None,
+                    maintenance_wake: None,
                     live_pos: None,
                 }
             })
@@ -310,7 +345,9 @@ impl<'a> Sim<'a> {
             setup_end: None,
             setup_pending: p.nodes,
             join_lookups: 0,
+            maintenance_lookups: 0,
             join_failures: 0,
+            last_active: Duration::ZERO,
             churn_left: 0,
             churn_joined: 0,
         }
@@ -351,20 +388,122 @@ impl<'a> Sim<'a> {
         Some(self.live[pos])
     }
 
-    fn start_join(&mut self, node: usize) {
-        self.nodes[node].alive = true;
-        let Some(boot) = self.random_live(Some(node)) else {
-            // The first node: nobody to join through.
-            self.complete_join(node);
+    /// Carries out what `node`'s join attempt and maintenance ask for,
+    /// until neither asks anything more, then sleeps until the next
+    /// maintenance timer. Lookups that finish at once (no seeds) re-enter
+    /// here; every step re-reads the machines, so that is harmless.
+    fn drive(&mut self, node: usize) {
+        let now = self.q.now();
+        loop {
+            let n = &mut self.nodes[node];
+            if !n.alive || n.gave_up {
+                return;
+            }
+            if let Some(j) = n.join.as_mut() {
+                if let Some(action) = j.poll_action() {
+                    self.join_action(node, action);
+                    continue;
+                }
+                if let Some(outcome) = j.outcome() {
+                    n.join = None;
+                    if outcome == JoinOutcome::Joined {
+                        n.join_attempts = 0;
+                        if !n.joined {
+                            self.complete_join(node);
+                        }
+                    }
+                    self.nodes[node].maintenance.join_done(now, outcome);
+                    continue;
+                }
+            }
+            let Some(action) = self.nodes[node].maintenance.poll_action() else {
+                break;
+            };
+            match action {
+                Action::Join => {
+                    let n = &mut self.nodes[node];
+                    if n.join_attempts >= MAX_JOIN_ATTEMPTS {
+                        n.gave_up = true;
+                        self.join_failures += 1;
+                        // Still alive (it answers whoever learnt of it),
+                        // but never a requester, target or bootstrap.
+                        self.setup_join_done(node);
+                        return;
+                    }
+                    n.join_attempts += 1;
+                    n.join = Some(JoinAttempt::new());
+                }
+                Action::Refresh { bucket } => {
+                    let key = self.nodes[node]
+                        .key
+                        .random_in_bucket(bucket, self.rng.bytes32());
+                    self.start_lookup(node, key, Purpose::Refresh);
+                }
+                // No records travel in this scenario: publishing is done
+                // as soon as asked.
+                Action::Republish => self.nodes[node].maintenance.published(now),
+                Action::ExpireRecords => {
+                    let now_ms = now.as_millis() as u64;
+                    self.nodes[node].store.expire(now_ms);
+                }
+                // No disk in the simulator.
+                Action::SavePeerCache => {}
+            }
+        }
+        self.schedule_maintenance(node);
+    }
+
+    fn join_action(&mut self, node: usize, action: JoinAction) {
+        match action {
+            JoinAction::Bootstrap => {
+                let now = self.q.now();
+                let Some(boot) = self.random_live(Some(node)) else {
+                    // The first node: nobody to ask.
+                    let n = &mut self.nodes[node];
+                    if let Some(j) = n.join.as_mut() {
+                        j.self_lookup_done(true, &n.table);
+                    }
+                    return;
+                };
+                let c = self.contact(boot);
+                let n = &mut self.nodes[node];
+                n.table.add_unknown(c, now);
+                let key = n.key;
+                self.start_lookup(node, key, Purpose::JoinSelf);
+            }
+            JoinAction::Refresh { bucket } => {
+                let key = self.nodes[node]
+                    .key
+                    .random_in_bucket(bucket, self.rng.bytes32());
+                self.start_lookup(node, key, Purpose::JoinRefresh);
+            }
+        }
+    }
+
+    /// The end of the measurement window, once known: maintenance ticks
+    /// past it are not run.
+    fn horizon(&self) -> Option<Duration> {
+        self.setup_end.map(|s| s + self.p.window)
+    }
+
+    fn schedule_maintenance(&mut self, node: usize) {
+        let now = self.q.now();
+        let n = &self.nodes[node];
+        let Some(at) = n.maintenance.poll_timeout() else {
             return;
         };
-        let now = self.q.now();
-        let c = self.contact(boot);
-        let n = &mut self.nodes[node];
-        n.join_attempts += 1;
-        n.table.add_unknown(c, now);
-        let key = n.key;
-        self.start_lookup(node, key, Purpose::JoinSelf);
+        if n.maintenance_wake == Some(at) || self.past_horizon(node, at) {
+            return;
+        }
+        self.nodes[node].maintenance_wake = Some(at);
+        self.q
+            .schedule(at.saturating_sub(now), Ev::Maintenance { node, at });
+    }
+
+    /// Whether a maintenance tick of `node` at `at` falls after the run
+    /// (join retries always run: they are bounded by [`MAX_JOIN_ATTEMPTS`]).
+    fn past_horizon(&self, node: usize, at: Duration) -> bool {
+        self.nodes[node].maintenance.is_joined() && self.horizon().is_some_and(|h| at > h)
     }
 
     fn complete_join(&mut self, node: usize) {
@@ -424,8 +563,10 @@ impl<'a> Sim<'a> {
             lookup,
             wake_at: None,
         })));
-        if !matches!(purpose, Purpose::Measured(_)) {
-            self.join_lookups += 1;
+        match purpose {
+            Purpose::JoinSelf | Purpose::JoinRefresh => self.join_lookups += 1,
+            Purpose::Refresh => self.maintenance_lookups += 1,
+            Purpose::Measured(_) => {}
         }
         self.step(id);
     }
@@ -508,53 +649,26 @@ impl<'a> Sim<'a> {
         let owner = a.owner;
         let target = a.lookup.target();
         self.nodes[owner].table.mark_refreshed(&target, now);
+        let node = &mut self.nodes[owner];
         match a.purpose {
             Purpose::JoinSelf => {
-                if a.lookup.closest().is_empty() {
-                    // Nobody answered (the bootstrap left, or a datagram was
-                    // lost): try another bootstrap node. Checking the table
-                    // instead is not enough: the silent bootstrap stays in
-                    // it after one failure, and refreshing the buckets it
-                    // spans never finds our own neighbourhood.
-                    if self.nodes[owner].join_attempts < MAX_JOIN_ATTEMPTS {
-                        self.q
-                            .schedule(JOIN_RETRY_AFTER, Ev::JoinStart { node: owner });
-                    } else {
-                        self.join_failures += 1;
-                        // Still alive (it answers whoever learnt of it),
-                        // but never a requester, target or bootstrap.
-                        self.setup_join_done(owner);
-                    }
-                    return;
+                // Answered means someone answered the self-lookup. The
+                // table is no judge: the silent bootstrap stays in it (of
+                // unknown health) after one failure, and refreshing the
+                // buckets it spans never finds our own neighbourhood.
+                let answered = !a.lookup.closest().is_empty();
+                if let Some(j) = node.join.as_mut() {
+                    j.self_lookup_done(answered, &node.table);
                 }
-                // Refresh every bucket up to one past the deepest: interval
-                // zero means "all of them, now".
-                let buckets = self.nodes[owner]
-                    .table
-                    .buckets_to_refresh(now, Duration::ZERO);
-                let me = self.nodes[owner].key;
-                let keys: Vec<Key> = buckets
-                    .into_iter()
-                    .take(MAX_JOIN_REFRESH_BUCKETS)
-                    .map(|cpl| me.random_in_bucket(cpl, self.rng.bytes32()))
-                    .collect();
-                if keys.is_empty() {
-                    self.complete_join(owner);
-                    return;
-                }
-                // Count them all first: one may finish at once.
-                self.nodes[owner].join_pending = keys.len();
-                for key in keys {
-                    self.start_lookup(owner, key, Purpose::Refresh);
-                }
+                self.drive(owner);
             }
-            Purpose::Refresh => {
-                let n = &mut self.nodes[owner];
-                n.join_pending = n.join_pending.saturating_sub(1);
-                if n.join_pending == 0 && !n.joined {
-                    self.complete_join(owner);
+            Purpose::JoinRefresh => {
+                if let Some(j) = node.join.as_mut() {
+                    j.refresh_done();
                 }
+                self.drive(owner);
             }
+            Purpose::Refresh => {}
             Purpose::Measured(idx) => self.judge(idx, &a.lookup, now),
         }
     }
@@ -598,14 +712,30 @@ impl<'a> Sim<'a> {
         };
     }
 
-    fn on_event(&mut self, ev: Ev) {
+    /// Handles `ev`; false if it did nothing (a maintenance wake that is
+    /// stale or past the end of the run).
+    fn on_event(&mut self, ev: Ev) -> bool {
         let now = self.q.now();
         match ev {
             Ev::JoinStart { node } => {
-                if node >= self.p.nodes && self.nodes[node].join_attempts == 0 {
+                if node >= self.p.nodes {
                     self.churn_joined += 1;
                 }
-                self.start_join(node);
+                self.nodes[node].alive = true;
+                self.drive(node);
+            }
+            Ev::Maintenance { node, at } => {
+                let n = &self.nodes[node];
+                if !n.alive || n.gave_up || n.maintenance_wake != Some(at) {
+                    return false;
+                }
+                self.nodes[node].maintenance_wake = None;
+                if self.past_horizon(node, at) {
+                    return false;
+                }
+                let n = &mut self.nodes[node];
+                n.maintenance.handle_timeout(now, &n.table);
+                self.drive(node);
             }
             Ev::Request {
                 from,
@@ -615,9 +745,16 @@ impl<'a> Sim<'a> {
                 tag,
             } => {
                 if !self.nodes[to].alive {
-                    return; // the dead never answer
+                    return true; // the dead never answer
                 }
-                let closer = self.nodes[to].table.closest(&target, self.lcfg.k);
+                let n = &mut self.nodes[to];
+                let request = DhtRequest::FindNode { target };
+                let now_ms = now.as_millis() as u64;
+                let near = server::Neighbourhood::of(&n.table, &request);
+                let closer = match server::answer(&near, &mut n.store, request, None, now_ms) {
+                    DhtResponse::Nodes { closer } => closer,
+                    _ => Vec::new(),
+                };
                 let c = self.contact(from);
                 self.nodes[to].table.on_seen(c, now);
                 if let Some(m) = self.measured.get_mut(tag) {
@@ -642,7 +779,7 @@ impl<'a> Sim<'a> {
                 closer,
             } => {
                 if !self.nodes[to].alive {
-                    return;
+                    return true;
                 }
                 let c = self.contact(from);
                 self.nodes[to].table.on_seen(c, now);
@@ -654,7 +791,7 @@ impl<'a> Sim<'a> {
             }
             Ev::Wake { lookup } => {
                 let Some(a) = self.running(lookup) else {
-                    return;
+                    return true;
                 };
                 if a.wake_at == Some(now) {
                     a.wake_at = None;
@@ -668,10 +805,10 @@ impl<'a> Sim<'a> {
             }
             Ev::MeasureStart { idx } => {
                 let Some(from) = self.random_live(None) else {
-                    return;
+                    return true;
                 };
                 let Some(target) = self.random_live(Some(from)) else {
-                    return;
+                    return true;
                 };
                 self.measured[idx] = Measured {
                     from,
@@ -686,19 +823,22 @@ impl<'a> Sim<'a> {
             Ev::Leave => {
                 // Keep at least two live nodes so lookups stay possible.
                 if self.live.len() <= 2 {
-                    return;
+                    return true;
                 }
                 let Some(node) = self.random_live(None) else {
-                    return;
+                    return true;
                 };
                 self.live_remove(node);
                 let n = &mut self.nodes[node];
                 n.alive = false;
                 // Its state is gone with it; free the memory.
                 n.table = RoutingTable::new(n.peer, self.rcfg);
+                n.store = RecordStore::new(StoreLimits::default());
+                n.join = None;
                 self.churn_left += 1;
             }
         }
+        true
     }
 
     fn report(self) -> LookupReport {
@@ -769,11 +909,12 @@ impl<'a> Sim<'a> {
             table_size_mean: round3(table_size_mean),
             buckets_mean: round3(buckets_mean),
             join_lookups: self.join_lookups,
+            maintenance_lookups: self.maintenance_lookups,
             join_failures: self.join_failures,
             churn_left: self.churn_left,
             churn_joined: self.churn_joined,
             setup_virtual_s: round3(self.setup_end.unwrap_or_default().as_secs_f64()),
-            virtual_s: round3(self.q.now().as_secs_f64()),
+            virtual_s: round3(self.last_active.as_secs_f64()),
         }
     }
 }
@@ -823,8 +964,10 @@ pub fn run(p: &LookupParams) -> (LookupReport, Duration, Duration) {
         sim.q.schedule(at, Ev::JoinStart { node });
         at += spacing;
     }
-    while let Some((_, ev)) = sim.q.pop() {
-        sim.on_event(ev);
+    while let Some((at, ev)) = sim.q.pop() {
+        if sim.on_event(ev) {
+            sim.last_active = at;
+        }
         if setup_wall.is_none() && sim.setup_end.is_some() {
             setup_wall = Some(started.elapsed());
         }

@@ -1,12 +1,13 @@
-//! Joining the network and staying in it.
+//! Joining the network and staying in it: drives reach-proto's
+//! [`JoinAttempt`] and [`Maintenance`] machines with real lookups.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use reach_proto::dht::maintenance::{Action, JoinAction, JoinAttempt, JoinOutcome, Maintenance};
 use reach_proto::dht::record::{AddrKind, SignedRecord, TypedAddr};
 use reach_proto::dht::{Contact, Key};
 use serde::Serialize;
@@ -15,22 +16,10 @@ use super::ops::{self, Query};
 use super::{DhtMode, unix_ms};
 use crate::node::{Inner, peers, stats};
 
-/// Lifetime of our endpoint record.
-pub const ENDPOINT_TTL: Duration = Duration::from_secs(3600);
-/// How often the endpoint record is republished: three times per lifetime,
-/// so two lost republishes still leave it alive.
-pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(20 * 60);
-/// A bucket with no lookup for this long is refreshed with a random one.
-pub const REFRESH_INTERVAL: Duration = Duration::from_secs(10 * 60);
-/// The maintenance loop wakes this often.
-pub const MAINTENANCE_TICK: Duration = Duration::from_secs(30);
-/// Bucket refreshes per maintenance tick at most, to spread the load.
-pub const MAX_REFRESHES_PER_TICK: usize = 4;
-/// First wait before retrying a join nobody answered; doubles up to
-/// [`MAINTENANCE_TICK`].
-pub const JOIN_RETRY_INITIAL: Duration = Duration::from_secs(1);
-/// Lookups run at once while joining (one per bucket to fill).
-pub const JOIN_PARALLEL_REFRESHES: usize = 8;
+pub use reach_proto::dht::maintenance::{
+    ENDPOINT_TTL, JOIN_PARALLEL_REFRESHES, JOIN_RETRY_INITIAL, MAINTENANCE_TICK,
+    MAX_REFRESHES_PER_TICK, REFRESH_INTERVAL, REPUBLISH_INTERVAL,
+};
 
 /// What a join achieved.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -72,51 +61,79 @@ pub(crate) fn own_addrs(local: &[SocketAddr]) -> Vec<TypedAddr> {
 /// Contacts the bootstrap addresses, fills the routing table and publishes
 /// our endpoint record.
 pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport {
+    join_attempt(inner, extra).await.0
+}
+
+/// One join, as [`JoinAttempt`] schedules it: bootstrap and self-lookup,
+/// then the bucket refreshes, [`JOIN_PARALLEL_REFRESHES`] at a time; when
+/// someone answered, publish our endpoint record and save the peer cache.
+async fn join_attempt(inner: &Arc<Inner>, extra: &[SocketAddr]) -> (JoinReport, JoinOutcome) {
     let dht = &inner.dht;
-    let mut addrs: Vec<SocketAddr> = dht.bootstrap.lock().map(|b| b.clone()).unwrap_or_default();
+    let mut addrs: Vec<SocketAddr> = dht.bootstrap.clone();
     addrs.extend_from_slice(extra);
     addrs.sort();
     addrs.dedup();
     addrs.retain(|a| *a != inner.local_addr);
     let mut report = JoinReport::default();
-    dial_bootstrap(inner, &addrs, &mut report).await;
-    if report.bootstrap_reached == 0 && !addrs.is_empty() && inner.tcp_fallback && !inner.tcp_mode()
-    {
-        // Nobody answers over UDP: perhaps this network blocks it. Try TCP
-        // links to the same addresses; if they work, every dial from now on
-        // goes over TCP.
-        inner
-            .tcp_mode
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        dial_bootstrap(inner, &addrs, &mut report).await;
-        if report.bootstrap_reached == 0 {
-            inner
-                .tcp_mode
-                .store(false, std::sync::atomic::Ordering::Relaxed);
-        } else {
-            tracing::warn!("no bootstrap node answers over UDP: using TCP links");
-        }
-    }
-    // Find our neighbours, then fill every bucket we know of.
     let own = Key::for_peer(&inner.peer_id);
-    ops::lookup(inner, own, Query::FindNode).await;
-    let buckets = dht.routing().bucket_count();
-    let targets: Vec<Key> = (0..buckets).map(|cpl| random_key_in(own, cpl)).collect();
-    futures::stream::iter(targets)
-        .for_each_concurrent(JOIN_PARALLEL_REFRESHES, |k| async move {
-            ops::lookup(inner, k, Query::FindNode).await;
-        })
-        .await;
+    let mut attempt = JoinAttempt::new();
+    let mut refreshes = FuturesUnordered::new();
+    let outcome = loop {
+        while let Some(action) = attempt.poll_action() {
+            match action {
+                JoinAction::Bootstrap => {
+                    bootstrap(inner, &addrs, &mut report).await;
+                    // Find our neighbours.
+                    ops::lookup(inner, own, Query::FindNode).await;
+                    let table = dht.routing();
+                    // Nobody to ask (the first node of a network) counts as
+                    // answered.
+                    let answered = table.live_len() > 0 || addrs.is_empty();
+                    attempt.self_lookup_done(answered, &table);
+                }
+                JoinAction::Refresh { bucket } => refreshes.push(async move {
+                    ops::lookup(inner, random_key_in(own, bucket), Query::FindNode).await;
+                }),
+            }
+        }
+        if let Some(outcome) = attempt.outcome() {
+            break outcome;
+        }
+        // The attempt waits for a refresh, so one runs.
+        if refreshes.next().await.is_none() {
+            break JoinOutcome::NobodyAnswered;
+        }
+        attempt.refresh_done();
+    };
     report.routing_table_size = dht.routing().len();
-    if dht.routing().live_len() == 0 && !addrs.is_empty() {
+    if outcome != JoinOutcome::Joined {
         // Nobody answered: not joined. The caller retries.
-        return report;
+        return (report, outcome);
     }
     report.endpoint_replicas = publish_endpoint(inner).await;
     save_peer_cache(inner);
     dht.joined.send_replace(true);
     tracing::debug!(?report, "joined the DHT");
-    report
+    (report, outcome)
+}
+
+/// Dials the bootstrap addresses; when none answers over UDP, tries TCP
+/// links to them.
+async fn bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinReport) {
+    dial_bootstrap(inner, addrs, report).await;
+    if report.bootstrap_reached == 0 && !addrs.is_empty() && inner.tcp_fallback && !inner.tcp_mode()
+    {
+        // Nobody answers over UDP: perhaps this network blocks it. Try TCP
+        // links to the same addresses; if they work, every dial from now on
+        // goes over TCP.
+        inner.tcp_mode.store(true, Ordering::Relaxed);
+        dial_bootstrap(inner, addrs, report).await;
+        if report.bootstrap_reached == 0 {
+            inner.tcp_mode.store(false, Ordering::Relaxed);
+        } else {
+            tracing::warn!("no bootstrap node answers over UDP: using TCP links");
+        }
+    }
 }
 
 /// Dials every bootstrap address at once; counts and records who answers.
@@ -213,50 +230,53 @@ pub(crate) fn save_peer_cache(inner: &Inner) {
     }
 }
 
-/// Keeps the node in the network: joins, then periodically refreshes stale
-/// buckets, republishes the endpoint record, expires stored records and
-/// saves the peer cache.
+/// Keeps the node in the network as [`Maintenance`] schedules it: joins
+/// (retrying with backoff while nobody answers), then every
+/// [`MAINTENANCE_TICK`] refreshes stale buckets, republishes the endpoint
+/// record when due or when our external addresses changed, expires stored
+/// records, closes idle DHT connections and saves the peer cache.
 pub(crate) async fn maintain(inner: Arc<Inner>) {
     let dht = &inner.dht;
-    // Join, retrying with backoff while nobody answers (the bootstrap node
-    // may be starting too, or overloaded).
-    let mut retry = JOIN_RETRY_INITIAL;
-    loop {
-        join(&inner, &[]).await;
-        if *dht.joined.borrow() {
-            break;
-        }
-        tokio::time::sleep(retry).await;
-        retry = (retry * 2).min(MAINTENANCE_TICK);
-    }
-    let mut last_publish = dht.now();
+    let own = Key::for_peer(&inner.peer_id);
+    let mut m = Maintenance::new();
     let mut last_external: Vec<SocketAddr> = Vec::new();
     loop {
-        tokio::time::sleep(MAINTENANCE_TICK).await;
-        if dht.routing().live_len() == 0 {
-            // Lost everyone (e.g. the network was down): start over.
-            join(&inner, &[]).await;
-            last_publish = dht.now();
-            continue;
+        while let Some(action) = m.poll_action() {
+            match action {
+                Action::Join => {
+                    let (_, outcome) = join_attempt(&inner, &[]).await;
+                    m.join_done(dht.now(), outcome);
+                }
+                Action::Refresh { bucket } => {
+                    ops::lookup(&inner, random_key_in(own, bucket), Query::FindNode).await;
+                }
+                Action::Republish => {
+                    publish_endpoint(&inner).await;
+                    m.published(dht.now());
+                }
+                Action::ExpireRecords => {
+                    dht.store().expire(unix_ms());
+                    for conn in inner.peers.idle_dht_connections(peers::DHT_CONNECTION_IDLE) {
+                        conn.close(0u32.into(), b"idle");
+                    }
+                }
+                Action::SavePeerCache => save_peer_cache(&inner),
+            }
         }
-        let own = Key::for_peer(&inner.peer_id);
-        let stale = dht
-            .routing()
-            .buckets_to_refresh(dht.now(), REFRESH_INTERVAL);
-        for cpl in stale.into_iter().take(MAX_REFRESHES_PER_TICK) {
-            ops::lookup(&inner, random_key_in(own, cpl), Query::FindNode).await;
+        // Every join is reported at once above, so there is always a timer.
+        let Some(at) = m.poll_timeout() else {
+            tracing::error!("DHT maintenance has nothing scheduled: stopping");
+            return;
+        };
+        tokio::time::sleep_until(dht.clock + at).await;
+        if m.is_joined() {
+            let external = inner.nat.confirmed();
+            if external != last_external {
+                last_external = external;
+                m.addresses_changed();
+            }
         }
-        let external = inner.nat.confirmed();
-        let external_changed = external != last_external;
-        if external_changed || dht.now().saturating_sub(last_publish) >= REPUBLISH_INTERVAL {
-            last_external = external;
-            publish_endpoint(&inner).await;
-            last_publish = dht.now();
-        }
-        dht.store().expire(unix_ms());
-        save_peer_cache(&inner);
-        for conn in inner.peers.idle_dht_connections(peers::DHT_CONNECTION_IDLE) {
-            conn.close(0u32.into(), b"idle");
-        }
+        let now = dht.now();
+        m.handle_timeout(now, &dht.routing());
     }
 }

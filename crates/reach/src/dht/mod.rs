@@ -1,11 +1,13 @@
 //! The DHT capability of a node: reach-proto's Kademlia core driven over
 //! reach's authenticated QUIC connections.
 //!
-//! - [`rpc`]: one request per bidirectional stream, client and server side;
+//! - [`rpc`]: one request per bidirectional stream, client and server side
+//!   (the answer itself is reach-proto's `dht::server::answer`);
 //! - [`ops`]: iterative lookups (find node, get records, put records) and
 //!   resolving a peer's endpoint record;
 //! - [`join`]: bootstrapping, publishing our endpoint record, and the
-//!   maintenance loop (bucket refresh, republish, expiry, peer cache);
+//!   maintenance loop (bucket refresh, republish, expiry, peer cache), as
+//!   reach-proto's `dht::maintenance` machines schedule them;
 //! - [`peer_cache`]: the routing table persisted in the data dir (redb), so
 //!   a restart rejoins without a bootstrap list.
 
@@ -17,13 +19,14 @@ pub mod rpc;
 use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::sync::atomic::AtomicU64;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reach_proto::PeerId;
 use reach_proto::dht::routing::{RoutingConfig, RoutingTable};
 use reach_proto::dht::store::{RecordStore, StoreLimits};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Whether a node serves the DHT or only uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -54,9 +57,10 @@ pub(crate) struct Dht {
     pub mode: DhtMode,
     pub routing: Mutex<RoutingTable>,
     pub store: Mutex<RecordStore>,
-    /// Epoch of the sans-IO core's clock.
+    /// Epoch of the sans-IO core's clock (tokio's, so tests can pause it).
     pub clock: Instant,
-    pub bootstrap: Mutex<Vec<SocketAddr>>,
+    /// Bootstrap addresses given at build time; every join contacts them.
+    pub bootstrap: Vec<SocketAddr>,
     pub cache: Option<peer_cache::PeerCache>,
     /// Becomes true once the first join (and endpoint publish) finished.
     pub joined: watch::Sender<bool>,
@@ -77,7 +81,7 @@ impl Dht {
             routing: Mutex::new(RoutingTable::new(local, RoutingConfig::default())),
             store: Mutex::new(RecordStore::new(StoreLimits::default())),
             clock: Instant::now(),
-            bootstrap: Mutex::new(bootstrap),
+            bootstrap,
             cache,
             joined: watch::channel(false).0,
             endpoint_seq: AtomicU64::new(0),

@@ -9,18 +9,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reach_proto::PeerId;
-use reach_proto::dht::record::RecordError;
-use reach_proto::dht::rpc::{
-    DhtRequest, DhtRequestMsg, DhtResponse, DhtResponseMsg, MAX_CONTACTS_PER_RESPONSE,
-    MAX_RECORD_BYTES_PER_RESPONSE, MAX_RECORDS_PER_RESPONSE,
-};
-use reach_proto::dht::store::{Source, among_closest};
-use reach_proto::dht::{Contact, K, Key};
+use reach_proto::dht::Contact;
+use reach_proto::dht::rpc::{DhtRequest, DhtRequestMsg, DhtResponse, DhtResponseMsg};
+use reach_proto::dht::server;
+use reach_proto::dht::store::Source;
 use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
 
 use super::{DhtMode, unix_ms};
 use crate::error::{Error, Result};
 use crate::node::{Inner, peers, stats};
+
+pub use reach_proto::dht::server::STORE_CLOSENESS_SLACK;
 
 /// Time for one request, including dialing the peer if needed.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
@@ -98,7 +97,13 @@ pub(crate) async fn serve(
         if msg.server_mode {
             dht.saw(&inner.links, Contact::new(peer, remote));
         }
-        answer(&inner, remote, msg.request)
+        let source = match msg.request {
+            DhtRequest::PutRecord { .. } => source_of(&inner, remote),
+            _ => None,
+        };
+        // The table, then the store: never both locks at once.
+        let near = server::Neighbourhood::of(&dht.routing(), &msg.request);
+        server::answer(&near, &mut dht.store(), msg.request, source, unix_ms())
     };
     let reply = DhtResponseMsg {
         observed: remote,
@@ -110,81 +115,16 @@ pub(crate) async fn serve(
     }
 }
 
-/// Whether this node is among the k closest it knows to `key` (see
-/// [`reach_proto::dht::store::among_closest`]).
-fn is_among_closest(inner: &Inner, key: &Key) -> bool {
-    let k = STORE_CLOSENESS_SLACK * K;
-    let known: Vec<Key> = inner
-        .dht
-        .routing()
-        .closest(key, k)
-        .iter()
-        .map(|c| c.key())
-        .collect();
-    among_closest(&Key::for_peer(&inner.peer_id), key, &known, k)
-}
-
-/// A node stores a record when fewer than this many times k contacts it
-/// knows are closer to the key. Its routing table holds contacts that are
-/// dead or that a publisher's lookup never reached, so a strict k would
-/// refuse honest stores under churn; the slack only lets a flooder place
-/// records at twice as many nodes around a key.
-pub const STORE_CLOSENESS_SLACK: usize = 2;
-
-fn closer(inner: &Inner, target: &Key) -> Vec<Contact> {
+/// The network a record put from `remote` counts against: a TCP-linked
+/// sender counts as its TCP peer's network; a relayed one as its relay's
+/// (circuits are bounded per peer at the relay, and publishers normally
+/// store directly).
+fn source_of(inner: &Inner, remote: SocketAddr) -> Option<Source> {
     inner
-        .dht
-        .routing()
-        .closest(target, MAX_CONTACTS_PER_RESPONSE)
-}
-
-/// The answer to `request` from a peer whose packets come from `remote`.
-fn answer(inner: &Inner, remote: SocketAddr, request: DhtRequest) -> DhtResponse {
-    let dht = &inner.dht;
-    match request {
-        DhtRequest::Ping => DhtResponse::Pong,
-        DhtRequest::FindNode { target } => DhtResponse::Nodes {
-            closer: closer(inner, &target),
-        },
-        DhtRequest::GetRecords { kind, key } => {
-            let mut records = dht.store().get(kind, &key, unix_ms());
-            // Newest first, then bounded by count and bytes.
-            records.sort_by_key(|r| std::cmp::Reverse(r.seq));
-            let mut bytes = 0;
-            records.retain(|r| {
-                bytes += r.payload.len() + 200;
-                bytes <= MAX_RECORD_BYTES_PER_RESPONSE
-            });
-            records.truncate(MAX_RECORDS_PER_RESPONSE);
-            DhtResponse::Records {
-                records,
-                closer: closer(inner, &key),
-            }
-        }
-        DhtRequest::PutRecord { record } => {
-            let stored = if is_among_closest(inner, &record.key) {
-                // A TCP-linked sender counts as its TCP peer's network; a
-                // relayed one as its relay's (circuits are bounded per peer
-                // at the relay, and publishers normally store directly).
-                let source = inner
-                    .real_source(remote)
-                    .or_else(|| {
-                        let relay = inner.paths.path(&remote)?.relay_addr;
-                        inner.real_source(relay)
-                    })
-                    .map(|a| Source::of(a.ip()));
-                dht.store().put_from(record, source, unix_ms())
-            } else {
-                let e = RecordError::NotClosest;
-                dht.store().count_rejection(&e);
-                Err(e)
-            };
-            match stored {
-                Ok(_) => DhtResponse::Stored,
-                Err(e) => DhtResponse::Refused {
-                    reason: e.kind().to_string(),
-                },
-            }
-        }
-    }
+        .real_source(remote)
+        .or_else(|| {
+            let relay = inner.paths.path(&remote)?.relay_addr;
+            inner.real_source(relay)
+        })
+        .map(|a| Source::of(a.ip()))
 }
