@@ -7,6 +7,7 @@
 //! quinn; the simulator `reach-sim` drives the very same code in virtual time.
 
 pub mod dht;
+pub mod endpoint;
 pub mod identity;
 pub mod nat;
 pub mod punch;

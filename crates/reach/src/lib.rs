@@ -28,6 +28,7 @@
 //! The sans-IO protocol core lives in [`reach_proto`]; this crate drives it
 //! with tokio and quinn.
 
+pub(crate) mod advertise;
 pub mod api;
 pub mod datadir;
 pub mod dht;

@@ -1,5 +1,7 @@
 //! Relay acquisition: how a node that is not directly reachable gets, keeps
-//! and replaces a relay, and what it publishes meanwhile.
+//! and replaces a relay, and when its endpoint record must change (the
+//! record's addresses themselves are composed in one place,
+//! [`crate::endpoint::compose`]).
 //!
 //! ```text
 //!            success                     relay lost / left our K closest
@@ -19,7 +21,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use crate::PeerId;
-use crate::dht::record::{AddrKind, TypedAddr};
 
 /// First backoff after a failed acquisition.
 pub const BACKOFF_INITIAL: Duration = Duration::from_secs(30);
@@ -50,8 +51,6 @@ pub enum Event {
     RelayLost,
     /// The held relay is no longer among our K closest DHT peers.
     RelayLeftClosest,
-    /// A non-relay address of ours: verified reachable from outside (or not).
-    OwnAddr { addr: SocketAddr, verified: bool },
     /// The routing table changed (new peers: maybe new relay candidates).
     RoutingChanged,
 }
@@ -59,8 +58,9 @@ pub enum Event {
 /// What the driver must do, in the order polled.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    /// Publish our endpoint record with exactly these addresses.
-    Publish(Vec<TypedAddr>),
+    /// The relay to publish changed: record it as held (`None`: no relay)
+    /// and republish the endpoint record before the next action.
+    Publish { relay: Option<(PeerId, SocketAddr)> },
     /// Pick relay candidates (public, healthy, DHT-close first) and try to
     /// reserve at them; report back `Reserved` or `ReservationFailed`.
     Acquire,
@@ -73,9 +73,6 @@ pub enum Action {
 pub struct RelayAcquisition {
     state: State,
     failures: u32,
-    /// Best non-relay address per family, and whether it is verified.
-    v4: Option<(SocketAddr, bool)>,
-    v6: Option<(SocketAddr, bool)>,
     next_health: Option<Duration>,
     actions: VecDeque<Action>,
 }
@@ -92,8 +89,6 @@ impl RelayAcquisition {
         let mut m = RelayAcquisition {
             state: State::Acquiring,
             failures: 0,
-            v4: None,
-            v6: None,
             next_health: None,
             actions: VecDeque::new(),
         };
@@ -112,35 +107,6 @@ impl RelayAcquisition {
         BACKOFF_INITIAL.saturating_mul(1u32 << exp).min(BACKOFF_MAX)
     }
 
-    /// The non-relay addresses: one best per family, `Direct` only once
-    /// verified, else `Unverified`.
-    fn direct_addrs(&self) -> Vec<TypedAddr> {
-        [self.v4, self.v6]
-            .into_iter()
-            .flatten()
-            .map(|(addr, verified)| TypedAddr {
-                kind: if verified {
-                    AddrKind::Direct
-                } else {
-                    AddrKind::Unverified
-                },
-                addr,
-                via: None,
-            })
-            .collect()
-    }
-
-    /// The full set while holding: the relay first, tagged `Relay`.
-    fn full_addrs(&self, relay: PeerId, addr: SocketAddr) -> Vec<TypedAddr> {
-        let mut out = vec![TypedAddr {
-            kind: AddrKind::Relay,
-            addr,
-            via: Some(relay),
-        }];
-        out.extend(self.direct_addrs());
-        out
-    }
-
     fn acquire(&mut self) {
         self.state = State::Acquiring;
         self.next_health = None;
@@ -150,47 +116,26 @@ impl RelayAcquisition {
     /// Feeds an event in.
     pub fn handle(&mut self, event: Event, now: Duration) {
         match (self.state, event) {
-            (_, Event::OwnAddr { addr, verified }) => {
-                let slot = if addr.is_ipv4() {
-                    &mut self.v4
-                } else {
-                    &mut self.v6
-                };
-                let changed = *slot != Some((addr, verified));
-                // A verified address is never replaced by an unverified one.
-                if slot.is_some_and(|(_, v)| v) && !verified {
-                    return;
-                }
-                *slot = Some((addr, verified));
-                if changed && verified {
-                    // Republish when a non-relay address is newly verified.
-                    let addrs = match self.state {
-                        State::Holding { relay, addr } => self.full_addrs(relay, addr),
-                        _ => self.direct_addrs(),
-                    };
-                    self.actions.push_back(Action::Publish(addrs));
-                }
-            }
             (State::Acquiring, Event::Reserved { relay, addr }) => {
                 self.failures = 0;
                 self.state = State::Holding { relay, addr };
                 self.next_health = Some(now + HEALTH_POLL);
-                let addrs = self.full_addrs(relay, addr);
-                self.actions.push_back(Action::Publish(addrs));
+                self.actions.push_back(Action::Publish {
+                    relay: Some((relay, addr)),
+                });
             }
             (State::Acquiring, Event::ReservationFailed) => {
                 self.failures += 1;
                 let until = now + Self::backoff(self.failures);
                 self.state = State::Backoff { until };
-                let addrs = self.direct_addrs();
-                self.actions.push_back(Action::Publish(addrs));
+                self.actions.push_back(Action::Publish { relay: None });
             }
             (State::Holding { .. }, Event::RelayLost | Event::RelayLeftClosest) => {
                 self.state = State::Lost;
                 self.next_health = None;
-                // Direct-only first, so nobody keeps dialing the dead relay…
-                let addrs = self.direct_addrs();
-                self.actions.push_back(Action::Publish(addrs));
+                // Without the relay first, so nobody keeps dialing the dead
+                // one…
+                self.actions.push_back(Action::Publish { relay: None });
                 // …then look for a new one.
                 self.acquire();
             }
@@ -245,58 +190,28 @@ mod tests {
         std::iter::from_fn(|| m.poll_action()).collect()
     }
 
-    fn own() -> SocketAddr {
-        "198.51.100.7:5000".parse().unwrap()
-    }
-
     #[test]
     fn starts_acquiring_and_publishes_relay_first_on_success() {
         let mut m = RelayAcquisition::new();
         assert_eq!(drain(&mut m), vec![Action::Acquire]);
-        m.handle(
-            Event::OwnAddr {
-                addr: own(),
-                verified: false,
-            },
-            S(0),
-        );
-        assert!(
-            drain(&mut m).is_empty(),
-            "unverified addresses do not trigger a publish"
-        );
         let (r, a) = relay();
         m.handle(Event::Reserved { relay: r, addr: a }, S(1));
         assert_eq!(m.state(), State::Holding { relay: r, addr: a });
-        let acts = drain(&mut m);
-        let Action::Publish(addrs) = &acts[0] else {
-            panic!("{acts:?}")
-        };
-        assert_eq!(addrs[0].kind, AddrKind::Relay);
-        assert_eq!(addrs[0].via, Some(r));
-        assert_eq!(addrs[1].kind, AddrKind::Unverified);
-        assert_eq!(addrs[1].addr, own());
+        assert_eq!(
+            drain(&mut m),
+            vec![Action::Publish {
+                relay: Some((r, a))
+            }]
+        );
     }
 
     #[test]
     fn failure_publishes_direct_only_and_backs_off() {
         let mut m = RelayAcquisition::new();
         drain(&mut m);
-        m.handle(
-            Event::OwnAddr {
-                addr: own(),
-                verified: true,
-            },
-            S(0),
-        );
-        drain(&mut m);
         m.handle(Event::ReservationFailed, S(10));
         assert_eq!(m.state(), State::Backoff { until: S(40) });
-        let acts = drain(&mut m);
-        assert_eq!(acts.len(), 1);
-        let Action::Publish(addrs) = &acts[0] else {
-            panic!()
-        };
-        assert!(addrs.iter().all(|a| a.kind == AddrKind::Direct));
+        assert_eq!(drain(&mut m), vec![Action::Publish { relay: None }]);
         // Not before the deadline…
         m.handle_timeout(S(39));
         assert!(drain(&mut m).is_empty());
@@ -353,24 +268,15 @@ mod tests {
     fn loss_republishes_direct_only_before_reacquiring() {
         for loss in [Event::RelayLost, Event::RelayLeftClosest] {
             let mut m = RelayAcquisition::new();
-            m.handle(
-                Event::OwnAddr {
-                    addr: own(),
-                    verified: true,
-                },
-                S(0),
-            );
             let (r, a) = relay();
             m.handle(Event::Reserved { relay: r, addr: a }, S(1));
             drain(&mut m);
             m.handle(loss, S(2));
-            let acts = drain(&mut m);
-            assert_eq!(acts.len(), 2, "{acts:?}");
-            let Action::Publish(addrs) = &acts[0] else {
-                panic!("publish first: {acts:?}")
-            };
-            assert!(addrs.iter().all(|t| t.kind != AddrKind::Relay));
-            assert_eq!(acts[1], Action::Acquire);
+            assert_eq!(
+                drain(&mut m),
+                vec![Action::Publish { relay: None }, Action::Acquire],
+                "without the relay first, then look for another"
+            );
             assert_eq!(m.state(), State::Acquiring);
         }
     }
@@ -387,45 +293,6 @@ mod tests {
         m.handle_timeout(S(5));
         assert_eq!(drain(&mut m), vec![Action::CheckHealth { relay: r }]);
         assert_eq!(m.poll_timeout(), Some(S(10)));
-    }
-
-    #[test]
-    fn newly_verified_address_republishes_while_holding() {
-        let mut m = RelayAcquisition::new();
-        let (r, a) = relay();
-        m.handle(Event::Reserved { relay: r, addr: a }, S(0));
-        drain(&mut m);
-        m.handle(
-            Event::OwnAddr {
-                addr: own(),
-                verified: true,
-            },
-            S(1),
-        );
-        let acts = drain(&mut m);
-        let Action::Publish(addrs) = &acts[0] else {
-            panic!()
-        };
-        assert_eq!(addrs[0].kind, AddrKind::Relay);
-        assert_eq!(addrs[1].kind, AddrKind::Direct);
-        // The same verified address again: nothing new to publish.
-        m.handle(
-            Event::OwnAddr {
-                addr: own(),
-                verified: true,
-            },
-            S(2),
-        );
-        assert!(drain(&mut m).is_empty());
-        // A verified address is not downgraded.
-        m.handle(
-            Event::OwnAddr {
-                addr: own(),
-                verified: false,
-            },
-            S(3),
-        );
-        assert!(drain(&mut m).is_empty());
     }
 
     #[test]

@@ -1,20 +1,19 @@
 //! Joining the network and staying in it: drives reach-proto's
 //! [`JoinAttempt`] and [`Maintenance`] machines with real lookups.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use reach_proto::dht::maintenance::{Action, JoinAction, JoinAttempt, JoinOutcome, Maintenance};
-use reach_proto::dht::record::{AddrKind, SignedRecord, TypedAddr};
 use reach_proto::dht::{Contact, Key};
 use serde::Serialize;
 
 use super::ops::{self, Query};
-use super::{DhtMode, unix_ms};
-use crate::node::{Inner, peers, stats};
+use super::unix_ms;
+use crate::node::{Inner, peers};
 
 pub use reach_proto::dht::maintenance::{
     ENDPOINT_TTL, JOIN_PARALLEL_REFRESHES, JOIN_RETRY_INITIAL, MAINTENANCE_TICK,
@@ -30,32 +29,6 @@ pub struct JoinReport {
     pub routing_table_size: usize,
     /// Nodes that stored our endpoint record.
     pub endpoint_replicas: usize,
-}
-
-/// The addresses we publish: each bound address, tagged `Lan` when it is
-/// loopback or private and `Unverified` otherwise (nothing has confirmed
-/// yet that the outside can reach it).
-pub(crate) fn own_addrs(local: &[SocketAddr]) -> Vec<TypedAddr> {
-    let is_local = |ip: IpAddr| match ip {
-        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
-        IpAddr::V6(v6) => {
-            v6.is_loopback() || (v6.segments()[0] & 0xfe00) == 0xfc00 || v6.is_unicast_link_local()
-        }
-    };
-    let mut out: Vec<TypedAddr> = local
-        .iter()
-        .map(|a| TypedAddr {
-            kind: if is_local(a.ip()) {
-                AddrKind::Lan
-            } else {
-                AddrKind::Unverified
-            },
-            addr: *a,
-            via: None,
-        })
-        .collect();
-    out.truncate(reach_proto::dht::record::MAX_ENDPOINT_ADDRS);
-    out
 }
 
 /// Contacts the bootstrap addresses, fills the routing table and publishes
@@ -110,7 +83,7 @@ async fn join_attempt(inner: &Arc<Inner>, extra: &[SocketAddr]) -> (JoinReport, 
         // Nobody answered: not joined. The caller retries.
         return (report, outcome);
     }
-    report.endpoint_replicas = publish_endpoint(inner).await;
+    report.endpoint_replicas = crate::advertise::publish(inner).await;
     save_peer_cache(inner);
     dht.joined.send_replace(true);
     tracing::debug!(?report, "joined the DHT");
@@ -164,62 +137,6 @@ fn random_key_in(own: Key, cpl: usize) -> Key {
     own.random_in_bucket(cpl, r)
 }
 
-/// Publishes our endpoint record to the k closest nodes (server mode only).
-/// Returns how many stored it.
-pub(crate) async fn publish_endpoint(inner: &Arc<Inner>) -> usize {
-    let dht = &inner.dht;
-    if dht.mode == DhtMode::Client {
-        return 0;
-    }
-    let mut addrs: Vec<TypedAddr> = Vec::new();
-    // The relay first: it is what works from anywhere.
-    if let Some((relay, addr)) = inner.relay.held() {
-        addrs.push(TypedAddr {
-            kind: AddrKind::Relay,
-            addr,
-            via: Some(relay),
-        });
-    }
-    // An address a never-contacted host reached us at is verified.
-    if let crate::relay::Reachability::Public(addr) = inner.relay.reachability() {
-        addrs.push(TypedAddr {
-            kind: AddrKind::Direct,
-            addr,
-            via: None,
-        });
-    }
-    // External addresses that peers at two or more IPs agree on: behind a
-    // NAT they are the ones the outside can try. Unverified until a
-    // reachability check confirms them.
-    for ext in inner.nat.confirmed() {
-        if !addrs.iter().any(|a| a.addr == ext) {
-            addrs.push(TypedAddr {
-                kind: AddrKind::Unverified,
-                addr: ext,
-                via: None,
-            });
-        }
-    }
-    for local in own_addrs(&crate::node::local_addrs_of(inner)) {
-        if !addrs.iter().any(|a| a.addr == local.addr) {
-            addrs.push(local);
-        }
-    }
-    addrs.truncate(reach_proto::dht::record::MAX_ENDPOINT_ADDRS);
-    // Sequence numbers follow the wall clock, so a restarted node (which
-    // forgot its last seq) still publishes a newer record.
-    let now_ms = unix_ms();
-    let prev = dht.endpoint_seq.load(Ordering::Relaxed);
-    let seq = now_ms.max(prev + 1);
-    dht.endpoint_seq.store(seq, Ordering::Relaxed);
-    let record = SignedRecord::endpoint(&inner.keypair, addrs, seq, now_ms, ENDPOINT_TTL);
-    // We are one of the closest to our own key by definition: keep a copy.
-    let _ = dht.store().put(record.clone(), now_ms);
-    let stored = ops::put(inner, record).await;
-    stats::add(&dht.counters.records_published, stored);
-    stored
-}
-
 pub(crate) fn save_peer_cache(inner: &Inner) {
     let Some(cache) = &inner.dht.cache else {
         return;
@@ -251,7 +168,7 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
                     ops::lookup(&inner, random_key_in(own, bucket), Query::FindNode).await;
                 }
                 Action::Republish => {
-                    publish_endpoint(&inner).await;
+                    crate::advertise::publish(&inner).await;
                     m.published(dht.now());
                 }
                 Action::ExpireRecords => {

@@ -64,8 +64,6 @@ pub(crate) struct Dht {
     pub cache: Option<peer_cache::PeerCache>,
     /// Becomes true once the first join (and endpoint publish) finished.
     pub joined: watch::Sender<bool>,
-    /// Sequence number of our last endpoint record.
-    pub endpoint_seq: AtomicU64,
     pub counters: DhtCounters,
 }
 
@@ -84,7 +82,6 @@ impl Dht {
             bootstrap,
             cache,
             joined: watch::channel(false).0,
-            endpoint_seq: AtomicU64::new(0),
             counters: DhtCounters::default(),
         }
     }

@@ -332,6 +332,7 @@ impl NodeBuilder {
             app: super::app_queue::AppQueue::new(self.connection_events),
             bus: bus.clone(),
             path_reports: Default::default(),
+            advertiser: Default::default(),
             router,
             message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
             counters: Default::default(),

@@ -114,6 +114,8 @@ pub(crate) struct Inner {
     pub app: app_queue::AppQueue,
     /// Facts for whoever subscribed (see [`bus`]).
     pub bus: bus::Bus,
+    /// The endpoint record's owner (see [`crate::advertise`]).
+    pub advertiser: crate::advertise::Advertiser,
     /// Which handler serves a stream, by protocol.
     pub router: Arc<router::Router>,
     /// The path each connected peer was last reported on.

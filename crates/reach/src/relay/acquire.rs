@@ -6,12 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use reach_proto::dht::record::AddrKind;
 use reach_proto::dht::{K, Key};
 use reach_proto::relay::acquire::{Action, Event, RelayAcquisition};
 
 use super::{Reachability, RelayMode, client};
-use crate::dht::{DhtMode, join};
+use crate::dht::DhtMode;
 use crate::node::{Inner, stats};
 use crate::vaddr::is_virtual;
 
@@ -62,7 +61,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         // Republish with the now verified address.
-        join::publish_endpoint(&inner).await;
+        crate::advertise::publish(&inner).await;
     }
     let wants_relay = match relay.acquire {
         RelayMode::On => true,
@@ -79,15 +78,6 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
 async fn hold_relay(inner: Arc<Inner>) {
     let mut m = RelayAcquisition::new();
     let now = || inner.dht.now();
-    for addr in inner.nat.confirmed() {
-        m.handle(
-            Event::OwnAddr {
-                addr,
-                verified: false,
-            },
-            now(),
-        );
-    }
     let mut relay_conn: Option<quinn::Connection> = None;
     // The relay just lost is not retried at once; a relay chosen from
     // outside our K closest is not dropped for being outside them.
@@ -98,13 +88,9 @@ async fn hold_relay(inner: Arc<Inner>) {
     loop {
         while let Some(action) = m.poll_action() {
             match action {
-                Action::Publish(addrs) => {
-                    let held = addrs
-                        .iter()
-                        .find(|a| a.kind == AddrKind::Relay)
-                        .and_then(|a| Some((a.via?, a.addr)));
-                    inner.relay.set_held(held);
-                    join::publish_endpoint(&inner).await;
+                Action::Publish { relay } => {
+                    inner.relay.set_held(relay);
+                    crate::advertise::publish(&inner).await;
                 }
                 Action::Acquire => match acquire_one(&inner, lost.take()).await {
                     Some((relay, addr, conn)) => {
