@@ -13,7 +13,7 @@ use reach_proto::dht::Contact;
 use reach_proto::dht::rpc::{DhtRequest, DhtRequestMsg, DhtResponse, DhtResponseMsg};
 use reach_proto::dht::server;
 use reach_proto::dht::store::Source;
-use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
+use reach_proto::wire::envelope::Body;
 
 use super::{DhtMode, unix_ms};
 use crate::error::{Error, Result};
@@ -53,29 +53,23 @@ async fn request_inner(
     let peer = contact.peer;
     inner.peers.remember_fallback(peer, contact.addr);
     let conn = peers::connection_known(inner, peer, &[contact.addr]).await?;
-    let fail = |e: &dyn std::fmt::Display| Error::Rpc {
-        peer,
-        reason: e.to_string(),
-    };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
     let msg = DhtRequestMsg {
         server_mode: inner.dht.mode == DhtMode::Server,
         request,
     };
-    let frame = Envelope::new(Body::DhtRequest(msg)).to_frame()?;
-    send.write_all(&frame).await.map_err(|e| fail(&e))?;
-    send.finish().map_err(|e| fail(&e))?;
-    let bytes = recv
-        .read_to_end(MAX_CONTROL_ENVELOPE_LEN + reach_proto::wire::FRAME_HEADER_LEN)
+    let answer = crate::node::rpc::call(&conn, Body::DhtRequest(msg))
         .await
-        .map_err(|e| fail(&e))?;
-    match Envelope::from_frame(&bytes, MAX_CONTROL_ENVELOPE_LEN)?.body {
+        .map_err(|e| e.into_error(|reason| Error::Rpc { peer, reason }))?;
+    match answer {
         Body::DhtResponse(r) => {
             let remote = conn.remote_address();
             inner.observed_addr(r.observed, remote);
             Ok((r, remote))
         }
-        _ => Err(fail(&"answered with something other than a DHT response")),
+        _ => Err(Error::Rpc {
+            peer,
+            reason: "answered with something other than a DHT response".into(),
+        }),
     }
 }
 
@@ -109,10 +103,7 @@ pub(crate) async fn serve(
         observed: remote,
         response,
     };
-    if let Ok(frame) = Envelope::new(Body::DhtResponse(reply)).to_frame() {
-        let _ = send.write_all(&frame).await;
-        let _ = send.finish();
-    }
+    crate::node::rpc::answer(&mut send, Body::DhtResponse(reply)).await;
 }
 
 /// The network a record put from `remote` counts against: a TCP-linked

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use reach_proto::wire::datagram::{ControlPacket, DatagramKind, FilterVia, PROBE_RETRY_AFTER};
-use reach_proto::wire::envelope::{Body, Envelope};
+use reach_proto::wire::envelope::Body;
 use reach_proto::wire::stun;
 use tokio::sync::mpsc;
 
@@ -118,15 +118,10 @@ fn handle_control(inner: &Arc<Inner>, d: &NonQuicDatagram) {
                     if let Some(conn) = helper.and_then(|h| inner.peers.live(&h.peer)) {
                         let target = d.from;
                         inner.spawn(async move {
-                            let ask = async {
-                                let (mut send, _recv) = conn.open_bi().await.ok()?;
-                                let frame =
-                                    Envelope::new(Body::FilterProbeRequest { nonce, target })
-                                        .to_frame()
-                                        .ok()?;
-                                send.write_all(&frame).await.ok()?;
-                                send.finish().ok()
-                            };
+                            let ask = crate::node::rpc::tell(
+                                &conn,
+                                Body::FilterProbeRequest { nonce, target },
+                            );
                             let _ = tokio::time::timeout(PROBE_RETRY_AFTER, ask).await;
                         });
                     }

@@ -28,6 +28,7 @@ pub(crate) mod inbound;
 pub mod limits;
 pub(crate) mod peers;
 pub(crate) mod router;
+pub(crate) mod rpc;
 pub(crate) mod stats;
 pub(crate) mod tasks;
 

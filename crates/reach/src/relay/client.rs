@@ -9,8 +9,7 @@ use futures::future::BoxFuture;
 
 use reach_proto::PeerId;
 use reach_proto::relay::rpc::{RelayRequest, RelayResponse};
-use reach_proto::wire::FRAME_HEADER_LEN;
-use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN};
+use reach_proto::wire::envelope::Body;
 
 use crate::error::{Error, Result};
 use crate::node::{Inner, peers, stats};
@@ -25,20 +24,15 @@ pub const RELAY_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Sends one relay request on `conn` and reads the answer.
 pub(crate) async fn rpc(conn: &quinn::Connection, request: RelayRequest) -> Result<RelayResponse> {
-    let fail = |e: &dyn std::fmt::Display| Error::Relay {
-        reason: e.to_string(),
-    };
-    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| fail(&e))?;
-    let frame = Envelope::new(Body::RelayRequest(request)).to_frame()?;
-    send.write_all(&frame).await.map_err(|e| fail(&e))?;
-    send.finish().map_err(|e| fail(&e))?;
-    let bytes = recv
-        .read_to_end(MAX_CONTROL_ENVELOPE_LEN + FRAME_HEADER_LEN)
+    let relay_failed = |reason| Error::Relay { reason };
+    match crate::node::rpc::call(conn, Body::RelayRequest(request))
         .await
-        .map_err(|e| fail(&e))?;
-    match Envelope::from_frame(&bytes, MAX_CONTROL_ENVELOPE_LEN)?.body {
+        .map_err(|e| e.into_error(relay_failed))?
+    {
         Body::RelayResponse(r) => Ok(r),
-        _ => Err(fail(&"answered with something other than a relay response")),
+        _ => Err(relay_failed(
+            "answered with something other than a relay response".into(),
+        )),
     }
 }
 

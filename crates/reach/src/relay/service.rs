@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use reach_proto::PeerId;
 use reach_proto::relay::rpc::{RelayRequest, RelayResponse, refusal};
-use reach_proto::wire::envelope::{Body, Envelope};
+use reach_proto::wire::envelope::Body;
 
 use super::client;
 use crate::node::{Inner, stats};
@@ -66,10 +66,7 @@ pub(crate) async fn serve(
             }
         }
     };
-    if let Ok(frame) = Envelope::new(Body::RelayResponse(response)).to_frame() {
-        let _ = send.write_all(&frame).await;
-        let _ = send.finish();
-    }
+    crate::node::rpc::answer(&mut send, Body::RelayResponse(response)).await;
 }
 
 fn reserve(inner: &Inner, peer: PeerId, remote: SocketAddr) -> RelayResponse {
