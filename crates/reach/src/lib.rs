@@ -36,6 +36,7 @@ pub mod error;
 pub mod events;
 pub mod handshake;
 pub mod keystore;
+pub(crate) mod messaging;
 pub mod nat;
 pub mod node;
 pub mod punch;

@@ -6,9 +6,9 @@ use std::sync::Arc;
 
 use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
-use super::{DropGuard, Inner, MAX_QUEUED_MESSAGE_BYTES, Node, inbound, peers};
+use super::{DropGuard, Inner, Node, inbound, peers};
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
@@ -318,7 +318,7 @@ impl NodeBuilder {
                 protocols::FILTER_PROBE,
                 crate::nat::datagrams::filter_probe_handler(),
             );
-            router.register_builtin(protocols::STREAM, inbound::app_stream_handler());
+            router.register_builtin(protocols::STREAM, crate::messaging::stream_handler());
         }
         let inner = Arc::new(Inner {
             peer_id: keypair.peer_id(),
@@ -329,12 +329,11 @@ impl NodeBuilder {
             local_addr,
             peers: peers::PeerTable::new(connection_limits.max_idle_peers),
             inbound_gate: super::limits::InboundGate::new(connection_limits),
-            app: super::app_queue::AppQueue::new(self.connection_events),
+            messaging: crate::messaging::Messaging::new(self.connection_events),
             bus: bus.clone(),
             path_reports: Default::default(),
             advertiser: Default::default(),
             router,
-            message_budget: Arc::new(Semaphore::new(MAX_QUEUED_MESSAGE_BYTES)),
             counters: Default::default(),
             demux_stats,
             shutdown_tx,
@@ -349,7 +348,6 @@ impl NodeBuilder {
                 bus.clone(),
             ),
             punch: crate::punch::PunchRuntime::new(!self.no_hole_punching),
-            seen_messages: Default::default(),
             udp_binder: self
                 .udp_binder
                 .clone()

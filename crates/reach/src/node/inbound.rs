@@ -3,19 +3,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use reach_proto::PeerId;
-use reach_proto::wire::envelope::{Body, Envelope, MAX_CONTROL_ENVELOPE_LEN, MAX_MESSAGE_LEN};
+use reach_proto::wire::envelope::{Envelope, MAX_CONTROL_ENVELOPE_LEN};
 use reach_proto::wire::{FRAME_HEADER_LEN, frame};
 
 use super::{Direction, Inner, limits, stats};
-use crate::events::{Event, Stream};
 use crate::tls;
 
-/// Slowest accepted delivery of a message body, bytes per second, beyond
-/// [`STREAM_HEADER_TIMEOUT`]: 64 KiB/s lets a 16 MiB message take 4+ minutes
-/// on a poor link, yet bounds how long a stalled sender holds the budget.
-pub const MIN_MESSAGE_RATE: usize = 64 * 1024;
 /// A peer must send a new stream's header frame within this time.
 pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -191,7 +185,7 @@ async fn serve(
                 }
             },
             uni = conn.accept_uni() => match uni {
-                Ok(s) => inner.spawn(receive_message(inner.clone(), peer, s)),
+                Ok(s) => inner.spawn(crate::messaging::receive(inner.clone(), peer, s)),
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
@@ -217,79 +211,6 @@ async fn serve(
     drop(slot);
     inner.report_path(peer);
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
-}
-
-/// Reads one message from a unidirectional stream and queues it for the
-/// application. The announced length is checked before any allocation and
-/// the bytes are reserved from the node's message budget first, so hostile
-/// or fast peers cannot grow memory without bound.
-async fn receive_message(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::RecvStream) {
-    let refuse = |recv: &mut quinn::RecvStream, code: u32| {
-        stats::bump(&inner.counters.malformed_streams);
-        let _ = recv.stop(code.into());
-    };
-    let mut head = [0u8; FRAME_HEADER_LEN];
-    let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, recv.read_exact(&mut head)).await;
-    if !matches!(header, Ok(Ok(()))) {
-        return refuse(&mut recv, codes::MALFORMED);
-    }
-    let max_body = Envelope::message_prefix(MAX_MESSAGE_LEN, u64::MAX)
-        .map(|p| p.len() - FRAME_HEADER_LEN + MAX_MESSAGE_LEN)
-        .unwrap_or(MAX_MESSAGE_LEN);
-    let len = match frame::parse_header(&head, max_body) {
-        Ok(len) => len,
-        Err(_) => return refuse(&mut recv, codes::TOO_LARGE),
-    };
-    let permit = match inner
-        .message_budget
-        .clone()
-        .acquire_many_owned(len as u32)
-        .await
-    {
-        Ok(p) => p,
-        Err(_) => return refuse(&mut recv, codes::SHUTTING_DOWN),
-    };
-    let mut body = vec![0u8; len];
-    // A peer that announces a message and stalls must not hold the budget
-    // forever: the body has to arrive at MIN_MESSAGE_RATE or better.
-    let allowed = STREAM_HEADER_TIMEOUT + Duration::from_secs((len / MIN_MESSAGE_RATE) as u64);
-    let read = tokio::time::timeout(allowed, async {
-        recv.read_exact(&mut body).await.is_ok()
-            // The stream must end right after the frame.
-            && matches!(recv.read(&mut [0u8; 1]).await, Ok(None))
-    })
-    .await;
-    if !matches!(read, Ok(true)) {
-        drop(permit);
-        return refuse(&mut recv, codes::MALFORMED);
-    }
-    let (id, data) = match Envelope::decode(&body) {
-        Ok(Envelope {
-            body: Body::Message { id, data },
-            ..
-        }) => (id, data),
-        _ => return refuse(&mut recv, codes::MALFORMED),
-    };
-    if !inner.seen_messages.first_time(peer, id) {
-        // Sent again after its first connection died unacknowledged: it
-        // was delivered already.
-        drop(permit);
-        stats::bump(&inner.counters.duplicate_messages);
-        return;
-    }
-    // Keep only the payload's share of the budget; `next_event` returns it.
-    let payload_len = data.len();
-    drop(body);
-    permit.forget();
-    inner.message_budget.add_permits(len - payload_len);
-    inner.peers.touch(&peer, true);
-    stats::bump(&inner.counters.messages_received);
-    stats::add(&inner.counters.message_bytes_received, payload_len);
-    let event = Event::Message {
-        from: peer,
-        data: Bytes::from(data),
-    };
-    inner.app.push(event).await;
 }
 
 /// Reads the header of a bidirectional stream and hands the stream to its
@@ -327,26 +248,6 @@ async fn receive_stream(
             },
         )
         .await;
-}
-
-/// How `Node::open_stream`'s streams are served
-/// ([`reach_proto::wire::envelope::protocols::STREAM`]): handed to the
-/// application as [`Event::Stream`].
-pub(crate) fn app_stream_handler() -> super::router::Handler {
-    Arc::new(|inner, s| {
-        Box::pin(async move {
-            inner.peers.touch(&s.peer, true);
-            stats::bump(&inner.counters.streams_accepted);
-            inner
-                .app
-                .push(Event::Stream(Stream {
-                    peer: s.peer,
-                    send: s.send,
-                    recv: s.recv,
-                }))
-                .await;
-        })
-    })
 }
 
 /// Reads one small framed envelope (at most [`MAX_CONTROL_ENVELOPE_LEN`]).

@@ -20,10 +20,8 @@
 //! # Ok(()) }
 //! ```
 
-mod app_queue;
 mod builder;
 pub mod bus;
-mod dedup;
 pub(crate) mod inbound;
 pub mod limits;
 pub(crate) mod peers;
@@ -37,12 +35,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use reach_proto::wire::envelope::{Body, Envelope, MAX_MESSAGE_LEN};
+use reach_proto::wire::envelope::{Body, Envelope};
 use reach_proto::{Keypair, PeerId};
 use serde::Serialize;
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::watch;
 
-pub use app_queue::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS};
+pub use crate::messaging::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS, MAX_QUEUED_MESSAGE_BYTES};
 pub use builder::NodeBuilder;
 pub use bus::{NodeEvent, NodeEvents};
 pub use inbound::codes;
@@ -59,11 +57,6 @@ use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-/// Bytes of received messages the node holds for the application at most.
-/// When the application falls behind, reading from peers pauses and QUIC flow
-/// control slows the senders: nothing is dropped, memory stays bounded.
-/// Must be at least [`MAX_MESSAGE_LEN`] so any single message fits.
-pub const MAX_QUEUED_MESSAGE_BYTES: usize = 4 * MAX_MESSAGE_LEN;
 
 /// A connected peer, as reported by [`Node::connected_peers`].
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -111,8 +104,8 @@ pub(crate) struct Inner {
     pub peers: peers::PeerTable,
     /// Counts inbound connections against [`ConnectionLimits`].
     pub inbound_gate: Arc<limits::InboundGate>,
-    /// Events waiting for the application's `next_event`.
-    pub app: app_queue::AppQueue,
+    /// Messages: the app's queue, the receive budget, the dedup window.
+    pub messaging: crate::messaging::Messaging,
     /// Facts for whoever subscribed (see [`bus`]).
     pub bus: bus::Bus,
     /// The endpoint record's owner (see [`crate::advertise`]).
@@ -121,8 +114,6 @@ pub(crate) struct Inner {
     pub router: Arc<router::Router>,
     /// The path each connected peer was last reported on.
     pub path_reports: bus::PathReports,
-    /// Byte budget of received messages not yet taken by the application.
-    pub message_budget: Arc<Semaphore>,
     pub counters: stats::Counters,
     pub demux_stats: Arc<DemuxStats>,
     pub shutdown_tx: watch::Sender<bool>,
@@ -137,8 +128,6 @@ pub(crate) struct Inner {
     pub punch: crate::punch::PunchRuntime,
     /// Opens the birthday technique's extra sockets.
     pub udp_binder: crate::punch::UdpBinder,
-    /// Ids of received messages, to deliver a resent one once.
-    pub seen_messages: dedup::SeenMessages,
     pub links: Arc<crate::tcp::TcpLinks>,
     /// UDP is blocked here: every dial goes over a TCP link.
     pub tcp_mode: std::sync::atomic::AtomicBool,
@@ -205,7 +194,7 @@ impl Inner {
         };
         self.bus.emit(event);
         if let Some(ev) = for_app {
-            self.app.push_connection_event(ev);
+            self.messaging.push_connection_event(ev);
         }
     }
 
@@ -369,97 +358,10 @@ impl Node {
     /// has acknowledged every byte of it.
     ///
     /// Dials the peer first when there is no live connection but addresses
-    /// are known. Messages larger than [`MAX_MESSAGE_LEN`] fail with
+    /// are known. Messages larger than [`crate::MAX_MESSAGE_LEN`] fail with
     /// [`Error::MessageTooLarge`]: use a stream for bulk data.
     pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
-        let data: Bytes = data.into();
-        if data.len() > MAX_MESSAGE_LEN {
-            return Err(Error::MessageTooLarge {
-                size: data.len(),
-                max: MAX_MESSAGE_LEN,
-            });
-        }
-        let id = crate::util::random_u64()?;
-        let prefix = Envelope::message_prefix(data.len(), id)?;
-        let (first, used) = self.send_once(peer, &prefix, &data).await;
-        let result = match first {
-            // The connection died before the peer acknowledged the
-            // message, and traffic has moved to another connection (a
-            // dead direct path fell back to the relay): send it again
-            // there. The peer delivers each message id once.
-            Err(Error::ConnectionLost { .. })
-                if used.as_ref().is_some_and(|c| {
-                    // Closed (not merely a refused stream). The peer may
-                    // have closed it before our own watch (or the
-                    // connection's reader) noticed: let the standby take
-                    // over now.
-                    let id = c.stable_id();
-                    // The peer closed it as silent (its inbound limits were
-                    // under pressure) just as this message left: dial again.
-                    let closed_as_silent = matches!(
-                        c.close_reason(),
-                        Some(quinn::ConnectionError::ApplicationClosed(a))
-                            if a.error_code == inbound::codes::SILENT.into()
-                    );
-                    c.close_reason().is_some()
-                        && (closed_as_silent
-                            || self.inner.peers.remove_if_current(peer, id)
-                            || self
-                                .inner
-                                .peers
-                                .live(&peer)
-                                .is_some_and(|l| l.stable_id() != id))
-                }) =>
-            {
-                stats::bump(&self.inner.counters.messages_resent);
-                self.send_once(peer, &prefix, &data).await.0
-            }
-            other => other,
-        };
-        if result.is_ok() {
-            stats::bump(&self.inner.counters.messages_sent);
-            stats::add(&self.inner.counters.message_bytes_sent, data.len());
-        }
-        result
-    }
-
-    /// One try of [`Node::send`]; also returns the connection it used.
-    async fn send_once(
-        &self,
-        peer: PeerId,
-        prefix: &[u8],
-        data: &Bytes,
-    ) -> (Result<()>, Option<quinn::Connection>) {
-        let (mut stream, conn) = match peers::open_uni(&self.inner, peer).await {
-            Ok(s) => s,
-            Err(e) => return (Err(e), None),
-        };
-        // quinn's stream errors say only "connection lost": the
-        // connection's own close reason says why.
-        let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
-            peer,
-            reason: conn
-                .close_reason()
-                .map_or_else(|| e.to_string(), |r| format!("{e}: {r}")),
-        };
-        let sent = async {
-            stream.write_all(prefix).await.map_err(|e| lost(&e))?;
-            stream
-                .write_chunk(data.clone())
-                .await
-                .map_err(|e| lost(&e))?;
-            stream.finish().map_err(|e| lost(&e))?;
-            match stream.stopped().await {
-                Ok(None) => Ok(()),
-                Ok(Some(code)) => Err(Error::Refused {
-                    peer,
-                    code: code.into_inner(),
-                }),
-                Err(e) => Err(lost(&e)),
-            }
-        }
-        .await;
-        (sent, Some(conn))
+        crate::messaging::send(&self.inner, peer, data.into()).await
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
@@ -516,15 +418,10 @@ impl Node {
     /// event goes to one of them.
     pub async fn next_event(&self) -> Option<Event> {
         let mut shutdown = self.inner.shutdown_tx.subscribe();
-        let event = tokio::select! {
-            ev = self.inner.app.pop() => ev,
+        tokio::select! {
+            ev = self.inner.messaging.next_event() => ev,
             _ = shutdown.wait_for(|s| *s) => None,
-        }?;
-        if let Event::Message { data, .. } = &event {
-            // Give the bytes back to the receive budget (see MAX_QUEUED_MESSAGE_BYTES).
-            self.inner.message_budget.add_permits(data.len());
         }
-        Some(event)
     }
 
     /// Subscribes to the node's own events: connections and paths, external
@@ -688,7 +585,7 @@ impl Node {
             self.inner.tls.stats(),
         );
         s.peers_evicted = self.inner.peers.evicted();
-        s.connection_events_dropped = self.inner.app.dropped_connection_events();
+        s.connection_events_dropped = self.inner.messaging.dropped_connection_events();
         s.peer_table_size = self.inner.peers.len() as u64;
         s.inbound_connections = self.inner.inbound_gate.inbound() as u64;
         s
