@@ -8,6 +8,7 @@
 
 pub mod dht;
 pub mod identity;
+pub mod limits;
 pub mod nat;
 pub mod punch;
 pub mod relay;
