@@ -11,7 +11,9 @@ use crate::nat::{Filtering, Mapping};
 /// What a peer's classification said about its NAT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NatClass {
+    /// Its mapping behaviour.
     pub mapping: Mapping,
+    /// Its filtering behaviour.
     pub filtering: Filtering,
 }
 
@@ -27,7 +29,10 @@ pub enum Strategy {
     /// One side maps per destination (`hard`), the other does not: the hard
     /// side opens many mappings towards the easy side, the easy side probes
     /// random ports of the hard side's IP (the birthday technique).
-    Birthday { hard: Side },
+    Birthday {
+        /// The side that maps per destination.
+        hard: Side,
+    },
     /// Both map per destination, or a mapping is unknown: stay relayed.
     StayRelayed,
 }
@@ -35,7 +40,9 @@ pub enum Strategy {
 /// One of the two peers of a punch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// The peer that asked for the punch.
     A,
+    /// The peer it wants to reach.
     B,
 }
 
@@ -76,7 +83,9 @@ pub const FIRE_MARGIN: Duration = Duration::from_millis(20);
 /// When each side fires, as a delay after it receives its introduction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FireDelays {
+    /// Side A's delay.
     pub a: Duration,
+    /// Side B's delay.
     pub b: Duration,
 }
 

@@ -33,17 +33,35 @@ pub const HEALTH_POLL: Duration = Duration::from_secs(5);
 /// The states of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Looking for a relay: waiting for the driver's `Reserved` or
+    /// `ReservationFailed`.
     Acquiring,
-    Holding { relay: PeerId, addr: SocketAddr },
+    /// A relay holds our reservation; its address is published.
+    Holding {
+        /// The relay that holds our reservation.
+        relay: PeerId,
+        /// Our relayed address there (published).
+        addr: SocketAddr,
+    },
+    /// The held relay went away; a new one is sought at once.
     Lost,
-    Backoff { until: Duration },
+    /// Every candidate failed; try again later.
+    Backoff {
+        /// When the next acquisition starts (driver's clock).
+        until: Duration,
+    },
 }
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A reservation at `relay` succeeded.
-    Reserved { relay: PeerId, addr: SocketAddr },
+    Reserved {
+        /// The relay.
+        relay: PeerId,
+        /// Our relayed address there.
+        addr: SocketAddr,
+    },
     /// Every candidate refused or failed.
     ReservationFailed,
     /// The connection to the held relay closed, or a health poll failed.
@@ -51,7 +69,12 @@ pub enum Event {
     /// The held relay is no longer among our K closest DHT peers.
     RelayLeftClosest,
     /// A non-relay address of ours: verified reachable from outside (or not).
-    OwnAddr { addr: SocketAddr, verified: bool },
+    OwnAddr {
+        /// The address.
+        addr: SocketAddr,
+        /// Whether a peer reached us at it unsolicited.
+        verified: bool,
+    },
     /// The routing table changed (new peers: maybe new relay candidates).
     RoutingChanged,
 }
@@ -65,7 +88,10 @@ pub enum Action {
     /// reserve at them; report back `Reserved` or `ReservationFailed`.
     Acquire,
     /// Check the held relay is still alive; report `RelayLost` if not.
-    CheckHealth { relay: PeerId },
+    CheckHealth {
+        /// The held relay.
+        relay: PeerId,
+    },
 }
 
 /// The relay-acquisition state machine.
@@ -101,6 +127,7 @@ impl RelayAcquisition {
         m
     }
 
+    /// Where the machine stands now.
     pub fn state(&self) -> State {
         self.state
     }
