@@ -330,8 +330,10 @@ impl RecordStore {
         self.by_key.values().flatten().map(|h| &h.record)
     }
 
-    /// Records stored here on behalf of the network `source`.
-    pub fn held_for(&self, source: &Source) -> usize {
+    /// Records stored here on behalf of the network `source`. Only the
+    /// tests read it (the per-source share is enforced inside `put_from`).
+    #[cfg(test)]
+    fn held_for(&self, source: &Source) -> usize {
         self.per_source.get(source).copied().unwrap_or(0)
     }
 

@@ -154,7 +154,7 @@ pub struct Party {
 /// shared (100.64/10), link-local or unique-local, never loopback (that
 /// would aim at the other side's own host) and never a public address (the
 /// claim cannot be checked, so it must not point at the internet).
-pub fn is_lan_target(a: &SocketAddr) -> bool {
+pub(crate) fn is_lan_target(a: &SocketAddr) -> bool {
     use std::net::IpAddr;
     if a.port() == 0 {
         return false;

@@ -68,7 +68,7 @@ pub fn choose(a: NatClass, b: NatClass, same_external_ip: bool) -> Strategy {
 /// Who sends first on attempt `attempt` (0-based): retries alternate the
 /// roles instead of repeating the same attempt. (In the birthday technique
 /// the hard side's role is fixed by its NAT; this flips who starts.)
-pub fn initiator(attempt: u32) -> Side {
+pub(crate) fn initiator(attempt: u32) -> Side {
     if attempt.is_multiple_of(2) {
         Side::A
     } else {

@@ -297,13 +297,17 @@ impl Upgrades {
         true
     }
 
-    /// Whether an upgrade with `peer` is running.
-    pub fn is_upgrading(&self, peer: &PeerId) -> bool {
+    /// Whether an upgrade with `peer` is running. Only the tests ask: the
+    /// driver learns of upgrades through [`Upgrades::poll_action`].
+    #[cfg(test)]
+    fn is_upgrading(&self, peer: &PeerId) -> bool {
         self.upgrades.contains_key(peer)
     }
 
     /// Punches accepted and not yet reported (waiting to fire or running).
-    pub fn active(&self) -> usize {
+    /// Only the tests ask, to check slots are taken and freed.
+    #[cfg(test)]
+    fn active(&self) -> usize {
         self.punches.len()
     }
 
