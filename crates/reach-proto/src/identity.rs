@@ -33,12 +33,20 @@ pub enum PeerIdError {
     #[error(
         "peer id must be {PEER_ID_TEXT_LEN} characters of lowercase base32, got {0} characters"
     )]
+    /// The text is not [`PEER_ID_TEXT_LEN`] characters long (the length
+    /// found).
     Length(usize),
     #[error("peer id contains {0:?} at position {1}: only a-z and 2-7 are allowed")]
+    /// A character outside the base32 alphabet (the character and its
+    /// position).
     Character(char, usize),
     #[error("peer id is not canonical: its last character carries non-zero padding bits")]
+    /// The padding bits are not zero: a second spelling of the same key,
+    /// refused so every peer has exactly one text form.
     NonCanonical,
     #[error("peer id bytes are not a valid Ed25519 public key")]
+    /// The bytes are not a valid Ed25519 public key (not a point on the
+    /// curve).
     InvalidKey,
 }
 

@@ -1,7 +1,6 @@
 //! Small helpers several capabilities share.
 
-use std::time::Duration;
-
+use reach_proto::limits::FixedWindow;
 use tokio::time::Instant;
 
 use crate::error::{Error, Result};
@@ -13,43 +12,34 @@ pub(crate) fn random_u64() -> Result<u64> {
     Ok(u64::from_le_bytes(b))
 }
 
-/// A fixed-window rate limiter (per second). Coarse, but enough to bound
-/// what a node sends in answer to unsolicited packets.
+/// A fixed-window rate limiter (per second) on tokio's clock. Coarse, but
+/// enough to bound what a node sends in answer to unsolicited packets. The
+/// policy is [`reach_proto::limits::FixedWindow`]; this only turns tokio
+/// instants into the `Duration`s it takes.
 pub(crate) struct RateLimiter {
-    per_sec: u32,
-    window_start: Option<Instant>,
-    used: u32,
+    window: FixedWindow,
+    /// The first `now` seen: the limiter's time counts from here.
+    epoch: Option<Instant>,
 }
 
 impl RateLimiter {
     pub(crate) fn new(per_sec: u32) -> Self {
         RateLimiter {
-            per_sec,
-            window_start: None,
-            used: 0,
+            window: FixedWindow::new(per_sec),
+            epoch: None,
         }
     }
 
     pub(crate) fn allow(&mut self, now: Instant) -> bool {
-        let fresh = self
-            .window_start
-            .is_none_or(|s| now.duration_since(s) >= Duration::from_secs(1));
-        if fresh {
-            self.window_start = Some(now);
-            self.used = 0;
-        }
-        if self.used < self.per_sec {
-            self.used += 1;
-            true
-        } else {
-            false
-        }
+        let epoch = *self.epoch.get_or_insert(now);
+        self.window.allow(now.saturating_duration_since(epoch))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn rate_limiter_caps_each_window() {

@@ -43,6 +43,7 @@ impl Key {
         Key(*h.finalize().as_bytes())
     }
 
+    /// The XOR distance to `other`: Kademlia's metric.
     pub fn distance(&self, other: &Key) -> Distance {
         let mut d = [0u8; 32];
         for (i, b) in d.iter_mut().enumerate() {
@@ -73,6 +74,7 @@ impl Key {
 }
 
 impl Distance {
+    /// Leading zero bits: the length of the prefix the two keys share.
     pub fn leading_zeros(&self) -> usize {
         let mut n = 0;
         for b in self.0 {

@@ -56,8 +56,11 @@ const RESEND_DIVISOR: u32 = 2;
 /// Tunables of a lookup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LookupConfig {
+    /// Contacts the lookup converges to ([`K`]).
     pub k: usize,
+    /// Queries in flight at once ([`ALPHA`]).
     pub alpha: usize,
+    /// An unanswered query counts as failed after this long.
     pub query_timeout: Duration,
 }
 
@@ -93,8 +96,11 @@ struct Candidate {
 /// Counters of a lookup.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LookupStats {
+    /// Queries sent.
     pub queries: u32,
+    /// Queries answered.
     pub responses: u32,
+    /// Queries that failed or timed out.
     pub failures: u32,
     /// Hops to the closest node that answered.
     pub hops: u32,
@@ -137,6 +143,7 @@ impl Lookup {
         l
     }
 
+    /// The key this lookup converges on.
     pub fn target(&self) -> Key {
         self.target
     }
@@ -312,6 +319,8 @@ impl Lookup {
         self.finished = true;
     }
 
+    /// Whether the lookup is done: the k closest known answered, or nobody
+    /// is left to ask.
     pub fn is_finished(&self) -> bool {
         self.finished
     }
@@ -326,6 +335,7 @@ impl Lookup {
             .collect()
     }
 
+    /// The counters so far, with the hops to the closest responder.
     pub fn stats(&self) -> LookupStats {
         let mut s = self.stats;
         s.hops = self

@@ -63,7 +63,10 @@ pub enum JoinAction {
     /// Look up a random key in bucket `bucket` (a key sharing `bucket`
     /// leading bits with ours, [`super::Key::random_in_bucket`]); report
     /// [`JoinAttempt::refresh_done`].
-    Refresh { bucket: usize },
+    Refresh {
+        /// The bucket's index (the shared prefix length).
+        bucket: usize,
+    },
 }
 
 /// How a join attempt ended.
@@ -167,7 +170,10 @@ pub enum Action {
     Join,
     /// Look up a random key in bucket `bucket`, which nobody looked up for
     /// [`REFRESH_INTERVAL`] (the lookup marks it refreshed in the table).
-    Refresh { bucket: usize },
+    Refresh {
+        /// The bucket's index (the shared prefix length).
+        bucket: usize,
+    },
     /// Publish our endpoint record; report [`Maintenance::published`].
     Republish,
     /// Drop stored records past their expiry.
@@ -182,9 +188,15 @@ pub enum State {
     /// A join runs (handed out as [`Action::Join`], not reported yet).
     Joining,
     /// Not joined yet; the next join starts at `until`.
-    Backoff { until: Duration },
+    Backoff {
+        /// When the next join starts (driver's clock).
+        until: Duration,
+    },
     /// Joined; the next maintenance tick is at `next_tick`.
-    Joined { next_tick: Duration },
+    Joined {
+        /// When the next maintenance tick falls due (driver's clock).
+        next_tick: Duration,
+    },
 }
 
 /// The join-and-maintenance schedule of one node.
@@ -221,6 +233,7 @@ impl Maintenance {
         }
     }
 
+    /// Where the node stands now.
     pub fn state(&self) -> State {
         self.state
     }

@@ -45,11 +45,15 @@ pub const ALPHA: usize = 3;
 /// A DHT contact: who and where.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Contact {
+    /// Its identity: a connection to `addr` must prove it in the TLS
+    /// handshake.
     pub peer: PeerId,
+    /// Where it was last reachable.
     pub addr: SocketAddr,
 }
 
 impl Contact {
+    /// A contact for `peer` at `addr`.
     pub fn new(peer: PeerId, addr: SocketAddr) -> Self {
         Contact { peer, addr }
     }

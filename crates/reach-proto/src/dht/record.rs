@@ -45,8 +45,12 @@ pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(300);
 /// What a record says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum RecordKind {
+    /// A publisher's addresses, at `Key::for_peer(publisher)`.
     Endpoint,
+    /// Topic membership, at `Key::for_topic(topic)`.
     Topic,
+    /// A sealed message for an offline recipient, at
+    /// `Key::for_peer(recipient)`.
     Mailbox,
 }
 
@@ -67,7 +71,9 @@ pub enum AddrKind {
 /// One address of an endpoint record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct TypedAddr {
+    /// How the address was learned (trust and dial order).
     pub kind: AddrKind,
+    /// The address to dial.
     pub addr: SocketAddr,
     /// For `Relay`: the relay's identity.
     pub via: Option<PeerId>,
@@ -76,20 +82,26 @@ pub struct TypedAddr {
 /// Payload of an endpoint record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EndpointPayload {
+    /// The publisher's addresses, at most [`MAX_ENDPOINT_ADDRS`].
     pub addrs: Vec<TypedAddr>,
 }
 
 /// Payload of a topic record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicPayload {
+    /// The topic's name: the key is derived from it, so a verifier can
+    /// check the binding.
     pub topic: String,
 }
 
 /// A signed record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedRecord {
+    /// What the record says, which fixes how `key` and `payload` are checked.
     pub kind: RecordKind,
+    /// Where the record is stored in the DHT.
     pub key: Key,
+    /// Who signed it.
     pub publisher: PeerId,
     /// Sequence number: a higher one replaces a lower one of the same
     /// publisher at the same key.
@@ -98,6 +110,8 @@ pub struct SignedRecord {
     pub created_ms: u64,
     /// Lifetime in seconds from `created_ms`.
     pub ttl_s: u32,
+    /// Kind-specific bytes ([`EndpointPayload`], [`TopicPayload`] or an
+    /// opaque mailbox payload).
     pub payload: Vec<u8>,
     /// Ed25519 signature (64 bytes) over [`SignedRecord::signing_bytes`].
     pub signature: Vec<u8>,
@@ -107,26 +121,41 @@ pub struct SignedRecord {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RecordError {
     #[error("bad signature")]
+    /// The signature does not verify under the publisher's key.
     BadSignature,
     #[error("key is not bound to the publisher")]
+    /// The key is not the one the kind derives (from the publisher or the
+    /// topic): a record cannot be moved to another key.
     KeyMismatch,
     #[error("record expired")]
+    /// Its lifetime is over.
     Expired,
     #[error("ttl outside the accepted range")]
+    /// Its TTL is below [`MIN_TTL`] or above its kind's maximum.
     AbsurdTtl,
     #[error("created too far in the future")]
+    /// Created more than [`MAX_CLOCK_SKEW`] in the future.
     FromTheFuture,
     #[error("sequence number not newer than the stored one")]
+    /// A record with the same or a higher seq is already stored.
     Stale,
     #[error("payload too large")]
+    /// The payload exceeds its kind's size limit.
     Oversize,
     #[error("store quota exceeded")]
+    /// The store (records or bytes), the key or the publisher is at its
+    /// quota.
     QuotaExceeded,
     #[error("the sender's network holds its share of the store")]
+    /// The sender's network ([`Source`](super::store::Source)) is at its
+    /// share of the store.
     SourceQuotaExceeded,
     #[error("this node is not among the closest to the key")]
+    /// This node is not among the k closest to the key: the record belongs
+    /// elsewhere.
     NotClosest,
     #[error("malformed payload")]
+    /// The payload does not decode as its kind's payload.
     Malformed,
 }
 

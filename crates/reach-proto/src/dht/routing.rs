@@ -47,11 +47,16 @@ pub enum Health {
 /// A routing-table entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// Who and where.
     pub contact: Contact,
+    /// Its position in the keyspace (cached: it decides its bucket).
     pub key: Key,
+    /// Whether it answered lately.
     pub health: Health,
     /// When we last heard from it (driver's clock).
     pub last_seen: Duration,
+    /// Failed queries since it last answered; it turns `Bad` after
+    /// [`BAD_AFTER_FAILURES`].
     pub failures: u8,
 }
 
@@ -76,7 +81,9 @@ impl Default for RoutingConfig {
 /// What became of a contact offered to the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InsertOutcome {
+    /// A new contact took a free slot (or replaced a worse one).
     Inserted,
+    /// A known contact: its address and last-seen time were refreshed.
     Updated,
     /// The bucket is full: kept in the replacement cache.
     Cached,
@@ -120,6 +127,7 @@ fn subnet(addr: &SocketAddr) -> Option<[u8; 6]> {
 }
 
 impl RoutingTable {
+    /// An empty table for the node `local_peer`.
     pub fn new(local_peer: PeerId, cfg: RoutingConfig) -> Self {
         RoutingTable {
             local: Key::for_peer(&local_peer),
@@ -129,6 +137,7 @@ impl RoutingTable {
         }
     }
 
+    /// Our own position in the keyspace (bucket indices count from it).
     pub fn local_key(&self) -> Key {
         self.local
     }
@@ -311,6 +320,7 @@ impl RoutingTable {
         self.buckets.iter().flat_map(|b| b.entries.iter())
     }
 
+    /// Contacts in the table, healthy or not.
     pub fn len(&self) -> usize {
         self.buckets.iter().map(|b| b.entries.len()).sum()
     }
@@ -320,10 +330,12 @@ impl RoutingTable {
         self.iter().filter(|e| e.health != Health::Bad).count()
     }
 
+    /// Whether the table holds no contact.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
+    /// Whether `peer` is in the table (not the replacement cache).
     pub fn contains(&self, peer: &PeerId) -> bool {
         let idx = self.bucket_index(&Key::for_peer(peer));
         self.buckets

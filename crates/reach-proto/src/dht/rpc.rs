@@ -19,10 +19,25 @@ pub const MAX_RECORD_BYTES_PER_RESPONSE: usize = 48 * 1024;
 /// A DHT request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DhtRequest {
+    /// "Are you alive?" Refreshes routing-table health.
     Ping,
-    FindNode { target: Key },
-    GetRecords { kind: RecordKind, key: Key },
-    PutRecord { record: SignedRecord },
+    /// "Which contacts do you know closest to `target`?" (the lookup step).
+    FindNode {
+        /// The key the requester looks for contacts near.
+        target: Key,
+    },
+    /// "Give me your records of `kind` at `key`, or closer contacts."
+    GetRecords {
+        /// Which kind of record.
+        kind: RecordKind,
+        /// Where it is stored.
+        key: Key,
+    },
+    /// "Store this record": sent to the nodes closest to its key.
+    PutRecord {
+        /// The record; the responder validates it before storing.
+        record: SignedRecord,
+    },
 }
 
 /// A request plus what the responder needs to know about the requester.
@@ -31,23 +46,34 @@ pub struct DhtRequestMsg {
     /// False for outbound-only (client-mode) nodes, which never enter
     /// routing tables.
     pub server_mode: bool,
+    /// What is asked.
     pub request: DhtRequest,
 }
 
 /// A DHT response.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum DhtResponse {
+    /// The answer to [`DhtRequest::Ping`].
     Pong,
+    /// Contacts closer to the target (the answer to
+    /// [`DhtRequest::FindNode`]).
     Nodes {
+        /// The responder's closest contacts to the target, at most k.
         closer: Vec<Contact>,
     },
+    /// The answer to [`DhtRequest::GetRecords`]: what is stored here, and
+    /// contacts closer to the key to ask next.
     Records {
+        /// Valid records of the asked kind at the key.
         records: Vec<SignedRecord>,
+        /// The responder's closest contacts to the key.
         closer: Vec<Contact>,
     },
+    /// The record was stored (or already was).
     Stored,
     /// The request was refused; `reason` is a stable error kind.
     Refused {
+        /// The refusal's kind (e.g. a [`RecordError::kind`](super::record::RecordError::kind)).
         reason: String,
     },
 }
@@ -55,6 +81,9 @@ pub enum DhtResponse {
 /// A response plus the address the responder saw the request come from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DhtResponseMsg {
+    /// The requester's address as the responder saw it: how a node
+    /// learns its external address from its DHT peers.
     pub observed: SocketAddr,
+    /// The answer.
     pub response: DhtResponse,
 }

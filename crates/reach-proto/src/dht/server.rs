@@ -27,14 +27,6 @@ pub const STORE_CLOSENESS_SLACK: usize = 2;
 /// other fixed fields, rounded up.
 pub const RECORD_OVERHEAD_BYTES: usize = 200;
 
-/// Whether the node owning `table` is among the k closest it knows to `key`
-/// (see [`among_closest`], with [`STORE_CLOSENESS_SLACK`]).
-pub fn is_among_closest(table: &RoutingTable, key: &Key) -> bool {
-    let k = STORE_CLOSENESS_SLACK * K;
-    let known: Vec<Key> = table.closest(key, k).iter().map(|c| c.key()).collect();
-    among_closest(&table.local_key(), key, &known, k)
-}
-
 /// What an answer to one request needs from the routing table: our own key
 /// and the contacts closest to the request's key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -72,7 +64,8 @@ impl Neighbourhood {
             .collect()
     }
 
-    /// Whether we are among the closest to `key` (see [`is_among_closest`]).
+    /// Whether we are among the [`STORE_CLOSENESS_SLACK`] × k closest we
+    /// know to `key` ([`among_closest`]).
     fn among_closest(&self, key: &Key) -> bool {
         let known: Vec<Key> = self.closest.iter().map(|c| c.key()).collect();
         among_closest(&self.local, key, &known, STORE_CLOSENESS_SLACK * K)
@@ -144,6 +137,14 @@ mod tests {
     use crate::dht::store::StoreLimits;
 
     const NOW_MS: u64 = 1_800_000_000_000;
+
+    /// Whether the node owning `table` is among the k closest it knows to `key`
+    /// (see [`among_closest`], with [`STORE_CLOSENESS_SLACK`]).
+    fn is_among_closest(table: &RoutingTable, key: &Key) -> bool {
+        let k = STORE_CLOSENESS_SLACK * K;
+        let known: Vec<Key> = table.closest(key, k).iter().map(|c| c.key()).collect();
+        among_closest(&table.local_key(), key, &known, k)
+    }
 
     fn keypair(i: u64) -> Keypair {
         let mut seed = [0u8; 32];

@@ -54,11 +54,18 @@ pub const MAX_PER_SOURCE_PER_KEY: usize = MAX_PER_KEY / 8;
 /// Tunables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct StoreLimits {
+    /// Records stored in all ([`MAX_RECORDS`]).
     pub max_records: usize,
+    /// Records one publisher may have here ([`MAX_PER_PUBLISHER`]).
     pub max_per_publisher: usize,
+    /// Records at one key ([`MAX_PER_KEY`]).
     pub max_per_key: usize,
+    /// Bytes of payload in all ([`MAX_BYTES`]).
     pub max_bytes: usize,
+    /// Records one network may have here ([`MAX_PER_SOURCE`]).
     pub max_per_source: usize,
+    /// Records one network may have at one key
+    /// ([`MAX_PER_SOURCE_PER_KEY`]).
     pub max_per_source_per_key: usize,
 }
 
@@ -84,6 +91,7 @@ impl Default for StoreLimits {
 pub struct Source([u8; 17]);
 
 impl Source {
+    /// The network `ip` belongs to.
     pub fn of(ip: IpAddr) -> Source {
         let ip = match ip {
             IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
@@ -132,7 +140,9 @@ struct Held {
 /// What `put` did with an accepted record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
+    /// A new record took a free slot.
     Stored,
+    /// It replaced an older seq of the same publisher's slot.
     Replaced,
     /// Exactly this record was already stored.
     Unchanged,
@@ -153,13 +163,18 @@ pub struct RecordStore {
 /// A snapshot for status pages.
 #[derive(Debug, Clone, Serialize)]
 pub struct StoreSummary {
+    /// Records held.
     pub records: usize,
+    /// Distinct (kind, key) pairs held.
     pub keys: usize,
+    /// Distinct publishers held.
     pub publishers: usize,
+    /// Refusals so far, by [`RecordError::kind`].
     pub rejections: BTreeMap<&'static str, u64>,
 }
 
 impl RecordStore {
+    /// An empty store with these limits.
     pub fn new(limits: StoreLimits) -> Self {
         RecordStore {
             limits,
@@ -315,15 +330,19 @@ impl RecordStore {
         self.by_key.values().flatten().map(|h| &h.record)
     }
 
-    /// Records stored here on behalf of the network `source`.
-    pub fn held_for(&self, source: &Source) -> usize {
+    /// Records stored here on behalf of the network `source`. Only the
+    /// tests read it (the per-source share is enforced inside `put_from`).
+    #[cfg(test)]
+    fn held_for(&self, source: &Source) -> usize {
         self.per_source.get(source).copied().unwrap_or(0)
     }
 
+    /// Records held.
     pub fn len(&self) -> usize {
         self.total
     }
 
+    /// Whether no record is held.
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
@@ -339,6 +358,7 @@ impl RecordStore {
         *self.rejections.entry(e.kind()).or_default() += 1;
     }
 
+    /// Counts for a status page.
     pub fn summary(&self) -> StoreSummary {
         StoreSummary {
             records: self.total,

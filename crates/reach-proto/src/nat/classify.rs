@@ -21,8 +21,13 @@ pub const MIN_MAPPING_SERVERS: usize = 2;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Mapping {
+    /// One external address for every destination: hole punching works
+    /// by simultaneous open.
     EndpointIndependent,
+    /// A new external port per destination (a symmetric NAT): only the
+    /// birthday technique or a relay helps.
     EndpointDependent,
+    /// Not enough observations to tell.
     Unknown,
 }
 
@@ -30,22 +35,29 @@ pub enum Mapping {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Filtering {
+    /// Anyone may send in once a mapping exists (full cone).
     EndpointIndependent,
+    /// Only IPs we sent to may send in (restricted cone).
     AddressDependent,
+    /// Only the exact IP and port we sent to may send in (port restricted).
     AddressAndPortDependent,
+    /// Not tested, or the test was inconclusive.
     Unknown,
 }
 
 /// A peer at `server` saw our packets come from `observed`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MappingObservation {
+    /// The peer that answered our probe.
     pub server: SocketAddr,
+    /// Our address as that peer saw it.
     pub observed: SocketAddr,
 }
 
 /// What the mapping observations say.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct MappingResult {
+    /// The mapping behaviour the observations show.
     pub mapping: Mapping,
     /// Whether any translation happens at all (observed ≠ local).
     pub translated: Option<bool>,

@@ -38,8 +38,11 @@ pub const OBSERVED_ADDR_TTL: Duration = Duration::from_secs(30 * 60);
 /// One external address and its support.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct ScoredAddr {
+    /// The external address peers reported.
     pub addr: SocketAddr,
+    /// Distinct reporter IPs whose reports have not expired.
     pub reporters: usize,
+    /// At least [`CONFIRMATIONS`] distinct IPs agree: it is published.
     pub confirmed: bool,
 }
 

@@ -37,7 +37,9 @@ pub const MAX_FIRE_DELAY_MS: u32 = 2000;
 /// What a peer tells a coordinator about itself.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PunchInfo {
+    /// Its NAT's mapping behaviour (picks the technique).
     pub mapping: Mapping,
+    /// Its NAT's filtering behaviour.
     pub filtering: Filtering,
     /// Whether the peer can use UDP at all (false: it reaches the world
     /// only over TCP links, and a punch cannot help).
@@ -68,9 +70,17 @@ impl PunchInfo {
 /// The technique of one punch, as the wire names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Technique {
+    /// Same external IP: LAN addresses first, then the NAT's hairpin
+    /// ([`Strategy::LanFirst`]).
     LanFirst,
+    /// Both send to the other's observed address at the same moment
+    /// ([`Strategy::SimultaneousOpen`]).
     SimultaneousOpen,
+    /// Many mappings against random ports, for an endpoint-dependent NAT
+    /// ([`Strategy::Birthday`]).
     Birthday,
+    /// No technique can work for this pair: keep the relay
+    /// ([`Strategy::StayRelayed`]).
     StayRelayed,
 }
 
@@ -113,7 +123,9 @@ pub struct Introduction {
     pub id: u64,
     /// The other side.
     pub peer: PeerId,
+    /// How to punch.
     pub technique: Technique,
+    /// This side's part in the technique.
     pub role: Role,
     /// Where to send: the other side's address as the coordinator observed
     /// it, then (same NAT only) its LAN addresses.
@@ -128,7 +140,9 @@ pub struct Introduction {
 /// One side of a punch as the coordinator sees it.
 #[derive(Debug, Clone)]
 pub struct Party {
+    /// Who it is.
     pub peer: PeerId,
+    /// What it said about its NAT and its addresses.
     pub info: PunchInfo,
     /// Its address as seen on its own connection to the coordinator.
     pub observed: SocketAddr,
@@ -140,7 +154,7 @@ pub struct Party {
 /// shared (100.64/10), link-local or unique-local, never loopback (that
 /// would aim at the other side's own host) and never a public address (the
 /// claim cannot be checked, so it must not point at the internet).
-pub fn is_lan_target(a: &SocketAddr) -> bool {
+pub(crate) fn is_lan_target(a: &SocketAddr) -> bool {
     use std::net::IpAddr;
     if a.port() == 0 {
         return false;

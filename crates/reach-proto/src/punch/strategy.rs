@@ -11,7 +11,9 @@ use crate::nat::{Filtering, Mapping};
 /// What a peer's classification said about its NAT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NatClass {
+    /// Its mapping behaviour.
     pub mapping: Mapping,
+    /// Its filtering behaviour.
     pub filtering: Filtering,
 }
 
@@ -27,7 +29,10 @@ pub enum Strategy {
     /// One side maps per destination (`hard`), the other does not: the hard
     /// side opens many mappings towards the easy side, the easy side probes
     /// random ports of the hard side's IP (the birthday technique).
-    Birthday { hard: Side },
+    Birthday {
+        /// The side that maps per destination.
+        hard: Side,
+    },
     /// Both map per destination, or a mapping is unknown: stay relayed.
     StayRelayed,
 }
@@ -35,7 +40,9 @@ pub enum Strategy {
 /// One of the two peers of a punch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Side {
+    /// The peer that asked for the punch.
     A,
+    /// The peer it wants to reach.
     B,
 }
 
@@ -61,7 +68,7 @@ pub fn choose(a: NatClass, b: NatClass, same_external_ip: bool) -> Strategy {
 /// Who sends first on attempt `attempt` (0-based): retries alternate the
 /// roles instead of repeating the same attempt. (In the birthday technique
 /// the hard side's role is fixed by its NAT; this flips who starts.)
-pub fn initiator(attempt: u32) -> Side {
+pub(crate) fn initiator(attempt: u32) -> Side {
     if attempt.is_multiple_of(2) {
         Side::A
     } else {
@@ -76,7 +83,9 @@ pub const FIRE_MARGIN: Duration = Duration::from_millis(20);
 /// When each side fires, as a delay after it receives its introduction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FireDelays {
+    /// Side A's delay.
     pub a: Duration,
+    /// Side B's delay.
     pub b: Duration,
 }
 

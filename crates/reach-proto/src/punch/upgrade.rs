@@ -55,18 +55,25 @@ pub const REPUNCH_AFTER_FALLBACK: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PunchError {
     #[error("no relay connection to coordinate the punch through")]
+    /// This node holds no relay connection to the peer to ask through.
     NoCoordinator,
     #[error("the coordinator refused: {0}")]
+    /// The coordinator said no (its reason).
     Refused(String),
     #[error("no punch packet got through within {0:?}")]
+    /// No punch packet arrived within the attempt's time (how long).
     NoPath(Duration),
     #[error("a punch got through but the direct handshake failed: {0}")]
+    /// Packets got through but the direct QUIC handshake failed (why).
     Handshake(String),
     #[error("punch abandoned: {0}")]
+    /// The upgrade stopped before an attempt ended (why, e.g. the relayed
+    /// connection closed).
     Abandoned(&'static str),
 }
 
 impl PunchError {
+    /// A stable name of the error, for counters and logs.
     pub fn kind(&self) -> &'static str {
         match self {
             PunchError::NoCoordinator => "punch_no_coordinator",
@@ -120,11 +127,13 @@ pub enum Ended {
 /// The end of one upgrade, to record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Outcome {
+    /// The peer the upgrade was with.
     pub peer: PeerId,
     /// The technique of the last introduction (`StayRelayed` if none).
     pub technique: Technique,
     /// Attempts carried out (introductions acted on).
     pub attempts: u32,
+    /// How it ended.
     pub ended: Ended,
 }
 
@@ -156,23 +165,36 @@ pub enum Action {
     /// (the coordinator swaps the roles by the attempt number); report
     /// with [`Upgrades::asked`].
     Ask {
+        /// The peer to punch to.
         peer: PeerId,
+        /// The relay that coordinates.
         relay: PeerId,
+        /// 0 for the first attempt.
         attempt: u32,
     },
     /// Report [`Upgrades::relayed`] as soon as a relayed connection with
     /// `peer` exists (one may exist already), if it does before `until`.
-    AwaitRelayed { peer: PeerId, until: Duration },
+    AwaitRelayed {
+        /// The peer.
+        peer: PeerId,
+        /// Give up waiting at this time (driver's clock).
+        until: Duration,
+    },
     /// Carry out this side's part of `intro` now (its fire time has come;
     /// `intro` carries the role and the technique), until `deadline`, then
     /// report with [`Upgrades::punched`]. `started` is when the punch was
     /// asked for (requester) or introduced (target): the time to direct
     /// counts from there.
     Punch {
+        /// Hand back to [`Upgrades::punched`].
         ticket: Ticket,
+        /// Whether this node asked or was introduced.
         side: Side,
+        /// What the coordinator said: whom, where, how.
         intro: Introduction,
+        /// When the punch was asked for or introduced.
         started: Duration,
+        /// When the attempt gives up.
         deadline: Duration,
     },
     /// The upgrade with a peer ended: record it, through
@@ -180,7 +202,12 @@ pub enum Action {
     Ended(Outcome),
     /// A direct path to `peer` fell back [`REPUNCH_AFTER_FALLBACK`] ago: if
     /// the connection is still relayed, [`Upgrades::start`] again.
-    Repunch { peer: PeerId, relay: PeerId },
+    Repunch {
+        /// The peer.
+        peer: PeerId,
+        /// The relay the connection goes through.
+        relay: PeerId,
+    },
 }
 
 /// Where one upgrade (requester side) stands.
@@ -238,6 +265,7 @@ pub struct Upgrades {
 }
 
 impl Upgrades {
+    /// No upgrade running.
     pub fn new() -> Self {
         Self::default()
     }
@@ -269,13 +297,17 @@ impl Upgrades {
         true
     }
 
-    /// Whether an upgrade with `peer` is running.
-    pub fn is_upgrading(&self, peer: &PeerId) -> bool {
+    /// Whether an upgrade with `peer` is running. Only the tests ask: the
+    /// driver learns of upgrades through [`Upgrades::poll_action`].
+    #[cfg(test)]
+    fn is_upgrading(&self, peer: &PeerId) -> bool {
         self.upgrades.contains_key(peer)
     }
 
     /// Punches accepted and not yet reported (waiting to fire or running).
-    pub fn active(&self) -> usize {
+    /// Only the tests ask, to check slots are taken and freed.
+    #[cfg(test)]
+    fn active(&self) -> usize {
         self.punches.len()
     }
 

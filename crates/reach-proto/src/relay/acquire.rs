@@ -34,17 +34,35 @@ pub const HEALTH_POLL: Duration = Duration::from_secs(5);
 /// The states of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
+    /// Looking for a relay: waiting for the driver's `Reserved` or
+    /// `ReservationFailed`.
     Acquiring,
-    Holding { relay: PeerId, addr: SocketAddr },
+    /// A relay holds our reservation; its address is published.
+    Holding {
+        /// The relay that holds our reservation.
+        relay: PeerId,
+        /// Our relayed address there (published).
+        addr: SocketAddr,
+    },
+    /// The held relay went away; a new one is sought at once.
     Lost,
-    Backoff { until: Duration },
+    /// Every candidate failed; try again later.
+    Backoff {
+        /// When the next acquisition starts (driver's clock).
+        until: Duration,
+    },
 }
 
 /// What happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A reservation at `relay` succeeded.
-    Reserved { relay: PeerId, addr: SocketAddr },
+    Reserved {
+        /// The relay.
+        relay: PeerId,
+        /// Our relayed address there.
+        addr: SocketAddr,
+    },
     /// Every candidate refused or failed.
     ReservationFailed,
     /// The connection to the held relay closed, or a health poll failed.
@@ -60,12 +78,18 @@ pub enum Event {
 pub enum Action {
     /// The relay to publish changed: record it as held (`None`: no relay)
     /// and republish the endpoint record before the next action.
-    Publish { relay: Option<(PeerId, SocketAddr)> },
+    Publish {
+        /// The relay held now and its address; `None` while holding none.
+        relay: Option<(PeerId, SocketAddr)>,
+    },
     /// Pick relay candidates (public, healthy, DHT-close first) and try to
     /// reserve at them; report back `Reserved` or `ReservationFailed`.
     Acquire,
     /// Check the held relay is still alive; report `RelayLost` if not.
-    CheckHealth { relay: PeerId },
+    CheckHealth {
+        /// The held relay.
+        relay: PeerId,
+    },
 }
 
 /// The relay-acquisition state machine.
@@ -96,6 +120,7 @@ impl RelayAcquisition {
         m
     }
 
+    /// Where the machine stands now.
     pub fn state(&self) -> State {
         self.state
     }

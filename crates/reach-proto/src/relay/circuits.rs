@@ -62,6 +62,7 @@ pub enum ForwardDrop {
 /// A circuit as `/debug` and tests see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CircuitInfo {
+    /// The circuit's id (frames carry it).
     pub circuit: u64,
     /// The dialer.
     pub from: PeerId,
@@ -117,6 +118,7 @@ pub struct Circuits {
 }
 
 impl Circuits {
+    /// A relay with no reservation and no circuit, enforcing `limits`.
     pub fn new(limits: RelayLimits) -> Self {
         Circuits {
             reservations: Reservations::new(limits),
@@ -283,10 +285,12 @@ impl Circuits {
         out
     }
 
+    /// Open circuits.
     pub fn len(&self) -> usize {
         self.circuits.len()
     }
 
+    /// Whether no circuit is open.
     pub fn is_empty(&self) -> bool {
         self.circuits.is_empty()
     }

@@ -29,19 +29,33 @@ pub enum RelayRequest {
     /// Reserve (or renew) a slot: "accept circuits for me". `punch` is
     /// what the client knows about its NAT, kept for coordinating punches
     /// to it (renewals keep it current).
-    Reserve { punch: PunchInfo },
+    Reserve {
+        /// The client's NAT facts and addresses.
+        punch: PunchInfo,
+    },
     /// Open a circuit to `target`, which must hold a reservation here.
-    Connect { target: PeerId },
+    Connect {
+        /// The reservation holder to reach.
+        target: PeerId,
+    },
     /// Relay to client: `from` opened circuit `circuit` to you.
-    Incoming { from: PeerId, circuit: u64 },
+    Incoming {
+        /// The dialer.
+        from: PeerId,
+        /// The circuit's id.
+        circuit: u64,
+    },
     /// Cancel our reservation (leaving cleanly).
     Release,
     /// Coordinate a hole punch with `target` (which holds a reservation
     /// here): the relay answers with our [`Introduction`] and sends the
     /// target its own. `attempt` counts from 0; retries swap roles.
     Punch {
+        /// The peer to punch to.
         target: PeerId,
+        /// 0 for the first attempt.
         attempt: u32,
+        /// What the requester knows about its own NAT.
         info: PunchInfo,
     },
     /// Relay to client: a peer asked to punch through to you.
@@ -49,22 +63,34 @@ pub enum RelayRequest {
     /// The connection over circuit `circuit` closed: drop it (only its two
     /// ends may ask). Without this a circuit would live until it idled out,
     /// and a busy peer would run into the per-peer circuit limit.
-    CloseCircuit { circuit: u64 },
+    CloseCircuit {
+        /// The circuit's id.
+        circuit: u64,
+    },
 }
 
 /// The answer to a [`RelayRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RelayResponse {
     /// The reservation holds for `ttl_s` seconds; renew before then.
-    Reserved { ttl_s: u32 },
+    Reserved {
+        /// Seconds the reservation holds.
+        ttl_s: u32,
+    },
     /// The circuit is open: frame packets with this id.
-    Circuit { circuit: u64 },
+    Circuit {
+        /// The circuit's id.
+        circuit: u64,
+    },
     /// The client accepted an incoming circuit, or a release was done.
     Accepted,
     /// The requester's introduction of a punch.
     Introduced(Introduction),
     /// Refused; `reason` is a stable kind string ([`refusal`]).
-    Refused { reason: String },
+    Refused {
+        /// Why (stable kind string).
+        reason: String,
+    },
 }
 
 /// The stable refusal reasons a relay sends (besides a refused

@@ -12,6 +12,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::PeerId;
+use crate::limits::TokenBucket;
 
 /// Default: clients one relay serves at once.
 pub const MAX_CLIENTS: usize = 512;
@@ -31,10 +32,16 @@ pub const BURST: Duration = Duration::from_secs(1);
 /// The relay's limits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RelayLimits {
+    /// Clients served at once ([`MAX_CLIENTS`]).
     pub max_clients: usize,
+    /// How long a reservation lasts without renewal ([`RESERVATION_TTL`]).
     pub reservation_ttl: Duration,
+    /// Per-client bandwidth, bytes/s ([`MAX_BYTES_PER_SEC`]).
     pub bytes_per_sec: u64,
+    /// Per-client packet rate, packets/s ([`MAX_PACKETS_PER_SEC`]).
     pub packets_per_sec: u64,
+    /// A reservation without traffic this long is dropped
+    /// ([`IDLE_EXPIRY`]).
     pub idle_expiry: Duration,
 }
 
@@ -54,10 +61,12 @@ impl Default for RelayLimits {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RefuseReason {
     #[error("the relay is at its client limit")]
+    /// Every client slot is taken (see [`RelayLimits::max_clients`]).
     Full,
 }
 
 impl RefuseReason {
+    /// A stable name of the reason, for the wire and counters.
     pub fn kind(&self) -> &'static str {
         match self {
             RefuseReason::Full => "relay_full",
@@ -77,7 +86,9 @@ pub enum Drop {
 /// A granted reservation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
+    /// When the reservation lapses unless renewed (driver's clock).
     pub expires: Duration,
+    /// Whether the client already held one.
     pub renewed: bool,
 }
 
@@ -85,40 +96,9 @@ pub struct Grant {
 struct Client {
     expires: Duration,
     last_active: Duration,
-    bytes: Bucket,
-    packets: Bucket,
+    bytes: TokenBucket,
+    packets: TokenBucket,
     forwarded_bytes: u64,
-}
-
-/// A token bucket refilled continuously.
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    rate: u64,
-    tokens: f64,
-    at: Duration,
-}
-
-impl Bucket {
-    fn new(rate: u64, now: Duration) -> Self {
-        Bucket {
-            rate,
-            tokens: rate as f64 * BURST.as_secs_f64(),
-            at: now,
-        }
-    }
-
-    fn take(&mut self, n: u64, now: Duration) -> bool {
-        let cap = self.rate as f64 * BURST.as_secs_f64();
-        let dt = now.saturating_sub(self.at).as_secs_f64();
-        self.tokens = (self.tokens + dt * self.rate as f64).min(cap);
-        self.at = now;
-        if self.tokens >= n as f64 {
-            self.tokens -= n as f64;
-            true
-        } else {
-            false
-        }
-    }
 }
 
 /// The relay's reservations.
@@ -129,6 +109,7 @@ pub struct Reservations {
 }
 
 impl Reservations {
+    /// No reservation yet, enforcing `limits`.
     pub fn new(limits: RelayLimits) -> Self {
         Reservations {
             limits,
@@ -156,8 +137,8 @@ impl Reservations {
             Client {
                 expires,
                 last_active: now,
-                bytes: Bucket::new(self.limits.bytes_per_sec, now),
-                packets: Bucket::new(self.limits.packets_per_sec, now),
+                bytes: TokenBucket::new(self.limits.bytes_per_sec, BURST, now),
+                packets: TokenBucket::new(self.limits.packets_per_sec, BURST, now),
                 forwarded_bytes: 0,
             },
         );
@@ -220,10 +201,12 @@ impl Reservations {
         self.clients.contains_key(client)
     }
 
+    /// Reservations held.
     pub fn len(&self) -> usize {
         self.clients.len()
     }
 
+    /// Whether no reservation is held.
     pub fn is_empty(&self) -> bool {
         self.clients.is_empty()
     }

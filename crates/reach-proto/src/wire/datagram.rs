@@ -50,11 +50,15 @@ const QUIC_FIXED_BIT: u8 = 0x40;
 /// What a datagram on the shared socket is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DatagramKind {
+    /// A QUIC packet (fixed bit set): handed to quinn.
     Quic,
+    /// A STUN message (magic cookie at its place).
     Stun,
+    /// One of reach's own [`ControlPacket`]s (reach magic).
     Control,
     /// A packet of a relay circuit (see [`relay_frame`]).
     Relay,
+    /// Anything else: dropped.
     Unknown,
 }
 
@@ -113,9 +117,17 @@ pub enum FilterVia {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlPacket {
     /// "Which address do you see me at?" Padded to [`PROBE_REQUEST_LEN`].
-    Probe { nonce: u64 },
+    Probe {
+        /// Random; the reply echoes it so a forged reply is not believed.
+        nonce: u64,
+    },
     /// The answer: the source address the probe arrived from.
-    ProbeReply { nonce: u64, observed: SocketAddr },
+    ProbeReply {
+        /// The probe's nonce.
+        nonce: u64,
+        /// The source address the probe came from, as the helper saw it.
+        observed: SocketAddr,
+    },
     /// "Send an unsolicited [`ControlPacket::FilterProbe`] to the address
     /// you see this packet come from", either from another port of the
     /// helper or from a peer of the helper at an IP not in `exclude` (the
@@ -123,18 +135,31 @@ pub enum ControlPacket {
     /// `Body::FilterProbeRequest`).
     /// Padded to [`PROBE_REQUEST_LEN`].
     FilterTest {
+        /// Random; the filter probe carries it back.
         nonce: u64,
+        /// Who sends the unsolicited probe.
         via: FilterVia,
+        /// IPs the requester already sent to (its NAT would let their probe in
+        /// anyway): a peer at one of them must not be picked.
         exclude: Vec<std::net::IpAddr>,
     },
     /// The unsolicited probe itself.
-    FilterProbe { nonce: u64 },
+    FilterProbe {
+        /// The nonce of the [`ControlPacket::FilterTest`] it answers.
+        nonce: u64,
+    },
     /// A hole-punching packet of punch `id` (the token the coordinator gave
     /// both peers): opens our NAT towards the peer, and tells the peer where
     /// our packets come from.
-    Punch { id: u64 },
+    Punch {
+        /// The punch's token from the coordinator.
+        id: u64,
+    },
     /// "Your punch `id` reached me" (sent back to where it came from).
-    PunchAck { id: u64 },
+    PunchAck {
+        /// The token of the punch that arrived.
+        id: u64,
+    },
 }
 
 impl ControlPacket {

@@ -54,12 +54,16 @@ pub mod protocols {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProtocolNameError {
     #[error("empty protocol name")]
+    /// The name has no characters.
     Empty,
     #[error("protocol name of {0} bytes exceeds {MAX_PROTOCOL_NAME_LEN}")]
+    /// The name is longer than [`MAX_PROTOCOL_NAME_LEN`] bytes (its length).
     TooLong(usize),
     #[error("protocol names are printable ASCII without spaces")]
+    /// The name has a space, a control or a non-ASCII character.
     NotPrintable,
     #[error("the prefix \"reach/\" is reserved for reach's own protocols")]
+    /// The name starts with `reach/`, kept for reach's own protocols.
     Reserved,
 }
 
@@ -110,7 +114,12 @@ pub enum Body {
     /// `id` is the sender's random message id: a message sent again over
     /// another connection (its first one died before the acknowledgement
     /// came back) is recognised and delivered once.
-    Message { id: u64, data: Vec<u8> },
+    Message {
+        /// The sender's random message id (deduplication across connections).
+        id: u64,
+        /// The application's bytes.
+        data: Vec<u8>,
+    },
     /// Header of an application bidirectional stream; raw application bytes
     /// follow the frame.
     OpenStream,
@@ -129,7 +138,9 @@ pub enum Body {
     /// Over QUIC, so nobody can make a node probe a third party by
     /// spoofing a peer's UDP source address. No answer.
     FilterProbeRequest {
+        /// The probe's nonce, echoed so the requester can match it.
         nonce: u64,
+        /// Where the probe goes: the requester as the helper saw it.
         target: std::net::SocketAddr,
     },
     /// Header of a bidirectional stream of an application protocol
@@ -137,7 +148,10 @@ pub enum Body {
     /// handler took the stream; raw protocol bytes follow either way. A
     /// node without a handler resets the stream with its "unknown
     /// protocol" code.
-    Open { protocol: String },
+    Open {
+        /// The application protocol's name (see [`check_protocol_name`]).
+        protocol: String,
+    },
 }
 
 /// The byte a receiver writes when it routed a [`Body::Open`] stream to a
@@ -187,7 +201,9 @@ fn leading_varint(bytes: &[u8]) -> Option<u64> {
 /// A versioned body.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Envelope {
+    /// The wire version the sender framed this body with.
     pub version: u8,
+    /// What the stream carries.
     pub body: Body,
 }
 

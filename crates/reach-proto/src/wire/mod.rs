@@ -23,18 +23,36 @@ pub use frame::{FRAME_HEADER_LEN, MAX_FRAME_LEN};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    /// A length prefix announced more bytes than a frame may hold; refused
+    /// before anything is buffered.
+    TooLarge {
+        /// The length the frame header announced.
+        len: usize,
+        /// The largest frame this build accepts.
+        max: usize,
+    },
     #[error("truncated input: needed {needed} bytes, had {had}")]
-    Truncated { needed: usize, had: usize },
+    /// The input ended in the middle of a header or body.
+    Truncated {
+        /// Bytes the decoder needed to go on.
+        needed: usize,
+        /// Bytes there were.
+        had: usize,
+    },
     #[error(
         "unsupported wire version {0} (this build speaks versions {MIN_WIRE_VERSION} to {WIRE_VERSION})"
     )]
+    /// The peer speaks a wire version outside this build's range.
     UnsupportedVersion(u8),
     #[error("not a reach control packet (bad magic)")]
+    /// A datagram that claims to be a control packet lacks its magic bytes.
     BadMagic,
     #[error("malformed body: {0}")]
+    /// The body did not decode (the decoder's message says where).
     Malformed(String),
     #[error("{0} trailing bytes after the body")]
+    /// Bytes were left after a complete body: the frame is refused rather
+    /// than half-read.
     TrailingBytes(usize),
     /// A body kind this build does not know: sent by a newer node. The
     /// stream is refused as an unknown protocol; the connection stays.

@@ -26,7 +26,10 @@ pub type TransactionId = [u8; 12];
 /// A decoded STUN message (only what reach uses).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StunMessage {
+    /// Method and class bits of the header (e.g. Binding request or success
+    /// response).
     pub method_class: u16,
+    /// Matches a response to its request.
     pub transaction: TransactionId,
     /// The mapped address, if the message carried one.
     pub mapped: Option<SocketAddr>,
