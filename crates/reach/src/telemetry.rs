@@ -65,6 +65,11 @@ pub trait MetricGroup {
 
 /// Implemented only by the snapshots [`NodeStats`](crate::node::NodeStats)
 /// holds (by `node_stats!`), so a group left out of it fails to compile.
+#[diagnostic::on_unimplemented(
+    message = "the metric group `{Self}` is not part of `NodeStats`",
+    label = "declared here but missing from `node_stats!`",
+    note = "add it as a field of `node_stats!` in crates/reach/src/node/stats.rs"
+)]
 pub trait Assembled: MetricGroup {}
 
 #[doc(hidden)]
