@@ -649,51 +649,31 @@ async fn lab_nat(kinds: Vec<String>, delay_ms: u32, json: bool) -> Result<()> {
 
 /// The hole-punching lines of `reach status`: techniques tried, with
 /// successes of attempts, and the latest outcome per peer.
-fn print_punch(p: &serde_json::Value) {
-    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+fn print_punch(p: &reach::punch::PunchStats) {
     let tried: Vec<String> = p
-        .get("techniques")
-        .and_then(|t| t.as_array())
-        .into_iter()
-        .flatten()
-        .filter(|t| n(t, "attempts") > 0)
-        .map(|t| {
-            format!(
-                "{} {}/{}",
-                t.get("technique").and_then(|v| v.as_str()).unwrap_or("?"),
-                n(t, "successes"),
-                n(t, "attempts")
-            )
-        })
+        .techniques
+        .iter()
+        .filter(|t| t.attempts > 0)
+        .map(|t| format!("{} {}/{}", t.technique, t.successes, t.attempts))
         .collect();
     if tried.is_empty() {
         return;
     }
     let p50 = p
-        .get("time_to_direct_ms_p50")
-        .and_then(|v| v.as_f64())
+        .time_to_direct_ms_p50
         .map_or_else(String::new, |v| format!(", time to direct p50 {v:.0} ms"));
     println!(
         "punch     {}; {} fell back to relay{p50}",
         tried.join(", "),
-        n(p, "fallbacks")
+        p.fallbacks
     );
-    for o in p
-        .get("recent")
-        .and_then(|r| r.as_array())
-        .into_iter()
-        .flatten()
-        .take(MAX_STATUS_PUNCHES)
-    {
-        let s = |k: &str| o.get(k).and_then(|v| v.as_str()).unwrap_or("");
-        let how = if o.get("direct").and_then(|v| v.as_bool()) == Some(true) {
-            format!("direct after {} ms", n(o, "time_to_direct_ms"))
-        } else if s("error_kind").is_empty() {
-            "relayed".to_string()
-        } else {
-            format!("relayed ({})", s("error_kind"))
+    for o in p.recent.iter().take(MAX_STATUS_PUNCHES) {
+        let how = match (&o.error_kind, o.direct) {
+            (_, true) => format!("direct after {} ms", o.time_to_direct_ms.unwrap_or(0)),
+            (None, false) => "relayed".to_string(),
+            (Some(kind), false) => format!("relayed ({kind})"),
         };
-        println!("  {}  {}  {how}", s("peer"), s("technique"));
+        println!("  {}  {}  {how}", o.peer, o.technique);
     }
 }
 
@@ -730,7 +710,7 @@ fn print_status(s: &Status) {
             );
         }
     }
-    let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
+    let st = &s.stats;
     println!(
         "handshake pq {}; by group: X25519MLKEM768 {}, X25519 {}, other {}",
         if s.post_quantum.is_empty() {
@@ -738,48 +718,39 @@ fn print_status(s: &Status) {
         } else {
             &s.post_quantum
         },
-        g("handshakes_x25519mlkem768"),
-        g("handshakes_x25519"),
-        g("handshakes_other_group")
+        st.handshakes.hybrid,
+        st.handshakes.x25519,
+        st.handshakes.other
     );
-    let r = |k: &str| s.relay.get(k).cloned().unwrap_or_default();
-    let reach = r("reachability");
-    println!(
-        "reach     {}{}",
-        reach
-            .get("state")
-            .and_then(|v| v.as_str())
-            .unwrap_or("unknown"),
-        reach
-            .get("addr")
-            .and_then(|v| v.as_str())
-            .map_or_else(String::new, |a| format!(" at {a}"))
-    );
-    if let Some(held) = r("held_relay").as_str() {
+    let r = &s.relay;
+    let (state, at) = match r.reachability {
+        reach::Reachability::Unknown => ("unknown", String::new()),
+        reach::Reachability::Public(a) => ("public", format!(" at {a}")),
+        reach::Reachability::Private => ("private", String::new()),
+    };
+    println!("reach     {state}{at}");
+    if let Some(held) = r.held_relay {
         println!(
             "relay     holding {held} at {}",
-            r("held_relay_addr").as_str().unwrap_or("?")
+            r.held_relay_addr
+                .map_or_else(|| "?".to_string(), |a| a.to_string())
         );
     }
-    if r("serving").as_bool() == Some(true) {
+    if r.serving {
         println!(
             "relaying  for {} clients, {} circuits",
-            r("reservations").as_u64().unwrap_or(0),
-            r("circuits").as_array().map_or(0, |c| c.len())
+            r.reservations,
+            r.circuits.len()
         );
     }
     print_punch(&s.punch);
-    let g = |k: &str| s.stats.get(k).and_then(|v| v.as_u64()).unwrap_or(0);
     println!(
         "dht       {} contacts, {} records held, {} lookups",
-        g("dht_routing_table_size"),
-        g("dht_records_stored"),
-        g("dht_lookups")
+        st.dht.routing_table_size, st.dht.records_stored, st.dht.lookups
     );
     println!(
         "messages  {} sent, {} received",
-        g("messages_sent"),
-        g("messages_received")
+        st.core.messages_sent, st.core.messages_received
     );
 }
 

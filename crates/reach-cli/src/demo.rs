@@ -202,8 +202,11 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
     let wall_ms = started.elapsed().as_millis() as u64;
     progress.finish_and_clear();
 
-    let connections: u64 = nodes.iter().map(|n| n.stats().connections_outbound).sum();
-    let dht_resolutions: u64 = nodes.iter().map(|n| n.stats().dht_resolutions).sum();
+    let connections: u64 = nodes
+        .iter()
+        .map(|n| n.stats().core.connections_outbound)
+        .sum();
+    let dht_resolutions: u64 = nodes.iter().map(|n| n.stats().dht.resolutions).sum();
     futures_shutdown(&nodes).await;
     dial_ms.sort_by(f64::total_cmp);
     latencies.sort_by(f64::total_cmp);

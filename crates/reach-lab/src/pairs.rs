@@ -906,7 +906,7 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
         technique,
         direct_ms,
         fallback_ms,
-        resent: dialer.stats().messages_resent,
+        resent: dialer.stats().core.messages_resent,
         direct_again_ms,
         path_events: Vec::new(),
     };

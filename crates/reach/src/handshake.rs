@@ -26,7 +26,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -269,17 +269,25 @@ impl ActiveKeyExchange for RecordedActive {
 // ---------------------------------------------------------------------------
 // Counters.
 
-/// Completed TLS handshakes by negotiated key-exchange group (counted when
-/// TLS completes, so also handshakes whose connection the node then closed,
-/// e.g. a dial that reached itself).
-#[derive(Debug, Default)]
-pub struct HandshakeStats {
-    hybrid: AtomicU64,
-    x25519: AtomicU64,
-    other: AtomicU64,
+crate::telemetry::metrics! {
+    /// Completed TLS handshakes by negotiated key-exchange group (counted when
+    /// TLS completes, so also handshakes whose connection the node then closed,
+    /// e.g. a dial that reached itself).
+    pub struct HandshakeCounters =>
+    /// The handshake counters as [`NodeStats`](crate::NodeStats) shows them.
+    pub struct HandshakeStats;
+    atomic {
+        /// Completed handshakes that negotiated the hybrid post-quantum group
+        /// X25519MLKEM768.
+        counter hybrid = "handshakes_x25519mlkem768",
+        /// Completed handshakes that negotiated classical X25519.
+        counter x25519 = "handshakes_x25519",
+        /// Completed handshakes that negotiated any other group.
+        counter other = "handshakes_other_group",
+    }
 }
 
-impl HandshakeStats {
+impl HandshakeCounters {
     fn count(&self, group: Option<NamedGroup>) {
         let c = match group {
             Some(NamedGroup::X25519MLKEM768) => &self.hybrid,
@@ -287,21 +295,6 @@ impl HandshakeStats {
             _ => &self.other,
         };
         c.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Handshakes that negotiated X25519MLKEM768.
-    pub fn hybrid(&self) -> u64 {
-        self.hybrid.load(Ordering::Relaxed)
-    }
-
-    /// Handshakes that negotiated classical X25519.
-    pub fn x25519(&self) -> u64 {
-        self.x25519.load(Ordering::Relaxed)
-    }
-
-    /// Handshakes that negotiated any other group.
-    pub fn other(&self) -> u64 {
-        self.other.load(Ordering::Relaxed)
     }
 }
 
@@ -328,7 +321,7 @@ pub fn negotiated_group(conn: &quinn::Connection) -> Option<String> {
 struct ReachSession {
     inner: Box<dyn crypto::Session>,
     ctx: Arc<HandshakeContext>,
-    stats: Arc<HandshakeStats>,
+    stats: Arc<HandshakeCounters>,
     counted: bool,
 }
 
@@ -410,7 +403,7 @@ impl crypto::Session for ReachSession {
 struct DialCrypto {
     shared: Arc<QuicClientConfig>,
     ctx: Arc<HandshakeContext>,
-    stats: Arc<HandshakeStats>,
+    stats: Arc<HandshakeCounters>,
 }
 
 impl crypto::ClientConfig for DialCrypto {
@@ -438,7 +431,7 @@ impl crypto::ClientConfig for DialCrypto {
 /// context.
 struct AcceptCrypto {
     shared: Arc<QuicServerConfig>,
-    stats: Arc<HandshakeStats>,
+    stats: Arc<HandshakeCounters>,
 }
 
 impl crypto::ServerConfig for AcceptCrypto {
@@ -484,7 +477,7 @@ pub(crate) struct NodeTls {
     quic_client: Arc<QuicClientConfig>,
     quic_server: Arc<AcceptCrypto>,
     transport: Arc<TransportConfig>,
-    stats: Arc<HandshakeStats>,
+    stats: Arc<HandshakeCounters>,
 }
 
 impl NodeTls {
@@ -496,7 +489,7 @@ impl NodeTls {
         );
         let link_client = Arc::new(tls::client_config_accepting(keypair, tls::Accept::Any, pq)?.0);
         let server = Arc::new(tls::server_config_with(keypair, pq)?);
-        let stats = Arc::new(HandshakeStats::default());
+        let stats = Arc::new(HandshakeCounters::default());
         let quic_server = Arc::new(AcceptCrypto {
             shared: Arc::new(
                 QuicServerConfig::try_from(server.clone())
@@ -519,7 +512,7 @@ impl NodeTls {
         self.pq
     }
 
-    pub(crate) fn stats(&self) -> &HandshakeStats {
+    pub(crate) fn stats(&self) -> &HandshakeCounters {
         &self.stats
     }
 

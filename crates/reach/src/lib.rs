@@ -43,6 +43,7 @@ pub mod punch;
 pub mod relay;
 pub mod socket;
 pub mod tcp;
+pub mod telemetry;
 pub mod tls;
 pub mod transport;
 pub(crate) mod util;

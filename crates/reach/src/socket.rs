@@ -131,24 +131,33 @@ pub struct NonQuicDatagram {
     pub data: Bytes,
 }
 
-/// Counters of what the demultiplexer saw.
-#[derive(Debug, Default)]
-pub struct DemuxStats {
-    pub quic_datagrams: AtomicU64,
-    pub control_datagrams: AtomicU64,
-    pub stun_datagrams: AtomicU64,
-    pub unknown_dropped: AtomicU64,
-    pub queue_full_dropped: AtomicU64,
-    /// Relayed segments dropped because GRO had coalesced them with
-    /// packets of another path (QUIC retransmits them).
-    pub relay_mixed_dropped: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters of what the demultiplexer saw.
+    pub struct DemuxCounters =>
+    /// The demultiplexer's counters as [`NodeStats`](crate::NodeStats) shows them.
+    pub struct DatagramStats;
+    atomic {
+        /// QUIC datagrams handed to quinn.
+        counter quic_datagrams,
+        /// reach control datagrams (address probes and answers).
+        counter control_datagrams,
+        /// STUN datagrams.
+        counter stun_datagrams,
+        /// Datagrams of no known kind, dropped.
+        counter unknown_dropped = "unknown_datagrams_dropped",
+        /// Non-QUIC datagrams dropped because the node's queue was full.
+        counter queue_full_dropped = "queue_full_datagrams_dropped",
+        /// Relayed segments dropped because GRO had coalesced them with
+        /// packets of another path (QUIC retransmits them).
+        counter relay_mixed_dropped,
+    }
 }
 
 /// quinn's socket with non-QUIC datagrams diverted to the node.
 pub struct DemuxSocket {
     inner: Arc<dyn AsyncUdpSocket>,
     to_node: mpsc::Sender<NonQuicDatagram>,
-    stats: Arc<DemuxStats>,
+    stats: Arc<DemuxCounters>,
     paths: Arc<RelayPaths>,
     links: Arc<TcpLinks>,
     /// Alternates which path `poll_recv` reads first.
@@ -181,9 +190,13 @@ impl DemuxSocket {
         inner: Arc<dyn AsyncUdpSocket>,
         paths: Arc<RelayPaths>,
         links: Arc<TcpLinks>,
-    ) -> (Arc<Self>, mpsc::Receiver<NonQuicDatagram>, Arc<DemuxStats>) {
+    ) -> (
+        Arc<Self>,
+        mpsc::Receiver<NonQuicDatagram>,
+        Arc<DemuxCounters>,
+    ) {
         let (tx, rx) = mpsc::channel(NON_QUIC_QUEUE);
-        let stats = Arc::new(DemuxStats::default());
+        let stats = Arc::new(DemuxCounters::default());
         let sock = Arc::new(DemuxSocket {
             inner,
             to_node: tx,

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -76,14 +76,25 @@ struct Link {
     outbound: bool,
 }
 
-/// Counters of the links.
-#[derive(Debug, Default)]
-pub struct LinkStats {
-    pub opened: AtomicU64,
-    pub accepted: AtomicU64,
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-    pub dropped: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters of the links.
+    pub struct LinkCounters =>
+    /// The TCP links' counters as [`NodeStats`](crate::NodeStats) shows them.
+    pub struct LinkStats;
+    atomic {
+        /// TCP links this node opened.
+        counter opened = "tcp_links_opened",
+        /// TCP links peers opened and this node accepted.
+        counter accepted = "tcp_links_accepted",
+        /// Datagrams sent over TCP links.
+        counter sent = "tcp_datagrams_sent",
+        /// Datagrams received over TCP links.
+        counter received = "tcp_datagrams_received",
+        /// Datagrams too large or over a full link queue, and accepted TCP
+        /// connections refused (handshakes crowded, or too many links from
+        /// one IP), all dropped.
+        counter dropped = "tcp_dropped",
+    }
 }
 
 /// The TCP links of one node, shared with its socket.
@@ -103,7 +114,7 @@ pub struct TcpLinks {
     /// first link opens (else a node with no UDP traffic would never look
     /// at the link's first datagrams).
     first_link: futures::task::AtomicWaker,
-    pub stats: LinkStats,
+    pub stats: LinkCounters,
 }
 
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
@@ -131,7 +142,7 @@ impl TcpLinks {
             tls_server: TlsAcceptor::from(tls.1),
             open: std::sync::atomic::AtomicUsize::new(0),
             first_link: futures::task::AtomicWaker::new(),
-            stats: LinkStats::default(),
+            stats: LinkCounters::default(),
         })
     }
 

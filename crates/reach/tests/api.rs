@@ -64,7 +64,19 @@ async fn api_refuses_requests_without_the_token_and_serves_with_it() {
         ["lan_first", "simultaneous_open", "birthday", "stay_relayed"]
     );
     assert_eq!(punch["fallbacks"], 0);
-    assert_eq!(status.punch["techniques"], punch["techniques"]);
+    assert_eq!(
+        serde_json::to_value(&status.punch.techniques).unwrap(),
+        punch["techniques"]
+    );
+    // The status carries the counters as the same flat object as /v1/stats,
+    // and the relay side as an object.
+    let raw: serde_json::Value = client.get("/v1/status").await.unwrap();
+    let stats: serde_json::Value = client.get("/v1/stats").await.unwrap();
+    let keys =
+        |v: &serde_json::Value| -> Vec<String> { v.as_object().unwrap().keys().cloned().collect() };
+    assert_eq!(keys(&raw["stats"]), keys(&stats));
+    assert!(stats["messages_sent"].is_u64() && stats["dht_lookups"].is_u64());
+    assert!(raw["relay"]["serving"].is_boolean(), "{raw}");
 
     // Send through the API to another node.
     let other = Node::builder()

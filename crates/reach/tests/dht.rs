@@ -97,7 +97,7 @@ async fn fifty_nodes_resolve_and_connect_to_each_other_by_peer_id_alone() {
         "{} of 500 failed: {failures:?}",
         failures.len()
     );
-    let resolved: u64 = nodes.iter().map(|n| n.stats().dht_resolutions).sum();
+    let resolved: u64 = nodes.iter().map(|n| n.stats().dht.resolutions).sum();
     assert!(
         resolved >= 500,
         "every pair resolved through the DHT: {resolved}"
@@ -307,7 +307,7 @@ async fn hostile_dht_messages_never_panic_or_evict_honest_records() {
     assert_eq!(after.summary.rejections.get("oversize"), Some(&1));
     let addrs = within("lookup", nodes[3].lookup(honest)).await.unwrap();
     assert_eq!(addrs[0].addr, nodes[0].local_addr());
-    assert!(seed.stats().malformed_streams >= 2);
+    assert!(seed.stats().core.malformed_streams >= 2);
 }
 
 #[tokio::test]

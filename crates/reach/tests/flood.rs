@@ -133,7 +133,7 @@ async fn a_flood_from_one_host_is_refused_silent_connections_close_and_peers_are
         .count();
     assert_eq!(held.len(), 4, "the per-IP limit admits exactly 4");
     assert_eq!(refused, 36, "the rest are refused before any handshake");
-    assert_eq!(target.stats().inbound_refused, 36);
+    assert_eq!(target.stats().core.inbound_refused, 36);
 
     // Another host still connects and delivers under the flood.
     within(
@@ -161,9 +161,9 @@ async fn a_flood_from_one_host_is_refused_silent_connections_close_and_peers_are
             "{reason:?}"
         );
     }
-    assert!(target.stats().silent_connections_closed >= 3);
+    assert!(target.stats().core.silent_connections_closed >= 3);
     until("slots given back", || {
-        target.stats().inbound_connections <= 2
+        target.stats().core.inbound_connections <= 2
     })
     .await;
     let again = within("dial after", raw_dial(&ep, &target, &Keypair::generate())).await;
@@ -179,8 +179,8 @@ async fn a_flood_from_one_host_is_refused_silent_connections_close_and_peers_are
         }
     }
     let s = target.stats();
-    assert!(s.peer_table_size <= 50 + 50 / 8 + 4, "{s:?}");
-    assert!(s.peers_evicted >= 140, "{s:?}");
+    assert!(s.core.peer_table_size <= 50 + 50 / 8 + 4, "{s:?}");
+    assert!(s.core.peers_evicted >= 140, "{s:?}");
     // The honest peer, connected all along, was never forgotten.
     within(
         "honest send",

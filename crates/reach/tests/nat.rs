@@ -23,7 +23,7 @@ async fn stun_between_reach_nodes_reports_the_source_address() {
         .unwrap()
         .unwrap();
     assert_eq!(mapped, client.local_addr());
-    assert_eq!(server.stats().stun_answered, 1);
+    assert_eq!(server.stats().core.stun_answered, 1);
     // A node with the STUN server turned off does not answer.
     let quiet = Node::builder()
         .bind("127.0.0.3:0".parse().unwrap())

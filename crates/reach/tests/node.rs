@@ -47,8 +47,8 @@ async fn two_nodes_exchange_messages_both_ways_on_one_connection() {
     assert_eq!(seen_by_b[0].direction, reach::Direction::Inbound);
     // Reused: still one connection each after traffic both ways.
     assert_eq!(a.connected_peers().len(), 1);
-    assert_eq!(a.stats().connections_outbound, 1);
-    assert_eq!(b.stats().connections_outbound, 0);
+    assert_eq!(a.stats().core.connections_outbound, 1);
+    assert_eq!(b.stats().core.connections_outbound, 0);
     a.shutdown().await;
     b.shutdown().await;
 }
@@ -177,7 +177,7 @@ async fn garbage_datagrams_leave_the_node_working() {
     let c = node().await;
     c.connect(b.peer_id(), [b.local_addr()]).await.unwrap();
     let stats = b.stats();
-    assert!(stats.unknown_datagrams_dropped + stats.quic_datagrams > 0);
+    assert!(stats.datagrams.unknown_dropped + stats.datagrams.quic_datagrams > 0);
 }
 
 #[tokio::test]
@@ -191,7 +191,7 @@ async fn control_packets_share_the_quic_socket() {
         .unwrap()
         .unwrap();
     assert_eq!(observed, a.local_addr());
-    assert_eq!(b.stats().probes_answered, 1);
+    assert_eq!(b.stats().core.probes_answered, 1);
     a.send(b.peer_id(), b"after probe".to_vec()).await.unwrap();
     assert_eq!(next_message(&b).await.1, b"after probe");
 }

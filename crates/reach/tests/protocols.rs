@@ -113,8 +113,8 @@ async fn application_protocols_share_a_node_with_dht_relay_and_messaging() {
     let addrs = within("lookup", alice.lookup(bob.peer_id())).await.unwrap();
     assert!(!addrs.is_empty());
     assert_eq!(bob.relay_status().held_relay, Some(relay.peer_id()));
-    assert_eq!(bob.stats().protocol_streams_accepted, 22);
-    assert_eq!(bob.stats().protocol_streams_refused, 0);
+    assert_eq!(bob.stats().core.protocol_streams_accepted, 22);
+    assert_eq!(bob.stats().core.protocol_streams_refused, 0);
     for n in [alice, bob, relay] {
         n.shutdown().await;
     }
@@ -140,7 +140,7 @@ async fn an_unknown_protocol_is_refused_typed_and_the_connection_stays_up() {
         "{err}"
     );
     assert_eq!(err.kind(), "protocol_not_supported");
-    assert_eq!(bob.stats().protocol_streams_refused, 1);
+    assert_eq!(bob.stats().core.protocol_streams_refused, 1);
 
     // The same connection still carries messages and other protocols.
     alice
@@ -159,7 +159,7 @@ async fn an_unknown_protocol_is_refused_typed_and_the_connection_stays_up() {
     let conn_after = alice.connected_peers();
     assert_eq!(conn_before.len(), 1);
     assert_eq!(conn_after.len(), 1);
-    assert_eq!(alice.stats().connections_outbound, 1, "no redial");
+    assert_eq!(alice.stats().core.connections_outbound, 1, "no redial");
 
     for n in [alice, bob] {
         n.shutdown().await;

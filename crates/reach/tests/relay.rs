@@ -145,10 +145,10 @@ async fn relayed_traffic_is_end_to_end_encrypted_and_the_relay_sees_no_plaintext
 
     let st = relay.stats();
     assert!(
-        st.relay_forwarded_bytes as usize >= secret.len(),
+        st.relay_paths.forwarded_bytes as usize >= secret.len(),
         "the relay forwarded the message's bytes ({st:?})"
     );
-    assert_eq!(st.relay_circuits_opened, 1);
+    assert_eq!(st.relay.circuits_opened, 1);
     let seen = tap.seen.lock().unwrap();
     let needle = b"8f3k2-relay-plaintext-canary";
     assert!(
@@ -201,7 +201,7 @@ async fn a_full_relay_refuses_and_the_client_finds_another() {
     let bob = relayed_node(&[r1.local_addr(), r2.local_addr()], Some(bob_kp)).await;
     until("bob holds r2", || held(&bob) == Some(r2.peer_id())).await;
     assert!(
-        r1.stats().relay_reservations_refused >= 1,
+        r1.stats().relay.reservations_refused >= 1,
         "r1 refused Bob: {:?}",
         r1.stats()
     );
@@ -274,7 +274,7 @@ async fn losing_the_relay_republishes_and_holds_a_new_one_within_ten_seconds() {
         took <= Duration::from_secs(10),
         "new relay held and published after {took:?}"
     );
-    assert!(bob.stats().relay_losses >= 1);
+    assert!(bob.stats().relay.relay_losses >= 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -200,9 +200,9 @@ impl RelayHandle {
     fn stats(&self) -> RelayCounts {
         let s = self.node.stats();
         RelayCounts {
-            packets: s.relay_forwarded_packets,
-            bytes: s.relay_forwarded_bytes,
-            dropped: s.relay_dropped_unknown + s.relay_dropped_rate_limited,
+            packets: s.relay_paths.forwarded_packets,
+            bytes: s.relay_paths.forwarded_bytes,
+            dropped: s.relay_paths.dropped_unknown + s.relay_paths.dropped_rate_limited,
         }
     }
 

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::service::{Drop as ReservationDrop, RefuseReason, RelayLimits, Reservations};
 use crate::PeerId;
@@ -60,7 +60,7 @@ pub enum ForwardDrop {
 }
 
 /// A circuit as `/debug` and tests see it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CircuitInfo {
     /// The circuit's id (frames carry it).
     pub circuit: u64,

@@ -38,6 +38,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::node::{NodeStats, PeerInfo};
+use crate::punch::PunchStats;
+use crate::relay::RelayStatus;
 use reach_proto::PeerId;
 
 /// File in the data dir holding the bearer token.
@@ -90,12 +92,13 @@ pub struct Status {
     pub external: Vec<reach_proto::nat::observed::ScoredAddr>,
     /// The relay side: serving, held relay, reservations, circuits.
     #[serde(default)]
-    pub relay: serde_json::Value,
+    pub relay: RelayStatus,
     /// Hole punching: per technique attempts, successes, failures;
     /// fallbacks; time to direct; the latest outcome per peer.
     #[serde(default)]
-    pub punch: serde_json::Value,
-    pub stats: serde_json::Value,
+    pub punch: PunchStats,
+    /// The node's counters (the same object as `GET /v1/stats`).
+    pub stats: NodeStats,
 }
 
 /// One connected peer in a [`Status`].
@@ -183,10 +186,6 @@ pub struct ApiErrorBody {
 pub struct ApiErrorDetail {
     pub kind: String,
     pub message: String,
-}
-
-pub(crate) fn stats_json(stats: &NodeStats) -> serde_json::Value {
-    serde_json::to_value(stats).unwrap_or(serde_json::Value::Null)
 }
 
 /// Path of the token file in `data_dir`.

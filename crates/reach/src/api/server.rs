@@ -25,7 +25,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use super::{
     ApiErrorBody, ApiErrorDetail, BODY_READ_TIMEOUT, ConnectRequest, Discovery,
     HEADER_READ_TIMEOUT, LookupRequest, LookupResponse, MAX_API_CONNECTIONS, MAX_REQUEST_BODY,
-    SendRequest, SendResponse, Status, discovery_path, stats_json, token_path,
+    SendRequest, SendResponse, Status, discovery_path, token_path,
 };
 use crate::error::{Error, Result};
 use crate::keystore;
@@ -495,9 +495,9 @@ async fn status(State(state): State<AppState>) -> Response {
         connected_peers: node.connected_peers().into_iter().map(Into::into).collect(),
         post_quantum: node.post_quantum().to_string(),
         external: node.external_addrs(),
-        relay: serde_json::to_value(node.relay_status()).unwrap_or_default(),
-        punch: serde_json::to_value(node.punch_stats()).unwrap_or_default(),
-        stats: stats_json(&node.stats()),
+        relay: node.relay_status(),
+        punch: node.punch_stats(),
+        stats: node.stats(),
     })
 }
 
@@ -510,7 +510,7 @@ async fn punch(State(state): State<AppState>) -> Response {
 }
 
 async fn stats(State(state): State<AppState>) -> Response {
-    ok(stats_json(&state.node.stats()))
+    ok(state.node.stats())
 }
 
 async fn connect(State(state): State<AppState>, body: Bytes) -> Response {

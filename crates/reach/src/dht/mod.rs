@@ -18,7 +18,6 @@ pub mod rpc;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::AtomicU64;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use reach_proto::PeerId;
@@ -40,16 +39,33 @@ pub enum DhtMode {
     Client,
 }
 
-/// Counters of the DHT.
-#[derive(Debug, Default)]
-pub(crate) struct DhtCounters {
-    pub lookups: AtomicU64,
-    pub rpcs_sent: AtomicU64,
-    pub rpcs_failed: AtomicU64,
-    pub rpcs_served: AtomicU64,
-    pub records_published: AtomicU64,
-    pub resolutions: AtomicU64,
-    pub resolution_failures: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters of the DHT.
+    pub(crate) struct DhtCounters =>
+    /// The DHT's counters as [`NodeStats`](crate::NodeStats) shows them.
+    pub struct DhtStats;
+    atomic {
+        /// Iterative lookups run.
+        counter lookups = "dht_lookups",
+        /// DHT requests sent.
+        counter rpcs_sent = "dht_rpcs_sent",
+        /// DHT requests that failed or timed out.
+        counter rpcs_failed = "dht_rpcs_failed",
+        /// DHT requests this node answered.
+        counter rpcs_served = "dht_rpcs_served",
+        /// Endpoint records this node published.
+        counter records_published = "dht_records_published",
+        /// Peers resolved to addresses through the DHT.
+        counter resolutions = "dht_resolutions",
+        /// Resolutions that found no valid record.
+        counter resolution_failures = "dht_resolution_failures",
+    }
+    external {
+        /// Contacts in the routing table now.
+        gauge routing_table_size = "dht_routing_table_size",
+        /// Records this node stores for others now.
+        gauge records_stored = "dht_records_stored",
+    }
 }
 
 /// DHT state of a node.
@@ -102,6 +118,14 @@ impl Dht {
         if !crate::relay::paths::is_virtual(&contact.addr) {
             self.routing().on_seen(contact, self.now());
         }
+    }
+
+    /// The DHT's counters, with the routing table and store sizes now.
+    pub fn stats(&self) -> DhtStats {
+        let mut s = self.counters.snapshot();
+        s.routing_table_size = self.routing().len() as u64;
+        s.records_stored = self.store().len() as u64;
+        s
     }
 
     pub fn routing(&self) -> std::sync::MutexGuard<'_, RoutingTable> {

@@ -52,7 +52,7 @@ use crate::dht::join::JoinReport;
 use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
 use crate::events::{Event, PathKind, Stream};
-use crate::socket::{DemuxSocket, DemuxStats};
+use crate::socket::{DemuxCounters, DemuxSocket};
 use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
@@ -115,7 +115,7 @@ pub(crate) struct Inner {
     /// The path each connected peer was last reported on.
     pub path_reports: bus::PathReports,
     pub counters: stats::Counters,
-    pub demux_stats: Arc<DemuxStats>,
+    pub demux_stats: Arc<DemuxCounters>,
     pub shutdown_tx: watch::Sender<bool>,
     /// Every task the node runs; see [`tasks`] for how they stop.
     pub tasks: tasks::TaskSet,
@@ -576,19 +576,20 @@ impl Node {
 
     /// Counters since the node started.
     pub fn stats(&self) -> NodeStats {
-        let mut s = NodeStats::collect(
-            &self.inner.counters,
-            &self.inner.demux_stats,
-            &self.inner.dht,
-            &self.inner.relay.counters,
-            &self.inner.paths.stats,
-            self.inner.tls.stats(),
-        );
-        s.peers_evicted = self.inner.peers.evicted();
-        s.connection_events_dropped = self.inner.messaging.dropped_connection_events();
-        s.peer_table_size = self.inner.peers.len() as u64;
-        s.inbound_connections = self.inner.inbound_gate.inbound() as u64;
-        s
+        let mut core = self.inner.counters.snapshot();
+        core.peers_evicted = self.inner.peers.evicted();
+        core.connection_events_dropped = self.inner.messaging.dropped_connection_events();
+        core.peer_table_size = self.inner.peers.len() as u64;
+        core.inbound_connections = self.inner.inbound_gate.inbound() as u64;
+        NodeStats {
+            core,
+            datagrams: self.inner.demux_stats.snapshot(),
+            dht: self.inner.dht.stats(),
+            relay: self.inner.relay.counters.snapshot(),
+            relay_paths: self.inner.paths.stats.snapshot(),
+            handshakes: self.inner.tls.stats().snapshot(),
+            tcp: self.inner.links.stats.snapshot(),
+        }
     }
 
     /// Saves the routing table to the peer cache now (the node also saves it

@@ -3,39 +3,68 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::Serialize;
-
-use crate::socket::DemuxStats;
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub messages_sent: AtomicU64,
-    pub messages_received: AtomicU64,
-    /// Messages sent again after their connection died unacknowledged.
-    pub messages_resent: AtomicU64,
-    /// Messages received a second time (and not delivered again).
-    pub duplicate_messages: AtomicU64,
-    pub message_bytes_sent: AtomicU64,
-    pub message_bytes_received: AtomicU64,
-    pub streams_opened: AtomicU64,
-    pub streams_accepted: AtomicU64,
-    pub protocol_streams_accepted: AtomicU64,
-    pub protocol_streams_refused: AtomicU64,
-    pub connections_outbound: AtomicU64,
-    pub connections_inbound: AtomicU64,
-    pub dial_failures: AtomicU64,
-    pub inbound_handshake_failures: AtomicU64,
-    /// Inbound handshakes asked to prove their address first (a QUIC Retry)
-    /// because handshakes in flight were crowded.
-    pub inbound_retried: AtomicU64,
-    /// Inbound connection attempts refused by a connection limit.
-    pub inbound_refused: AtomicU64,
-    /// Inbound connections closed for carrying nothing.
-    pub silent_connections_closed: AtomicU64,
-    pub malformed_streams: AtomicU64,
-    pub probes_answered: AtomicU64,
-    pub probes_refused: AtomicU64,
-    pub stun_answered: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters the node core keeps: messages, streams, connections,
+    /// probes.
+    pub(crate) struct Counters =>
+    /// The node core's counters as [`NodeStats`] shows them.
+    pub struct CoreStats;
+    atomic {
+        /// Messages sent.
+        counter messages_sent,
+        /// Messages received and delivered.
+        counter messages_received,
+        /// Messages sent again after their connection died unacknowledged.
+        counter messages_resent,
+        /// Messages received a second time (and not delivered again).
+        counter duplicate_messages,
+        /// Bytes of messages sent.
+        counter message_bytes_sent,
+        /// Bytes of messages received.
+        counter message_bytes_received,
+        /// Streams this node opened.
+        counter streams_opened,
+        /// Streams peers opened and the application got.
+        counter streams_accepted,
+        /// Streams of application protocols handed to a listener.
+        counter protocol_streams_accepted,
+        /// Streams refused because nobody here serves their protocol.
+        counter protocol_streams_refused,
+        /// Connections this node dialed.
+        counter connections_outbound,
+        /// Connections peers dialed.
+        counter connections_inbound,
+        /// Dials that failed.
+        counter dial_failures,
+        /// Inbound handshakes that failed.
+        counter inbound_handshake_failures,
+        /// Inbound handshakes asked to prove their address first (a QUIC Retry)
+        /// because handshakes in flight were crowded.
+        counter inbound_retried,
+        /// Inbound connection attempts refused by a connection limit.
+        counter inbound_refused,
+        /// Inbound connections closed for carrying nothing.
+        counter silent_connections_closed,
+        /// Streams that did not start with a valid envelope.
+        counter malformed_streams,
+        /// Address probes answered.
+        counter probes_answered,
+        /// Address probes refused (rate limit).
+        counter probes_refused,
+        /// STUN binding requests answered.
+        counter stun_answered,
+    }
+    external {
+        /// Connection events the application did not read in time (see
+        /// `NodeBuilder::connection_events`).
+        counter connection_events_dropped,
+        /// Peer-table entries forgotten to keep the table bounded.
+        counter peers_evicted,
+        /// Entries in the peer table now.
+        gauge peer_table_size,
+        /// Inbound connections now (handshaking or established).
+        gauge inbound_connections,
+    }
 }
 
 pub(crate) fn bump(c: &AtomicU64) {
@@ -46,151 +75,174 @@ pub(crate) fn add(c: &AtomicU64, n: usize) {
     c.fetch_add(n as u64, Ordering::Relaxed);
 }
 
-/// A snapshot of a node's counters since it started.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
-pub struct NodeStats {
-    pub messages_sent: u64,
-    pub messages_received: u64,
-    pub messages_resent: u64,
-    pub duplicate_messages: u64,
-    pub message_bytes_sent: u64,
-    pub message_bytes_received: u64,
-    pub streams_opened: u64,
-    pub streams_accepted: u64,
-    /// Streams of application protocols handed to a listener.
-    pub protocol_streams_accepted: u64,
-    /// Streams refused because nobody here serves their protocol.
-    pub protocol_streams_refused: u64,
-    pub connections_outbound: u64,
-    pub connections_inbound: u64,
-    pub dial_failures: u64,
-    pub inbound_handshake_failures: u64,
-    pub inbound_retried: u64,
-    pub inbound_refused: u64,
-    pub silent_connections_closed: u64,
-    /// Connection events the application did not read in time (see
-    /// `NodeBuilder::connection_events`).
-    pub connection_events_dropped: u64,
-    /// Peer-table entries forgotten to keep the table bounded.
-    pub peers_evicted: u64,
-    /// Entries in the peer table now.
-    pub peer_table_size: u64,
-    /// Inbound connections now (handshaking or established).
-    pub inbound_connections: u64,
-    pub malformed_streams: u64,
-    pub probes_answered: u64,
-    pub probes_refused: u64,
-    pub stun_answered: u64,
-    pub quic_datagrams: u64,
-    pub control_datagrams: u64,
-    pub stun_datagrams: u64,
-    pub unknown_datagrams_dropped: u64,
-    pub queue_full_datagrams_dropped: u64,
-    pub dht_lookups: u64,
-    pub dht_rpcs_sent: u64,
-    pub dht_rpcs_failed: u64,
-    pub dht_rpcs_served: u64,
-    pub dht_records_published: u64,
-    pub dht_resolutions: u64,
-    pub dht_resolution_failures: u64,
-    pub dht_routing_table_size: u64,
-    pub dht_records_stored: u64,
-    pub relay_reservations_granted: u64,
-    pub relay_reservations_refused: u64,
-    pub relay_circuits_opened: u64,
-    pub relay_circuits_refused: u64,
-    pub relay_forwarded_packets: u64,
-    pub relay_forwarded_bytes: u64,
-    pub relay_dropped_unknown: u64,
-    pub relay_dropped_rate_limited: u64,
-    pub relayed_dials: u64,
-    pub relayed_dial_failures: u64,
-    pub relayed_packets_sent: u64,
-    pub relayed_packets_received: u64,
-    pub relay_mixed_dropped: u64,
-    pub relay_acquisitions: u64,
-    pub relay_acquisition_failures: u64,
-    pub relay_losses: u64,
-    /// Completed handshakes that negotiated the hybrid post-quantum group
-    /// X25519MLKEM768.
-    pub handshakes_x25519mlkem768: u64,
-    /// Completed handshakes that negotiated classical X25519.
-    pub handshakes_x25519: u64,
-    /// Completed handshakes that negotiated any other group.
-    pub handshakes_other_group: u64,
+crate::telemetry::node_stats! {
+    /// A snapshot of a node's counters since it started, assembled from the
+    /// modules' metric groups. It serializes as one flat JSON object (each
+    /// group is flattened; see `crate::telemetry`), and lists every metric
+    /// through [`MetricGroup`](crate::telemetry::MetricGroup).
+    pub struct NodeStats {
+        /// Messages, streams, connections, probes.
+        pub core: CoreStats,
+        /// Datagrams the socket demultiplexed, by kind.
+        pub datagrams: crate::socket::DatagramStats,
+        /// The DHT.
+        pub dht: crate::dht::DhtStats,
+        /// The relay capability: reservations, circuits, relayed dials,
+        /// acquisition.
+        pub relay: crate::relay::RelayStats,
+        /// The relay data path: forwarded and relayed packets.
+        pub relay_paths: crate::relay::paths::RelayPathStats,
+        /// Completed TLS handshakes by key-exchange group.
+        pub handshakes: crate::handshake::HandshakeStats,
+        /// TCP links.
+        pub tcp: crate::tcp::LinkStats,
+    }
 }
 
-impl NodeStats {
-    pub(crate) fn collect(
-        c: &Counters,
-        d: &DemuxStats,
-        dht: &crate::dht::Dht,
-        r: &crate::relay::RelayCounters,
-        p: &crate::relay::paths::RelayPathStats,
-        h: &crate::handshake::HandshakeStats,
-    ) -> Self {
-        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        NodeStats {
-            messages_sent: g(&c.messages_sent),
-            messages_received: g(&c.messages_received),
-            messages_resent: g(&c.messages_resent),
-            duplicate_messages: g(&c.duplicate_messages),
-            message_bytes_sent: g(&c.message_bytes_sent),
-            message_bytes_received: g(&c.message_bytes_received),
-            streams_opened: g(&c.streams_opened),
-            streams_accepted: g(&c.streams_accepted),
-            protocol_streams_accepted: g(&c.protocol_streams_accepted),
-            protocol_streams_refused: g(&c.protocol_streams_refused),
-            connections_outbound: g(&c.connections_outbound),
-            connections_inbound: g(&c.connections_inbound),
-            dial_failures: g(&c.dial_failures),
-            inbound_handshake_failures: g(&c.inbound_handshake_failures),
-            inbound_retried: g(&c.inbound_retried),
-            inbound_refused: g(&c.inbound_refused),
-            silent_connections_closed: g(&c.silent_connections_closed),
-            // Filled in by `Node::stats` (the peer table and the gate
-            // keep these).
-            peers_evicted: 0,
-            connection_events_dropped: 0,
-            peer_table_size: 0,
-            inbound_connections: 0,
-            malformed_streams: g(&c.malformed_streams),
-            probes_answered: g(&c.probes_answered),
-            probes_refused: g(&c.probes_refused),
-            stun_answered: g(&c.stun_answered),
-            quic_datagrams: g(&d.quic_datagrams),
-            control_datagrams: g(&d.control_datagrams),
-            stun_datagrams: g(&d.stun_datagrams),
-            unknown_datagrams_dropped: g(&d.unknown_dropped),
-            queue_full_datagrams_dropped: g(&d.queue_full_dropped),
-            dht_lookups: g(&dht.counters.lookups),
-            dht_rpcs_sent: g(&dht.counters.rpcs_sent),
-            dht_rpcs_failed: g(&dht.counters.rpcs_failed),
-            dht_rpcs_served: g(&dht.counters.rpcs_served),
-            dht_records_published: g(&dht.counters.records_published),
-            dht_resolutions: g(&dht.counters.resolutions),
-            dht_resolution_failures: g(&dht.counters.resolution_failures),
-            dht_routing_table_size: dht.routing().len() as u64,
-            dht_records_stored: dht.store().len() as u64,
-            relay_reservations_granted: g(&r.reservations_granted),
-            relay_reservations_refused: g(&r.reservations_refused),
-            relay_circuits_opened: g(&r.circuits_opened),
-            relay_circuits_refused: g(&r.circuits_refused),
-            relay_forwarded_packets: g(&p.forwarded_packets),
-            relay_forwarded_bytes: g(&p.forwarded_bytes),
-            relay_dropped_unknown: g(&p.dropped_unknown),
-            relay_dropped_rate_limited: g(&p.dropped_rate_limited),
-            relayed_dials: g(&r.relayed_dials),
-            relayed_dial_failures: g(&r.relayed_dial_failures),
-            relayed_packets_sent: g(&p.client_sent),
-            relayed_packets_received: g(&p.client_received),
-            relay_mixed_dropped: g(&d.relay_mixed_dropped),
-            relay_acquisitions: g(&r.acquisitions),
-            relay_acquisition_failures: g(&r.acquisition_failures),
-            relay_losses: g(&r.relay_losses),
-            handshakes_x25519mlkem768: h.hybrid(),
-            handshakes_x25519: h.x25519(),
-            handshakes_other_group: h.other(),
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+    use crate::telemetry::{MetricGroup, MetricKind};
+
+    /// The stats JSON fields `reach status`, `/v1/stats`, `/v1/status`, the
+    /// README and scripts have read since before the metric groups existed:
+    /// none may be renamed or dropped.
+    const FIELDS_CLIENTS_READ: &[&str] = &[
+        "messages_sent",
+        "messages_received",
+        "messages_resent",
+        "duplicate_messages",
+        "message_bytes_sent",
+        "message_bytes_received",
+        "streams_opened",
+        "streams_accepted",
+        "protocol_streams_accepted",
+        "protocol_streams_refused",
+        "connections_outbound",
+        "connections_inbound",
+        "dial_failures",
+        "inbound_handshake_failures",
+        "inbound_retried",
+        "inbound_refused",
+        "silent_connections_closed",
+        "connection_events_dropped",
+        "peers_evicted",
+        "peer_table_size",
+        "inbound_connections",
+        "malformed_streams",
+        "probes_answered",
+        "probes_refused",
+        "stun_answered",
+        "quic_datagrams",
+        "control_datagrams",
+        "stun_datagrams",
+        "unknown_datagrams_dropped",
+        "queue_full_datagrams_dropped",
+        "dht_lookups",
+        "dht_rpcs_sent",
+        "dht_rpcs_failed",
+        "dht_rpcs_served",
+        "dht_records_published",
+        "dht_resolutions",
+        "dht_resolution_failures",
+        "dht_routing_table_size",
+        "dht_records_stored",
+        "relay_reservations_granted",
+        "relay_reservations_refused",
+        "relay_circuits_opened",
+        "relay_circuits_refused",
+        "relay_forwarded_packets",
+        "relay_forwarded_bytes",
+        "relay_dropped_unknown",
+        "relay_dropped_rate_limited",
+        "relayed_dials",
+        "relayed_dial_failures",
+        "relayed_packets_sent",
+        "relayed_packets_received",
+        "relay_mixed_dropped",
+        "relay_acquisitions",
+        "relay_acquisition_failures",
+        "relay_losses",
+        "handshakes_x25519mlkem768",
+        "handshakes_x25519",
+        "handshakes_other_group",
+    ];
+
+    #[tokio::test]
+    async fn every_declared_metric_is_in_a_running_nodes_stats_json() {
+        let node = crate::Node::builder()
+            .bind("127.0.0.1:0".parse().unwrap())
+            .spawn()
+            .await
+            .unwrap();
+        let stats = node.stats();
+        let json = serde_json::to_value(&stats).unwrap();
+        let obj = json.as_object().expect("the stats are one flat object");
+        let listed = stats.metrics();
+        for (m, value) in &listed {
+            assert_eq!(
+                obj.get(m.name).and_then(|v| v.as_u64()),
+                Some(*value),
+                "{} is declared but not in the stats JSON as listed: {json}",
+                m.name
+            );
         }
+        // Nothing in the JSON that no group declares (so a /metrics page
+        // built from the groups shows everything the JSON does).
+        assert_eq!(obj.len(), listed.len(), "{json}");
+        // One bump shows in both the typed field and the JSON.
+        bump(&node.inner.counters.stun_answered);
+        let json = serde_json::to_value(node.stats()).unwrap();
+        assert_eq!(json["stun_answered"], 1);
+        node.shutdown().await;
+    }
+
+    #[test]
+    fn metric_names_are_unique_documented_and_keep_the_old_json_fields() {
+        let listed = NodeStats::default().metrics();
+        let names: HashSet<&str> = listed.iter().map(|(m, _)| m.name).collect();
+        assert_eq!(names.len(), listed.len(), "a metric name is declared twice");
+        for (m, _) in &listed {
+            assert!(!m.help.is_empty(), "{} has no doc comment", m.name);
+            assert_eq!(m.help, m.help.trim(), "{}", m.name);
+        }
+        for f in FIELDS_CLIENTS_READ {
+            assert!(names.contains(f), "{f} is gone from the stats");
+        }
+        let kind = |n: &str| listed.iter().find(|(m, _)| m.name == n).unwrap().0.kind;
+        assert_eq!(kind("peer_table_size"), MetricKind::Gauge);
+        assert_eq!(kind("dht_routing_table_size"), MetricKind::Gauge);
+        assert_eq!(kind("messages_sent"), MetricKind::Counter);
+    }
+
+    #[test]
+    fn every_metric_round_trips_through_the_json_under_its_name() {
+        // Give each metric a different value, by name only.
+        let listed = NodeStats::default().metrics();
+        let want: serde_json::Map<String, serde_json::Value> = listed
+            .iter()
+            .enumerate()
+            .map(|(i, (m, _))| (m.name.to_string(), (i as u64 + 1).into()))
+            .collect();
+        let stats: NodeStats =
+            serde_json::from_value(serde_json::Value::Object(want.clone())).unwrap();
+        for (i, (m, v)) in stats.metrics().iter().enumerate() {
+            assert_eq!(*v, i as u64 + 1, "{} lands in another field", m.name);
+        }
+        assert_eq!(
+            serde_json::to_value(&stats).unwrap(),
+            serde_json::Value::Object(want.clone())
+        );
+        // Typed access reads the same values.
+        assert_eq!(stats.core.messages_sent, want["messages_sent"]);
+        assert_eq!(stats.dht.lookups, want["dht_lookups"]);
+        assert_eq!(stats.relay_paths.client_sent, want["relayed_packets_sent"]);
+        // A daemon without a newer field still parses (missing is zero).
+        let old: NodeStats =
+            serde_json::from_value(serde_json::json!({"messages_sent": 3})).unwrap();
+        assert_eq!(old.core.messages_sent, 3);
+        assert_eq!(old.tcp.opened, 0);
     }
 }

@@ -1,13 +1,14 @@
 //! Hole punching as `reach status` and `/v1/punch` show it: counters per
 //! technique, fallbacks, time to direct, the latest outcome per peer.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use reach_proto::PeerId;
 use reach_proto::punch::Technique;
 use reach_proto::punch::upgrade::{Ended, Outcome};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{PunchRuntime, lock};
 
@@ -17,9 +18,11 @@ pub const MAX_OUTCOMES: usize = 256;
 pub const TIME_SAMPLES: usize = 256;
 
 /// Counters of one technique.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct TechniqueStats {
-    pub technique: &'static str,
+    /// The technique's name (`Technique::name`; owned only when parsed
+    /// from JSON).
+    pub technique: Cow<'static, str>,
     /// Attempts this node took part in (as requester or target).
     pub attempts: u64,
     pub successes: u64,
@@ -27,23 +30,23 @@ pub struct TechniqueStats {
 }
 
 /// How the last punch with one peer ended.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PunchOutcome {
     /// Increases with every outcome this node records.
     pub seq: u64,
     pub peer: PeerId,
-    pub technique: &'static str,
+    pub technique: Cow<'static, str>,
     pub direct: bool,
     pub attempts: u32,
     /// From the punch request to the first packet from the peer's direct
     /// address.
     pub time_to_direct_ms: Option<u64>,
-    pub error_kind: Option<&'static str>,
+    pub error_kind: Option<Cow<'static, str>>,
     pub error: Option<String>,
 }
 
 /// Hole punching as `reach status` and `/v1/punch` show it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct PunchStats {
     pub techniques: Vec<TechniqueStats>,
     /// Direct paths that died, their traffic moved back to the relay.
@@ -69,7 +72,7 @@ impl PunchRuntime {
             .by_technique
             .entry(technique)
             .or_insert_with(|| TechniqueStats {
-                technique: technique.name(),
+                technique: technique.name().into(),
                 ..Default::default()
             });
         f(e);
@@ -90,11 +93,11 @@ impl PunchRuntime {
         let outcome = PunchOutcome {
             seq: c.seq,
             peer: o.peer,
-            technique: o.technique.name(),
+            technique: o.technique.name().into(),
             direct,
             attempts: o.attempts,
             time_to_direct_ms: time.map(|t| t.as_millis() as u64),
-            error_kind: error.map(|e| e.kind()),
+            error_kind: error.map(|e| e.kind().into()),
             error: error.map(|e| e.to_string()),
         };
         if let Some(t) = time {
@@ -125,7 +128,7 @@ impl PunchRuntime {
                 .iter()
                 .map(|t| {
                     c.by_technique.get(t).cloned().unwrap_or(TechniqueStats {
-                        technique: t.name(),
+                        technique: t.name().into(),
                         ..Default::default()
                     })
                 })

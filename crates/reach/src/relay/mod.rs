@@ -20,7 +20,7 @@ pub(crate) mod service;
 
 use std::net::SocketAddr;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64};
+use std::sync::atomic::AtomicBool;
 
 use reach_proto::PeerId;
 use reach_proto::relay::service::RelayLimits;
@@ -66,10 +66,11 @@ impl std::fmt::Display for RelayMode {
 }
 
 /// What a node found out about its own reachability.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", tag = "state", content = "addr")]
 pub enum Reachability {
     /// Not checked yet (or no helper was available).
+    #[default]
     Unknown,
     /// Unsolicited packets from a never-contacted host reach us at this
     /// address.
@@ -78,18 +79,32 @@ pub enum Reachability {
     Private,
 }
 
-/// Counters of the relay capability.
-#[derive(Debug, Default)]
-pub struct RelayCounters {
-    pub reservations_granted: AtomicU64,
-    pub reservations_refused: AtomicU64,
-    pub circuits_opened: AtomicU64,
-    pub circuits_refused: AtomicU64,
-    pub relayed_dials: AtomicU64,
-    pub relayed_dial_failures: AtomicU64,
-    pub acquisitions: AtomicU64,
-    pub acquisition_failures: AtomicU64,
-    pub relay_losses: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters of the relay capability.
+    pub struct RelayCounters =>
+    /// The relay capability's counters as [`NodeStats`](crate::NodeStats)
+    /// shows them.
+    pub struct RelayStats;
+    atomic {
+        /// Reservations this node granted as a relay.
+        counter reservations_granted = "relay_reservations_granted",
+        /// Reservations this node refused as a relay.
+        counter reservations_refused = "relay_reservations_refused",
+        /// Circuits this node opened as a relay.
+        counter circuits_opened = "relay_circuits_opened",
+        /// Circuits this node refused as a relay.
+        counter circuits_refused = "relay_circuits_refused",
+        /// Dials through a relay.
+        counter relayed_dials,
+        /// Dials through a relay that failed.
+        counter relayed_dial_failures,
+        /// Reservations this node acquired at a relay.
+        counter acquisitions = "relay_acquisitions",
+        /// Attempts to acquire a relay that failed.
+        counter acquisition_failures = "relay_acquisition_failures",
+        /// Held relays lost.
+        counter relay_losses,
+    }
 }
 
 /// Relay state of a node.
@@ -173,7 +188,7 @@ impl RelayRuntime {
 }
 
 /// The relay state as `Node::relay_status` and the control API show it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RelayStatus {
     pub service: RelayMode,
     pub acquire: RelayMode,

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Mutex, RwLock};
 use std::time::Duration;
 
@@ -59,19 +59,26 @@ struct ClientPaths {
     by_circuit: HashMap<(SocketAddr, u64), u32>,
 }
 
-/// Counters of the relay data path.
-#[derive(Debug, Default)]
-pub struct RelayPathStats {
-    /// Frames this node forwarded as a relay, and their bytes.
-    pub forwarded_packets: AtomicU64,
-    pub forwarded_bytes: AtomicU64,
-    /// Frames dropped: unknown circuit, or from an address not bound to it.
-    pub dropped_unknown: AtomicU64,
-    /// Frames dropped over the reservation holder's rate allowance.
-    pub dropped_rate_limited: AtomicU64,
-    /// Relayed packets sent and received as a client.
-    pub client_sent: AtomicU64,
-    pub client_received: AtomicU64,
+crate::telemetry::metrics! {
+    /// Counters of the relay data path.
+    pub struct RelayPathCounters =>
+    /// The relay data path's counters as [`NodeStats`](crate::NodeStats)
+    /// shows them.
+    pub struct RelayPathStats;
+    atomic {
+        /// Frames this node forwarded as a relay.
+        counter forwarded_packets = "relay_forwarded_packets",
+        /// Bytes of the frames this node forwarded as a relay.
+        counter forwarded_bytes = "relay_forwarded_bytes",
+        /// Frames dropped: unknown circuit, or from an address not bound to it.
+        counter dropped_unknown = "relay_dropped_unknown",
+        /// Frames dropped over the reservation holder's rate allowance.
+        counter dropped_rate_limited = "relay_dropped_rate_limited",
+        /// Relayed packets sent as a client.
+        counter client_sent = "relayed_packets_sent",
+        /// Relayed packets received as a client.
+        counter client_received = "relayed_packets_received",
+    }
 }
 
 /// The relay circuits of one node, shared with its socket.
@@ -82,7 +89,7 @@ pub struct RelayPaths {
     relay: Mutex<Circuits>,
     /// Time zero of the relay side's clock (tokio's, so tests can pause it).
     epoch: Instant,
-    pub stats: RelayPathStats,
+    pub stats: RelayPathCounters,
 }
 
 impl RelayPaths {
@@ -94,7 +101,7 @@ impl RelayPaths {
             client: RwLock::new(ClientPaths::default()),
             relay: Mutex::new(Circuits::new(limits)),
             epoch: Instant::now(),
-            stats: RelayPathStats::default(),
+            stats: RelayPathCounters::default(),
         }
     }
 
