@@ -1,29 +1,16 @@
 //! The node's own events, as a subscriber sees them: a node that acquires a
 //! relay announces it, then publishes a record that names it first.
 
-use reach::{AddrKind, Node, NodeEvent, RelayMode};
+use reach::{AddrKind, NodeEvent};
 
 mod common;
-use common::{logs, loopback, within};
+use common::{logs, node_holding_a_relay, relay_node, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquiring_a_relay_is_announced_and_republished() {
     logs();
-    let relay = Node::builder()
-        .bind(loopback())
-        .relay_service(RelayMode::On)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    let bob = Node::builder()
-        .bind(loopback())
-        .bootstrap([relay.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::On)
-        .spawn()
-        .await
-        .unwrap();
+    let relay = relay_node().await;
+    let bob = node_holding_a_relay(&relay).await;
     // Joining and the reachability check come first: subscribing now
     // misses nothing of the acquisition.
     let mut events = bob.subscribe();

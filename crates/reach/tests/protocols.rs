@@ -6,7 +6,7 @@
 use reach::{Error, Event, Node, RelayMode};
 
 mod common;
-use common::{logs, loopback, until, within};
+use common::{logs, loopback, node_holding_a_relay, relay_node, until, within};
 
 /// Serves `listener`: each stream gets back what it sent, prefixed.
 fn echo(mut listener: reach::ProtocolListener, prefix: &'static [u8]) {
@@ -34,24 +34,14 @@ async fn ask(node: &Node, peer: reach::PeerId, protocol: &str, data: &[u8]) -> V
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn application_protocols_share_a_node_with_dht_relay_and_messaging() {
     logs();
-    let relay = Node::builder()
-        .bind(loopback())
-        .relay_service(RelayMode::On)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    let bob = Node::builder()
-        .bind(loopback())
-        .bootstrap([relay.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::On)
-        .spawn()
-        .await
-        .unwrap();
+    let relay = relay_node().await;
+    let bob = node_holding_a_relay(&relay).await;
+    // Alice serves no relay: bob must pick the relay node (on loopback
+    // everyone is public, and a serving alice could be closer to bob).
     let alice = Node::builder()
         .bind(loopback())
         .bootstrap([relay.local_addr()])
+        .relay_service(RelayMode::Off)
         .acquire_relay(RelayMode::Off)
         .spawn()
         .await

@@ -9,26 +9,13 @@ use std::time::Duration;
 use reach::{Direction, Event, Node, PathKind, RelayMode};
 
 mod common;
-use common::{logs, loopback, until, within};
+use common::{logs, loopback, node_holding_a_relay, relay_node, until, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubled() {
     logs();
-    let relay = Node::builder()
-        .bind(loopback())
-        .relay_service(RelayMode::On)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    let bob = Node::builder()
-        .bind(loopback())
-        .bootstrap([relay.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::On)
-        .spawn()
-        .await
-        .unwrap();
+    let relay = relay_node().await;
+    let bob = node_holding_a_relay(&relay).await;
     // Alice stays out of the DHT: no DHT request may open a direct path to
     // Bob before the punch does.
     let alice = Node::builder()

@@ -35,3 +35,26 @@ pub fn logs() {
         .with_test_writer()
         .try_init();
 }
+
+/// A node that serves as a relay and holds none itself.
+pub async fn relay_node() -> reach::Node {
+    reach::Node::builder()
+        .bind(loopback())
+        .relay_service(reach::RelayMode::On)
+        .acquire_relay(reach::RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap()
+}
+
+/// A node that joins through `relay` and holds a relay (serving none).
+pub async fn node_holding_a_relay(relay: &reach::Node) -> reach::Node {
+    reach::Node::builder()
+        .bind(loopback())
+        .bootstrap([relay.local_addr()])
+        .relay_service(reach::RelayMode::Off)
+        .acquire_relay(reach::RelayMode::On)
+        .spawn()
+        .await
+        .unwrap()
+}
