@@ -114,7 +114,7 @@ fn source_of(inner: &Inner, remote: SocketAddr) -> Option<Source> {
     inner
         .real_source(remote)
         .or_else(|| {
-            let relay = inner.paths.path(&remote)?.relay_addr;
+            let relay = inner.relay.paths.path(&remote)?.relay_addr;
             inner.real_source(relay)
         })
         .map(|a| Source::of(a.ip()))

@@ -340,18 +340,19 @@ impl NodeBuilder {
             tasks: Default::default(),
             dht,
             nat: crate::nat::Nat::new(!self.no_stun_server, alt),
-            paths,
             relay: RelayRuntime::new(
                 self.relay_service,
                 self.acquire_relay,
                 relay_limits,
+                paths,
                 bus.clone(),
             ),
-            punch: crate::punch::PunchRuntime::new(!self.no_hole_punching),
-            udp_binder: self
-                .udp_binder
-                .clone()
-                .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
+            punch: crate::punch::PunchRuntime::new(
+                !self.no_hole_punching,
+                self.udp_binder
+                    .clone()
+                    .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
+            ),
             links: links.clone(),
             tcp_mode: std::sync::atomic::AtomicBool::new(false),
             tcp_fallback: !self.no_tcp_fallback,

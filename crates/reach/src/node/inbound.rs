@@ -142,7 +142,7 @@ fn register_slot(
     }
     if relayed && in_use && dir == Direction::Outbound {
         // We dialed through a relay: try for a direct path.
-        if let Some(path) = inner.paths.path(&conn.remote_address()) {
+        if let Some(path) = inner.relay.paths.path(&conn.remote_address()) {
             crate::punch::start_upgrade(inner, peer, path.relay);
         }
     }
@@ -200,7 +200,7 @@ async fn serve(
     }
     if inner.peers.live(&peer).is_none() {
         // A relay client that left takes its reservation and circuits along.
-        inner.paths.release(&peer);
+        inner.relay.paths.release(&peer);
         inner.punch.forget_info(&peer);
         if slot.is_some() {
             // An inbound peer that never used its connection for anything

@@ -122,12 +122,8 @@ pub(crate) struct Inner {
     pub dht: Dht,
     /// What the node knows about the NAT in front of it (see [`crate::nat`]).
     pub nat: crate::nat::Nat,
-    /// Relay circuits, shared with the socket.
-    pub paths: Arc<crate::relay::paths::RelayPaths>,
     pub relay: crate::relay::RelayRuntime,
     pub punch: crate::punch::PunchRuntime,
-    /// Opens the birthday technique's extra sockets.
-    pub udp_binder: crate::punch::UdpBinder,
     pub links: Arc<crate::tcp::TcpLinks>,
     /// UDP is blocked here: every dial goes over a TCP link.
     pub tcp_mode: std::sync::atomic::AtomicBool,
@@ -159,6 +155,7 @@ impl Inner {
             AddrClass::Direct => Some(PathKind::Direct),
             AddrClass::Link => Some(PathKind::TcpLink),
             AddrClass::Relayed => self
+                .relay
                 .paths
                 .path(addr)
                 .map(|p| PathKind::Relayed { relay: p.relay }),
@@ -445,9 +442,9 @@ impl Node {
                 .inner
                 .peers
                 .standby(&p.peer)
-                .and_then(|s| self.inner.paths.path(&s.remote_address()))
+                .and_then(|s| self.inner.relay.paths.path(&s.remote_address()))
                 .map(|path| path.relay);
-            if let Some(path) = self.inner.paths.path(&p.addr) {
+            if let Some(path) = self.inner.relay.paths.path(&p.addr) {
                 p.addr = self
                     .inner
                     .links
@@ -467,7 +464,7 @@ impl Node {
     /// the node itself needs it.
     pub fn disconnect(&self, peer: PeerId) {
         let carries_reservation = self.inner.relay.held().is_some_and(|(r, _)| r == peer)
-            || self.inner.paths.has_reservation(&peer);
+            || self.inner.relay.paths.has_reservation(&peer);
         if carries_reservation {
             return;
         }
@@ -506,8 +503,8 @@ impl Node {
             reachability: r.reachability(),
             held_relay: held.map(|(p, _)| p),
             held_relay_addr: held.map(|(_, a)| a),
-            reservations: self.inner.paths.reservation_count(),
-            circuits: self.inner.paths.circuits(),
+            reservations: self.inner.relay.paths.reservation_count(),
+            circuits: self.inner.relay.paths.circuits(),
             relayed_connections: self
                 .inner
                 .peers
@@ -586,7 +583,7 @@ impl Node {
             datagrams: self.inner.demux_stats.snapshot(),
             dht: self.inner.dht.stats(),
             relay: self.inner.relay.counters.snapshot(),
-            relay_paths: self.inner.paths.stats.snapshot(),
+            relay_paths: self.inner.relay.paths.stats.snapshot(),
             handshakes: self.inner.tls.stats().snapshot(),
             tcp: self.inner.links.stats.snapshot(),
         }

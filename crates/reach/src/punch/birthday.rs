@@ -45,7 +45,7 @@ pub(super) async fn hard_side(
 ) -> Result<Duration, PunchError> {
     let target = intro.addrs[0];
     let bind = SocketAddr::new(inner.local_addr.ip(), 0);
-    let binder = inner.udp_binder.clone();
+    let binder = inner.punch.binder.clone();
     let opened = tokio::task::spawn_blocking(move || binder(bind, BIRTHDAY_SOCKETS))
         .await
         .map_err(|_| PunchError::Abandoned("the socket task failed"))?

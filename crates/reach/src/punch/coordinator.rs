@@ -34,12 +34,12 @@ pub(crate) async fn coordinate(
     if !inner.relay.is_serving() || is_virtual(&remote) {
         return refused(refusal::NOT_A_RELAY);
     }
-    if !inner.paths.has_reservation(&target) {
+    if !inner.relay.paths.has_reservation(&target) {
         return refused(refusal::NO_RESERVATION);
     }
     // Only the two ends of a circuit here may punch: nobody else learns
     // the target's address or spends the introduction budget on it.
-    if !inner.paths.has_circuit_between(&peer, &target) {
+    if !inner.relay.paths.has_circuit_between(&peer, &target) {
         return refused(refusal::PUNCH_NO_CIRCUIT);
     }
     let (Some(requester_conn), Some(target_conn)) =

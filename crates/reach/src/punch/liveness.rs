@@ -77,7 +77,7 @@ pub(crate) fn moved_to_standby(inner: &Arc<Inner>, peer: PeerId) {
     inner.punch.fell_back();
     tracing::debug!(%peer, "direct path lost: back on the relay");
     if let Some((relayed, Direction::Outbound)) = inner.peers.live_with_direction(&peer)
-        && let Some(path) = inner.paths.path(&relayed.remote_address())
+        && let Some(path) = inner.relay.paths.path(&relayed.remote_address())
     {
         super::upgrade::drive(inner, |m, now| m.fell_back(peer, path.relay, now));
     }

@@ -104,12 +104,15 @@ pub(crate) struct PunchRuntime {
     introductions: Mutex<crate::util::RateLimiter>,
     /// What peers holding a reservation here said about their NAT.
     infos: Mutex<HashMap<PeerId, PunchInfo>>,
+    /// Opens the birthday technique's extra sockets.
+    pub binder: UdpBinder,
 }
 
 impl PunchRuntime {
-    pub(crate) fn new(enabled: bool) -> Self {
+    pub(crate) fn new(enabled: bool, binder: UdpBinder) -> Self {
         PunchRuntime {
             enabled,
+            binder,
             pending: Mutex::default(),
             counters: Mutex::default(),
             connections: Notify::new(),

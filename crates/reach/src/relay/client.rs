@@ -118,6 +118,7 @@ async fn dial_via_inner(
         }
     };
     let virt = inner
+        .relay
         .paths
         .add_virtual(relay, conn.remote_address(), circuit)
         .ok_or_else(|| Error::Relay {
@@ -126,12 +127,12 @@ async fn dial_via_inner(
     // Forgets the path unless a connection came of it, also when this
     // dial is dropped because another attempt of a race won.
     let guard = ForgetUnlessUsed {
-        paths: inner.paths.clone(),
+        paths: inner.relay.paths.clone(),
         addr: virt,
         keep: false,
     };
     let conn = peers::dial(inner, target, virt).await?;
-    inner.paths.mark_used(&virt);
+    inner.relay.paths.mark_used(&virt);
     let mut guard = guard;
     guard.keep = true;
     Ok(conn)
@@ -159,7 +160,7 @@ impl Drop for ForgetUnlessUsed {
 /// redials by key; when the relayed connection closes, its virtual address
 /// is forgotten.
 pub(crate) fn watch_virtual(inner: &Arc<Inner>, conn: quinn::Connection) {
-    let paths = inner.paths.clone();
+    let paths = inner.relay.paths.clone();
     paths.mark_used(&conn.remote_address());
     let relay_conn = paths
         .path(&conn.remote_address())
@@ -208,7 +209,7 @@ pub(crate) fn accept_incoming(
             reason: reach_proto::relay::rpc::refusal::NOT_RESERVED.into(),
         };
     }
-    let Some(virt) = inner.paths.add_virtual(relay, relay_addr, circuit) else {
+    let Some(virt) = inner.relay.paths.add_virtual(relay, relay_addr, circuit) else {
         return RelayResponse::Refused {
             reason: reach_proto::relay::rpc::refusal::TOO_MANY_CIRCUITS.into(),
         };
@@ -216,7 +217,7 @@ pub(crate) fn accept_incoming(
     tracing::debug!(%from, %relay, circuit, "accepted a relayed circuit");
     // If no handshake comes over it in time, the path is dropped again;
     // once a connection uses it, it lives as long as that connection.
-    let paths = inner.paths.clone();
+    let paths = inner.relay.paths.clone();
     inner.spawn(async move {
         tokio::time::sleep(transport::CONNECT_TIMEOUT).await;
         if paths.path(&virt).is_some_and(|p| !p.used) {

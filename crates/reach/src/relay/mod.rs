@@ -118,6 +118,9 @@ pub(crate) struct RelayRuntime {
     pub held: Mutex<Option<(PeerId, SocketAddr)>>,
     pub reachability: Mutex<Reachability>,
     pub counters: RelayCounters,
+    /// Relay circuits, this node's as a client and as a relay; shared with
+    /// the socket, which forwards and unwraps relayed packets.
+    pub paths: std::sync::Arc<paths::RelayPaths>,
     /// Where changes of the held relay and of reachability are announced.
     bus: crate::node::bus::Bus,
 }
@@ -127,6 +130,7 @@ impl RelayRuntime {
         service: RelayMode,
         acquire: RelayMode,
         limits: RelayLimits,
+        paths: std::sync::Arc<paths::RelayPaths>,
         bus: crate::node::bus::Bus,
     ) -> Self {
         RelayRuntime {
@@ -137,6 +141,7 @@ impl RelayRuntime {
             held: Mutex::new(None),
             reachability: Mutex::new(Reachability::Unknown),
             counters: RelayCounters::default(),
+            paths,
             bus,
         }
     }

@@ -36,7 +36,7 @@ pub(crate) async fn serve(
             let answer = reserve(&inner, peer, remote);
             if matches!(answer, RelayResponse::Reserved { .. }) {
                 let max = inner.relay.limits.max_clients;
-                let paths = &inner.paths;
+                let paths = &inner.relay.paths;
                 inner
                     .punch
                     .remember_info(peer, punch, max, |p| paths.has_reservation(p));
@@ -48,7 +48,7 @@ pub(crate) async fn serve(
             client::accept_incoming(&inner, peer, remote, from, circuit)
         }
         RelayRequest::Release => {
-            inner.paths.release(&peer);
+            inner.relay.paths.release(&peer);
             inner.punch.forget_info(&peer);
             RelayResponse::Accepted
         }
@@ -59,7 +59,7 @@ pub(crate) async fn serve(
         } => crate::punch::coordinate(&inner, peer, remote, target, attempt, info).await,
         RelayRequest::Introduce(intro) => crate::punch::on_introduce(&inner, peer, intro),
         RelayRequest::CloseCircuit { circuit } => {
-            if inner.paths.close_circuit(circuit, &peer) {
+            if inner.relay.paths.close_circuit(circuit, &peer) {
                 RelayResponse::Accepted
             } else {
                 refuse(refusal::NO_SUCH_CIRCUIT)
@@ -71,11 +71,11 @@ pub(crate) async fn serve(
 
 fn reserve(inner: &Inner, peer: PeerId, remote: SocketAddr) -> RelayResponse {
     let c = &inner.relay.counters;
-    if !inner.relay.is_serving() || inner.paths.path(&remote).is_some() {
+    if !inner.relay.is_serving() || inner.relay.paths.path(&remote).is_some() {
         stats::bump(&c.reservations_refused);
         return refuse(refusal::NOT_A_RELAY);
     }
-    match inner.paths.reserve(peer) {
+    match inner.relay.paths.reserve(peer) {
         Ok(ttl) => {
             stats::bump(&c.reservations_granted);
             // The client's connection carries its circuits: keep it open.
@@ -107,13 +107,13 @@ async fn connect(
     }
     // No circuits over circuits: an end reached through another relay has
     // no address to forward to.
-    if inner.paths.path(&remote).is_some() {
+    if inner.relay.paths.path(&remote).is_some() {
         return refused(refusal::NOT_A_RELAY);
     }
-    if !inner.paths.has_reservation(&target) {
+    if !inner.relay.paths.has_reservation(&target) {
         return refused(refusal::NO_RESERVATION);
     }
-    if inner.paths.circuits_full() {
+    if inner.relay.paths.circuits_full() {
         return refused(refusal::TOO_MANY_CIRCUITS);
     }
     let Some(target_conn) = inner.peers.live(&target) else {
@@ -132,6 +132,7 @@ async fn connect(
     }
     let target_addr = target_conn.remote_address();
     if !inner
+        .relay
         .paths
         .open_circuit(circuit, (peer, remote), (target, target_addr))
     {
@@ -147,7 +148,7 @@ pub(crate) async fn expire_loop(inner: Arc<Inner>) {
     let idle = inner.relay.limits.idle_expiry;
     loop {
         tokio::time::sleep(EXPIRY_TICK).await;
-        inner.paths.expire(idle);
+        inner.relay.paths.expire(idle);
     }
 }
 
