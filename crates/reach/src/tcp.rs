@@ -446,3 +446,35 @@ async fn read_loop(
         l.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
+
+/// Whether this node dials over TCP links instead of UDP: decided when it
+/// joins (no bootstrap node answers over UDP, but one does over a link),
+/// read by every dial.
+pub(crate) struct TcpMode {
+    active: std::sync::atomic::AtomicBool,
+    /// The builder allows switching to links at all.
+    fallback: bool,
+}
+
+impl TcpMode {
+    pub(crate) fn new(fallback: bool) -> Self {
+        TcpMode {
+            active: std::sync::atomic::AtomicBool::new(false),
+            fallback,
+        }
+    }
+
+    /// Every dial goes over a TCP link (UDP is blocked).
+    pub(crate) fn active(&self) -> bool {
+        self.active.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn set_active(&self, on: bool) {
+        self.active.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether the node may switch to links when UDP reaches nobody.
+    pub(crate) fn fallback_allowed(&self) -> bool {
+        self.fallback
+    }
+}

@@ -3,7 +3,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
@@ -94,15 +93,18 @@ async fn join_attempt(inner: &Arc<Inner>, extra: &[SocketAddr]) -> (JoinReport, 
 /// links to them.
 async fn bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinReport) {
     dial_bootstrap(inner, addrs, report).await;
-    if report.bootstrap_reached == 0 && !addrs.is_empty() && inner.tcp_fallback && !inner.tcp_mode()
+    if report.bootstrap_reached == 0
+        && !addrs.is_empty()
+        && inner.tcp.fallback_allowed()
+        && !inner.tcp_mode()
     {
         // Nobody answers over UDP: perhaps this network blocks it. Try TCP
         // links to the same addresses; if they work, every dial from now on
         // goes over TCP.
-        inner.tcp_mode.store(true, Ordering::Relaxed);
+        inner.tcp.set_active(true);
         dial_bootstrap(inner, addrs, report).await;
         if report.bootstrap_reached == 0 {
-            inner.tcp_mode.store(false, Ordering::Relaxed);
+            inner.tcp.set_active(false);
         } else {
             tracing::warn!("no bootstrap node answers over UDP: using TCP links");
         }

@@ -354,8 +354,7 @@ impl NodeBuilder {
                     .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
             ),
             links: links.clone(),
-            tcp_mode: std::sync::atomic::AtomicBool::new(false),
-            tcp_fallback: !self.no_tcp_fallback,
+            tcp: crate::tcp::TcpMode::new(!self.no_tcp_fallback),
             closed: Default::default(),
             dir_lock: std::sync::Mutex::new(dir_lock),
         });

@@ -125,10 +125,8 @@ pub(crate) struct Inner {
     pub relay: crate::relay::RelayRuntime,
     pub punch: crate::punch::PunchRuntime,
     pub links: Arc<crate::tcp::TcpLinks>,
-    /// UDP is blocked here: every dial goes over a TCP link.
-    pub tcp_mode: std::sync::atomic::AtomicBool,
-    /// Whether to switch to TCP links when UDP reaches nobody.
-    pub tcp_fallback: bool,
+    /// Whether dials go over TCP links (UDP is blocked here).
+    pub tcp: crate::tcp::TcpMode,
     /// Set once the endpoint is closed and the peer cache saved.
     pub closed: std::sync::atomic::AtomicBool,
     /// The exclusive lock on the data dir, if the node has one; released at
@@ -254,7 +252,7 @@ impl Inner {
 
     /// Whether every dial goes over a TCP link (UDP is blocked).
     pub(crate) fn tcp_mode(&self) -> bool {
-        self.tcp_mode.load(std::sync::atomic::Ordering::Relaxed)
+        self.tcp.active()
     }
 
     /// The address to hand quinn for dialing `addr`: `addr` itself, or in
