@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use reach_proto::dht::maintenance::ENDPOINT_TTL;
-use reach_proto::dht::record::{SignedRecord, TypedAddr};
+use reach_proto::dht::record::SignedRecord;
 use reach_proto::endpoint::{AddressFacts, compose};
 use tokio::sync::Mutex as AsyncMutex;
 
@@ -56,11 +56,6 @@ pub(crate) fn facts(inner: &Inner) -> AddressFacts {
     }
 }
 
-/// The address set the node would publish now.
-pub(crate) fn addresses(inner: &Inner) -> Vec<TypedAddr> {
-    compose(&facts(inner))
-}
-
 /// Composes, signs and publishes the endpoint record; returns how many
 /// nodes stored it. A DHT client publishes nothing.
 pub(crate) async fn publish(inner: &Arc<Inner>) -> usize {
@@ -69,7 +64,7 @@ pub(crate) async fn publish(inner: &Arc<Inner>) -> usize {
         return 0;
     }
     let _one_at_a_time = inner.advertiser.publishing.lock().await;
-    let addrs = addresses(inner);
+    let addrs = compose(&facts(inner));
     let now_ms = crate::dht::unix_ms();
     let seq = inner.advertiser.next_seq(now_ms);
     let record = SignedRecord::endpoint(&inner.keypair, addrs, seq, now_ms, ENDPOINT_TTL);

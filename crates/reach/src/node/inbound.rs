@@ -224,9 +224,9 @@ async fn receive_stream(
 ) {
     let header = tokio::time::timeout(STREAM_HEADER_TIMEOUT, read_control_frame(&mut recv)).await;
     let head = match header {
-        Ok(Ok(head)) => head,
+        Ok(Some(Ok(head))) => head,
         // A newer node's kind of stream: refused like an unknown protocol.
-        Ok(Err(reach_proto::wire::WireError::UnknownBody(_))) => {
+        Ok(Some(Err(reach_proto::wire::WireError::UnknownBody(_)))) => {
             return super::router::refuse(&inner, send, recv);
         }
         _ => {
@@ -250,16 +250,18 @@ async fn receive_stream(
         .await;
 }
 
-/// Reads one small framed envelope (at most [`MAX_CONTROL_ENVELOPE_LEN`]).
+/// Reads one small framed envelope (at most [`MAX_CONTROL_ENVELOPE_LEN`]):
+/// `None` when the stream ended or failed first, else what decoding said.
 async fn read_control_frame(
     recv: &mut quinn::RecvStream,
-) -> std::result::Result<Envelope, reach_proto::wire::WireError> {
-    use reach_proto::wire::WireError;
-    let short = |_| WireError::Truncated { needed: 0, had: 0 };
+) -> Option<std::result::Result<Envelope, reach_proto::wire::WireError>> {
     let mut head = [0u8; FRAME_HEADER_LEN];
-    recv.read_exact(&mut head).await.map_err(short)?;
-    let len = frame::parse_header(&head, MAX_CONTROL_ENVELOPE_LEN)?;
+    recv.read_exact(&mut head).await.ok()?;
+    let len = match frame::parse_header(&head, MAX_CONTROL_ENVELOPE_LEN) {
+        Ok(len) => len,
+        Err(e) => return Some(Err(e)),
+    };
     let mut body = vec![0u8; len];
-    recv.read_exact(&mut body).await.map_err(short)?;
-    Envelope::decode(&body)
+    recv.read_exact(&mut body).await.ok()?;
+    Some(Envelope::decode(&body))
 }
