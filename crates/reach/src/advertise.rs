@@ -52,7 +52,7 @@ pub(crate) fn facts(inner: &Inner) -> AddressFacts {
         },
         mapped: Vec::new(),
         observed: inner.nat.confirmed(),
-        local: crate::node::local_addrs_of(inner),
+        local: inner.local_addrs(),
     }
 }
 

@@ -56,7 +56,7 @@ pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
             None => break,
         }
     }
-    let untranslated = crate::node::local_addrs_of(inner).contains(&observed);
+    let untranslated = inner.local_addrs().contains(&observed);
     if untranslated {
         let other_port = probe::filter_test(inner, helper, FilterVia::OtherPort, vec![])
             .await

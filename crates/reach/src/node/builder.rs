@@ -320,24 +320,27 @@ impl NodeBuilder {
             );
             router.register_builtin(protocols::STREAM, crate::messaging::stream_handler());
         }
-        let inner = Arc::new(Inner {
+        let core = Arc::new(super::core::Core {
             peer_id: keypair.peer_id(),
             keypair,
             tls,
             endpoint,
             socket,
             local_addr,
+            counters: Default::default(),
+            demux_stats,
+            bus: bus.clone(),
+            router,
+            tasks: Default::default(),
+            shutdown_tx,
+        });
+        let inner = Arc::new(Inner {
+            core,
             peers: peers::PeerTable::new(connection_limits.max_idle_peers),
             inbound_gate: super::limits::InboundGate::new(connection_limits),
             messaging: crate::messaging::Messaging::new(self.connection_events),
-            bus: bus.clone(),
             path_reports: Default::default(),
             advertiser: Default::default(),
-            router,
-            counters: Default::default(),
-            demux_stats,
-            shutdown_tx,
-            tasks: Default::default(),
             dht,
             nat: crate::nat::Nat::new(!self.no_stun_server, alt),
             relay: RelayRuntime::new(

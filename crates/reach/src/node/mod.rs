@@ -22,6 +22,7 @@
 
 mod builder;
 pub mod bus;
+pub(crate) mod core;
 pub(crate) mod inbound;
 pub mod limits;
 pub(crate) mod peers;
@@ -35,10 +36,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use reach_proto::PeerId;
 use reach_proto::wire::envelope::{Body, Envelope};
-use reach_proto::{Keypair, PeerId};
 use serde::Serialize;
-use tokio::sync::watch;
 
 pub use crate::messaging::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS, MAX_QUEUED_MESSAGE_BYTES};
 pub use builder::NodeBuilder;
@@ -52,7 +52,6 @@ use crate::dht::join::JoinReport;
 use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
 use crate::events::{Event, PathKind, Stream};
-use crate::socket::{DemuxCounters, DemuxSocket};
 use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
@@ -94,31 +93,17 @@ pub struct Node {
 }
 
 pub(crate) struct Inner {
-    pub keypair: Keypair,
-    pub peer_id: PeerId,
-    /// TLS configs and handshake counters, built once.
-    pub tls: crate::handshake::NodeTls,
-    pub endpoint: quinn::Endpoint,
-    pub socket: Arc<DemuxSocket>,
-    pub local_addr: SocketAddr,
+    /// Identity, endpoint, tasks, bus, router (see [`core`]).
+    pub core: Arc<core::Core>,
     pub peers: peers::PeerTable,
     /// Counts inbound connections against [`ConnectionLimits`].
     pub inbound_gate: Arc<limits::InboundGate>,
     /// Messages: the app's queue, the receive budget, the dedup window.
     pub messaging: crate::messaging::Messaging,
-    /// Facts for whoever subscribed (see [`bus`]).
-    pub bus: bus::Bus,
     /// The endpoint record's owner (see [`crate::advertise`]).
     pub advertiser: crate::advertise::Advertiser,
-    /// Which handler serves a stream, by protocol.
-    pub router: Arc<router::Router>,
     /// The path each connected peer was last reported on.
     pub path_reports: bus::PathReports,
-    pub counters: stats::Counters,
-    pub demux_stats: Arc<DemuxCounters>,
-    pub shutdown_tx: watch::Sender<bool>,
-    /// Every task the node runs; see [`tasks`] for how they stop.
-    pub tasks: tasks::TaskSet,
     pub dht: Dht,
     /// What the node knows about the NAT in front of it (see [`crate::nat`]).
     pub nat: crate::nat::Nat,
@@ -132,6 +117,13 @@ pub(crate) struct Inner {
     /// The exclusive lock on the data dir, if the node has one; released at
     /// shutdown, after the peer cache is saved and closed.
     pub dir_lock: std::sync::Mutex<Option<crate::datadir::DataDirLock>>,
+}
+
+impl std::ops::Deref for Inner {
+    type Target = core::Core;
+    fn deref(&self) -> &core::Core {
+        &self.core
+    }
 }
 
 /// Signals shutdown when the last `Node` clone goes away.
@@ -267,33 +259,6 @@ impl Inner {
             source: e,
         })
     }
-
-    pub(crate) fn is_shut_down(&self) -> bool {
-        *self.shutdown_tx.borrow()
-    }
-
-    /// Runs a service task (see [`tasks::TaskSet::spawn`]).
-    pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
-        self.tasks.spawn(fut);
-    }
-}
-
-/// The addresses peers can dial, see [`Node::local_addrs`].
-pub(crate) fn local_addrs_of(inner: &Inner) -> Vec<SocketAddr> {
-    let bound = inner.local_addr;
-    if !bound.ip().is_unspecified() {
-        return vec![bound];
-    }
-    let mut out: Vec<SocketAddr> = if_addrs::get_if_addrs()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|i| i.ip())
-        .filter(|ip| ip.is_ipv4() == bound.is_ipv4() || bound.is_ipv6())
-        .map(|ip| SocketAddr::new(ip, bound.port()))
-        .collect();
-    out.sort();
-    out.dedup();
-    out
 }
 
 impl std::fmt::Debug for Node {
@@ -325,7 +290,7 @@ impl Node {
     /// or, when bound to an unspecified address (`0.0.0.0` / `[::]`), one per
     /// local interface address of the matching family.
     pub fn local_addrs(&self) -> Vec<SocketAddr> {
-        local_addrs_of(&self.inner)
+        self.inner.local_addrs()
     }
 
     /// Connects to `peer` at one of `addrs` (tried in parallel; the first

@@ -239,7 +239,7 @@ pub(crate) fn local_info(inner: &Inner) -> PunchInfo {
         crate::relay::Reachability::Public(_) => Filtering::EndpointIndependent,
         _ => Filtering::Unknown,
     };
-    let mut lan = crate::node::local_addrs_of(inner);
+    let mut lan = inner.local_addrs();
     lan.truncate(reach_proto::punch::coordinate::MAX_LAN_ADDRS);
     PunchInfo {
         mapping,
