@@ -39,6 +39,7 @@ pub mod keystore;
 pub(crate) mod messaging;
 pub mod nat;
 pub mod node;
+pub(crate) mod peers;
 pub mod punch;
 pub mod relay;
 pub mod socket;

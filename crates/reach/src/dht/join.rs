@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::ops::{self, Query};
 use super::unix_ms;
-use crate::node::{Inner, peers};
+use crate::node::Inner;
 
 pub use reach_proto::dht::maintenance::{
     ENDPOINT_TTL, JOIN_PARALLEL_REFRESHES, JOIN_RETRY_INITIAL, MAINTENANCE_TICK,
@@ -95,16 +95,16 @@ async fn bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinRe
     dial_bootstrap(inner, addrs, report).await;
     if report.bootstrap_reached == 0
         && !addrs.is_empty()
-        && inner.tcp.fallback_allowed()
-        && !inner.tcp_mode()
+        && inner.core.tcp.fallback_allowed()
+        && !inner.core.tcp_mode()
     {
         // Nobody answers over UDP: perhaps this network blocks it. Try TCP
         // links to the same addresses; if they work, every dial from now on
         // goes over TCP.
-        inner.tcp.set_active(true);
+        inner.core.tcp.set_active(true);
         dial_bootstrap(inner, addrs, report).await;
         if report.bootstrap_reached == 0 {
-            inner.tcp.set_active(false);
+            inner.core.tcp.set_active(false);
         } else {
             tracing::warn!("no bootstrap node answers over UDP: using TCP links");
         }
@@ -118,7 +118,7 @@ async fn dial_bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut J
         .iter()
         .map(|&a| {
             let inner = inner.clone();
-            async move { (a, peers::dial_unknown(&inner, a).await) }
+            async move { (a, inner.peers.dial_unknown(a).await) }
         })
         .collect();
     while let Some((addr, res)) = dials.next().await {
@@ -175,7 +175,10 @@ pub(crate) async fn maintain(inner: Arc<Inner>) {
                 }
                 Action::ExpireRecords => {
                     dht.store().expire(unix_ms());
-                    for conn in inner.peers.idle_dht_connections(peers::DHT_CONNECTION_IDLE) {
+                    for conn in inner
+                        .peers
+                        .idle_dht_connections(crate::peers::DHT_CONNECTION_IDLE)
+                    {
                         conn.close(0u32.into(), b"idle");
                     }
                 }

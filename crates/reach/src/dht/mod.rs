@@ -245,13 +245,14 @@ impl StoreSnapshot {
 
 /// How the DHT serves its stream protocol ([`reach_proto::wire::envelope::protocols::DHT`]):
 /// one request per stream, answered on it.
-pub(crate) fn stream_handler() -> crate::node::router::Handler {
-    std::sync::Arc::new(|inner, s| {
-        Box::pin(async move {
-            if let reach_proto::wire::envelope::Body::DhtRequest(msg) = s.head.body {
-                inner.peers.touch(&s.peer, false);
-                rpc::serve(inner, s.peer, s.remote, msg, s.send).await
-            }
-        })
+pub(crate) fn serve_stream(
+    inner: std::sync::Arc<crate::node::Inner>,
+    s: crate::node::router::Inbound,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if let reach_proto::wire::envelope::Body::DhtRequest(msg) = s.head.body {
+            inner.peers.touch(&s.peer, false);
+            rpc::serve(inner, s.peer, s.remote, msg, s.send).await
+        }
     })
 }

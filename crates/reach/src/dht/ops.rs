@@ -73,11 +73,11 @@ pub(crate) async fn lookup(inner: &Arc<Inner>, target: Key, query: Query) -> Out
                     DhtResponse::Nodes { closer } => {
                         // Record where the answer came from, not what a third
                         // party claimed.
-                        dht.saw(&inner.links, Contact::new(c.peer, remote));
+                        dht.saw(&inner.core.links, Contact::new(c.peer, remote));
                         l.on_response(&c.peer, &closer);
                     }
                     DhtResponse::Records { records: got, closer } => {
-                        dht.saw(&inner.links, Contact::new(c.peer, remote));
+                        dht.saw(&inner.core.links, Contact::new(c.peer, remote));
                         let now_ms = unix_ms();
                         for r in got {
                             let wanted = matches!(query, Query::GetRecords { kind, .. } if kind == r.kind);

@@ -17,7 +17,7 @@ use reach_proto::wire::envelope::Body;
 
 use super::{DhtMode, unix_ms};
 use crate::error::{Error, Result};
-use crate::node::{Inner, peers, stats};
+use crate::node::{Inner, stats};
 
 pub use reach_proto::dht::server::STORE_CLOSENESS_SLACK;
 
@@ -52,7 +52,7 @@ async fn request_inner(
 ) -> Result<(DhtResponseMsg, SocketAddr)> {
     let peer = contact.peer;
     inner.peers.remember_fallback(peer, contact.addr);
-    let conn = peers::connection_known(inner, peer, &[contact.addr]).await?;
+    let conn = inner.peers.connection_known(peer, &[contact.addr]).await?;
     let msg = DhtRequestMsg {
         server_mode: inner.dht.mode == DhtMode::Server,
         request,
@@ -89,7 +89,7 @@ pub(crate) async fn serve(
         }
     } else {
         if msg.server_mode {
-            dht.saw(&inner.links, Contact::new(peer, remote));
+            dht.saw(&inner.core.links, Contact::new(peer, remote));
         }
         let source = match msg.request {
             DhtRequest::PutRecord { .. } => source_of(&inner, remote),
@@ -115,7 +115,7 @@ fn source_of(inner: &Inner, remote: SocketAddr) -> Option<Source> {
         .real_source(remote)
         .or_else(|| {
             let relay = inner.relay.paths.path(&remote)?.relay_addr;
-            inner.real_source(relay)
+            inner.core.real_source(relay)
         })
         .map(|a| Source::of(a.ip()))
 }

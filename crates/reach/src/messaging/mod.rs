@@ -25,8 +25,9 @@ pub use queue::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS};
 
 use crate::error::{Error, Result};
 use crate::events::{Event, Stream};
-use crate::node::inbound::{STREAM_HEADER_TIMEOUT, codes};
-use crate::node::{Inner, peers, stats};
+use crate::node::codes;
+use crate::node::router::STREAM_HEADER_TIMEOUT;
+use crate::node::{Inner, stats};
 
 /// Bytes of received messages the node holds for the application at most.
 /// When the application falls behind, reading from peers pauses and QUIC flow
@@ -139,7 +140,7 @@ async fn send_once(
     prefix: &[u8],
     data: &Bytes,
 ) -> (Result<()>, Option<quinn::Connection>) {
-    let (mut stream, conn) = match peers::open_uni(inner, peer).await {
+    let (mut stream, conn) = match inner.peers.open_uni(peer).await {
         Ok(s) => s,
         Err(e) => return (Err(e), None),
     };
@@ -248,20 +249,21 @@ pub(crate) async fn receive(inner: Arc<Inner>, peer: PeerId, mut recv: quinn::Re
 /// How `Node::open_stream`'s streams are served
 /// ([`reach_proto::wire::envelope::protocols::STREAM`]): handed to the
 /// application as [`Event::Stream`].
-pub(crate) fn stream_handler() -> crate::node::router::Handler {
-    Arc::new(|inner, s| {
-        Box::pin(async move {
-            inner.peers.touch(&s.peer, true);
-            stats::bump(&inner.counters.streams_accepted);
-            inner
-                .messaging
-                .queue
-                .push(Event::Stream(Stream {
-                    peer: s.peer,
-                    send: s.send,
-                    recv: s.recv,
-                }))
-                .await;
-        })
+pub(crate) fn serve_stream(
+    inner: std::sync::Arc<crate::node::Inner>,
+    s: crate::node::router::Inbound,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        inner.peers.touch(&s.peer, true);
+        stats::bump(&inner.counters.streams_accepted);
+        inner
+            .messaging
+            .queue
+            .push(Event::Stream(Stream {
+                peer: s.peer,
+                send: s.send,
+                recv: s.recv,
+            }))
+            .await;
     })
 }

@@ -16,7 +16,7 @@ use reach_proto::wire::envelope::Body;
 use reach_proto::wire::stun;
 use tokio::sync::mpsc;
 
-use crate::node::{Inner, router, stats};
+use crate::node::{Inner, stats};
 use crate::socket::NonQuicDatagram;
 
 /// Answers (probe replies, filter probes, STUN responses) a node sends per
@@ -39,13 +39,14 @@ pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQ
 /// ([`reach_proto::wire::envelope::protocols::FILTER_PROBE`]): a peer asked
 /// us (over QUIC) to send the unsolicited probe of another node's filtering
 /// test to `target`. No answer.
-pub(crate) fn filter_probe_handler() -> router::Handler {
-    Arc::new(|inner, s| {
-        Box::pin(async move {
-            if let Body::FilterProbeRequest { nonce, target } = s.head.body {
-                send_filter_probe(&inner, nonce, target);
-            }
-        })
+pub(crate) fn serve_filter_probe(
+    inner: std::sync::Arc<crate::node::Inner>,
+    s: crate::node::router::Inbound,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if let Body::FilterProbeRequest { nonce, target } = s.head.body {
+            send_filter_probe(&inner, nonce, target);
+        }
     })
 }
 

@@ -8,7 +8,7 @@ use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
 use tokio::sync::watch;
 
-use super::{DropGuard, Inner, Node, inbound, peers};
+use super::{DropGuard, Inner, Node};
 use crate::dht::peer_cache::PeerCache;
 use crate::dht::{Dht, DhtMode};
 use crate::error::{Error, Result};
@@ -310,16 +310,6 @@ impl NodeBuilder {
         let connection_limits = self.connection_limits.unwrap_or_default();
         let bus = super::bus::Bus::default();
         let router = Arc::new(super::router::Router::default());
-        {
-            use reach_proto::wire::envelope::protocols;
-            router.register_builtin(protocols::DHT, crate::dht::stream_handler());
-            router.register_builtin(protocols::RELAY, crate::relay::service::stream_handler());
-            router.register_builtin(
-                protocols::FILTER_PROBE,
-                crate::nat::datagrams::filter_probe_handler(),
-            );
-            router.register_builtin(protocols::STREAM, crate::messaging::stream_handler());
-        }
         let core = Arc::new(super::core::Core {
             peer_id: keypair.peer_id(),
             keypair,
@@ -327,6 +317,8 @@ impl NodeBuilder {
             endpoint,
             socket,
             local_addr,
+            links: links.clone(),
+            tcp: crate::tcp::TcpMode::new(!self.no_tcp_fallback),
             counters: Default::default(),
             demux_stats,
             bus: bus.clone(),
@@ -334,12 +326,16 @@ impl NodeBuilder {
             tasks: Default::default(),
             shutdown_tx,
         });
-        let inner = Arc::new(Inner {
+        let peers = crate::peers::Peers::new(
+            core.clone(),
+            crate::peers::PeerTable::new(connection_limits.max_idle_peers),
+            super::limits::InboundGate::new(connection_limits),
+        );
+        let inner = Arc::new_cyclic(|node| Inner {
             core,
-            peers: peers::PeerTable::new(connection_limits.max_idle_peers),
-            inbound_gate: super::limits::InboundGate::new(connection_limits),
+            peers,
+            bridge: Arc::new(super::bridge::Bridge(node.clone())),
             messaging: crate::messaging::Messaging::new(self.connection_events),
-            path_reports: Default::default(),
             advertiser: Default::default(),
             dht,
             nat: crate::nat::Nat::new(!self.no_stun_server, alt),
@@ -356,16 +352,15 @@ impl NodeBuilder {
                     .clone()
                     .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
             ),
-            links: links.clone(),
-            tcp: crate::tcp::TcpMode::new(!self.no_tcp_fallback),
             closed: Default::default(),
             dir_lock: std::sync::Mutex::new(dir_lock),
         });
         if let Some(l) = tcp_listener {
             inner.spawn(links.accept_loop(l));
         }
-        inner.spawn(inbound::accept_loop(inner.clone()));
-        inner.spawn(super::limits::trim_loop(inner.inbound_gate.clone()));
+        plug_in(&inner);
+        inner.spawn(crate::peers::serve::accept_loop(inner.peers.clone()));
+        inner.spawn(super::limits::trim_loop(inner.peers.gate.clone()));
         inner.spawn(crate::nat::datagrams::datagram_loop(
             inner.clone(),
             non_quic_rx,
@@ -383,4 +378,42 @@ impl NodeBuilder {
             inner,
         })
     }
+}
+
+/// Registers the capabilities' stream handlers and the peers' hooks. The
+/// handlers and hooks hold the node weakly: the node holds them.
+fn plug_in(inner: &Arc<Inner>) {
+    use crate::node::router::{Handler, Inbound};
+    use reach_proto::wire::envelope::protocols;
+    let weak = Arc::downgrade(inner);
+    let handler =
+        |serve: fn(Arc<Inner>, Inbound) -> futures::future::BoxFuture<'static, ()>| -> Handler {
+            let weak = weak.clone();
+            Arc::new(move |s| match weak.upgrade() {
+                Some(inner) => serve(inner, s),
+                None => Box::pin(async {}),
+            })
+        };
+    let router = &inner.router;
+    router.register_builtin(protocols::DHT, handler(crate::dht::serve_stream));
+    router.register_builtin(
+        protocols::RELAY,
+        handler(crate::relay::service::serve_stream),
+    );
+    router.register_builtin(
+        protocols::FILTER_PROBE,
+        handler(crate::nat::datagrams::serve_filter_probe),
+    );
+    router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
+
+    let bridge = Arc::downgrade(&inner.bridge);
+    inner.peers.set_resolver(bridge.clone());
+    inner.peers.set_circuits(bridge.clone());
+    inner.peers.observe(bridge);
+    inner
+        .peers
+        .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {
+            Some(inner) => Box::pin(crate::messaging::receive(inner, peer, stream)),
+            None => Box::pin(async {}),
+        }));
 }

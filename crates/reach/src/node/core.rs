@@ -24,6 +24,10 @@ pub(crate) struct Core {
     pub endpoint: quinn::Endpoint,
     pub socket: Arc<DemuxSocket>,
     pub local_addr: SocketAddr,
+    /// TCP links (QUIC over TCP where UDP is blocked) on the same socket.
+    pub links: Arc<crate::tcp::TcpLinks>,
+    /// Whether dials go over TCP links (UDP is blocked here).
+    pub tcp: crate::tcp::TcpMode,
     /// The node's own counters (connections, messages, streams).
     pub counters: stats::Counters,
     pub demux_stats: Arc<DemuxCounters>,
@@ -46,6 +50,38 @@ impl Core {
     /// Runs a service task (see [`tasks::TaskSet::spawn`]).
     pub(crate) fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
         self.tasks.spawn(fut);
+    }
+
+    /// The network address a peer's packets really come from: `addr`
+    /// itself for a direct path, the TCP peer's address for a TCP link, and
+    /// `None` for a relayed circuit (bounded at the relay, per peer). Limits
+    /// per IP and per network count sources by this.
+    pub(crate) fn real_source(&self, addr: SocketAddr) -> Option<SocketAddr> {
+        if !crate::vaddr::is_virtual(&addr) {
+            return Some(addr);
+        }
+        self.links.remote(&addr)
+    }
+
+    /// Whether every dial goes over a TCP link (UDP is blocked).
+    pub(crate) fn tcp_mode(&self) -> bool {
+        self.tcp.active()
+    }
+
+    /// The address to hand quinn for dialing `addr`: `addr` itself, or in
+    /// TCP mode the link to it (opened if needed).
+    pub(crate) async fn dial_addr(&self, addr: SocketAddr) -> crate::error::Result<SocketAddr> {
+        if !self.tcp_mode() || crate::vaddr::is_virtual(&addr) {
+            return Ok(addr);
+        }
+        self.links
+            .connect(addr)
+            .await
+            .map_err(|e| crate::error::Error::Io {
+                context: "opening a TCP link",
+                path: std::path::PathBuf::from(addr.to_string()),
+                source: e,
+            })
     }
 
     /// The addresses peers can dial, see [`crate::Node::local_addrs`].

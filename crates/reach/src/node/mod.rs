@@ -20,12 +20,12 @@
 //! # Ok(()) }
 //! ```
 
+mod bridge;
 mod builder;
 pub mod bus;
+pub mod codes;
 pub(crate) mod core;
-pub(crate) mod inbound;
 pub mod limits;
-pub(crate) mod peers;
 pub(crate) mod router;
 pub(crate) mod rpc;
 pub(crate) mod stats;
@@ -43,7 +43,6 @@ use serde::Serialize;
 pub use crate::messaging::{EVENT_QUEUE, MAX_QUEUED_CONNECTION_EVENTS, MAX_QUEUED_MESSAGE_BYTES};
 pub use builder::NodeBuilder;
 pub use bus::{NodeEvent, NodeEvents};
-pub use inbound::codes;
 pub use limits::ConnectionLimits;
 pub use router::{PROTOCOL_BACKLOG, ProtocolListener};
 pub use stats::NodeStats;
@@ -51,7 +50,7 @@ pub use stats::NodeStats;
 use crate::dht::join::JoinReport;
 use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
-use crate::events::{Event, PathKind, Stream};
+use crate::events::{Event, Stream};
 use reach_proto::dht::record::TypedAddr;
 
 /// How long `shutdown` waits for peers to acknowledge the close.
@@ -95,23 +94,19 @@ pub struct Node {
 pub(crate) struct Inner {
     /// Identity, endpoint, tasks, bus, router (see [`core`]).
     pub core: Arc<core::Core>,
-    pub peers: peers::PeerTable,
-    /// Counts inbound connections against [`ConnectionLimits`].
-    pub inbound_gate: Arc<limits::InboundGate>,
+    /// Known peers, their connections, dialing (see [`crate::peers`]).
+    pub peers: Arc<crate::peers::Peers>,
     /// Messages: the app's queue, the receive budget, the dedup window.
     pub messaging: crate::messaging::Messaging,
     /// The endpoint record's owner (see [`crate::advertise`]).
     pub advertiser: crate::advertise::Advertiser,
-    /// The path each connected peer was last reported on.
-    pub path_reports: bus::PathReports,
     pub dht: Dht,
     /// What the node knows about the NAT in front of it (see [`crate::nat`]).
     pub nat: crate::nat::Nat,
     pub relay: crate::relay::RelayRuntime,
     pub punch: crate::punch::PunchRuntime,
-    pub links: Arc<crate::tcp::TcpLinks>,
-    /// Whether dials go over TCP links (UDP is blocked here).
-    pub tcp: crate::tcp::TcpMode,
+    /// Plugs the capabilities not yet carved out into the peers' hooks.
+    pub bridge: Arc<bridge::Bridge>,
     /// Set once the endpoint is closed and the peer cache saved.
     pub closed: std::sync::atomic::AtomicBool,
     /// The exclusive lock on the data dir, if the node has one; released at
@@ -136,66 +131,6 @@ impl Drop for DropGuard {
 }
 
 impl Inner {
-    /// The kind of path a connection to `addr` (its remote address) uses.
-    /// `None` for a relayed circuit the relay client has forgotten: its
-    /// connection is dead.
-    pub(crate) fn path_kind(&self, addr: &SocketAddr) -> Option<PathKind> {
-        use crate::vaddr::AddrClass;
-        match crate::vaddr::class_of(addr) {
-            AddrClass::Direct => Some(PathKind::Direct),
-            AddrClass::Link => Some(PathKind::TcpLink),
-            AddrClass::Relayed => self
-                .relay
-                .paths
-                .path(addr)
-                .map(|p| PathKind::Relayed { relay: p.relay }),
-        }
-    }
-
-    /// Reports `peer`'s connection state after the peer table changed:
-    /// emits `PeerConnected`, `PathChanged` or `PeerDisconnected` on the
-    /// bus (and to the application, if it asked) when the state differs
-    /// from the last report.
-    pub(crate) fn report_path(&self, peer: PeerId) {
-        let event = self.path_reports.update(peer, || {
-            let (conn, dir) = self.peers.live_with_direction(&peer)?;
-            Some((self.path_kind(&conn.remote_address())?, dir))
-        });
-        let Some(event) = event else { return };
-        let for_app = match &event {
-            NodeEvent::PeerConnected {
-                peer,
-                path,
-                direction,
-            } => Some(Event::Connected {
-                peer: *peer,
-                path: *path,
-                direction: *direction,
-            }),
-            NodeEvent::PeerDisconnected { peer } => Some(Event::Disconnected { peer: *peer }),
-            NodeEvent::PathChanged { peer, path } => Some(Event::PathChanged {
-                peer: *peer,
-                path: *path,
-            }),
-            _ => None,
-        };
-        self.bus.emit(event);
-        if let Some(ev) = for_app {
-            self.messaging.push_connection_event(ev);
-        }
-    }
-
-    /// The network address a peer's packets really come from: `addr`
-    /// itself for a direct path, the TCP peer's address for a TCP link, and
-    /// `None` for a relayed circuit (bounded at the relay, per peer). Limits
-    /// per IP and per network count sources by this.
-    pub(crate) fn real_source(&self, addr: SocketAddr) -> Option<SocketAddr> {
-        if !crate::vaddr::is_virtual(&addr) {
-            return Some(addr);
-        }
-        self.links.remote(&addr)
-    }
-
     /// Stops the node at once: tasks are aborted where they stand. What
     /// the last dropped `Node` handle does (nobody is left to wait).
     fn begin_shutdown(&self) {
@@ -240,24 +175,6 @@ impl Inner {
     /// over relayed paths say nothing about our own address.
     pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
         self.nat.record_observed(&self.bus, observed, reporter);
-    }
-
-    /// Whether every dial goes over a TCP link (UDP is blocked).
-    pub(crate) fn tcp_mode(&self) -> bool {
-        self.tcp.active()
-    }
-
-    /// The address to hand quinn for dialing `addr`: `addr` itself, or in
-    /// TCP mode the link to it (opened if needed).
-    pub(crate) async fn dial_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
-        if !self.tcp_mode() || crate::vaddr::is_virtual(&addr) {
-            return Ok(addr);
-        }
-        self.links.connect(addr).await.map_err(|e| Error::Io {
-            context: "opening a TCP link",
-            path: std::path::PathBuf::from(addr.to_string()),
-            source: e,
-        })
     }
 }
 
@@ -309,7 +226,9 @@ impl Node {
         addrs: impl IntoIterator<Item = SocketAddr>,
     ) -> Result<()> {
         let hint: Vec<SocketAddr> = addrs.into_iter().collect();
-        peers::connection_via(&self.inner, peer, &hint)
+        self.inner
+            .peers
+            .connection_via(peer, &hint)
             .await
             .map(|_| ())
     }
@@ -327,7 +246,7 @@ impl Node {
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
     /// receives it as [`Event::Stream`].
     pub async fn open_stream(&self, peer: PeerId) -> Result<Stream> {
-        let conn = peers::connection(&self.inner, peer).await?;
+        let conn = self.inner.peers.connection(peer).await?;
         let lost = |e: &dyn std::fmt::Display| Error::ConnectionLost {
             peer,
             reason: e.to_string(),
@@ -366,7 +285,7 @@ impl Node {
                 reason,
             }
         })?;
-        let conn = peers::connection(&self.inner, peer).await?;
+        let conn = self.inner.peers.connection(peer).await?;
         let stream = router::open(&conn, peer, protocol).await?;
         self.inner.peers.touch(&peer, true);
         stats::bump(&self.inner.counters.streams_opened);
@@ -414,7 +333,7 @@ impl Node {
                     .remote(&path.relay_addr)
                     .unwrap_or(path.relay_addr);
                 p.relay = Some(path.relay);
-            } else if let Some(remote) = self.inner.links.remote(&p.addr) {
+            } else if let Some(remote) = self.inner.core.links.remote(&p.addr) {
                 p.addr = remote;
             }
         }
@@ -450,7 +369,7 @@ impl Node {
         }
         let conn = crate::relay::client::dial_via(&self.inner, relay, relay_addr, peer).await?;
         stats::bump(&self.inner.counters.connections_outbound);
-        inbound::register(&self.inner, peer, conn, Direction::Outbound);
+        self.inner.peers.register(peer, conn, Direction::Outbound);
         Ok(())
     }
 
@@ -540,7 +459,7 @@ impl Node {
         core.peers_evicted = self.inner.peers.evicted();
         core.connection_events_dropped = self.inner.messaging.dropped_connection_events();
         core.peer_table_size = self.inner.peers.len() as u64;
-        core.inbound_connections = self.inner.inbound_gate.inbound() as u64;
+        core.inbound_connections = self.inner.peers.gate.inbound() as u64;
         NodeStats {
             core,
             datagrams: self.inner.demux_stats.snapshot(),
@@ -548,7 +467,7 @@ impl Node {
             relay: self.inner.relay.counters.snapshot(),
             relay_paths: self.inner.relay.paths.stats.snapshot(),
             handshakes: self.inner.tls.stats().snapshot(),
-            tcp: self.inner.links.stats.snapshot(),
+            tcp: self.inner.core.links.stats.snapshot(),
         }
     }
 

@@ -18,8 +18,7 @@ use reach_proto::PeerId;
 use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED, check_protocol_name};
 use tokio::sync::mpsc;
 
-use super::inbound::codes;
-use super::{Inner, stats};
+use super::{codes, stats};
 use crate::error::{Error, Result};
 use crate::events::Stream;
 
@@ -27,6 +26,9 @@ use crate::events::Stream;
 /// [`ProtocolListener::accept`]: beyond this, serving the peer's streams
 /// waits for the application (QUIC's stream limit then slows the peer).
 pub const PROTOCOL_BACKLOG: usize = 64;
+
+/// A peer must send a new stream's header frame within this time.
+pub const STREAM_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A stream a peer opened, with its header read.
 pub(crate) struct Inbound {
@@ -38,7 +40,10 @@ pub(crate) struct Inbound {
 }
 
 /// How one of reach's own capabilities serves its streams.
-pub(crate) type Handler = Arc<dyn Fn(Arc<Inner>, Inbound) -> BoxFuture<'static, ()> + Send + Sync>;
+///
+/// The handler captures its capability's own handle (weakly: the router
+/// lives in the core every capability holds).
+pub(crate) type Handler = Arc<dyn Fn(Inbound) -> BoxFuture<'static, ()> + Send + Sync>;
 
 #[derive(Clone)]
 enum Route {
@@ -111,11 +116,17 @@ impl Router {
     }
 
     /// Hands a stream whose header was read to its protocol's handler, or
-    /// refuses it.
-    pub async fn dispatch(&self, inner: Arc<Inner>, stream: Inbound) {
+    /// refuses it. `app_used` is told the peer when an application
+    /// protocol takes the stream.
+    pub async fn dispatch(
+        &self,
+        counters: &stats::Counters,
+        stream: Inbound,
+        app_used: impl FnOnce(PeerId),
+    ) {
         let route = stream.head.body.protocol().and_then(|p| self.route(p));
         match route {
-            Some(Route::Builtin(handler)) => handler(inner, stream).await,
+            Some(Route::Builtin(handler)) => handler(stream).await,
             Some(Route::App { tx, .. }) => {
                 let Inbound {
                     peer,
@@ -124,24 +135,28 @@ impl Router {
                     ..
                 } = stream;
                 if tx.is_closed() {
-                    return refuse(&inner, send, recv);
+                    return refuse(counters, send, recv);
                 }
-                inner.peers.touch(&peer, true);
+                app_used(peer);
                 if send.write_all(&[OPEN_ACCEPTED]).await.is_err() {
                     return;
                 }
-                stats::bump(&inner.counters.protocol_streams_accepted);
+                stats::bump(&counters.protocol_streams_accepted);
                 let _ = tx.send(Stream { peer, send, recv }).await;
             }
-            None => refuse(&inner, stream.send, stream.recv),
+            None => refuse(counters, stream.send, stream.recv),
         }
     }
 }
 
 /// Refuses a stream of a protocol nobody here serves; the connection
 /// stays up.
-pub(crate) fn refuse(inner: &Inner, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
-    stats::bump(&inner.counters.protocol_streams_refused);
+pub(crate) fn refuse(
+    counters: &stats::Counters,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    stats::bump(&counters.protocol_streams_refused);
     let _ = send.reset(codes::UNKNOWN_PROTOCOL.into());
     let _ = recv.stop(codes::UNKNOWN_PROTOCOL.into());
 }
@@ -206,12 +221,9 @@ pub(crate) async fn open(conn: &quinn::Connection, peer: PeerId, protocol: &str)
         protocol: protocol.to_string(),
     };
     let mut answer = [0u8; 1];
-    let read = tokio::time::timeout(
-        super::inbound::STREAM_HEADER_TIMEOUT,
-        recv.read_exact(&mut answer),
-    )
-    .await
-    .map_err(|_| Error::Timeout("waiting for the peer to accept the stream"))?;
+    let read = tokio::time::timeout(STREAM_HEADER_TIMEOUT, recv.read_exact(&mut answer))
+        .await
+        .map_err(|_| Error::Timeout("waiting for the peer to accept the stream"))?;
     match read {
         Ok(()) if answer[0] == OPEN_ACCEPTED => Ok(Stream { peer, send, recv }),
         Ok(()) => Err(Error::Wire(reach_proto::wire::WireError::Malformed(

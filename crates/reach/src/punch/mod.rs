@@ -244,7 +244,7 @@ pub(crate) fn local_info(inner: &Inner) -> PunchInfo {
     PunchInfo {
         mapping,
         filtering,
-        udp: !inner.tcp_mode(),
+        udp: !inner.core.tcp_mode(),
         lan,
     }
 }

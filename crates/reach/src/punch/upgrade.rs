@@ -15,7 +15,7 @@ use reach_proto::relay::rpc::{RelayRequest, RelayResponse, refusal};
 use tokio::time::Instant;
 
 use super::{birthday, local_info, lock, open, wait_until};
-use crate::node::{Direction, Inner, inbound, peers};
+use crate::node::{Direction, Inner};
 use crate::relay::client;
 
 /// The machine, and the wake-up armed for it.
@@ -141,7 +141,7 @@ pub(crate) fn start_upgrade(inner: &Arc<Inner>, peer: PeerId, relay: PeerId) {
     if !inner.punch.enabled {
         return;
     }
-    if inner.tcp_mode() {
+    if inner.core.tcp_mode() {
         // No UDP here: nothing to punch with.
         inner.punch.record(Outcome {
             peer,
@@ -192,7 +192,7 @@ pub(crate) fn on_introduce(
         reason: refusal::PUNCH_UNWANTED.into(),
     };
     if inner.relay.held().is_none_or(|(r, _)| r != relay)
-        || inner.tcp_mode()
+        || inner.core.tcp_mode()
         || !inner.punch.enabled
     {
         return unwanted();
@@ -247,10 +247,10 @@ pub(super) async fn dial_and_register(
     addr: std::net::SocketAddr,
     deadline: Instant,
 ) -> Result<(), PunchError> {
-    let conn = tokio::time::timeout_at(deadline, peers::dial_from(inner, endpoint, peer, addr))
+    let conn = tokio::time::timeout_at(deadline, inner.peers.dial_from(endpoint, peer, addr))
         .await
         .map_err(|_| PunchError::Handshake("timed out".into()))?
         .map_err(|e| PunchError::Handshake(e.to_string()))?;
-    inbound::register(inner, peer, conn, Direction::Outbound);
+    inner.peers.register(peer, conn, Direction::Outbound);
     Ok(())
 }

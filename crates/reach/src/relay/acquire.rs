@@ -39,7 +39,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
     let relay = &inner.relay;
     let needs_check = relay.service == RelayMode::Auto || relay.acquire == RelayMode::Auto;
     let mut reach = Reachability::Unknown;
-    if inner.tcp_mode() {
+    if inner.core.tcp_mode() {
         // UDP is blocked: nobody can reach us but through a relay.
         reach = Reachability::Private;
         relay.set_reachability(reach);
@@ -210,7 +210,7 @@ async fn acquire_one(
                 // Published for others: the relay's real address, also when
                 // we reach it over a TCP link.
                 let remote = conn.remote_address();
-                let public = inner.links.dialed_remote(&remote).unwrap_or(remote);
+                let public = inner.core.links.dialed_remote(&remote).unwrap_or(remote);
                 return Some((relay, public, conn));
             }
             Err(e) => tracing::debug!(%relay, error = %e, "relay candidate refused"),

@@ -12,7 +12,7 @@ use reach_proto::relay::rpc::{RelayRequest, RelayResponse};
 use reach_proto::wire::envelope::Body;
 
 use crate::error::{Error, Result};
-use crate::node::{Inner, peers, stats};
+use crate::node::{Inner, stats};
 use crate::transport;
 
 /// How long after its connection closed an end asks the relay to drop the
@@ -45,7 +45,7 @@ async fn ask(
     request: RelayRequest,
 ) -> Result<(quinn::Connection, RelayResponse)> {
     let go = async {
-        let conn = peers::connection_known(inner, relay, &[addr]).await?;
+        let conn = inner.peers.connection_known(relay, &[addr]).await?;
         let answer = rpc(&conn, request).await?;
         Ok((conn, answer))
     };
@@ -131,7 +131,7 @@ async fn dial_via_inner(
         addr: virt,
         keep: false,
     };
-    let conn = peers::dial(inner, target, virt).await?;
+    let conn = inner.peers.dial(target, virt).await?;
     inner.relay.paths.mark_used(&virt);
     let mut guard = guard;
     guard.keep = true;

@@ -155,12 +155,13 @@ pub(crate) async fn expire_loop(inner: Arc<Inner>) {
 /// How the relay serves its signalling protocol
 /// ([`reach_proto::wire::envelope::protocols::RELAY`]): one request per
 /// stream, answered on it.
-pub(crate) fn stream_handler() -> crate::node::router::Handler {
-    std::sync::Arc::new(|inner, s| {
-        Box::pin(async move {
-            if let reach_proto::wire::envelope::Body::RelayRequest(req) = s.head.body {
-                serve(inner, s.peer, s.remote, req, s.send).await
-            }
-        })
+pub(crate) fn serve_stream(
+    inner: std::sync::Arc<crate::node::Inner>,
+    s: crate::node::router::Inbound,
+) -> futures::future::BoxFuture<'static, ()> {
+    Box::pin(async move {
+        if let reach_proto::wire::envelope::Body::RelayRequest(req) = s.head.body {
+            serve(inner, s.peer, s.remote, req, s.send).await
+        }
     })
 }

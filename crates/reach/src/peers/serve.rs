@@ -1,43 +1,27 @@
 //! Accepting connections and serving what peers send on them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use reach_proto::PeerId;
 use reach_proto::wire::envelope::{Envelope, MAX_CONTROL_ENVELOPE_LEN};
 use reach_proto::wire::{FRAME_HEADER_LEN, frame};
 
-use super::{Direction, Inner, limits, stats};
+use super::{Closed, Peers, Registered};
+use crate::node::router::STREAM_HEADER_TIMEOUT;
+use crate::node::{Direction, codes, limits, stats};
 use crate::tls;
-
-/// A peer must send a new stream's header frame within this time.
-pub const STREAM_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Application error codes with which a receiver stops a stream it refuses.
-pub mod codes {
-    /// The stream did not start with a valid reach envelope.
-    pub const MALFORMED: u32 = 1;
-    /// The message exceeds [`super::MAX_MESSAGE_LEN`].
-    pub const TOO_LARGE: u32 = 2;
-    /// The node is shutting down.
-    pub const SHUTTING_DOWN: u32 = 3;
-    /// An inbound connection carried nothing within the silent timeout.
-    pub const SILENT: u32 = 4;
-    /// A stream of a protocol nobody on the node serves (the connection
-    /// stays up).
-    pub const UNKNOWN_PROTOCOL: u32 = 5;
-}
 
 /// Accepts incoming connections until the endpoint closes. Each attempt
 /// must first get a slot from the node's [`limits::InboundGate`]; one over
 /// a limit is refused before any handshake work.
-pub(crate) async fn accept_loop(inner: Arc<Inner>) {
-    while let Some(incoming) = inner.endpoint.accept().await {
+pub(crate) async fn accept_loop(peers: Arc<Peers>) {
+    let inner = &peers;
+    while let Some(incoming) = inner.core.endpoint.accept().await {
         let remote = incoming.remote_address();
-        if !incoming.remote_address_validated() && inner.inbound_gate.handshakes_crowded() {
+        if !incoming.remote_address_validated() && inner.gate.handshakes_crowded() {
             // Under a handshake flood: make the source prove its address
             // first (costs an honest dialer one round trip).
-            stats::bump(&inner.counters.inbound_retried);
+            stats::bump(&inner.core.counters.inbound_retried);
             if let Err(e) = incoming.retry() {
                 e.into_incoming().ignore();
             }
@@ -45,21 +29,18 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
         }
         // A TCP link counts as its TCP peer's address: one host cannot
         // open unbounded connections through one link.
-        let source = inner.real_source(remote);
-        let mut slot = match inner
-            .inbound_gate
-            .admit(source.unwrap_or(remote), source.is_none())
-        {
+        let source = inner.core.real_source(remote);
+        let mut slot = match inner.gate.admit(source.unwrap_or(remote), source.is_none()) {
             Ok(slot) => slot,
             Err(why) => {
-                stats::bump(&inner.counters.inbound_refused);
+                stats::bump(&inner.core.counters.inbound_refused);
                 tracing::trace!(%remote, ?why, "inbound connection refused");
                 incoming.refuse();
                 continue;
             }
         };
         let inner2 = inner.clone();
-        inner.spawn(async move {
+        inner.core.spawn(async move {
             let handshake = async {
                 let connecting = incoming.accept()?;
                 tokio::pin!(connecting);
@@ -70,7 +51,7 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
                         // others need the slots; else QUIC's own timeouts
                         // decide (an overloaded but honest node must not
                         // abort handshakes its dialers already completed).
-                        Err(_) if inner2.inbound_gate.handshakes_crowded() => return Ok(None),
+                        Err(_) if inner2.gate.handshakes_crowded() => return Ok(None),
                         Err(_) => continue,
                     }
                 }
@@ -78,24 +59,24 @@ pub(crate) async fn accept_loop(inner: Arc<Inner>) {
             let conn = match handshake.await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
-                    stats::bump(&inner2.counters.inbound_handshake_failures);
+                    stats::bump(&inner2.core.counters.inbound_handshake_failures);
                     tracing::debug!(%remote, "inbound handshake timed out");
                     return;
                 }
                 Err(e) => {
-                    stats::bump(&inner2.counters.inbound_handshake_failures);
+                    stats::bump(&inner2.core.counters.inbound_handshake_failures);
                     tracing::debug!(error = %e, "inbound handshake failed");
                     return;
                 }
             };
             slot.handshake_done();
             let Some(peer) = remote_peer_id(&conn) else {
-                stats::bump(&inner2.counters.inbound_handshake_failures);
+                stats::bump(&inner2.core.counters.inbound_handshake_failures);
                 conn.close(codes::MALFORMED.into(), b"no identity");
                 return;
             };
-            stats::bump(&inner2.counters.connections_inbound);
-            register_slot(&inner2, peer, conn, Direction::Inbound, Some(slot));
+            stats::bump(&inner2.core.counters.connections_inbound);
+            inner2.register_slot(peer, conn, Direction::Inbound, Some(slot));
         });
     }
 }
@@ -109,45 +90,42 @@ pub(crate) fn remote_peer_id(conn: &quinn::Connection) -> Option<PeerId> {
     tls::peer_id_from_cert(certs.first()?).ok()
 }
 
-/// Records `conn` as the connection to `peer` and starts serving it.
-pub(crate) fn register(inner: &Arc<Inner>, peer: PeerId, conn: quinn::Connection, dir: Direction) {
-    register_slot(inner, peer, conn, dir, None)
-}
+impl Peers {
+    /// Records `conn` as the connection to `peer` and starts serving it.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        peer: PeerId,
+        conn: quinn::Connection,
+        dir: Direction,
+    ) {
+        self.register_slot(peer, conn, dir, None)
+    }
 
-/// [`register`], for an inbound connection holding `slot` until it closes.
-fn register_slot(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-    conn: quinn::Connection,
-    dir: Direction,
-    slot: Option<limits::Slot>,
-) {
-    let relayed = crate::vaddr::is_virtual(&conn.remote_address());
-    if relayed {
-        crate::relay::client::watch_virtual(inner, conn.clone());
-    } else if dir == Direction::Inbound {
-        // The address an inbound connection came from is a way back.
-        inner.peers.remember_fallback(peer, conn.remote_address());
-    }
-    let in_use = inner.peers.insert(peer, conn.clone(), dir);
-    tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, in_use, "connected");
-    inner.punch.connections.notify_waiters();
-    if inner.peers.standby(&peer).is_some()
-        && let Some(direct) = inner.peers.live(&peer)
-        && !crate::vaddr::is_virtual(&direct.remote_address())
-    {
-        // A direct connection with a relayed one behind it: watch its path
-        // (whichever of the two arrived last).
-        crate::punch::liveness::watch(inner, peer, direct);
-    }
-    if relayed && in_use && dir == Direction::Outbound {
-        // We dialed through a relay: try for a direct path.
-        if let Some(path) = inner.relay.paths.path(&conn.remote_address()) {
-            crate::punch::start_upgrade(inner, peer, path.relay);
+    /// [`Peers::register`], for an inbound connection holding `slot` until
+    /// it closes.
+    fn register_slot(
+        self: &Arc<Self>,
+        peer: PeerId,
+        conn: quinn::Connection,
+        dir: Direction,
+        slot: Option<limits::Slot>,
+    ) {
+        if dir == Direction::Inbound && !crate::vaddr::is_virtual(&conn.remote_address()) {
+            // The address an inbound connection came from is a way back.
+            self.table.remember_fallback(peer, conn.remote_address());
         }
+        let in_use = self.table.insert(peer, conn.clone(), dir);
+        tracing::debug!(%peer, addr = %conn.remote_address(), ?dir, in_use, "connected");
+        let registered = Registered {
+            peer,
+            conn: &conn,
+            direction: dir,
+            in_use,
+        };
+        self.each_observer(|o| o.registered(&registered));
+        self.report_path(peer);
+        self.core.spawn(serve(self.clone(), peer, conn, slot));
     }
-    inner.report_path(peer);
-    inner.spawn(serve(inner.clone(), peer, conn, slot));
 }
 
 /// Whether `conn` has carried a stream or a datagram, either way.
@@ -161,13 +139,14 @@ fn carried_traffic(conn: &quinn::Connection) -> bool {
 /// silent timeout while its address is crowded is closed (see
 /// [`limits::SILENT_CONNECTION_TIMEOUT`]).
 async fn serve(
-    inner: Arc<Inner>,
+    inner: Arc<Peers>,
     peer: PeerId,
     conn: quinn::Connection,
     slot: Option<limits::Slot>,
 ) {
-    let mut watch_silence = slot.is_some() && inner.real_source(conn.remote_address()).is_some();
-    let silent = tokio::time::sleep(inner.inbound_gate.limits().silent_timeout);
+    let mut watch_silence =
+        slot.is_some() && inner.core.real_source(conn.remote_address()).is_some();
+    let silent = tokio::time::sleep(inner.gate.limits().silent_timeout);
     tokio::pin!(silent);
     loop {
         tokio::select! {
@@ -176,37 +155,40 @@ async fn serve(
                     watch_silence = false;
                 } else if slot.as_ref().is_some_and(|s| s.under_pressure()) {
                     watch_silence = false;
-                    stats::bump(&inner.counters.silent_connections_closed);
+                    stats::bump(&inner.core.counters.silent_connections_closed);
                     conn.close(codes::SILENT.into(), b"silent");
                 } else {
                     // Look again later: pressure may come.
-                    let period = inner.inbound_gate.limits().silent_timeout;
+                    let period = inner.gate.limits().silent_timeout;
                     silent.as_mut().reset(tokio::time::Instant::now() + period);
                 }
             },
             uni = conn.accept_uni() => match uni {
-                Ok(s) => inner.spawn(crate::messaging::receive(inner.clone(), peer, s)),
+                Ok(s) => match inner.hooks.uni.get() {
+                    Some(handler) => inner.core.spawn(handler(peer, s)),
+                    None => drop(s),
+                },
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => inner.spawn(receive_stream(inner.clone(), peer, conn.remote_address(), send, recv)),
+                Ok((send, recv)) => inner.core.spawn(receive_stream(inner.clone(), peer, conn.remote_address(), send, recv)),
                 Err(_) => break,
             },
         }
     }
-    if inner.peers.remove_if_current(peer, conn.stable_id()) {
-        // The peer closed a punched connection: back on the relay.
-        crate::punch::liveness::moved_to_standby(&inner, peer);
-    }
-    if inner.peers.live(&peer).is_none() {
-        // A relay client that left takes its reservation and circuits along.
-        inner.relay.paths.release(&peer);
-        inner.punch.forget_info(&peer);
-        if slot.is_some() {
-            // An inbound peer that never used its connection for anything
-            // of the application's leaves no entry behind.
-            inner.peers.forget_if_unused(&peer);
-        }
+    let standby_took_over = inner.table.remove_if_current(peer, conn.stable_id());
+    let none_left = inner.table.live(&peer).is_none();
+    inner.each_observer(|o| {
+        o.closed(&Closed {
+            peer,
+            standby_took_over,
+            none_left,
+        })
+    });
+    if none_left && slot.is_some() {
+        // An inbound peer that never used its connection for anything of
+        // the application's leaves no entry behind.
+        inner.table.forget_if_unused(&peer);
     }
     drop(slot);
     inner.report_path(peer);
@@ -214,9 +196,9 @@ async fn serve(
 }
 
 /// Reads the header of a bidirectional stream and hands the stream to its
-/// protocol's handler (see [`super::router`]).
+/// protocol's handler (see [`crate::node::router`]).
 async fn receive_stream(
-    inner: Arc<Inner>,
+    inner: Arc<Peers>,
     peer: PeerId,
     remote: std::net::SocketAddr,
     send: quinn::SendStream,
@@ -227,25 +209,26 @@ async fn receive_stream(
         Ok(Some(Ok(head))) => head,
         // A newer node's kind of stream: refused like an unknown protocol.
         Ok(Some(Err(reach_proto::wire::WireError::UnknownBody(_)))) => {
-            return super::router::refuse(&inner, send, recv);
+            return crate::node::router::refuse(&inner.core.counters, send, recv);
         }
         _ => {
-            stats::bump(&inner.counters.malformed_streams);
+            stats::bump(&inner.core.counters.malformed_streams);
             let _ = recv.stop(codes::MALFORMED.into());
             return;
         }
     };
-    let router = inner.router.clone();
+    let router = inner.core.router.clone();
     router
         .dispatch(
-            inner,
-            super::router::Inbound {
+            &inner.core.counters,
+            crate::node::router::Inbound {
                 peer,
                 remote,
                 head,
                 send,
                 recv,
             },
+            |peer| inner.table.touch(&peer, true),
         )
         .await;
 }
