@@ -19,8 +19,8 @@ use reach_proto::endpoint::{AddressFacts, compose};
 use tokio::sync::Mutex as AsyncMutex;
 
 use crate::dht::{DhtMode, ops};
+use crate::node::bus::Reachability;
 use crate::node::{Inner, NodeEvent, stats};
-use crate::relay::Reachability;
 
 /// The record's state: its last sequence number, and one publication at a
 /// time (two concurrent ones would race their sequence numbers).

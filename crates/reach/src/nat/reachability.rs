@@ -8,7 +8,7 @@ use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 
 use super::probe;
 use crate::node::Inner;
-use crate::relay::Reachability;
+use crate::node::bus::Reachability;
 use crate::vaddr::is_virtual;
 
 /// Other-host filtering tests per reachability check at most (each probe

@@ -335,23 +335,23 @@ impl NodeBuilder {
             core,
             peers,
             bridge: Arc::new(super::bridge::Bridge(node.clone())),
-            messaging: crate::messaging::Messaging::new(self.connection_events),
+            messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
             advertiser: Default::default(),
-            dht,
-            nat: crate::nat::Nat::new(!self.no_stun_server, alt),
-            relay: RelayRuntime::new(
+            dht: Arc::new(dht),
+            nat: Arc::new(crate::nat::Nat::new(!self.no_stun_server, alt)),
+            relay: Arc::new(RelayRuntime::new(
                 self.relay_service,
                 self.acquire_relay,
                 relay_limits,
                 paths,
                 bus.clone(),
-            ),
-            punch: crate::punch::PunchRuntime::new(
+            )),
+            punch: Arc::new(crate::punch::PunchRuntime::new(
                 !self.no_hole_punching,
                 self.udp_binder
                     .clone()
                     .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
-            ),
+            )),
             closed: Default::default(),
             dir_lock: std::sync::Mutex::new(dir_lock),
         });

@@ -20,11 +20,25 @@ use tokio::sync::broadcast;
 
 use super::Direction;
 use crate::events::PathKind;
-use crate::relay::Reachability;
+use serde::Deserialize;
 
 /// Events a lagging subscriber may fall behind by before it skips the
 /// oldest: a few seconds of a busy node's connection churn.
 pub const BUS_CAPACITY: usize = 1024;
+
+/// What a node found out about its own reachability.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state", content = "addr")]
+pub enum Reachability {
+    /// Not checked yet (or no helper was available).
+    #[default]
+    Unknown,
+    /// Unsolicited packets from a never-contacted host reach us at this
+    /// address.
+    Public(SocketAddr),
+    /// They do not: we need a relay.
+    Private,
+}
 
 /// Something that happened on the node. New kinds are added as
 /// capabilities land: match with a wildcard arm.

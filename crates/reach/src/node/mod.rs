@@ -97,14 +97,14 @@ pub(crate) struct Inner {
     /// Known peers, their connections, dialing (see [`crate::peers`]).
     pub peers: Arc<crate::peers::Peers>,
     /// Messages: the app's queue, the receive budget, the dedup window.
-    pub messaging: crate::messaging::Messaging,
+    pub messaging: Arc<crate::messaging::Messaging>,
     /// The endpoint record's owner (see [`crate::advertise`]).
-    pub advertiser: crate::advertise::Advertiser,
-    pub dht: Dht,
+    pub advertiser: Arc<crate::advertise::Advertiser>,
+    pub dht: Arc<Dht>,
     /// What the node knows about the NAT in front of it (see [`crate::nat`]).
-    pub nat: crate::nat::Nat,
-    pub relay: crate::relay::RelayRuntime,
-    pub punch: crate::punch::PunchRuntime,
+    pub nat: Arc<crate::nat::Nat>,
+    pub relay: Arc<crate::relay::RelayRuntime>,
+    pub punch: Arc<crate::punch::PunchRuntime>,
     /// Plugs the capabilities not yet carved out into the peers' hooks.
     pub bridge: Arc<bridge::Bridge>,
     /// Set once the endpoint is closed and the peer cache saved.

@@ -65,19 +65,7 @@ impl std::fmt::Display for RelayMode {
     }
 }
 
-/// What a node found out about its own reachability.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case", tag = "state", content = "addr")]
-pub enum Reachability {
-    /// Not checked yet (or no helper was available).
-    #[default]
-    Unknown,
-    /// Unsolicited packets from a never-contacted host reach us at this
-    /// address.
-    Public(SocketAddr),
-    /// They do not: we need a relay.
-    Private,
-}
+pub use crate::node::bus::Reachability;
 
 crate::telemetry::metrics! {
     /// Counters of the relay capability.
