@@ -21,6 +21,7 @@
 //! ```
 
 mod bridge;
+mod wiring;
 mod builder;
 pub mod bus;
 pub mod codes;

@@ -1,0 +1,5 @@
+//! Wiring: what each capability needs from the others, plugged in by the
+//! composition root. A capability names what it needs as a small trait in
+//! its own module; the adapters here implement those traits over the
+//! capability that provides it, so capability modules never import each
+//! other upwards (see docs/architecture.md, "Dependencies").
