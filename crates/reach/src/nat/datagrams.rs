@@ -16,7 +16,8 @@ use reach_proto::wire::envelope::Body;
 use reach_proto::wire::stun;
 use tokio::sync::mpsc;
 
-use crate::node::{Inner, stats};
+use super::Nat;
+use crate::node::stats;
 use crate::socket::NonQuicDatagram;
 
 /// Answers (probe replies, filter probes, STUN responses) a node sends per
@@ -24,153 +25,146 @@ use crate::socket::NonQuicDatagram;
 /// become a packet cannon.
 pub const MAX_REPLIES_PER_SEC: u32 = 1000;
 
-/// Handles non-QUIC datagrams until the node stops.
-pub(crate) async fn datagram_loop(inner: Arc<Inner>, mut rx: mpsc::Receiver<NonQuicDatagram>) {
-    while let Some(d) = rx.recv().await {
-        match d.kind {
-            DatagramKind::Control => handle_control(&inner, &d),
-            DatagramKind::Stun => handle_stun(&inner, &d),
-            _ => {}
+impl Nat {
+    /// Handles non-QUIC datagrams until the node stops.
+    pub(crate) async fn datagram_loop(self: Arc<Self>, mut rx: mpsc::Receiver<NonQuicDatagram>) {
+        while let Some(d) = rx.recv().await {
+            match d.kind {
+                DatagramKind::Control => self.handle_control(&d),
+                DatagramKind::Stun => self.handle_stun(&d),
+                _ => {}
+            }
         }
     }
-}
 
-/// How filter-probe requests are served
-/// ([`reach_proto::wire::envelope::protocols::FILTER_PROBE`]): a peer asked
-/// us (over QUIC) to send the unsolicited probe of another node's filtering
-/// test to `target`. No answer.
-pub(crate) fn serve_filter_probe(
-    inner: std::sync::Arc<crate::node::Inner>,
-    s: crate::node::router::Inbound,
-) -> futures::future::BoxFuture<'static, ()> {
-    Box::pin(async move {
+    /// Serves a filter-probe request
+    /// ([`reach_proto::wire::envelope::protocols::FILTER_PROBE`]): a peer asked
+    /// us (over QUIC) to send the unsolicited probe of another node's filtering
+    /// test to `target`. No answer.
+    pub(crate) fn serve_filter_probe(&self, s: crate::node::router::Inbound) {
         if let Body::FilterProbeRequest { nonce, target } = s.head.body {
-            send_filter_probe(&inner, nonce, target);
+            self.send_filter_probe(nonce, target);
         }
-    })
-}
+    }
 
-fn send_filter_probe(inner: &Inner, nonce: u64, target: SocketAddr) {
-    if !inner.nat.allow_reply() {
-        stats::bump(&inner.counters.probes_refused);
-        return;
+    fn send_filter_probe(&self, nonce: u64, target: SocketAddr) {
+        if !self.allow_reply() {
+            stats::bump(&self.core.counters.probes_refused);
+            return;
+        }
+        let probe = ControlPacket::FilterProbe { nonce }.encode();
+        if self.core.socket.send_datagram(target, &probe).is_ok() {
+            stats::bump(&self.core.counters.probes_answered);
+        }
     }
-    let probe = ControlPacket::FilterProbe { nonce }.encode();
-    if inner.socket.send_datagram(target, &probe).is_ok() {
-        stats::bump(&inner.counters.probes_answered);
-    }
-}
 
-fn reply(inner: &Inner, to: SocketAddr, request_len: usize, bytes: &[u8]) {
-    // Never answer with more bytes than were sent to us.
-    if bytes.len() > request_len || !inner.nat.allow_reply() {
-        stats::bump(&inner.counters.probes_refused);
-        return;
+    fn reply(&self, to: SocketAddr, request_len: usize, bytes: &[u8]) {
+        // Never answer with more bytes than were sent to us.
+        if bytes.len() > request_len || !self.allow_reply() {
+            stats::bump(&self.core.counters.probes_refused);
+            return;
+        }
+        if self.core.socket.send_datagram(to, bytes).is_ok() {
+            stats::bump(&self.core.counters.probes_answered);
+        }
     }
-    if inner.socket.send_datagram(to, bytes).is_ok() {
-        stats::bump(&inner.counters.probes_answered);
-    }
-}
 
-fn handle_control(inner: &Arc<Inner>, d: &NonQuicDatagram) {
-    let Ok(packet) = ControlPacket::decode(&d.data) else {
-        tracing::trace!(from = %d.from, "malformed control packet dropped");
-        return;
-    };
-    match packet {
-        ControlPacket::Probe { nonce } => {
-            let answer = ControlPacket::ProbeReply {
+    fn handle_control(self: &Arc<Self>, d: &NonQuicDatagram) {
+        let Ok(packet) = ControlPacket::decode(&d.data) else {
+            tracing::trace!(from = %d.from, "malformed control packet dropped");
+            return;
+        };
+        match packet {
+            ControlPacket::Probe { nonce } => {
+                let answer = ControlPacket::ProbeReply {
+                    nonce,
+                    observed: d.from,
+                }
+                .encode();
+                self.reply(d.from, d.data.len(), &answer);
+            }
+            ControlPacket::ProbeReply { nonce, observed } => {
+                // Only an answer to a probe we sent, from where we sent it,
+                // counts as a report of our external address.
+                if self.pending.probes.complete(nonce, d.from, observed) {
+                    self.record_observed(observed, d.from);
+                }
+            }
+            ControlPacket::FilterTest {
                 nonce,
-                observed: d.from,
-            }
-            .encode();
-            reply(inner, d.from, d.data.len(), &answer);
-        }
-        ControlPacket::ProbeReply { nonce, observed } => {
-            // Only an answer to a probe we sent, from where we sent it,
-            // counts as a report of our external address.
-            if inner.nat.pending.probes.complete(nonce, d.from, observed) {
-                inner.observed_addr(observed, d.from);
-            }
-        }
-        ControlPacket::FilterTest {
-            nonce,
-            via,
-            exclude,
-        } => {
-            if !inner.nat.allow_reply() {
-                stats::bump(&inner.counters.probes_refused);
-                return;
-            }
-            let probe = ControlPacket::FilterProbe { nonce }.encode();
-            if probe.len() > d.data.len() {
-                return;
-            }
-            match via {
-                FilterVia::OtherPort => send_from_other_port(inner, d.from, &probe),
-                FilterVia::OtherHost => {
-                    // A connected peer at an IP the requester never sent to.
-                    let helper = inner.peers.connected().into_iter().find(|p| {
-                        !crate::vaddr::is_virtual(&p.addr)
-                            && p.addr.ip() != inner.local_addr.ip()
-                            && p.addr.ip() != d.from.ip()
-                            && !exclude.contains(&p.addr.ip())
-                    });
-                    if let Some(conn) = helper.and_then(|h| inner.peers.live(&h.peer)) {
-                        let target = d.from;
-                        inner.spawn(async move {
-                            let ask = crate::node::rpc::tell(
-                                &conn,
-                                Body::FilterProbeRequest { nonce, target },
-                            );
-                            let _ = tokio::time::timeout(PROBE_RETRY_AFTER, ask).await;
+                via,
+                exclude,
+            } => {
+                if !self.allow_reply() {
+                    stats::bump(&self.core.counters.probes_refused);
+                    return;
+                }
+                let probe = ControlPacket::FilterProbe { nonce }.encode();
+                if probe.len() > d.data.len() {
+                    return;
+                }
+                match via {
+                    FilterVia::OtherPort => self.send_from_other_port(d.from, &probe),
+                    FilterVia::OtherHost => {
+                        // A connected peer at an IP the requester never sent to.
+                        let helper = self.peers.connected().into_iter().find(|p| {
+                            !crate::vaddr::is_virtual(&p.addr)
+                                && p.addr.ip() != self.core.local_addr.ip()
+                                && p.addr.ip() != d.from.ip()
+                                && !exclude.contains(&p.addr.ip())
                         });
+                        if let Some(conn) = helper.and_then(|h| self.peers.live(&h.peer)) {
+                            let target = d.from;
+                            self.core.spawn(async move {
+                                let ask = crate::node::rpc::tell(
+                                    &conn,
+                                    Body::FilterProbeRequest { nonce, target },
+                                );
+                                let _ = tokio::time::timeout(PROBE_RETRY_AFTER, ask).await;
+                            });
+                        }
                     }
                 }
             }
-        }
-        ControlPacket::FilterProbe { nonce } => {
-            let _ = inner.nat.pending.filter.complete(nonce, d.from, d.from);
-        }
-        ControlPacket::Punch { .. } | ControlPacket::PunchAck { .. } => {
-            crate::punch::on_packet(inner, d.from, &packet);
-        }
-    }
-}
-
-/// Sends `bytes` to `to` from a fresh socket on our IP: a port the
-/// requester never sent to (RFC 5780's alternate port).
-fn send_from_other_port(inner: &Inner, to: SocketAddr, bytes: &[u8]) {
-    match inner.nat.alt_socket() {
-        Ok(sock) => {
-            let _ = sock.send_to(bytes, to);
-        }
-        Err(e) => tracing::debug!(error = %e, "no alternate port for a filter test"),
-    }
-}
-
-fn handle_stun(inner: &Inner, d: &NonQuicDatagram) {
-    let Ok(msg) = stun::decode(&d.data) else {
-        return;
-    };
-    match msg.method_class {
-        stun::BINDING_REQUEST if inner.nat.stun_server() => {
-            let answer = stun::binding_response(msg.transaction, d.from);
-            // A STUN response is 12 bytes longer than a bare request; STUN
-            // clients expect that, so the limit here is the rate limit.
-            if inner.nat.allow_reply() && inner.socket.send_datagram(d.from, &answer).is_ok() {
-                stats::bump(&inner.counters.stun_answered);
+            ControlPacket::FilterProbe { nonce } => {
+                let _ = self.pending.filter.complete(nonce, d.from, d.from);
+            }
+            ControlPacket::Punch { .. } | ControlPacket::PunchAck { .. } => {
+                self.punch_packet(d.from, &packet);
             }
         }
-        stun::BINDING_SUCCESS => {
-            if let Some(mapped) = msg.mapped {
-                let _ = inner
-                    .nat
-                    .pending
-                    .stun
-                    .complete(msg.transaction, d.from, mapped);
+    }
+
+    /// Sends `bytes` to `to` from a fresh socket on our IP: a port the
+    /// requester never sent to (RFC 5780's alternate port).
+    fn send_from_other_port(&self, to: SocketAddr, bytes: &[u8]) {
+        match self.alt_socket() {
+            Ok(sock) => {
+                let _ = sock.send_to(bytes, to);
             }
+            Err(e) => tracing::debug!(error = %e, "no alternate port for a filter test"),
         }
-        _ => {}
+    }
+
+    fn handle_stun(&self, d: &NonQuicDatagram) {
+        let Ok(msg) = stun::decode(&d.data) else {
+            return;
+        };
+        match msg.method_class {
+            stun::BINDING_REQUEST if self.stun_server() => {
+                let answer = stun::binding_response(msg.transaction, d.from);
+                // A STUN response is 12 bytes longer than a bare request; STUN
+                // clients expect that, so the limit here is the rate limit.
+                if self.allow_reply() && self.core.socket.send_datagram(d.from, &answer).is_ok() {
+                    stats::bump(&self.core.counters.stun_answered);
+                }
+            }
+            stun::BINDING_SUCCESS => {
+                if let Some(mapped) = msg.mapped {
+                    let _ = self.pending.stun.complete(msg.transaction, d.from, mapped);
+                }
+            }
+            _ => {}
+        }
     }
 }

@@ -29,7 +29,13 @@ use tokio::time::Instant;
 pub use datagrams::MAX_REPLIES_PER_SEC;
 pub use report::{MAPPING_HELPERS, NatReport};
 
+use std::sync::{Arc, OnceLock, Weak};
+
+use reach_proto::wire::datagram::ControlPacket;
+
 use crate::node::bus::{Bus, NodeEvent};
+use crate::node::core::Core;
+use crate::peers::Peers;
 use crate::util::RateLimiter;
 
 // Observed addresses must outlive the endpoint republish, which re-observes
@@ -40,8 +46,21 @@ const _: () = assert!(
             + 2 * crate::dht::join::MAINTENANCE_TICK.as_secs()
 );
 
-/// The NAT capability's state.
+/// The punch capability's packets (`Punch`, `PunchAck`), which arrive
+/// with the other control packets; hole punching sits above NAT discovery,
+/// so it plugs this in (see [`Nat::set_punch_packets`]).
+pub(crate) trait PunchPackets: Send + Sync {
+    /// A punch packet `packet` arrived from `from`.
+    fn on_packet(&self, from: SocketAddr, packet: &ControlPacket);
+}
+
+/// The NAT capability: what the node knows about the NAT in front of it,
+/// and the non-QUIC datagrams that find it out (probes, filtering tests,
+/// STUN).
 pub(crate) struct Nat {
+    core: Arc<Core>,
+    peers: Arc<Peers>,
+    punch: OnceLock<Weak<dyn PunchPackets>>,
     /// Requests this node sent that await an answer.
     pending: probe::PendingProbes,
     /// One budget for every answer to unsolicited packets (probe replies,
@@ -53,6 +72,12 @@ pub(crate) struct Nat {
     /// from a port requesters never sent to.
     alt: Option<std::net::UdpSocket>,
     /// Our external addresses as peers report them.
+    external: ExternalAddrs,
+}
+
+/// Our external addresses as peers report them, and the bus that hears
+/// when one is confirmed or expires.
+pub(crate) struct ExternalAddrs {
     observed: Mutex<ObservedAddrs>,
     /// Wakes the expiry task when an address became confirmed (its
     /// deadline may be the next one).
@@ -60,6 +85,7 @@ pub(crate) struct Nat {
     /// Where `observed`'s time counts from (tokio's clock, so tests can
     /// pause it).
     epoch: Instant,
+    bus: Bus,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -67,15 +93,86 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Nat {
-    pub(crate) fn new(stun_server: bool, alt: Option<std::net::UdpSocket>) -> Self {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        peers: Arc<Peers>,
+        stun_server: bool,
+        alt: Option<std::net::UdpSocket>,
+    ) -> Self {
         Nat {
+            peers,
+            punch: OnceLock::new(),
             pending: probe::PendingProbes::default(),
             replies: Mutex::new(RateLimiter::new(MAX_REPLIES_PER_SEC)),
             stun_server,
             alt,
+            external: ExternalAddrs::new(core.bus.clone()),
+            core,
+        }
+    }
+
+    /// Our external addresses as peers report them.
+    pub(crate) fn external(&self) -> &ExternalAddrs {
+        &self.external
+    }
+
+    /// See [`ExternalAddrs::record`].
+    pub(crate) fn record_observed(&self, observed: SocketAddr, reporter: SocketAddr) {
+        self.external.record(observed, reporter);
+    }
+
+    /// See [`ExternalAddrs::scored`].
+    pub(crate) fn scored(&self) -> Vec<ScoredAddr> {
+        self.external.scored()
+    }
+
+    /// See [`ExternalAddrs::confirmed`].
+    pub(crate) fn confirmed(&self) -> Vec<SocketAddr> {
+        self.external.confirmed()
+    }
+
+    /// See [`ExternalAddrs::mapping`].
+    pub(crate) fn mapping(&self, ipv4: bool) -> Mapping {
+        self.external.mapping(ipv4)
+    }
+
+    /// Plugs in hole punching's packet handler (once, at build).
+    pub(crate) fn set_punch_packets(&self, p: Weak<dyn PunchPackets>) {
+        let _ = self.punch.set(p);
+    }
+
+    /// Hands a punch packet to hole punching, if it is plugged in.
+    fn punch_packet(&self, from: SocketAddr, packet: &ControlPacket) {
+        if let Some(p) = self.punch.get().and_then(Weak::upgrade) {
+            p.on_packet(from, packet);
+        }
+    }
+
+    /// Whether the answer budget allows one more answer now.
+    pub(crate) fn allow_reply(&self) -> bool {
+        lock(&self.replies).allow(Instant::now())
+    }
+
+    /// Whether this node answers STUN Binding requests.
+    pub(crate) fn stun_server(&self) -> bool {
+        self.stun_server
+    }
+
+    /// The alternate socket for filtering tests, if this node has one.
+    pub(crate) fn alt_socket(&self) -> std::io::Result<&std::net::UdpSocket> {
+        self.alt
+            .as_ref()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
+    }
+}
+
+impl ExternalAddrs {
+    pub(crate) fn new(bus: Bus) -> Self {
+        ExternalAddrs {
             observed: Mutex::default(),
             confirmed: Notify::new(),
             epoch: Instant::now(),
+            bus,
         }
     }
 
@@ -85,9 +182,9 @@ impl Nat {
     }
 
     /// Records that the peer at `reporter` saw us at `observed`, and says
-    /// on `bus` which addresses became (or stopped being) confirmed.
+    /// on the bus which addresses became (or stopped being) confirmed.
     /// Reports over relayed paths say nothing about our own address.
-    pub(crate) fn record_observed(&self, bus: &Bus, observed: SocketAddr, reporter: SocketAddr) {
+    pub(crate) fn record(&self, observed: SocketAddr, reporter: SocketAddr) {
         use crate::vaddr::is_virtual;
         if is_virtual(&observed) || is_virtual(&reporter) {
             return;
@@ -103,7 +200,7 @@ impl Nat {
         {
             self.confirmed.notify_one();
         }
-        emit(bus, changes);
+        emit(&self.bus, changes);
     }
 
     /// Our external addresses as peers have reported them recently, best
@@ -123,27 +220,10 @@ impl Nat {
         lock(&self.observed).mapping(ipv4, self.now())
     }
 
-    /// Whether the answer budget allows one more answer now.
-    pub(crate) fn allow_reply(&self) -> bool {
-        lock(&self.replies).allow(Instant::now())
-    }
-
-    /// Whether this node answers STUN Binding requests.
-    pub(crate) fn stun_server(&self) -> bool {
-        self.stun_server
-    }
-
-    /// The alternate socket for filtering tests, if this node has one.
-    pub(crate) fn alt_socket(&self) -> std::io::Result<&std::net::UdpSocket> {
-        self.alt
-            .as_ref()
-            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no alternate socket"))
-    }
-
     /// Runs until the node stops: whenever a confirmed address's reports
-    /// age out, says so on `bus` (`ExternalAddrExpired`). Sleeps until the
+    /// age out, says so on the bus (`ExternalAddrExpired`). Sleeps until the
     /// next such deadline, or until a new confirmation may bring it closer.
-    pub(crate) async fn expiry_loop(&self, bus: &Bus) {
+    pub(crate) async fn expiry_loop(&self) {
         loop {
             let next = lock(&self.observed).next_timeout();
             match next {
@@ -160,7 +240,7 @@ impl Nat {
                 o.expire(self.now());
                 drain(&mut o)
             };
-            emit(bus, changes);
+            emit(&self.bus, changes);
         }
     }
 }
@@ -191,16 +271,16 @@ mod tests {
     /// a fresh report in between keeps it.
     #[tokio::test(start_paused = true)]
     async fn confirmed_addresses_expire_on_the_bus() {
-        let nat = std::sync::Arc::new(Nat::new(false, None));
         let bus = Bus::default();
+        let nat = std::sync::Arc::new(ExternalAddrs::new(bus.clone()));
         let mut events = bus.subscribe();
         let task = tokio::spawn({
-            let (nat, bus) = (nat.clone(), bus.clone());
-            async move { nat.expiry_loop(&bus).await }
+            let nat = nat.clone();
+            async move { nat.expiry_loop().await }
         });
         let ext = addr("203.0.113.2:5000");
-        nat.record_observed(&bus, ext, addr("198.51.100.1:4433"));
-        nat.record_observed(&bus, ext, addr("198.51.100.2:4433"));
+        nat.record(ext, addr("198.51.100.1:4433"));
+        nat.record(ext, addr("198.51.100.2:4433"));
         assert_eq!(
             events.next().await,
             Some(NodeEvent::ExternalAddrConfirmed { addr: ext })
@@ -208,7 +288,7 @@ mod tests {
         // Half a TTL later one reporter says it again: the address now
         // lapses a TTL after the other, older report.
         tokio::time::sleep(OBSERVED_ADDR_TTL / 2).await;
-        nat.record_observed(&bus, ext, addr("198.51.100.1:4433"));
+        nat.record(ext, addr("198.51.100.1:4433"));
         tokio::time::sleep(OBSERVED_ADDR_TTL / 2 - Duration::from_secs(1)).await;
         assert_eq!(nat.confirmed(), vec![ext]);
         let started = Instant::now();
@@ -226,13 +306,12 @@ mod tests {
 
     #[test]
     fn relayed_reports_are_ignored() {
-        let nat = Nat::new(false, None);
-        let bus = Bus::default();
+        let nat = ExternalAddrs::new(Bus::default());
         // A relayed circuit's virtual address (see crate::vaddr).
         let relayed = SocketAddr::from(([240, 0, 0, 5], 1));
         assert!(crate::vaddr::is_virtual(&relayed));
-        nat.record_observed(&bus, relayed, addr("198.51.100.1:4433"));
-        nat.record_observed(&bus, addr("203.0.113.2:5000"), relayed);
+        nat.record(relayed, addr("198.51.100.1:4433"));
+        nat.record(addr("203.0.113.2:5000"), relayed);
         assert!(nat.scored().is_empty());
     }
 }

@@ -12,8 +12,8 @@ use reach_proto::wire::datagram::{ControlPacket, FilterVia, PROBE_ATTEMPTS, PROB
 use reach_proto::wire::stun;
 use tokio::sync::oneshot;
 
+use super::Nat;
 use crate::error::{Error, Result};
-use crate::node::Inner;
 use crate::util::random_u64;
 
 /// Outstanding requests of one kind this node waits on at most.
@@ -89,82 +89,89 @@ pub(crate) struct PendingProbes {
     pub stun: Waiters<stun::TransactionId>,
 }
 
-/// Sends `packet` to `to` up to [`PROBE_ATTEMPTS`] times until `rx` fires.
-async fn retry_until<T>(
-    inner: &Inner,
-    to: SocketAddr,
-    packet: &[u8],
-    mut rx: oneshot::Receiver<T>,
-    wait: Duration,
-) -> Option<T> {
-    for _ in 0..PROBE_ATTEMPTS {
-        let _ = inner.socket.send_datagram(to, packet);
-        match tokio::time::timeout(wait, &mut rx).await {
-            Ok(Ok(v)) => return Some(v),
-            Ok(Err(_)) => return None,
-            Err(_) => continue,
+impl Nat {
+    /// Sends `packet` to `to` up to [`PROBE_ATTEMPTS`] times until `rx` fires.
+    async fn retry_until<T>(
+        &self,
+        to: SocketAddr,
+        packet: &[u8],
+        mut rx: oneshot::Receiver<T>,
+        wait: Duration,
+    ) -> Option<T> {
+        for _ in 0..PROBE_ATTEMPTS {
+            let _ = self.core.socket.send_datagram(to, packet);
+            match tokio::time::timeout(wait, &mut rx).await {
+                Ok(Ok(v)) => return Some(v),
+                Ok(Err(_)) => return None,
+                Err(_) => continue,
+            }
         }
+        None
     }
-    None
-}
 
-/// Asks `addr` which address it sees us at.
-pub(crate) async fn probe(inner: &Arc<Inner>, addr: SocketAddr) -> Result<SocketAddr> {
-    let pending = &inner.nat.pending.probes;
-    let nonce = random_u64()?;
-    let rx = pending.register(nonce, Some(addr))?;
-    let packet = ControlPacket::Probe { nonce }.encode();
-    let got = retry_until(inner, addr, &packet, rx, PROBE_RETRY_AFTER).await;
-    pending.cancel(nonce);
-    got.map(|(_, observed)| observed)
-        .ok_or(Error::Timeout("address probe"))
-}
-
-/// Runs one filtering test through `helper`: whether an unsolicited probe
-/// sent as `via` reaches us. `Ok(false)` when none arrived in time.
-pub(crate) async fn filter_test(
-    inner: &Arc<Inner>,
-    helper: SocketAddr,
-    via: FilterVia,
-    exclude: Vec<std::net::IpAddr>,
-) -> Result<bool> {
-    Ok(filter_probe_source(inner, helper, via, exclude)
-        .await?
-        .is_some())
-}
-
-/// Like [`filter_test`], returning where the probe came from.
-pub(crate) async fn filter_probe_source(
-    inner: &Arc<Inner>,
-    helper: SocketAddr,
-    via: FilterVia,
-    exclude: Vec<std::net::IpAddr>,
-) -> Result<Option<SocketAddr>> {
-    let pending = &inner.nat.pending.filter;
-    let nonce = random_u64()?;
-    let rx = pending.register(nonce, None)?;
-    let packet = ControlPacket::FilterTest {
-        nonce,
-        via,
-        exclude,
+    /// Asks `addr` which address it sees us at.
+    pub(crate) async fn probe(self: &Arc<Self>, addr: SocketAddr) -> Result<SocketAddr> {
+        let pending = &self.pending.probes;
+        let nonce = random_u64()?;
+        let rx = pending.register(nonce, Some(addr))?;
+        let packet = ControlPacket::Probe { nonce }.encode();
+        let got = self.retry_until(addr, &packet, rx, PROBE_RETRY_AFTER).await;
+        pending.cancel(nonce);
+        got.map(|(_, observed)| observed)
+            .ok_or(Error::Timeout("address probe"))
     }
-    .encode();
-    let got = retry_until(inner, helper, &packet, rx, PROBE_RETRY_AFTER).await;
-    pending.cancel(nonce);
-    Ok(got.map(|(from, _)| from))
-}
 
-/// Asks the STUN server at `server` for our reflexive address.
-pub(crate) async fn stun_binding(inner: &Arc<Inner>, server: SocketAddr) -> Result<SocketAddr> {
-    let pending = &inner.nat.pending.stun;
-    let mut tx = [0u8; 12];
-    getrandom::fill(&mut tx).map_err(|e| Error::Config(format!("random: {e}")))?;
-    let rx = pending.register(tx, Some(server))?;
-    let packet = stun::binding_request(tx);
-    let got = retry_until(inner, server, &packet, rx, PROBE_RETRY_AFTER).await;
-    pending.cancel(tx);
-    got.map(|(_, mapped)| mapped)
-        .ok_or(Error::Timeout("STUN binding request"))
+    /// Runs one filtering test through `helper`: whether an unsolicited probe
+    /// sent as `via` reaches us. `Ok(false)` when none arrived in time.
+    pub(crate) async fn filter_test(
+        self: &Arc<Self>,
+        helper: SocketAddr,
+        via: FilterVia,
+        exclude: Vec<std::net::IpAddr>,
+    ) -> Result<bool> {
+        Ok(self
+            .filter_probe_source(helper, via, exclude)
+            .await?
+            .is_some())
+    }
+
+    /// Like [`filter_test`], returning where the probe came from.
+    pub(crate) async fn filter_probe_source(
+        self: &Arc<Self>,
+        helper: SocketAddr,
+        via: FilterVia,
+        exclude: Vec<std::net::IpAddr>,
+    ) -> Result<Option<SocketAddr>> {
+        let pending = &self.pending.filter;
+        let nonce = random_u64()?;
+        let rx = pending.register(nonce, None)?;
+        let packet = ControlPacket::FilterTest {
+            nonce,
+            via,
+            exclude,
+        }
+        .encode();
+        let got = self
+            .retry_until(helper, &packet, rx, PROBE_RETRY_AFTER)
+            .await;
+        pending.cancel(nonce);
+        Ok(got.map(|(from, _)| from))
+    }
+
+    /// Asks the STUN server at `server` for our reflexive address.
+    pub(crate) async fn stun_binding(self: &Arc<Self>, server: SocketAddr) -> Result<SocketAddr> {
+        let pending = &self.pending.stun;
+        let mut tx = [0u8; 12];
+        getrandom::fill(&mut tx).map_err(|e| Error::Config(format!("random: {e}")))?;
+        let rx = pending.register(tx, Some(server))?;
+        let packet = stun::binding_request(tx);
+        let got = self
+            .retry_until(server, &packet, rx, PROBE_RETRY_AFTER)
+            .await;
+        pending.cancel(tx);
+        got.map(|(_, mapped)| mapped)
+            .ok_or(Error::Timeout("STUN binding request"))
+    }
 }
 
 #[cfg(test)]

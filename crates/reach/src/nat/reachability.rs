@@ -6,8 +6,7 @@ use std::sync::Arc;
 
 use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 
-use super::probe;
-use crate::node::Inner;
+use super::Nat;
 use crate::node::bus::Reachability;
 use crate::vaddr::is_virtual;
 
@@ -15,55 +14,58 @@ use crate::vaddr::is_virtual;
 /// from an already contacted IP is inconclusive and excluded next time).
 pub const OTHER_HOST_ATTEMPTS: usize = 3;
 
-/// Checks whether unsolicited packets reach us, with connected peers as
-/// helpers: public when a never-contacted host's probe gets through, or when
-/// our address is not translated and a probe from a port we never sent to
-/// gets through (a plain public host; firewalls drop that probe).
-pub(crate) async fn check_reachability(inner: &Arc<Inner>) -> Reachability {
-    let mut helpers: Vec<SocketAddr> = inner
-        .peers
-        .connected()
-        .into_iter()
-        .map(|p| p.addr)
-        .filter(|a| !is_virtual(a))
-        .collect();
-    helpers.sort_by_key(|a| a.ip() == inner.local_addr.ip());
-    let Some(&helper) = helpers.first() else {
-        return Reachability::Unknown;
-    };
-    let Ok(observed) = probe::probe(inner, helper).await else {
-        return Reachability::Unknown;
-    };
-    let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
-    exclude.dedup();
-    // A probe from an IP we sent to recently proves nothing (an
-    // address-dependent filter lets it through): exclude it and ask again.
-    // Peers all on our own IP (one host, e.g. loopback) have no other host
-    // to ask.
-    let other_hosts = helpers.iter().any(|a| a.ip() != inner.local_addr.ip());
-    for _ in 0..if other_hosts { OTHER_HOST_ATTEMPTS } else { 0 } {
-        exclude.truncate(MAX_FILTER_EXCLUDES);
-        let source =
-            probe::filter_probe_source(inner, helper, FilterVia::OtherHost, exclude.clone())
+impl Nat {
+    /// Checks whether unsolicited packets reach us, with connected peers as
+    /// helpers: public when a never-contacted host's probe gets through, or when
+    /// our address is not translated and a probe from a port we never sent to
+    /// gets through (a plain public host; firewalls drop that probe).
+    pub(crate) async fn check_reachability(self: &Arc<Self>) -> Reachability {
+        let mut helpers: Vec<SocketAddr> = self
+            .peers
+            .connected()
+            .into_iter()
+            .map(|p| p.addr)
+            .filter(|a| !is_virtual(a))
+            .collect();
+        helpers.sort_by_key(|a| a.ip() == self.core.local_addr.ip());
+        let Some(&helper) = helpers.first() else {
+            return Reachability::Unknown;
+        };
+        let Ok(observed) = self.probe(helper).await else {
+            return Reachability::Unknown;
+        };
+        let mut exclude: Vec<IpAddr> = helpers.iter().map(|a| a.ip()).collect();
+        exclude.dedup();
+        // A probe from an IP we sent to recently proves nothing (an
+        // address-dependent filter lets it through): exclude it and ask again.
+        // Peers all on our own IP (one host, e.g. loopback) have no other host
+        // to ask.
+        let other_hosts = helpers.iter().any(|a| a.ip() != self.core.local_addr.ip());
+        for _ in 0..if other_hosts { OTHER_HOST_ATTEMPTS } else { 0 } {
+            exclude.truncate(MAX_FILTER_EXCLUDES);
+            let source = self
+                .filter_probe_source(helper, FilterVia::OtherHost, exclude.clone())
                 .await
                 .ok()
                 .flatten();
-        match source {
-            Some(from) if !inner.socket.contacted_recently(from.ip()) => {
+            match source {
+                Some(from) if !self.core.socket.contacted_recently(from.ip()) => {
+                    return Reachability::Public(observed);
+                }
+                Some(from) => exclude.insert(0, from.ip()),
+                None => break,
+            }
+        }
+        let untranslated = self.core.local_addrs().contains(&observed);
+        if untranslated {
+            let other_port = self
+                .filter_test(helper, FilterVia::OtherPort, vec![])
+                .await
+                .unwrap_or(false);
+            if other_port {
                 return Reachability::Public(observed);
             }
-            Some(from) => exclude.insert(0, from.ip()),
-            None => break,
         }
+        Reachability::Private
     }
-    let untranslated = inner.local_addrs().contains(&observed);
-    if untranslated {
-        let other_port = probe::filter_test(inner, helper, FilterVia::OtherPort, vec![])
-            .await
-            .unwrap_or(false);
-        if other_port {
-            return Reachability::Public(observed);
-        }
-    }
-    Reachability::Private
 }

@@ -9,9 +9,9 @@ use reach_proto::nat::{Filtering, FilteringObservation, Mapping, MappingObservat
 use reach_proto::wire::datagram::{FilterVia, MAX_FILTER_EXCLUDES};
 use serde::Serialize;
 
-use super::probe;
-use crate::Node;
-use crate::error::Result;
+use std::sync::Arc;
+
+use super::Nat;
 
 /// Helpers used for the mapping test (distinct IPs).
 pub const MAPPING_HELPERS: usize = 2;
@@ -38,14 +38,13 @@ pub struct NatReport {
     pub port_mapping: Option<String>,
 }
 
-impl Node {
+impl Nat {
     /// Classifies the NAT in front of this node with the help of reach
     /// nodes at `helpers` (at least two distinct IPs for the mapping test;
     /// the first helper also runs the filtering tests and needs a peer at a
     /// third IP for the endpoint-independent-filtering test).
-    pub async fn nat_report_with(&self, helpers: &[SocketAddr]) -> NatReport {
-        let inner = &self.inner;
-        let local = self.local_addr();
+    pub(crate) async fn report_with(self: &Arc<Self>, helpers: &[SocketAddr]) -> NatReport {
+        let local = self.core.local_addr;
         let mut used: Vec<SocketAddr> = Vec::new();
         let mut ips: Vec<IpAddr> = Vec::new();
         for h in helpers {
@@ -56,7 +55,7 @@ impl Node {
         }
         let mut obs = Vec::new();
         for h in &used {
-            if let Ok(observed) = probe::probe(inner, *h).await {
+            if let Ok(observed) = self.probe(*h).await {
                 obs.push(MappingObservation {
                     server: *h,
                     observed,
@@ -66,24 +65,26 @@ impl Node {
         let mapping = classify_mapping(local, &obs);
         let mut filtering = FilteringObservation::default();
         if let Some(a) = used.first() {
-            filtering.from_other_port = probe::filter_test(inner, *a, FilterVia::OtherPort, vec![])
+            filtering.from_other_port = self
+                .filter_test(*a, FilterVia::OtherPort, vec![])
                 .await
                 .ok();
             // Every IP we sent to must be avoided for the other-host probe.
             let mut exclude = ips.clone();
-            for p in self.connected_peers() {
+            for p in self.peers.connected() {
                 if !exclude.contains(&p.addr.ip()) {
                     exclude.push(p.addr.ip());
                 }
             }
             exclude.truncate(MAX_FILTER_EXCLUDES);
-            filtering.from_other_ip = probe::filter_test(inner, *a, FilterVia::OtherHost, exclude)
+            filtering.from_other_ip = self
+                .filter_test(*a, FilterVia::OtherHost, exclude)
                 .await
                 .ok();
         }
-        let external = inner.nat.scored();
+        let external = self.scored();
         let hairpin = match (mapping.translated, obs.first()) {
-            (Some(true), Some(o)) => Some(probe::probe(inner, o.observed).await.is_ok()),
+            (Some(true), Some(o)) => Some(self.probe(o.observed).await.is_ok()),
             _ => None,
         };
         NatReport {
@@ -98,27 +99,5 @@ impl Node {
             note: mapping.note,
             port_mapping: None,
         }
-    }
-
-    /// Classifies the NAT with connected peers as helpers.
-    pub async fn nat_report(&self) -> NatReport {
-        let helpers: Vec<SocketAddr> = self
-            .connected_peers()
-            .iter()
-            .filter(|p| p.relay.is_none())
-            .map(|p| p.addr)
-            .collect();
-        self.nat_report_with(&helpers).await
-    }
-
-    /// Asks a STUN server (RFC 8489 Binding) for our reflexive address,
-    /// over the node's own socket.
-    pub async fn stun(&self, server: SocketAddr) -> Result<SocketAddr> {
-        probe::stun_binding(&self.inner, server).await
-    }
-
-    /// Our external addresses as peers have reported them so far.
-    pub fn external_addrs(&self) -> Vec<ScoredAddr> {
-        self.inner.nat.scored()
     }
 }

@@ -14,6 +14,7 @@ use super::bus::NodeEvent;
 use super::{Direction, Inner};
 use crate::error::{Error, Result};
 use crate::events::Event;
+use crate::nat::PunchPackets;
 use crate::peers::{Circuits, Closed, ConnectionObserver, Registered, Resolve};
 
 /// See the module docs. Holds the node weakly: the node holds it.
@@ -115,5 +116,13 @@ impl ConnectionObserver for Bridge {
             _ => return,
         };
         inner.messaging.push_connection_event(for_app);
+    }
+}
+
+impl PunchPackets for Bridge {
+    fn on_packet(&self, from: SocketAddr, packet: &reach_proto::wire::datagram::ControlPacket) {
+        if let Some(inner) = self.node() {
+            crate::punch::on_packet(&inner, from, packet);
+        }
     }
 }

@@ -332,13 +332,18 @@ impl NodeBuilder {
             super::limits::InboundGate::new(connection_limits),
         );
         let inner = Arc::new_cyclic(|node| Inner {
-            core,
-            peers,
+            core: core.clone(),
+            peers: peers.clone(),
             bridge: Arc::new(super::bridge::Bridge(node.clone())),
             messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
             advertiser: Default::default(),
             dht: Arc::new(dht),
-            nat: Arc::new(crate::nat::Nat::new(!self.no_stun_server, alt)),
+            nat: Arc::new(crate::nat::Nat::new(
+                core.clone(),
+                peers.clone(),
+                !self.no_stun_server,
+                alt,
+            )),
             relay: Arc::new(RelayRuntime::new(
                 self.relay_service,
                 self.acquire_relay,
@@ -361,13 +366,10 @@ impl NodeBuilder {
         plug_in(&inner);
         inner.spawn(crate::peers::serve::accept_loop(inner.peers.clone()));
         inner.spawn(super::limits::trim_loop(inner.peers.gate.clone()));
-        inner.spawn(crate::nat::datagrams::datagram_loop(
-            inner.clone(),
-            non_quic_rx,
-        ));
+        inner.spawn(inner.nat.clone().datagram_loop(non_quic_rx));
         inner.spawn({
-            let inner = inner.clone();
-            async move { inner.nat.expiry_loop(&inner.bus).await }
+            let nat = inner.nat.clone();
+            async move { nat.external().expiry_loop().await }
         });
         inner.spawn(crate::dht::join::maintain(inner.clone()));
         inner.spawn(crate::relay::acquire::drive(inner.clone()));
@@ -400,16 +402,23 @@ fn plug_in(inner: &Arc<Inner>) {
         protocols::RELAY,
         handler(crate::relay::service::serve_stream),
     );
+    let nat = Arc::downgrade(&inner.nat);
     router.register_builtin(
         protocols::FILTER_PROBE,
-        handler(crate::nat::datagrams::serve_filter_probe),
+        Arc::new(move |s| {
+            if let Some(nat) = nat.upgrade() {
+                nat.serve_filter_probe(s);
+            }
+            Box::pin(async {})
+        }),
     );
     router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
 
     let bridge = Arc::downgrade(&inner.bridge);
     inner.peers.set_resolver(bridge.clone());
     inner.peers.set_circuits(bridge.clone());
-    inner.peers.observe(bridge);
+    inner.peers.observe(bridge.clone());
+    inner.nat.set_punch_packets(bridge);
     inner
         .peers
         .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {

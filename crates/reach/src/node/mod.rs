@@ -21,7 +21,6 @@
 //! ```
 
 mod bridge;
-mod wiring;
 mod builder;
 pub mod bus;
 pub mod codes;
@@ -31,6 +30,7 @@ pub(crate) mod router;
 pub(crate) mod rpc;
 pub(crate) mod stats;
 pub(crate) mod tasks;
+mod wiring;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -175,7 +175,7 @@ impl Inner {
     /// Records that the peer at `reporter` saw us at `observed`. Reports
     /// over relayed paths say nothing about our own address.
     pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
-        self.nat.record_observed(&self.bus, observed, reporter);
+        self.nat.record_observed(observed, reporter);
     }
 }
 
@@ -416,7 +416,37 @@ impl Node {
     /// Asks the node at `addr` which address it sees this node's packets come
     /// from, over the shared UDP socket (no QUIC involved).
     pub async fn observed_addr(&self, addr: SocketAddr) -> Result<SocketAddr> {
-        crate::nat::probe::probe(&self.inner, addr).await
+        self.inner.nat.probe(addr).await
+    }
+
+    /// Classifies the NAT in front of this node with the help of reach
+    /// nodes at `helpers` (at least two distinct IPs for the mapping test;
+    /// the first helper also runs the filtering tests and needs a peer at a
+    /// third IP for the endpoint-independent-filtering test).
+    pub async fn nat_report_with(&self, helpers: &[SocketAddr]) -> crate::nat::NatReport {
+        self.inner.nat.report_with(helpers).await
+    }
+
+    /// Classifies the NAT with connected peers as helpers.
+    pub async fn nat_report(&self) -> crate::nat::NatReport {
+        let helpers: Vec<SocketAddr> = self
+            .connected_peers()
+            .iter()
+            .filter(|p| p.relay.is_none())
+            .map(|p| p.addr)
+            .collect();
+        self.nat_report_with(&helpers).await
+    }
+
+    /// Asks a STUN server (RFC 8489 Binding) for our reflexive address,
+    /// over the node's own socket.
+    pub async fn stun(&self, server: SocketAddr) -> Result<SocketAddr> {
+        self.inner.nat.stun_binding(server).await
+    }
+
+    /// Our external addresses as peers have reported them so far.
+    pub fn external_addrs(&self) -> Vec<reach_proto::nat::observed::ScoredAddr> {
+        self.inner.nat.scored()
     }
 
     /// Looks up `peer`'s endpoint record in the DHT and returns its

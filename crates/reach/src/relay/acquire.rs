@@ -45,7 +45,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
         relay.set_reachability(reach);
     } else if needs_check {
         loop {
-            reach = crate::nat::reachability::check_reachability(&inner).await;
+            reach = inner.nat.check_reachability().await;
             if reach != Reachability::Unknown {
                 break;
             }
