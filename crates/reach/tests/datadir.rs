@@ -28,6 +28,26 @@ fn knows(node: &Node, peer: PeerId) -> bool {
         .any(|e| e.peer == peer)
 }
 
+/// Two `shutdown` calls at once: whichever returns first, the node is
+/// closed by then (the data dir is free for the next start), not still
+/// stopping behind the other caller.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_shutdowns_each_return_only_once_the_node_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    for _ in 0..20 {
+        let node = spawn_in(dir.path(), &[]).await.unwrap();
+        let (a, b) = (node.clone(), node.clone());
+        let first = tokio::spawn(async move { a.shutdown().await });
+        let second = tokio::spawn(async move { b.shutdown().await });
+        within("a shutdown", futures::future::select(first, second)).await;
+        let again = spawn_in(dir.path(), &[]).await;
+        assert!(again.is_ok(), "data dir still locked: {:?}", again.err());
+        let again = again.unwrap();
+        again.shutdown().await;
+        drop(node);
+    }
+}
+
 #[tokio::test]
 async fn a_second_node_on_a_locked_data_dir_refuses_naming_the_pid() {
     let dir = tempfile::tempdir().unwrap();

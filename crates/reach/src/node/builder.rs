@@ -325,6 +325,7 @@ impl NodeBuilder {
             router,
             tasks: Default::default(),
             shutdown_tx,
+            closed: watch::channel(Default::default()).0,
         });
         let peers = crate::peers::Peers::new(
             core.clone(),
@@ -357,7 +358,6 @@ impl NodeBuilder {
                     .clone()
                     .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
             )),
-            closed: Default::default(),
             dir_lock: std::sync::Mutex::new(dir_lock),
         });
         if let Some(l) = tcp_listener {

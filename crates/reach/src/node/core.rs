@@ -39,12 +39,48 @@ pub(crate) struct Core {
     pub tasks: tasks::TaskSet,
     /// Set (to `true`) once the node starts stopping.
     pub shutdown_tx: watch::Sender<bool>,
+    /// How far stopping got (see [`Stopping`]).
+    pub closed: watch::Sender<Stopping>,
+}
+
+/// How far a node got in stopping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Stopping {
+    #[default]
+    Running,
+    /// Closing: saving state, closing the endpoint.
+    Closing,
+    /// Closed: every later `shutdown` returns at once.
+    Closed,
 }
 
 impl Core {
     /// Whether the node has started to stop.
     pub(crate) fn is_shut_down(&self) -> bool {
         *self.shutdown_tx.borrow()
+    }
+
+    /// Starts closing; `true` for the first caller only (who saves what
+    /// must outlive the node).
+    pub(crate) fn begin_close(&self) -> bool {
+        self.closed.send_if_modified(|s| {
+            let first = *s == Stopping::Running;
+            if first {
+                *s = Stopping::Closing;
+            }
+            first
+        })
+    }
+
+    /// Marks the node closed, waking [`Core::wait_closed`].
+    pub(crate) fn finish_close(&self) {
+        self.closed.send_replace(Stopping::Closed);
+    }
+
+    /// Waits until the node is closed.
+    pub(crate) async fn wait_closed(&self) {
+        let mut closed = self.closed.subscribe();
+        let _ = closed.wait_for(|s| *s == Stopping::Closed).await;
     }
 
     /// Runs a service task (see [`tasks::TaskSet::spawn`]).

@@ -108,8 +108,6 @@ pub(crate) struct Inner {
     pub punch: Arc<crate::punch::PunchRuntime>,
     /// Plugs the capabilities not yet carved out into the peers' hooks.
     pub bridge: Arc<bridge::Bridge>,
-    /// Set once the endpoint is closed and the peer cache saved.
-    pub closed: std::sync::atomic::AtomicBool,
     /// The exclusive lock on the data dir, if the node has one; released at
     /// shutdown, after the peer cache is saved and closed.
     pub dir_lock: std::sync::Mutex<Option<crate::datadir::DataDirLock>>,
@@ -144,6 +142,8 @@ impl Inner {
     /// aborted and the endpoint closed.
     async fn graceful_shutdown(&self) {
         if self.is_shut_down() {
+            // Someone else is stopping it: done when they are.
+            self.wait_closed().await;
             return;
         }
         self.shutdown_tx.send_replace(true);
@@ -157,8 +157,7 @@ impl Inner {
     /// Saves what must outlive the node and closes the endpoint, the
     /// punch sockets and the data dir. Idempotent.
     fn close(&self) {
-        let first = !self.closed.swap(true, std::sync::atomic::Ordering::SeqCst);
-        if first {
+        if self.begin_close() {
             crate::dht::join::save_peer_cache(self);
         }
         if let Some(cache) = &self.dht.cache {
@@ -170,6 +169,7 @@ impl Inner {
         if let Ok(mut lock) = self.dir_lock.lock() {
             lock.take();
         }
+        self.finish_close();
     }
 
     /// Records that the peer at `reporter` saw us at `observed`. Reports
