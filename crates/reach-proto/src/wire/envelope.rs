@@ -172,13 +172,18 @@ impl Body {
     }
 
     /// The protocol a stream starting with this body belongs to; `None` for
-    /// bodies that never start a stream a peer opens (answers).
+    /// bodies that never start a stream a peer opens (answers, and an
+    /// `Open` naming one of reach's own protocols).
     pub fn protocol(&self) -> Option<&str> {
         match self {
             Body::OpenStream => Some(protocols::STREAM),
             Body::DhtRequest(_) => Some(protocols::DHT),
             Body::RelayRequest(_) => Some(protocols::RELAY),
             Body::FilterProbeRequest { .. } => Some(protocols::FILTER_PROBE),
+            // Reach's own protocols are never opened by name: a peer that
+            // tries gets the answer of an unknown protocol, not a built-in
+            // handler fed a body it does not speak.
+            Body::Open { protocol } if protocol.starts_with(protocols::RESERVED_PREFIX) => None,
             Body::Open { protocol } => Some(protocol),
             Body::Message { .. } | Body::DhtResponse(_) | Body::RelayResponse(_) => None,
         }
@@ -280,6 +285,17 @@ impl Envelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_open_naming_a_reserved_protocol_routes_nowhere() {
+        let open = |p: &str| Body::Open {
+            protocol: p.to_string(),
+        };
+        assert_eq!(open("chat/1").protocol(), Some("chat/1"));
+        assert_eq!(open(protocols::DHT).protocol(), None);
+        assert_eq!(open("reach/anything").protocol(), None);
+        assert_eq!(Body::OpenStream.protocol(), Some(protocols::STREAM));
+    }
     use crate::wire::MAX_FRAME_LEN;
     use proptest::prelude::*;
 
