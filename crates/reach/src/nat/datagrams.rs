@@ -133,7 +133,7 @@ fn handle_control(inner: &Arc<Inner>, d: &NonQuicDatagram) {
             let _ = inner.nat.pending.filter.complete(nonce, d.from, d.from);
         }
         ControlPacket::Punch { .. } | ControlPacket::PunchAck { .. } => {
-            crate::punch::on_packet(inner, d.from, &packet);
+            inner.punch.on_packet(d.from, &packet);
         }
     }
 }
