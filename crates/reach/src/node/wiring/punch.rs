@@ -18,3 +18,39 @@ pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
         .peers
         .observe(Arc::downgrade(punch) as Weak<dyn ConnectionObserver>);
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    /// How long a stopped node's aborted tasks get to let go of what they
+    /// held (they are dropped when the runtime next polls them).
+    const RELEASE_DEADLINE: Duration = Duration::from_secs(5);
+
+    /// Punching holds the relay and the relay holds punching (its
+    /// signals): one of the two links must be weak, or neither is ever
+    /// freed and every stopped node leaks its sockets and state.
+    #[tokio::test]
+    async fn a_stopped_and_dropped_node_frees_its_relay_and_punching() {
+        let node = crate::Node::builder()
+            .bind("127.0.0.1:0".parse().unwrap())
+            .spawn()
+            .await
+            .unwrap();
+        let relay = Arc::downgrade(&node.inner.relay);
+        let punch = Arc::downgrade(&node.inner.punch);
+        node.shutdown().await;
+        drop(node);
+        let deadline = tokio::time::Instant::now() + RELEASE_DEADLINE;
+        while relay.strong_count() > 0 || punch.strong_count() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "still held after {RELEASE_DEADLINE:?}: relay {} times, punching {} times",
+                relay.strong_count(),
+                punch.strong_count()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
