@@ -1,21 +1,19 @@
 //! Plugs the capabilities that still take the whole node (`Inner`) into the
-//! peers' hooks ([`crate::peers::Resolve`], [`crate::peers::Circuits`],
+//! peers' hooks ([`crate::peers::Resolve`],
 //! [`crate::peers::ConnectionObserver`]). Each capability carved out of
 //! `Inner` implements its hook itself and leaves this file.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
 
 use futures::future::BoxFuture;
 use reach_proto::PeerId;
 use reach_proto::dht::record::TypedAddr;
 
+use super::Inner;
 use super::bus::NodeEvent;
-use super::{Direction, Inner};
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::nat::PunchPackets;
-use crate::peers::{Circuits, Closed, ConnectionObserver, Registered, Resolve};
+use crate::peers::{ConnectionObserver, Resolve};
 
 /// See the module docs. Holds the node weakly: the node holds it.
 pub(crate) struct Bridge(pub Weak<Inner>);
@@ -40,62 +38,7 @@ impl Resolve for Bridge {
     }
 }
 
-impl Circuits for Bridge {
-    fn dial_via(
-        &self,
-        relay: PeerId,
-        relay_addr: SocketAddr,
-        peer: PeerId,
-    ) -> BoxFuture<'_, Result<quinn::Connection>> {
-        Box::pin(async move {
-            let inner = self.node().ok_or(Error::Shutdown)?;
-            crate::relay::client::dial_via(&inner, relay, relay_addr, peer).await
-        })
-    }
-
-    fn relay_of(&self, addr: &SocketAddr) -> Option<PeerId> {
-        Some(self.node()?.relay.paths.path(addr)?.relay)
-    }
-}
-
 impl ConnectionObserver for Bridge {
-    fn registered(&self, c: &Registered<'_>) {
-        let Some(inner) = self.node() else { return };
-        let relayed = crate::vaddr::is_virtual(&c.conn.remote_address());
-        if relayed {
-            crate::relay::client::watch_virtual(&inner, c.conn.clone());
-        }
-        inner.punch.connections.notify_waiters();
-        if inner.peers.standby(&c.peer).is_some()
-            && let Some(direct) = inner.peers.live(&c.peer)
-            && !crate::vaddr::is_virtual(&direct.remote_address())
-        {
-            // A direct connection with a relayed one behind it: watch its
-            // path (whichever of the two arrived last).
-            crate::punch::liveness::watch(&inner, c.peer, direct);
-        }
-        if relayed && c.in_use && c.direction == Direction::Outbound {
-            // We dialed through a relay: try for a direct path.
-            if let Some(path) = inner.relay.paths.path(&c.conn.remote_address()) {
-                crate::punch::start_upgrade(&inner, c.peer, path.relay);
-            }
-        }
-    }
-
-    fn closed(&self, c: &Closed) {
-        let Some(inner) = self.node() else { return };
-        if c.standby_took_over {
-            // The peer closed a punched connection: back on the relay.
-            crate::punch::liveness::moved_to_standby(&inner, c.peer);
-        }
-        if c.none_left {
-            // A relay client that left takes its reservation and circuits
-            // along.
-            inner.relay.paths.release(&c.peer);
-            inner.punch.forget_info(&c.peer);
-        }
-    }
-
     fn path_event(&self, e: &NodeEvent) {
         let Some(inner) = self.node() else { return };
         let for_app = match e {
@@ -116,13 +59,5 @@ impl ConnectionObserver for Bridge {
             _ => return,
         };
         inner.messaging.push_connection_event(for_app);
-    }
-}
-
-impl PunchPackets for Bridge {
-    fn on_packet(&self, from: SocketAddr, packet: &reach_proto::wire::datagram::ControlPacket) {
-        if let Some(inner) = self.node() {
-            crate::punch::on_packet(&inner, from, packet);
-        }
     }
 }

@@ -332,32 +332,42 @@ impl NodeBuilder {
             crate::peers::PeerTable::new(connection_limits.max_idle_peers),
             super::limits::InboundGate::new(connection_limits),
         );
+        let dht = Arc::new(dht);
+        let nat = Arc::new(crate::nat::Nat::new(
+            core.clone(),
+            peers.clone(),
+            !self.no_stun_server,
+            alt,
+        ));
+        let relay = RelayRuntime::new(
+            core.clone(),
+            peers.clone(),
+            dht.clone(),
+            self.relay_service,
+            self.acquire_relay,
+            relay_limits,
+            paths,
+        );
+        let punch = crate::punch::PunchRuntime::new(
+            core.clone(),
+            peers.clone(),
+            relay.clone(),
+            nat.clone(),
+            !self.no_hole_punching,
+            self.udp_binder
+                .clone()
+                .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
+        );
         let inner = Arc::new_cyclic(|node| Inner {
             core: core.clone(),
             peers: peers.clone(),
             bridge: Arc::new(super::bridge::Bridge(node.clone())),
             messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
             advertiser: Default::default(),
-            dht: Arc::new(dht),
-            nat: Arc::new(crate::nat::Nat::new(
-                core.clone(),
-                peers.clone(),
-                !self.no_stun_server,
-                alt,
-            )),
-            relay: Arc::new(RelayRuntime::new(
-                self.relay_service,
-                self.acquire_relay,
-                relay_limits,
-                paths,
-                bus.clone(),
-            )),
-            punch: Arc::new(crate::punch::PunchRuntime::new(
-                !self.no_hole_punching,
-                self.udp_binder
-                    .clone()
-                    .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
-            )),
+            dht,
+            nat,
+            relay,
+            punch,
             dir_lock: std::sync::Mutex::new(dir_lock),
         });
         if let Some(l) = tcp_listener {
@@ -372,8 +382,8 @@ impl NodeBuilder {
             async move { nat.external().expiry_loop().await }
         });
         inner.spawn(crate::dht::join::maintain(inner.clone()));
-        inner.spawn(crate::relay::acquire::drive(inner.clone()));
-        inner.spawn(crate::relay::service::expire_loop(inner.clone()));
+        inner.spawn(inner.relay.clone().drive());
+        inner.spawn(inner.relay.clone().expire_loop());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),
@@ -398,10 +408,6 @@ fn plug_in(inner: &Arc<Inner>) {
         };
     let router = &inner.router;
     router.register_builtin(protocols::DHT, handler(crate::dht::serve_stream));
-    router.register_builtin(
-        protocols::RELAY,
-        handler(crate::relay::service::serve_stream),
-    );
     let nat = Arc::downgrade(&inner.nat);
     router.register_builtin(
         protocols::FILTER_PROBE,
@@ -414,11 +420,11 @@ fn plug_in(inner: &Arc<Inner>) {
     );
     router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
 
+    super::wiring::relay::plug_in(inner);
+    super::wiring::punch::plug_in(inner);
     let bridge = Arc::downgrade(&inner.bridge);
     inner.peers.set_resolver(bridge.clone());
-    inner.peers.set_circuits(bridge.clone());
-    inner.peers.observe(bridge.clone());
-    inner.nat.set_punch_packets(bridge);
+    inner.peers.observe(bridge);
     inner
         .peers
         .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {

@@ -368,7 +368,7 @@ impl Node {
         if self.inner.peers.live(&peer).is_some() {
             return Ok(());
         }
-        let conn = crate::relay::client::dial_via(&self.inner, relay, relay_addr, peer).await?;
+        let conn = self.inner.relay.dial_via(relay, relay_addr, peer).await?;
         stats::bump(&self.inner.counters.connections_outbound);
         self.inner.peers.register(peer, conn, Direction::Outbound);
         Ok(())
@@ -410,7 +410,7 @@ impl Node {
     /// Returns whether it is.
     pub async fn wait_direct(&self, peer: PeerId, timeout: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + timeout;
-        crate::punch::wait_direct(&self.inner, &peer, deadline).await
+        self.inner.punch.wait_direct(&peer, deadline).await
     }
 
     /// Asks the node at `addr` which address it sees this node's packets come

@@ -2,14 +2,12 @@
 //! circuit it carries (see reach-proto's `punch::coordinate`).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use reach_proto::PeerId;
 use reach_proto::punch::{PunchInfo, Technique};
 use reach_proto::relay::rpc::{RelayRequest, RelayResponse, refusal};
 
-use super::lock;
-use crate::node::Inner;
+use super::{PunchRuntime, lock};
 use crate::relay::client;
 use crate::vaddr::is_virtual;
 
@@ -17,67 +15,69 @@ use crate::vaddr::is_virtual;
 /// makes two peers send packets).
 pub const INTRODUCTIONS_PER_SEC: u32 = 50;
 
-/// The coordinator's side: `peer` (at `remote`) asks to punch through to
-/// `target`, which holds a reservation here.
-pub(crate) async fn coordinate(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-    remote: SocketAddr,
-    target: PeerId,
-    attempt: u32,
-    info: PunchInfo,
-) -> RelayResponse {
-    use reach_proto::punch::coordinate::{Party, introduce};
-    let refused = |reason: &str| RelayResponse::Refused {
-        reason: reason.into(),
-    };
-    if !inner.relay.is_serving() || is_virtual(&remote) {
-        return refused(refusal::NOT_A_RELAY);
+impl PunchRuntime {
+    /// The coordinator's side: `peer` (at `remote`) asks to punch through to
+    /// `target`, which holds a reservation here.
+    pub(crate) async fn coordinate(
+        &self,
+        peer: PeerId,
+        remote: SocketAddr,
+        target: PeerId,
+        attempt: u32,
+        info: PunchInfo,
+    ) -> RelayResponse {
+        use reach_proto::punch::coordinate::{Party, introduce};
+        let refused = |reason: &str| RelayResponse::Refused {
+            reason: reason.into(),
+        };
+        if !self.relay.is_serving() || is_virtual(&remote) {
+            return refused(refusal::NOT_A_RELAY);
+        }
+        if !self.relay.paths.has_reservation(&target) {
+            return refused(refusal::NO_RESERVATION);
+        }
+        // Only the two ends of a circuit here may punch: nobody else learns
+        // the target's address or spends the introduction budget on it.
+        if !self.relay.paths.has_circuit_between(&peer, &target) {
+            return refused(refusal::PUNCH_NO_CIRCUIT);
+        }
+        let (Some(requester_conn), Some(target_conn)) =
+            (self.peers.live(&peer), self.peers.live(&target))
+        else {
+            return refused(refusal::TARGET_UNREACHABLE);
+        };
+        let now = tokio::time::Instant::now();
+        if !lock(&self.introductions).allow(now) {
+            return refused(refusal::PUNCH_RATE);
+        }
+        let Ok(id) = crate::util::random_u64() else {
+            return refused(refusal::PUNCH_RATE);
+        };
+        let requester = Party {
+            peer,
+            info,
+            observed: remote,
+            rtt: requester_conn.rtt(),
+        };
+        let target_party = Party {
+            peer: target,
+            info: self.info_of(&target),
+            observed: target_conn.remote_address(),
+            rtt: target_conn.rtt(),
+        };
+        let (for_requester, for_target) = introduce(id, &requester, &target_party, attempt);
+        if for_requester.technique != Technique::StayRelayed {
+            // Both introductions leave now; the fire delays absorb the
+            // difference in path lengths.
+            self.core.spawn(async move {
+                let _ = tokio::time::timeout(
+                    client::RELAY_RPC_TIMEOUT,
+                    client::rpc(&target_conn, RelayRequest::Introduce(for_target)),
+                )
+                .await;
+            });
+        }
+        tracing::debug!(from = %peer, to = %target, technique = for_requester.technique.name(), "introduced");
+        RelayResponse::Introduced(for_requester)
     }
-    if !inner.relay.paths.has_reservation(&target) {
-        return refused(refusal::NO_RESERVATION);
-    }
-    // Only the two ends of a circuit here may punch: nobody else learns
-    // the target's address or spends the introduction budget on it.
-    if !inner.relay.paths.has_circuit_between(&peer, &target) {
-        return refused(refusal::PUNCH_NO_CIRCUIT);
-    }
-    let (Some(requester_conn), Some(target_conn)) =
-        (inner.peers.live(&peer), inner.peers.live(&target))
-    else {
-        return refused(refusal::TARGET_UNREACHABLE);
-    };
-    let now = tokio::time::Instant::now();
-    if !lock(&inner.punch.introductions).allow(now) {
-        return refused(refusal::PUNCH_RATE);
-    }
-    let Ok(id) = crate::util::random_u64() else {
-        return refused(refusal::PUNCH_RATE);
-    };
-    let requester = Party {
-        peer,
-        info,
-        observed: remote,
-        rtt: requester_conn.rtt(),
-    };
-    let target_party = Party {
-        peer: target,
-        info: inner.punch.info_of(&target),
-        observed: target_conn.remote_address(),
-        rtt: target_conn.rtt(),
-    };
-    let (for_requester, for_target) = introduce(id, &requester, &target_party, attempt);
-    if for_requester.technique != Technique::StayRelayed {
-        // Both introductions leave now; the fire delays absorb the
-        // difference in path lengths.
-        inner.spawn(async move {
-            let _ = tokio::time::timeout(
-                client::RELAY_RPC_TIMEOUT,
-                client::rpc(&target_conn, RelayRequest::Introduce(for_target)),
-            )
-            .await;
-        });
-    }
-    tracing::debug!(from = %peer, to = %target, technique = for_requester.technique.name(), "introduced");
-    RelayResponse::Introduced(for_requester)
 }

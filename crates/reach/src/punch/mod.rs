@@ -18,6 +18,12 @@
 //! `upgrade` drives it (the requester's and the target's side),
 //! `coordinator` is the relay's side, `stats` what `reach status` shows.
 //!
+//! Punching sits above the relay (it holds the relay, whose circuits it
+//! upgrades and whose signalling it rides on: it implements the relay's
+//! [`PunchSignals`]) and NAT discovery (whose mapping it reports). It
+//! observes the peers' connections: a relayed connection we dialed starts
+//! an upgrade, a direct one with a relayed standby is watched.
+//!
 //! Traversal is an optimisation: the relayed connection stays open
 //! throughout (it carries traffic until the direct one takes over, and
 //! stays as the standby), so a failed punch changes nothing for the
@@ -32,24 +38,28 @@ mod upgrade;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use reach_proto::PeerId;
-use reach_proto::punch::PunchInfo;
+use reach_proto::punch::{Introduction, PunchInfo};
+use reach_proto::relay::rpc::RelayResponse;
 use reach_proto::wire::datagram::ControlPacket;
 use tokio::sync::{Notify, mpsc};
 
-use crate::node::Inner;
+use crate::nat::Nat;
+use crate::node::Direction;
+use crate::node::core::Core;
+use crate::peers::{Closed, ConnectionObserver, Peers, Registered};
+use crate::relay::{PunchSignals, RelayRuntime};
 
 pub use coordinator::INTRODUCTIONS_PER_SEC;
-pub(crate) use coordinator::coordinate;
 pub use reach_proto::punch::upgrade::{
     INTRODUCTION_SETTLE, MAX_BIRTHDAY_PUNCHES, MAX_CONCURRENT_PUNCHES, PUNCH_ATTEMPTS,
     PUNCH_RETRY_GAP, PUNCH_TIMEOUT, PunchError, REPUNCH_AFTER_FALLBACK,
 };
 pub use stats::{MAX_OUTCOMES, PunchOutcome, PunchStats, TIME_SAMPLES, TechniqueStats};
-pub(crate) use upgrade::{on_introduce, start_upgrade};
 
 /// Opens `count` extra UDP sockets bound to `addr` (port 0), blocking (it
 /// runs on a blocking thread): the birthday technique's many mappings.
@@ -85,6 +95,15 @@ struct Pending {
 
 /// The node's hole-punching state.
 pub(crate) struct PunchRuntime {
+    core: Arc<Core>,
+    peers: Arc<Peers>,
+    /// The relay below: circuits to upgrade, the coordinator's RPC, the
+    /// relay held and the reachability found.
+    relay: Arc<RelayRuntime>,
+    /// The NAT's mapping behaviour, told to coordinators.
+    nat: Arc<Nat>,
+    /// This runtime itself, for the tasks it starts from `&self` hooks.
+    this: Weak<PunchRuntime>,
     /// Hole punching is on (the builder's `hole_punching`).
     pub enabled: bool,
     pending: Mutex<HashMap<u64, Pending>>,
@@ -109,8 +128,20 @@ pub(crate) struct PunchRuntime {
 }
 
 impl PunchRuntime {
-    pub(crate) fn new(enabled: bool, binder: UdpBinder) -> Self {
-        PunchRuntime {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        peers: Arc<Peers>,
+        relay: Arc<RelayRuntime>,
+        nat: Arc<Nat>,
+        enabled: bool,
+        binder: UdpBinder,
+    ) -> Arc<Self> {
+        Arc::new_cyclic(|this| PunchRuntime {
+            core,
+            peers,
+            relay,
+            nat,
+            this: this.clone(),
             enabled,
             binder,
             pending: Mutex::default(),
@@ -122,7 +153,12 @@ impl PunchRuntime {
             watched: Mutex::default(),
             introductions: Mutex::new(crate::util::RateLimiter::new(INTRODUCTIONS_PER_SEC)),
             infos: Mutex::default(),
-        }
+        })
+    }
+
+    /// This runtime as an `Arc` (for tasks); `None` once the node is gone.
+    fn arc(&self) -> Option<Arc<Self>> {
+        self.this.upgrade()
     }
 
     /// The upgrade machine's `now`.
@@ -230,72 +266,153 @@ impl PunchRuntime {
     }
 }
 
-/// What this node tells a coordinator about itself.
-pub(crate) fn local_info(inner: &Inner) -> PunchInfo {
-    use reach_proto::nat::Filtering;
-    let ipv4 = inner.local_addr.is_ipv4();
-    let mapping = inner.nat.mapping(ipv4);
-    let filtering = match inner.relay.reachability() {
-        crate::relay::Reachability::Public(_) => Filtering::EndpointIndependent,
-        _ => Filtering::Unknown,
-    };
-    let mut lan = inner.local_addrs();
-    lan.truncate(reach_proto::punch::coordinate::MAX_LAN_ADDRS);
-    PunchInfo {
-        mapping,
-        filtering,
-        udp: !inner.core.tcp_mode(),
-        lan,
-    }
-}
-
-/// A punch or punch acknowledgement arrived on the main socket.
-pub(crate) fn on_packet(inner: &Inner, from: SocketAddr, packet: &ControlPacket) {
-    let (id, is_punch) = match packet {
-        ControlPacket::Punch { id } => (*id, true),
-        ControlPacket::PunchAck { id } => (*id, false),
-        _ => return,
-    };
-    let mut pending = lock(&inner.punch.pending);
-    tracing::trace!(%from, id, is_punch, known = pending.contains_key(&id), "punch packet");
-    let Some(p) = pending.get_mut(&id) else {
-        return;
-    };
-    if !p.allowed.contains(&from.ip()) {
-        return;
-    }
-    let _ = p.first.try_send(from);
-    if is_punch && p.acks_left > 0 {
-        p.acks_left -= 1;
-        let _ = inner
-            .socket
-            .send_datagram(from, &ControlPacket::PunchAck { id }.encode());
-    }
-}
-
-/// Waits until the connection to `peer` is direct, up to `deadline`.
-pub(crate) async fn wait_direct(
-    inner: &Inner,
-    peer: &PeerId,
-    deadline: tokio::time::Instant,
-) -> bool {
-    wait_until(inner, deadline, || inner.peers.is_direct(peer)).await
-}
-
-/// Waits until `cond` holds, checking again whenever a connection is
-/// registered, up to `deadline`.
-async fn wait_until(
-    inner: &Inner,
-    deadline: tokio::time::Instant,
-    cond: impl Fn() -> bool,
-) -> bool {
-    loop {
-        let notified = inner.punch.connections.notified();
-        if cond() {
-            return true;
+impl PunchRuntime {
+    /// What this node tells a coordinator about itself.
+    pub(crate) fn local_info(&self) -> PunchInfo {
+        use reach_proto::nat::Filtering;
+        let ipv4 = self.core.local_addr.is_ipv4();
+        let mapping = self.nat.mapping(ipv4);
+        let filtering = match self.relay.reachability() {
+            crate::relay::Reachability::Public(_) => Filtering::EndpointIndependent,
+            _ => Filtering::Unknown,
+        };
+        let mut lan = self.core.local_addrs();
+        lan.truncate(reach_proto::punch::coordinate::MAX_LAN_ADDRS);
+        PunchInfo {
+            mapping,
+            filtering,
+            udp: !self.core.tcp_mode(),
+            lan,
         }
-        if tokio::time::timeout_at(deadline, notified).await.is_err() {
-            return cond();
+    }
+
+    /// A punch or punch acknowledgement arrived on the main socket.
+    pub(crate) fn on_packet(self: &Arc<Self>, from: SocketAddr, packet: &ControlPacket) {
+        let (id, is_punch) = match packet {
+            ControlPacket::Punch { id } => (*id, true),
+            ControlPacket::PunchAck { id } => (*id, false),
+            _ => return,
+        };
+        let mut pending = lock(&self.pending);
+        tracing::trace!(%from, id, is_punch, known = pending.contains_key(&id), "punch packet");
+        let Some(p) = pending.get_mut(&id) else {
+            return;
+        };
+        if !p.allowed.contains(&from.ip()) {
+            return;
+        }
+        let _ = p.first.try_send(from);
+        if is_punch && p.acks_left > 0 {
+            p.acks_left -= 1;
+            let _ = self
+                .core
+                .socket
+                .send_datagram(from, &ControlPacket::PunchAck { id }.encode());
+        }
+    }
+
+    /// Waits until the connection to `peer` is direct, up to `deadline`.
+    pub(crate) async fn wait_direct(&self, peer: &PeerId, deadline: tokio::time::Instant) -> bool {
+        self.wait_until(deadline, || self.peers.is_direct(peer))
+            .await
+    }
+
+    /// Waits until `cond` holds, checking again whenever a connection is
+    /// registered, up to `deadline`.
+    async fn wait_until(&self, deadline: tokio::time::Instant, cond: impl Fn() -> bool) -> bool {
+        loop {
+            let notified = self.connections.notified();
+            if cond() {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return cond();
+            }
+        }
+    }
+}
+
+/// Punching's side of relay signalling.
+impl PunchSignals for PunchRuntime {
+    fn local_info(&self) -> PunchInfo {
+        PunchRuntime::local_info(self)
+    }
+
+    fn reserved(&self, peer: PeerId, info: PunchInfo) {
+        let max = self.relay.limits.max_clients;
+        let paths = &self.relay.paths;
+        self.remember_info(peer, info, max, |p| paths.has_reservation(p));
+    }
+
+    fn released(&self, peer: &PeerId) {
+        self.forget_info(peer);
+    }
+
+    fn coordinate(
+        &self,
+        peer: PeerId,
+        remote: SocketAddr,
+        target: PeerId,
+        attempt: u32,
+        info: PunchInfo,
+    ) -> BoxFuture<'_, RelayResponse> {
+        Box::pin(PunchRuntime::coordinate(
+            self, peer, remote, target, attempt, info,
+        ))
+    }
+
+    fn introduced(&self, relay: PeerId, intro: Introduction) -> RelayResponse {
+        match self.arc() {
+            Some(rt) => rt.on_introduce(relay, intro),
+            None => RelayResponse::Refused {
+                reason: reach_proto::relay::rpc::refusal::PUNCH_UNWANTED.into(),
+            },
+        }
+    }
+}
+
+/// Punching's reactions to the peers' connections.
+/// Punch packets arrive on the main socket with NAT discovery's control
+/// packets; NAT hands them over.
+impl crate::nat::PunchPackets for PunchRuntime {
+    fn on_packet(&self, from: SocketAddr, packet: &ControlPacket) {
+        if let Some(rt) = self.arc() {
+            PunchRuntime::on_packet(&rt, from, packet);
+        }
+    }
+}
+
+impl ConnectionObserver for PunchRuntime {
+    fn registered(&self, c: &Registered<'_>) {
+        let Some(rt) = self.arc() else { return };
+        let relayed = crate::vaddr::is_virtual(&c.conn.remote_address());
+        self.connections.notify_waiters();
+        if self.peers.standby(&c.peer).is_some()
+            && let Some(direct) = self.peers.live(&c.peer)
+            && !crate::vaddr::is_virtual(&direct.remote_address())
+        {
+            // A direct connection with a relayed one behind it: watch its
+            // path (whichever of the two arrived last).
+            rt.watch(c.peer, direct);
+        }
+        if relayed && c.in_use && c.direction == Direction::Outbound {
+            // We dialed through a relay: try for a direct path.
+            if let Some(path) = self.relay.paths.path(&c.conn.remote_address()) {
+                rt.start_upgrade(c.peer, path.relay);
+            }
+        }
+    }
+
+    fn closed(&self, c: &Closed) {
+        if c.standby_took_over
+            && let Some(rt) = self.arc()
+        {
+            // The peer closed a punched connection: back on the relay.
+            rt.moved_to_standby(c.peer);
+        }
+        if c.none_left {
+            // What a relay client said about its NAT goes with it.
+            self.forget_info(&c.peer);
         }
     }
 }

@@ -9,9 +9,9 @@ use std::time::Duration;
 use reach_proto::dht::{K, Key};
 use reach_proto::relay::acquire::{Action, Event, RelayAcquisition};
 
-use super::{Reachability, RelayMode, client};
+use super::{Reachability, RelayMode, RelayRuntime};
 use crate::dht::DhtMode;
-use crate::node::{Inner, stats};
+use crate::node::stats;
 use crate::vaddr::is_virtual;
 
 /// Relay candidates tried per acquisition at most.
@@ -28,193 +28,192 @@ pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(5);
 /// backoff short).
 pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
 
-/// Runs for the node's lifetime: checks reachability after joining, turns
-/// the relay service on for a public node (mode `auto`), and acquires and
-/// keeps a relay for a node that needs one.
-pub(crate) async fn drive(inner: Arc<Inner>) {
-    let mut joined = inner.dht.joined.subscribe();
-    if joined.wait_for(|j| *j).await.is_err() {
-        return;
-    }
-    let relay = &inner.relay;
-    let needs_check = relay.service == RelayMode::Auto || relay.acquire == RelayMode::Auto;
-    let mut reach = Reachability::Unknown;
-    if inner.core.tcp_mode() {
-        // UDP is blocked: nobody can reach us but through a relay.
-        reach = Reachability::Private;
-        relay.set_reachability(reach);
-    } else if needs_check {
-        loop {
-            reach = inner.nat.check_reachability().await;
-            if reach != Reachability::Unknown {
-                break;
-            }
-            tokio::time::sleep(RECHECK_UNKNOWN).await;
+impl RelayRuntime {
+    /// Runs for the node's lifetime: checks reachability after joining,
+    /// turns the relay service on for a public node (mode `auto`), and
+    /// acquires and keeps a relay for a node that needs one.
+    pub(crate) async fn drive(self: Arc<Self>) {
+        let mut joined = self.dht.joined.subscribe();
+        if joined.wait_for(|j| *j).await.is_err() {
+            return;
         }
-        relay.set_reachability(reach);
-        tracing::debug!(?reach, "reachability checked");
-    }
-    if let Reachability::Public(_) = reach {
-        if relay.service == RelayMode::Auto {
-            relay
-                .serving
-                .store(true, std::sync::atomic::Ordering::Relaxed);
-        }
-        // Republish with the now verified address.
-        crate::advertise::publish(&inner).await;
-    }
-    let wants_relay = match relay.acquire {
-        RelayMode::On => true,
-        RelayMode::Off => false,
-        RelayMode::Auto => reach == Reachability::Private,
-    };
-    if wants_relay && inner.dht.mode == DhtMode::Server {
-        hold_relay(inner).await;
-    }
-}
-
-/// The acquisition loop: carries out the machine's actions in order and
-/// feeds it what happens.
-async fn hold_relay(inner: Arc<Inner>) {
-    let mut m = RelayAcquisition::new();
-    let now = || inner.dht.now();
-    let mut relay_conn: Option<quinn::Connection> = None;
-    // The relay just lost is not retried at once; a relay chosen from
-    // outside our K closest is not dropped for being outside them.
-    let mut lost: Option<reach_proto::PeerId> = None;
-    let mut was_close = false;
-    let mut failed_polls = 0u32;
-    let mut routing_size = inner.dht.routing().len();
-    loop {
-        while let Some(action) = m.poll_action() {
-            match action {
-                Action::Publish { relay } => {
-                    inner.relay.set_held(relay);
-                    crate::advertise::publish(&inner).await;
+        let needs_check = self.service == RelayMode::Auto || self.acquire == RelayMode::Auto;
+        let mut reach = Reachability::Unknown;
+        if self.core.tcp_mode() {
+            // UDP is blocked: nobody can reach us but through a relay.
+            reach = Reachability::Private;
+            self.set_reachability(reach);
+        } else if needs_check {
+            loop {
+                // No check plugged in any more: the node is gone.
+                let Some(found) = self.check_reachability().await else {
+                    return;
+                };
+                reach = found;
+                if reach != Reachability::Unknown {
+                    break;
                 }
-                Action::Acquire => match acquire_one(&inner, lost.take()).await {
-                    Some((relay, addr, conn)) => {
-                        was_close = among_closest(&inner, relay);
-                        stats::bump(&inner.relay.counters.acquisitions);
-                        tracing::debug!(%relay, %addr, "holding a relay");
-                        relay_conn = Some(conn);
-                        m.handle(Event::Reserved { relay, addr }, now());
-                    }
-                    None => {
-                        stats::bump(&inner.relay.counters.acquisition_failures);
-                        m.handle(Event::ReservationFailed, now());
-                    }
-                },
-                Action::CheckHealth { relay } => {
-                    let alive = match inner.relay.held() {
-                        Some((r, addr)) if r == relay => tokio::time::timeout(
-                            HEALTH_TIMEOUT,
-                            client::reserve(&inner, relay, addr),
-                        )
-                        .await
-                        .is_ok_and(|r| r.is_ok()),
-                        _ => false,
-                    };
-                    failed_polls = if alive { 0 } else { failed_polls + 1 };
-                    if failed_polls >= HEALTH_FAILURES {
-                        failed_polls = 0;
-                        lost = Some(relay);
-                        relay_lost(&inner, &mut m, &mut relay_conn);
-                    } else if alive && was_close && !among_closest(&inner, relay) {
-                        // Still alive, but no longer one of our K closest:
-                        // hand over to a closer one (publishing direct-only
-                        // first, as on a loss).
-                        m.handle(Event::RelayLeftClosest, now());
-                        relay_conn = None;
-                    }
-                }
+                tokio::time::sleep(RECHECK_UNKNOWN).await;
             }
+            self.set_reachability(reach);
+            tracing::debug!(?reach, "reachability checked");
         }
-        let wait = m
-            .poll_timeout()
-            .map(|t| t.saturating_sub(now()))
-            .unwrap_or(ROUTING_WATCH)
-            .min(ROUTING_WATCH);
-        let closed = async {
-            match &relay_conn {
-                Some(c) => {
-                    c.closed().await;
-                }
-                None => std::future::pending::<()>().await,
+        if let Reachability::Public(_) = reach {
+            if self.service == RelayMode::Auto {
+                self.serving
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
+            // Republish with the now verified address.
+            self.publish().await;
+        }
+        let wants_relay = match self.acquire {
+            RelayMode::On => true,
+            RelayMode::Off => false,
+            RelayMode::Auto => reach == Reachability::Private,
         };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {
-                m.handle_timeout(now());
-                let size = inner.dht.routing().len();
-                if size != routing_size {
-                    routing_size = size;
-                    m.handle(Event::RoutingChanged, now());
+        if wants_relay && self.dht.mode == DhtMode::Server {
+            self.hold_relay().await;
+        }
+    }
+
+    /// The acquisition loop: carries out the machine's actions in order and
+    /// feeds it what happens.
+    async fn hold_relay(&self) {
+        let mut m = RelayAcquisition::new();
+        let now = || self.dht.now();
+        let mut relay_conn: Option<quinn::Connection> = None;
+        // The relay just lost is not retried at once; a relay chosen from
+        // outside our K closest is not dropped for being outside them.
+        let mut lost: Option<reach_proto::PeerId> = None;
+        let mut was_close = false;
+        let mut failed_polls = 0u32;
+        let mut routing_size = self.dht.routing().len();
+        loop {
+            while let Some(action) = m.poll_action() {
+                match action {
+                    Action::Publish { relay } => {
+                        self.set_held(relay);
+                        self.publish().await;
+                    }
+                    Action::Acquire => match self.acquire_one(lost.take()).await {
+                        Some((relay, addr, conn)) => {
+                            was_close = self.among_closest(relay);
+                            stats::bump(&self.counters.acquisitions);
+                            tracing::debug!(%relay, %addr, "holding a relay");
+                            relay_conn = Some(conn);
+                            m.handle(Event::Reserved { relay, addr }, now());
+                        }
+                        None => {
+                            stats::bump(&self.counters.acquisition_failures);
+                            m.handle(Event::ReservationFailed, now());
+                        }
+                    },
+                    Action::CheckHealth { relay } => {
+                        let alive = match self.held() {
+                            Some((r, addr)) if r == relay => {
+                                tokio::time::timeout(HEALTH_TIMEOUT, self.reserve(relay, addr))
+                                    .await
+                                    .is_ok_and(|r| r.is_ok())
+                            }
+                            _ => false,
+                        };
+                        failed_polls = if alive { 0 } else { failed_polls + 1 };
+                        if failed_polls >= HEALTH_FAILURES {
+                            failed_polls = 0;
+                            lost = Some(relay);
+                            self.relay_lost(&mut m, &mut relay_conn);
+                        } else if alive && was_close && !self.among_closest(relay) {
+                            // Still alive, but no longer one of our K closest:
+                            // hand over to a closer one (publishing direct-only
+                            // first, as on a loss).
+                            m.handle(Event::RelayLeftClosest, now());
+                            relay_conn = None;
+                        }
+                    }
                 }
             }
-            _ = closed => {
-                lost = inner.relay.held().map(|(r, _)| r);
-                relay_lost(&inner, &mut m, &mut relay_conn);
+            let wait = m
+                .poll_timeout()
+                .map(|t| t.saturating_sub(now()))
+                .unwrap_or(ROUTING_WATCH)
+                .min(ROUTING_WATCH);
+            let closed = async {
+                match &relay_conn {
+                    Some(c) => {
+                        c.closed().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {
+                    m.handle_timeout(now());
+                    let size = self.dht.routing().len();
+                    if size != routing_size {
+                        routing_size = size;
+                        m.handle(Event::RoutingChanged, now());
+                    }
+                }
+                _ = closed => {
+                    lost = self.held().map(|(r, _)| r);
+                    self.relay_lost(&mut m, &mut relay_conn);
+                }
             }
         }
     }
-}
 
-fn relay_lost(
-    inner: &Arc<Inner>,
-    m: &mut RelayAcquisition,
-    relay_conn: &mut Option<quinn::Connection>,
-) {
-    stats::bump(&inner.relay.counters.relay_losses);
-    tracing::debug!(relay = ?inner.relay.held(), "relay lost");
-    // Closing it (if a health poll found it dead) also closes the
-    // connections relayed through it, so their peers redial.
-    if let Some(c) = relay_conn.take() {
-        c.close(0u32.into(), b"relay lost");
-    }
-    m.handle(Event::RelayLost, inner.dht.now());
-}
-
-/// Whether `relay` is among our K closest contacts, or we know fewer than K
-/// (then every contact is "close").
-fn among_closest(inner: &Inner, relay: reach_proto::PeerId) -> bool {
-    let table = inner.dht.routing();
-    let own = Key::for_peer(&inner.peer_id);
-    let closest = table.closest(&own, K);
-    closest.len() < K || closest.iter().any(|c| c.peer == relay)
-}
-
-/// Tries candidates, DHT-closest first, until one grants a reservation.
-async fn acquire_one(
-    inner: &Arc<Inner>,
-    exclude: Option<reach_proto::PeerId>,
-) -> Option<(reach_proto::PeerId, SocketAddr, quinn::Connection)> {
-    let own = Key::for_peer(&inner.peer_id);
-    let mut candidates: Vec<(reach_proto::PeerId, SocketAddr)> = inner
-        .dht
-        .routing()
-        .closest(&own, K)
-        .into_iter()
-        .map(|c| (c.peer, c.addr))
-        .collect();
-    // Connected peers we already know are alive come next.
-    for p in inner.peers.connected() {
-        if !candidates.iter().any(|(id, _)| *id == p.peer) {
-            candidates.push((p.peer, p.addr));
+    fn relay_lost(&self, m: &mut RelayAcquisition, relay_conn: &mut Option<quinn::Connection>) {
+        stats::bump(&self.counters.relay_losses);
+        tracing::debug!(relay = ?self.held(), "relay lost");
+        // Closing it (if a health poll found it dead) also closes the
+        // connections relayed through it, so their peers redial.
+        if let Some(c) = relay_conn.take() {
+            c.close(0u32.into(), b"relay lost");
         }
+        m.handle(Event::RelayLost, self.dht.now());
     }
-    candidates.retain(|(id, a)| !is_virtual(a) && Some(*id) != exclude);
-    for (relay, addr) in candidates.into_iter().take(MAX_CANDIDATES) {
-        match client::reserve(inner, relay, addr).await {
-            Ok((conn, _ttl)) => {
-                // Published for others: the relay's real address, also when
-                // we reach it over a TCP link.
-                let remote = conn.remote_address();
-                let public = inner.core.links.dialed_remote(&remote).unwrap_or(remote);
-                return Some((relay, public, conn));
+
+    /// Whether `relay` is among our K closest contacts, or we know fewer
+    /// than K (then every contact is "close").
+    fn among_closest(&self, relay: reach_proto::PeerId) -> bool {
+        let table = self.dht.routing();
+        let own = Key::for_peer(&self.core.peer_id);
+        let closest = table.closest(&own, K);
+        closest.len() < K || closest.iter().any(|c| c.peer == relay)
+    }
+
+    /// Tries candidates, DHT-closest first, until one grants a reservation.
+    async fn acquire_one(
+        &self,
+        exclude: Option<reach_proto::PeerId>,
+    ) -> Option<(reach_proto::PeerId, SocketAddr, quinn::Connection)> {
+        let own = Key::for_peer(&self.core.peer_id);
+        let mut candidates: Vec<(reach_proto::PeerId, SocketAddr)> = self
+            .dht
+            .routing()
+            .closest(&own, K)
+            .into_iter()
+            .map(|c| (c.peer, c.addr))
+            .collect();
+        // Connected peers we already know are alive come next.
+        for p in self.peers.connected() {
+            if !candidates.iter().any(|(id, _)| *id == p.peer) {
+                candidates.push((p.peer, p.addr));
             }
-            Err(e) => tracing::debug!(%relay, error = %e, "relay candidate refused"),
         }
+        candidates.retain(|(id, a)| !is_virtual(a) && Some(*id) != exclude);
+        for (relay, addr) in candidates.into_iter().take(MAX_CANDIDATES) {
+            match self.reserve(relay, addr).await {
+                Ok((conn, _ttl)) => {
+                    // Published for others: the relay's real address, also
+                    // when we reach it over a TCP link.
+                    let remote = conn.remote_address();
+                    let public = self.core.links.dialed_remote(&remote).unwrap_or(remote);
+                    return Some((relay, public, conn));
+                }
+                Err(e) => tracing::debug!(%relay, error = %e, "relay candidate refused"),
+            }
+        }
+        None
     }
-    None
 }

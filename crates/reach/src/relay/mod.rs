@@ -9,6 +9,14 @@
 //! - [`acquire`]: the driver of reach-proto's acquisition state machine in a
 //!   node that is not directly reachable.
 //!
+//! The relay sits above the DHT, NAT discovery and the endpoint record's
+//! owner (it holds the DHT for its state; the reachability check and
+//! publishing come through [`ReachabilityCheck`] and [`RecordPublisher`]),
+//! and below hole punching, whose signalling rides on the relay protocol
+//! ([`PunchSignals`]). It implements the peers' [`Circuits`] hook and
+//! observes their connections (circuits are watched while used, a
+//! client's reservation goes with its last connection).
+//!
 //! End-to-end encryption: the packets a relay forwards are the two peers'
 //! own QUIC packets (TLS 1.3 keys only they hold); the relay sees who talks
 //! to whom, when, and how much.
@@ -19,12 +27,19 @@ pub mod paths;
 pub(crate) mod service;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
+use futures::future::BoxFuture;
 use reach_proto::PeerId;
+use reach_proto::punch::{Introduction, PunchInfo};
+use reach_proto::relay::rpc::RelayResponse;
 use reach_proto::relay::service::RelayLimits;
 use serde::{Deserialize, Serialize};
+
+use crate::dht::Dht;
+use crate::node::core::Core;
+use crate::peers::{Circuits, Closed, ConnectionObserver, Peers, Registered};
 
 /// Whether a node relays for others, or acquires a relay for itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -95,8 +110,69 @@ crate::telemetry::metrics! {
     }
 }
 
+/// Whether unsolicited packets reach this node: NAT discovery's
+/// reachability check, which decides whether the node serves as a relay or
+/// needs one. Plugged in by the composition root (see
+/// `node::wiring::relay`).
+pub(crate) trait ReachabilityCheck: Send + Sync {
+    /// Checks reachability now, with connected peers as helpers.
+    fn check_reachability(&self) -> BoxFuture<'_, Reachability>;
+}
+
+/// The owner of the endpoint record (`crate::advertise`): the relay tells
+/// it which relay it holds, and asks it to publish when that or the
+/// verified reachability changed. Plugged in by the composition root.
+pub(crate) trait RecordPublisher: Send + Sync {
+    /// The relay held now (`None`: none); told before the publication that
+    /// should carry it.
+    fn relay_changed(&self, held: Option<(PeerId, SocketAddr)>);
+    /// Composes, signs and publishes the endpoint record; how many nodes
+    /// stored it.
+    fn publish(&self) -> BoxFuture<'_, usize>;
+}
+
+/// What hole punching (the capability above the relay) does with relay
+/// signalling: it rides on the relay protocol, but its state and policy
+/// are punching's. Plugged in by the builder; held weakly (punching holds
+/// the relay).
+pub(crate) trait PunchSignals: Send + Sync {
+    /// What this node tells a coordinator about its NAT (sent with a
+    /// reservation).
+    fn local_info(&self) -> PunchInfo;
+    /// `peer` was granted a reservation here and said `info` about its NAT.
+    fn reserved(&self, peer: PeerId, info: PunchInfo);
+    /// `peer` released its reservation here.
+    fn released(&self, peer: &PeerId);
+    /// The coordinator's side: `peer` (at `remote`) asks to punch through
+    /// to `target`.
+    fn coordinate(
+        &self,
+        peer: PeerId,
+        remote: SocketAddr,
+        target: PeerId,
+        attempt: u32,
+        info: PunchInfo,
+    ) -> BoxFuture<'_, RelayResponse>;
+    /// The target's side: `relay` introduced a peer to punch with.
+    fn introduced(&self, relay: PeerId, intro: Introduction) -> RelayResponse;
+}
+
+/// What the composition root plugged in. Held weakly: the node holds
+/// them all (and punching holds the relay).
+#[derive(Default)]
+struct Hooks {
+    reachability: OnceLock<Weak<dyn ReachabilityCheck>>,
+    publisher: OnceLock<Weak<dyn RecordPublisher>>,
+    punch: OnceLock<Weak<dyn PunchSignals>>,
+}
+
 /// Relay state of a node.
 pub(crate) struct RelayRuntime {
+    core: Arc<Core>,
+    peers: Arc<Peers>,
+    /// Whether the node joined, the routing table (relay candidates), the
+    /// clock of the acquisition machine, client or server mode.
+    dht: Arc<Dht>,
     pub service: RelayMode,
     pub acquire: RelayMode,
     pub limits: RelayLimits,
@@ -108,20 +184,24 @@ pub(crate) struct RelayRuntime {
     pub counters: RelayCounters,
     /// Relay circuits, this node's as a client and as a relay; shared with
     /// the socket, which forwards and unwraps relayed packets.
-    pub paths: std::sync::Arc<paths::RelayPaths>,
-    /// Where changes of the held relay and of reachability are announced.
-    bus: crate::node::bus::Bus,
+    pub paths: Arc<paths::RelayPaths>,
+    hooks: Hooks,
 }
 
 impl RelayRuntime {
     pub fn new(
+        core: Arc<Core>,
+        peers: Arc<Peers>,
+        dht: Arc<Dht>,
         service: RelayMode,
         acquire: RelayMode,
         limits: RelayLimits,
-        paths: std::sync::Arc<paths::RelayPaths>,
-        bus: crate::node::bus::Bus,
-    ) -> Self {
-        RelayRuntime {
+        paths: Arc<paths::RelayPaths>,
+    ) -> Arc<Self> {
+        Arc::new(RelayRuntime {
+            core,
+            peers,
+            dht,
             service,
             acquire,
             limits,
@@ -130,7 +210,44 @@ impl RelayRuntime {
             reachability: Mutex::new(Reachability::Unknown),
             counters: RelayCounters::default(),
             paths,
-            bus,
+            hooks: Hooks::default(),
+        })
+    }
+
+    /// Plugs in the reachability check (once, at build).
+    pub(crate) fn set_reachability_check(&self, c: Weak<dyn ReachabilityCheck>) {
+        let _ = self.hooks.reachability.set(c);
+    }
+
+    /// Plugs in the endpoint record's owner (once, at build).
+    pub(crate) fn set_publisher(&self, p: Weak<dyn RecordPublisher>) {
+        let _ = self.hooks.publisher.set(p);
+    }
+
+    /// Plugs in hole punching (once, at build).
+    pub(crate) fn set_punch(&self, p: Weak<dyn PunchSignals>) {
+        let _ = self.hooks.punch.set(p);
+    }
+
+    fn punch(&self) -> Option<Arc<dyn PunchSignals>> {
+        self.hooks.punch.get()?.upgrade()
+    }
+
+    /// Checks reachability through the plugged-in check; `None` once the
+    /// node is gone.
+    async fn check_reachability(&self) -> Option<Reachability> {
+        let check = self.hooks.reachability.get()?.upgrade()?;
+        Some(check.check_reachability().await)
+    }
+
+    fn publisher(&self) -> Option<Arc<dyn RecordPublisher>> {
+        self.hooks.publisher.get()?.upgrade()
+    }
+
+    /// Has the endpoint record's owner publish the record.
+    async fn publish(&self) {
+        if let Some(publisher) = self.publisher() {
+            publisher.publish().await;
         }
     }
 
@@ -138,23 +255,27 @@ impl RelayRuntime {
         *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the relay held now (announcing a change on the bus).
+    /// Records the relay held now (telling the record's owner, and
+    /// announcing a change on the bus).
     pub fn set_held(&self, held: Option<(PeerId, SocketAddr)>) {
         use crate::node::NodeEvent;
         let before = std::mem::replace(
             &mut *self.held.lock().unwrap_or_else(|p| p.into_inner()),
             held,
         );
+        if let Some(publisher) = self.publisher() {
+            publisher.relay_changed(held);
+        }
         if before == held {
             return;
         }
         if let Some((relay, _)) = before
             && held.is_none_or(|(r, _)| r != relay)
         {
-            self.bus.emit(NodeEvent::RelayLost { relay });
+            self.core.bus.emit(NodeEvent::RelayLost { relay });
         }
         if let Some((relay, addr)) = held {
-            self.bus.emit(NodeEvent::RelayAcquired { relay, addr });
+            self.core.bus.emit(NodeEvent::RelayAcquired { relay, addr });
         }
     }
 
@@ -170,13 +291,47 @@ impl RelayRuntime {
             r,
         );
         if before != r {
-            self.bus
+            self.core
+                .bus
                 .emit(crate::node::NodeEvent::ReachabilityChanged { reachability: r });
         }
     }
 
     pub fn is_serving(&self) -> bool {
         self.serving.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// The relay client's side of the peers' connections.
+impl ConnectionObserver for RelayRuntime {
+    fn registered(&self, c: &Registered<'_>) {
+        if crate::vaddr::is_virtual(&c.conn.remote_address()) {
+            self.watch_virtual(c.conn.clone());
+        }
+    }
+
+    fn closed(&self, c: &Closed) {
+        if c.none_left {
+            // A relay client that left takes its reservation and circuits
+            // along.
+            self.paths.release(&c.peer);
+        }
+    }
+}
+
+/// Dialing through relays, for the peers' dialer.
+impl Circuits for RelayRuntime {
+    fn dial_via(
+        &self,
+        relay: PeerId,
+        relay_addr: SocketAddr,
+        peer: PeerId,
+    ) -> BoxFuture<'_, crate::error::Result<quinn::Connection>> {
+        RelayRuntime::dial_via(self, relay, relay_addr, peer)
+    }
+
+    fn relay_of(&self, addr: &SocketAddr) -> Option<PeerId> {
+        Some(self.paths.path(addr)?.relay)
     }
 }
 

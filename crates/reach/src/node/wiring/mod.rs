@@ -3,3 +3,6 @@
 //! its own module; the adapters here implement those traits over the
 //! capability that provides it, so capability modules never import each
 //! other upwards (see docs/architecture.md, "Dependencies").
+
+pub(super) mod punch;
+pub(super) mod relay;
