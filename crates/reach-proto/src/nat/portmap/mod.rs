@@ -19,6 +19,7 @@
 //! none panics or reads past the message.
 
 pub mod natpmp;
+pub mod pcp;
 
 /// UDP port a NAT-PMP or PCP server listens on (RFC 6886 §3, RFC 6887
 /// §19.1: both protocols share it, so one socket probes for both).
@@ -104,7 +105,7 @@ pub enum DecodeError {
         at: usize,
     },
     /// More PCP options than [`pcp::MAX_OPTIONS`].
-    #[error("too many PCP options")]
+    #[error("more than {} PCP options", pcp::MAX_OPTIONS)]
     TooManyOptions,
 }
 
@@ -146,6 +147,22 @@ impl<'a> Reader<'a> {
         out.copy_from_slice(slice);
         self.at = end;
         Ok(out)
+    }
+
+    fn skip(&mut self, n: usize) -> Result<(), DecodeError> {
+        let end = self.at.saturating_add(n);
+        if end > self.bytes.len() {
+            return Err(DecodeError::Truncated {
+                needed: end,
+                had: self.bytes.len(),
+            });
+        }
+        self.at = end;
+        Ok(())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.at >= self.bytes.len()
     }
 
     fn u8(&mut self) -> Result<u8, DecodeError> {
