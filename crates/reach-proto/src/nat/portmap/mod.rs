@@ -18,6 +18,7 @@
 //! Every decoder takes untrusted bytes and returns a typed [`DecodeError`];
 //! none panics or reads past the message.
 
+pub mod lifecycle;
 pub mod natpmp;
 pub mod pcp;
 
