@@ -904,4 +904,132 @@ mod tests {
             }]
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// One input, as a router, a verifier and the clock may deliver
+        /// them, in any order.
+        #[derive(Debug, Clone)]
+        enum Event {
+            /// Advance to the next timeout and handle it.
+            Timeout,
+            /// Let some seconds pass and handle a (maybe early) timeout.
+            Wait(u16),
+            Granted {
+                port: u16,
+                lifetime_secs: u32,
+                epoch: u32,
+            },
+            Refused,
+            Verified {
+                port: u16,
+                reachable: bool,
+            },
+            Epoch(u32),
+            LostState,
+        }
+
+        fn event() -> impl Strategy<Value = Event> {
+            let port = prop_oneof![Just(4433u16), Just(5000u16)];
+            let lifetime = prop_oneof![Just(0u32), Just(1), Just(60), Just(3600)];
+            prop_oneof![
+                3 => Just(Event::Timeout),
+                1 => any::<u16>().prop_map(Event::Wait),
+                2 => (port.clone(), lifetime, 0u32..5000).prop_map(|(port, lifetime_secs, epoch)| {
+                    Event::Granted { port, lifetime_secs, epoch }
+                }),
+                1 => Just(Event::Refused),
+                2 => (port, any::<bool>())
+                    .prop_map(|(port, reachable)| Event::Verified { port, reachable }),
+                1 => (0u32..5000).prop_map(Event::Epoch),
+                1 => Just(Event::LostState),
+            ]
+        }
+
+        proptest! {
+            /// Whatever happens: only a verified address is published, at
+            /// most one at a time, every Unpublish names what was
+            /// published, time always moves on, nothing deletes before
+            /// shutdown, and shutdown ends in bounded steps with nothing
+            /// published.
+            #[test]
+            fn invariants_hold_under_any_inputs(
+                events in proptest::collection::vec(event(), 0..120)
+            ) {
+                let mut now = Duration::ZERO;
+                let mut m = Lifecycle::new(now, DEFAULT_LIFETIME, Some(EpochRule::Pcp));
+                let mut published: Option<SocketAddr> = None;
+                let mut check = |m: &mut Lifecycle, verified_ok: Option<SocketAddr>,
+                                 shutting_down: bool|
+                 -> Result<(), TestCaseError> {
+                    for a in std::iter::from_fn(|| m.poll_action()) {
+                        match a {
+                            Action::Publish(x) => {
+                                prop_assert_eq!(Some(x), verified_ok, "published unverified");
+                                prop_assert_eq!(published, None, "two published");
+                                published = Some(x);
+                            }
+                            Action::Unpublish(x) => {
+                                prop_assert_eq!(published, Some(x));
+                                published = None;
+                            }
+                            Action::SendRequest { lifetime_secs, .. } => {
+                                prop_assert_eq!(lifetime_secs == 0, shutting_down);
+                            }
+                            Action::Verify(_) => {}
+                        }
+                    }
+                    prop_assert_eq!(m.published(), published);
+                    Ok(())
+                };
+                check(&mut m, None, false)?;
+                for e in events {
+                    let mut verified_ok = None;
+                    match e {
+                        Event::Timeout => {
+                            if let Some(t) = m.poll_timeout() {
+                                now = now.max(t);
+                                m.handle_timeout(now);
+                                if let Some(next) = m.poll_timeout() {
+                                    prop_assert!(next > now, "no progress at {now:?}");
+                                }
+                            }
+                        }
+                        Event::Wait(s) => {
+                            now += Duration::from_secs(u64::from(s));
+                            m.handle_timeout(now);
+                        }
+                        Event::Granted { port, lifetime_secs, epoch } => m.granted(
+                            now,
+                            Grant { external: ext(port), lifetime_secs, epoch: Some(epoch) },
+                        ),
+                        Event::Refused => m.refused(now),
+                        Event::Verified { port, reachable } => {
+                            m.verified(now, ext(port), reachable);
+                            if reachable {
+                                verified_ok = Some(ext(port));
+                            }
+                        }
+                        Event::Epoch(e) => m.observe_epoch(now, e),
+                        Event::LostState => m.server_lost_state(now),
+                    }
+                    check(&mut m, verified_ok, false)?;
+                }
+                m.shutdown(now);
+                check(&mut m, None, true)?;
+                prop_assert_eq!(m.published(), None, "shutdown unpublishes");
+                let mut steps = 0;
+                while let Some(t) = m.poll_timeout() {
+                    now = now.max(t);
+                    m.handle_timeout(now);
+                    check(&mut m, None, true)?;
+                    steps += 1;
+                    prop_assert!(steps <= MAX_DELETE_SENDS);
+                }
+                prop_assert!(m.is_done());
+            }
+        }
+    }
 }
