@@ -257,10 +257,7 @@ impl Request {
     pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
         check_message(bytes)?;
         let mut r = Reader::new(bytes);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
+        let _version = r.u8()?;
         let op = r.u8()?;
         if op & RESPONSE_BIT != 0 {
             return Err(DecodeError::WrongDirection {
@@ -363,10 +360,7 @@ impl Response {
     pub fn decode(bytes: &[u8]) -> Result<Response, DecodeError> {
         check_message(bytes)?;
         let mut r = Reader::new(bytes);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
+        let _version = r.u8()?;
         let op = r.u8()?;
         if op & RESPONSE_BIT == 0 {
             return Err(DecodeError::WrongDirection {
@@ -404,9 +398,17 @@ impl Response {
 }
 
 /// §7 and §8.3: a message shorter than the header, longer than
-/// [`super::MAX_MESSAGE_LEN`] or not a multiple of 4 bytes is invalid.
+/// [`super::MAX_MESSAGE_LEN`] or not a multiple of 4 bytes is invalid. The
+/// version is checked first: a NAT-PMP router answers a PCP request with a
+/// short version-0 reply (RFC 6887 §9), and the caller must learn that it
+/// speaks NAT-PMP, not merely that the reply was short.
 fn check_message(bytes: &[u8]) -> Result<(), DecodeError> {
     check_len(bytes)?;
+    if let Some(&version) = bytes.first()
+        && version != VERSION
+    {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Truncated {
             needed: HEADER_LEN,
@@ -702,7 +704,13 @@ mod tests {
             Response::decode(&long),
             Err(DecodeError::TooLong(MAX_MESSAGE_LEN + 4))
         );
-        // A NAT-PMP router answering a PCP request in NAT-PMP.
+        // A NAT-PMP router answering a PCP MAP request with its 8-byte
+        // "unsupported version" reply (RFC 6886 §3.5): version 0, opcode
+        // 128 + 1, result 1, epoch.
+        assert_eq!(
+            Response::decode(&[0, 129, 0, 1, 0, 0, 0, 7]),
+            Err(DecodeError::UnsupportedVersion(0))
+        );
         let mut natpmp = good.clone();
         natpmp[0] = 0;
         assert_eq!(
