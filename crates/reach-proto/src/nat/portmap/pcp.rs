@@ -304,7 +304,7 @@ pub struct MapResponse {
 
 impl MapResponse {
     /// Whether this answers `request`: same nonce, protocol and internal
-    /// port (§11.3: the client matches a response to its mapping by these;
+    /// port (§11.4, processing a MAP response: the client matches a response to its mapping by these;
     /// anything else is stale or forged and is ignored).
     pub fn answers(&self, request: &MapRequest) -> bool {
         self.nonce == request.nonce
