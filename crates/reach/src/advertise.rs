@@ -18,7 +18,7 @@ use reach_proto::dht::record::SignedRecord;
 use reach_proto::endpoint::{AddressFacts, compose};
 use tokio::sync::Mutex as AsyncMutex;
 
-use crate::dht::{DhtMode, ops};
+use crate::dht::DhtMode;
 use crate::node::bus::Reachability;
 use crate::node::{Inner, NodeEvent, stats};
 
@@ -70,7 +70,7 @@ pub(crate) async fn publish(inner: &Arc<Inner>) -> usize {
     let record = SignedRecord::endpoint(&inner.keypair, addrs, seq, now_ms, ENDPOINT_TTL);
     // We are one of the closest to our own key by definition: keep a copy.
     let _ = dht.store().put(record.clone(), now_ms);
-    let stored = ops::put(inner, record).await;
+    let stored = dht.put(record).await;
     stats::add(&dht.counters.records_published, stored);
     inner.bus.emit(NodeEvent::RecordPublished { seq, stored });
     stored

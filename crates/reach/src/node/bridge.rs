@@ -1,5 +1,5 @@
 //! Plugs the capabilities that still take the whole node (`Inner`) into the
-//! peers' hooks ([`crate::peers::Resolve`], [`crate::peers::Circuits`],
+//! peers' hooks ([`crate::peers::Circuits`],
 //! [`crate::peers::ConnectionObserver`]). Each capability carved out of
 //! `Inner` implements its hook itself and leaves this file.
 
@@ -8,13 +8,12 @@ use std::sync::{Arc, Weak};
 
 use futures::future::BoxFuture;
 use reach_proto::PeerId;
-use reach_proto::dht::record::TypedAddr;
 
 use super::bus::NodeEvent;
 use super::{Direction, Inner};
 use crate::error::{Error, Result};
 use crate::events::Event;
-use crate::peers::{Circuits, Closed, ConnectionObserver, Registered, Resolve};
+use crate::peers::{Circuits, Closed, ConnectionObserver, Registered};
 
 /// See the module docs. Holds the node weakly: the node holds it.
 pub(crate) struct Bridge(pub Weak<Inner>);
@@ -22,20 +21,6 @@ pub(crate) struct Bridge(pub Weak<Inner>);
 impl Bridge {
     fn node(&self) -> Option<Arc<Inner>> {
         self.0.upgrade()
-    }
-}
-
-impl Resolve for Bridge {
-    fn resolve(&self, peer: PeerId, fresh: bool) -> BoxFuture<'_, Result<Vec<TypedAddr>>> {
-        Box::pin(async move {
-            let inner = self.node().ok_or(Error::Shutdown)?;
-            let found = if fresh {
-                crate::dht::ops::resolve_fresh(&inner, peer).await
-            } else {
-                crate::dht::ops::resolve(&inner, peer).await
-            };
-            found.map(|(_, typed)| typed)
-        })
     }
 }
 

@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
@@ -292,21 +292,6 @@ impl NodeBuilder {
             },
             None => None,
         };
-        let dht = Dht::new(keypair.peer_id(), self.dht_mode, self.bootstrap, cache);
-        if let Some(cache) = &dht.cache {
-            match cache.load() {
-                Ok((contacts, skipped)) => {
-                    let mut table = dht.routing();
-                    for c in contacts {
-                        table.add_unknown(c, dht.now());
-                    }
-                    if skipped > 0 {
-                        tracing::warn!(skipped, "skipped unreadable peer cache entries");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
-            }
-        }
         let connection_limits = self.connection_limits.unwrap_or_default();
         let bus = super::bus::Bus::default();
         let router = Arc::new(super::router::Router::default());
@@ -331,6 +316,27 @@ impl NodeBuilder {
             crate::peers::PeerTable::new(connection_limits.max_idle_peers),
             super::limits::InboundGate::new(connection_limits),
         );
+        let dht = Dht::new(
+            core.clone(),
+            peers.clone(),
+            self.dht_mode,
+            self.bootstrap,
+            cache,
+        );
+        if let Some(cache) = &dht.cache {
+            match cache.load() {
+                Ok((contacts, skipped)) => {
+                    let mut table = dht.routing();
+                    for c in contacts {
+                        table.add_unknown(c, dht.now());
+                    }
+                    if skipped > 0 {
+                        tracing::warn!(skipped, "skipped unreadable peer cache entries");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
+            }
+        }
         let inner = Arc::new_cyclic(|node| Inner {
             core,
             peers,
@@ -369,7 +375,7 @@ impl NodeBuilder {
             let inner = inner.clone();
             async move { inner.nat.expiry_loop(&inner.bus).await }
         });
-        inner.spawn(crate::dht::join::maintain(inner.clone()));
+        inner.spawn(inner.dht.clone().maintain());
         inner.spawn(crate::relay::acquire::drive(inner.clone()));
         inner.spawn(crate::relay::service::expire_loop(inner.clone()));
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
@@ -395,7 +401,14 @@ fn plug_in(inner: &Arc<Inner>) {
             })
         };
     let router = &inner.router;
-    router.register_builtin(protocols::DHT, handler(crate::dht::serve_stream));
+    let dht = Arc::downgrade(&inner.dht);
+    router.register_builtin(
+        protocols::DHT,
+        Arc::new(move |s| match dht.upgrade() {
+            Some(dht) => Box::pin(dht.serve_stream(s)),
+            None => Box::pin(async {}),
+        }),
+    );
     router.register_builtin(
         protocols::RELAY,
         handler(crate::relay::service::serve_stream),
@@ -407,7 +420,12 @@ fn plug_in(inner: &Arc<Inner>) {
     router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
 
     let bridge = Arc::downgrade(&inner.bridge);
-    inner.peers.set_resolver(bridge.clone());
+    inner
+        .peers
+        .set_resolver(Arc::downgrade(&inner.dht) as Weak<dyn crate::peers::Resolve>);
+    inner.dht.set_record_owner(bridge.clone());
+    inner.dht.set_observed_addrs(bridge.clone());
+    inner.dht.set_relay_addrs(bridge.clone());
     inner.peers.set_circuits(bridge.clone());
     inner.peers.observe(bridge);
     inner

@@ -21,7 +21,6 @@
 //! ```
 
 mod bridge;
-mod wiring;
 mod builder;
 pub mod bus;
 pub mod codes;
@@ -31,6 +30,7 @@ pub(crate) mod router;
 pub(crate) mod rpc;
 pub(crate) mod stats;
 pub(crate) mod tasks;
+mod wiring;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -48,8 +48,8 @@ pub use limits::ConnectionLimits;
 pub use router::{PROTOCOL_BACKLOG, ProtocolListener};
 pub use stats::NodeStats;
 
+use crate::dht::Dht;
 use crate::dht::join::JoinReport;
-use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
 use crate::events::{Event, Stream};
 use reach_proto::dht::record::TypedAddr;
@@ -159,7 +159,7 @@ impl Inner {
     fn close(&self) {
         let first = !self.closed.swap(true, std::sync::atomic::Ordering::SeqCst);
         if first {
-            crate::dht::join::save_peer_cache(self);
+            self.dht.save_peer_cache();
         }
         if let Some(cache) = &self.dht.cache {
             cache.close();
@@ -424,7 +424,7 @@ impl Node {
     /// hold, even if this node stores an older copy. Fails with
     /// [`Error::NotFound`] when no node holds a valid record.
     pub async fn lookup(&self, peer: PeerId) -> Result<Vec<TypedAddr>> {
-        let (_, addrs) = ops::resolve_fresh(&self.inner, peer).await?;
+        let (_, addrs) = self.inner.dht.resolve_fresh(peer).await?;
         Ok(addrs)
     }
 
@@ -432,7 +432,7 @@ impl Node {
     /// in the handshake), fills the routing table and publishes this node's
     /// endpoint record.
     pub async fn bootstrap(&self, addrs: &[SocketAddr]) -> JoinReport {
-        crate::dht::join::join(&self.inner, addrs).await
+        self.inner.dht.join(addrs).await
     }
 
     /// Waits until the node has joined the DHT (started by `spawn`): some

@@ -3,3 +3,5 @@
 //! its own module; the adapters here implement those traits over the
 //! capability that provides it, so capability modules never import each
 //! other upwards (see docs/architecture.md, "Dependencies").
+
+mod dht;
