@@ -337,14 +337,21 @@ impl NodeBuilder {
                 Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
             }
         }
+        let dht = Arc::new(dht);
+        let nat = Arc::new(crate::nat::Nat::new(!self.no_stun_server, alt));
+        let advertiser = Arc::new(crate::advertise::Advertiser::new(
+            core.clone(),
+            dht.clone(),
+            nat.clone(),
+        ));
         let inner = Arc::new_cyclic(|node| Inner {
             core,
             peers,
             bridge: Arc::new(super::bridge::Bridge(node.clone())),
             messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
-            advertiser: Default::default(),
-            dht: Arc::new(dht),
-            nat: Arc::new(crate::nat::Nat::new(!self.no_stun_server, alt)),
+            advertiser,
+            dht,
+            nat,
             relay: Arc::new(RelayRuntime::new(
                 self.relay_service,
                 self.acquire_relay,
@@ -423,11 +430,17 @@ fn plug_in(inner: &Arc<Inner>) {
     inner
         .peers
         .set_resolver(Arc::downgrade(&inner.dht) as Weak<dyn crate::peers::Resolve>);
-    inner.dht.set_record_owner(bridge.clone());
+    inner
+        .dht
+        .set_record_owner(Arc::downgrade(&inner.advertiser) as Weak<dyn crate::dht::RecordOwner>);
     inner.dht.set_observed_addrs(bridge.clone());
     inner.dht.set_relay_addrs(bridge.clone());
     inner.peers.set_circuits(bridge.clone());
     inner.peers.observe(bridge);
+    inner.spawn(super::wiring::advertise::keep_facts_current(
+        Arc::downgrade(&inner.advertiser),
+        inner.bus.subscribe(),
+    ));
     inner
         .peers
         .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {

@@ -61,7 +61,7 @@ pub(crate) async fn drive(inner: Arc<Inner>) {
                 .store(true, std::sync::atomic::Ordering::Relaxed);
         }
         // Republish with the now verified address.
-        crate::advertise::publish(&inner).await;
+        inner.advertiser.publish().await;
     }
     let wants_relay = match relay.acquire {
         RelayMode::On => true,
@@ -90,7 +90,7 @@ async fn hold_relay(inner: Arc<Inner>) {
             match action {
                 Action::Publish { relay } => {
                     inner.relay.set_held(relay);
-                    crate::advertise::publish(&inner).await;
+                    inner.advertiser.publish().await;
                 }
                 Action::Acquire => match acquire_one(&inner, lost.take()).await {
                     Some((relay, addr, conn)) => {

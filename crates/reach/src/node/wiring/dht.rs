@@ -6,24 +6,18 @@ use std::net::SocketAddr;
 
 use futures::future::BoxFuture;
 
+use crate::advertise::Advertiser;
 use crate::dht::{ObservedAddrs, RecordOwner, RelayAddrs};
 use crate::node::bridge::Bridge;
 
-impl RecordOwner for Bridge {
+/// The advertiser owns the record and reads NAT's confirmed addresses.
+impl RecordOwner for Advertiser {
     fn publish(&self) -> BoxFuture<'_, usize> {
-        Box::pin(async move {
-            match self.0.upgrade() {
-                Some(inner) => crate::advertise::publish(&inner).await,
-                None => 0,
-            }
-        })
+        Box::pin(Advertiser::publish(self))
     }
 
     fn external_addrs(&self) -> Vec<SocketAddr> {
-        self.0
-            .upgrade()
-            .map(|inner| inner.nat.confirmed())
-            .unwrap_or_default()
+        Advertiser::external_addrs(self)
     }
 }
 

@@ -4,4 +4,5 @@
 //! capability that provides it, so capability modules never import each
 //! other upwards (see docs/architecture.md, "Dependencies").
 
+pub(super) mod advertise;
 mod dht;
