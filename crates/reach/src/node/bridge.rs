@@ -9,10 +9,8 @@ use std::sync::{Arc, Weak};
 use futures::future::BoxFuture;
 use reach_proto::PeerId;
 
-use super::bus::NodeEvent;
 use super::{Direction, Inner};
 use crate::error::{Error, Result};
-use crate::events::Event;
 use crate::peers::{Circuits, Closed, ConnectionObserver, Registered};
 
 /// See the module docs. Holds the node weakly: the node holds it.
@@ -78,27 +76,5 @@ impl ConnectionObserver for Bridge {
             inner.relay.paths.release(&c.peer);
             inner.punch.forget_info(&c.peer);
         }
-    }
-
-    fn path_event(&self, e: &NodeEvent) {
-        let Some(inner) = self.node() else { return };
-        let for_app = match e {
-            NodeEvent::PeerConnected {
-                peer,
-                path,
-                direction,
-            } => Event::Connected {
-                peer: *peer,
-                path: *path,
-                direction: *direction,
-            },
-            NodeEvent::PeerDisconnected { peer } => Event::Disconnected { peer: *peer },
-            NodeEvent::PathChanged { peer, path } => Event::PathChanged {
-                peer: *peer,
-                path: *path,
-            },
-            _ => return,
-        };
-        inner.messaging.push_connection_event(for_app);
     }
 }

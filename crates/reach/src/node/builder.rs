@@ -344,11 +344,16 @@ impl NodeBuilder {
             dht.clone(),
             nat.clone(),
         ));
+        let messaging = Arc::new(crate::messaging::Messaging::new(
+            core.clone(),
+            peers.clone(),
+            self.connection_events,
+        ));
         let inner = Arc::new_cyclic(|node| Inner {
             core,
             peers,
             bridge: Arc::new(super::bridge::Bridge(node.clone())),
-            messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
+            messaging,
             advertiser,
             dht,
             nat,
@@ -424,7 +429,14 @@ fn plug_in(inner: &Arc<Inner>) {
         protocols::FILTER_PROBE,
         handler(crate::nat::datagrams::serve_filter_probe),
     );
-    router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
+    let messaging = Arc::downgrade(&inner.messaging);
+    router.register_builtin(
+        protocols::STREAM,
+        Arc::new(move |s| match messaging.upgrade() {
+            Some(m) => Box::pin(async move { m.serve_stream(s).await }),
+            None => Box::pin(async {}),
+        }),
+    );
 
     let bridge = Arc::downgrade(&inner.bridge);
     inner
@@ -437,14 +449,18 @@ fn plug_in(inner: &Arc<Inner>) {
     inner.dht.set_relay_addrs(bridge.clone());
     inner.peers.set_circuits(bridge.clone());
     inner.peers.observe(bridge);
+    inner
+        .peers
+        .observe(Arc::downgrade(&inner.messaging) as Weak<dyn crate::peers::ConnectionObserver>);
     inner.spawn(super::wiring::advertise::keep_facts_current(
         Arc::downgrade(&inner.advertiser),
         inner.bus.subscribe(),
     ));
+    let messaging = Arc::downgrade(&inner.messaging);
     inner
         .peers
-        .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {
-            Some(inner) => Box::pin(crate::messaging::receive(inner, peer, stream)),
+        .set_uni_handler(Arc::new(move |peer, stream| match messaging.upgrade() {
+            Some(m) => Box::pin(async move { m.receive(peer, stream).await }),
             None => Box::pin(async {}),
         }));
 }

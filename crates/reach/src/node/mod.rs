@@ -241,7 +241,7 @@ impl Node {
     /// are known. Messages larger than [`crate::MAX_MESSAGE_LEN`] fail with
     /// [`Error::MessageTooLarge`]: use a stream for bulk data.
     pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
-        crate::messaging::send(&self.inner, peer, data.into()).await
+        self.inner.messaging.send(peer, data.into()).await
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
