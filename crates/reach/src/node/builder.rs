@@ -446,7 +446,9 @@ fn plug_in(inner: &Arc<Inner>) {
         .dht
         .set_record_owner(Arc::downgrade(&inner.advertiser) as Weak<dyn crate::dht::RecordOwner>);
     inner.dht.set_observed_addrs(bridge.clone());
-    inner.dht.set_relay_addrs(bridge.clone());
+    inner
+        .dht
+        .set_relay_addrs(Arc::downgrade(&inner.relay) as Weak<dyn crate::dht::RelayAddrs>);
     inner.peers.set_circuits(bridge.clone());
     inner.peers.observe(bridge);
     inner

@@ -21,6 +21,7 @@ impl RecordOwner for Advertiser {
     }
 }
 
+/// NAT discovery does not hold the bus yet: the node passes it.
 impl ObservedAddrs for Bridge {
     fn observed(&self, observed: SocketAddr, reporter: SocketAddr) {
         if let Some(inner) = self.0.upgrade() {
@@ -29,8 +30,10 @@ impl ObservedAddrs for Bridge {
     }
 }
 
-impl RelayAddrs for Bridge {
+/// The relay's circuit table knows which relay each virtual address goes
+/// through.
+impl RelayAddrs for crate::relay::RelayRuntime {
     fn relay_addr(&self, remote: &SocketAddr) -> Option<SocketAddr> {
-        Some(self.0.upgrade()?.relay.paths.path(remote)?.relay_addr)
+        Some(self.paths.path(remote)?.relay_addr)
     }
 }
