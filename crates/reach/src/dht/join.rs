@@ -10,9 +10,8 @@ use reach_proto::dht::maintenance::{Action, JoinAction, JoinAttempt, JoinOutcome
 use reach_proto::dht::{Contact, Key};
 use serde::Serialize;
 
-use super::ops::{self, Query};
-use super::unix_ms;
-use crate::node::Inner;
+use super::ops::Query;
+use super::{Dht, unix_ms};
 
 pub use reach_proto::dht::maintenance::{
     ENDPOINT_TTL, JOIN_PARALLEL_REFRESHES, JOIN_RETRY_INITIAL, MAINTENANCE_TICK,
@@ -30,104 +29,107 @@ pub struct JoinReport {
     pub endpoint_replicas: usize,
 }
 
-/// Contacts the bootstrap addresses, fills the routing table and publishes
-/// our endpoint record.
-pub(crate) async fn join(inner: &Arc<Inner>, extra: &[SocketAddr]) -> JoinReport {
-    join_attempt(inner, extra).await.0
-}
+impl Dht {
+    /// Contacts the bootstrap addresses, fills the routing table and publishes
+    /// our endpoint record.
+    pub(crate) async fn join(&self, extra: &[SocketAddr]) -> JoinReport {
+        self.join_attempt(extra).await.0
+    }
 
-/// One join, as [`JoinAttempt`] schedules it: bootstrap and self-lookup,
-/// then the bucket refreshes, [`JOIN_PARALLEL_REFRESHES`] at a time; when
-/// someone answered, publish our endpoint record and save the peer cache.
-async fn join_attempt(inner: &Arc<Inner>, extra: &[SocketAddr]) -> (JoinReport, JoinOutcome) {
-    let dht = &inner.dht;
-    let mut addrs: Vec<SocketAddr> = dht.bootstrap.clone();
-    addrs.extend_from_slice(extra);
-    addrs.sort();
-    addrs.dedup();
-    addrs.retain(|a| *a != inner.local_addr);
-    let mut report = JoinReport::default();
-    let own = Key::for_peer(&inner.peer_id);
-    let mut attempt = JoinAttempt::new();
-    let mut refreshes = FuturesUnordered::new();
-    let outcome = loop {
-        while let Some(action) = attempt.poll_action() {
-            match action {
-                JoinAction::Bootstrap => {
-                    bootstrap(inner, &addrs, &mut report).await;
-                    // Find our neighbours.
-                    ops::lookup(inner, own, Query::FindNode).await;
-                    let table = dht.routing();
-                    // Nobody to ask (the first node of a network) counts as
-                    // answered.
-                    let answered = table.live_len() > 0 || addrs.is_empty();
-                    attempt.self_lookup_done(answered, &table);
+    /// One join, as [`JoinAttempt`] schedules it: bootstrap and self-lookup,
+    /// then the bucket refreshes, [`JOIN_PARALLEL_REFRESHES`] at a time; when
+    /// someone answered, publish our endpoint record and save the peer cache.
+    async fn join_attempt(&self, extra: &[SocketAddr]) -> (JoinReport, JoinOutcome) {
+        let dht = self;
+        let mut addrs: Vec<SocketAddr> = dht.bootstrap.clone();
+        addrs.extend_from_slice(extra);
+        addrs.sort();
+        addrs.dedup();
+        addrs.retain(|a| *a != self.core.local_addr);
+        let mut report = JoinReport::default();
+        let own = Key::for_peer(&self.core.peer_id);
+        let mut attempt = JoinAttempt::new();
+        let mut refreshes = FuturesUnordered::new();
+        let outcome = loop {
+            while let Some(action) = attempt.poll_action() {
+                match action {
+                    JoinAction::Bootstrap => {
+                        self.bootstrap(&addrs, &mut report).await;
+                        // Find our neighbours.
+                        self.lookup(own, Query::FindNode).await;
+                        let table = dht.routing();
+                        // Nobody to ask (the first node of a network) counts as
+                        // answered.
+                        let answered = table.live_len() > 0 || addrs.is_empty();
+                        attempt.self_lookup_done(answered, &table);
+                    }
+                    JoinAction::Refresh { bucket } => refreshes.push(async move {
+                        self.lookup(random_key_in(own, bucket), Query::FindNode)
+                            .await;
+                    }),
                 }
-                JoinAction::Refresh { bucket } => refreshes.push(async move {
-                    ops::lookup(inner, random_key_in(own, bucket), Query::FindNode).await;
-                }),
+            }
+            if let Some(outcome) = attempt.outcome() {
+                break outcome;
+            }
+            // The attempt waits for a refresh, so one runs.
+            if refreshes.next().await.is_none() {
+                break JoinOutcome::NobodyAnswered;
+            }
+            attempt.refresh_done();
+        };
+        report.routing_table_size = dht.routing().len();
+        if outcome != JoinOutcome::Joined {
+            // Nobody answered: not joined. The caller retries.
+            return (report, outcome);
+        }
+        report.endpoint_replicas = self.publish_record().await;
+        self.save_peer_cache();
+        dht.joined.send_replace(true);
+        tracing::debug!(?report, "joined the DHT");
+        (report, outcome)
+    }
+
+    /// Dials the bootstrap addresses; when none answers over UDP, tries TCP
+    /// links to them.
+    async fn bootstrap(&self, addrs: &[SocketAddr], report: &mut JoinReport) {
+        self.dial_bootstrap(addrs, report).await;
+        if report.bootstrap_reached == 0
+            && !addrs.is_empty()
+            && self.core.tcp.fallback_allowed()
+            && !self.core.tcp_mode()
+        {
+            // Nobody answers over UDP: perhaps this network blocks it. Try TCP
+            // links to the same addresses; if they work, every dial from now on
+            // goes over TCP.
+            self.core.tcp.set_active(true);
+            self.dial_bootstrap(addrs, report).await;
+            if report.bootstrap_reached == 0 {
+                self.core.tcp.set_active(false);
+            } else {
+                tracing::warn!("no bootstrap node answers over UDP: using TCP links");
             }
         }
-        if let Some(outcome) = attempt.outcome() {
-            break outcome;
-        }
-        // The attempt waits for a refresh, so one runs.
-        if refreshes.next().await.is_none() {
-            break JoinOutcome::NobodyAnswered;
-        }
-        attempt.refresh_done();
-    };
-    report.routing_table_size = dht.routing().len();
-    if outcome != JoinOutcome::Joined {
-        // Nobody answered: not joined. The caller retries.
-        return (report, outcome);
     }
-    report.endpoint_replicas = crate::advertise::publish(inner).await;
-    save_peer_cache(inner);
-    dht.joined.send_replace(true);
-    tracing::debug!(?report, "joined the DHT");
-    (report, outcome)
-}
 
-/// Dials the bootstrap addresses; when none answers over UDP, tries TCP
-/// links to them.
-async fn bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinReport) {
-    dial_bootstrap(inner, addrs, report).await;
-    if report.bootstrap_reached == 0
-        && !addrs.is_empty()
-        && inner.core.tcp.fallback_allowed()
-        && !inner.core.tcp_mode()
-    {
-        // Nobody answers over UDP: perhaps this network blocks it. Try TCP
-        // links to the same addresses; if they work, every dial from now on
-        // goes over TCP.
-        inner.core.tcp.set_active(true);
-        dial_bootstrap(inner, addrs, report).await;
-        if report.bootstrap_reached == 0 {
-            inner.core.tcp.set_active(false);
-        } else {
-            tracing::warn!("no bootstrap node answers over UDP: using TCP links");
-        }
-    }
-}
-
-/// Dials every bootstrap address at once; counts and records who answers.
-async fn dial_bootstrap(inner: &Arc<Inner>, addrs: &[SocketAddr], report: &mut JoinReport) {
-    let dht = &inner.dht;
-    let mut dials: FuturesUnordered<_> = addrs
-        .iter()
-        .map(|&a| {
-            let inner = inner.clone();
-            async move { (a, inner.peers.dial_unknown(a).await) }
-        })
-        .collect();
-    while let Some((addr, res)) = dials.next().await {
-        match res {
-            Ok(peer) => {
-                report.bootstrap_reached += 1;
-                dht.routing().on_seen(Contact::new(peer, addr), dht.now());
+    /// Dials every bootstrap address at once; counts and records who answers.
+    async fn dial_bootstrap(&self, addrs: &[SocketAddr], report: &mut JoinReport) {
+        let dht = self;
+        let mut dials: FuturesUnordered<_> = addrs
+            .iter()
+            .map(|&a| {
+                let peers = self.peers.clone();
+                async move { (a, peers.dial_unknown(a).await) }
+            })
+            .collect();
+        while let Some((addr, res)) = dials.next().await {
+            match res {
+                Ok(peer) => {
+                    report.bootstrap_reached += 1;
+                    dht.routing().on_seen(Contact::new(peer, addr), dht.now());
+                }
+                Err(e) => tracing::warn!(%addr, error = %e, "bootstrap node unreachable"),
             }
-            Err(e) => tracing::warn!(%addr, error = %e, "bootstrap node unreachable"),
         }
     }
 }
@@ -139,66 +141,71 @@ fn random_key_in(own: Key, cpl: usize) -> Key {
     own.random_in_bucket(cpl, r)
 }
 
-pub(crate) fn save_peer_cache(inner: &Inner) {
-    let Some(cache) = &inner.dht.cache else {
-        return;
-    };
-    let contacts: Vec<Contact> = inner.dht.routing().iter().map(|e| e.contact).collect();
-    if let Err(e) = cache.save(&contacts) {
-        tracing::warn!(error = %e, "could not save the peer cache");
-    }
-}
-
-/// Keeps the node in the network as [`Maintenance`] schedules it: joins
-/// (retrying with backoff while nobody answers), then every
-/// [`MAINTENANCE_TICK`] refreshes stale buckets, republishes the endpoint
-/// record when due or when our external addresses changed, expires stored
-/// records, closes idle DHT connections and saves the peer cache.
-pub(crate) async fn maintain(inner: Arc<Inner>) {
-    let dht = &inner.dht;
-    let own = Key::for_peer(&inner.peer_id);
-    let mut m = Maintenance::new();
-    let mut last_external: Vec<SocketAddr> = Vec::new();
-    loop {
-        while let Some(action) = m.poll_action() {
-            match action {
-                Action::Join => {
-                    let (_, outcome) = join_attempt(&inner, &[]).await;
-                    m.join_done(dht.now(), outcome);
-                }
-                Action::Refresh { bucket } => {
-                    ops::lookup(&inner, random_key_in(own, bucket), Query::FindNode).await;
-                }
-                Action::Republish => {
-                    crate::advertise::publish(&inner).await;
-                    m.published(dht.now());
-                }
-                Action::ExpireRecords => {
-                    dht.store().expire(unix_ms());
-                    for conn in inner
-                        .peers
-                        .idle_dht_connections(crate::peers::DHT_CONNECTION_IDLE)
-                    {
-                        conn.close(0u32.into(), b"idle");
-                    }
-                }
-                Action::SavePeerCache => save_peer_cache(&inner),
-            }
-        }
-        // Every join is reported at once above, so there is always a timer.
-        let Some(at) = m.poll_timeout() else {
-            tracing::error!("DHT maintenance has nothing scheduled: stopping");
+impl Dht {
+    /// Saves the routing table to the peer cache (if the node has one),
+    /// logging a failure: the next save tries again.
+    pub(crate) fn save_peer_cache(&self) {
+        let Some(cache) = &self.cache else {
             return;
         };
-        tokio::time::sleep_until(dht.clock + at).await;
-        if m.is_joined() {
-            let external = inner.nat.confirmed();
-            if external != last_external {
-                last_external = external;
-                m.addresses_changed();
-            }
+        let contacts: Vec<Contact> = self.routing().iter().map(|e| e.contact).collect();
+        if let Err(e) = cache.save(&contacts) {
+            tracing::warn!(error = %e, "could not save the peer cache");
         }
-        let now = dht.now();
-        m.handle_timeout(now, &dht.routing());
+    }
+
+    /// Keeps the node in the network as [`Maintenance`] schedules it: joins
+    /// (retrying with backoff while nobody answers), then every
+    /// [`MAINTENANCE_TICK`] refreshes stale buckets, republishes the endpoint
+    /// record when due or when our external addresses changed, expires stored
+    /// records, closes idle DHT connections and saves the peer cache.
+    pub(crate) async fn maintain(self: Arc<Self>) {
+        let dht = &self;
+        let own = Key::for_peer(&self.core.peer_id);
+        let mut m = Maintenance::new();
+        let mut last_external: Vec<SocketAddr> = Vec::new();
+        loop {
+            while let Some(action) = m.poll_action() {
+                match action {
+                    Action::Join => {
+                        let (_, outcome) = self.join_attempt(&[]).await;
+                        m.join_done(dht.now(), outcome);
+                    }
+                    Action::Refresh { bucket } => {
+                        self.lookup(random_key_in(own, bucket), Query::FindNode)
+                            .await;
+                    }
+                    Action::Republish => {
+                        self.publish_record().await;
+                        m.published(dht.now());
+                    }
+                    Action::ExpireRecords => {
+                        dht.store().expire(unix_ms());
+                        for conn in self
+                            .peers
+                            .idle_dht_connections(crate::peers::DHT_CONNECTION_IDLE)
+                        {
+                            conn.close(0u32.into(), b"idle");
+                        }
+                    }
+                    Action::SavePeerCache => self.save_peer_cache(),
+                }
+            }
+            // Every join is reported at once above, so there is always a timer.
+            let Some(at) = m.poll_timeout() else {
+                tracing::error!("DHT maintenance has nothing scheduled: stopping");
+                return;
+            };
+            tokio::time::sleep_until(dht.clock + at).await;
+            if m.is_joined() {
+                let external = self.external_addrs();
+                if external != last_external {
+                    last_external = external;
+                    m.addresses_changed();
+                }
+            }
+            let now = dht.now();
+            m.handle_timeout(now, &dht.routing());
+        }
     }
 }

@@ -10,6 +10,15 @@
 //!   reach-proto's `dht::maintenance` machines schedule them;
 //! - [`peer_cache`]: the routing table persisted in the data dir (redb), so
 //!   a restart rejoins without a bootstrap list.
+//!
+//! The DHT sits low in the node: it uses the core and the peers and nothing
+//! above them. What it needs from above comes through small traits the
+//! composition root plugs in (held weakly: the implementors hold the DHT):
+//! [`RecordOwner`] publishes our endpoint record (advertise),
+//! [`ObservedAddrs`] takes the address a peer saw us at (NAT), and
+//! [`RelayAddrs`] names the relay behind a relayed address (the relay). The
+//! DHT itself implements [`crate::peers::Resolve`], so dialing by key finds
+//! addresses through it.
 
 pub mod join;
 pub mod ops;
@@ -17,15 +26,21 @@ pub mod peer_cache;
 pub mod rpc;
 
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use futures::future::BoxFuture;
 use reach_proto::PeerId;
+use reach_proto::dht::record::TypedAddr;
 use reach_proto::dht::routing::{RoutingConfig, RoutingTable};
 use reach_proto::dht::store::{RecordStore, StoreLimits};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+use crate::error::Result;
+use crate::node::core::Core;
+use crate::peers::Peers;
 
 /// Whether a node serves the DHT or only uses it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -68,8 +83,45 @@ crate::telemetry::metrics! {
     }
 }
 
+/// The owner of our endpoint record (advertise, above the DHT): joining
+/// and the maintenance schedule ask it to publish.
+pub(crate) trait RecordOwner: Send + Sync {
+    /// Composes, signs and publishes the endpoint record; returns how many
+    /// nodes stored it.
+    fn publish(&self) -> BoxFuture<'_, usize>;
+    /// The external addresses confirmed now: when they change, the record
+    /// is republished at the next maintenance tick.
+    fn external_addrs(&self) -> Vec<SocketAddr>;
+}
+
+/// Takes the addresses peers report seeing us at (NAT discovery, above the
+/// DHT): every DHT answer carries one.
+pub(crate) trait ObservedAddrs: Send + Sync {
+    /// The peer at `reporter` saw our packets come from `observed`.
+    fn observed(&self, observed: SocketAddr, reporter: SocketAddr);
+}
+
+/// Names the relay behind a relayed circuit's virtual address (the relay,
+/// above the DHT): a record put through a relay counts against the relay's
+/// network.
+pub(crate) trait RelayAddrs: Send + Sync {
+    /// The address of the relay that `remote` (a virtual address) goes
+    /// through, as our connection to it sees it.
+    fn relay_addr(&self, remote: &SocketAddr) -> Option<SocketAddr>;
+}
+
+/// What the composition root plugged in (see the module docs).
+#[derive(Default)]
+struct Hooks {
+    owner: OnceLock<Weak<dyn RecordOwner>>,
+    observed: OnceLock<Weak<dyn ObservedAddrs>>,
+    relays: OnceLock<Weak<dyn RelayAddrs>>,
+}
+
 /// DHT state of a node.
 pub(crate) struct Dht {
+    pub core: Arc<Core>,
+    pub peers: Arc<Peers>,
     pub mode: DhtMode,
     pub routing: Mutex<RoutingTable>,
     pub store: Mutex<RecordStore>,
@@ -81,16 +133,21 @@ pub(crate) struct Dht {
     /// Becomes true once the first join (and endpoint publish) finished.
     pub joined: watch::Sender<bool>,
     pub counters: DhtCounters,
+    hooks: Hooks,
 }
 
 impl Dht {
     pub fn new(
-        local: PeerId,
+        core: Arc<Core>,
+        peers: Arc<Peers>,
         mode: DhtMode,
         bootstrap: Vec<SocketAddr>,
         cache: Option<peer_cache::PeerCache>,
     ) -> Self {
+        let local = core.peer_id;
         Dht {
+            core,
+            peers,
             mode,
             routing: Mutex::new(RoutingTable::new(local, RoutingConfig::default())),
             store: Mutex::new(RecordStore::new(StoreLimits::default())),
@@ -99,7 +156,56 @@ impl Dht {
             cache,
             joined: watch::channel(false).0,
             counters: DhtCounters::default(),
+            hooks: Hooks::default(),
         }
+    }
+
+    /// Plugs in the owner of our endpoint record (once, at build).
+    pub(crate) fn set_record_owner(&self, o: Weak<dyn RecordOwner>) {
+        let _ = self.hooks.owner.set(o);
+    }
+
+    /// Plugs in what takes observed addresses (once, at build).
+    pub(crate) fn set_observed_addrs(&self, o: Weak<dyn ObservedAddrs>) {
+        let _ = self.hooks.observed.set(o);
+    }
+
+    /// Plugs in what names the relays behind relayed addresses (once, at
+    /// build).
+    pub(crate) fn set_relay_addrs(&self, r: Weak<dyn RelayAddrs>) {
+        let _ = self.hooks.relays.set(r);
+    }
+
+    fn record_owner(&self) -> Option<Arc<dyn RecordOwner>> {
+        self.hooks.owner.get()?.upgrade()
+    }
+
+    /// Publishes our endpoint record through its owner; how many nodes
+    /// stored it (0 when nobody owns it: a node shutting down).
+    async fn publish_record(&self) -> usize {
+        match self.record_owner() {
+            Some(o) => o.publish().await,
+            None => 0,
+        }
+    }
+
+    /// Our confirmed external addresses, as the record's owner sees them.
+    fn external_addrs(&self) -> Vec<SocketAddr> {
+        self.record_owner()
+            .map(|o| o.external_addrs())
+            .unwrap_or_default()
+    }
+
+    /// Tells NAT discovery that the peer at `reporter` saw us at `observed`.
+    fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
+        if let Some(o) = self.hooks.observed.get().and_then(Weak::upgrade) {
+            o.observed(observed, reporter);
+        }
+    }
+
+    /// The relay behind the relayed address `remote`, if the relay knows it.
+    fn relay_addr(&self, remote: &SocketAddr) -> Option<SocketAddr> {
+        self.hooks.relays.get()?.upgrade()?.relay_addr(remote)
     }
 
     /// The sans-IO core's notion of now.
@@ -111,11 +217,11 @@ impl Dht {
     /// relay circuit, or over a TCP link it opened to us, has no address
     /// others could use: it stays out. One we reach over a TCP link we
     /// opened is recorded at the address we dialed.
-    pub fn saw(&self, links: &crate::tcp::TcpLinks, mut contact: reach_proto::dht::Contact) {
-        if let Some(real) = links.dialed_remote(&contact.addr) {
+    pub fn saw(&self, mut contact: reach_proto::dht::Contact) {
+        if let Some(real) = self.core.links.dialed_remote(&contact.addr) {
             contact.addr = real;
         }
-        if !crate::relay::paths::is_virtual(&contact.addr) {
+        if !crate::vaddr::is_virtual(&contact.addr) {
             self.routing().on_seen(contact, self.now());
         }
     }
@@ -243,16 +349,28 @@ impl StoreSnapshot {
     }
 }
 
-/// How the DHT serves its stream protocol ([`reach_proto::wire::envelope::protocols::DHT`]):
-/// one request per stream, answered on it.
-pub(crate) fn serve_stream(
-    inner: std::sync::Arc<crate::node::Inner>,
-    s: crate::node::router::Inbound,
-) -> futures::future::BoxFuture<'static, ()> {
-    Box::pin(async move {
+impl Dht {
+    /// How the DHT serves its stream protocol
+    /// ([`reach_proto::wire::envelope::protocols::DHT`]): one request per
+    /// stream, answered on it.
+    pub(crate) async fn serve_stream(self: Arc<Self>, s: crate::node::router::Inbound) {
         if let reach_proto::wire::envelope::Body::DhtRequest(msg) = s.head.body {
-            inner.peers.touch(&s.peer, false);
-            rpc::serve(inner, s.peer, s.remote, msg, s.send).await
+            self.peers.touch(&s.peer, false);
+            self.serve(s.peer, s.remote, msg, s.send).await
         }
-    })
+    }
+}
+
+/// Dialing by key finds the peer's addresses in its endpoint record.
+impl crate::peers::Resolve for Dht {
+    fn resolve(&self, peer: PeerId, fresh: bool) -> BoxFuture<'_, Result<Vec<TypedAddr>>> {
+        Box::pin(async move {
+            let found = if fresh {
+                self.resolve_fresh(peer).await
+            } else {
+                Dht::resolve(self, peer).await
+            };
+            found.map(|(_, typed)| typed)
+        })
+    }
 }

@@ -1,6 +1,5 @@
 //! Lookups: reach-proto's [`Lookup`] state machine driven with real RPCs.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -11,9 +10,9 @@ use reach_proto::dht::record::{RecordKind, SignedRecord, TypedAddr};
 use reach_proto::dht::rpc::{DhtRequest, DhtResponse};
 use reach_proto::dht::{Contact, K, Key};
 
-use super::{rpc, unix_ms};
+use super::{Dht, unix_ms};
 use crate::error::{Error, Result};
-use crate::node::{Inner, stats};
+use crate::node::stats;
 
 /// A lookup's queries may take this long (dialing a new peer included)
 /// before the lookup moves on without them.
@@ -38,162 +37,159 @@ pub(crate) struct Outcome {
     pub records: Vec<SignedRecord>,
 }
 
-/// Runs one iterative lookup for `target`.
-pub(crate) async fn lookup(inner: &Arc<Inner>, target: Key, query: Query) -> Outcome {
-    let dht = &inner.dht;
-    stats::bump(&dht.counters.lookups);
-    let seeds = dht.routing().closest(&target, K);
-    let cfg = LookupConfig {
-        query_timeout: QUERY_TIMEOUT,
-        ..LookupConfig::default()
-    };
-    let mut l = Lookup::new(target, inner.peer_id, seeds, cfg);
-    let request = match query {
-        Query::FindNode => DhtRequest::FindNode { target },
-        Query::GetRecords { kind, .. } => DhtRequest::GetRecords { kind, key: target },
-    };
-    let mut records: Vec<SignedRecord> = Vec::new();
-    let mut inflight = FuturesUnordered::new();
-    loop {
-        for c in l.poll_queries(dht.now()) {
-            let inner = inner.clone();
-            let req = request.clone();
-            inflight.push(async move { (c, rpc::request(&inner, c, req).await) });
-        }
-        if l.is_finished() || inflight.is_empty() {
-            break;
-        }
-        let deadline = l
-            .poll_timeout()
-            .map(|t| t.saturating_sub(dht.now()))
-            .unwrap_or(QUERY_TIMEOUT);
-        tokio::select! {
-            Some((c, res)) = inflight.next() => match res {
-                Ok((msg, remote)) => match msg.response {
-                    DhtResponse::Nodes { closer } => {
-                        // Record where the answer came from, not what a third
-                        // party claimed.
-                        dht.saw(&inner.core.links, Contact::new(c.peer, remote));
-                        l.on_response(&c.peer, &closer);
-                    }
-                    DhtResponse::Records { records: got, closer } => {
-                        dht.saw(&inner.core.links, Contact::new(c.peer, remote));
-                        let now_ms = unix_ms();
-                        for r in got {
-                            let wanted = matches!(query, Query::GetRecords { kind, .. } if kind == r.kind);
-                            if wanted && r.key == target && r.validate(now_ms).is_ok() && !records.contains(&r) {
-                                records.push(r);
+impl Dht {
+    /// Runs one iterative lookup for `target`.
+    pub(crate) async fn lookup(&self, target: Key, query: Query) -> Outcome {
+        let dht = self;
+        stats::bump(&dht.counters.lookups);
+        let seeds = dht.routing().closest(&target, K);
+        let cfg = LookupConfig {
+            query_timeout: QUERY_TIMEOUT,
+            ..LookupConfig::default()
+        };
+        let mut l = Lookup::new(target, self.core.peer_id, seeds, cfg);
+        let request = match query {
+            Query::FindNode => DhtRequest::FindNode { target },
+            Query::GetRecords { kind, .. } => DhtRequest::GetRecords { kind, key: target },
+        };
+        let mut records: Vec<SignedRecord> = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        loop {
+            for c in l.poll_queries(dht.now()) {
+                let req = request.clone();
+                inflight.push(async move { (c, self.request(c, req).await) });
+            }
+            if l.is_finished() || inflight.is_empty() {
+                break;
+            }
+            let deadline = l
+                .poll_timeout()
+                .map(|t| t.saturating_sub(dht.now()))
+                .unwrap_or(QUERY_TIMEOUT);
+            tokio::select! {
+                Some((c, res)) = inflight.next() => match res {
+                    Ok((msg, remote)) => match msg.response {
+                        DhtResponse::Nodes { closer } => {
+                            // Record where the answer came from, not what a third
+                            // party claimed.
+                            dht.saw(Contact::new(c.peer, remote));
+                            l.on_response(&c.peer, &closer);
+                        }
+                        DhtResponse::Records { records: got, closer } => {
+                            dht.saw(Contact::new(c.peer, remote));
+                            let now_ms = unix_ms();
+                            for r in got {
+                                let wanted = matches!(query, Query::GetRecords { kind, .. } if kind == r.kind);
+                                if wanted && r.key == target && r.validate(now_ms).is_ok() && !records.contains(&r) {
+                                    records.push(r);
+                                }
+                            }
+                            l.on_response(&c.peer, &closer);
+                            if matches!(query, Query::GetRecords { first: true, .. }) && !records.is_empty() {
+                                l.finish();
                             }
                         }
-                        l.on_response(&c.peer, &closer);
-                        if matches!(query, Query::GetRecords { first: true, .. }) && !records.is_empty() {
-                            l.finish();
-                        }
+                        _ => l.on_failure(&c.peer),
+                    },
+                    Err(_) => {
+                        dht.routing().on_failure(&c.peer);
+                        l.on_failure(&c.peer);
                     }
-                    _ => l.on_failure(&c.peer),
                 },
-                Err(_) => {
-                    dht.routing().on_failure(&c.peer);
-                    l.on_failure(&c.peer);
-                }
-            },
-            _ = tokio::time::sleep(deadline) => {
-                let mut routing = dht.routing();
-                for p in l.handle_timeout(dht.now()) {
-                    routing.on_failure(&p);
+                _ = tokio::time::sleep(deadline) => {
+                    let mut routing = dht.routing();
+                    for p in l.handle_timeout(dht.now()) {
+                        routing.on_failure(&p);
+                    }
                 }
             }
         }
-    }
-    dht.routing().mark_refreshed(&target, dht.now());
-    let st = l.stats();
-    tracing::debug!(
-        ?target,
-        hops = st.hops,
-        queries = st.queries,
-        failures = st.failures,
-        "lookup done"
-    );
-    Outcome {
-        closest: l.closest(),
-        records,
-    }
-}
-
-/// Stores `record` locally (when it is ours to hold too) and at the k
-/// closest nodes to its key. Returns how many remote nodes accepted it.
-pub(crate) async fn put(inner: &Arc<Inner>, record: SignedRecord) -> usize {
-    let out = lookup(inner, record.key, Query::FindNode).await;
-    let mut puts: FuturesUnordered<_> = out
-        .closest
-        .into_iter()
-        .map(|c| {
-            let inner = inner.clone();
-            let req = DhtRequest::PutRecord {
-                record: record.clone(),
-            };
-            async move { rpc::request(&inner, c, req).await }
-        })
-        .collect();
-    let mut stored = 0;
-    while let Some(r) = puts.next().await {
-        if matches!(r, Ok((m, _)) if m.response == DhtResponse::Stored) {
-            stored += 1;
+        dht.routing().mark_refreshed(&target, dht.now());
+        let st = l.stats();
+        tracing::debug!(
+            ?target,
+            hops = st.hops,
+            queries = st.queries,
+            failures = st.failures,
+            "lookup done"
+        );
+        Outcome {
+            closest: l.closest(),
+            records,
         }
     }
-    stored
-}
 
-/// Resolves `peer`'s addresses from its endpoint record: the local store
-/// first, then the DHT.
-pub(crate) async fn resolve(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-) -> Result<(SignedRecord, Vec<TypedAddr>)> {
-    resolve_from(inner, peer, false).await
-}
-
-/// Like [`resolve`], but asks the network even when a copy is stored here,
-/// and collects the answers of all the closest nodes (newest wins): for
-/// when the addresses of a stored or first-found record did not work (the
-/// peer may have changed relays since).
-pub(crate) async fn resolve_fresh(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-) -> Result<(SignedRecord, Vec<TypedAddr>)> {
-    resolve_from(inner, peer, true).await
-}
-
-async fn resolve_from(
-    inner: &Arc<Inner>,
-    peer: PeerId,
-    fresh: bool,
-) -> Result<(SignedRecord, Vec<TypedAddr>)> {
-    let dht = &inner.dht;
-    stats::bump(&dht.counters.resolutions);
-    let key = Key::for_peer(&peer);
-    let now_ms = unix_ms();
-    let mut candidates = dht.store().get(RecordKind::Endpoint, &key, now_ms);
-    if candidates.is_empty() || fresh {
-        let out = lookup(
-            inner,
-            key,
-            Query::GetRecords {
-                kind: RecordKind::Endpoint,
-                first: !fresh,
-            },
-        )
-        .await;
-        candidates.extend(out.records);
+    /// Stores `record` locally (when it is ours to hold too) and at the k
+    /// closest nodes to its key. Returns how many remote nodes accepted it.
+    pub(crate) async fn put(&self, record: SignedRecord) -> usize {
+        let out = self.lookup(record.key, Query::FindNode).await;
+        let mut puts: FuturesUnordered<_> = out
+            .closest
+            .into_iter()
+            .map(|c| {
+                let req = DhtRequest::PutRecord {
+                    record: record.clone(),
+                };
+                async move { self.request(c, req).await }
+            })
+            .collect();
+        let mut stored = 0;
+        while let Some(r) = puts.next().await {
+            if matches!(r, Ok((m, _)) if m.response == DhtResponse::Stored) {
+                stored += 1;
+            }
+        }
+        stored
     }
-    let best = candidates
-        .into_iter()
-        .filter(|r| r.publisher == peer && r.validate(now_ms).is_ok())
-        .max_by_key(|r| r.seq);
-    let Some(record) = best else {
-        stats::bump(&dht.counters.resolution_failures);
-        return Err(Error::NotFound(peer));
-    };
-    let addrs = record.endpoint_addrs().map_err(|_| Error::NotFound(peer))?;
-    Ok((record, addrs))
+
+    /// Resolves `peer`'s addresses from its endpoint record: the local store
+    /// first, then the DHT.
+    pub(crate) async fn resolve(&self, peer: PeerId) -> Result<(SignedRecord, Vec<TypedAddr>)> {
+        self.resolve_from(peer, false).await
+    }
+
+    /// Like [`Dht::resolve`], but asks the network even when a copy is stored here,
+    /// and collects the answers of all the closest nodes (newest wins): for
+    /// when the addresses of a stored or first-found record did not work (the
+    /// peer may have changed relays since).
+    pub(crate) async fn resolve_fresh(
+        &self,
+        peer: PeerId,
+    ) -> Result<(SignedRecord, Vec<TypedAddr>)> {
+        self.resolve_from(peer, true).await
+    }
+
+    async fn resolve_from(
+        &self,
+        peer: PeerId,
+        fresh: bool,
+    ) -> Result<(SignedRecord, Vec<TypedAddr>)> {
+        let dht = self;
+        stats::bump(&dht.counters.resolutions);
+        let key = Key::for_peer(&peer);
+        let now_ms = unix_ms();
+        let mut candidates = dht.store().get(RecordKind::Endpoint, &key, now_ms);
+        if candidates.is_empty() || fresh {
+            let out = self
+                .lookup(
+                    key,
+                    Query::GetRecords {
+                        kind: RecordKind::Endpoint,
+                        first: !fresh,
+                    },
+                )
+                .await;
+            candidates.extend(out.records);
+        }
+        let best = candidates
+            .into_iter()
+            .filter(|r| r.publisher == peer && r.validate(now_ms).is_ok())
+            .max_by_key(|r| r.seq);
+        let Some(record) = best else {
+            stats::bump(&dht.counters.resolution_failures);
+            return Err(Error::NotFound(peer));
+        };
+        let addrs = record.endpoint_addrs().map_err(|_| Error::NotFound(peer))?;
+        Ok((record, addrs))
+    }
 }

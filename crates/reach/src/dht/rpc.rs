@@ -5,7 +5,6 @@
 //! bounded by `MAX_CONTROL_ENVELOPE_LEN`.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use reach_proto::PeerId;
@@ -15,107 +14,109 @@ use reach_proto::dht::server;
 use reach_proto::dht::store::Source;
 use reach_proto::wire::envelope::Body;
 
-use super::{DhtMode, unix_ms};
+use super::{Dht, DhtMode, unix_ms};
 use crate::error::{Error, Result};
-use crate::node::{Inner, stats};
+use crate::node::stats;
 
 pub use reach_proto::dht::server::STORE_CLOSENESS_SLACK;
 
 /// Time for one request, including dialing the peer if needed.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Sends `request` to `contact` and waits for the answer. Returns it with
-/// the address the answer actually came from (an existing connection may be
-/// at another address than the one a third party claimed for the contact).
-pub(crate) async fn request(
-    inner: &Arc<Inner>,
-    contact: Contact,
-    request: DhtRequest,
-) -> Result<(DhtResponseMsg, SocketAddr)> {
-    let dht = &inner.dht;
-    stats::bump(&dht.counters.rpcs_sent);
-    let res = tokio::time::timeout(RPC_TIMEOUT, request_inner(inner, contact, request)).await;
-    let res = match res {
-        Ok(r) => r,
-        Err(_) => Err(Error::Timeout("DHT request")),
-    };
-    if res.is_err() {
-        stats::bump(&dht.counters.rpcs_failed);
-    }
-    res
-}
-
-async fn request_inner(
-    inner: &Arc<Inner>,
-    contact: Contact,
-    request: DhtRequest,
-) -> Result<(DhtResponseMsg, SocketAddr)> {
-    let peer = contact.peer;
-    inner.peers.remember_fallback(peer, contact.addr);
-    let conn = inner.peers.connection_known(peer, &[contact.addr]).await?;
-    let msg = DhtRequestMsg {
-        server_mode: inner.dht.mode == DhtMode::Server,
-        request,
-    };
-    let answer = crate::node::rpc::call(&conn, Body::DhtRequest(msg))
-        .await
-        .map_err(|e| e.into_error(|reason| Error::Rpc { peer, reason }))?;
-    match answer {
-        Body::DhtResponse(r) => {
-            let remote = conn.remote_address();
-            inner.observed_addr(r.observed, remote);
-            Ok((r, remote))
-        }
-        _ => Err(Error::Rpc {
-            peer,
-            reason: "answered with something other than a DHT response".into(),
-        }),
-    }
-}
-
-/// Answers one DHT request from `peer`, whose packets come from `remote`.
-pub(crate) async fn serve(
-    inner: Arc<Inner>,
-    peer: PeerId,
-    remote: SocketAddr,
-    msg: DhtRequestMsg,
-    mut send: quinn::SendStream,
-) {
-    let dht = &inner.dht;
-    stats::bump(&dht.counters.rpcs_served);
-    let response = if dht.mode == DhtMode::Client {
-        DhtResponse::Refused {
-            reason: "client_mode".into(),
-        }
-    } else {
-        if msg.server_mode {
-            dht.saw(&inner.core.links, Contact::new(peer, remote));
-        }
-        let source = match msg.request {
-            DhtRequest::PutRecord { .. } => source_of(&inner, remote),
-            _ => None,
+impl Dht {
+    /// Sends `request` to `contact` and waits for the answer. Returns it with
+    /// the address the answer actually came from (an existing connection may be
+    /// at another address than the one a third party claimed for the contact).
+    pub(crate) async fn request(
+        &self,
+        contact: Contact,
+        request: DhtRequest,
+    ) -> Result<(DhtResponseMsg, SocketAddr)> {
+        let dht = self;
+        stats::bump(&dht.counters.rpcs_sent);
+        let res = tokio::time::timeout(RPC_TIMEOUT, self.request_inner(contact, request)).await;
+        let res = match res {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout("DHT request")),
         };
-        // The table, then the store: never both locks at once.
-        let near = server::Neighbourhood::of(&dht.routing(), &msg.request);
-        server::answer(&near, &mut dht.store(), msg.request, source, unix_ms())
-    };
-    let reply = DhtResponseMsg {
-        observed: remote,
-        response,
-    };
-    crate::node::rpc::answer(&mut send, Body::DhtResponse(reply)).await;
-}
+        if res.is_err() {
+            stats::bump(&dht.counters.rpcs_failed);
+        }
+        res
+    }
 
-/// The network a record put from `remote` counts against: a TCP-linked
-/// sender counts as its TCP peer's network; a relayed one as its relay's
-/// (circuits are bounded per peer at the relay, and publishers normally
-/// store directly).
-fn source_of(inner: &Inner, remote: SocketAddr) -> Option<Source> {
-    inner
-        .real_source(remote)
-        .or_else(|| {
-            let relay = inner.relay.paths.path(&remote)?.relay_addr;
-            inner.core.real_source(relay)
-        })
-        .map(|a| Source::of(a.ip()))
+    async fn request_inner(
+        &self,
+        contact: Contact,
+        request: DhtRequest,
+    ) -> Result<(DhtResponseMsg, SocketAddr)> {
+        let peer = contact.peer;
+        self.peers.remember_fallback(peer, contact.addr);
+        let conn = self.peers.connection_known(peer, &[contact.addr]).await?;
+        let msg = DhtRequestMsg {
+            server_mode: self.mode == DhtMode::Server,
+            request,
+        };
+        let answer = crate::node::rpc::call(&conn, Body::DhtRequest(msg))
+            .await
+            .map_err(|e| e.into_error(|reason| Error::Rpc { peer, reason }))?;
+        match answer {
+            Body::DhtResponse(r) => {
+                let remote = conn.remote_address();
+                self.observed_addr(r.observed, remote);
+                Ok((r, remote))
+            }
+            _ => Err(Error::Rpc {
+                peer,
+                reason: "answered with something other than a DHT response".into(),
+            }),
+        }
+    }
+
+    /// Answers one DHT request from `peer`, whose packets come from `remote`.
+    pub(crate) async fn serve(
+        &self,
+        peer: PeerId,
+        remote: SocketAddr,
+        msg: DhtRequestMsg,
+        mut send: quinn::SendStream,
+    ) {
+        let dht = self;
+        stats::bump(&dht.counters.rpcs_served);
+        let response = if dht.mode == DhtMode::Client {
+            DhtResponse::Refused {
+                reason: "client_mode".into(),
+            }
+        } else {
+            if msg.server_mode {
+                dht.saw(Contact::new(peer, remote));
+            }
+            let source = match msg.request {
+                DhtRequest::PutRecord { .. } => self.source_of(remote),
+                _ => None,
+            };
+            // The table, then the store: never both locks at once.
+            let near = server::Neighbourhood::of(&dht.routing(), &msg.request);
+            server::answer(&near, &mut dht.store(), msg.request, source, unix_ms())
+        };
+        let reply = DhtResponseMsg {
+            observed: remote,
+            response,
+        };
+        crate::node::rpc::answer(&mut send, Body::DhtResponse(reply)).await;
+    }
+
+    /// The network a record put from `remote` counts against: a TCP-linked
+    /// sender counts as its TCP peer's network; a relayed one as its relay's
+    /// (circuits are bounded per peer at the relay, and publishers normally
+    /// store directly).
+    fn source_of(&self, remote: SocketAddr) -> Option<Source> {
+        self.core
+            .real_source(remote)
+            .or_else(|| {
+                let relay = self.relay_addr(&remote)?;
+                self.core.real_source(relay)
+            })
+            .map(|a| Source::of(a.ip()))
+    }
 }

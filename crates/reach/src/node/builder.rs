@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
@@ -292,21 +292,6 @@ impl NodeBuilder {
             },
             None => None,
         };
-        let dht = Dht::new(keypair.peer_id(), self.dht_mode, self.bootstrap, cache);
-        if let Some(cache) = &dht.cache {
-            match cache.load() {
-                Ok((contacts, skipped)) => {
-                    let mut table = dht.routing();
-                    for c in contacts {
-                        table.add_unknown(c, dht.now());
-                    }
-                    if skipped > 0 {
-                        tracing::warn!(skipped, "skipped unreadable peer cache entries");
-                    }
-                }
-                Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
-            }
-        }
         let connection_limits = self.connection_limits.unwrap_or_default();
         let bus = super::bus::Bus::default();
         let router = Arc::new(super::router::Router::default());
@@ -332,6 +317,27 @@ impl NodeBuilder {
             crate::peers::PeerTable::new(connection_limits.max_idle_peers),
             super::limits::InboundGate::new(connection_limits),
         );
+        let dht = Dht::new(
+            core.clone(),
+            peers.clone(),
+            self.dht_mode,
+            self.bootstrap,
+            cache,
+        );
+        if let Some(cache) = &dht.cache {
+            match cache.load() {
+                Ok((contacts, skipped)) => {
+                    let mut table = dht.routing();
+                    for c in contacts {
+                        table.add_unknown(c, dht.now());
+                    }
+                    if skipped > 0 {
+                        tracing::warn!(skipped, "skipped unreadable peer cache entries");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "could not read the peer cache"),
+            }
+        }
         let dht = Arc::new(dht);
         let nat = Arc::new(crate::nat::Nat::new(
             core.clone(),
@@ -339,10 +345,24 @@ impl NodeBuilder {
             !self.no_stun_server,
             alt,
         ));
-        let relay = RelayRuntime::new(
+        let advertiser = Arc::new(crate::advertise::Advertiser::new(
+            core.clone(),
+            dht.clone(),
+            nat.clone(),
+        ));
+        let messaging = Arc::new(crate::messaging::Messaging::new(
             core.clone(),
             peers.clone(),
-            dht.clone(),
+            self.connection_events,
+        ));
+        let relay = RelayRuntime::new(
+            crate::relay::Below {
+                core: core.clone(),
+                peers: peers.clone(),
+                dht: dht.clone(),
+                nat: nat.clone(),
+                advertiser: advertiser.clone(),
+            },
             self.relay_service,
             self.acquire_relay,
             relay_limits,
@@ -358,12 +378,11 @@ impl NodeBuilder {
                 .clone()
                 .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
         );
-        let inner = Arc::new_cyclic(|node| Inner {
+        let inner = Arc::new(Inner {
             core: core.clone(),
             peers: peers.clone(),
-            bridge: Arc::new(super::bridge::Bridge(node.clone())),
-            messaging: Arc::new(crate::messaging::Messaging::new(self.connection_events)),
-            advertiser: Default::default(),
+            messaging,
+            advertiser,
             dht,
             nat,
             relay,
@@ -381,7 +400,7 @@ impl NodeBuilder {
             let nat = inner.nat.clone();
             async move { nat.external().expiry_loop().await }
         });
-        inner.spawn(crate::dht::join::maintain(inner.clone()));
+        inner.spawn(inner.dht.clone().maintain());
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
@@ -395,19 +414,16 @@ impl NodeBuilder {
 /// Registers the capabilities' stream handlers and the peers' hooks. The
 /// handlers and hooks hold the node weakly: the node holds them.
 fn plug_in(inner: &Arc<Inner>) {
-    use crate::node::router::{Handler, Inbound};
     use reach_proto::wire::envelope::protocols;
-    let weak = Arc::downgrade(inner);
-    let handler =
-        |serve: fn(Arc<Inner>, Inbound) -> futures::future::BoxFuture<'static, ()>| -> Handler {
-            let weak = weak.clone();
-            Arc::new(move |s| match weak.upgrade() {
-                Some(inner) => serve(inner, s),
-                None => Box::pin(async {}),
-            })
-        };
     let router = &inner.router;
-    router.register_builtin(protocols::DHT, handler(crate::dht::serve_stream));
+    let dht = Arc::downgrade(&inner.dht);
+    router.register_builtin(
+        protocols::DHT,
+        Arc::new(move |s| match dht.upgrade() {
+            Some(dht) => Box::pin(dht.serve_stream(s)),
+            None => Box::pin(async {}),
+        }),
+    );
     let nat = Arc::downgrade(&inner.nat);
     router.register_builtin(
         protocols::FILTER_PROBE,
@@ -418,17 +434,41 @@ fn plug_in(inner: &Arc<Inner>) {
             Box::pin(async {})
         }),
     );
-    router.register_builtin(protocols::STREAM, handler(crate::messaging::serve_stream));
+    let messaging = Arc::downgrade(&inner.messaging);
+    router.register_builtin(
+        protocols::STREAM,
+        Arc::new(move |s| match messaging.upgrade() {
+            Some(m) => Box::pin(async move { m.serve_stream(s).await }),
+            None => Box::pin(async {}),
+        }),
+    );
 
     super::wiring::relay::plug_in(inner);
     super::wiring::punch::plug_in(inner);
-    let bridge = Arc::downgrade(&inner.bridge);
-    inner.peers.set_resolver(bridge.clone());
-    inner.peers.observe(bridge);
     inner
         .peers
-        .set_uni_handler(Arc::new(move |peer, stream| match weak.upgrade() {
-            Some(inner) => Box::pin(crate::messaging::receive(inner, peer, stream)),
+        .set_resolver(Arc::downgrade(&inner.dht) as Weak<dyn crate::peers::Resolve>);
+    inner
+        .dht
+        .set_record_owner(Arc::downgrade(&inner.advertiser) as Weak<dyn crate::dht::RecordOwner>);
+    inner
+        .dht
+        .set_observed_addrs(Arc::downgrade(&inner.nat) as Weak<dyn crate::dht::ObservedAddrs>);
+    inner
+        .dht
+        .set_relay_addrs(Arc::downgrade(&inner.relay) as Weak<dyn crate::dht::RelayAddrs>);
+    inner
+        .peers
+        .observe(Arc::downgrade(&inner.messaging) as Weak<dyn crate::peers::ConnectionObserver>);
+    inner.spawn(super::wiring::advertise::keep_facts_current(
+        Arc::downgrade(&inner.advertiser),
+        inner.bus.subscribe(),
+    ));
+    let messaging = Arc::downgrade(&inner.messaging);
+    inner
+        .peers
+        .set_uni_handler(Arc::new(move |peer, stream| match messaging.upgrade() {
+            Some(m) => Box::pin(async move { m.receive(peer, stream).await }),
             None => Box::pin(async {}),
         }));
 }

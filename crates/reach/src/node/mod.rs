@@ -20,7 +20,6 @@
 //! # Ok(()) }
 //! ```
 
-mod bridge;
 mod builder;
 pub mod bus;
 pub mod codes;
@@ -48,8 +47,8 @@ pub use limits::ConnectionLimits;
 pub use router::{PROTOCOL_BACKLOG, ProtocolListener};
 pub use stats::NodeStats;
 
+use crate::dht::Dht;
 use crate::dht::join::JoinReport;
-use crate::dht::{Dht, ops};
 use crate::error::{Error, Result};
 use crate::events::{Event, Stream};
 use reach_proto::dht::record::TypedAddr;
@@ -106,8 +105,6 @@ pub(crate) struct Inner {
     pub nat: Arc<crate::nat::Nat>,
     pub relay: Arc<crate::relay::RelayRuntime>,
     pub punch: Arc<crate::punch::PunchRuntime>,
-    /// Plugs the capabilities not yet carved out into the peers' hooks.
-    pub bridge: Arc<bridge::Bridge>,
     /// The exclusive lock on the data dir, if the node has one; released at
     /// shutdown, after the peer cache is saved and closed.
     pub dir_lock: std::sync::Mutex<Option<crate::datadir::DataDirLock>>,
@@ -158,7 +155,7 @@ impl Inner {
     /// punch sockets and the data dir. Idempotent.
     fn close(&self) {
         if self.begin_close() {
-            crate::dht::join::save_peer_cache(self);
+            self.dht.save_peer_cache();
         }
         if let Some(cache) = &self.dht.cache {
             cache.close();
@@ -170,12 +167,6 @@ impl Inner {
             lock.take();
         }
         self.finish_close();
-    }
-
-    /// Records that the peer at `reporter` saw us at `observed`. Reports
-    /// over relayed paths say nothing about our own address.
-    pub(crate) fn observed_addr(&self, observed: SocketAddr, reporter: SocketAddr) {
-        self.nat.record_observed(observed, reporter);
     }
 }
 
@@ -241,7 +232,7 @@ impl Node {
     /// are known. Messages larger than [`crate::MAX_MESSAGE_LEN`] fail with
     /// [`Error::MessageTooLarge`]: use a stream for bulk data.
     pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
-        crate::messaging::send(&self.inner, peer, data.into()).await
+        self.inner.messaging.send(peer, data.into()).await
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
@@ -454,7 +445,7 @@ impl Node {
     /// hold, even if this node stores an older copy. Fails with
     /// [`Error::NotFound`] when no node holds a valid record.
     pub async fn lookup(&self, peer: PeerId) -> Result<Vec<TypedAddr>> {
-        let (_, addrs) = ops::resolve_fresh(&self.inner, peer).await?;
+        let (_, addrs) = self.inner.dht.resolve_fresh(peer).await?;
         Ok(addrs)
     }
 
@@ -462,7 +453,7 @@ impl Node {
     /// in the handshake), fills the routing table and publishes this node's
     /// endpoint record.
     pub async fn bootstrap(&self, addrs: &[SocketAddr]) -> JoinReport {
-        crate::dht::join::join(&self.inner, addrs).await
+        self.inner.dht.join(addrs).await
     }
 
     /// Waits until the node has joined the DHT (started by `spawn`): some

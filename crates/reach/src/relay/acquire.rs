@@ -45,11 +45,7 @@ impl RelayRuntime {
             self.set_reachability(reach);
         } else if needs_check {
             loop {
-                // No check plugged in any more: the node is gone.
-                let Some(found) = self.check_reachability().await else {
-                    return;
-                };
-                reach = found;
+                reach = self.nat.check_reachability().await;
                 if reach != Reachability::Unknown {
                     break;
                 }

@@ -10,9 +10,9 @@
 //!   node that is not directly reachable.
 //!
 //! The relay sits above the DHT, NAT discovery and the endpoint record's
-//! owner (it holds the DHT for its state; the reachability check and
-//! publishing come through [`ReachabilityCheck`] and [`RecordPublisher`]),
-//! and below hole punching, whose signalling rides on the relay protocol
+//! owner (it holds all three: the DHT for its state, NAT discovery for the
+//! reachability check, the advertiser to publish the record when the held
+//! relay or the reachability changed), and below hole punching, whose signalling rides on the relay protocol
 //! ([`PunchSignals`]). It implements the peers' [`Circuits`] hook and
 //! observes their connections (circuits are watched while used, a
 //! client's reservation goes with its last connection).
@@ -37,7 +37,9 @@ use reach_proto::relay::rpc::RelayResponse;
 use reach_proto::relay::service::RelayLimits;
 use serde::{Deserialize, Serialize};
 
+use crate::advertise::Advertiser;
 use crate::dht::Dht;
+use crate::nat::Nat;
 use crate::node::core::Core;
 use crate::peers::{Circuits, Closed, ConnectionObserver, Peers, Registered};
 
@@ -110,27 +112,6 @@ crate::telemetry::metrics! {
     }
 }
 
-/// Whether unsolicited packets reach this node: NAT discovery's
-/// reachability check, which decides whether the node serves as a relay or
-/// needs one. Plugged in by the composition root (see
-/// `node::wiring::relay`).
-pub(crate) trait ReachabilityCheck: Send + Sync {
-    /// Checks reachability now, with connected peers as helpers.
-    fn check_reachability(&self) -> BoxFuture<'_, Reachability>;
-}
-
-/// The owner of the endpoint record (`crate::advertise`): the relay tells
-/// it which relay it holds, and asks it to publish when that or the
-/// verified reachability changed. Plugged in by the composition root.
-pub(crate) trait RecordPublisher: Send + Sync {
-    /// The relay held now (`None`: none); told before the publication that
-    /// should carry it.
-    fn relay_changed(&self, held: Option<(PeerId, SocketAddr)>);
-    /// Composes, signs and publishes the endpoint record; how many nodes
-    /// stored it.
-    fn publish(&self) -> BoxFuture<'_, usize>;
-}
-
 /// What hole punching (the capability above the relay) does with relay
 /// signalling: it rides on the relay protocol, but its state and policy
 /// are punching's. Plugged in by the builder; held weakly (punching holds
@@ -161,8 +142,6 @@ pub(crate) trait PunchSignals: Send + Sync {
 /// them all (and punching holds the relay).
 #[derive(Default)]
 struct Hooks {
-    reachability: OnceLock<Weak<dyn ReachabilityCheck>>,
-    publisher: OnceLock<Weak<dyn RecordPublisher>>,
     punch: OnceLock<Weak<dyn PunchSignals>>,
 }
 
@@ -173,6 +152,11 @@ pub(crate) struct RelayRuntime {
     /// Whether the node joined, the routing table (relay candidates), the
     /// clock of the acquisition machine, client or server mode.
     dht: Arc<Dht>,
+    /// The reachability check.
+    nat: Arc<Nat>,
+    /// The endpoint record's owner: told to publish when the held relay or
+    /// the reachability changed (it learns both from the bus).
+    advertiser: Arc<Advertiser>,
     pub service: RelayMode,
     pub acquire: RelayMode,
     pub limits: RelayLimits,
@@ -188,20 +172,36 @@ pub(crate) struct RelayRuntime {
     hooks: Hooks,
 }
 
+/// What the relay holds below it (see the module docs).
+pub(crate) struct Below {
+    pub core: Arc<Core>,
+    pub peers: Arc<Peers>,
+    pub dht: Arc<Dht>,
+    pub nat: Arc<Nat>,
+    pub advertiser: Arc<Advertiser>,
+}
+
 impl RelayRuntime {
-    pub fn new(
-        core: Arc<Core>,
-        peers: Arc<Peers>,
-        dht: Arc<Dht>,
+    pub(crate) fn new(
+        below: Below,
         service: RelayMode,
         acquire: RelayMode,
         limits: RelayLimits,
         paths: Arc<paths::RelayPaths>,
     ) -> Arc<Self> {
+        let Below {
+            core,
+            peers,
+            dht,
+            nat,
+            advertiser,
+        } = below;
         Arc::new(RelayRuntime {
             core,
             peers,
             dht,
+            nat,
+            advertiser,
             service,
             acquire,
             limits,
@@ -214,16 +214,6 @@ impl RelayRuntime {
         })
     }
 
-    /// Plugs in the reachability check (once, at build).
-    pub(crate) fn set_reachability_check(&self, c: Weak<dyn ReachabilityCheck>) {
-        let _ = self.hooks.reachability.set(c);
-    }
-
-    /// Plugs in the endpoint record's owner (once, at build).
-    pub(crate) fn set_publisher(&self, p: Weak<dyn RecordPublisher>) {
-        let _ = self.hooks.publisher.set(p);
-    }
-
     /// Plugs in hole punching (once, at build).
     pub(crate) fn set_punch(&self, p: Weak<dyn PunchSignals>) {
         let _ = self.hooks.punch.set(p);
@@ -233,39 +223,23 @@ impl RelayRuntime {
         self.hooks.punch.get()?.upgrade()
     }
 
-    /// Checks reachability through the plugged-in check; `None` once the
-    /// node is gone.
-    async fn check_reachability(&self) -> Option<Reachability> {
-        let check = self.hooks.reachability.get()?.upgrade()?;
-        Some(check.check_reachability().await)
-    }
-
-    fn publisher(&self) -> Option<Arc<dyn RecordPublisher>> {
-        self.hooks.publisher.get()?.upgrade()
-    }
-
     /// Has the endpoint record's owner publish the record.
     async fn publish(&self) {
-        if let Some(publisher) = self.publisher() {
-            publisher.publish().await;
-        }
+        self.advertiser.publish().await;
     }
 
     pub fn held(&self) -> Option<(PeerId, SocketAddr)> {
         *self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Records the relay held now (telling the record's owner, and
-    /// announcing a change on the bus).
+    /// Records the relay held now, announcing a change on the bus (where
+    /// the record's owner learns it).
     pub fn set_held(&self, held: Option<(PeerId, SocketAddr)>) {
         use crate::node::NodeEvent;
         let before = std::mem::replace(
             &mut *self.held.lock().unwrap_or_else(|p| p.into_inner()),
             held,
         );
-        if let Some(publisher) = self.publisher() {
-            publisher.relay_changed(held);
-        }
         if before == held {
             return;
         }

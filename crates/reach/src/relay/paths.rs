@@ -35,13 +35,6 @@ use crate::vaddr::{AddrClass, VirtualAddrs};
 /// connection or a circuit being set up).
 pub const MAX_VIRTUAL_PATHS: usize = 4096;
 
-/// Whether `addr` is a virtual address: a relayed circuit or a TCP link,
-/// in either family's form (see [`crate::vaddr`]). Where relayed and
-/// linked differ, ask [`crate::vaddr::class_of`].
-pub(crate) fn is_virtual(addr: &SocketAddr) -> bool {
-    crate::vaddr::is_virtual(addr)
-}
-
 /// Where a virtual address leads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct VirtualPath {
@@ -290,7 +283,7 @@ impl RelayPaths {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::vaddr::class_of;
+    use crate::vaddr::{class_of, is_virtual};
     use reach_proto::Keypair;
     use std::net::{IpAddr, Ipv6Addr};
 

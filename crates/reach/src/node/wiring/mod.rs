@@ -4,5 +4,7 @@
 //! capability that provides it, so capability modules never import each
 //! other upwards (see docs/architecture.md, "Dependencies").
 
+pub(super) mod advertise;
+mod dht;
 pub(super) mod punch;
 pub(super) mod relay;
