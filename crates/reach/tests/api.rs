@@ -331,3 +331,34 @@ async fn malformed_and_oversized_request_heads_get_json_errors() {
     assert_eq!(status.peer_id, node.peer_id());
     api.stop().await;
 }
+
+#[tokio::test]
+async fn a_stopping_api_server_leaves_a_newer_servers_discovery_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let discovery = dir.path().join(reach::api::DISCOVERY_FILE);
+    let (_old_node, old_api, _) = node_with_api(dir.path()).await;
+    // A second node's server on the same data dir (library use: the
+    // data-dir lock is the daemon's) replaces the discovery file.
+    let new_node = Node::builder()
+        .bind("127.0.0.1:0".parse().unwrap())
+        .spawn()
+        .await
+        .unwrap();
+    let new_api = reach::api::serve(new_node.clone(), dir.path(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+
+    // The old one stops late: the new one's file stays and clients reach it.
+    old_api.stop().await;
+    assert!(
+        discovery.exists(),
+        "the newer server's api.json was removed"
+    );
+    let client = ApiClient::from_data_dir(dir.path()).unwrap();
+    let status: Status = client.get("/v1/status").await.unwrap();
+    assert_eq!(status.peer_id, new_node.peer_id());
+
+    // The new one removes its own file when it stops.
+    new_api.stop().await;
+    assert!(!discovery.exists(), "a stopped server left its api.json");
+}

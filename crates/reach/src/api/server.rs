@@ -46,6 +46,12 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct ApiServer {
     addr: SocketAddr,
     discovery: PathBuf,
+    /// What this server wrote to the discovery and token files: on stop it
+    /// removes the discovery file only if both still hold these, so a
+    /// server stopping late never removes a newer server's file.
+    discovery_json: Vec<u8>,
+    token_file: PathBuf,
+    token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -56,7 +62,8 @@ impl ApiServer {
         self.addr
     }
 
-    /// Stops serving and removes the discovery file.
+    /// Stops serving and removes the discovery file, unless another
+    /// server has replaced it since.
     pub async fn stop(mut self) {
         self.stop_now();
         if let Some(task) = self.task.take() {
@@ -67,8 +74,22 @@ impl ApiServer {
     fn stop_now(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
+            if self.files_still_ours() {
+                let _ = std::fs::remove_file(&self.discovery);
+            }
         }
-        let _ = std::fs::remove_file(&self.discovery);
+    }
+
+    /// Whether the discovery and token files are still the ones this
+    /// server wrote. Another server started on the same data dir (another
+    /// node in this process, or one whose start overlapped this one's
+    /// stop) rewrites both, with its own address and a fresh token; its
+    /// discovery file must stay. (A server started between this check and
+    /// the removal, microseconds, would still lose its file.)
+    fn files_still_ours(&self) -> bool {
+        let json = std::fs::read(&self.discovery);
+        let token = std::fs::read(&self.token_file);
+        matches!((json, token), (Ok(j), Ok(t)) if j == self.discovery_json && t == self.token.as_bytes())
     }
 }
 
@@ -114,7 +135,11 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
     let json = serde_json::to_vec_pretty(&discovery).map_err(|e| Error::Config(e.to_string()))?;
     write_private(&discovery_file, &json)?;
 
-    let state = AppState { node, token };
+    let token_file = token_path(data_dir);
+    let state = AppState {
+        node,
+        token: token.clone(),
+    };
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
@@ -140,6 +165,9 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
     Ok(ApiServer {
         addr,
         discovery: discovery_file,
+        discovery_json: json,
+        token_file,
+        token,
         stop: Some(stop_tx),
         task: Some(task),
     })
