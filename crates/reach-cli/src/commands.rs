@@ -282,6 +282,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.connection_limits {
         builder = builder.connection_limits(limits.to_limits());
     }
+    if let Some(limits) = &config.store_limits {
+        builder = builder.store_limits(limits.to_limits());
+    }
     let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());

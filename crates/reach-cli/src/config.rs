@@ -30,6 +30,10 @@
 //! silent_timeout_s = 10         # close inbound connections that carry nothing
 //! max_idle_peers = 1024         # peer-table entries without a connection
 //! limit_loopback = false        # apply per-IP/prefix limits to loopback too
+//!
+//! [store_limits]                # DHT records stored for others (defaults shown)
+//! max_per_source = 4096         # per sending network (/24, /48)
+//! max_per_source_per_key = 64   # per sending network at one key
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -59,6 +63,29 @@ pub struct Config {
     pub pq: Option<reach::PostQuantum>,
     pub relay_limits: Option<RelayLimitsConfig>,
     pub connection_limits: Option<ConnectionLimitsConfig>,
+    pub store_limits: Option<StoreLimitsConfig>,
+}
+
+/// `[store_limits]`: the store-fairness limits, every key optional,
+/// defaults from `reach::StoreLimits`.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreLimitsConfig {
+    pub max_per_source: Option<usize>,
+    pub max_per_source_per_key: Option<usize>,
+}
+
+impl StoreLimitsConfig {
+    pub fn to_limits(&self) -> reach::StoreLimits {
+        let d = reach::StoreLimits::default();
+        reach::StoreLimits {
+            max_per_source: self.max_per_source.unwrap_or(d.max_per_source),
+            max_per_source_per_key: self
+                .max_per_source_per_key
+                .unwrap_or(d.max_per_source_per_key),
+            ..d
+        }
+    }
 }
 
 /// `[connection_limits]`: every key optional, defaults from
@@ -196,6 +223,19 @@ mod tests {
         assert_eq!(l.max_inbound, d.max_inbound);
         assert_eq!(l.max_idle_peers, d.max_idle_peers);
         assert!(Config::parse("[connection_limits]\nmax_per_pi = 3").is_err());
+    }
+
+    #[test]
+    fn store_limits_parse_and_default() {
+        let c = Config::parse("[store_limits]\nmax_per_source = 100\n").unwrap();
+        let l = c.store_limits.unwrap().to_limits();
+        assert_eq!(l.max_per_source, 100);
+        let d = reach::StoreLimits::default();
+        assert_eq!(l.max_per_source_per_key, d.max_per_source_per_key);
+        assert_eq!(l.max_records, d.max_records);
+        assert!(Config::parse("[store_limits]\nmax_per_sauce = 3").is_err());
+        assert!(Config::parse("[store_limits]\nmax_records = 3").is_err());
+        assert!(Config::parse("[store_limits]\nmax_per_source_per_key = -1").is_err());
         assert!(Config::parse("[connection_limits]\nmax_per_ip = -1").is_err());
     }
 

@@ -62,6 +62,7 @@ pub use node::{
 };
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
+pub use reach_proto::dht::store::StoreLimits;
 pub use reach_proto::relay::service::RelayLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError};

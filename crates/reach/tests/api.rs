@@ -279,3 +279,86 @@ async fn every_refusal_is_a_json_error() {
     assert_eq!(error_kind(body.as_bytes()), "timeout");
     api.stop().await;
 }
+
+/// Sends `request` as raw bytes and returns the status and the JSON
+/// error kind of the answer.
+async fn raw_refusal(api: &reach::api::ApiServer, request: &[u8]) -> (u16, String) {
+    let mut s = TcpStream::connect(api.addr()).await.unwrap();
+    // The server may answer and stop reading before all of it is written.
+    let _ = s.write_all(request).await;
+    let mut resp = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut resp))
+        .await
+        .expect("an answer in time")
+        .expect("an answer, not a reset");
+    let resp = String::from_utf8_lossy(&resp).into_owned();
+    let status = resp
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line: {resp:?}"));
+    let head_end = resp.find("\r\n\r\n").expect("a whole head") + 4;
+    assert!(
+        resp[..head_end]
+            .to_ascii_lowercase()
+            .contains("content-type: application/json"),
+        "{resp}"
+    );
+    (status, error_kind(&resp.as_bytes()[head_end..]))
+}
+
+#[tokio::test]
+async fn malformed_and_oversized_request_heads_get_json_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, api, _) = node_with_api(dir.path()).await;
+
+    // A request line that is not HTTP.
+    let (status, kind) = raw_refusal(&api, b"NOT AN HTTP REQUEST\r\n\r\n").await;
+    assert_eq!((status, kind.as_str()), (400, "bad_request"));
+    let (status, kind) = raw_refusal(&api, b"\x16\x03\x01\x02\x00garbage\r\n\r\n").await;
+    assert_eq!((status, kind.as_str()), (400, "bad_request"));
+
+    // A header far over the head limit.
+    let big = format!(
+        "GET /v1/status HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4 * reach::api::MAX_REQUEST_HEAD)
+    );
+    let (status, kind) = raw_refusal(&api, big.as_bytes()).await;
+    assert_eq!((status, kind.as_str()), (431, "headers_too_large"));
+
+    // The API still serves after them.
+    let client = ApiClient::from_data_dir(dir.path()).unwrap();
+    let status: Status = client.get("/v1/status").await.unwrap();
+    assert_eq!(status.peer_id, node.peer_id());
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn a_stopping_api_server_leaves_a_newer_servers_discovery_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let discovery = dir.path().join(reach::api::DISCOVERY_FILE);
+    let (_old_node, old_api, _) = node_with_api(dir.path()).await;
+    // A second node's server on the same data dir (library use: the
+    // data-dir lock is the daemon's) replaces the discovery file.
+    let new_node = Node::builder()
+        .bind("127.0.0.1:0".parse().unwrap())
+        .spawn()
+        .await
+        .unwrap();
+    let new_api = reach::api::serve(new_node.clone(), dir.path(), "127.0.0.1:0".parse().unwrap())
+        .await
+        .unwrap();
+
+    // The old one stops late: the new one's file stays and clients reach it.
+    old_api.stop().await;
+    assert!(
+        discovery.exists(),
+        "the newer server's api.json was removed"
+    );
+    let client = ApiClient::from_data_dir(dir.path()).unwrap();
+    let status: Status = client.get("/v1/status").await.unwrap();
+    assert_eq!(status.peer_id, new_node.peer_id());
+
+    // The new one removes its own file when it stops.
+    new_api.stop().await;
+    assert!(!discovery.exists(), "a stopped server left its api.json");
+}

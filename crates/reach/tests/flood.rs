@@ -329,3 +329,63 @@ async fn ten_thousand_records_from_one_ip_leave_room_for_an_honest_record_from_a
         n.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_limits_from_the_builder_bound_one_networks_share() {
+    let limits = reach::StoreLimits {
+        max_per_source: 20,
+        max_per_source_per_key: 3,
+        ..reach::StoreLimits::default()
+    };
+    let target = Node::builder()
+        .bind(at("127.0.0.1"))
+        .store_limits(limits)
+        .spawn()
+        .await
+        .unwrap();
+    within("target join", target.joined()).await;
+    let ep = quinn::Endpoint::client(at("127.0.0.1")).unwrap();
+    let conn = within("dial", raw_dial(&ep, &target, &Keypair::generate()))
+        .await
+        .unwrap();
+    let (now, hour) = (now_ms(), Duration::from_secs(3600));
+    let put = async |record: SignedRecord| {
+        rpc(&conn, DhtRequest::PutRecord { record }).await == Some(DhtResponse::Stored)
+    };
+
+    // Ten identities fill one victim's mailbox key: this network gets 3.
+    let victim = Key::for_peer(&Keypair::generate().peer_id());
+    let mut at_victim = 0;
+    for _ in 0..10 {
+        let kp = Keypair::generate();
+        let r = SignedRecord::sign(&kp, RecordKind::Mailbox, victim, 1, now, hour, vec![1]);
+        at_victim += usize::from(put(r).await);
+    }
+    assert_eq!(at_victim, 3, "the per-key share set through the builder");
+
+    // Thirty more keys: the network's whole share is 20.
+    let mut elsewhere = 0;
+    for i in 0..30 {
+        let r = SignedRecord::topic(&Keypair::generate(), &format!("t-{i}"), 1, now, hour);
+        elsewhere += usize::from(put(r).await);
+    }
+    assert_eq!(
+        at_victim + elsewhere,
+        20,
+        "the share set through the builder"
+    );
+    ep.close(0u32.into(), b"done");
+    target.shutdown().await;
+
+    // A zero limit is a config error, not a store that refuses everything.
+    let err = Node::builder()
+        .bind(at("127.0.0.1"))
+        .store_limits(reach::StoreLimits {
+            max_per_source: 0,
+            ..reach::StoreLimits::default()
+        })
+        .spawn()
+        .await
+        .expect_err("a zero store limit is refused");
+    assert_eq!(err.kind(), "config");
+}

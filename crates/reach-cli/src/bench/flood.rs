@@ -9,9 +9,11 @@
 //! per-IP limit is visible here: the flooder dials from 127.0.0.1, the
 //! honest peer from 127.0.1.1 (another /24).
 //!
-//! 1. The honest peer connects and sends a numbered message every
-//!    [`HONEST_INTERVAL`] until the end; the target prints each one, and
-//!    the time from send to printed line is its latency.
+//! 1. The honest peer connects, sends [`WARMUP_MESSAGES`] so its
+//!    connection's state is at steady state before the baseline RSS is
+//!    read, then sends a numbered message every [`HONEST_INTERVAL`] until
+//!    the end; the target prints each one, and the time from send to
+//!    printed line is its latency.
 //! 2. Flood: `handshakes` raw QUIC dials, each with a fresh identity, as
 //!    fast as this process can make them ([`FLOOD_IN_FLIGHT`] at once);
 //!    accepted connections are held open, silent, until the flood ends.
@@ -54,6 +56,24 @@ const FLOOD_IP: &str = "127.0.0.1";
 const HONEST_IP: &str = "127.0.1.1";
 /// Marker of the honest peer's messages in the target's output.
 const MARK: &str = "flood-bench-honest-";
+/// Messages the honest peer sends before the baseline is read, so the
+/// baseline includes its connection at steady state. A connection's state
+/// grows with the streams it has carried up to two bounds: quinn keeps one
+/// receive-stream state for each of the [`reach::transport::MAX_CONCURRENT_UNI_STREAMS`]
+/// stream slots it has used (about 370 bytes each, reused afterwards), and
+/// the target remembers the ids of four times as many messages per sender
+/// (`messaging::dedup::IDS_PER_PEER`). Measured: without this warm-up,
+/// those ~1,000 stream states were allocated one by one while the flood
+/// ran, scattered among its short-lived allocations, and each pinned a heap
+/// page after the flood's memory was freed: about 2.5 MiB of the final
+/// RSS (walking the target's heaps: ~2,000 live chunks of those two sizes
+/// among the freed flood memory), from 0.4 MiB of live data that the
+/// honest connection would have grown to with or without a flood.
+const WARMUP_MESSAGES: u64 = 4 * reach::transport::MAX_CONCURRENT_UNI_STREAMS as u64 + 64;
+/// Warm-up messages in flight at once.
+const WARMUP_IN_FLIGHT: usize = 64;
+/// Marker of the warm-up messages (not counted as honest messages).
+const WARMUP_MARK: &str = "flood-bench-warmup-";
 
 /// Targets the report is checked against.
 pub const TARGET_PEAK_RSS_MIB: f64 = 256.0;
@@ -77,6 +97,10 @@ pub struct FloodBenchReport {
     pub churn_refused: u64,
     pub churn_failed: u64,
     pub churn_s: f64,
+    /// Messages the honest peer sent before `target_rss_before_mib` was
+    /// read (see `WARMUP_MESSAGES`): the baseline is the target with its
+    /// honest connection at steady state.
+    pub warmup_messages: u64,
     pub target_rss_before_mib: f64,
     /// The target's VmHWM: its peak RSS over its whole life.
     pub target_peak_rss_mib: f64,
@@ -357,6 +381,32 @@ pub async fn flood(handshakes: u64, churn: u64) -> Result<FloodBenchReport> {
         .await
         .context("the honest peer could not connect in time")??;
 
+    // Warm up the honest connection to its steady state (see
+    // WARMUP_MESSAGES), then the baseline below is fair to it.
+    {
+        use futures::StreamExt;
+        let to = target.peer;
+        let failed = tokio::time::timeout(
+            PHASE_DEADLINE,
+            futures::stream::iter(0..WARMUP_MESSAGES)
+                .map(|n| {
+                    let honest = honest.clone();
+                    async move {
+                        honest
+                            .send(to, format!("{WARMUP_MARK}{n}").into_bytes())
+                            .await
+                            .is_err()
+                    }
+                })
+                .buffer_unordered(WARMUP_IN_FLIGHT)
+                .filter(|failed| futures::future::ready(*failed))
+                .count(),
+        )
+        .await
+        .context("the warm-up did not finish in time")?;
+        anyhow::ensure!(failed == 0, "{failed} warm-up messages failed");
+    }
+
     // The honest sender runs through every phase.
     let sent: Arc<Mutex<Vec<(Instant, bool)>>> = Arc::default();
     let flooding = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -494,6 +544,7 @@ pub async fn flood(handshakes: u64, churn: u64) -> Result<FloodBenchReport> {
         churn_refused: churn_tally.refused.load(Ordering::Relaxed),
         churn_failed: churn_tally.failed.load(Ordering::Relaxed),
         churn_s,
+        warmup_messages: WARMUP_MESSAGES,
         target_rss_before_mib: rss_before,
         target_peak_rss_mib: rss_peak,
         target_final_rss_mib: rss_after,

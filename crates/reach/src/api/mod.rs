@@ -23,7 +23,9 @@
 //! (404), `method_not_allowed` (405), `timeout` (408, a body not sent within
 //! [`BODY_READ_TIMEOUT`]), `request_too_large` (413, a body over
 //! [`MAX_REQUEST_BODY`]), `busy` (503, [`MAX_API_CONNECTIONS`] requests in
-//! progress). A connection that has not sent its request head within
+//! progress), `bad_request` (400, a request line or header that is not
+//! HTTP/1.1), `uri_too_long` (414), `headers_too_large` (431, a request
+//! head over [`MAX_REQUEST_HEAD`]). A connection that has not sent its request head within
 //! [`HEADER_READ_TIMEOUT`] is closed without an answer.
 
 pub mod client;
@@ -68,6 +70,11 @@ pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// cannot lock out a real request; only when every connection is busy with
 /// a real request is a new one refused (JSON 503).
 pub const MAX_API_CONNECTIONS: usize = 256;
+/// Largest request line plus headers the API reads. The CLI's requests
+/// have a few short headers (well under 1 KiB); this leaves room for any
+/// ordinary HTTP client while a head past it is refused (JSON 431) after
+/// reading at most this much (hyper's own default is about 400 KiB).
+pub const MAX_REQUEST_HEAD: usize = 16 * 1024;
 
 /// Where a running node's API is, as written to [`DISCOVERY_FILE`].
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -25,7 +25,7 @@ use tokio::task::{AbortHandle, JoinHandle};
 use super::{
     ApiErrorBody, ApiErrorDetail, BODY_READ_TIMEOUT, ConnectRequest, Discovery,
     HEADER_READ_TIMEOUT, LookupRequest, LookupResponse, MAX_API_CONNECTIONS, MAX_REQUEST_BODY,
-    SendRequest, SendResponse, Status, discovery_path, token_path,
+    MAX_REQUEST_HEAD, SendRequest, SendResponse, Status, discovery_path, token_path,
 };
 use crate::error::{Error, Result};
 use crate::keystore;
@@ -46,6 +46,12 @@ const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 pub struct ApiServer {
     addr: SocketAddr,
     discovery: PathBuf,
+    /// What this server wrote to the discovery and token files: on stop it
+    /// removes the discovery file only if both still hold these, so a
+    /// server stopping late never removes a newer server's file.
+    discovery_json: Vec<u8>,
+    token_file: PathBuf,
+    token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -56,7 +62,8 @@ impl ApiServer {
         self.addr
     }
 
-    /// Stops serving and removes the discovery file.
+    /// Stops serving and removes the discovery file, unless another
+    /// server has replaced it since.
     pub async fn stop(mut self) {
         self.stop_now();
         if let Some(task) = self.task.take() {
@@ -67,8 +74,22 @@ impl ApiServer {
     fn stop_now(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
+            if self.files_still_ours() {
+                let _ = std::fs::remove_file(&self.discovery);
+            }
         }
-        let _ = std::fs::remove_file(&self.discovery);
+    }
+
+    /// Whether the discovery and token files are still the ones this
+    /// server wrote. Another server started on the same data dir (another
+    /// node in this process, or one whose start overlapped this one's
+    /// stop) rewrites both, with its own address and a fresh token; its
+    /// discovery file must stay. (A server started between this check and
+    /// the removal, microseconds, would still lose its file.)
+    fn files_still_ours(&self) -> bool {
+        let json = std::fs::read(&self.discovery);
+        let token = std::fs::read(&self.token_file);
+        matches!((json, token), (Ok(j), Ok(t)) if j == self.discovery_json && t == self.token.as_bytes())
     }
 }
 
@@ -114,7 +135,11 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
     let json = serde_json::to_vec_pretty(&discovery).map_err(|e| Error::Config(e.to_string()))?;
     write_private(&discovery_file, &json)?;
 
-    let state = AppState { node, token };
+    let token_file = token_path(data_dir);
+    let state = AppState {
+        node,
+        token: token.clone(),
+    };
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
@@ -140,6 +165,9 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
     Ok(ApiServer {
         addr,
         discovery: discovery_file,
+        discovery_json: json,
+        token_file,
+        token,
         stop: Some(stop_tx),
         task: Some(task),
     })
@@ -284,6 +312,11 @@ async fn serve_connection(
 ) {
     use hyper::service::Service as _;
     let app = hyper_util::service::TowerToHyperService::new(app);
+    let mut io = JsonRefusals {
+        stream,
+        head_seen: head_seen.clone(),
+        replacement: None,
+    };
     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         head_seen.store(true, Ordering::Relaxed);
         app.call(req)
@@ -291,11 +324,128 @@ async fn serve_connection(
     let served = hyper::server::conn::http1::Builder::new()
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_REQUEST_HEAD)
         .keep_alive(false)
-        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+        .serve_connection(hyper_util::rt::TokioIo::new(&mut io), service)
         .await;
     if let Err(e) = served {
         tracing::debug!(error = %e, "control API connection ended with an error");
+    }
+    if io.replacement.is_some() {
+        // The client may still be writing the rest of its head: closing
+        // with unread bytes would reset the connection and could destroy
+        // the answer before the client reads it. Read on (bounded) until
+        // the client closes, as `read_body` does for an oversized body.
+        use tokio::io::AsyncWriteExt as _;
+        let mut stream = io.stream;
+        let _ = stream.shutdown().await;
+        let mut rest = tokio::io::AsyncReadExt::take(&mut stream, MAX_BODY_DRAIN as u64);
+        let mut sink = tokio::io::sink();
+        let _ =
+            tokio::time::timeout(HEADER_READ_TIMEOUT, tokio::io::copy(&mut rest, &mut sink)).await;
+    }
+}
+
+/// A control API connection as hyper sees it. hyper answers a request
+/// head it cannot parse (a garbage request line, a header over
+/// [`MAX_REQUEST_HEAD`]) itself, with an empty 400/414/431, before any
+/// service runs, and has no hook to change that answer. Until the service
+/// has seen a request head, whatever hyper writes is such an answer
+/// (a server writes nothing else before a request), so this writes the
+/// JSON error every other refusal gets in its place.
+struct JsonRefusals {
+    stream: TcpStream,
+    head_seen: Arc<AtomicBool>,
+    /// The JSON answer written in place of hyper's, and how many of its
+    /// bytes are written.
+    replacement: Option<(Vec<u8>, usize)>,
+}
+
+/// The JSON answer replacing `hyper_answer`, hyper's own answer to a
+/// request head it could not parse (only its status line is used).
+fn json_refusal(hyper_answer: &[u8]) -> Vec<u8> {
+    let status = hyper_answer
+        .get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse::<u16>().ok())
+        .and_then(|s| StatusCode::from_u16(s).ok())
+        .unwrap_or(StatusCode::BAD_REQUEST);
+    let (kind, message) = match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => (
+            "headers_too_large",
+            format!("request line and headers over the limit of {MAX_REQUEST_HEAD} bytes"),
+        ),
+        StatusCode::URI_TOO_LONG => ("uri_too_long", "request target too long".to_string()),
+        _ => (
+            "bad_request",
+            "malformed HTTP/1.1 request line or header".to_string(),
+        ),
+    };
+    let body = serde_json::to_string(&ApiErrorBody {
+        error: ApiErrorDetail {
+            kind: kind.into(),
+            message,
+        },
+    })
+    .unwrap_or_default();
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_str(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    )
+    .into_bytes()
+}
+
+impl tokio::io::AsyncRead for JsonRefusals {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for JsonRefusals {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        use std::task::Poll;
+        let this = self.get_mut();
+        if this.head_seen.load(Ordering::Relaxed) {
+            return std::pin::Pin::new(&mut this.stream).poll_write(cx, buf);
+        }
+        let (answer, written) = this
+            .replacement
+            .get_or_insert_with(|| (json_refusal(buf), 0));
+        while *written < answer.len() {
+            match std::pin::Pin::new(&mut this.stream).poll_write(cx, &answer[*written..]) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
+                }
+                Poll::Ready(Ok(n)) => *written += n,
+                other => return other,
+            }
+        }
+        // hyper's own bytes (in this write or later ones) are dropped.
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
 

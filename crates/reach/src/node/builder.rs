@@ -44,6 +44,7 @@ pub struct NodeBuilder {
     post_quantum: crate::handshake::PostQuantum,
     connection_limits: Option<super::ConnectionLimits>,
     connection_events: bool,
+    store_limits: Option<reach_proto::dht::store::StoreLimits>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -185,6 +186,15 @@ impl NodeBuilder {
         self
     }
 
+    /// Limits of the DHT record store this node keeps for others: in
+    /// total, per publisher, per key, in bytes, and per sending network
+    /// (see [`reach_proto::dht::store`] for the defaults and why).
+    /// Every limit must be at least 1.
+    pub fn store_limits(mut self, limits: reach_proto::dht::store::StoreLimits) -> Self {
+        self.store_limits = Some(limits);
+        self
+    }
+
     /// Also deliver [`crate::Event::Connected`], [`crate::Event::Disconnected`]
     /// and [`crate::Event::PathChanged`] through `next_event` (off by
     /// default, so an application that only waits for messages sees only
@@ -205,6 +215,22 @@ impl NodeBuilder {
     pub async fn spawn(self) -> Result<Node> {
         if let Some(limits) = &self.connection_limits {
             limits.validate().map_err(Error::Config)?;
+        }
+        if let Some(l) = &self.store_limits {
+            for (name, v) in [
+                ("max_records", l.max_records),
+                ("max_per_publisher", l.max_per_publisher),
+                ("max_per_key", l.max_per_key),
+                ("max_bytes", l.max_bytes),
+                ("max_per_source", l.max_per_source),
+                ("max_per_source_per_key", l.max_per_source_per_key),
+            ] {
+                if v == 0 {
+                    return Err(Error::Config(format!(
+                        "store limit {name} must be at least 1"
+                    )));
+                }
+            }
         }
         // Before anything in the data dir is read or written: one node per
         // data dir (see crate::datadir).
@@ -324,6 +350,9 @@ impl NodeBuilder {
             self.bootstrap,
             cache,
         );
+        if let Some(limits) = self.store_limits {
+            *dht.store() = reach_proto::dht::store::RecordStore::new(limits);
+        }
         if let Some(cache) = &dht.cache {
             match cache.load() {
                 Ok((contacts, skipped)) => {
