@@ -62,6 +62,14 @@ impl Dht {
                         // answered.
                         let answered = table.live_len() > 0 || addrs.is_empty();
                         attempt.self_lookup_done(answered, &table);
+                        drop(table);
+                        if answered && !addrs.is_empty() {
+                            // Saved now, not only once the join is done: a
+                            // node stopped (or killed) during the refreshes
+                            // or the publication finds its neighbours at the
+                            // next start without a bootstrap.
+                            self.save_peer_cache();
+                        }
                     }
                     JoinAction::Refresh { bucket } => refreshes.push(async move {
                         self.lookup(random_key_in(own, bucket), Query::FindNode)
