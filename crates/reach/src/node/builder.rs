@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use quinn::{EndpointConfig, Runtime, TokioRuntime};
 use reach_proto::Keypair;
@@ -440,64 +440,16 @@ impl NodeBuilder {
     }
 }
 
-/// Registers the capabilities' stream handlers and the peers' hooks. The
-/// handlers and hooks hold the node weakly: the node holds them.
+/// Plugs the capabilities into each other and into the router (see
+/// [`super::wiring`]). The order is the order connection observers are
+/// called in: the relay watches a relayed connection before punching reacts
+/// to it, and messaging queues the connection event last.
 fn plug_in(inner: &Arc<Inner>) {
-    use reach_proto::wire::envelope::protocols;
-    let router = &inner.router;
-    let dht = Arc::downgrade(&inner.dht);
-    router.register_builtin(
-        protocols::DHT,
-        Arc::new(move |s| match dht.upgrade() {
-            Some(dht) => Box::pin(dht.serve_stream(s)),
-            None => Box::pin(async {}),
-        }),
-    );
-    let nat = Arc::downgrade(&inner.nat);
-    router.register_builtin(
-        protocols::FILTER_PROBE,
-        Arc::new(move |s| {
-            if let Some(nat) = nat.upgrade() {
-                nat.serve_filter_probe(s);
-            }
-            Box::pin(async {})
-        }),
-    );
-    let messaging = Arc::downgrade(&inner.messaging);
-    router.register_builtin(
-        protocols::STREAM,
-        Arc::new(move |s| match messaging.upgrade() {
-            Some(m) => Box::pin(async move { m.serve_stream(s).await }),
-            None => Box::pin(async {}),
-        }),
-    );
-
-    super::wiring::relay::plug_in(inner);
-    super::wiring::punch::plug_in(inner);
-    inner
-        .peers
-        .set_resolver(Arc::downgrade(&inner.dht) as Weak<dyn crate::peers::Resolve>);
-    inner
-        .dht
-        .set_record_owner(Arc::downgrade(&inner.advertiser) as Weak<dyn crate::dht::RecordOwner>);
-    inner
-        .dht
-        .set_observed_addrs(Arc::downgrade(&inner.nat) as Weak<dyn crate::dht::ObservedAddrs>);
-    inner
-        .dht
-        .set_relay_addrs(Arc::downgrade(&inner.relay) as Weak<dyn crate::dht::RelayAddrs>);
-    inner
-        .peers
-        .observe(Arc::downgrade(&inner.messaging) as Weak<dyn crate::peers::ConnectionObserver>);
-    inner.spawn(super::wiring::advertise::keep_facts_current(
-        Arc::downgrade(&inner.advertiser),
-        inner.bus.subscribe(),
-    ));
-    let messaging = Arc::downgrade(&inner.messaging);
-    inner
-        .peers
-        .set_uni_handler(Arc::new(move |peer, stream| match messaging.upgrade() {
-            Some(m) => Box::pin(async move { m.receive(peer, stream).await }),
-            None => Box::pin(async {}),
-        }));
+    use super::wiring;
+    wiring::relay::plug_in(inner);
+    wiring::punch::plug_in(inner);
+    wiring::dht::plug_in(inner);
+    wiring::nat::plug_in(inner);
+    wiring::messaging::plug_in(inner);
+    wiring::advertise::plug_in(inner);
 }

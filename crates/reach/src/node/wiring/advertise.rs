@@ -2,10 +2,19 @@
 //! capabilities state on the bus (the held relay, reachability): see
 //! [`crate::advertise`].
 
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
 use crate::advertise::Advertiser;
+use crate::node::Inner;
 use crate::node::bus::NodeEvents;
+
+/// Starts keeping the advertiser's facts current.
+pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
+    inner.spawn(keep_facts_current(
+        Arc::downgrade(&inner.advertiser),
+        inner.bus.subscribe(),
+    ));
+}
 
 /// Runs for the node's lifetime: on every bus event (`wake`, a
 /// subscription of its own), lets the advertiser take in the facts stated

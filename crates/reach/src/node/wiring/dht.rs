@@ -3,11 +3,35 @@
 //! relay behind a relayed address). See [`crate::dht`]'s traits.
 
 use std::net::SocketAddr;
+use std::sync::{Arc, Weak};
 
 use futures::future::BoxFuture;
+use reach_proto::wire::envelope::protocols;
 
 use crate::advertise::Advertiser;
 use crate::dht::{ObservedAddrs, RecordOwner, RelayAddrs};
+use crate::node::Inner;
+use crate::peers::Resolve;
+
+/// Plugs the DHT in: its protocol's handler, dialing by key, and what it
+/// needs from above.
+pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
+    let dht = Arc::downgrade(&inner.dht);
+    inner.router.register_builtin(
+        protocols::DHT,
+        Arc::new(move |s| match dht.upgrade() {
+            Some(dht) => Box::pin(dht.serve_stream(s)),
+            None => Box::pin(async {}),
+        }),
+    );
+    inner
+        .peers
+        .set_resolver(Arc::downgrade(&inner.dht) as Weak<dyn Resolve>);
+    let dht = &inner.dht;
+    dht.set_record_owner(Arc::downgrade(&inner.advertiser) as Weak<dyn RecordOwner>);
+    dht.set_observed_addrs(Arc::downgrade(&inner.nat) as Weak<dyn ObservedAddrs>);
+    dht.set_relay_addrs(Arc::downgrade(&inner.relay) as Weak<dyn RelayAddrs>);
+}
 
 /// The advertiser owns the record and reads NAT's confirmed addresses.
 impl RecordOwner for Advertiser {

@@ -5,6 +5,8 @@
 //! other upwards (see docs/architecture.md, "Dependencies").
 
 pub(super) mod advertise;
-mod dht;
+pub(super) mod dht;
+pub(super) mod messaging;
+pub(super) mod nat;
 pub(super) mod punch;
 pub(super) mod relay;

@@ -1,0 +1,23 @@
+//! NAT discovery's place in the node: it answers peers' filter-probe
+//! requests (punch packets reach punching through [`crate::nat::PunchPackets`],
+//! plugged in by [`super::punch`]).
+
+use std::sync::Arc;
+
+use reach_proto::wire::envelope::protocols;
+
+use crate::node::Inner;
+
+/// Plugs NAT discovery in: the filter-probe protocol's handler.
+pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
+    let nat = Arc::downgrade(&inner.nat);
+    inner.router.register_builtin(
+        protocols::FILTER_PROBE,
+        Arc::new(move |s| {
+            if let Some(nat) = nat.upgrade() {
+                nat.serve_filter_probe(s);
+            }
+            Box::pin(async {})
+        }),
+    );
+}
