@@ -231,6 +231,11 @@ impl Node {
     /// Dials the peer first when there is no live connection but addresses
     /// are known. Messages larger than [`crate::MAX_MESSAGE_LEN`] fail with
     /// [`Error::MessageTooLarge`]: use a stream for bulk data.
+    ///
+    /// Each message travels on a stream of its own and is delivered once,
+    /// but two messages (even sent one after the other) may reach the
+    /// peer's application in either order: when order matters, use one
+    /// stream ([`Node::open_stream`]) or number the messages.
     pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
         self.inner.messaging.send(peer, data.into()).await
     }
