@@ -184,19 +184,8 @@ impl Request {
 
     /// Decodes a request (what a router, or a test router, receives).
     pub fn decode(bytes: &[u8]) -> Result<Request, DecodeError> {
-        check_len(bytes)?;
-        let mut r = Reader::new(bytes);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        let op = r.u8()?;
-        if op & RESPONSE_BIT != 0 {
-            return Err(DecodeError::WrongDirection {
-                expected: "request",
-            });
-        }
-        match Opcode::from_u8(op)? {
+        let (mut r, op) = header(bytes, false)?;
+        match op {
             Opcode::ExternalAddress => Ok(Request::ExternalAddress),
             Opcode::Map(protocol) => {
                 let _reserved = r.u16()?;
@@ -209,6 +198,25 @@ impl Request {
             }
         }
     }
+}
+
+/// Checks the length, the version and the direction (`response`: the
+/// response bit set) of a message; returns its opcode and a reader at the
+/// rest.
+fn header(bytes: &[u8], response: bool) -> Result<(Reader<'_>, Opcode), DecodeError> {
+    check_len(bytes)?;
+    let mut r = Reader::new(bytes);
+    let version = r.u8()?;
+    if version != VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    let op = r.u8()?;
+    if (op & RESPONSE_BIT != 0) != response {
+        return Err(DecodeError::WrongDirection {
+            expected: if response { "response" } else { "request" },
+        });
+    }
+    Ok((r, Opcode::from_u8(op & !RESPONSE_BIT)?))
 }
 
 /// A successful mapping response (§3.3).
@@ -296,19 +304,7 @@ impl Response {
 
     /// Decodes a response from the router (untrusted).
     pub fn decode(bytes: &[u8]) -> Result<Response, DecodeError> {
-        check_len(bytes)?;
-        let mut r = Reader::new(bytes);
-        let version = r.u8()?;
-        if version != VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
-        let op = r.u8()?;
-        if op & RESPONSE_BIT == 0 {
-            return Err(DecodeError::WrongDirection {
-                expected: "response",
-            });
-        }
-        let request = Opcode::from_u8(op & !RESPONSE_BIT)?;
+        let (mut r, request) = header(bytes, true)?;
         let result = ResultCode::from_u16(r.u16()?);
         let epoch = r.u32()?;
         if result != ResultCode::Success {
