@@ -45,6 +45,23 @@ pub(crate) struct Inbound {
 /// lives in the core every capability holds).
 pub(crate) type Handler = Arc<dyn Fn(Inbound) -> BoxFuture<'static, ()> + Send + Sync>;
 
+/// A [`Handler`] that serves each stream with `serve` on capability `cap`,
+/// held weakly: the router lives in the core every capability holds, so a
+/// strong handle would keep a stopped node alive. Once the capability is
+/// gone, its streams are dropped.
+pub(crate) fn weak_handler<T, F, Fut>(cap: &Arc<T>, serve: F) -> Handler
+where
+    T: Send + Sync + 'static,
+    F: Fn(Arc<T>, Inbound) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let cap = Arc::downgrade(cap);
+    Arc::new(move |s| match cap.upgrade() {
+        Some(cap) => Box::pin(serve(cap, s)),
+        None => Box::pin(async {}),
+    })
+}
+
 #[derive(Clone)]
 enum Route {
     Builtin(Handler),

@@ -15,13 +15,12 @@ use crate::tls;
 /// must first get a slot from the node's [`limits::InboundGate`]; one over
 /// a limit is refused before any handshake work.
 pub(crate) async fn accept_loop(peers: Arc<Peers>) {
-    let inner = &peers;
-    while let Some(incoming) = inner.core.endpoint.accept().await {
+    while let Some(incoming) = peers.core.endpoint.accept().await {
         let remote = incoming.remote_address();
-        if !incoming.remote_address_validated() && inner.gate.handshakes_crowded() {
+        if !incoming.remote_address_validated() && peers.gate.handshakes_crowded() {
             // Under a handshake flood: make the source prove its address
             // first (costs an honest dialer one round trip).
-            stats::bump(&inner.core.counters.inbound_retried);
+            stats::bump(&peers.core.counters.inbound_retried);
             if let Err(e) = incoming.retry() {
                 e.into_incoming().ignore();
             }
@@ -29,18 +28,18 @@ pub(crate) async fn accept_loop(peers: Arc<Peers>) {
         }
         // A TCP link counts as its TCP peer's address: one host cannot
         // open unbounded connections through one link.
-        let source = inner.core.real_source(remote);
-        let mut slot = match inner.gate.admit(source.unwrap_or(remote), source.is_none()) {
+        let source = peers.core.real_source(remote);
+        let mut slot = match peers.gate.admit(source.unwrap_or(remote), source.is_none()) {
             Ok(slot) => slot,
             Err(why) => {
-                stats::bump(&inner.core.counters.inbound_refused);
+                stats::bump(&peers.core.counters.inbound_refused);
                 tracing::trace!(%remote, ?why, "inbound connection refused");
                 incoming.refuse();
                 continue;
             }
         };
-        let inner2 = inner.clone();
-        inner.core.spawn(async move {
+        let peers2 = peers.clone();
+        peers.core.spawn(async move {
             let handshake = async {
                 let connecting = incoming.accept()?;
                 tokio::pin!(connecting);
@@ -51,7 +50,7 @@ pub(crate) async fn accept_loop(peers: Arc<Peers>) {
                         // others need the slots; else QUIC's own timeouts
                         // decide (an overloaded but honest node must not
                         // abort handshakes its dialers already completed).
-                        Err(_) if inner2.gate.handshakes_crowded() => return Ok(None),
+                        Err(_) if peers2.gate.handshakes_crowded() => return Ok(None),
                         Err(_) => continue,
                     }
                 }
@@ -59,24 +58,24 @@ pub(crate) async fn accept_loop(peers: Arc<Peers>) {
             let conn = match handshake.await {
                 Ok(Some(c)) => c,
                 Ok(None) => {
-                    stats::bump(&inner2.core.counters.inbound_handshake_failures);
+                    stats::bump(&peers2.core.counters.inbound_handshake_failures);
                     tracing::debug!(%remote, "inbound handshake timed out");
                     return;
                 }
                 Err(e) => {
-                    stats::bump(&inner2.core.counters.inbound_handshake_failures);
+                    stats::bump(&peers2.core.counters.inbound_handshake_failures);
                     tracing::debug!(error = %e, "inbound handshake failed");
                     return;
                 }
             };
             slot.handshake_done();
             let Some(peer) = remote_peer_id(&conn) else {
-                stats::bump(&inner2.core.counters.inbound_handshake_failures);
+                stats::bump(&peers2.core.counters.inbound_handshake_failures);
                 conn.close(codes::MALFORMED.into(), b"no identity");
                 return;
             };
-            stats::bump(&inner2.core.counters.connections_inbound);
-            inner2.register_slot(peer, conn, Direction::Inbound, Some(slot));
+            stats::bump(&peers2.core.counters.connections_inbound);
+            peers2.register_slot(peer, conn, Direction::Inbound, Some(slot));
         });
     }
 }
@@ -139,14 +138,14 @@ fn carried_traffic(conn: &quinn::Connection) -> bool {
 /// silent timeout while its address is crowded is closed (see
 /// [`limits::SILENT_CONNECTION_TIMEOUT`]).
 async fn serve(
-    inner: Arc<Peers>,
+    peers: Arc<Peers>,
     peer: PeerId,
     conn: quinn::Connection,
     slot: Option<limits::Slot>,
 ) {
     let mut watch_silence =
-        slot.is_some() && inner.core.real_source(conn.remote_address()).is_some();
-    let silent = tokio::time::sleep(inner.gate.limits().silent_timeout);
+        slot.is_some() && peers.core.real_source(conn.remote_address()).is_some();
+    let silent = tokio::time::sleep(peers.gate.limits().silent_timeout);
     tokio::pin!(silent);
     loop {
         tokio::select! {
@@ -155,30 +154,30 @@ async fn serve(
                     watch_silence = false;
                 } else if slot.as_ref().is_some_and(|s| s.under_pressure()) {
                     watch_silence = false;
-                    stats::bump(&inner.core.counters.silent_connections_closed);
+                    stats::bump(&peers.core.counters.silent_connections_closed);
                     conn.close(codes::SILENT.into(), b"silent");
                 } else {
                     // Look again later: pressure may come.
-                    let period = inner.gate.limits().silent_timeout;
+                    let period = peers.gate.limits().silent_timeout;
                     silent.as_mut().reset(tokio::time::Instant::now() + period);
                 }
             },
             uni = conn.accept_uni() => match uni {
-                Ok(s) => match inner.hooks.uni.get() {
-                    Some(handler) => inner.core.spawn(handler(peer, s)),
+                Ok(s) => match peers.hooks.uni.get() {
+                    Some(handler) => peers.core.spawn(handler(peer, s)),
                     None => drop(s),
                 },
                 Err(_) => break,
             },
             bi = conn.accept_bi() => match bi {
-                Ok((send, recv)) => inner.core.spawn(receive_stream(inner.clone(), peer, conn.remote_address(), send, recv)),
+                Ok((send, recv)) => peers.core.spawn(receive_stream(peers.clone(), peer, conn.remote_address(), send, recv)),
                 Err(_) => break,
             },
         }
     }
-    let standby_took_over = inner.table.remove_if_current(peer, conn.stable_id());
-    let none_left = inner.table.live(&peer).is_none();
-    inner.each_observer(|o| {
+    let standby_took_over = peers.table.remove_if_current(peer, conn.stable_id());
+    let none_left = peers.table.live(&peer).is_none();
+    peers.each_observer(|o| {
         o.closed(&Closed {
             peer,
             standby_took_over,
@@ -188,17 +187,17 @@ async fn serve(
     if none_left && slot.is_some() {
         // An inbound peer that never used its connection for anything of
         // the application's leaves no entry behind.
-        inner.table.forget_if_unused(&peer);
+        peers.table.forget_if_unused(&peer);
     }
     drop(slot);
-    inner.report_path(peer);
+    peers.report_path(peer);
     tracing::debug!(%peer, reason = ?conn.close_reason(), "disconnected");
 }
 
 /// Reads the header of a bidirectional stream and hands the stream to its
 /// protocol's handler (see [`crate::node::router`]).
 async fn receive_stream(
-    inner: Arc<Peers>,
+    peers: Arc<Peers>,
     peer: PeerId,
     remote: std::net::SocketAddr,
     send: quinn::SendStream,
@@ -209,18 +208,18 @@ async fn receive_stream(
         Ok(Some(Ok(head))) => head,
         // A newer node's kind of stream: refused like an unknown protocol.
         Ok(Some(Err(reach_proto::wire::WireError::UnknownBody(_)))) => {
-            return crate::node::router::refuse(&inner.core.counters, send, recv);
+            return crate::node::router::refuse(&peers.core.counters, send, recv);
         }
         _ => {
-            stats::bump(&inner.core.counters.malformed_streams);
+            stats::bump(&peers.core.counters.malformed_streams);
             let _ = recv.stop(codes::MALFORMED.into());
             return;
         }
     };
-    let router = inner.core.router.clone();
+    let router = peers.core.router.clone();
     router
         .dispatch(
-            &inner.core.counters,
+            &peers.core.counters,
             crate::node::router::Inbound {
                 peer,
                 remote,
@@ -228,7 +227,7 @@ async fn receive_stream(
                 send,
                 recv,
             },
-            |peer| inner.table.touch(&peer, true),
+            |peer| peers.table.touch(&peer, true),
         )
         .await;
 }

@@ -10,7 +10,7 @@ use reach_proto::relay::rpc::{RelayRequest, RelayResponse, refusal};
 use reach_proto::wire::envelope::Body;
 
 use super::{RelayRuntime, client};
-use crate::node::router::{Handler, Inbound};
+use crate::node::router::{self, Handler, Inbound};
 use crate::node::stats;
 
 /// How long a relay waits for the target to accept a circuit.
@@ -164,16 +164,10 @@ impl RelayRuntime {
     /// stream, answered on it. Holds the relay weakly: the router is the
     /// node's, and the node holds the relay.
     pub(crate) fn stream_handler(self: &Arc<Self>) -> Handler {
-        let relay = Arc::downgrade(self);
-        Arc::new(move |s: Inbound| {
-            let Some(relay) = relay.upgrade() else {
-                return Box::pin(async {});
-            };
-            Box::pin(async move {
-                if let Body::RelayRequest(req) = s.head.body {
-                    relay.serve(s.peer, s.remote, req, s.send).await
-                }
-            })
+        router::weak_handler(self, |relay: Arc<Self>, s: Inbound| async move {
+            if let Body::RelayRequest(req) = s.head.body {
+                relay.serve(s.peer, s.remote, req, s.send).await
+            }
         })
     }
 }

@@ -11,18 +11,18 @@ use reach_proto::wire::envelope::protocols;
 use crate::advertise::Advertiser;
 use crate::dht::{ObservedAddrs, RecordOwner, RelayAddrs};
 use crate::node::Inner;
+use crate::node::router::weak_handler;
 use crate::peers::Resolve;
 
 /// Plugs the DHT in: its protocol's handler, dialing by key, and what it
 /// needs from above.
 pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
-    let dht = Arc::downgrade(&inner.dht);
     inner.router.register_builtin(
         protocols::DHT,
-        Arc::new(move |s| match dht.upgrade() {
-            Some(dht) => Box::pin(dht.serve_stream(s)),
-            None => Box::pin(async {}),
-        }),
+        weak_handler(
+            &inner.dht,
+            |dht, s| async move { dht.serve_stream(s).await },
+        ),
     );
     inner
         .peers

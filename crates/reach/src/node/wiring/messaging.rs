@@ -7,18 +7,18 @@ use std::sync::{Arc, Weak};
 use reach_proto::wire::envelope::protocols;
 
 use crate::node::Inner;
+use crate::node::router::weak_handler;
 use crate::peers::ConnectionObserver;
 
 /// Plugs messaging in (after the other connection observers: the
 /// application hears of a connection once the node has reacted to it).
 pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
-    let messaging = Arc::downgrade(&inner.messaging);
     inner.router.register_builtin(
         protocols::STREAM,
-        Arc::new(move |s| match messaging.upgrade() {
-            Some(m) => Box::pin(async move { m.serve_stream(s).await }),
-            None => Box::pin(async {}),
-        }),
+        weak_handler(
+            &inner.messaging,
+            |m, s| async move { m.serve_stream(s).await },
+        ),
     );
     inner
         .peers

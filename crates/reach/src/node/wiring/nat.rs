@@ -7,17 +7,15 @@ use std::sync::Arc;
 use reach_proto::wire::envelope::protocols;
 
 use crate::node::Inner;
+use crate::node::router::weak_handler;
 
 /// Plugs NAT discovery in: the filter-probe protocol's handler.
 pub(in crate::node) fn plug_in(inner: &Arc<Inner>) {
-    let nat = Arc::downgrade(&inner.nat);
     inner.router.register_builtin(
         protocols::FILTER_PROBE,
-        Arc::new(move |s| {
-            if let Some(nat) = nat.upgrade() {
-                nat.serve_filter_probe(s);
-            }
-            Box::pin(async {})
-        }),
+        weak_handler(
+            &inner.nat,
+            |nat, s| async move { nat.serve_filter_probe(s) },
+        ),
     );
 }
