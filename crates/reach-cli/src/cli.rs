@@ -245,6 +245,11 @@ pub struct NodeArgs {
     /// punching (and take no part in punches peers ask for).
     #[arg(long)]
     pub no_hole_punching: bool,
+    /// Never ask the router to forward our port (PCP, NAT-PMP, UPnP-IGD;
+    /// on by default, asking the default gateway if it is on a private
+    /// network).
+    #[arg(long)]
+    pub no_port_mapping: bool,
     /// Post-quantum key exchange (X25519MLKEM768): prefer (default: use it
     /// with every peer that can), require (refuse peers that cannot), off.
     #[arg(long, value_name = "MODE")]

@@ -274,6 +274,11 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                 .unwrap_or_default(),
         )
         .hole_punching(!args.no_hole_punching && config.hole_punching.unwrap_or(true))
+        .port_mapping(reach::PortMapping {
+            enabled: !args.no_port_mapping && config.port_mapping.unwrap_or(true),
+            gateway: config.port_mapping_gateway,
+            ..reach::PortMapping::default()
+        })
         .post_quantum(args.pq.or(config.pq).unwrap_or_default());
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
@@ -469,16 +474,37 @@ fn print_nat(r: &serde_json::Value) {
     println!("translated   {}", s("translated"));
     println!("port kept    {}", s("port_preserving"));
     println!("hairpin      {}", s("hairpin"));
-    println!(
-        "port mapping {}",
-        if r["port_mapping"].is_null() {
-            "not attempted (not implemented yet)".to_string()
-        } else {
-            s("port_mapping")
-        }
-    );
+    print_port_mapping(&r["port_mapping"]);
     if !r["note"].is_null() {
         println!("note         {}", s("note"));
+    }
+}
+
+/// `reach nat`'s port-mapping lines: protocol, external address, lease
+/// and renewals, or why there is no mapping.
+fn print_port_mapping(p: &serde_json::Value) {
+    let s = |k: &str| p[k].as_str().unwrap_or("-").to_string();
+    if p.is_null() {
+        println!("port mapping unknown");
+        return;
+    }
+    println!(
+        "port mapping {} via {} (gateway {})",
+        s("state"),
+        s("protocol"),
+        s("gateway")
+    );
+    if !p["external"].is_null() {
+        println!(
+            "  external   {} (lease {} s, {} renewals, published: {})",
+            s("external"),
+            p["lease_secs"],
+            p["renewals"],
+            s("published")
+        );
+    }
+    if !p["error"].is_null() {
+        println!("  why        {}", s("error"));
     }
 }
 

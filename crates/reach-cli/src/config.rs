@@ -11,6 +11,10 @@
 //! acquire_relay = "auto"        # hold a relay: "auto" (once verified not
 //!                               # reachable), "on", "off"
 //! hole_punching = true          # upgrade relayed connections to direct
+//! port_mapping = true           # ask the router to forward our port
+//!                               # (PCP, NAT-PMP, UPnP-IGD)
+//! port_mapping_gateway = "192.168.1.1"  # the router to ask (default: the
+//!                               # routing table's, if on a private network)
 //! pq = "prefer"                  # post-quantum key exchange (X25519MLKEM768):
 //!                               # "prefer", "require" (refuse classical
 //!                               # peers) or "off" (classical only)
@@ -60,6 +64,8 @@ pub struct Config {
     pub relay: Option<reach::RelayMode>,
     pub acquire_relay: Option<reach::RelayMode>,
     pub hole_punching: Option<bool>,
+    pub port_mapping: Option<bool>,
+    pub port_mapping_gateway: Option<std::net::IpAddr>,
     pub pq: Option<reach::PostQuantum>,
     pub relay_limits: Option<RelayLimitsConfig>,
     pub connection_limits: Option<ConnectionLimitsConfig>,
@@ -196,12 +202,14 @@ mod tests {
     #[test]
     fn relay_settings_parse_and_default() {
         let c = Config::parse(
-            "relay = \"off\"\nacquire_relay = \"on\"\nhole_punching = false\npq = \"require\"\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
+            "relay = \"off\"\nacquire_relay = \"on\"\nhole_punching = false\nport_mapping = false\nport_mapping_gateway = \"10.0.0.1\"\npq = \"require\"\n[relay_limits]\nmax_clients = 3\nidle_expiry_s = 9\n",
         )
         .unwrap();
         assert_eq!(c.relay, Some(reach::RelayMode::Off));
         assert_eq!(c.acquire_relay, Some(reach::RelayMode::On));
         assert_eq!(c.hole_punching, Some(false));
+        assert_eq!(c.port_mapping, Some(false));
+        assert_eq!(c.port_mapping_gateway, Some("10.0.0.1".parse().unwrap()));
         assert_eq!(c.pq, Some(reach::PostQuantum::Require));
         let l = c.relay_limits.unwrap().to_limits();
         assert_eq!(l.max_clients, 3);

@@ -4,8 +4,8 @@
 //! relay and the verified reachability come in as events on the bus
 //! (`RelayAcquired`, `RelayLost`, `ReachabilityChanged`, stated by the
 //! relay above this module), observed external addresses from NAT
-//! discovery's state, the interfaces from the core, port mappings (to come)
-//! from the port mapper. This module is the only one that turns them into a
+//! discovery's state, the interfaces from the core, verified port mappings
+//! as events from the port mapper (`PortMapped`, `PortUnmapped`). This module is the only one that turns them into a
 //! record: it gathers the facts, lets [`reach_proto::endpoint::compose`]
 //! decide the address set, numbers, signs, stores and publishes it, and
 //! announces [`NodeEvent::RecordPublished`]. Whoever wants the record
@@ -35,6 +35,8 @@ struct Pushed {
     /// The relay we hold a reservation at, and its address as published.
     relay: Option<(PeerId, SocketAddr)>,
     reachability: Reachability,
+    /// Verified port mappings (see [`crate::portmap`]).
+    mapped: Vec<SocketAddr>,
 }
 
 impl Pushed {
@@ -47,6 +49,10 @@ impl Pushed {
                 self.relay = None;
             }
             NodeEvent::ReachabilityChanged { reachability } => self.reachability = reachability,
+            NodeEvent::PortMapped { external } if !self.mapped.contains(&external) => {
+                self.mapped.push(external);
+            }
+            NodeEvent::PortUnmapped { external } => self.mapped.retain(|a| *a != external),
             _ => {}
         }
     }
@@ -131,7 +137,7 @@ impl Advertiser {
                 Reachability::Public(addr) => Some(addr),
                 _ => None,
             },
-            mapped: Vec::new(),
+            mapped: pushed.mapped.clone(),
             observed: self.nat.confirmed(),
             local: self.core.local_addrs(),
         }

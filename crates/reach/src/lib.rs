@@ -40,6 +40,7 @@ pub(crate) mod messaging;
 pub mod nat;
 pub mod node;
 pub(crate) mod peers;
+pub mod portmap;
 pub mod punch;
 pub mod relay;
 pub mod socket;
@@ -60,6 +61,7 @@ pub use node::{
     ConnectionLimits, Direction, Node, NodeBuilder, NodeEvent, NodeEvents, NodeStats, PeerInfo,
     ProtocolListener,
 };
+pub use portmap::{PortMapProtocol, PortMapState, PortMapStatus, PortMapping};
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::dht::store::StoreLimits;

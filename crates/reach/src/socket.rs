@@ -564,3 +564,26 @@ impl AsyncUdpSocket for DemuxSocket {
         self.inner.may_fragment()
     }
 }
+
+/// Opens `count` extra UDP sockets bound to `addr`, blocking (it runs on a
+/// blocking thread): the birthday technique's many mappings, and the port
+/// mapper's sockets.
+/// Returns as many as it could open (an error only if none). The default
+/// binds in this process's network namespace; the lab binds inside a
+/// node's namespace.
+pub type UdpBinder = std::sync::Arc<
+    dyn Fn(SocketAddr, usize) -> std::io::Result<Vec<std::net::UdpSocket>> + Send + Sync,
+>;
+
+/// The default [`UdpBinder`].
+pub fn bind_here(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count {
+        match std::net::UdpSocket::bind(addr) {
+            Ok(s) => out.push(s),
+            Err(e) if out.is_empty() => return Err(e),
+            Err(_) => break,
+        }
+    }
+    Ok(out)
+}

@@ -15,6 +15,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("messaging", 2),
     ("dht", 2),
     ("nat", 3),
+    ("portmap", 4),
     ("advertise", 4),
     ("relay", 5),
     ("punch", 6),

@@ -111,6 +111,12 @@ pub enum FilterVia {
     OtherPort,
     /// A peer of the helper at an IP we never sent to.
     OtherHost,
+    /// The helper itself, from a port we never sent to, to this port at
+    /// the IP it sees the request come from: checks that a port mapping
+    /// on our router forwards (the probe arrives only through it). The
+    /// target's IP is always the requester's own, so nobody can aim
+    /// probes at a third party.
+    MappedPort(u16),
 }
 
 /// reach's own non-QUIC packets.

@@ -105,6 +105,9 @@ impl Nat {
                 }
                 match via {
                     FilterVia::OtherPort => self.send_from_other_port(d.from, &probe),
+                    FilterVia::MappedPort(port) => {
+                        self.send_from_other_port(SocketAddr::new(d.from.ip(), port), &probe);
+                    }
                     FilterVia::OtherHost => {
                         // A connected peer at an IP the requester never sent to.
                         let helper = self.peers.connected().into_iter().find(|p| {

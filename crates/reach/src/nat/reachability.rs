@@ -69,3 +69,68 @@ impl Nat {
         Reachability::Private
     }
 }
+
+impl Nat {
+    /// Whether `external`, an address our router says it forwards to us,
+    /// reaches us from outside. A helper (a directly connected peer at
+    /// another IP) must see us at `external`'s IP (a router that names
+    /// another address lies, or sits behind a second NAT), and its
+    /// unsolicited probe, from a port we never sent to and aimed at
+    /// `external`'s port, must arrive (only the mapping lets it through).
+    /// Waits up to `wait` for a helper to connect; `false` if none did or
+    /// the probe did not arrive.
+    pub(crate) async fn check_mapped(
+        self: &Arc<Self>,
+        external: SocketAddr,
+        wait: std::time::Duration,
+        max_helpers: usize,
+    ) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut events = self.core.bus.subscribe();
+        let mut asked: Vec<SocketAddr> = Vec::new();
+        loop {
+            let helpers: Vec<SocketAddr> = self
+                .peers
+                .connected()
+                .into_iter()
+                .map(|p| p.addr)
+                .filter(|a| {
+                    !is_virtual(a)
+                        && a.ip() != self.core.local_addr.ip()
+                        && canonical(a.ip()) != canonical(external.ip())
+                        && !asked.contains(a)
+                })
+                .collect();
+            for helper in helpers {
+                if asked.len() >= max_helpers {
+                    return false;
+                }
+                asked.push(helper);
+                let Ok(observed) = self.probe(helper).await else {
+                    continue;
+                };
+                if canonical(observed.ip()) != canonical(external.ip()) {
+                    tracing::debug!(%external, %observed, "the router's external address is not where peers see us");
+                    return false;
+                }
+                let via = FilterVia::MappedPort(external.port());
+                if let Ok(arrived) = self.filter_test(helper, via, vec![]).await {
+                    return arrived;
+                }
+            }
+            match tokio::time::timeout_at(deadline, events.next()).await {
+                Ok(Some(_)) => continue,
+                _ => return false,
+            }
+        }
+    }
+}
+
+/// The IP in canonical form (IPv4-mapped IPv6 as IPv4), so addresses from
+/// a dual-stack socket compare with the router's.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}

@@ -34,8 +34,9 @@ pub struct NatReport {
     pub helpers: Vec<SocketAddr>,
     /// Why something is unknown.
     pub note: Option<String>,
-    /// Port mapping (PCP / NAT-PMP / UPnP-IGD): not implemented yet.
-    pub port_mapping: Option<String>,
+    /// Port mapping (PCP / NAT-PMP / UPnP-IGD): the protocol the router
+    /// speaks, the mapped and published address, the lease, renewals.
+    pub port_mapping: Option<reach_proto::nat::portmap::status::PortMapStatus>,
 }
 
 impl Nat {

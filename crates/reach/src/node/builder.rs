@@ -45,6 +45,7 @@ pub struct NodeBuilder {
     connection_limits: Option<super::ConnectionLimits>,
     connection_events: bool,
     store_limits: Option<reach_proto::dht::store::StoreLimits>,
+    port_mapping: crate::portmap::PortMapping,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -201,6 +202,17 @@ impl NodeBuilder {
     /// messages and streams). [`crate::Node::subscribe`] sees them either way.
     pub fn connection_events(mut self, on: bool) -> Self {
         self.connection_events = on;
+        self
+    }
+
+    /// How the node asks the router in front of it to forward its port
+    /// (PCP, NAT-PMP, UPnP-IGD). On by default: the default gateway is
+    /// asked if it is on a private network, and a mapping verified from
+    /// outside makes the node reachable without a relay. A node bound to
+    /// loopback never asks. [`PortMapping::disabled`](crate::PortMapping::disabled)
+    /// turns it off.
+    pub fn port_mapping(mut self, config: crate::portmap::PortMapping) -> Self {
+        self.port_mapping = config;
         self
     }
 
@@ -374,6 +386,19 @@ impl NodeBuilder {
             !self.no_stun_server,
             alt,
         ));
+        let udp_binder = self
+            .udp_binder
+            .clone()
+            .unwrap_or_else(|| std::sync::Arc::new(crate::socket::bind_here));
+        let portmap = Arc::new(crate::portmap::PortMap::new(
+            core.clone(),
+            nat.clone(),
+            self.port_mapping.clone(),
+            crate::portmap::Net {
+                udp: udp_binder.clone(),
+            },
+            tcp_listener.is_some(),
+        ));
         let advertiser = Arc::new(crate::advertise::Advertiser::new(
             core.clone(),
             dht.clone(),
@@ -391,6 +416,7 @@ impl NodeBuilder {
                 dht: dht.clone(),
                 nat: nat.clone(),
                 advertiser: advertiser.clone(),
+                portmap: portmap.clone(),
             },
             self.relay_service,
             self.acquire_relay,
@@ -403,9 +429,7 @@ impl NodeBuilder {
             relay.clone(),
             nat.clone(),
             !self.no_hole_punching,
-            self.udp_binder
-                .clone()
-                .unwrap_or_else(|| std::sync::Arc::new(crate::punch::bind_here)),
+            udp_binder,
         );
         let inner = Arc::new(Inner {
             core: core.clone(),
@@ -414,6 +438,7 @@ impl NodeBuilder {
             advertiser,
             dht,
             nat,
+            portmap,
             relay,
             punch,
             dir_lock: std::sync::Mutex::new(dir_lock),
@@ -430,6 +455,7 @@ impl NodeBuilder {
             async move { nat.external().expiry_loop().await }
         });
         inner.spawn(inner.dht.clone().maintain());
+        inner.portmap.start();
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");

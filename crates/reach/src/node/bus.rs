@@ -72,6 +72,12 @@ pub enum NodeEvent {
     /// older than [`reach_proto::nat::OBSERVED_ADDR_TTL`] (after a network
     /// change nobody sees this node there any more).
     ExternalAddrExpired { addr: SocketAddr },
+    /// The router maps `external` to this node, and a helper peer's probe
+    /// reached the node through it: published as a direct address.
+    PortMapped { external: SocketAddr },
+    /// The mapping at `external` is gone (revoked, moved, or deleted at
+    /// shutdown): no longer published.
+    PortUnmapped { external: SocketAddr },
 }
 
 /// The sending side of the bus; cheap to clone.

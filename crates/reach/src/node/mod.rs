@@ -103,6 +103,8 @@ pub(crate) struct Inner {
     pub dht: Arc<Dht>,
     /// What the node knows about the NAT in front of it (see [`crate::nat`]).
     pub nat: Arc<crate::nat::Nat>,
+    /// Port mapping on the router in front (see [`crate::portmap`]).
+    pub portmap: Arc<crate::portmap::PortMap>,
     pub relay: Arc<crate::relay::RelayRuntime>,
     pub punch: Arc<crate::punch::PunchRuntime>,
     /// The exclusive lock on the data dir, if the node has one; released at
@@ -420,7 +422,9 @@ impl Node {
     /// the first helper also runs the filtering tests and needs a peer at a
     /// third IP for the endpoint-independent-filtering test).
     pub async fn nat_report_with(&self, helpers: &[SocketAddr]) -> crate::nat::NatReport {
-        self.inner.nat.report_with(helpers).await
+        let mut report = self.inner.nat.report_with(helpers).await;
+        report.port_mapping = Some(self.inner.portmap.status());
+        report
     }
 
     /// Classifies the NAT with connected peers as helpers.
@@ -480,6 +484,12 @@ impl Node {
         crate::dht::StoreSnapshot::of(&self.inner.dht)
     }
 
+    /// What port mapping did: the router's protocol, the mapped and the
+    /// published address, the lease, renewals (see [`crate::portmap`]).
+    pub fn port_mapping(&self) -> crate::portmap::PortMapStatus {
+        self.inner.portmap.status()
+    }
+
     /// Counters since the node started.
     pub fn stats(&self) -> NodeStats {
         let mut core = self.inner.counters.snapshot();
@@ -495,6 +505,7 @@ impl Node {
             relay_paths: self.inner.relay.paths.stats.snapshot(),
             handshakes: self.inner.tls.stats().snapshot(),
             tcp: self.inner.core.links.stats.snapshot(),
+            portmap: self.inner.portmap.stats(),
         }
     }
 

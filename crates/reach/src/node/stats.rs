@@ -96,6 +96,8 @@ crate::telemetry::node_stats! {
         pub handshakes: crate::handshake::HandshakeStats,
         /// TCP links.
         pub tcp: crate::tcp::LinkStats,
+        /// Port mapping: grants, renewals, failures by kind, active.
+        pub portmap: crate::portmap::PortMapStats,
     }
 }
 

@@ -61,26 +61,7 @@ pub use reach_proto::punch::upgrade::{
 };
 pub use stats::{MAX_OUTCOMES, PunchOutcome, PunchStats, TIME_SAMPLES, TechniqueStats};
 
-/// Opens `count` extra UDP sockets bound to `addr` (port 0), blocking (it
-/// runs on a blocking thread): the birthday technique's many mappings.
-/// Returns as many as it could open (an error only if none). The default
-/// binds in this process's network namespace; the lab binds inside a
-/// node's namespace.
-pub type UdpBinder =
-    Arc<dyn Fn(SocketAddr, usize) -> std::io::Result<Vec<std::net::UdpSocket>> + Send + Sync>;
-
-/// The default [`UdpBinder`].
-pub fn bind_here(addr: SocketAddr, count: usize) -> std::io::Result<Vec<std::net::UdpSocket>> {
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count {
-        match std::net::UdpSocket::bind(addr) {
-            Ok(s) => out.push(s),
-            Err(e) if out.is_empty() => return Err(e),
-            Err(_) => break,
-        }
-    }
-    Ok(out)
-}
+pub use crate::socket::{UdpBinder, bind_here};
 
 /// Punch acknowledgements sent per punch at most (one per punch packet
 /// received, so a peer cannot make us send more than it sends).

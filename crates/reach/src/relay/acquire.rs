@@ -24,6 +24,10 @@ pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 pub const HEALTH_FAILURES: u32 = 2;
 /// How often an unknown reachability is checked again (no helper yet).
 pub const RECHECK_UNKNOWN: Duration = Duration::from_secs(5);
+/// How long reachability waits for port mapping to find out whether the
+/// router maps the node's port (a gateway on the LAN answers in
+/// milliseconds; the outside check takes a round trip to a helper).
+pub const PORTMAP_SETTLE: Duration = Duration::from_secs(5);
 /// How often the driver looks at the routing table (a change cuts a
 /// backoff short).
 pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
@@ -31,45 +35,82 @@ pub const ROUTING_WATCH: Duration = Duration::from_secs(1);
 impl RelayRuntime {
     /// Runs for the node's lifetime: checks reachability after joining,
     /// turns the relay service on for a public node (mode `auto`), and
-    /// acquires and keeps a relay for a node that needs one.
+    /// acquires and keeps a relay for a node that needs one. A verified
+    /// port mapping makes the node public without a check; a relay held
+    /// meanwhile is given up once one is verified, and the check runs again
+    /// when a mapping goes.
     pub(crate) async fn drive(self: Arc<Self>) {
         let mut joined = self.dht.joined.subscribe();
         if joined.wait_for(|j| *j).await.is_err() {
             return;
         }
+        let mut mapping = self.portmap.watch();
+        loop {
+            let mapped = self.portmap.settled(PORTMAP_SETTLE).await;
+            let reach = self.decide_reachability(mapped).await;
+            if let Reachability::Public(_) = reach {
+                if self.service == RelayMode::Auto {
+                    self.serving
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                // Republish with the now verified address.
+                self.publish().await;
+            }
+            let wants_relay = match self.acquire {
+                RelayMode::On => true,
+                RelayMode::Off => false,
+                RelayMode::Auto => reach == Reachability::Private,
+            };
+            if wants_relay && self.dht.mode == DhtMode::Server {
+                if self.acquire == RelayMode::On {
+                    self.hold_relay().await;
+                    return;
+                }
+                tokio::select! {
+                    _ = self.hold_relay() => return,
+                    r = mapping.wait_for(|s| s.published.is_some()) => {
+                        if r.is_err() {
+                            return;
+                        }
+                    }
+                }
+                tracing::debug!("port mapping verified: the relay is no longer needed");
+                self.set_held(None);
+                continue;
+            }
+            if mapped.is_none() {
+                return;
+            }
+            // Public through the mapping: if it goes, decide again.
+            if mapping.wait_for(|s| s.published.is_none()).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Whether unsolicited packets reach us: through a verified port
+    /// mapping, not at all (UDP blocked), or as the check finds out.
+    async fn decide_reachability(&self, mapped: Option<SocketAddr>) -> Reachability {
         let needs_check = self.service == RelayMode::Auto || self.acquire == RelayMode::Auto;
-        let mut reach = Reachability::Unknown;
-        if self.core.tcp_mode() {
+        let reach = if let Some(addr) = mapped {
+            Reachability::Public(addr)
+        } else if self.core.tcp_mode() {
             // UDP is blocked: nobody can reach us but through a relay.
-            reach = Reachability::Private;
-            self.set_reachability(reach);
+            Reachability::Private
         } else if needs_check {
             loop {
-                reach = self.nat.check_reachability().await;
+                let reach = self.nat.check_reachability().await;
                 if reach != Reachability::Unknown {
-                    break;
+                    tracing::debug!(?reach, "reachability checked");
+                    break reach;
                 }
                 tokio::time::sleep(RECHECK_UNKNOWN).await;
             }
-            self.set_reachability(reach);
-            tracing::debug!(?reach, "reachability checked");
-        }
-        if let Reachability::Public(_) = reach {
-            if self.service == RelayMode::Auto {
-                self.serving
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            // Republish with the now verified address.
-            self.publish().await;
-        }
-        let wants_relay = match self.acquire {
-            RelayMode::On => true,
-            RelayMode::Off => false,
-            RelayMode::Auto => reach == Reachability::Private,
+        } else {
+            return Reachability::Unknown;
         };
-        if wants_relay && self.dht.mode == DhtMode::Server {
-            self.hold_relay().await;
-        }
+        self.set_reachability(reach);
+        reach
     }
 
     /// The acquisition loop: carries out the machine's actions in order and

@@ -42,6 +42,7 @@ use crate::dht::Dht;
 use crate::nat::Nat;
 use crate::node::core::Core;
 use crate::peers::{Circuits, Closed, ConnectionObserver, Peers, Registered};
+use crate::portmap::PortMap;
 
 /// Whether a node relays for others, or acquires a relay for itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -157,6 +158,8 @@ pub(crate) struct RelayRuntime {
     /// The endpoint record's owner: told to publish when the held relay or
     /// the reachability changed (it learns both from the bus).
     advertiser: Arc<Advertiser>,
+    /// Port mapping: a verified mapping makes the node public (no relay).
+    portmap: Arc<PortMap>,
     pub service: RelayMode,
     pub acquire: RelayMode,
     pub limits: RelayLimits,
@@ -179,6 +182,7 @@ pub(crate) struct Below {
     pub dht: Arc<Dht>,
     pub nat: Arc<Nat>,
     pub advertiser: Arc<Advertiser>,
+    pub portmap: Arc<PortMap>,
 }
 
 impl RelayRuntime {
@@ -195,6 +199,7 @@ impl RelayRuntime {
             dht,
             nat,
             advertiser,
+            portmap,
         } = below;
         Arc::new(RelayRuntime {
             core,
@@ -202,6 +207,7 @@ impl RelayRuntime {
             dht,
             nat,
             advertiser,
+            portmap,
             service,
             acquire,
             limits,

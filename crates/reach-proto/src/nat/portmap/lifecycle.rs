@@ -280,6 +280,9 @@ pub struct Lifecycle {
     verification: Verification,
     stats: Stats,
     actions: VecDeque<Action>,
+    /// Renew at least this often, whatever the lease (see
+    /// [`Lifecycle::with_max_renew_interval`]).
+    max_renew_interval: Option<Duration>,
 }
 
 impl Lifecycle {
@@ -298,9 +301,27 @@ impl Lifecycle {
             verification: Verification::None,
             stats: Stats::default(),
             actions: VecDeque::new(),
+            max_renew_interval: None,
         };
         m.send(now, None, MAX_REQUEST_SENDS);
         m
+    }
+
+    /// Renews at least every `interval`, however long the lease. A router
+    /// that flushed its table (or restarted without announcing it) tells
+    /// no client; asking again is the only way a client finds out, and
+    /// the renewal re-makes the mapping. So this bounds how long a
+    /// vanished mapping stays unnoticed, at one small request per
+    /// interval.
+    pub fn with_max_renew_interval(mut self, interval: Duration) -> Self {
+        self.max_renew_interval = Some(interval.max(MIN_RENEW_DELAY));
+        self
+    }
+
+    /// The wait before the next renewal, `natural` by the lease.
+    fn renew_in(&self, natural: Duration) -> Duration {
+        let natural = natural.max(MIN_RENEW_DELAY);
+        self.max_renew_interval.map_or(natural, |m| natural.min(m))
     }
 
     /// Where the mapping stands.
@@ -410,7 +431,7 @@ impl Lifecycle {
         // A router granting more than asked is renewed as if it had
         // granted what was asked: that is the pace we chose.
         let asked = Duration::from_secs(u64::from(self.requested_secs));
-        self.wake_at = now + (lifetime.min(asked) / 2).max(MIN_RENEW_DELAY);
+        self.wake_at = now + self.renew_in(lifetime.min(asked) / 2);
         match self.verification {
             Verification::Published(a) | Verification::Pending(a) if a == grant.external => {}
             old => {
@@ -542,7 +563,7 @@ impl Lifecycle {
                     self.revoke(now);
                 } else {
                     self.state = State::Mapped(lease);
-                    self.wake_at = now + ((expires - now) / 2).max(MIN_RENEW_DELAY);
+                    self.wake_at = now + self.renew_in((expires - now) / 2);
                 }
             }
             State::Deleting => self.finish(),
@@ -658,6 +679,37 @@ mod tests {
         actions(&mut m);
         m.granted(next, grant(4433, 1, 100 + HOUR + HOUR / 2));
         assert_eq!(m.poll_timeout(), Some(next + MIN_RENEW_DELAY));
+    }
+
+    #[test]
+    fn a_renew_interval_cap_renews_long_leases_early_and_remakes_a_flushed_mapping() {
+        let interval = secs(30);
+        let mut m = Lifecycle::new(Duration::ZERO, DEFAULT_LIFETIME, Some(EpochRule::Pcp))
+            .with_max_renew_interval(interval);
+        actions(&mut m);
+        m.granted(Duration::ZERO, grant(4433, HOUR, 10));
+        assert_eq!(m.poll_timeout(), Some(interval), "30 s, not half an hour");
+        m.handle_timeout(interval);
+        assert_eq!(
+            actions(&mut m),
+            vec![
+                Action::Verify(ext(4433)),
+                Action::SendRequest {
+                    lifetime_secs: HOUR,
+                    suggested_external: Some(ext(4433)),
+                }
+            ]
+        );
+        // The router had flushed its table; the renewal made the mapping
+        // again and the lease starts over.
+        m.granted(interval, grant(4433, HOUR, 40));
+        assert_eq!(m.stats().renewals, 1);
+        assert_eq!(m.poll_timeout(), Some(interval * 2));
+        // A lease shorter than twice the cap is renewed at its half.
+        m.handle_timeout(interval * 2);
+        actions(&mut m);
+        m.granted(interval * 2, grant(4433, 20, 70));
+        assert_eq!(m.poll_timeout(), Some(interval * 2 + secs(10)));
     }
 
     #[test]

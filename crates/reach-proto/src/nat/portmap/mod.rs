@@ -10,6 +10,7 @@
 //! - [`natpmp`]: the NAT-PMP codec (RFC 6886).
 //! - [`pcp`]: the PCP codec (RFC 6887): MAP requests for IPv4 mappings and
 //!   IPv6 pinholes, and ANNOUNCE.
+//! - [`status`]: what the runtime reports about its mappings.
 //! - [`lifecycle`]: the life of one mapping: request with backoff, verify
 //!   from outside before publishing, renew at half the lease, re-map after
 //!   a router restart, revoke after repeated failed renewals, delete at
@@ -21,6 +22,7 @@
 pub mod lifecycle;
 pub mod natpmp;
 pub mod pcp;
+pub mod status;
 
 /// UDP port a NAT-PMP or PCP server listens on (RFC 6886 §3, RFC 6887
 /// §19.1: both protocols share it, so one socket probes for both).
