@@ -322,7 +322,7 @@ impl PortMap {
                     if let Some((n, from)) = r
                         && from.ip() == gw
                     {
-                        self.on_reply(&mut wire, &mut maps, &abuf[..n], now());
+                        self.on_announcement(&mut wire, &mut maps, &abuf[..n], now());
                     }
                 }
                 Some((external, reachable)) = vrx.recv(), if !stopped => {
@@ -416,6 +416,30 @@ impl PortMap {
         }
         for (m, was) in maps.iter().zip(before) {
             self.count(was, m.lc.state());
+        }
+    }
+
+    /// A multicast announcement from the gateway (RFC 6886 §3.2.1, RFC
+    /// 6887 §14.1.3): after a restart or an address change. A router that
+    /// speaks both protocols may announce in either (miniupnpd sends a PCP
+    /// ANNOUNCE with epoch 0 at start even to NAT-PMP clients), so both are
+    /// read whatever the wire: a PCP epoch that went back re-maps, and a
+    /// NAT-PMP address announcement is handled like an answer.
+    fn on_announcement(&self, wire: &mut Wire, maps: &mut [Mapping], bytes: &[u8], now: Duration) {
+        match bytes.first() {
+            Some(&pcp::VERSION) => match pcp::Response::decode(bytes) {
+                Ok(r) if r.opcode == pcp::Opcode::Announce => {
+                    for m in maps.iter_mut() {
+                        m.lc.observe_epoch(now, r.epoch);
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => stats::bump(&self.counters.bad_replies),
+            },
+            Some(&natpmp::VERSION) if matches!(wire, Wire::NatPmp { .. }) => {
+                self.on_reply(wire, maps, bytes, now);
+            }
+            _ => stats::bump(&self.counters.bad_replies),
         }
     }
 
