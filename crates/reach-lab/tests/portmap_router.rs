@@ -449,6 +449,18 @@ fn natpmp_router_maps_forwards_forgets_on_restart_and_flush() {
         "miniupnpd 2.3.1 leaves its rules on SIGTERM"
     );
     assert_eq!(bench.daemon().pid(), None);
+    // ... and writes them to its lease file, which the next start reloads:
+    // with the chains emptied by hand, a start without a reboot's cleanup
+    // brings the mapping back.
+    bench.daemon().flush(&bench.lab).expect("flush");
+    assert_eq!(bench.mappings(), vec![]);
+    let Bench { site, lab, .. } = &mut bench;
+    site.miniupnpd
+        .as_mut()
+        .expect("miniupnpd")
+        .start(lab)
+        .expect("start");
+    assert_eq!(bench.mappings(), the_mapping(&bench, PORT));
 }
 
 #[test]
@@ -491,7 +503,13 @@ fn pcp_router_maps_forwards_announces_and_forgets_on_restart_and_flush() {
     assert_eq!(bench.mappings(), the_mapping(&bench, PORT));
 
     // Lifetimes: 5 s asked, 5 s granted; 1 s asked, min_lifetime granted.
-    for (ask_secs, want) in [(5, 5), (1, bench.daemon().config.min_lifetime_secs)] {
+    // 7200 s asked, max_lifetime granted.
+    let cfg = bench.daemon().config;
+    for (ask_secs, want) in [
+        (5, 5),
+        (1, cfg.min_lifetime_secs),
+        (7200, cfg.max_lifetime_secs),
+    ] {
         let r = pcp_map(&sock, gw, node, nonce, PORT, ask_secs);
         eprintln!("PCP asked {ask_secs} s, granted {} s", r.lifetime_secs);
         assert_eq!(r.lifetime_secs, want);
@@ -586,7 +604,11 @@ fn upnp_router_answers_ssdp_maps_by_soap_and_forgets_on_restart_and_flush() {
     assert_eq!(bench.mappings(), vec![]);
     assert!(!bench.probe_arrives(&sock, wan), "arrived after the delete");
 
-    // Reboot: mapping lost, SSDP NOTIFY at start.
+    // Reboot: mapping lost, SSDP NOTIFYs at start (ssdp:byebye and
+    // ssdp:alive) with a new BOOTID.UPNP.ORG.
+    let bootid = header(&answer, "BOOTID.UPNP.ORG")
+        .expect("BOOTID in the M-SEARCH answer")
+        .to_string();
     let added = upnp_add(&bench, &control, PORT);
     assert!(added.starts_with("HTTP/1.1 200"), "AddPortMapping: {added}");
     let notify = bench
@@ -597,15 +619,29 @@ fn upnp_router_answers_ssdp_maps_by_soap_and_forgets_on_restart_and_flush() {
         .join_multicast_v4(&SSDP_GROUP, &Ipv4Addr::UNSPECIFIED)
         .expect("join SSDP group");
     bench.restart();
-    let (bytes, _) = received(&notify, ANNOUNCE_WAIT, |b, from| {
-        from.ip() == gw && b.starts_with(b"NOTIFY")
-    })
-    .expect("SSDP NOTIFY at start");
-    let text = String::from_utf8_lossy(&bytes);
+    let seen = std::cell::RefCell::new(Vec::new());
+    let alive = received(&notify, ANNOUNCE_WAIT, |b, from| {
+        if from.ip() != gw || !b.starts_with(b"NOTIFY") {
+            return false;
+        }
+        let text = String::from_utf8_lossy(b).to_string();
+        let nts = header(&text, "NTS").unwrap_or("").to_string();
+        let boot = header(&text, "BOOTID.UPNP.ORG").unwrap_or("").to_string();
+        seen.borrow_mut().push((nts.clone(), boot));
+        nts == "ssdp:alive"
+    });
+    let seen = seen.into_inner();
     eprintln!(
-        "at start: NTS {:?} BOOTID {:?}",
-        header(&text, "NTS"),
-        header(&text, "BOOTID.UPNP.ORG")
+        "at start, up to the first ssdp:alive: {} NOTIFYs {:?}",
+        seen.len(),
+        seen.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>()
+    );
+    assert!(alive.is_some(), "no ssdp:alive at start: {seen:?}");
+    let (_, new_bootid) = seen.last().expect("a NOTIFY").clone();
+    eprintln!("BOOTID {bootid} -> {new_bootid}");
+    assert_ne!(
+        new_bootid, bootid,
+        "BOOTID.UPNP.ORG unchanged by the restart"
     );
     assert_eq!(bench.mappings(), vec![]);
     assert!(
