@@ -710,3 +710,45 @@ fn pcp_opens_an_ipv6_pinhole_through_the_lab_ipv6_firewall() {
         "arrived after the pinhole's delete"
     );
 }
+
+#[test]
+fn portmap_sites_and_test_net_sites_reach_each_other() {
+    if !available() {
+        return;
+    }
+    // An eim-eif site attached before the first 11.250.0.0/24 router (it
+    // gets its on-link route afterwards) and a public host attached after.
+    let mut lab = Lab::new().expect("lab");
+    let mut net = Internet::build(&mut lab).expect("internet");
+    let eif = Site::build(&mut lab, &mut net, NatKind::EimEif, 1, 0).expect("eim-eif site");
+    let pcp_site = Site::build(&mut lab, &mut net, NatKind::Pcp, 2, 0).expect("pcp site");
+    let public = Site::build(&mut lab, &mut net, NatKind::Public, 3, 0).expect("public site");
+
+    let pcp_sock = lab
+        .udp_socket(&pcp_site.node_ns, SocketAddr::new(pcp_site.node_ip, PORT))
+        .expect("pcp node socket");
+    for other in [&eif, &public] {
+        let sock = lab
+            .udp_socket(&other.node_ns, SocketAddr::new(other.node_ip, PORT))
+            .expect("socket");
+        // Out from behind the pcp router (SNAT to 11.250.0.102) to a
+        // TEST-NET address, which accepts it unsolicited ...
+        pcp_sock
+            .send_to(b"out", SocketAddr::new(other.public_ip, PORT))
+            .expect("send");
+        let (_, from) = received(&sock, ARRIVE_WAIT, |b, _| b == b"out")
+            .unwrap_or_else(|| panic!("{}: nothing from the pcp site", other.kind.name()));
+        assert_eq!(
+            from,
+            SocketAddr::new(pcp_site.public_ip, PORT),
+            "eim: port kept"
+        );
+        // ... and the answer comes back through the pcp router's filter.
+        sock.send_to(b"back", from).expect("send back");
+        assert!(
+            received(&pcp_sock, ARRIVE_WAIT, |b, _| b == b"back").is_some(),
+            "{}: no answer back to the pcp site",
+            other.kind.name()
+        );
+    }
+}
