@@ -752,3 +752,31 @@ fn portmap_sites_and_test_net_sites_reach_each_other() {
         );
     }
 }
+
+#[test]
+fn miniupnpd_is_stopped_when_a_test_panics() {
+    if !available() {
+        return;
+    }
+    let seen = std::sync::Mutex::new(None);
+    let outcome = std::panic::catch_unwind(|| {
+        let mut lab = Lab::new().expect("lab");
+        let mut net = Internet::build(&mut lab).expect("internet");
+        let site = Site::build(&mut lab, &mut net, NatKind::Natpmp, 1, 0).expect("site");
+        let daemon = site.miniupnpd.as_ref().expect("miniupnpd");
+        let dir = std::env::temp_dir().join(format!("{}-miniupnpd", daemon.router_ns()));
+        *seen.lock().unwrap_or_else(|p| p.into_inner()) = Some((daemon.pid(), dir));
+        panic!("a failing test");
+    });
+    assert!(outcome.is_err());
+    let (pid, dir) = seen
+        .into_inner()
+        .unwrap_or_else(|p| p.into_inner())
+        .expect("the site was built");
+    let pid = pid.expect("miniupnpd ran");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "miniupnpd {pid} still runs after the panic"
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
