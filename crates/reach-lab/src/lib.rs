@@ -10,10 +10,12 @@
 //!
 //! - [`netns`]: namespaces, links, commands and sockets inside namespaces.
 //! - [`nat`]: the NAT kinds, in RFC 4787 terms, as nftables rulesets.
+//! - [`miniupnpd`]: the port-mapping daemon on `upnp` / `natpmp` / `pcp` routers.
 //! - [`matrix`]: the classification run over every kind (`reach lab nat`).
 //! - [`pairs`]: every pair of kinds connecting by PeerId (`reach lab matrix`).
 
 pub mod matrix;
+pub mod miniupnpd;
 pub mod nat;
 pub mod netns;
 pub mod pairs;
