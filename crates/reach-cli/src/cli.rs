@@ -179,6 +179,24 @@ pub enum LabCommand {
     /// object); fails unless every message arrived exactly once without a
     /// send error.
     Upgrade,
+    /// Port mapping against real miniupnpd: for each of PCP, NAT-PMP and
+    /// UPnP-IGD, a reach node behind a router that speaks only that
+    /// protocol; prints ms from node start to mapping, whether a stranger
+    /// then reaches it directly by PeerId (no relay), whether it renewed,
+    /// ms to re-map after miniupnpd restarts and after its rules are
+    /// flushed, and the mappings left after a clean shutdown (read from
+    /// miniupnpd's nftables chains). Fails unless every target is met.
+    Portmap {
+        /// Only these kinds (comma-separated: upnp, natpmp, pcp).
+        #[arg(long, value_delimiter = ',')]
+        kinds: Vec<String>,
+        /// Lease the node asks for, in seconds (short, so renewals show).
+        #[arg(long, default_value_t = reach_lab::portmap::DEFAULT_LEASE_SECS)]
+        lease_secs: u64,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Connect every pair of NAT kinds (and udp-blocked, a network that
     /// lets only TCP out) by PeerId alone: two sites of every kind with a
     /// default-configured reach node each (nodes behind NATs

@@ -124,6 +124,11 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
             markdown,
         }) => lab_matrix(kinds, runs, delay_ms, json, markdown).await,
+        Command::Lab(LabCommand::Portmap {
+            kinds,
+            lease_secs,
+            json,
+        }) => lab_portmap(kinds, lease_secs, json).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Bench(BenchCommand::Connect { dialers, json }) => {
             let r = crate::bench::connect(dialers).await?;
@@ -527,6 +532,62 @@ fn parse_kinds(
             })
             .collect::<Result<Vec<_>>>()?
     })
+}
+
+/// `reach lab portmap`: port mapping against real miniupnpd.
+async fn lab_portmap(kinds: Vec<String>, lease_secs: u64, json: bool) -> Result<()> {
+    use reach_lab::portmap::{PortmapOptions, run};
+    let opts = PortmapOptions {
+        kinds: parse_kinds(kinds, &reach_lab::nat::PORTMAP_KINDS)?,
+        lease: std::time::Duration::from_secs(lease_secs.max(2)),
+    };
+    let report = tokio::select! {
+        r = run(&opts) => r?,
+        _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "{:<7} {:<7} {:>9} {:>8} {:>9} {:>7} {:>10} {:>9} {:>5} {:>4}",
+            "kind",
+            "proto",
+            "mapped ms",
+            "verified",
+            "reachable",
+            "renewed",
+            "restart ms",
+            "flush ms",
+            "left",
+            "met"
+        );
+        let ms = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        for r in &report.results {
+            println!(
+                "{:<7} {:<7} {:>9} {:>8} {:>9} {:>7} {:>10} {:>9} {:>5} {:>4}",
+                r.kind.name(),
+                r.protocol
+                    .map_or("-".to_string(), |p| format!("{p:?}").to_lowercase()),
+                ms(r.mapped_ms),
+                r.verified,
+                r.reachable_from_outside,
+                r.renewed,
+                ms(r.remap_after_restart_ms),
+                ms(r.remap_after_flush_ms),
+                r.left_after_shutdown
+                    .map_or("-".to_string(), |v| v.to_string()),
+                r.targets_met
+            );
+            if let Some(e) = &r.error {
+                println!("  {}: {e}", r.kind.name());
+            }
+        }
+        println!("lease {} s, {} ms", report.lease_secs, report.wall_ms);
+    }
+    if !report.all_met {
+        anyhow::bail!("port mapping missed a target (see above)");
+    }
+    Ok(())
 }
 
 async fn lab_matrix(

@@ -13,11 +13,14 @@
 //! - [`miniupnpd`]: the port-mapping daemon on `upnp` / `natpmp` / `pcp` routers.
 //! - [`matrix`]: the classification run over every kind (`reach lab nat`).
 //! - [`pairs`]: every pair of kinds connecting by PeerId (`reach lab matrix`).
+//! - [`portmap`]: a node behind each miniupnpd router: mapped, verified,
+//!   renewed, re-mapped, deleted (`reach lab portmap`).
 
 pub mod matrix;
 pub mod miniupnpd;
 pub mod nat;
 pub mod netns;
 pub mod pairs;
+pub mod portmap;
 
 pub use netns::{Lab, LabError};

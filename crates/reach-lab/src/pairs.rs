@@ -178,6 +178,7 @@ async fn node_in(
     ns: &str,
     ip: IpAddr,
     seed: Option<SocketAddr>,
+    gateway: Option<IpAddr>,
 ) -> Result<Node, LabError> {
     let sock = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
     let bound = sock.local_addr().map_err(LabError::Io)?;
@@ -189,7 +190,17 @@ async fn node_in(
         .alt_socket(alt)
         .tcp_listener(lab.tcp_listener(ns, bound)?)
         .tcp_connector(lab.tcp_connector(ns))
-        .udp_binder(lab.udp_binder(ns));
+        .udp_binder(lab.udp_binder(ns))
+        // The node asks its router for a port mapping when the router runs
+        // miniupnpd (the lab names it: in-process nodes cannot read their
+        // namespace's routing table); elsewhere there is nobody to ask.
+        .port_mapping(match gateway {
+            Some(gw) => reach::PortMapping {
+                gateway: Some(gw),
+                ..reach::PortMapping::default()
+            },
+            None => reach::PortMapping::disabled(),
+        });
     if let Some(s) = seed {
         b = b.bootstrap([s]);
     }
@@ -345,6 +356,7 @@ async fn fresh_dialer(lab: &Lab, ns: &str, ip: IpAddr, infra: &[Node; 3]) -> Res
     let node = Node::builder()
         .socket(sock)
         .udp_binder(lab.udp_binder(ns))
+        .port_mapping(reach::PortMapping::disabled())
         .relay_service(reach::RelayMode::Off)
         .acquire_relay(reach::RelayMode::Off)
         .spawn()
@@ -425,10 +437,10 @@ async fn lab_with_infrastructure() -> Result<(Lab, Internet, [Node; 3]), LabErro
     for host in [11, 12] {
         net.add_public_ip(&lab, host)?;
     }
-    let a = node_in(&lab, &net.public, public(10), None).await?;
+    let a = node_in(&lab, &net.public, public(10), None, None).await?;
     let seed = Some(a.local_addr());
-    let b = node_in(&lab, &net.public, public(11), seed).await?;
-    let c = node_in(&lab, &net.public, public(12), seed).await?;
+    let b = node_in(&lab, &net.public, public(11), seed, None).await?;
+    let c = node_in(&lab, &net.public, public(12), seed, None).await?;
     Ok((lab, net, [a, b, c]))
 }
 
@@ -440,6 +452,8 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
 
     // Two sides per kind: two sites, or one same-nat site's two hosts.
     let mut sides: BTreeMap<(usize, char), Side> = BTreeMap::new();
+    // Kept until the end: a site's miniupnpd stops when the site is dropped.
+    let mut sites: Vec<Site> = Vec::new();
     let mut site_no = 0u8;
     for (k, kind) in opts.kinds.iter().enumerate() {
         if *kind == NatKind::SameNat {
@@ -453,7 +467,7 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 (k, 'a'),
                 Side {
                     kind: *kind,
-                    node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                    node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed), None).await?,
                     ns: site.node_ns.clone(),
                     ip: site.node_ip,
                 },
@@ -462,7 +476,7 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
                 (k, 'b'),
                 Side {
                     kind: *kind,
-                    node: node_in(&lab, &ns2, ip2, Some(seed)).await?,
+                    node: node_in(&lab, &ns2, ip2, Some(seed), None).await?,
                     ns: ns2,
                     ip: ip2,
                 },
@@ -471,15 +485,18 @@ pub async fn run(opts: &PairMatrixOptions) -> Result<PairMatrixReport, LabError>
             for side in ['a', 'b'] {
                 site_no += 1;
                 let site = Site::build(&mut lab, &mut net, *kind, site_no, opts.delay_ms)?;
+                let gateway = site.miniupnpd.as_ref().map(|m| m.lan_ip());
                 sides.insert(
                     (k, side),
                     Side {
                         kind: *kind,
-                        node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed)).await?,
+                        node: node_in(&lab, &site.node_ns, site.node_ip, Some(seed), gateway)
+                            .await?,
                         ns: site.node_ns.clone(),
                         ip: site.node_ip,
                     },
                 );
+                sites.push(site);
             }
         }
     }
@@ -634,8 +651,8 @@ pub async fn failover() -> Result<FailoverReport, LabError> {
     let seed = infra[0].local_addr();
     let s1 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 1, 0)?;
     let s2 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 2, 0)?;
-    let target = node_in(&lab, &s1.node_ns, s1.node_ip, Some(seed)).await?;
-    let talker = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed)).await?;
+    let target = node_in(&lab, &s1.node_ns, s1.node_ip, Some(seed), None).await?;
+    let talker = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed), None).await?;
     for n in infra.iter().chain([&target, &talker]) {
         if !settle(n).await {
             return Err(fail("a node did not settle"));
@@ -752,7 +769,7 @@ pub async fn upgrade() -> Result<UpgradeReport, LabError> {
     let seed = infra[0].local_addr();
     let s1 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 1, 0)?;
     let s2 = Site::build(&mut lab, &mut net, NatKind::EimApdf, 2, 0)?;
-    let target = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed)).await?;
+    let target = node_in(&lab, &s2.node_ns, s2.node_ip, Some(seed), None).await?;
     for n in infra.iter().chain([&target]) {
         if !settle(n).await {
             return Err(fail("a node did not settle"));

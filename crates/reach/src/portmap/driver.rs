@@ -22,8 +22,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    PCP_GRACE, PROBE_TIMEOUT, PortMap, PortMapProtocol, PortMapState, PortMapStatus,
-    REDISCOVER_AFTER, REFRESH_INTERVAL, VERIFY_HELPERS, VERIFY_WAIT, gateway,
+    EPOCH_CHECK_INTERVAL, PCP_GRACE, PROBE_TIMEOUT, PortMap, PortMapProtocol, PortMapState,
+    PortMapStatus, REDISCOVER_AFTER, REFRESH_INTERVAL, VERIFY_HELPERS, VERIFY_WAIT, gateway,
 };
 use crate::node::NodeEvent;
 use crate::node::stats;
@@ -291,6 +291,12 @@ impl PortMap {
         let announcements = local.ok().and_then(|l| self.announce_socket(gw, l));
         let (vtx, mut vrx) = mpsc::channel::<(SocketAddr, bool)>(VERIFY_QUEUE);
         let mut stopped = false;
+        let mut epoch_check = tokio::time::interval(EPOCH_CHECK_INTERVAL);
+        epoch_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ask_epoch = match &wire {
+            Wire::Pcp { client, .. } => pcp::Request::Announce { client: *client }.encode(),
+            Wire::NatPmp { .. } => natpmp::Request::ExternalAddress.encode(),
+        };
         let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
         let mut abuf = vec![0u8; MAX_MESSAGE_LEN + 1];
         loop {
@@ -335,6 +341,9 @@ impl PortMap {
                         }
                         m.lc.verified(now(), external, reachable);
                     }
+                }
+                _ = epoch_check.tick(), if !stopped => {
+                    let _ = wire.sock().send(&ask_epoch).await;
                 }
                 _ = tokio::time::sleep_until(clock + next) => {
                     for m in &mut maps {

@@ -54,6 +54,13 @@ pub const PCP_GRACE: Duration = Duration::from_millis(100);
 /// client notices and re-makes it (so a flushed mapping is back within
 /// this, plus one round trip). One small request per interval.
 pub const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+/// How often the gateway's epoch is asked for (a PCP ANNOUNCE or a NAT-PMP
+/// external-address request: a few bytes each way on the LAN). A router
+/// that restarted lost every mapping, and not every router announces its
+/// restart (miniupnpd announces only in PCP, which a NAT-PMP-only router
+/// may not speak); its epoch going back in the answer re-maps at once, so a
+/// restart is noticed within this plus one round trip.
+pub const EPOCH_CHECK_INTERVAL: Duration = Duration::from_secs(4);
 /// How long a verification waits for a helper peer (a connected peer at
 /// another IP) to turn up, and how long one helper may take.
 pub const VERIFY_WAIT: Duration = Duration::from_secs(30);
