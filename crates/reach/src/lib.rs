@@ -40,6 +40,7 @@ pub(crate) mod messaging;
 pub mod nat;
 pub mod node;
 pub(crate) mod peers;
+pub(crate) mod portmap;
 pub mod punch;
 pub mod relay;
 pub mod socket;

@@ -75,7 +75,7 @@ pub const MAX_XML_ELEMENTS: usize = 4096;
 /// real servers send one or a few; 4096 still fits [`MAX_HTTP_RESPONSE`]
 /// at 16 bytes a chunk.
 pub const MAX_CHUNKS: usize = 4096;
-/// Longest URL accepted, as a router could otherwise make every request
+/// Longest URL accepted (in its canonical form), as a router could otherwise make every request
 /// we send carry its junk. Real control URLs are a few dozen bytes.
 pub const MAX_URL_LEN: usize = 512;
 
@@ -398,11 +398,22 @@ impl Url {
                     .ok_or(DecodeError::UpnpBadUrl("port"))?
             }
         };
-        Ok(Url {
+        Url {
             ip,
             port,
             path: path.to_string(),
-        })
+        }
+        .bounded()
+    }
+
+    /// This URL if its canonical form (as [`fmt::Display`] prints it,
+    /// which may add `:80`) fits [`MAX_URL_LEN`], so what we print we
+    /// also parse back.
+    fn bounded(self) -> Result<Url, DecodeError> {
+        if self.to_string().len() > MAX_URL_LEN {
+            return Err(DecodeError::UpnpLimit("URL length"));
+        }
+        Ok(self)
     }
 
     /// `reference` (a controlURL: absolute, absolute-path or relative)
@@ -425,14 +436,12 @@ impl Url {
             format!("{}{reference}", if dir.is_empty() { "/" } else { dir })
         };
         check_path(&path)?;
-        if path.len() > MAX_URL_LEN {
-            return Err(DecodeError::UpnpLimit("URL length"));
-        }
-        Ok(Url {
+        Url {
             ip: self.ip,
             port: self.port,
             path,
-        })
+        }
+        .bounded()
     }
 
     /// The `Host:` header value: `ip:port`, `[v6]:port`.

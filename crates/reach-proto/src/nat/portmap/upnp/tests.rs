@@ -164,6 +164,17 @@ fn control_urls_resolve_against_the_base() {
     );
     let bare = Url::parse("http://10.0.0.1:5000").unwrap();
     assert_eq!(bare.join("x").unwrap().path, "/x");
+    // Found by fuzzing: a joined URL longer than the bound must be refused,
+    // not yield a URL that does not parse back.
+    let long = "a".repeat(MAX_URL_LEN - 10);
+    assert_eq!(base.join(&long), Err(DecodeError::UpnpLimit("URL length")));
+    // The bound holds for the canonical form (":80" added).
+    let path = "b".repeat(MAX_URL_LEN - "http://1.2.3.4/".len());
+    let exact = format!("http://1.2.3.4/{path}");
+    assert_eq!(
+        Url::parse(&exact),
+        Err(DecodeError::UpnpLimit("URL length"))
+    );
 }
 
 #[test]
