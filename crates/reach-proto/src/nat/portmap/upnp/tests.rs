@@ -60,6 +60,15 @@ fn miniupnpd_search_responses_decode() {
 }
 
 #[test]
+fn miniupnpd_search_response_over_ipv6_points_to_an_ipv6_literal() {
+    let m = SsdpMessage::decode(vector!("ssdp_v6.bin")).unwrap();
+    let url = Url::parse(m.location.as_deref().unwrap()).unwrap();
+    assert_eq!(url.ip, "fd00:78::1".parse::<IpAddr>().unwrap());
+    assert_eq!(url.path, "/rootDesc.xml");
+    assert_eq!(m.boot_id, Some(1795725620));
+}
+
+#[test]
 fn notify_alive_and_byebye_decode_with_any_header_case() {
     let alive = b"NOTIFY * HTTP/1.1\r\nhost: 239.255.255.250:1900\r\ncache-control: max-age=60, no-cache\r\n\
         location: http://192.168.1.1:5000/desc.xml\r\nnt: urn:schemas-upnp-org:device:InternetGatewayDevice:1\r\n\
@@ -436,6 +445,13 @@ fn miniupnpd_faults_decode_to_upnp_errors() {
             }))
         );
     }
+}
+
+#[test]
+fn miniupnpd_pinhole_answer_decodes() {
+    // miniupnpd with an IPv6 LAN address (ipv6_listening_ip), asked over IPv6.
+    let r = http(vector!("pinhole6.bin"));
+    assert_eq!(decode_pinhole_id(r.status, &r.body), Ok(1));
 }
 
 #[test]
