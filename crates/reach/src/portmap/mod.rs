@@ -24,6 +24,7 @@
 
 mod driver;
 pub(crate) mod gateway;
+pub(crate) mod upnp;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

@@ -11,6 +11,8 @@
 //! - [`pcp`]: the PCP codec (RFC 6887): MAP requests for IPv4 mappings and
 //!   IPv6 pinholes, and ANNOUNCE.
 //! - [`status`]: what the runtime reports about its mappings.
+//! - [`upnp`]: the UPnP-IGD codec (v1 and v2): SSDP, the device
+//!   description, HTTP/1.1 and the SOAP actions.
 //! - [`lifecycle`]: the life of one mapping: request with backoff, verify
 //!   from outside before publishing, renew at half the lease, re-map after
 //!   a router restart, revoke after repeated failed renewals, delete at
@@ -23,6 +25,7 @@ pub mod lifecycle;
 pub mod natpmp;
 pub mod pcp;
 pub mod status;
+pub mod upnp;
 
 /// UDP port a NAT-PMP or PCP server listens on (RFC 6886 §3, RFC 6887
 /// §19.1: both protocols share it, so one socket probes for both).
@@ -110,6 +113,42 @@ pub enum DecodeError {
     /// More PCP options than [`pcp::MAX_OPTIONS`].
     #[error("more than {} PCP options", pcp::MAX_OPTIONS)]
     TooManyOptions,
+    /// A UPnP message (SSDP datagram, HTTP response, XML document) longer
+    /// than its bound: refused unread.
+    #[error("UPnP message of {len} bytes exceeds {max} bytes")]
+    UpnpTooLong {
+        /// Its length.
+        len: usize,
+        /// The bound ([`upnp::MAX_SSDP_LEN`] or [`upnp::MAX_HTTP_RESPONSE`]).
+        max: usize,
+    },
+    /// A UPnP message that is not HTTP-like (start line, headers, chunks).
+    #[error("malformed UPnP message: {0}")]
+    UpnpMalformed(&'static str),
+    /// A well-formed message of a kind not expected here (another client's
+    /// M-SEARCH, an SSDP error status, ...).
+    #[error("unexpected UPnP message: {0}")]
+    UpnpUnexpected(&'static str),
+    /// A header, element or argument the message must carry is missing.
+    #[error("UPnP message lacks {0}")]
+    UpnpMissing(&'static str),
+    /// A header, element or argument whose value does not parse.
+    #[error("bad value in UPnP message: {0}")]
+    UpnpBadValue(&'static str),
+    /// A count, length or depth bound of [`upnp`] exceeded.
+    #[error("UPnP message exceeds the {0} bound")]
+    UpnpLimit(&'static str),
+    /// XML that the scanner refuses (not well-formed, a DOCTYPE, an
+    /// undeclared entity).
+    #[error("bad UPnP XML: {0}")]
+    UpnpXml(&'static str),
+    /// A URL that is not `http://<ip>[:port]/path`.
+    #[error("bad UPnP URL: {0}")]
+    UpnpBadUrl(&'static str),
+    /// A URL with a host name: we never resolve names, and only talk to the
+    /// gateway's address.
+    #[error("UPnP URL names a host instead of an IP address")]
+    UpnpHostname,
 }
 
 impl DecodeError {
@@ -125,6 +164,15 @@ impl DecodeError {
             DecodeError::UnknownProtocol(_) => "portmap_unknown_protocol",
             DecodeError::MalformedOption { .. } => "portmap_malformed_option",
             DecodeError::TooManyOptions => "portmap_too_many_options",
+            DecodeError::UpnpTooLong { .. } => "portmap_upnp_too_long",
+            DecodeError::UpnpMalformed(_) => "portmap_upnp_malformed",
+            DecodeError::UpnpUnexpected(_) => "portmap_upnp_unexpected",
+            DecodeError::UpnpMissing(_) => "portmap_upnp_missing",
+            DecodeError::UpnpBadValue(_) => "portmap_upnp_bad_value",
+            DecodeError::UpnpLimit(_) => "portmap_upnp_limit",
+            DecodeError::UpnpXml(_) => "portmap_upnp_xml",
+            DecodeError::UpnpBadUrl(_) => "portmap_upnp_bad_url",
+            DecodeError::UpnpHostname => "portmap_upnp_hostname",
         }
     }
 }
