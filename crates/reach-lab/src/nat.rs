@@ -45,8 +45,11 @@ pub enum NatKind {
 pub const PORTMAP_KINDS: [NatKind; 3] = [NatKind::Upnp, NatKind::Natpmp, NatKind::Pcp];
 
 /// Every kind the connectivity matrix runs (`reach lab matrix`): the NAT
-/// kinds plus a network that blocks UDP.
-pub const MATRIX_KINDS: [NatKind; 9] = [
+/// kinds, a network that blocks UDP, and the routers that map ports. The
+/// port-mapping kinds come last, so in each pair with one of them it is
+/// the side dialed (B): the pair shows whether its mapping lets a stranger
+/// in directly on the first dial.
+pub const MATRIX_KINDS: [NatKind; 12] = [
     NatKind::Public,
     NatKind::EimEif,
     NatKind::EimAdf,
@@ -56,6 +59,9 @@ pub const MATRIX_KINDS: [NatKind; 9] = [
     NatKind::Firewall,
     NatKind::SameNat,
     NatKind::UdpBlocked,
+    NatKind::Upnp,
+    NatKind::Natpmp,
+    NatKind::Pcp,
 ];
 
 /// Every NAT kind the classification runs (`reach lab nat`), in matrix

@@ -1,6 +1,7 @@
 //! Relays and hole punching against real kernel NATs: every pair of NAT
 //! kinds connects by PeerId alone, punches through where a mapping allows,
-//! and relay failover. Needs root and the lab's tools
+//! reaches a node whose router maps its port (miniupnpd) directly on the
+//! first dial, and relay failover. Needs root and the lab's tools
 //! (scripts/test.sh installs them). Without them the tests explain why and
 //! pass, unless REACH_LAB_REQUIRED=1 (CI), where they fail.
 
@@ -18,7 +19,10 @@ fn lab_available() -> bool {
 /// run (the birthday technique is probabilistic: ~99.97% per attempt).
 fn punch_target(p: &PairResult) -> Option<bool> {
     let kinds = [p.a, p.b];
-    if kinds.contains(&NatKind::UdpBlocked) || kinds == [NatKind::Edm, NatKind::Edm] {
+    if p.b.portmap_protocol().is_some() {
+        // B's router maps its port: dialed directly, nothing to punch.
+        Some(true)
+    } else if kinds.contains(&NatKind::UdpBlocked) || kinds == [NatKind::Edm, NatKind::Edm] {
         Some(false)
     } else if kinds.contains(&NatKind::Edm) {
         None
@@ -36,9 +40,9 @@ async fn every_pair_of_nat_kinds_connects_by_peer_id_and_punches_where_mappings_
         runs: 2,
         ..PairMatrixOptions::default()
     };
-    let report = tokio::time::timeout(Duration::from_secs(420), run(&opts))
+    let report = tokio::time::timeout(Duration::from_secs(600), run(&opts))
         .await
-        .expect("matrix within 7 minutes")
+        .expect("matrix within 10 minutes")
         .expect("matrix run");
     for p in &report.pairs {
         eprintln!(
@@ -59,9 +63,21 @@ async fn every_pair_of_nat_kinds_connects_by_peer_id_and_punches_where_mappings_
     }
     assert_eq!(
         report.pairs.len(),
-        45,
-        "every unordered pair of the 9 kinds (8 NAT kinds and udp-blocked)"
+        78,
+        "every unordered pair of the 12 kinds (8 NAT kinds, udp-blocked, upnp, natpmp, pcp)"
     );
+    // A node whose router maps its port is reached directly on the first
+    // dial in every run, from behind any NAT (over a TCP link to the mapped
+    // TCP port from a UDP-blocked network): no relay, no punch.
+    for p in report
+        .pairs
+        .iter()
+        .filter(|p| p.b.portmap_protocol().is_some())
+    {
+        let pair = format!("{} -> {}: {p:?}", p.a.name(), p.b.name());
+        assert_eq!(p.direct, p.runs, "direct on the first dial: {pair}");
+        assert_eq!(p.strategy, "direct_dial", "{pair}");
+    }
     for p in &report.pairs {
         assert_eq!(
             p.connected,

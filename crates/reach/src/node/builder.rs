@@ -396,6 +396,11 @@ impl NodeBuilder {
             self.port_mapping.clone(),
             crate::portmap::Net {
                 udp: udp_binder.clone(),
+                tcp: self.tcp_connector.clone().unwrap_or_else(|| {
+                    std::sync::Arc::new(|to| {
+                        std::net::TcpStream::connect_timeout(&to, crate::portmap::upnp::HTTP_TIMEOUT)
+                    })
+                }),
             },
             tcp_listener.is_some(),
         ));

@@ -21,8 +21,9 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::upnp::{self, UpnpError, UpnpNet};
 use super::{
-    EPOCH_CHECK_INTERVAL, PCP_GRACE, PROBE_TIMEOUT, PortMap, PortMapProtocol, PortMapState,
+    EPOCH_CHECK_INTERVAL, MAPPING_DESCRIPTION, PCP_GRACE, PREFERRED_WAIT_AFTER_UPNP, UPNP_DISCOVERY_TIMEOUT, PROBE_TIMEOUT, PortMap, PortMapProtocol, PortMapState,
     PortMapStatus, REDISCOVER_AFTER, REFRESH_INTERVAL, VERIFY_HELPERS, VERIFY_WAIT, gateway,
 };
 use crate::node::NodeEvent;
@@ -55,6 +56,18 @@ enum Wire {
         /// only ports).
         external_ip: Ipv4Addr,
     },
+    Upnp {
+        /// Connected to the gateway's 5351 like the others' (nothing
+        /// arrives on it; it keeps the driver's loop one shape).
+        sock: UdpSocket,
+        igd: upnp::Igd,
+        net: UpnpNet,
+        /// Our LAN address: the mappings' internal client.
+        client: IpAddr,
+        /// The router's BOOTID.UPNP.ORG as last seen: a new one in an SSDP
+        /// NOTIFY means it restarted.
+        boot_id: Option<u32>,
+    },
 }
 
 impl Wire {
@@ -62,12 +75,13 @@ impl Wire {
         match self {
             Wire::Pcp { .. } => PortMapProtocol::Pcp,
             Wire::NatPmp { .. } => PortMapProtocol::Natpmp,
+            Wire::Upnp { .. } => PortMapProtocol::Upnp,
         }
     }
 
     fn sock(&self) -> &UdpSocket {
         match self {
-            Wire::Pcp { sock, .. } | Wire::NatPmp { sock, .. } => sock,
+            Wire::Pcp { sock, .. } | Wire::NatPmp { sock, .. } | Wire::Upnp { sock, .. } => sock,
         }
     }
 }
@@ -88,6 +102,8 @@ struct Mapping {
     /// PCP's name for the mapping (the same for every renewal).
     nonce: pcp::Nonce,
     check: Check,
+    /// The external port granted last (UPnP deletes by it).
+    external_port: Option<u16>,
 }
 
 impl PortMap {
@@ -183,13 +199,68 @@ impl PortMap {
         UdpSocket::from_std(sock).ok()
     }
 
+    /// Finds the protocol the gateway speaks: PCP and NAT-PMP probed on
+    /// 5351 while UPnP-IGD is searched for, all at once; PCP preferred,
+    /// then NAT-PMP, then UPnP (a router answering PCP or NAT-PMP does not
+    /// wait for UPnP's search).
+    async fn discover(&self, gw: IpAddr) -> Option<Wire> {
+        let sock = self.client_socket(gw)?;
+        let client = sock.local_addr().ok()?.ip();
+        let net = UpnpNet {
+            udp: self.net.udp.clone(),
+            tcp: self.net.tcp.clone(),
+        };
+        let started = Instant::now();
+        let probe = self.probe_5351(sock, client, gw);
+        let search = upnp::discover(&net, client, gw, UPNP_DISCOVERY_TIMEOUT);
+        tokio::pin!(probe, search);
+        let mut probe_failed = false;
+        // `Some` once the search ended: the gateway, if it answered.
+        let mut searched: Option<Option<upnp::Igd>> = None;
+        loop {
+            let upnp_found = matches!(searched, Some(Some(_)));
+            tokio::select! {
+                _ = tokio::time::sleep_until(started + PREFERRED_WAIT_AFTER_UPNP), if upnp_found => {
+                    let igd = searched.take().flatten()?;
+                    return self.upnp_wire(igd, net.clone(), client, gw);
+                }
+                w = &mut probe, if !probe_failed => {
+                    if w.is_some() {
+                        return w;
+                    }
+                    probe_failed = true;
+                    if let Some(igd) = searched.take() {
+                        return self.upnp_wire(igd?, net.clone(), client, gw);
+                    }
+                }
+                r = &mut search, if searched.is_none() => {
+                    let igd = r
+                        .inspect_err(|e| tracing::debug!(%gw, error = %e, kind = e.kind(), "no UPnP-IGD"))
+                        .ok();
+                    if probe_failed {
+                        return self.upnp_wire(igd?, net.clone(), client, gw);
+                    }
+                    searched = Some(igd);
+                }
+            }
+        }
+    }
+
+    fn upnp_wire(&self, igd: upnp::Igd, net: UpnpNet, client: IpAddr, gw: IpAddr) -> Option<Wire> {
+        Some(Wire::Upnp {
+            sock: self.client_socket(gw)?,
+            boot_id: igd.boot_id(),
+            igd,
+            net,
+            client,
+        })
+    }
+
     /// Probes the gateway for PCP and NAT-PMP at once, from one socket
     /// (both listen on 5351; the version byte tells the answers apart).
     /// PCP is preferred: after a NAT-PMP answer, a PCP answer still has
     /// [`PCP_GRACE`].
-    async fn discover(&self, gw: IpAddr) -> Option<Wire> {
-        let sock = self.client_socket(gw)?;
-        let client = sock.local_addr().ok()?.ip();
+    async fn probe_5351(&self, sock: UdpSocket, client: IpAddr, gw: IpAddr) -> Option<Wire> {
         let announce = pcp::Request::Announce { client }.encode();
         let ask_external = natpmp::Request::ExternalAddress.encode();
         let started = Instant::now();
@@ -258,14 +329,109 @@ impl PortMap {
         UdpSocket::from_std(sock).ok()
     }
 
+    /// The socket UPnP routers' SSDP NOTIFYs arrive on (multicast to
+    /// 239.255.255.250:1900). Best effort: another UPnP stack on this host
+    /// may hold the port; then the mapping itself is checked instead (see
+    /// [`EPOCH_CHECK_INTERVAL`]).
+    fn ssdp_socket(&self, local: IpAddr) -> Option<UdpSocket> {
+        let IpAddr::V4(local) = local else {
+            return None;
+        };
+        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), reach_proto::nat::portmap::upnp::SSDP_PORT);
+        let sock = (self.net.udp)(bind, 1).ok()?.into_iter().next()?;
+        sock.join_multicast_v4(&reach_proto::nat::portmap::upnp::SSDP_MULTICAST_V4, &local).ok()?;
+        sock.set_nonblocking(true).ok()?;
+        UdpSocket::from_std(sock).ok()
+    }
+
+    /// Carries out a UPnP request inline (an HTTP exchange bounded by the
+    /// client's timeouts): a lifetime of 0 deletes. A SOAP fault is a
+    /// refusal; no answer at all is left to the lifecycle's retransmission.
+    async fn upnp_request(
+        &self,
+        igd: &upnp::Igd,
+        net: &UpnpNet,
+        client: IpAddr,
+        m: &mut Mapping,
+        lifetime_secs: u32,
+        clock: Instant,
+    ) {
+        let answer = if lifetime_secs == 0 {
+            let port = m.external_port.unwrap_or(m.internal_port);
+            igd.delete_port_mapping(net, m.protocol, port)
+                .await
+                .map(|()| Grant {
+                    external: SocketAddr::new(client, port),
+                    lifetime_secs: 0,
+                    epoch: None,
+                })
+        } else {
+            let internal = SocketAddr::new(client, m.internal_port);
+            async {
+                let mapped = igd
+                    .add_port_mapping(net, m.protocol, internal, lifetime_secs, MAPPING_DESCRIPTION)
+                    .await?;
+                let ip = igd.external_ip(net).await?;
+                Ok::<_, UpnpError>(Grant {
+                    external: SocketAddr::new(ip, mapped.external_port),
+                    // A permanent mapping (lease 0) is renewed at our pace
+                    // and deleted at shutdown like any other.
+                    lifetime_secs: if mapped.lease_secs == 0 {
+                        lifetime_secs
+                    } else {
+                        mapped.lease_secs
+                    },
+                    epoch: None,
+                })
+            }
+            .await
+        };
+        let now = clock.elapsed();
+        match answer {
+            Ok(grant) => {
+                if lifetime_secs != 0 {
+                    m.external_port = Some(grant.external.port());
+                }
+                m.lc.granted(now, grant);
+            }
+            Err(e) if e.soap_code().is_some() => {
+                tracing::debug!(error = %e, "the UPnP gateway refused");
+                m.lc.refused(now);
+            }
+            Err(e) => tracing::debug!(error = %e, kind = e.kind(), "no answer from the UPnP gateway"),
+        }
+    }
+
+    /// Asks a UPnP gateway whether it still holds the UDP mapping; one it
+    /// lost (a flush, a restart unannounced) is made again at once.
+    async fn upnp_check(&self, wire: &Wire, maps: &mut [Mapping], clock: Instant) {
+        let Wire::Upnp { igd, net, .. } = wire else {
+            return;
+        };
+        let Some(port) = maps
+            .iter()
+            .find(|m| m.protocol == Protocol::Udp && matches!(m.lc.state(), State::Mapped(_)))
+            .and_then(|m| m.external_port)
+        else {
+            return;
+        };
+        if let Ok(false) = igd.mapping_exists(net, Protocol::Udp, port).await {
+            tracing::debug!(port, "the UPnP gateway lost the mapping");
+            for m in maps.iter_mut() {
+                m.lc.server_lost_state(clock.elapsed());
+            }
+        }
+    }
+
     /// Maps the node's ports and keeps the mappings alive until shutdown,
     /// then deletes them.
     async fn drive(self: &Arc<Self>, gw: IpAddr, mut wire: Wire, stopping: &CancellationToken) {
         let clock = Instant::now();
         let now = || clock.elapsed();
         let rule = match wire {
-            Wire::Pcp { .. } => EpochRule::Pcp,
-            Wire::NatPmp { .. } => EpochRule::NatPmp,
+            Wire::Pcp { .. } => Some(EpochRule::Pcp),
+            Wire::NatPmp { .. } => Some(EpochRule::NatPmp),
+            Wire::Upnp { .. } => None,
         };
         let port = self.core.local_addr.port();
         let mut protocols = vec![Protocol::Udp];
@@ -281,27 +447,34 @@ impl PortMap {
             maps.push(Mapping {
                 protocol,
                 internal_port: port,
-                lc: Lifecycle::new(now(), self.config.lifetime, Some(rule))
+                lc: Lifecycle::new(now(), self.config.lifetime, rule)
                     .with_max_renew_interval(REFRESH_INTERVAL),
                 nonce,
                 check: Check::None,
+                external_port: None,
             });
         }
         let local = wire.sock().local_addr().map(|a| a.ip());
-        let announcements = local.ok().and_then(|l| self.announce_socket(gw, l));
+        // Where the router says it restarted: PCP / NAT-PMP announcements,
+        // or UPnP's SSDP NOTIFYs.
+        let announcements = local.ok().and_then(|l| match wire {
+            Wire::Upnp { .. } => self.ssdp_socket(l),
+            _ => self.announce_socket(gw, l),
+        });
         let (vtx, mut vrx) = mpsc::channel::<(SocketAddr, bool)>(VERIFY_QUEUE);
         let mut stopped = false;
         let mut epoch_check = tokio::time::interval(EPOCH_CHECK_INTERVAL);
         epoch_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let ask_epoch = match &wire {
-            Wire::Pcp { client, .. } => pcp::Request::Announce { client: *client }.encode(),
-            Wire::NatPmp { .. } => natpmp::Request::ExternalAddress.encode(),
+            Wire::Pcp { client, .. } => Some(pcp::Request::Announce { client: *client }.encode()),
+            Wire::NatPmp { .. } => Some(natpmp::Request::ExternalAddress.encode()),
+            Wire::Upnp { .. } => None,
         };
         let mut buf = vec![0u8; MAX_MESSAGE_LEN + 1];
         let mut abuf = vec![0u8; MAX_MESSAGE_LEN + 1];
         loop {
             for m in &mut maps {
-                self.act(&wire, m, now(), &vtx, stopped).await;
+                self.act(&wire, m, clock, &vtx, stopped).await;
             }
             self.show(&wire, &maps);
             if stopped && maps.iter().all(|m| m.lc.is_done()) {
@@ -343,7 +516,17 @@ impl PortMap {
                     }
                 }
                 _ = epoch_check.tick(), if !stopped => {
-                    let _ = wire.sock().send(&ask_epoch).await;
+                    match &ask_epoch {
+                        Some(ask) => {
+                            let _ = wire.sock().send(ask).await;
+                        }
+                        // UPnP has no epoch; without the SSDP listener the
+                        // mapping itself is asked for.
+                        None if announcements.is_none() => {
+                            self.upnp_check(&wire, &mut maps, clock).await;
+                        }
+                        None => {}
+                    }
                 }
                 _ = tokio::time::sleep_until(clock + next) => {
                     for m in &mut maps {
@@ -359,19 +542,31 @@ impl PortMap {
         self: &Arc<Self>,
         wire: &Wire,
         m: &mut Mapping,
-        now: Duration,
+        clock: Instant,
         vtx: &mpsc::Sender<(SocketAddr, bool)>,
         stopped: bool,
     ) {
         while let Some(action) = m.lc.poll_action() {
+            let now = clock.elapsed();
             match action {
                 Action::SendRequest {
                     lifetime_secs,
                     suggested_external,
-                } => {
-                    let bytes = request(wire, m, lifetime_secs, suggested_external);
-                    let _ = wire.sock().send(&bytes).await;
-                }
+                } => match wire {
+                    Wire::Upnp {
+                        igd, net, client, ..
+                    } => {
+                        let was = m.lc.state();
+                        self.upnp_request(igd, net, *client, m, lifetime_secs, clock)
+                            .await;
+                        self.count(was, m.lc.state());
+                    }
+                    _ => {
+                        if let Some(bytes) = request(wire, m, lifetime_secs, suggested_external) {
+                            let _ = wire.sock().send(&bytes).await;
+                        }
+                    }
+                },
                 Action::Verify(external) if m.protocol == Protocol::Tcp => {
                     // The TCP mapping serves TCP links at the address the
                     // UDP mapping publishes; it is not published on its
@@ -422,6 +617,8 @@ impl PortMap {
                 Ok(r) => on_natpmp(external_ip, maps, &r, now),
                 Err(_) => stats::bump(&self.counters.bad_replies),
             },
+            // UPnP answers come over its own HTTP exchanges.
+            Wire::Upnp { .. } => {}
         }
         for (m, was) in maps.iter().zip(before) {
             self.count(was, m.lc.state());
@@ -435,6 +632,20 @@ impl PortMap {
     /// read whatever the wire: a PCP epoch that went back re-maps, and a
     /// NAT-PMP address announcement is handled like an answer.
     fn on_announcement(&self, wire: &mut Wire, maps: &mut [Mapping], bytes: &[u8], now: Duration) {
+        if let Wire::Upnp { boot_id, .. } = wire {
+            // A NOTIFY with a new BOOTID.UPNP.ORG: the router restarted
+            // (UPnP "answering afresh") and lost its mappings.
+            if let Some((_, Some(new))) = upnp::decode_notify(bytes)
+                && *boot_id != Some(new)
+            {
+                tracing::debug!(?boot_id, new, "the UPnP gateway restarted");
+                *boot_id = Some(new);
+                for m in maps.iter_mut() {
+                    m.lc.server_lost_state(now);
+                }
+            }
+            return;
+        }
         match bytes.first() {
             Some(&pcp::VERSION) => match pcp::Response::decode(bytes) {
                 Ok(r) if r.opcode == pcp::Opcode::Announce => {
@@ -525,8 +736,13 @@ impl PortMap {
 }
 
 /// The request bytes for what a lifecycle asks.
-fn request(wire: &Wire, m: &Mapping, lifetime_secs: u32, suggested: Option<SocketAddr>) -> Vec<u8> {
-    match wire {
+fn request(
+    wire: &Wire,
+    m: &Mapping,
+    lifetime_secs: u32,
+    suggested: Option<SocketAddr>,
+) -> Option<Vec<u8>> {
+    Some(match wire {
         Wire::Pcp { client, .. } => {
             let mut r =
                 pcp::MapRequest::new(*client, m.nonce, m.protocol, m.internal_port, lifetime_secs);
@@ -549,7 +765,9 @@ fn request(wire: &Wire, m: &Mapping, lifetime_secs: u32, suggested: Option<Socke
             };
             natpmp::Request::Map(r).encode()
         }
-    }
+        // Not datagrams: see `PortMap::upnp_request`.
+        Wire::Upnp { .. } => return None,
+    })
 }
 
 /// A PCP message from the gateway: a MAP answer goes to the mapping it

@@ -44,6 +44,12 @@ pub use reach_proto::nat::portmap::status::{PortMapProtocol, PortMapState, PortM
 /// answers in milliseconds; one that has not answered by then does not
 /// speak the protocol, and UPnP gets its turn.
 pub const PROBE_TIMEOUT: Duration = Duration::from_millis(1750);
+/// Once UPnP-IGD answered, how long from the start of discovery PCP and
+/// NAT-PMP still get (PCP and NAT-PMP are preferred, but a router on the
+/// LAN answers them within milliseconds: two sends, 250 ms apart, cover a
+/// lost packet; waiting the full [`PROBE_TIMEOUT`] would only delay a
+/// UPnP-only router's mapping).
+pub const PREFERRED_WAIT_AFTER_UPNP: Duration = Duration::from_millis(500);
 /// How long UPnP-IGD discovery (SSDP search, the description) may take.
 pub const UPNP_DISCOVERY_TIMEOUT: Duration = Duration::from_secs(3);
 /// After NAT-PMP answered, how long to wait for a PCP answer to the probe
@@ -62,6 +68,8 @@ pub const REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// may not speak); its epoch going back in the answer re-maps at once, so a
 /// restart is noticed within this plus one round trip.
 pub const EPOCH_CHECK_INTERVAL: Duration = Duration::from_secs(4);
+/// Description put on a UPnP mapping (routers show it in their UI).
+pub const MAPPING_DESCRIPTION: &str = "reach";
 /// How long a verification waits for a helper peer (a connected peer at
 /// another IP) to turn up, and how long one helper may take.
 pub const VERIFY_WAIT: Duration = Duration::from_secs(30);
@@ -145,6 +153,8 @@ crate::telemetry::metrics! {
 #[derive(Clone)]
 pub(crate) struct Net {
     pub udp: crate::socket::UdpBinder,
+    /// Opens TCP connections (UPnP's HTTP and SOAP), blocking.
+    pub tcp: crate::tcp::Connector,
 }
 
 /// The port-mapping capability.
