@@ -45,6 +45,9 @@ pub(crate) const BIND_TIMEOUT: Duration = Duration::from_secs(2);
 /// Largest lease IGDv2 accepts (WANIPConnection:2 §2.3.15: one week); a
 /// longer one is refused with error 402 by conforming routers.
 pub(crate) const MAX_V2_LEASE_SECS: u32 = 604_800;
+/// Distinct LOCATIONs from the gateway fetched at most in one discovery
+/// (a router advertises one; a few allow for one per search target).
+const MAX_LOCATIONS_TRIED: usize = 4;
 /// Search targets sent in each M-SEARCH round: IGDv2 first, and IGDv1 for
 /// routers that only answer that.
 const SEARCH_TARGETS: [&str; 2] = [codec::ST_IGD_V2, codec::ST_IGD_V1];
@@ -190,6 +193,10 @@ pub(crate) async fn discover(
     let mut buf = vec![0u8; codec::MAX_SSDP_LEN + 1];
     let mut next_search = Instant::now();
     let mut last_error = None;
+    // LOCATIONs already fetched without success: the gateway answers every
+    // search round (4 answers each), and one failing description is not
+    // fetched again and again.
+    let mut tried: Vec<Option<String>> = Vec::new();
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -219,10 +226,16 @@ pub(crate) async fn discover(
             Ok(m) if m.kind == SsdpKind::SearchResponse => m,
             _ => continue,
         };
+        if tried.contains(&answer.location) || tried.len() >= MAX_LOCATIONS_TRIED {
+            continue;
+        }
         let attempt = tokio::time::timeout_at(deadline, describe(net, gateway, &answer)).await;
         match attempt {
             Ok(Ok(igd)) => return Ok(igd),
-            Ok(Err(e)) => last_error = Some(e),
+            Ok(Err(e)) => {
+                tried.push(answer.location);
+                last_error = Some(e);
+            }
             Err(_) => return Err(UpnpError::Timeout("description")),
         }
     }

@@ -7,8 +7,13 @@
 //! miniupnpd installed; `REACH_LAB_REQUIRED=1`
 //! makes a missing prerequisite a failure. Nothing is sent from the root
 //! namespace: every socket is made inside the lab's namespaces.
+//!
+//! The paths miniupnpd never takes (error 725, a LOCATION or control URL
+//! off the gateway, an HTTP error) are checked against a scripted gateway
+//! on loopback.
 
 use std::fs::File;
+use std::io::{Read, Write};
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
@@ -553,4 +558,206 @@ fn notify_of_an_igd_gives_location_and_boot_id() {
     assert_eq!(decode_notify(bye.as_bytes()), None);
     let named = String::from_utf8_lossy(alive).replace("10.78.0.1", "router.lan");
     assert_eq!(decode_notify(named.as_bytes()), None);
+}
+
+/// A gateway on loopback that answers each HTTP connection with the next
+/// canned response and keeps the requests it got.
+struct Scripted {
+    addr: SocketAddr,
+    requests: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Scripted {
+    fn start(answers: Vec<String>) -> Scripted {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        std::thread::spawn(move || {
+            for answer in answers {
+                let Ok((mut s, _)) = listener.accept() else {
+                    return;
+                };
+                s.set_read_timeout(Some(HTTP_TIMEOUT)).unwrap();
+                let mut got = Vec::new();
+                let mut buf = [0u8; 4096];
+                // Read the head and the Content-Length body.
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    got.extend_from_slice(&buf[..n]);
+                    let text = String::from_utf8_lossy(&got);
+                    if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("Content-Length: "))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        if body.len() >= len {
+                            break;
+                        }
+                    }
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&got).into_owned());
+                let _ = s.write_all(answer.as_bytes());
+            }
+        });
+        Scripted { addr, requests }
+    }
+
+    fn requests(&self) -> Vec<String> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+fn http_answer(status: &str, body: &str) -> String {
+    format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+/// An IGDv1 description whose control URL is `control`.
+fn v1_description(control: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\"?><root><device><deviceList><device><deviceList><device>\
+         <deviceType>urn:schemas-upnp-org:device:WANConnectionDevice:1</deviceType><serviceList>\
+         <service><serviceType>urn:schemas-upnp-org:service:WANIPConnection:1</serviceType>\
+         <controlURL>{control}</controlURL></service></serviceList></device></deviceList>\
+         </device></deviceList></device></root>"
+    )
+}
+
+fn fault(code: u16, description: &str) -> String {
+    format!(
+        "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body><s:Fault>\
+         <faultcode>s:Client</faultcode><faultstring>UPnPError</faultstring><detail>\
+         <UPnPError xmlns=\"urn:schemas-upnp-org:control-1-0\"><errorCode>{code}</errorCode>\
+         <errorDescription>{description}</errorDescription></UPnPError></detail></s:Fault>\
+         </s:Body></s:Envelope>"
+    )
+}
+
+fn loopback_net() -> UpnpNet {
+    UpnpNet::here()
+}
+
+fn search_answer(location: &str) -> SsdpMessage {
+    SsdpMessage {
+        kind: SsdpKind::SearchResponse,
+        location: Some(location.into()),
+        target: codec::ST_IGD_V1.into(),
+        usn: None,
+        boot_id: Some(3),
+        max_age: Some(120),
+    }
+}
+
+#[tokio::test]
+async fn a_location_or_control_url_off_the_gateway_is_refused() {
+    let net = loopback_net();
+    let gw: IpAddr = "127.0.0.1".parse().unwrap();
+    let elsewhere = search_answer("http://127.0.0.2:5000/rootDesc.xml");
+    let e = describe(&net, gw, &elsewhere).await.unwrap_err();
+    assert_eq!(e.kind(), "upnp_foreign_address", "{e}");
+
+    let server = Scripted::start(vec![http_answer(
+        "200 OK",
+        &v1_description("http://127.0.0.3:5000/ctl"),
+    )]);
+    let answer = search_answer(&format!("http://{}/rootDesc.xml", server.addr));
+    let e = describe(&net, gw, &answer).await.unwrap_err();
+    assert_eq!(e.kind(), "upnp_foreign_address", "{e}");
+    assert_eq!(
+        server.requests().len(),
+        1,
+        "only the description was fetched"
+    );
+
+    let server = Scripted::start(vec![http_answer("404 Not Found", "")]);
+    let answer = search_answer(&format!("http://{}/rootDesc.xml", server.addr));
+    let e = describe(&net, gw, &answer).await.unwrap_err();
+    assert_eq!(e.kind(), "upnp_http", "{e}");
+}
+
+#[tokio::test]
+async fn only_permanent_leases_are_asked_again_with_lease_zero() {
+    let net = loopback_net();
+    let gw: IpAddr = "127.0.0.1".parse().unwrap();
+    let ok = "<s:Envelope xmlns:s=\"http://schemas.xmlsoap.org/soap/envelope/\"><s:Body>\
+              <u:AddPortMappingResponse xmlns:u=\"x\"/></s:Body></s:Envelope>";
+    let server = Scripted::start(vec![
+        http_answer("200 OK", &v1_description("/ctl")),
+        http_answer(
+            "500 Internal Server Error",
+            &fault(
+                codec::ERR_ONLY_PERMANENT_LEASES,
+                "OnlyPermanentLeasesSupported",
+            ),
+        ),
+        http_answer("200 OK", ok),
+        http_answer(
+            "500 Internal Server Error",
+            &fault(codec::ERR_CONFLICT, "ConflictInMappingEntry"),
+        ),
+    ]);
+    let answer = search_answer(&format!("http://{}/rootDesc.xml", server.addr));
+    let igd = describe(&net, gw, &answer).await.expect("described");
+    assert_eq!(igd.version(), 1);
+    assert_eq!(igd.boot_id(), Some(3));
+    assert!(!igd.has_ipv6_firewall());
+    let internal: SocketAddr = "127.0.0.1:40000".parse().unwrap();
+    // Lease 0 asked: 1 is sent (0 would be "permanent").
+    let mapped = igd
+        .add_port_mapping(&net, Protocol::Udp, internal, 0, "t")
+        .await
+        .expect("mapped permanently");
+    assert_eq!(
+        mapped,
+        Mapped {
+            external_port: 40000,
+            lease_secs: 0
+        }
+    );
+    let requests = server.requests();
+    assert!(
+        requests[1].contains("<NewLeaseDuration>1</NewLeaseDuration>"),
+        "{}",
+        requests[1]
+    );
+    assert!(
+        requests[2].contains("<NewLeaseDuration>0</NewLeaseDuration>"),
+        "{}",
+        requests[2]
+    );
+    assert!(
+        requests[2].contains(
+            "SOAPAction: \"urn:schemas-upnp-org:service:WANIPConnection:1#AddPortMapping\""
+        )
+    );
+    // IGDv1 has no AddAnyPortMapping: a conflict is the caller's to handle.
+    let e = igd
+        .add_port_mapping(&net, Protocol::Udp, internal, 60, "t")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.kind(), e.soap_code()),
+        ("upnp_soap", Some(codec::ERR_CONFLICT))
+    );
+    // Wrong families are refused before anything is sent.
+    let v6: SocketAddr = "[::1]:40000".parse().unwrap();
+    let e = igd
+        .add_port_mapping(&net, Protocol::Udp, v6, 60, "t")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "upnp_address_family");
+    let e = igd
+        .add_pinhole(&net, Protocol::Udp, v6, 60)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), "upnp_no_ipv6_firewall");
+    assert_eq!(server.requests().len(), 4);
 }
