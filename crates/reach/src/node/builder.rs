@@ -398,7 +398,10 @@ impl NodeBuilder {
                 udp: udp_binder.clone(),
                 tcp: self.tcp_connector.clone().unwrap_or_else(|| {
                     std::sync::Arc::new(|to| {
-                        std::net::TcpStream::connect_timeout(&to, crate::portmap::upnp::HTTP_TIMEOUT)
+                        std::net::TcpStream::connect_timeout(
+                            &to,
+                            crate::portmap::upnp::HTTP_TIMEOUT,
+                        )
                     })
                 }),
             },

@@ -23,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::upnp::{self, UpnpError, UpnpNet};
 use super::{
-    EPOCH_CHECK_INTERVAL, MAPPING_DESCRIPTION, PCP_GRACE, PREFERRED_WAIT_AFTER_UPNP, UPNP_DISCOVERY_TIMEOUT, PROBE_TIMEOUT, PortMap, PortMapProtocol, PortMapState,
-    PortMapStatus, REDISCOVER_AFTER, REFRESH_INTERVAL, VERIFY_HELPERS, VERIFY_WAIT, gateway,
+    EPOCH_CHECK_INTERVAL, MAPPING_DESCRIPTION, PCP_GRACE, PREFERRED_WAIT_AFTER_UPNP, PROBE_TIMEOUT,
+    PortMap, PortMapProtocol, PortMapState, PortMapStatus, REDISCOVER_AFTER, REFRESH_INTERVAL,
+    UPNP_DISCOVERY_TIMEOUT, VERIFY_HELPERS, VERIFY_WAIT, gateway,
 };
 use crate::node::NodeEvent;
 use crate::node::stats;
@@ -337,9 +338,13 @@ impl PortMap {
         let IpAddr::V4(local) = local else {
             return None;
         };
-        let bind = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), reach_proto::nat::portmap::upnp::SSDP_PORT);
+        let bind = SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            reach_proto::nat::portmap::upnp::SSDP_PORT,
+        );
         let sock = (self.net.udp)(bind, 1).ok()?.into_iter().next()?;
-        sock.join_multicast_v4(&reach_proto::nat::portmap::upnp::SSDP_MULTICAST_V4, &local).ok()?;
+        sock.join_multicast_v4(&reach_proto::nat::portmap::upnp::SSDP_MULTICAST_V4, &local)
+            .ok()?;
         sock.set_nonblocking(true).ok()?;
         UdpSocket::from_std(sock).ok()
     }
@@ -369,7 +374,13 @@ impl PortMap {
             let internal = SocketAddr::new(client, m.internal_port);
             async {
                 let mapped = igd
-                    .add_port_mapping(net, m.protocol, internal, lifetime_secs, MAPPING_DESCRIPTION)
+                    .add_port_mapping(
+                        net,
+                        m.protocol,
+                        internal,
+                        lifetime_secs,
+                        MAPPING_DESCRIPTION,
+                    )
                     .await?;
                 let ip = igd.external_ip(net).await?;
                 Ok::<_, UpnpError>(Grant {
@@ -398,7 +409,9 @@ impl PortMap {
                 tracing::debug!(error = %e, "the UPnP gateway refused");
                 m.lc.refused(now);
             }
-            Err(e) => tracing::debug!(error = %e, kind = e.kind(), "no answer from the UPnP gateway"),
+            Err(e) => {
+                tracing::debug!(error = %e, kind = e.kind(), "no answer from the UPnP gateway")
+            }
         }
     }
 

@@ -9,10 +9,6 @@
 //! given: an SSDP answer from elsewhere is ignored, and a LOCATION or
 //! control URL on another address is refused with
 //! [`UpnpError::ForeignAddress`].
-//!
-//! Until the port-mapping capability calls it, only its tests do (hence
-//! the dead-code allowance, to go at the merge).
-#![allow(dead_code)]
 
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr};
@@ -25,7 +21,7 @@ use reach_proto::nat::portmap::upnp::{
 use reach_proto::nat::portmap::{DecodeError, Protocol};
 use tokio::time::Instant;
 
-use crate::punch::UdpBinder;
+use crate::socket::UdpBinder;
 use crate::tcp::Connector;
 
 /// Time for one HTTP exchange with the gateway (connect, request, response
@@ -64,6 +60,7 @@ pub(crate) struct UpnpNet {
 
 impl UpnpNet {
     /// Sockets in this process's own network namespace.
+    #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn here() -> UpnpNet {
         UpnpNet {
             udp: std::sync::Arc::new(crate::punch::bind_here),
@@ -96,6 +93,7 @@ pub(crate) enum UpnpError {
     /// A LOCATION or control URL on an address other than the gateway's.
     #[error("UPnP URL on {0}, not on the gateway")]
     ForeignAddress(IpAddr),
+    #[cfg_attr(not(test), allow(dead_code))]
     /// The gateway offers no WANIPv6FirewallControl service.
     #[error("the UPnP gateway has no IPv6 firewall service")]
     NoIpv6Firewall,
@@ -156,6 +154,7 @@ pub(crate) struct Igd {
     gateway: IpAddr,
     service: ServiceKind,
     control_url: Url,
+    #[cfg_attr(not(test), allow(dead_code))]
     ipv6_firewall_url: Option<Url>,
     boot_id: Option<u32>,
 }
@@ -314,11 +313,17 @@ impl Igd {
         self.boot_id
     }
 
+    // IPv6 pinholes (IGDv2 WANIPv6FirewallControl) are tested against
+    // miniupnpd; the node itself opens IPv6 pinholes with PCP.
+    #[cfg_attr(not(test), allow(dead_code))]
     /// The gateway's address.
     pub(crate) fn gateway(&self) -> IpAddr {
         self.gateway
     }
 
+    // IPv6 pinholes (IGDv2 WANIPv6FirewallControl) are tested against
+    // miniupnpd; the node itself opens IPv6 pinholes with PCP.
+    #[cfg_attr(not(test), allow(dead_code))]
     /// Whether the gateway offers IPv6 pinholes (WANIPv6FirewallControl).
     pub(crate) fn has_ipv6_firewall(&self) -> bool {
         self.ipv6_firewall_url.is_some()
@@ -459,12 +464,14 @@ impl Igd {
         Ok(self.mapping(net, protocol, external_port).await?.is_some())
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     fn firewall(&self) -> Result<&Url, UpnpError> {
         self.ipv6_firewall_url
             .as_ref()
             .ok_or(UpnpError::NoIpv6Firewall)
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     /// Opens an IPv6 pinhole from anywhere to `internal` for `lease_secs`
     /// (AddPinhole); returns its UniqueID for updates and deletion.
     pub(crate) async fn add_pinhole(
@@ -485,6 +492,7 @@ impl Igd {
         Ok(codec::decode_pinhole_id(status, &body)?)
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     /// Renews pinhole `id` for `lease_secs` (UpdatePinhole).
     pub(crate) async fn update_pinhole(
         &self,
@@ -500,6 +508,7 @@ impl Igd {
         Ok(codec::decode_empty(action.name, status, &body)?)
     }
 
+    #[cfg_attr(not(test), allow(dead_code))]
     /// Closes pinhole `id` (DeletePinhole).
     pub(crate) async fn delete_pinhole(&self, net: &UpnpNet, id: u16) -> Result<(), UpnpError> {
         let url = self.firewall()?;

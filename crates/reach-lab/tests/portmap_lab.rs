@@ -1,0 +1,41 @@
+//! Port mapping against real miniupnpd (`reach lab portmap`): for each
+//! protocol a node behind a router speaking only it maps its port within
+//! the target, is verified and reached directly by a stranger, renews,
+//! re-maps after the router restarts and after its table is flushed, and
+//! leaves no mapping after a clean shutdown. Needs root and the lab's
+//! tools (scripts/test.sh installs them, miniupnpd included). Without them
+//! the test explains why and passes, unless REACH_LAB_REQUIRED=1 (CI),
+//! where it fails.
+
+use std::time::Duration;
+
+use reach_lab::portmap::{PortmapOptions, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_port_mapping_protocol_maps_verifies_renews_remaps_and_cleans_up() {
+    if !reach_lab::netns::lab_available_for_tests() {
+        return;
+    }
+    let opts = PortmapOptions::default();
+    let report = tokio::time::timeout(Duration::from_secs(300), run(&opts))
+        .await
+        .expect("within 5 minutes")
+        .expect("lab run");
+    for r in &report.results {
+        eprintln!("{r:?}");
+    }
+    assert_eq!(report.results.len(), opts.kinds.len());
+    for r in &report.results {
+        assert!(r.error.is_none(), "{}: {:?}", r.kind.name(), r.error);
+        assert!(
+            r.router_forwards,
+            "{}: the router's chain forwards",
+            r.kind.name()
+        );
+        assert!(r.verified && r.reachable_from_outside, "{r:?}");
+        assert!(r.renewed, "{r:?}");
+        assert_eq!(r.left_after_shutdown, Some(0), "{r:?}");
+        assert!(r.targets_met, "{r:?}");
+    }
+    assert!(report.all_met);
+}
