@@ -582,6 +582,19 @@ async fn lab_portmap(kinds: Vec<String>, lease_secs: u64, json: bool) -> Result<
                 println!("  {}: {e}", r.kind.name());
             }
         }
+        for l in &report.lying_routers {
+            println!(
+                "{:<7} router lying about its address ({}): check failed {} times, published: {}, caught: {}",
+                l.kind.name(),
+                l.claimed.map_or("-".to_string(), |c| c.to_string()),
+                l.verify_failures,
+                l.announced || l.in_record,
+                l.caught()
+            );
+        }
+        if let Some(e) = &report.lying_error {
+            println!("lying router: {e}");
+        }
         println!("lease {} s, {} ms", report.lease_secs, report.wall_ms);
     }
     if !report.all_met {

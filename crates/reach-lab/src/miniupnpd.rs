@@ -99,6 +99,10 @@ pub struct MiniUpnpdConfig {
     /// `notify_interval`: seconds between SSDP NOTIFY rounds (miniupnpd's
     /// default, 30 s; it also sends a round at start).
     pub notify_interval_secs: u32,
+    /// `ext_ip`: the external address miniupnpd reports instead of its WAN
+    /// interface's: a router that lies (or sits behind another NAT).
+    /// `None`: the truth.
+    pub ext_ip: Option<Ipv4Addr>,
 }
 
 impl Default for MiniUpnpdConfig {
@@ -107,6 +111,7 @@ impl Default for MiniUpnpdConfig {
             min_lifetime_secs: 2,
             max_lifetime_secs: 3600,
             notify_interval_secs: 30,
+            ext_ip: None,
         }
     }
 }
@@ -230,13 +235,17 @@ impl MiniUpnpd {
             Some(ip6) => format!("ipv6_listening_ip={ip6}\next_ifname6=wan\n"),
             None => "ipv6_disable=yes\n".to_string(),
         };
+        let ext_ip = match self.config.ext_ip {
+            Some(ip) => format!("ext_ip={ip}\n"),
+            None => String::new(),
+        };
         let [a, b, c, _] = self.lan_ip.octets();
         let lan_subnet = format!("{a}.{b}.{c}.0/24");
         let cfg = self.config;
         format!(
             "# reach lab: miniupnpd on router {ns} ({proto} only)
 ext_ifname=wan
-listening_ip=lan
+{ext_ip}listening_ip=lan
 {ipv6}http_port={UPNP_HTTP_PORT}
 enable_upnp={upnp}
 enable_natpmp={natpmp}

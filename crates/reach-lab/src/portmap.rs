@@ -140,6 +140,11 @@ impl PortmapResult {
 #[derive(Debug, Clone, Serialize)]
 pub struct PortmapReport {
     pub results: Vec<PortmapResult>,
+    /// Per kind, a router that lies about its external address: the lie
+    /// must be caught by the node's outside check.
+    pub lying_routers: Vec<LyingRouter>,
+    /// The first error of a lying-router run, if one failed to run.
+    pub lying_error: Option<String>,
     pub lease_secs: u64,
     pub all_met: bool,
     pub wall_ms: u64,
@@ -165,9 +170,23 @@ pub async fn run(opts: &PortmapOptions) -> Result<PortmapReport, LabError> {
         r.targets_met = r.meets_targets();
         results.push(r);
     }
+    let mut lying_routers = Vec::new();
+    let mut lying_error = None;
+    for kind in &opts.kinds {
+        match lying_router(*kind).await {
+            Ok(l) => lying_routers.push(l),
+            Err(e) => {
+                lying_error.get_or_insert(format!("{}: {e}", kind.name()));
+            }
+        }
+    }
     Ok(PortmapReport {
-        all_met: results.iter().all(|r| r.targets_met),
+        all_met: results.iter().all(|r| r.targets_met)
+            && lying_error.is_none()
+            && lying_routers.iter().all(LyingRouter::caught),
         results,
+        lying_routers,
+        lying_error,
         lease_secs: opts.lease.as_secs(),
         wall_ms: started.elapsed().as_millis() as u64,
     })
@@ -355,4 +374,106 @@ async fn measure(kind: NatKind, lease: Duration, r: &mut PortmapResult) -> Resul
     r.left_after_shutdown = Some(daemon.mappings(&lab).map_err(e)?.len());
     seed.shutdown().await;
     Ok(())
+}
+
+/// The address the lab's lying router claims as its external one: inside
+/// the lab's port-mapping WAN range, but no router has it.
+pub const LIED_EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(11, 250, 0, 250);
+
+/// What a node did behind a router that lies about its external address.
+#[derive(Debug, Clone, Serialize)]
+pub struct LyingRouter {
+    pub kind: NatKind,
+    /// The external address the router granted (with the lie in it).
+    pub claimed: Option<SocketAddr>,
+    /// The node's port-mapping state once its outside check ended.
+    pub state: Option<reach::PortMapState>,
+    /// Outside checks that failed.
+    pub verify_failures: u64,
+    /// The node announced the claimed address as mapped (must not).
+    pub announced: bool,
+    /// The claimed address is in the node's endpoint record as the DHT
+    /// serves it (must not be).
+    pub in_record: bool,
+}
+
+impl LyingRouter {
+    /// The lie was caught: granted, checked, failed, never published.
+    pub fn caught(&self) -> bool {
+        self.claimed
+            .is_some_and(|c| c.ip() == IpAddr::V4(LIED_EXTERNAL_IP))
+            && self.state == Some(reach::PortMapState::Unverified)
+            && self.verify_failures >= 1
+            && !self.announced
+            && !self.in_record
+    }
+}
+
+/// A node behind a `kind` router whose miniupnpd reports
+/// [`LIED_EXTERNAL_IP`] as its external address: the node's outside check
+/// must catch the lie, and the address must never be published.
+pub async fn lying_router(kind: NatKind) -> Result<LyingRouter, String> {
+    let e = |e: LabError| e.to_string();
+    let mut lab = Lab::new().map_err(e)?;
+    let mut net = Internet::build(&mut lab).map_err(e)?;
+    let public = |host| IpAddr::V4(Ipv4Addr::new(203, 0, 113, host));
+    let seed = node_in(
+        &lab,
+        &net.public,
+        public(10),
+        None,
+        reach::PortMapping::disabled(),
+    )
+    .await?;
+    let mut site = Site::build(&mut lab, &mut net, kind, 1, 0).map_err(e)?;
+    let daemon = site.miniupnpd.as_mut().ok_or("the site has no miniupnpd")?;
+    daemon.config.ext_ip = Some(LIED_EXTERNAL_IP);
+    daemon.restart(&lab).map_err(e)?;
+    let gateway = daemon.lan_ip();
+    let node = node_in(
+        &lab,
+        &site.node_ns,
+        site.node_ip,
+        Some(seed.local_addr()),
+        reach::PortMapping {
+            gateway: Some(gateway),
+            ..reach::PortMapping::default()
+        },
+    )
+    .await?;
+    let mut events = node.subscribe();
+    let status = poll(STEP_TIMEOUT, || {
+        let s = node.port_mapping();
+        (s.state == reach::PortMapState::Unverified).then_some(s)
+    })
+    .await
+    .ok_or_else(|| {
+        format!(
+            "no failed check within {STEP_TIMEOUT:?}: {:?}",
+            node.port_mapping()
+        )
+    })?;
+    node.joined().await;
+    let mut announced = false;
+    while let Some(Some(ev)) = futures::FutureExt::now_or_never(events.next()) {
+        announced |= matches!(ev, reach::NodeEvent::PortMapped { .. });
+    }
+    let record = seed
+        .lookup(node.peer_id())
+        .await
+        .map_err(|e| e.to_string())?;
+    let in_record = record
+        .iter()
+        .any(|a| a.addr.ip() == IpAddr::V4(LIED_EXTERNAL_IP));
+    let report = LyingRouter {
+        kind,
+        claimed: status.external,
+        state: Some(node.port_mapping().state),
+        verify_failures: node.stats().portmap.verify_failures,
+        announced,
+        in_record,
+    };
+    node.shutdown().await;
+    seed.shutdown().await;
+    Ok(report)
 }

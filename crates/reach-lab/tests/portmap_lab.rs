@@ -2,7 +2,8 @@
 //! protocol a node behind a router speaking only it maps its port within
 //! the target, is verified and reached directly by a stranger, renews,
 //! re-maps after the router restarts and after its table is flushed, and
-//! leaves no mapping after a clean shutdown. Needs root and the lab's
+//! leaves no mapping after a clean shutdown; behind a router that lies
+//! about its external address, the lie is caught and never published. Needs root and the lab's
 //! tools (scripts/test.sh installs them, miniupnpd included). Without them
 //! the test explains why and passes, unless REACH_LAB_REQUIRED=1 (CI),
 //! where it fails.
@@ -36,6 +37,13 @@ async fn every_port_mapping_protocol_maps_verifies_renews_remaps_and_cleans_up()
         assert!(r.renewed, "{r:?}");
         assert_eq!(r.left_after_shutdown, Some(0), "{r:?}");
         assert!(r.targets_met, "{r:?}");
+    }
+    // A router that lies about its external address: the node's outside
+    // check fails and the address is never published.
+    assert_eq!(report.lying_error, None);
+    assert_eq!(report.lying_routers.len(), opts.kinds.len());
+    for l in &report.lying_routers {
+        assert!(l.caught(), "{l:?}");
     }
     assert!(report.all_met);
 }
