@@ -595,6 +595,19 @@ async fn lab_portmap(kinds: Vec<String>, lease_secs: u64, json: bool) -> Result<
         if let Some(e) = &report.lying_error {
             println!("lying router: {e}");
         }
+        if let Some(p) = &report.ipv6 {
+            println!(
+                "ipv6    PCP pinhole {} after {} ms: verified {}, left after shutdown {}",
+                p.external.map_or("-".to_string(), |a| a.to_string()),
+                p.mapped_ms.map_or("-".to_string(), |v| v.to_string()),
+                p.verified,
+                p.left_after_shutdown
+                    .map_or("-".to_string(), |v| v.to_string())
+            );
+        }
+        if let Some(e) = &report.ipv6_error {
+            println!("ipv6: {e}");
+        }
         println!("lease {} s, {} ms", report.lease_secs, report.wall_ms);
     }
     if !report.all_met {

@@ -145,6 +145,11 @@ pub struct PortmapReport {
     pub lying_routers: Vec<LyingRouter>,
     /// The first error of a lying-router run, if one failed to run.
     pub lying_error: Option<String>,
+    /// A node behind the lab's IPv6 firewall opens a PCP pinhole (when
+    /// `pcp` is among the kinds).
+    pub ipv6: Option<Ipv6Pinhole>,
+    /// Why the IPv6 check failed to run, if it did.
+    pub ipv6_error: Option<String>,
     pub lease_secs: u64,
     pub all_met: bool,
     pub wall_ms: u64,
@@ -180,10 +185,21 @@ pub async fn run(opts: &PortmapOptions) -> Result<PortmapReport, LabError> {
             }
         }
     }
+    let (mut ipv6, mut ipv6_error) = (None, None);
+    if opts.kinds.contains(&NatKind::Pcp) {
+        match ipv6_pinhole().await {
+            Ok(p) => ipv6 = Some(p),
+            Err(e) => ipv6_error = Some(e),
+        }
+    }
     Ok(PortmapReport {
         all_met: results.iter().all(|r| r.targets_met)
             && lying_error.is_none()
-            && lying_routers.iter().all(LyingRouter::caught),
+            && lying_routers.iter().all(LyingRouter::caught)
+            && ipv6_error.is_none()
+            && ipv6.as_ref().is_none_or(Ipv6Pinhole::ok),
+        ipv6,
+        ipv6_error,
         results,
         lying_routers,
         lying_error,
@@ -474,6 +490,75 @@ pub async fn lying_router(kind: NatKind) -> Result<LyingRouter, String> {
         in_record,
     };
     node.shutdown().await;
+    seed.shutdown().await;
+    Ok(report)
+}
+
+/// A node behind the lab's IPv6 firewall (a `pcp` router whose miniupnpd
+/// also opens IPv6 pinholes), with an IPv6 socket and the router's LAN
+/// IPv6 address as its gateway.
+#[derive(Debug, Clone, Serialize)]
+pub struct Ipv6Pinhole {
+    /// Milliseconds from the node's start to the pinhole being granted.
+    pub mapped_ms: Option<u64>,
+    /// The pinhole's address (the node's own IPv6 address and port).
+    pub external: Option<SocketAddr>,
+    /// A helper's unsolicited probe reached the node through the pinhole
+    /// (the firewall drops unsolicited IPv6 otherwise) and the node
+    /// published it.
+    pub verified: bool,
+    /// Pinholes left in the router's chains after a clean shutdown.
+    pub left_after_shutdown: Option<usize>,
+}
+
+impl Ipv6Pinhole {
+    /// The pinhole was opened, verified from outside, and deleted.
+    pub fn ok(&self) -> bool {
+        self.verified && self.left_after_shutdown == Some(0)
+    }
+}
+
+/// Runs the IPv6 pinhole check (see [`Ipv6Pinhole`]).
+pub async fn ipv6_pinhole() -> Result<Ipv6Pinhole, String> {
+    let e = |e: LabError| e.to_string();
+    let mut lab = Lab::new().map_err(e)?;
+    let mut net = Internet::build(&mut lab).map_err(e)?;
+    let mut site = Site::build(&mut lab, &mut net, NatKind::Pcp, 1, 0).map_err(e)?;
+    let node6 = site.enable_ipv6(&lab, &mut net).map_err(e)?;
+    let public6 = net.enable_ipv6(&lab).map_err(e)?;
+    let daemon = site.miniupnpd.as_ref().ok_or("the site has no miniupnpd")?;
+    let gateway = daemon
+        .lan_ip6()
+        .ok_or("miniupnpd does not listen on IPv6")?;
+    let seed = node_in(
+        &lab,
+        &net.public,
+        IpAddr::V6(public6),
+        None,
+        reach::PortMapping::disabled(),
+    )
+    .await?;
+    let node = node_in(
+        &lab,
+        &site.node_ns,
+        IpAddr::V6(node6),
+        Some(seed.local_addr()),
+        reach::PortMapping {
+            gateway: Some(IpAddr::V6(gateway)),
+            ..reach::PortMapping::default()
+        },
+    )
+    .await?;
+    let published = poll(STEP_TIMEOUT, || node.port_mapping().published).await;
+    let status = node.port_mapping();
+    let mut report = Ipv6Pinhole {
+        mapped_ms: status.mapped_after_ms,
+        external: status.external,
+        verified: published.is_some_and(|p| p.ip() == IpAddr::V6(node6)),
+        left_after_shutdown: None,
+    };
+    node.shutdown().await;
+    report.left_after_shutdown = Some(daemon.mappings(&lab).map_err(e)?.len());
     seed.shutdown().await;
     Ok(report)
 }

@@ -3,7 +3,8 @@
 //! the target, is verified and reached directly by a stranger, renews,
 //! re-maps after the router restarts and after its table is flushed, and
 //! leaves no mapping after a clean shutdown; behind a router that lies
-//! about its external address, the lie is caught and never published. Needs root and the lab's
+//! about its external address, the lie is caught and never published; and
+//! through an IPv6 firewall a PCP pinhole makes a node reachable. Needs root and the lab's
 //! tools (scripts/test.sh installs them, miniupnpd included). Without them
 //! the test explains why and passes, unless REACH_LAB_REQUIRED=1 (CI),
 //! where it fails.
@@ -45,5 +46,11 @@ async fn every_port_mapping_protocol_maps_verifies_renews_remaps_and_cleans_up()
     for l in &report.lying_routers {
         assert!(l.caught(), "{l:?}");
     }
+    // Behind the lab's IPv6 firewall, a node with an IPv6 socket opens a
+    // PCP pinhole, a helper's unsolicited probe gets in through it, and the
+    // shutdown deletes it.
+    assert_eq!(report.ipv6_error, None);
+    let v6 = report.ipv6.as_ref().expect("the IPv6 check ran");
+    assert!(v6.ok(), "{v6:?}");
     assert!(report.all_met);
 }
