@@ -868,3 +868,125 @@ async fn recv_from_opt(sock: Option<&UdpSocket>, buf: &mut [u8]) -> Option<(usiz
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORT: u16 = 4433;
+
+    fn mapping(protocol: Protocol, nonce: u8, rule: EpochRule) -> Mapping {
+        let mut lc = Lifecycle::new(Duration::ZERO, Duration::from_secs(3600), Some(rule));
+        while lc.poll_action().is_some() {}
+        Mapping {
+            protocol,
+            internal_port: PORT,
+            lc,
+            nonce: [nonce; 12],
+            check: Check::None,
+            external_port: None,
+        }
+    }
+
+    fn pcp_map_answer(nonce: u8, protocol: Protocol, epoch: u32) -> pcp::Response {
+        pcp::Response {
+            opcode: pcp::Opcode::Map,
+            result: pcp::ResultCode::Success,
+            lifetime_secs: 3600,
+            epoch,
+            map: Some(pcp::MapResponse {
+                nonce: [nonce; 12],
+                protocol,
+                internal_port: PORT,
+                external: "198.51.100.9:4433".parse().unwrap(),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_pcp_answer_grants_only_the_mapping_its_nonce_names() {
+        let mut maps = [
+            mapping(Protocol::Udp, 1, EpochRule::Pcp),
+            mapping(Protocol::Tcp, 2, EpochRule::Pcp),
+        ];
+        let t = Duration::from_millis(5);
+        // A forged or stale answer (unknown nonce) grants nothing.
+        on_pcp(&mut maps, &pcp_map_answer(9, Protocol::Udp, 10), t);
+        assert!(maps.iter().all(|m| m.lc.state() == State::Requesting));
+        // The right nonce but the other protocol: not this mapping's.
+        on_pcp(&mut maps, &pcp_map_answer(1, Protocol::Tcp, 10), t);
+        assert!(maps.iter().all(|m| m.lc.state() == State::Requesting));
+        on_pcp(&mut maps, &pcp_map_answer(1, Protocol::Udp, 10), t);
+        assert!(matches!(maps[0].lc.state(), State::Mapped(_)));
+        assert_eq!(maps[1].lc.state(), State::Requesting);
+    }
+
+    #[test]
+    fn an_announce_with_an_epoch_gone_back_remaps_at_once() {
+        let mut maps = [mapping(Protocol::Udp, 1, EpochRule::Pcp)];
+        on_pcp(
+            &mut maps,
+            &pcp_map_answer(1, Protocol::Udp, 100),
+            Duration::ZERO,
+        );
+        while maps[0].lc.poll_action().is_some() {}
+        let announce = pcp::Response {
+            opcode: pcp::Opcode::Announce,
+            result: pcp::ResultCode::Success,
+            lifetime_secs: 0,
+            epoch: 0,
+            map: None,
+        };
+        on_pcp(&mut maps, &announce, Duration::from_secs(10));
+        assert!(matches!(maps[0].lc.state(), State::Renewing { .. }));
+        assert!(matches!(
+            maps[0].lc.poll_action(),
+            Some(Action::SendRequest { .. })
+        ));
+        assert_eq!(maps[0].lc.stats().remaps, 1);
+    }
+
+    #[test]
+    fn natpmp_grants_use_the_external_address_and_a_new_one_remaps() {
+        let mut ip = Ipv4Addr::new(198, 51, 100, 9);
+        let mut maps = [mapping(Protocol::Udp, 0, EpochRule::NatPmp)];
+        let answer = natpmp::Response::Map(natpmp::MapResponse {
+            protocol: Protocol::Udp,
+            epoch: 50,
+            internal_port: PORT,
+            external_port: 5000,
+            lifetime_secs: 3600,
+        });
+        on_natpmp(&mut ip, &mut maps, &answer, Duration::ZERO);
+        let State::Mapped(lease) = maps[0].lc.state() else {
+            panic!("not mapped: {:?}", maps[0].lc.state());
+        };
+        assert_eq!(lease.external, "198.51.100.9:5000".parse().unwrap());
+        while maps[0].lc.poll_action().is_some() {}
+        // The router's address changed: the mapping is asked for again.
+        let moved = natpmp::Response::ExternalAddress {
+            epoch: 55,
+            external: Ipv4Addr::new(198, 51, 100, 77),
+        };
+        on_natpmp(&mut ip, &mut maps, &moved, Duration::from_secs(5));
+        assert_eq!(ip, Ipv4Addr::new(198, 51, 100, 77));
+        assert!(matches!(maps[0].lc.state(), State::Renewing { .. }));
+    }
+
+    #[test]
+    fn a_refusal_for_one_protocol_leaves_the_other_alone() {
+        let mut ip = Ipv4Addr::new(198, 51, 100, 9);
+        let mut maps = [
+            mapping(Protocol::Udp, 0, EpochRule::NatPmp),
+            mapping(Protocol::Tcp, 0, EpochRule::NatPmp),
+        ];
+        let refused = natpmp::Response::Failure {
+            request: natpmp::Opcode::Map(Protocol::Tcp),
+            result: natpmp::ResultCode::NotAuthorized,
+            epoch: 3,
+        };
+        on_natpmp(&mut ip, &mut maps, &refused, Duration::ZERO);
+        assert_eq!(maps[0].lc.state(), State::Requesting);
+        assert_eq!(maps[1].lc.state(), State::Revoked);
+    }
+}
