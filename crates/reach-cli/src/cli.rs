@@ -76,7 +76,8 @@ pub enum Command {
         data_dir: DataDirArg,
     },
     /// Classify the NAT in front of a running node (like a netcheck):
-    /// external addresses, mapping, filtering, hairpin. Uses the node's
+    /// external addresses, mapping, filtering, hairpin, and its port
+    /// mapping (protocol, external address, lease, renewals). Uses the node's
     /// connected peers as helpers (two at different IPs are needed).
     Nat {
         /// Print JSON instead of text.
