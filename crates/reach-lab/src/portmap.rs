@@ -76,6 +76,9 @@ pub struct PortmapResult {
     /// The node verified the mapping from outside (a helper's unsolicited
     /// probe came through it) and published it.
     pub verified: bool,
+    /// The node's endpoint record, as the DHT serves it, carries the mapped
+    /// address as a direct one.
+    pub in_record_as_direct: bool,
     /// A stranger on the internet dialed the node by PeerId alone and got a
     /// direct connection (no relay) that carried a message; the node holds
     /// no relay.
@@ -104,6 +107,7 @@ impl PortmapResult {
             mapped_ms: None,
             router_forwards: false,
             verified: false,
+            in_record_as_direct: false,
             reachable_from_outside: false,
             renewed: false,
             remap_after_restart_ms: None,
@@ -124,6 +128,7 @@ impl PortmapResult {
             && self.mapped_ms.is_some_and(|ms| ms <= mapped_target)
             && self.router_forwards
             && self.verified
+            && self.in_record_as_direct
             && self.reachable_from_outside
             && self.renewed
             && self
@@ -248,6 +253,23 @@ async fn poll<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T>
     }
 }
 
+/// Like [`poll`], for a check that awaits (a DHT lookup).
+async fn poll_async<T, F: std::future::Future<Output = Option<T>>>(
+    limit: Duration,
+    mut f: impl FnMut() -> F,
+) -> Option<T> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(v)) = tokio::time::timeout_at(deadline.into(), f()).await {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL * 10).await;
+    }
+}
+
 /// Whether the router's chains forward UDP `port` to `node_ip`.
 fn forwards(daemon: &MiniUpnpd, lab: &Lab, node_ip: IpAddr, port: u16) -> bool {
     daemon.mappings(lab).is_ok_and(|maps| {
@@ -328,6 +350,15 @@ async fn measure(kind: NatKind, lease: Duration, r: &mut PortmapResult) -> Resul
     )
     .await?;
     stranger.joined().await;
+    r.in_record_as_direct = poll_async(STEP_TIMEOUT, || async {
+        let record = stranger.lookup(node.peer_id()).await.ok()?;
+        record
+            .iter()
+            .any(|a| a.addr == published && a.kind == reach::AddrKind::Direct)
+            .then_some(())
+    })
+    .await
+    .is_some();
     let relay_free = poll(STEP_TIMEOUT, || {
         let st = node.relay_status();
         (st.reachability == Reachability::Public(published) && st.held_relay.is_none())

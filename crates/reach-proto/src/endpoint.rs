@@ -22,7 +22,9 @@ pub struct AddressFacts {
     /// reachable from outside.
     pub verified: Option<SocketAddr>,
     /// External addresses the gateway mapped for the node (UPnP, NAT-PMP,
-    /// PCP): promised, not yet verified from outside.
+    /// PCP) that a helper's unsolicited probe reached the node through:
+    /// verified, published as direct. (A mapping the router only promised
+    /// is not a fact the record carries.)
     pub mapped: Vec<SocketAddr>,
     /// External addresses peers at two or more IPs agree they see the node
     /// at: behind a NAT, the ones the outside can try.
@@ -43,9 +45,10 @@ pub fn is_local(ip: IpAddr) -> bool {
 }
 
 /// The address set to publish, best first: the relay (it works from
-/// anywhere), the verified address, mapped and observed external
-/// addresses (unverified), then the interfaces (`Lan` when local-only, else
-/// unverified). Each address once, at most [`MAX_ENDPOINT_ADDRS`].
+/// anywhere), the verified address and verified port mappings (direct),
+/// observed external addresses (unverified), then the interfaces (`Lan`
+/// when local-only, else unverified). Each address once, at most
+/// [`MAX_ENDPOINT_ADDRS`].
 pub fn compose(facts: &AddressFacts) -> Vec<TypedAddr> {
     let mut out: Vec<TypedAddr> = Vec::new();
     let mut push = |kind: AddrKind, addr: SocketAddr, via: Option<PeerId>| {
@@ -59,7 +62,10 @@ pub fn compose(facts: &AddressFacts) -> Vec<TypedAddr> {
     if let Some(addr) = facts.verified {
         push(AddrKind::Direct, addr, None);
     }
-    for &addr in facts.mapped.iter().chain(&facts.observed) {
+    for &addr in &facts.mapped {
+        push(AddrKind::Direct, addr, None);
+    }
+    for &addr in &facts.observed {
         push(AddrKind::Unverified, addr, None);
     }
     for &addr in &facts.local {
@@ -100,7 +106,7 @@ mod tests {
             [
                 AddrKind::Relay,
                 AddrKind::Direct,
-                AddrKind::Unverified,
+                AddrKind::Direct,
                 AddrKind::Unverified,
                 AddrKind::Lan,
                 AddrKind::Unverified
@@ -110,7 +116,7 @@ mod tests {
         assert_eq!(
             set[2].addr,
             a("198.51.100.2:6000"),
-            "mapped before observed"
+            "a verified mapping is direct, before observed addresses"
         );
     }
 
