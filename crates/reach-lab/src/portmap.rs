@@ -278,13 +278,26 @@ fn forwards(daemon: &MiniUpnpd, lab: &Lab, node_ip: IpAddr, port: u16) -> bool {
     })
 }
 
-/// Measures one kind into `r`; an `Err` says which step failed.
-async fn measure(kind: NatKind, lease: Duration, r: &mut PortmapResult) -> Result<(), String> {
+/// The bootstrap node's address on the lab's internet.
+fn public(host: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(203, 0, 113, host))
+}
+
+/// A lab of its own for one port-mapping router: the internet, a
+/// bootstrap node on it (203.0.113.10, no port mapping), and one site of
+/// `kind` whose router runs miniupnpd. Fields drop in order: the site's
+/// miniupnpd stops before the lab's namespaces go.
+struct Bench {
+    site: Site,
+    seed: Node,
+    net: Internet,
+    lab: Lab,
+}
+
+async fn bench(kind: NatKind) -> Result<Bench, String> {
     let e = |e: LabError| e.to_string();
     let mut lab = Lab::new().map_err(e)?;
     let mut net = Internet::build(&mut lab).map_err(e)?;
-    net.add_public_ip(&lab, 11).map_err(e)?;
-    let public = |host| IpAddr::V4(Ipv4Addr::new(203, 0, 113, host));
     let seed = node_in(
         &lab,
         &net.public,
@@ -293,7 +306,29 @@ async fn measure(kind: NatKind, lease: Duration, r: &mut PortmapResult) -> Resul
         reach::PortMapping::disabled(),
     )
     .await?;
-    let mut site = Site::build(&mut lab, &mut net, kind, 1, 0).map_err(e)?;
+    let site = Site::build(&mut lab, &mut net, kind, 1, 0).map_err(e)?;
+    if site.miniupnpd.is_none() {
+        return Err(format!("a {} site has no miniupnpd", kind.name()));
+    }
+    Ok(Bench {
+        site,
+        seed,
+        net,
+        lab,
+    })
+}
+
+/// Measures one kind into `r`; an `Err` says which step failed.
+async fn measure(kind: NatKind, lease: Duration, r: &mut PortmapResult) -> Result<(), String> {
+    let e = |e: LabError| e.to_string();
+    // Bound lab first, so it drops last (after the site's miniupnpd).
+    let Bench {
+        lab,
+        net,
+        seed,
+        mut site,
+    } = bench(kind).await?;
+    net.add_public_ip(&lab, 11).map_err(e)?;
     let gateway = site
         .miniupnpd
         .as_ref()
@@ -461,18 +496,13 @@ impl LyingRouter {
 /// must catch the lie, and the address must never be published.
 pub async fn lying_router(kind: NatKind) -> Result<LyingRouter, String> {
     let e = |e: LabError| e.to_string();
-    let mut lab = Lab::new().map_err(e)?;
-    let mut net = Internet::build(&mut lab).map_err(e)?;
-    let public = |host| IpAddr::V4(Ipv4Addr::new(203, 0, 113, host));
-    let seed = node_in(
-        &lab,
-        &net.public,
-        public(10),
-        None,
-        reach::PortMapping::disabled(),
-    )
-    .await?;
-    let mut site = Site::build(&mut lab, &mut net, kind, 1, 0).map_err(e)?;
+    // Bound lab first, so it drops last (after the site's miniupnpd).
+    let Bench {
+        lab,
+        net: _net,
+        seed,
+        mut site,
+    } = bench(kind).await?;
     let daemon = site.miniupnpd.as_mut().ok_or("the site has no miniupnpd")?;
     daemon.config.ext_ip = Some(LIED_EXTERNAL_IP);
     daemon.restart(&lab).map_err(e)?;

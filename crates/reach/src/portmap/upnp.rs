@@ -63,7 +63,7 @@ impl UpnpNet {
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn here() -> UpnpNet {
         UpnpNet {
-            udp: std::sync::Arc::new(crate::punch::bind_here),
+            udp: std::sync::Arc::new(crate::socket::bind_here),
             tcp: std::sync::Arc::new(|to| std::net::TcpStream::connect_timeout(&to, HTTP_TIMEOUT)),
         }
     }

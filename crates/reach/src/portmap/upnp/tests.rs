@@ -271,7 +271,7 @@ fn in_ns<T: Send + 'static>(
 fn net_in(ns: &str) -> UpnpNet {
     let (u, t) = (ns.to_string(), ns.to_string());
     UpnpNet {
-        udp: Arc::new(move |addr, count| in_ns(&u, move || crate::punch::bind_here(addr, count))),
+        udp: Arc::new(move |addr, count| in_ns(&u, move || crate::socket::bind_here(addr, count))),
         tcp: Arc::new(move |to| {
             in_ns(&t, move || {
                 std::net::TcpStream::connect_timeout(&to, HTTP_TIMEOUT)
