@@ -17,9 +17,13 @@ fn main() -> ExitCode {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_env("REACH_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(args.log_level()));
+    // Colour codes only for a terminal: a log file or a pipe gets plain
+    // text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(ansi)
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

@@ -94,7 +94,7 @@ impl Dht {
         report.endpoint_replicas = self.publish_record().await;
         self.save_peer_cache();
         dht.joined.send_replace(true);
-        tracing::debug!(?report, "joined the DHT");
+        tracing::info!(?report, "joined the DHT");
         (report, outcome)
     }
 

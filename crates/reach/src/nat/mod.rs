@@ -252,8 +252,14 @@ fn drain(o: &mut ObservedAddrs) -> Vec<AddrChange> {
 fn emit(bus: &Bus, changes: Vec<AddrChange>) {
     for c in changes {
         bus.emit(match c {
-            AddrChange::Confirmed(addr) => NodeEvent::ExternalAddrConfirmed { addr },
-            AddrChange::Expired(addr) => NodeEvent::ExternalAddrExpired { addr },
+            AddrChange::Confirmed(addr) => {
+                tracing::info!(%addr, "external address confirmed by peers");
+                NodeEvent::ExternalAddrConfirmed { addr }
+            }
+            AddrChange::Expired(addr) => {
+                tracing::info!(%addr, "external address expired");
+                NodeEvent::ExternalAddrExpired { addr }
+            }
         });
     }
 }

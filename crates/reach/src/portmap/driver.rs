@@ -171,7 +171,7 @@ impl PortMap {
         let Some(wire) = found else {
             return Ended::Unavailable;
         };
-        tracing::debug!(%gw, protocol = ?wire.protocol(), "the gateway maps ports");
+        tracing::info!(%gw, protocol = ?wire.protocol(), "the gateway maps ports");
         self.update(|s| {
             s.protocol = Some(wire.protocol());
             s.state = PortMapState::Requesting;

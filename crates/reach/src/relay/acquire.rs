@@ -74,7 +74,7 @@ impl RelayRuntime {
                         }
                     }
                 }
-                tracing::debug!("port mapping verified: the relay is no longer needed");
+                tracing::info!("port mapping verified: the relay is no longer needed");
                 self.set_held(None);
                 continue;
             }
@@ -101,7 +101,7 @@ impl RelayRuntime {
             loop {
                 let reach = self.nat.check_reachability().await;
                 if reach != Reachability::Unknown {
-                    tracing::debug!(?reach, "reachability checked");
+                    tracing::info!(?reach, "reachability checked");
                     break reach;
                 }
                 tokio::time::sleep(RECHECK_UNKNOWN).await;
@@ -136,7 +136,7 @@ impl RelayRuntime {
                         Some((relay, addr, conn)) => {
                             was_close = self.among_closest(relay);
                             stats::bump(&self.counters.acquisitions);
-                            tracing::debug!(%relay, %addr, "holding a relay");
+                            tracing::info!(%relay, %addr, "holding a relay");
                             relay_conn = Some(conn);
                             m.handle(Event::Reserved { relay, addr }, now());
                         }
@@ -201,7 +201,7 @@ impl RelayRuntime {
 
     fn relay_lost(&self, m: &mut RelayAcquisition, relay_conn: &mut Option<quinn::Connection>) {
         stats::bump(&self.counters.relay_losses);
-        tracing::debug!(relay = ?self.held(), "relay lost");
+        tracing::info!(relay = ?self.held(), "relay lost");
         // Closing it (if a health poll found it dead) also closes the
         // connections relayed through it, so their peers redial.
         if let Some(c) = relay_conn.take() {
