@@ -41,7 +41,15 @@ pub enum Command {
     /// JSON object per message instead. Stop with Ctrl-C.
     Node(NodeArgs),
     /// Print this node's peer id (creating the identity if needed).
-    Id(DataDirArg),
+    Id {
+        /// Print a ticket instead: one string with the peer id and the
+        /// addresses the running node can be reached at (its relay among
+        /// them), which `send` accepts wherever it accepts a peer id.
+        #[arg(long)]
+        ticket: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
     /// Show a running node's peer id, addresses and connected peers.
     Status {
         #[command(flatten)]
@@ -52,8 +60,8 @@ pub enum Command {
     },
     /// Send a text message through a running node.
     Send {
-        /// The recipient's peer id.
-        peer: PeerId,
+        /// The recipient's peer id, or a ticket (`reach id --ticket`).
+        peer: PeerRef,
         /// The message text.
         message: String,
         /// An address to reach the peer at (repeatable), for this send only:
@@ -296,4 +304,46 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the readable summary.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A peer as the user names it: its peer id, or a ticket that also says
+/// where to reach it (`reach id --ticket`).
+#[derive(Debug, Clone)]
+pub enum PeerRef {
+    Id(PeerId),
+    Ticket(reach::Ticket),
+}
+
+impl PeerRef {
+    /// The peer's id.
+    pub fn peer(&self) -> PeerId {
+        match self {
+            PeerRef::Id(p) => *p,
+            PeerRef::Ticket(t) => t.peer,
+        }
+    }
+
+    /// The ticket's text, if the peer was named by one.
+    pub fn ticket(&self) -> Option<String> {
+        match self {
+            PeerRef::Id(_) => None,
+            PeerRef::Ticket(t) => Some(t.to_string()),
+        }
+    }
+}
+
+impl std::str::FromStr for PeerRef {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<PeerRef, String> {
+        if reach::Ticket::looks_like(s) {
+            return s
+                .parse()
+                .map(PeerRef::Ticket)
+                .map_err(|e: reach::TicketError| e.to_string());
+        }
+        s.parse()
+            .map(PeerRef::Id)
+            .map_err(|e: reach::PeerIdError| e.to_string())
+    }
 }

@@ -18,7 +18,19 @@ pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
 pub async fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Node(args) => run_node(args).await,
-        Command::Id(dir) => {
+        Command::Id {
+            ticket: true,
+            data_dir: dir,
+        } => {
+            let client = ApiClient::from_data_dir(&data_dir(&dir)?)?;
+            let t: serde_json::Value = client.get("/v1/ticket").await?;
+            println!("{}", t["ticket"].as_str().unwrap_or_default());
+            Ok(())
+        }
+        Command::Id {
+            ticket: false,
+            data_dir: dir,
+        } => {
             let dir = data_dir(&dir)?;
             let (kp, created) = reach::keystore::load_or_create(&dir)?;
             if created {
@@ -52,13 +64,14 @@ pub async fn run(cli: Cli) -> Result<()> {
                 .post(
                     "/v1/send",
                     &SendRequest {
-                        peer,
+                        peer: peer.peer(),
                         addrs,
+                        ticket: peer.ticket(),
                         message,
                     },
                 )
                 .await?;
-            println!("delivered {} bytes to {}", resp.bytes, peer);
+            println!("delivered {} bytes to {}", resp.bytes, peer.peer());
             Ok(())
         }
         Command::Lookup {

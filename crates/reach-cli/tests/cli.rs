@@ -433,3 +433,72 @@ fn the_api_answers_through_a_flood_of_half_open_connections_with_few_descriptors
     drop(stalled);
     assert!(node.terminate().success());
 }
+
+#[test]
+fn a_ticket_reaches_a_node_that_shares_no_dht() {
+    // Two daemons, neither bootstrapped: no DHT holds either's record, so
+    // only the ticket can say where A is.
+    let a_dir = tempfile::tempdir().unwrap();
+    let b_dir = tempfile::tempdir().unwrap();
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("reach.toml");
+    std::fs::write(
+        &cfg,
+        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    a.wait_line("control API");
+    let b = NodeProcess::start(b_dir.path(), &cfg, &[]);
+    b.wait_line("control API");
+    let out = reach(&[
+        "id",
+        "--ticket",
+        "--data-dir",
+        a_dir.path().to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ticket = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(ticket.starts_with("reach1"), "{ticket}");
+    let parsed: reach::Ticket = ticket.parse().expect("the ticket parses");
+    let a_id = reach(&["id", "--data-dir", a_dir.path().to_str().unwrap()]);
+    assert_eq!(
+        parsed.peer.to_string(),
+        String::from_utf8(a_id.stdout).unwrap().trim()
+    );
+    assert!(!parsed.addrs.is_empty(), "the ticket carries addresses");
+
+    // By id alone B cannot find A; by ticket it can.
+    let b_dir_s = b_dir.path().to_str().unwrap();
+    let by_id = reach(&[
+        "send",
+        &parsed.peer.to_string(),
+        "by id",
+        "--data-dir",
+        b_dir_s,
+    ]);
+    assert!(
+        !by_id.status.success(),
+        "no DHT, no record: the send must fail"
+    );
+    let sent = reach(&["send", &ticket, "by ticket", "--data-dir", b_dir_s]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    a.wait_line("by ticket");
+
+    // A malformed ticket is refused with a clear error, before any dial.
+    let mut bad = ticket.clone();
+    bad.truncate(ticket.len() - 7);
+    let refused = reach(&["send", &bad, "x", "--data-dir", b_dir_s]);
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("ticket"), "{err}");
+    drop(b);
+}

@@ -146,12 +146,13 @@ impl<'de> Deserialize<'de> for PeerId {
     }
 }
 
-fn base32_encode(bytes: &[u8; PEER_ID_LEN]) -> String {
-    let mut out = String::with_capacity(PEER_ID_TEXT_LEN);
+/// Lowercase RFC 4648 base32 without padding.
+pub(crate) fn base32_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(5) * 8);
     let mut acc: u32 = 0;
     let mut bits = 0u32;
     for &b in bytes {
-        acc = (acc << 8) | u32::from(b);
+        acc = ((acc << 8) | u32::from(b)) & 0xFFFF;
         bits += 8;
         while bits >= 5 {
             bits -= 5;
@@ -164,6 +165,28 @@ fn base32_encode(bytes: &[u8; PEER_ID_LEN]) -> String {
     out
 }
 
+/// Decodes lowercase base32 without padding; `Err((char, position))` at
+/// the first character outside the alphabet, `Ok(None)` when the padding
+/// bits are not zero (not the canonical spelling of any bytes).
+pub(crate) fn base32_decode(text: &[u8]) -> Result<Option<Vec<u8>>, (char, usize)> {
+    let mut out = Vec::with_capacity(text.len() * 5 / 8);
+    let mut acc: u32 = 0;
+    let mut bits = 0u32;
+    for (i, &c) in text.iter().enumerate() {
+        let v = base32_value(c).ok_or((c as char, i))?;
+        acc = ((acc << 5) | v) & 0xFFFF;
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    if bits >= 5 || acc & ((1 << bits) - 1) != 0 {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
 fn base32_value(c: u8) -> Option<u32> {
     match c {
         b'a'..=b'z' => Some(u32::from(c - b'a')),
@@ -174,27 +197,11 @@ fn base32_value(c: u8) -> Option<u32> {
 
 /// Decodes exactly [`PEER_ID_TEXT_LEN`] base32 characters into 32 bytes.
 fn base32_decode_32(text: &[u8]) -> Result<[u8; PEER_ID_LEN], PeerIdError> {
-    let mut out = [0u8; PEER_ID_LEN];
-    let mut acc: u32 = 0;
-    let mut bits = 0u32;
-    let mut n = 0;
-    for (i, &c) in text.iter().enumerate() {
-        let v = base32_value(c).ok_or(PeerIdError::Character(c as char, i))?;
-        acc = ((acc << 5) | v) & 0xFFFF;
-        bits += 5;
-        if bits >= 8 {
-            bits -= 8;
-            if n < PEER_ID_LEN {
-                out[n] = (acc >> bits) as u8;
-                n += 1;
-            }
-        }
-    }
     // 52 * 5 = 260 bits: the last 4 bits are padding and must be zero.
-    if acc & ((1 << bits) - 1) != 0 {
-        return Err(PeerIdError::NonCanonical);
-    }
-    Ok(out)
+    let bytes = base32_decode(text)
+        .map_err(|(c, i)| PeerIdError::Character(c, i))?
+        .ok_or(PeerIdError::NonCanonical)?;
+    bytes.try_into().map_err(|_| PeerIdError::NonCanonical)
 }
 
 /// A node's Ed25519 keypair.

@@ -31,6 +31,8 @@ pub mod limits;
 pub mod nat;
 pub mod punch;
 pub mod relay;
+pub mod ticket;
 pub mod wire;
 
 pub use identity::{Keypair, PeerId, PeerIdError};
+pub use ticket::{Ticket, TicketError};

@@ -143,6 +143,12 @@ impl Advertiser {
         }
     }
 
+    /// The address set the record would carry now (what a ticket shares).
+    pub(crate) fn addresses(&self) -> Vec<reach_proto::dht::record::TypedAddr> {
+        self.catch_up();
+        compose(&self.facts())
+    }
+
     /// Our confirmed external addresses (a change calls for a republish).
     pub(crate) fn external_addrs(&self) -> Vec<SocketAddr> {
         self.nat.confirmed()

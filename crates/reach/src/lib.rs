@@ -67,7 +67,7 @@ pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::dht::store::StoreLimits;
 pub use reach_proto::relay::service::RelayLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
-pub use reach_proto::{Keypair, PeerId, PeerIdError};
+pub use reach_proto::{Keypair, PeerId, PeerIdError, Ticket, TicketError};
 pub use relay::{Reachability, RelayMode, RelayStatus};
 
 /// The README's code blocks, compiled by `cargo test --doc` so the library

@@ -90,6 +90,7 @@ async fn api_refuses_requests_without_the_token_and_serves_with_it() {
             &SendRequest {
                 peer: other.peer_id(),
                 addrs: vec![other.local_addr()],
+                ticket: None,
                 message: "via api".into(),
             },
         )

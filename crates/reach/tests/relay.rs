@@ -307,3 +307,49 @@ async fn closing_a_relayed_connection_frees_its_circuit_at_the_relay() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ticket_with_only_a_relay_reaches_the_node_through_it() {
+    let relay = relay_node(None, None).await;
+    let target = relayed_node(&[relay.local_addr()], None).await;
+    until("target holds the relay", || held(&target).is_some()).await;
+    // The ticket as the target would share it, cut down to its relay: the
+    // dialer knows no DHT node and no direct address.
+    let mut ticket = target.ticket();
+    assert_eq!(ticket.addrs[0].kind, reach::AddrKind::Relay);
+    ticket.addrs.retain(|a| a.kind == reach::AddrKind::Relay);
+    let ticket: reach::Ticket = ticket.to_string().parse().unwrap();
+    let dialer = Node::builder()
+        .bind(loopback())
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    within("dial by ticket", dialer.connect_ticket(&ticket))
+        .await
+        .unwrap();
+    let path = dialer
+        .connected_peers()
+        .into_iter()
+        .find(|p| p.peer == target.peer_id())
+        .map(|p| p.relay);
+    assert_eq!(
+        path,
+        Some(held(&target)),
+        "connected through the target's relay"
+    );
+    dialer
+        .send(target.peer_id(), b"via the ticket's relay".to_vec())
+        .await
+        .unwrap();
+    let got = within("delivered", async {
+        loop {
+            if let Some(Event::Message { data, .. }) = target.next_event().await {
+                return data;
+            }
+        }
+    })
+    .await;
+    assert_eq!(&got[..], b"via the ticket's relay");
+}

@@ -149,6 +149,10 @@ pub struct ConnectRequest {
     pub peer: PeerId,
     #[serde(default)]
     pub addrs: Vec<SocketAddr>,
+    /// A ticket for `peer` (see [`crate::Ticket`]): dial its addresses and
+    /// relays first.
+    #[serde(default)]
+    pub ticket: Option<String>,
 }
 
 /// Body of `POST /v1/send`.
@@ -158,6 +162,10 @@ pub struct SendRequest {
     pub peer: PeerId,
     #[serde(default)]
     pub addrs: Vec<SocketAddr>,
+    /// A ticket for `peer` (see [`crate::Ticket`]): dial its addresses and
+    /// relays first.
+    #[serde(default)]
+    pub ticket: Option<String>,
     pub message: String,
 }
 

@@ -149,6 +149,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/nat", get(nat))
         .route("/v1/relay", get(relay))
         .route("/v1/punch", get(punch))
+        .route("/v1/ticket", get(ticket))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
         .fallback(not_found)
@@ -668,10 +669,33 @@ async fn connect(State(state): State<AppState>, body: Bytes) -> Response {
         Ok(r) => r,
         Err(resp) => return *resp,
     };
+    if let Some(resp) = dial_ticket(&state.node, req.peer, req.ticket.as_deref()).await {
+        return resp;
+    }
     match state.node.connect(req.peer, req.addrs).await {
         Ok(()) => ok(serde_json::json!({ "connected": true })),
         Err(e) => node_error(e),
     }
+}
+
+/// Dials `peer` with `ticket` if one came; an error response if the ticket
+/// is malformed, names another peer, or nothing in it worked.
+async fn dial_ticket(node: &Node, peer: crate::PeerId, ticket: Option<&str>) -> Option<Response> {
+    let ticket: crate::Ticket = match ticket?.parse() {
+        Ok(t) => t,
+        Err(e) => {
+            let e: crate::TicketError = e;
+            return Some(api_error(StatusCode::BAD_REQUEST, e.kind(), e.to_string()));
+        }
+    };
+    if ticket.peer != peer {
+        return Some(api_error(
+            StatusCode::BAD_REQUEST,
+            "ticket_peer_mismatch",
+            format!("the ticket is for {}, not {peer}", ticket.peer),
+        ));
+    }
+    node.connect_ticket(&ticket).await.err().map(node_error)
 }
 
 async fn send(State(state): State<AppState>, body: Bytes) -> Response {
@@ -680,6 +704,9 @@ async fn send(State(state): State<AppState>, body: Bytes) -> Response {
         Err(resp) => return *resp,
     };
     let bytes = req.message.len();
+    if let Some(resp) = dial_ticket(&state.node, req.peer, req.ticket.as_deref()).await {
+        return resp;
+    }
     if !req.addrs.is_empty()
         && let Err(e) = state.node.connect(req.peer, req.addrs).await
     {
@@ -718,4 +745,8 @@ async fn debug_store(State(state): State<AppState>) -> Response {
 
 async fn nat(State(state): State<AppState>) -> Response {
     ok(state.node.nat_report().await)
+}
+
+async fn ticket(State(state): State<AppState>) -> Response {
+    ok(serde_json::json!({ "ticket": state.node.ticket().to_string() }))
 }

@@ -354,6 +354,48 @@ impl Node {
         }
     }
 
+    /// A ticket for this node: its peer id and the addresses its endpoint
+    /// record would carry now (its relay first, if it holds one). Share it
+    /// out of band; [`Node::connect_ticket`] dials it without the DHT.
+    pub fn ticket(&self) -> reach_proto::Ticket {
+        reach_proto::Ticket::new(self.inner.peer_id, self.inner.advertiser.addresses())
+    }
+
+    /// Connects to the node a ticket names: at its direct addresses, then
+    /// through the relays it lists, then by its key through the DHT.
+    /// Returns the last error when nothing worked.
+    pub async fn connect_ticket(&self, ticket: &reach_proto::Ticket) -> Result<()> {
+        use reach_proto::dht::record::AddrKind;
+        let peer = ticket.peer;
+        let direct: Vec<SocketAddr> = ticket
+            .addrs
+            .iter()
+            .filter(|a| a.kind != AddrKind::Relay)
+            .map(|a| a.addr)
+            .collect();
+        let mut last = None;
+        let tried_dht = !direct.is_empty();
+        if tried_dht {
+            match self.connect(peer, direct).await {
+                Ok(()) => return Ok(()),
+                Err(e) => last = Some(e),
+            }
+        }
+        for a in ticket.addrs.iter().filter(|a| a.kind == AddrKind::Relay) {
+            if let Some(relay) = a.via {
+                match self.connect_via_relay(peer, relay, a.addr).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+            }
+        }
+        match last {
+            // A direct dial that failed already looked the peer up in the DHT.
+            Some(e) if tried_dht => Err(e),
+            _ => self.connect(peer, []).await,
+        }
+    }
+
     /// Connects to `peer` through `relay` (at `relay_addr`), even if a
     /// direct path exists, unless a live connection exists already. For
     /// tests and measurements; `connect` picks relays by itself.
