@@ -130,6 +130,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
         }) => lab_portmap(kinds, lease_secs, json).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Events {
+            follow,
+            json,
+            data_dir: d,
+        } => {
+            let dir = data_dir(&d)?;
+            tokio::task::spawn_blocking(move || crate::eventlog::run(&dir, follow, json)).await?
+        }
         Command::Bench(BenchCommand::Connect { dialers, json }) => {
             let r = crate::bench::connect(dialers).await?;
             if json {
@@ -284,7 +292,8 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             gateway: config.port_mapping_gateway,
             ..reach::PortMapping::default()
         })
-        .post_quantum(args.pq.or(config.pq).unwrap_or_default());
+        .post_quantum(args.pq.or(config.pq).unwrap_or_default())
+        .event_log(config.event_log.unwrap_or(true));
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
