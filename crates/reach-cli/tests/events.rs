@@ -200,3 +200,47 @@ fn a_line_cut_short_by_a_crash_is_skipped_with_a_warning() {
     assert_eq!(String::from_utf8(json.stdout).unwrap(), good);
     assert!(String::from_utf8(json.stderr).unwrap().contains("warning"));
 }
+
+/// One log line as the node writes it, numbered.
+fn numbered(n: u32) -> String {
+    format!("{{\"v\":1,\"ts\":\"2026-11-26T21:30:05.123Z\",\"kind\":\"relay_lost\",\"n\":{n}}}\n")
+}
+
+fn append(path: &Path, text: &str) {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+}
+
+#[test]
+fn events_follow_goes_on_through_a_rotation_without_losing_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("events.jsonl");
+    append(&log, &numbered(1));
+    let follow = Proc::spawn(&[
+        "events",
+        "--follow",
+        "--json",
+        "--data-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    follow.wait_line("1", |l| l == numbered(1).trim_end());
+    // As the node rotates: a last line into the old file, the rename, the
+    // next lines into a new file (the follower may be mid-sleep throughout).
+    append(&log, &numbered(2));
+    std::fs::rename(&log, dir.path().join("events.1.jsonl")).unwrap();
+    append(&log, &numbered(3));
+    append(&log, &numbered(4));
+    let mut got = Vec::new();
+    for n in 2..=4 {
+        got.push(follow.wait_line(&n.to_string(), |l| l.contains("\"n\":")));
+    }
+    let want: Vec<String> = (2..=4)
+        .map(|n| numbered(n).trim_end().to_string())
+        .collect();
+    assert_eq!(got, want);
+}

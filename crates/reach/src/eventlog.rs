@@ -456,6 +456,43 @@ mod tests {
     }
 
     #[test]
+    fn a_lagging_writer_counts_what_it_missed_in_one_dropped_line() {
+        use crate::node::bus::{BUS_CAPACITY, Bus};
+        let dir = tempfile::tempdir().unwrap();
+        let bus = Bus::default();
+        let mut events = bus.subscribe();
+        let mut w = Writer {
+            log: LogFile::open(dir.path(), EventLogConfig::default()).unwrap(),
+            dropped: 0,
+            missed_seen: 0,
+            failing: false,
+        };
+        let relay = reach_proto::Keypair::generate().peer_id();
+        // The writer sleeps while the bus overflows its queue by 10.
+        for _ in 0..BUS_CAPACITY + 10 {
+            bus.emit(NodeEvent::RelayLost { relay });
+        }
+        while let Some(ev) = events.try_next() {
+            w.event(&ev, &events);
+        }
+        bus.emit(NodeEvent::RelayLost { relay });
+        let ev = events.try_next().unwrap();
+        w.event(&ev, &events);
+        let text = fs::read_to_string(log_path(dir.path())).unwrap();
+        let kinds: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap()["kind"].to_string())
+            .collect();
+        assert_eq!(kinds.len(), BUS_CAPACITY + 2);
+        assert_eq!(
+            kinds[0], "\"dropped\"",
+            "the drop is told before the next line"
+        );
+        assert!(text.lines().next().unwrap().contains("\"count\":10"));
+        assert!(kinds[1..].iter().all(|k| k == "\"relay_lost\""));
+    }
+
+    #[test]
     fn a_line_cut_by_a_crash_is_ended_before_the_next() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(log_path(dir.path()), "{\"v\":1,\"ts\":\"19").unwrap();
