@@ -104,6 +104,19 @@ pub enum Command {
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Print the node's event log (`<data dir>/events.jsonl`: connections,
+    /// paths, relays, NAT, punches, start/stop), read from the data dir
+    /// whether or not the node runs.
+    Events {
+        /// Keep printing new events as they are written (follows rotation).
+        #[arg(long)]
+        follow: bool,
+        /// Print the log's JSON lines as they are instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
 }
 
 #[derive(Debug, Subcommand)]

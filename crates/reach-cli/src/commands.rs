@@ -143,6 +143,14 @@ pub async fn run(cli: Cli) -> Result<()> {
             json,
         }) => lab_portmap(kinds, lease_secs, json).await,
         Command::Demo(args) => demo::run(args).await,
+        Command::Events {
+            follow,
+            json,
+            data_dir: d,
+        } => {
+            let dir = data_dir(&d)?;
+            tokio::task::spawn_blocking(move || crate::eventlog::run(&dir, follow, json)).await?
+        }
         Command::Bench(BenchCommand::Connect { dialers, json }) => {
             let r = crate::bench::connect(dialers).await?;
             if json {
@@ -297,7 +305,8 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             gateway: config.port_mapping_gateway,
             ..reach::PortMapping::default()
         })
-        .post_quantum(args.pq.or(config.pq).unwrap_or_default());
+        .post_quantum(args.pq.or(config.pq).unwrap_or_default())
+        .event_log(config.event_log.unwrap_or(true));
     if let Some(limits) = &config.relay_limits {
         builder = builder.relay_limits(limits.to_limits());
     }
@@ -308,6 +317,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.store_limits {
         builder = builder.store_limits(limits.to_limits());
     }
+    // Before anything announces the node: a SIGTERM from then on must
+    // stop it gracefully (the default action would kill it mid-write).
+    let stop = stop_signal()?;
     let node = builder.spawn().await?;
     let api = reach::api::serve(node.clone(), &dir, api_listen).await?;
     println!("peer id     {}", node.peer_id());
@@ -360,7 +372,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
             }
         })
     };
-    wait_for_stop_signal().await?;
+    stop.await?;
     eprintln!("shutting down");
     api.stop().await;
     node.shutdown().await;
@@ -456,6 +468,21 @@ fn message_json(from: &reach::PeerId, data: &[u8]) -> String {
 
 /// Waits for Ctrl-C (SIGINT) or SIGTERM, so `kill` and service managers stop
 /// the node as cleanly as Ctrl-C does.
+/// Installs the SIGTERM handler now and returns what waits for Ctrl-C or
+/// SIGTERM.
+fn stop_signal() -> Result<impl std::future::Future<Output = Result<()>>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing SIGINT handler")?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
+        }
+        Ok(())
+    })
+}
+
 async fn wait_for_stop_signal() -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;

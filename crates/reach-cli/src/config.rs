@@ -13,6 +13,7 @@
 //! hole_punching = true          # upgrade relayed connections to direct
 //! port_mapping = true           # ask the router to forward our port
 //!                               # (PCP, NAT-PMP, UPnP-IGD)
+//! event_log = true              # write <data dir>/events.jsonl (`reach events`)
 //! port_mapping_gateway = "192.168.1.1"  # the router to ask (default: the
 //!                               # routing table's, if on a private network)
 //! pq = "prefer"                  # post-quantum key exchange (X25519MLKEM768):
@@ -70,6 +71,8 @@ pub struct Config {
     pub relay_limits: Option<RelayLimitsConfig>,
     pub connection_limits: Option<ConnectionLimitsConfig>,
     pub store_limits: Option<StoreLimitsConfig>,
+    /// Whether the node writes `<data dir>/events.jsonl` (default true).
+    pub event_log: Option<bool>,
 }
 
 /// `[store_limits]`: the store-fairness limits, every key optional,

@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod config;
 mod demo;
+mod eventlog;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

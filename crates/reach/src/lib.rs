@@ -33,6 +33,7 @@ pub mod api;
 pub mod datadir;
 pub mod dht;
 pub mod error;
+pub mod eventlog;
 pub mod events;
 pub mod handshake;
 pub mod keystore;

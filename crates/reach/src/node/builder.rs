@@ -46,6 +46,7 @@ pub struct NodeBuilder {
     connection_events: bool,
     store_limits: Option<reach_proto::dht::store::StoreLimits>,
     port_mapping: crate::portmap::PortMapping,
+    event_log: crate::eventlog::EventLogConfig,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -219,6 +220,19 @@ impl NodeBuilder {
     /// Server (default) or client (outbound-only) DHT mode.
     pub fn dht_mode(mut self, mode: DhtMode) -> Self {
         self.dht_mode = mode;
+        self
+    }
+
+    /// Whether a node with a data dir writes its event log,
+    /// `<data dir>/events.jsonl` (on by default; see [`crate::eventlog`]).
+    pub fn event_log(mut self, on: bool) -> Self {
+        self.event_log.enabled = on;
+        self
+    }
+
+    /// The event log's settings: on/off and its rotation (size, files kept).
+    pub fn event_log_config(mut self, config: crate::eventlog::EventLogConfig) -> Self {
+        self.event_log = config;
         self
     }
 
@@ -451,6 +465,10 @@ impl NodeBuilder {
             punch,
             dir_lock: std::sync::Mutex::new(dir_lock),
         });
+        // Subscribed before any task runs: the log misses no event.
+        if let (Some(dir), true) = (&self.data_dir, self.event_log.enabled) {
+            crate::eventlog::start(&inner, dir, self.event_log, inner.peer_id, local_addr);
+        }
         if let Some(l) = tcp_listener {
             inner.spawn(links.accept_loop(l));
         }

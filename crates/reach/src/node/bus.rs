@@ -78,6 +78,17 @@ pub enum NodeEvent {
     /// The mapping at `external` is gone (revoked, moved, or deleted at
     /// shutdown): no longer published.
     PortUnmapped { external: SocketAddr },
+    /// A hole punch with `peer` ended: `direct` if it made the path direct
+    /// (`time_to_direct_ms` from the punch request to the first packet
+    /// from the peer's direct address), else why not (`error_kind`, `None`
+    /// when the pair's NATs made the node stay relayed without trying).
+    PunchOutcome {
+        peer: PeerId,
+        technique: &'static str,
+        direct: bool,
+        time_to_direct_ms: Option<u64>,
+        error_kind: Option<&'static str>,
+    },
 }
 
 /// The sending side of the bus; cheap to clone.
@@ -126,6 +137,18 @@ impl NodeEvents {
                 Ok(ev) => return Some(ev),
                 Err(broadcast::error::RecvError::Lagged(n)) => self.missed += n,
                 Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
+
+    /// The next event if one is waiting, without waiting (`None` when none
+    /// is, or the node is gone); skipped events count in [`Self::missed`].
+    pub fn try_next(&mut self) -> Option<NodeEvent> {
+        loop {
+            match self.rx.try_recv() {
+                Ok(ev) => return Some(ev),
+                Err(broadcast::error::TryRecvError::Lagged(n)) => self.missed += n,
+                Err(_) => return None,
             }
         }
     }

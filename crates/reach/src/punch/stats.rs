@@ -88,6 +88,15 @@ impl PunchRuntime {
             Ended::StayRelayed => (false, None, None),
             Ended::Failed(e) => (false, None, Some(e)),
         };
+        self.core
+            .bus
+            .emit(crate::node::bus::NodeEvent::PunchOutcome {
+                peer: o.peer,
+                technique: o.technique.name(),
+                direct,
+                time_to_direct_ms: time.map(|t| t.as_millis() as u64),
+                error_kind: error.map(|e| e.kind()),
+            });
         let mut c = lock(&self.counters);
         c.seq += 1;
         let outcome = PunchOutcome {
