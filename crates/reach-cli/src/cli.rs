@@ -24,7 +24,11 @@ pub struct Cli {
 impl Cli {
     pub fn log_level(&self) -> &'static str {
         match self.verbose {
-            0 => "warn,reach=info,reach_cli=info",
+            // A daemon's lifecycle (joined, reachability, relay, port
+            // mapping) at the default level; commands that run many nodes
+            // in this process (demo, lab, bench) only warn.
+            0 if matches!(self.command, Command::Node(_)) => "warn,reach=info,reach_cli=info",
+            0 => "warn,reach_cli=info",
             1 => "info,reach=debug,reach_cli=debug",
             _ => "debug,reach=trace,reach_cli=trace",
         }

@@ -6,6 +6,9 @@
 //! Phase 2: every node sends M messages, each to a different peer, dialing
 //! it by public key alone: the address comes from the DHT (a real, mutually
 //! authenticated QUIC handshake per pair).
+//! Then a few newcomers join through node 0 and reach nodes by key the
+//! long way, as in a network too large to know: each asks the DHT afresh
+//! for the target's signed endpoint record and dials what it lists.
 //! Phase 3: every node opens a stream to its neighbour (again by key),
 //! writes a block and checks that the neighbour echoes it back intact.
 
@@ -23,6 +26,14 @@ use crate::cli::DemoArgs;
 const STREAM_BLOCK: usize = 256 * 1024;
 /// Nodes that join at once.
 const JOIN_WAVE: usize = 25;
+/// Nodes that join last (as DHT clients) and reach existing nodes by key
+/// the long way. In a network this small every node soon knows every
+/// other, so a plain dial reuses what it knows; a newcomer asks the DHT
+/// afresh for each target's endpoint record, as a dial to an unknown peer
+/// in a large network does, then dials it.
+const NEWCOMERS: usize = 3;
+/// Existing nodes each newcomer dials by key (and sends a message).
+const NEWCOMER_DIALS: usize = 3;
 /// The demo gives up (and says so) if it has not finished by then.
 const DEMO_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -37,6 +48,11 @@ pub struct DemoReport {
     /// Dials that needed a DHT lookup (the others reused a connection the
     /// DHT traffic had already opened).
     pub dht_resolutions: u64,
+    /// Of those, the newcomers' fresh lookups of endpoint records.
+    pub newcomer_resolutions: u64,
+    /// Median time a newcomer's reach by key took: the fresh lookup of the
+    /// endpoint record and the handshake.
+    pub newcomer_connect_ms_p50: f64,
     pub connections: u64,
     /// Median time `connect` took (a fresh handshake, or reuse of one).
     pub connect_ms_p50: f64,
@@ -138,8 +154,20 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
         / n as f64;
     // Receivers: count messages (with latency) and echo streams.
     let plan: Vec<Vec<usize>> = (0..n).map(|i| targets(i, n, m)).collect();
+    // Newcomers: fresh nodes that know only node 0 and dial at once, by
+    // key, nodes they have never met (before their own join has met
+    // anyone): each dial looks the target's endpoint record up in the DHT
+    // through node 0, as a new node in a large network does. They are DHT
+    // clients, so no joined node learns of them.
+    let newcomer_plan: Vec<Vec<usize>> = (0..NEWCOMERS)
+        .map(|k| {
+            (0..NEWCOMER_DIALS.min(n - 1))
+                .map(|j| 1 + (k * NEWCOMER_DIALS + j) % (n - 1))
+                .collect()
+        })
+        .collect();
     let mut expected = vec![0usize; n];
-    for t in plan.iter().flatten() {
+    for t in plan.iter().chain(&newcomer_plan).flatten() {
         expected[*t] += 1;
     }
     let mut receivers = JoinSet::new();
@@ -180,6 +208,47 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
         messages_sent += 1;
     }
 
+    progress.set_message("newcomers dial by key");
+    let mut newcomers = Vec::with_capacity(NEWCOMERS);
+    for _ in 0..NEWCOMERS {
+        newcomers.push(
+            Node::builder()
+                .bind("127.0.0.1:0".parse()?)
+                .dht_mode(reach::DhtMode::Client)
+                .bootstrap([nodes[0].local_addr()])
+                .spawn()
+                .await
+                .context("starting a newcomer")?,
+        );
+    }
+    for nc in &newcomers {
+        nc.joined().await;
+    }
+    let mut newcomer_ms = Vec::new();
+    for (k, tos) in newcomer_plan.iter().enumerate() {
+        for &t in tos {
+            let from = newcomers[k].clone();
+            let to = nodes[t].peer_id();
+            let dial_start = Instant::now();
+            // The signed endpoint record, asked of the DHT afresh (not
+            // from a cache), then a dial of the addresses it lists.
+            let record = from
+                .lookup(to)
+                .await
+                .context("a newcomer's lookup of an endpoint record")?;
+            let addrs: Vec<std::net::SocketAddr> = record.iter().map(|a| a.addr).collect();
+            from.connect(to, addrs)
+                .await
+                .context("a newcomer's dial by key")?;
+            newcomer_ms.push(dial_start.elapsed().as_secs_f64() * 1000.0);
+            let sent_at = started.elapsed().as_micros() as u64;
+            let body = format!("{sent_at} hello from newcomer {k} to node {t}");
+            from.send(to, body.into_bytes()).await?;
+            messages_sent += 1;
+        }
+    }
+    let newcomer_resolutions: u64 = newcomers.iter().map(|n| n.stats().dht.resolutions).sum();
+
     progress.set_message("streaming blocks");
     let mut streams = JoinSet::new();
     for i in 0..n {
@@ -206,15 +275,23 @@ async fn simulate(args: &DemoArgs) -> Result<DemoReport> {
         .iter()
         .map(|n| n.stats().core.connections_outbound)
         .sum();
-    let dht_resolutions: u64 = nodes.iter().map(|n| n.stats().dht.resolutions).sum();
+    let dht_resolutions: u64 = nodes
+        .iter()
+        .chain(&newcomers)
+        .map(|n| n.stats().dht.resolutions)
+        .sum();
     futures_shutdown(&nodes).await;
+    futures_shutdown(&newcomers).await;
     dial_ms.sort_by(f64::total_cmp);
+    newcomer_ms.sort_by(f64::total_cmp);
     latencies.sort_by(f64::total_cmp);
     Ok(DemoReport {
         nodes: args.nodes,
         join_ms,
         routing_table_mean: (routing_table_mean * 10.0).round() / 10.0,
         dht_resolutions,
+        newcomer_resolutions,
+        newcomer_connect_ms_p50: percentile(&newcomer_ms, 0.50),
         connections,
         connect_ms_p50: percentile(&dial_ms, 0.50),
         messages_sent,
@@ -316,6 +393,10 @@ fn print_summary(r: &DemoReport) {
     println!(
         "  dialing      by public key alone: {} DHT resolutions, {} QUIC handshakes, connect p50 {:.2} ms",
         r.dht_resolutions, r.connections, r.connect_ms_p50
+    );
+    println!(
+        "  newcomers    {NEWCOMERS} joined last, reached {NEWCOMER_DIALS} nodes each by key: {} fresh DHT lookups of signed endpoint records, lookup + connect p50 {:.2} ms",
+        r.newcomer_resolutions, r.newcomer_connect_ms_p50
     );
     println!(
         "  messages     {}/{} delivered  {}   latency p50 {:.2} ms, p99 {:.2} ms",

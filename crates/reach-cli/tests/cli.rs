@@ -31,7 +31,12 @@ fn demo_json_runs_twenty_nodes_and_delivers_everything() {
     let v: serde_json::Value = serde_json::from_str(line).unwrap();
     assert_eq!(v["nodes"], 20);
     let sent = v["messages_sent"].as_u64().unwrap();
-    assert_eq!(sent, 100);
+    // 20 nodes x 5 messages, and 3 newcomers x 3 reached by key.
+    assert_eq!(sent, 109);
+    // The newcomers' dials really went through the DHT: one fresh lookup
+    // of a signed endpoint record each.
+    assert_eq!(v["newcomer_resolutions"].as_u64(), Some(9));
+    assert!(v["dht_resolutions"].as_u64().unwrap() >= 9);
     assert_eq!(v["messages_delivered"].as_u64().unwrap(), sent);
     assert_eq!(v["streams_verified"], v["streams_opened"]);
     assert!(v["wall_ms"].as_u64().is_some());
