@@ -321,6 +321,10 @@ pub struct DemoArgs {
     /// Print one JSON object instead of the readable summary.
     #[arg(long)]
     pub json: bool,
+    /// Run the loopback demo even where the NAT lab story could run (as
+    /// root with the lab's tools).
+    #[arg(long)]
+    pub loopback: bool,
 }
 
 /// A peer as the user names it: its peer id, or a ticket that also says

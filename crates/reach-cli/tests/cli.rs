@@ -20,7 +20,7 @@ fn reach(args: &[&str]) -> std::process::Output {
 
 #[test]
 fn demo_json_runs_twenty_nodes_and_delivers_everything() {
-    let out = reach(&["demo", "--json", "--nodes", "20"]);
+    let out = reach(&["demo", "--loopback", "--json", "--nodes", "20"]);
     assert!(
         out.status.success(),
         "{}",
@@ -506,4 +506,29 @@ fn a_ticket_reaches_a_node_that_shares_no_dht() {
     let err = String::from_utf8_lossy(&refused.stderr);
     assert!(err.contains("ticket"), "{err}");
     drop(b);
+}
+
+#[test]
+fn demo_tells_the_nat_story_in_a_lab_where_it_can() {
+    if !reach_lab::netns::lab_available_for_tests() {
+        return;
+    }
+    let out = reach(&["demo", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_slice(out.stdout.trim_ascii()).expect("one JSON object");
+    assert_eq!(v["as_told"], true, "{v}");
+    let steps = v["steps"].as_array().unwrap();
+    assert_eq!(steps[0]["first_path"], "direct", "to the port-mapped node");
+    assert_eq!(steps[1]["first_path"], "relayed");
+    assert_eq!(steps[1]["ended_direct"], true, "punched to direct");
+    assert_eq!(
+        steps[2]["first_path"], "relayed",
+        "from the UDP-blocked network"
+    );
+    assert!(steps.iter().all(|s| s["delivered"] == true));
 }

@@ -13,6 +13,8 @@
 //! - [`miniupnpd`]: the port-mapping daemon on `upnp` / `natpmp` / `pcp` routers.
 //! - [`matrix`]: the classification run over every kind (`reach lab nat`).
 //! - [`pairs`]: every pair of kinds connecting by PeerId (`reach lab matrix`).
+//! - [`story`]: `reach demo` as root: dial by key, relayed, punched,
+//!   port-mapped, in a small lab.
 //! - [`portmap`]: a node behind each miniupnpd router: mapped, verified,
 //!   renewed, re-mapped, deleted (`reach lab portmap`).
 
@@ -22,5 +24,6 @@ pub mod nat;
 pub mod netns;
 pub mod pairs;
 pub mod portmap;
+pub mod story;
 
 pub use netns::{Lab, LabError};

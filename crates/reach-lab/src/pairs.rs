@@ -173,7 +173,7 @@ fn public(host: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(203, 0, 113, host))
 }
 
-async fn node_in(
+pub(crate) async fn node_in(
     lab: &Lab,
     ns: &str,
     ip: IpAddr,
@@ -209,7 +209,7 @@ async fn node_in(
 
 /// Waits until `node` has joined and decided about relays: public, or
 /// holding a relay.
-async fn settle(node: &Node) -> bool {
+pub(crate) async fn settle(node: &Node) -> bool {
     let wait = async {
         node.joined().await;
         loop {
@@ -272,7 +272,7 @@ async fn punch_result(
 }
 
 /// A sends `payload` to B, and B receives it.
-async fn deliver_once(a: &Node, b: &Node, payload: &str) -> Result<(), String> {
+pub(crate) async fn deliver_once(a: &Node, b: &Node, payload: &str) -> Result<(), String> {
     a.send(b.peer_id(), payload.as_bytes().to_vec())
         .await
         .map_err(|e| e.to_string())?;
@@ -349,7 +349,12 @@ struct Side {
 /// does: every punch starts from NATs with no state between the two. It
 /// learns its mapping by probing two infrastructure nodes, as a DHT join
 /// would.
-async fn fresh_dialer(lab: &Lab, ns: &str, ip: IpAddr, infra: &[Node; 3]) -> Result<Node, String> {
+pub(crate) async fn fresh_dialer(
+    lab: &Lab,
+    ns: &str,
+    ip: IpAddr,
+    infra: &[Node; 3],
+) -> Result<Node, String> {
     let sock = lab
         .udp_socket(ns, SocketAddr::new(ip, 0))
         .map_err(|e| e.to_string())?;
@@ -431,7 +436,7 @@ fn p50_ms(mut v: Vec<Duration>) -> Option<f64> {
 
 /// A fresh lab with its internet and the three public infrastructure nodes
 /// (.10, .11 and .12; the last two join through the first).
-async fn lab_with_infrastructure() -> Result<(Lab, Internet, [Node; 3]), LabError> {
+pub(crate) async fn lab_with_infrastructure() -> Result<(Lab, Internet, [Node; 3]), LabError> {
     let mut lab = Lab::new()?;
     let net = Internet::build(&mut lab)?;
     for host in [11, 12] {
