@@ -307,6 +307,8 @@ pub struct EventStream {
     chunk_left: Option<usize>,
     /// Decoded body not yet split into lines.
     body: Vec<u8>,
+    /// Bytes at the start of `body` known to hold no newline.
+    scanned: usize,
     /// The `data` lines of the event being read.
     data: Option<String>,
     ended: bool,
@@ -370,6 +372,7 @@ impl EventStream {
             chunked,
             chunk_left: None,
             body: Vec::new(),
+            scanned: 0,
             data: None,
             ended: false,
         })
@@ -379,8 +382,9 @@ impl EventStream {
     /// the server closed the stream (the node stopped).
     pub async fn next(&mut self) -> Result<Option<String>, ClientError> {
         loop {
-            while let Some(nl) = self.body.iter().position(|&b| b == b'\n') {
-                let mut line: Vec<u8> = self.body.drain(..=nl).collect();
+            while let Some(nl) = self.body[self.scanned..].iter().position(|&b| b == b'\n') {
+                let mut line: Vec<u8> = self.body.drain(..=self.scanned + nl).collect();
+                self.scanned = 0;
                 line.pop();
                 if line.last() == Some(&b'\r') {
                     line.pop();
@@ -406,6 +410,9 @@ impl EventStream {
                 }
                 // Comments (keep-alives), `id:`, `event:` are skipped.
             }
+            // No newline in what is here: the next search starts after it
+            // (a line of megabytes arrives in many reads).
+            self.scanned = self.body.len();
             if self.body.len() > MAX_EVENT_BYTES {
                 return Err(ClientError::BadResponse("event line too large".into()));
             }
