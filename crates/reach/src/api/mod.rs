@@ -17,6 +17,11 @@
 //! - `GET  /v1/nat`     — NAT classification with connected peers as helpers
 //! - `GET  /debug/routing` — the DHT routing table
 //! - `GET  /debug/store`   — records this node holds for others
+//! - `POST /v1/send?peer=<id>` — the body is the message's raw bytes
+//! - `GET  /v1/recv[?since=N]` — server-sent events of what the node
+//!   received; see [`recv`]
+//! - `GET  /v1/peers` — connected peers with path kind and RTT
+//! - `POST /v1/ping` — `{"peer": "<id>", "count": N}` → round trips; see [`daemon`]
 //!
 //! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`,
 //! refusals by the server itself too: `unauthorized` (401), `not_found`
