@@ -38,7 +38,9 @@ pub enum Command {
     /// Received messages are printed to stdout as
     /// `message from <peer>: <text>`, control characters escaped (`\n`,
     /// `\u{1b}`, …) so a message is always one line; `--json` prints one
-    /// JSON object per message instead. Stop with Ctrl-C.
+    /// JSON object per message instead. Programs get the same messages and
+    /// events from the control API's `GET /v1/recv` (see `reach recv`).
+    /// Stop with Ctrl-C.
     Node(NodeArgs),
     /// Print this node's peer id (creating the identity if needed).
     Id(DataDirArg),

@@ -127,3 +127,39 @@ async fn a_reader_that_does_not_read_loses_the_oldest_and_is_told_how_many() {
     api.stop().await;
     node.shutdown().await;
 }
+
+#[tokio::test]
+async fn streams_past_the_cap_are_refused_busy_until_one_closes() {
+    let (dir, node, api) = node_and_api().await;
+    let hub = api.recv_hub();
+    let client = reach::api::client::ApiClient::from_data_dir(dir.path()).unwrap();
+    let mut open = Vec::new();
+    for _ in 0..reach::api::recv::MAX_RECV_CLIENTS {
+        open.push(client.open_events("/v1/recv").await.unwrap());
+    }
+    match client.open_events("/v1/recv").await {
+        Err(reach::api::client::ClientError::Api { status, kind, .. }) => {
+            assert_eq!((status, kind.as_str()), (503, "busy"));
+        }
+        other => panic!("expected busy, got {:?}", other.err()),
+    }
+    // Other requests are still served.
+    let _: serde_json::Value = client.get("/v1/peers").await.unwrap();
+    // A closed stream's place is freed once the server notices the close,
+    // at its next write: events are published until a new stream gets in.
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        hub.publish(&message(node.peer_id(), 1, 0));
+        if client.open_events("/v1/recv").await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.stop().await;
+    node.shutdown().await;
+}

@@ -34,7 +34,9 @@ pub const RECV_BACKLOG_BYTES: usize = 4 * crate::MAX_MESSAGE_LEN * 4 / 3;
 /// `GET /v1/recv` streams open at once. Each holds a control API
 /// connection for as long as it lasts; the cap keeps them from taking all
 /// of [`super::MAX_API_CONNECTIONS`]. Past it, a new stream is refused
-/// with a JSON 503 `busy`.
+/// with a JSON 503 `busy`. A client that went away gives its place back
+/// when the server next writes to it (an event, or the SSE keep-alive
+/// comment every 15 s).
 pub const MAX_RECV_CLIENTS: usize = 32;
 
 /// One event of the `/v1/recv` stream, as JSON.
