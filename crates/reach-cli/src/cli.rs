@@ -99,7 +99,7 @@ pub enum Command {
     /// `--follow` streams messages and connection events until Ctrl-C.
     Recv(crate::daemon::RecvArgs),
     /// List a running node's connected peers: id, address, path (direct or
-    /// relayed), RTT.
+    /// relayed or tcp), RTT.
     Peers {
         /// Print JSON instead of text.
         #[arg(long)]

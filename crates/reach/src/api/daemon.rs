@@ -52,8 +52,8 @@ pub struct PingResponse {
 pub struct PeerEntry {
     pub peer: PeerId,
     pub addr: std::net::SocketAddr,
-    /// `direct` or `relayed` (the connection's own path; a TCP link shows
-    /// as `direct` here, the event stream tells them apart).
+    /// `direct`, `relayed` or `tcp` (a TCP link, for a network that
+    /// blocks UDP).
     pub path: String,
     pub rtt_ms: u64,
     pub direction: String,
@@ -77,6 +77,22 @@ impl From<PeerInfo> for PeerEntry {
             relay: p.relay,
         }
     }
+}
+
+/// The connected peers with their path kinds.
+pub(crate) fn peer_entries(node: &Node) -> Vec<PeerEntry> {
+    let paths: std::collections::HashMap<_, _> = node.peer_paths().into_iter().collect();
+    node.connected_peers()
+        .into_iter()
+        .map(|p| {
+            let path = paths.get(&p.peer).map(super::recv::path_word);
+            let mut entry = PeerEntry::from(p);
+            if let Some(path) = path {
+                entry.path = path.into();
+            }
+            entry
+        })
+        .collect()
 }
 
 /// Answer of `GET /v1/peers`.
@@ -162,10 +178,10 @@ pub(crate) async fn ping(node: &Node, peer: PeerId, count: u32) -> Result<PingRe
     }
     let _ = stream.send.finish();
     let path = node
-        .connected_peers()
+        .peer_paths()
         .into_iter()
-        .find(|p| p.peer == peer)
-        .map(|p| PeerEntry::from(p).path)
+        .find(|(p, _)| *p == peer)
+        .map(|(_, path)| super::recv::path_word(&path).to_string())
         .unwrap_or_else(|| "unknown".into());
     Ok(PingResponse {
         peer,

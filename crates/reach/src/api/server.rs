@@ -767,12 +767,7 @@ async fn recv_stream(State(state): State<AppState>, query: axum::extract::RawQue
 /// `GET /v1/peers`: the connected peers with path kind and RTT.
 async fn peers(State(state): State<AppState>) -> Response {
     ok(super::daemon::PeersResponse {
-        peers: state
-            .node
-            .connected_peers()
-            .into_iter()
-            .map(Into::into)
-            .collect(),
+        peers: super::daemon::peer_entries(&state.node),
     })
 }
 
