@@ -42,7 +42,9 @@ pub enum Command {
     /// Received messages are printed to stdout as
     /// `message from <peer>: <text>`, control characters escaped (`\n`,
     /// `\u{1b}`, …) so a message is always one line; `--json` prints one
-    /// JSON object per message instead. Stop with Ctrl-C.
+    /// JSON object per message instead. Programs get the same messages and
+    /// events from the control API's `GET /v1/recv` (see `reach recv`).
+    /// Stop with Ctrl-C.
     Node(NodeArgs),
     /// Print this node's peer id (creating the identity if needed).
     Id {
@@ -62,12 +64,18 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Send a text message through a running node.
+    /// Send a message through a running node: text, a file's bytes
+    /// (`--file F`) or stdin (`-`), binary-safe up to reach's message limit
+    /// (16 MiB).
     Send {
         /// The recipient's peer id, or a ticket (`reach id --ticket`).
         peer: PeerRef,
-        /// The message text.
-        message: String,
+        /// The message text; `-` reads the message's bytes from stdin.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        message: Option<String>,
+        /// Send this file's bytes as the message.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
         /// An address to reach the peer at (repeatable), for this send only:
         /// remembered only if the peer answered there. Not needed: without
         /// it the peer is found through the DHT by its id.
@@ -95,6 +103,41 @@ pub enum Command {
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Print what a running node receives: by default the next message,
+    /// as `message from <peer>: <text>` (control characters escaped);
+    /// `--follow` streams messages and connection events until Ctrl-C.
+    Recv(crate::daemon::RecvArgs),
+    /// List a running node's connected peers: id, address, path (direct or
+    /// relayed or tcp), RTT.
+    Peers {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Round trips to a peer through a running node (the peer's daemon
+    /// echoes them); prints each RTT and the path.
+    Ping {
+        /// The peer to ping: its peer id, or a ticket.
+        peer: PeerRef,
+        /// Round trips (1 to 20).
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=reach::api::daemon::MAX_PING_COUNT as i64))]
+        count: u32,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
+    /// Connect a running node to a peer (found through the DHT, or at
+    /// `--addr`).
+    Connect {
+        /// The peer to connect to: its peer id, or a ticket.
+        peer: PeerRef,
+        /// An address to reach the peer at (repeatable).
+        #[arg(long = "addr", value_name = "IP:PORT")]
+        addrs: Vec<SocketAddr>,
         #[command(flatten)]
         data_dir: DataDirArg,
     },

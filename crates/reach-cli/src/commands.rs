@@ -56,10 +56,16 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Send {
             peer,
             message,
+            file,
             addrs,
             data_dir: d,
         } => {
             let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            let message =
+                match crate::daemon::send_bytes(&client, &peer, message, file, &addrs).await? {
+                    Some(text) => text,
+                    None => return Ok(()),
+                };
             let resp: SendResponse = client
                 .post(
                     "/v1/send",
@@ -105,6 +111,23 @@ pub async fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Recv(args) => {
+            let dir = data_dir(&args.data_dir)?;
+            crate::daemon::recv(args, &dir).await
+        }
+        Command::Peers { json, data_dir: d } => {
+            crate::daemon::peers(&ApiClient::from_data_dir(&data_dir(&d)?)?, json).await
+        }
+        Command::Ping {
+            peer,
+            count,
+            data_dir: d,
+        } => crate::daemon::ping(&ApiClient::from_data_dir(&data_dir(&d)?)?, &peer, count).await,
+        Command::Connect {
+            peer,
+            addrs,
+            data_dir: d,
+        } => crate::daemon::connect(&ApiClient::from_data_dir(&data_dir(&d)?)?, &peer, addrs).await,
         Command::Lab(LabCommand::Nat {
             kinds,
             delay_ms,
@@ -347,8 +370,10 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     let printer = {
         let node = node.clone();
         let json = args.json;
+        let recv_hub = api.recv_hub();
         tokio::spawn(async move {
             while let Some(event) = node.next_event().await {
+                recv_hub.publish(&event);
                 match event {
                     Event::Message { from, data } => {
                         if json {
@@ -386,7 +411,7 @@ async fn run_node(args: NodeArgs) -> Result<()> {
 /// Unicode bidi overrides that reorder what is shown) is written as a Rust
 /// escape (`\n`, `\u{1b}`, …). A backslash is doubled, so the escaping
 /// cannot be imitated by the sender.
-fn escape_text(data: &[u8]) -> String {
+pub(crate) fn escape_text(data: &[u8]) -> String {
     let text = String::from_utf8_lossy(data);
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -865,6 +890,9 @@ fn print_status(s: &Status) {
                 p.peer, p.addr, p.rtt_ms, p.direction
             );
         }
+    }
+    if let Some(b) = &s.build {
+        crate::daemon::print_build(b);
     }
     let st = &s.stats;
     println!(

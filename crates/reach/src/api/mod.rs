@@ -17,6 +17,11 @@
 //! - `GET  /v1/nat`     — NAT classification with connected peers as helpers
 //! - `GET  /debug/routing` — the DHT routing table
 //! - `GET  /debug/store`   — records this node holds for others
+//! - `POST /v1/send?peer=<id>` — the body is the message's raw bytes
+//! - `GET  /v1/recv[?since=N]` — server-sent events of what the node
+//!   received; see [`recv`]
+//! - `GET  /v1/peers` — connected peers with path kind and RTT
+//! - `POST /v1/ping` — `{"peer": "<id>", "count": N}` → round trips; see [`daemon`]
 //!
 //! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`,
 //! refusals by the server itself too: `unauthorized` (401), `not_found`
@@ -29,6 +34,8 @@
 //! [`HEADER_READ_TIMEOUT`] is closed without an answer.
 
 pub mod client;
+pub mod daemon;
+pub mod recv;
 mod server;
 
 pub use server::{ApiServer, raise_fd_limit, serve};
@@ -50,8 +57,11 @@ pub const TOKEN_FILE: &str = "api-token";
 pub const DISCOVERY_FILE: &str = "api.json";
 /// Default API listen address: loopback only, port picked by the OS.
 pub const DEFAULT_API_LISTEN: &str = "127.0.0.1:0";
-/// Largest request body the API accepts: a message plus JSON overhead.
-pub const MAX_REQUEST_BODY: usize = 2 * 1024 * 1024;
+/// Largest request body the API accepts: the largest message
+/// ([`crate::MAX_MESSAGE_LEN`], sent as is with `POST /v1/send?peer=`) plus
+/// room for a JSON wrapper. A bigger message is refused with a JSON 413
+/// (`request_too_large` past this, `message_too_large` between the two).
+pub const MAX_REQUEST_BODY: usize = crate::MAX_MESSAGE_LEN + 64 * 1024;
 /// Longest a client may take to send a request line and headers. The CLI
 /// sends them in one write right after connecting; a connection that has
 /// not finished them by then is stalled or hostile (slowloris) and only
@@ -106,6 +116,9 @@ pub struct Status {
     pub punch: PunchStats,
     /// The node's counters (the same object as `GET /v1/stats`).
     pub stats: NodeStats,
+    /// Version, build profile and uptime (absent from older daemons).
+    #[serde(default)]
+    pub build: Option<daemon::BuildInfo>,
 }
 
 /// One connected peer in a [`Status`].

@@ -54,6 +54,11 @@ pub struct ApiServer {
     token: String,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
+    /// Where the daemon's event loop hands what the node received, for
+    /// `GET /v1/recv` (see [`ApiServer::recv_hub`]).
+    recv: super::recv::RecvHub,
+    /// The ping echo ([`super::daemon::PING_PROTOCOL`]), stopped with the server.
+    echo: Option<JoinHandle<()>>,
 }
 
 impl ApiServer {
@@ -72,6 +77,9 @@ impl ApiServer {
     }
 
     fn stop_now(&mut self) {
+        if let Some(echo) = self.echo.take() {
+            echo.abort();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
             if self.files_still_ours() {
@@ -103,6 +111,10 @@ impl Drop for ApiServer {
 struct AppState {
     node: Node,
     token: String,
+    /// Received messages and events for `GET /v1/recv`.
+    recv: super::recv::RecvHub,
+    /// When this server started, for the uptime in `/v1/status`.
+    started: std::time::Instant,
 }
 
 /// Starts the control API for `node` on `listen` (must be a loopback
@@ -136,10 +148,14 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
     write_private(&discovery_file, &json)?;
 
     let token_file = token_path(data_dir);
+    let echo = super::daemon::spawn_echo(&node);
     let state = AppState {
         node,
         token: token.clone(),
+        recv: super::recv::RecvHub::default(),
+        started: std::time::Instant::now(),
     };
+    let recv_hub = state.recv.clone();
     let app = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/stats", get(stats))
@@ -152,6 +168,9 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/ticket", get(ticket))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
+        .route("/v1/recv", get(recv_stream))
+        .route("/v1/peers", get(peers))
+        .route("/v1/ping", post(ping))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run outside in: the token is checked before any body is
@@ -171,6 +190,8 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         token,
         stop: Some(stop_tx),
         task: Some(task),
+        recv: recv_hub,
+        echo,
     })
 }
 
@@ -649,6 +670,7 @@ async fn status(State(state): State<AppState>) -> Response {
         relay: node.relay_status(),
         punch: node.punch_stats(),
         stats: node.stats(),
+        build: Some(super::daemon::build_info(state.started)),
     })
 }
 
@@ -698,7 +720,14 @@ async fn dial_ticket(node: &Node, peer: crate::PeerId, ticket: Option<&str>) -> 
     node.connect_ticket(&ticket).await.err().map(node_error)
 }
 
-async fn send(State(state): State<AppState>, body: Bytes) -> Response {
+async fn send(
+    State(state): State<AppState>,
+    query: axum::extract::RawQuery,
+    body: Bytes,
+) -> Response {
+    if let Some(query) = query.0 {
+        return send_bytes(state, &query, body).await;
+    }
     let req: SendRequest = match parse(&body) {
         Ok(r) => r,
         Err(resp) => return *resp,
@@ -749,4 +778,73 @@ async fn nat(State(state): State<AppState>) -> Response {
 
 async fn ticket(State(state): State<AppState>) -> Response {
     ok(serde_json::json!({ "ticket": state.node.ticket().to_string() }))
+}
+
+impl ApiServer {
+    /// The backlog `GET /v1/recv` streams from: the daemon's event loop
+    /// hands every event it takes from the node to
+    /// [`RecvHub::publish`](super::recv::RecvHub::publish).
+    pub fn recv_hub(&self) -> super::recv::RecvHub {
+        self.recv.clone()
+    }
+}
+
+/// `GET /v1/recv[?since=S]`: received messages and events as server-sent
+/// events; see [`super::recv`].
+async fn recv_stream(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
+    super::recv::sse(&state.recv, query.0.as_deref())
+}
+
+/// `GET /v1/peers`: the connected peers with path kind and RTT.
+async fn peers(State(state): State<AppState>) -> Response {
+    ok(super::daemon::PeersResponse {
+        peers: super::daemon::peer_entries(&state.node),
+    })
+}
+
+/// `POST /v1/ping`: round trips over the ping echo protocol.
+async fn ping(State(state): State<AppState>, body: Bytes) -> Response {
+    let req: super::daemon::PingRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    let count = req.count.unwrap_or(1);
+    if !(1..=super::daemon::MAX_PING_COUNT).contains(&count) {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            format!("count must be 1 to {}", super::daemon::MAX_PING_COUNT),
+        );
+    }
+    match super::daemon::ping(&state.node, req.peer, count).await {
+        Ok(r) => ok(r),
+        Err(e) => node_error(e),
+    }
+}
+
+/// `POST /v1/send?peer=<id>`: the body is the message's bytes, as is
+/// (any content type), up to [`crate::MAX_MESSAGE_LEN`].
+async fn send_bytes(state: AppState, query: &str, body: Bytes) -> Response {
+    let peer =
+        match super::recv::query_param(query, "peer").map(|p| p.parse::<reach_proto::PeerId>()) {
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                return api_error(StatusCode::BAD_REQUEST, "bad_request", format!("peer: {e}"));
+            }
+            None => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "a binary send needs ?peer=<peer id>",
+                );
+            }
+        };
+    let bytes = body.len();
+    match state.node.send(peer, body).await {
+        Ok(()) => ok(SendResponse {
+            delivered: true,
+            bytes,
+        }),
+        Err(e) => node_error(e),
+    }
 }

@@ -571,3 +571,17 @@ impl Node {
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.inner.endpoint.wait_idle()).await;
     }
 }
+
+impl Node {
+    /// The path kind of each live connection (direct, relayed, TCP link),
+    /// as [`Event::Connected`] reports it; a peer whose relayed circuit is
+    /// already gone is left out.
+    pub fn peer_paths(&self) -> Vec<(PeerId, crate::events::PathKind)> {
+        self.inner
+            .peers
+            .connected()
+            .into_iter()
+            .filter_map(|p| Some((p.peer, self.inner.peers.path_kind(&p.addr)?)))
+            .collect()
+    }
+}
