@@ -144,9 +144,12 @@ pub enum Command {
     /// The NAT lab (root only): real kernel NATs in network namespaces.
     #[command(subcommand)]
     Lab(LabCommand),
-    /// Start a local network of nodes on loopback: they join a DHT, dial
-    /// each other by public key alone, exchange messages and streams; prints
-    /// a summary.
+    /// Show reach at work. As root with the NAT lab's tools: a small lab of
+    /// real kernel NATs where nodes dial each other by key directly through
+    /// a port mapping, through a relay then punched to direct, and from a
+    /// UDP-blocked network. Otherwise (or with --loopback): a network of
+    /// nodes on loopback that join a DHT, dial each other by public key
+    /// alone, exchange messages and streams. Prints a summary.
     Demo(DemoArgs),
     /// Benchmarks that print JSON.
     #[command(subcommand)]
