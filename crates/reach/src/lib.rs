@@ -35,6 +35,7 @@ pub mod dht;
 pub mod error;
 pub mod events;
 pub mod handshake;
+pub mod histogram;
 pub mod keystore;
 pub(crate) mod messaging;
 pub mod nat;

@@ -29,6 +29,7 @@
 //! [`HEADER_READ_TIMEOUT`] is closed without an answer.
 
 pub mod client;
+pub mod metrics;
 mod server;
 
 pub use server::{ApiServer, raise_fd_limit, serve};

@@ -151,6 +151,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/punch", get(punch))
         .route("/debug/routing", get(debug_routing))
         .route("/debug/store", get(debug_store))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run outside in: the token is checked before any body is
@@ -590,6 +591,9 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 }
 
 fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    if status.is_client_error() {
+        super::metrics::count_api_refusal();
+    }
     let body = ApiErrorBody {
         error: ApiErrorDetail {
             kind: kind.to_string(),
@@ -718,4 +722,13 @@ async fn debug_store(State(state): State<AppState>) -> Response {
 
 async fn nat(State(state): State<AppState>) -> Response {
     ok(state.node.nat_report().await)
+}
+
+/// `GET /metrics`: Prometheus text format (see [`super::metrics`]).
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        super::metrics::render(&state.node),
+    )
+        .into_response()
 }
