@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use reach::api::client::raw_request;
 use reach::api::metrics::{MAX_SERIES, series_count};
 use reach::{ConnectionLimits, Keypair, Node, RelayMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::{logs, loopback, node_holding_a_relay, relay_node, until, within};
@@ -211,6 +212,24 @@ async fn metrics_need_the_token_and_refusals_are_counted() {
     for (reason, _) in reach::api::metrics::REFUSAL_REASONS {
         value(&s, &format!("reach_refused_total{{reason=\"{reason}\"}}"));
     }
+    // A request head hyper cannot parse is refused (JSON 400) and counted.
+    let refused = |s: &str| value(s, "reach_refused_total{reason=\"api_request_refused\"}");
+    let before = refused(&s);
+    let mut tcp = tokio::net::TcpStream::connect(api.addr()).await.unwrap();
+    tcp.write_all(b"NOT HTTP AT ALL\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    within("the refusal", tcp.read_to_end(&mut answer))
+        .await
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&answer).contains("bad_request"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+    let (_, body) = raw_request(api.addr(), Some(&token), "GET", "/metrics", None)
+        .await
+        .unwrap();
+    assert!(refused(&String::from_utf8(body).unwrap()) > before);
     api.stop().await;
 }
 

@@ -365,6 +365,7 @@ struct JsonRefusals {
 /// The JSON answer replacing `hyper_answer`, hyper's own answer to a
 /// request head it could not parse (only its status line is used).
 fn json_refusal(hyper_answer: &[u8]) -> Vec<u8> {
+    super::metrics::count_api_refusal();
     let status = hyper_answer
         .get(9..12)
         .and_then(|s| std::str::from_utf8(s).ok())
