@@ -9,8 +9,8 @@ cd "$(dirname "$0")/.."
 # System packages the test suite needs: a C compiler (for ring), and for the
 # NAT lab iproute2 (namespaces, veth, tc), nftables (the NATs), coturn (a
 # third-party STUN server and turnutils_stunclient) and miniupnpd-nftables
-# (port mapping on lab routers).
-APT_PACKAGES=(build-essential pkg-config iproute2 nftables coturn miniupnpd-nftables)
+# (port mapping on lab routers); prometheus for promtool (checks /metrics).
+APT_PACKAGES=(build-essential pkg-config iproute2 nftables coturn miniupnpd-nftables prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

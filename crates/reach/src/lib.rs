@@ -36,6 +36,7 @@ pub mod error;
 pub mod eventlog;
 pub mod events;
 pub mod handshake;
+pub mod histogram;
 pub mod keystore;
 pub(crate) mod messaging;
 pub mod nat;

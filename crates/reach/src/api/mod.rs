@@ -35,6 +35,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod metrics;
 pub mod recv;
 mod server;
 

@@ -171,6 +171,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/recv", get(recv_stream))
         .route("/v1/peers", get(peers))
         .route("/v1/ping", post(ping))
+        .route("/metrics", get(metrics))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run outside in: the token is checked before any body is
@@ -386,6 +387,7 @@ struct JsonRefusals {
 /// The JSON answer replacing `hyper_answer`, hyper's own answer to a
 /// request head it could not parse (only its status line is used).
 fn json_refusal(hyper_answer: &[u8]) -> Vec<u8> {
+    super::metrics::count_api_refusal();
     let status = hyper_answer
         .get(9..12)
         .and_then(|s| std::str::from_utf8(s).ok())
@@ -612,6 +614,9 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
 }
 
 fn api_error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    if status.is_client_error() {
+        super::metrics::count_api_refusal();
+    }
     let body = ApiErrorBody {
         error: ApiErrorDetail {
             kind: kind.to_string(),
@@ -847,4 +852,13 @@ async fn send_bytes(state: AppState, query: &str, body: Bytes) -> Response {
         }),
         Err(e) => node_error(e),
     }
+}
+
+/// `GET /metrics`: Prometheus text format (see [`super::metrics`]).
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, super::metrics::CONTENT_TYPE)],
+        super::metrics::render(&state.node),
+    )
+        .into_response()
 }

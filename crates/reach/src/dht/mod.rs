@@ -133,6 +133,8 @@ pub(crate) struct Dht {
     /// Becomes true once the first join (and endpoint publish) finished.
     pub joined: watch::Sender<bool>,
     pub counters: DhtCounters,
+    /// Iterative lookups (see [`crate::histogram`]).
+    pub lookup_seconds: crate::histogram::Histogram,
     hooks: Hooks,
 }
 
@@ -156,6 +158,7 @@ impl Dht {
             cache,
             joined: watch::channel(false).0,
             counters: DhtCounters::default(),
+            lookup_seconds: Default::default(),
             hooks: Hooks::default(),
         }
     }

@@ -42,6 +42,7 @@ impl Dht {
     pub(crate) async fn lookup(&self, target: Key, query: Query) -> Outcome {
         let dht = self;
         stats::bump(&dht.counters.lookups);
+        let started = std::time::Instant::now();
         let seeds = dht.routing().closest(&target, K);
         let cfg = LookupConfig {
             query_timeout: QUERY_TIMEOUT,
@@ -105,6 +106,7 @@ impl Dht {
             }
         }
         dht.routing().mark_refreshed(&target, dht.now());
+        dht.lookup_seconds.observe_since(started);
         let st = l.stats();
         tracing::debug!(
             ?target,

@@ -113,7 +113,10 @@ impl Peers {
             }
             self.dial_any(peer, &known).await?
         } else {
-            self.dial_or_resolve(peer, known).await?
+            let start = std::time::Instant::now();
+            let conn = self.dial_or_resolve(peer, known).await?;
+            self.connect_seconds.observe_since(start);
+            conn
         };
         self.register(peer, conn.clone(), Direction::Outbound);
         Ok(conn)

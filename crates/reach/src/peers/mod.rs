@@ -108,6 +108,10 @@ pub(crate) struct Peers {
     /// The path each connected peer was last reported on.
     reports: PathReports,
     hooks: Hooks,
+    /// Connects by key that dialed (see [`crate::histogram`]).
+    pub(crate) connect_seconds: crate::histogram::Histogram,
+    /// When the node was built, for its uptime.
+    pub(crate) started: std::time::Instant,
 }
 
 impl std::ops::Deref for Peers {
@@ -125,6 +129,8 @@ impl Peers {
             gate,
             reports: PathReports::default(),
             hooks: Hooks::default(),
+            connect_seconds: Default::default(),
+            started: std::time::Instant::now(),
         })
     }
 

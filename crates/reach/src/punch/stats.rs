@@ -63,6 +63,8 @@ pub(super) struct Counters {
     times: VecDeque<Duration>,
     outcomes: VecDeque<PunchOutcome>,
     seq: u64,
+    /// Every time to direct (see [`crate::histogram`]).
+    time_hist: crate::histogram::Histogram,
 }
 
 impl PunchRuntime {
@@ -110,6 +112,7 @@ impl PunchRuntime {
             error: error.map(|e| e.to_string()),
         };
         if let Some(t) = time {
+            c.time_hist.observe(t);
             if c.times.len() >= TIME_SAMPLES {
                 c.times.pop_front();
             }
@@ -125,6 +128,11 @@ impl PunchRuntime {
     /// A direct path died and its traffic went back to the relay.
     pub(crate) fn fell_back(&self) {
         lock(&self.counters).fallbacks += 1;
+    }
+
+    /// The time-to-direct histogram now.
+    pub(crate) fn time_to_direct_seconds(&self) -> crate::histogram::HistogramSnapshot {
+        lock(&self.counters).time_hist.snapshot()
     }
 
     /// What the punch stats look like now.

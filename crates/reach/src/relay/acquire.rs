@@ -122,6 +122,8 @@ impl RelayRuntime {
         // The relay just lost is not retried at once; a relay chosen from
         // outside our K closest is not dropped for being outside them.
         let mut lost: Option<reach_proto::PeerId> = None;
+        // When the held relay was lost, for the failover histogram.
+        let mut lost_at: Option<std::time::Instant> = None;
         let mut was_close = false;
         let mut failed_polls = 0u32;
         let mut routing_size = self.dht.routing().len();
@@ -136,6 +138,9 @@ impl RelayRuntime {
                         Some((relay, addr, conn)) => {
                             was_close = self.among_closest(relay);
                             stats::bump(&self.counters.acquisitions);
+                            if let Some(t) = lost_at.take() {
+                                self.failover_seconds.observe_since(t);
+                            }
                             tracing::info!(%relay, %addr, "holding a relay");
                             relay_conn = Some(conn);
                             m.handle(Event::Reserved { relay, addr }, now());
@@ -158,6 +163,7 @@ impl RelayRuntime {
                         if failed_polls >= HEALTH_FAILURES {
                             failed_polls = 0;
                             lost = Some(relay);
+                            lost_at = Some(std::time::Instant::now());
                             self.relay_lost(&mut m, &mut relay_conn);
                         } else if alive && was_close && !self.among_closest(relay) {
                             // Still alive, but no longer one of our K closest:
@@ -193,6 +199,7 @@ impl RelayRuntime {
                 }
                 _ = closed => {
                     lost = self.held().map(|(r, _)| r);
+                    lost_at = Some(std::time::Instant::now());
                     self.relay_lost(&mut m, &mut relay_conn);
                 }
             }

@@ -169,6 +169,8 @@ pub(crate) struct RelayRuntime {
     pub held: Mutex<Option<(PeerId, SocketAddr)>>,
     pub reachability: Mutex<Reachability>,
     pub counters: RelayCounters,
+    /// From a relay lost to the next held (see [`crate::histogram`]).
+    pub failover_seconds: crate::histogram::Histogram,
     /// Relay circuits, this node's as a client and as a relay; shared with
     /// the socket, which forwards and unwraps relayed packets.
     pub paths: Arc<paths::RelayPaths>,
@@ -215,6 +217,7 @@ impl RelayRuntime {
             held: Mutex::new(None),
             reachability: Mutex::new(Reachability::Unknown),
             counters: RelayCounters::default(),
+            failover_seconds: Default::default(),
             paths,
             hooks: Hooks::default(),
         })
