@@ -4,8 +4,8 @@
 //! page's event stream filled in. Without chromium the test says why and
 //! passes, unless CI=true or REACH_LAB_REQUIRED=1, where it fails.
 //!
-//! `REACH_DASHBOARD_SCREENSHOT=<path>` also saves the page as a PNG there
-//! (docs/dashboard.png was made this way).
+//! `REACH_DASHBOARD_SCREENSHOT=<absolute path>` keeps the screenshot the
+//! test takes there (docs/dashboard.png was made this way).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
