@@ -148,7 +148,8 @@ fn chromium_available() -> bool {
 
 /// Runs headless chromium on `url` with `extra` (`--dump-dom`, or
 /// `--screenshot=…`, and when to take it) in a fresh profile; its stdout.
-/// Killed at the deadline.
+/// Killed at the deadline. Fails if the page wrote anything to the
+/// console: an uncaught JS error, a refused resource, a CSP violation.
 fn chromium(url: &str, extra: &[&str]) -> String {
     let profile = tempfile::tempdir().unwrap();
     let mut child = Command::new("chromium")
@@ -162,19 +163,25 @@ fn chromium(url: &str, extra: &[&str]) -> String {
             "--disable-component-update",
             "--disable-sync",
             &format!("--user-data-dir={}", profile.path().display()),
+            // The page's console messages go to stderr as `…:CONSOLE…`.
+            "--enable-logging=stderr",
+            "--v=0",
         ])
         .args(extra)
         .arg(url)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn chromium");
-    let mut stdout = child.stdout.take().unwrap();
-    let reader = std::thread::spawn(move || {
-        let mut out = String::new();
-        let _ = stdout.read_to_string(&mut out);
-        out
-    });
+    let read_all = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut out = String::new();
+            let _ = r.read_to_string(&mut out);
+            out
+        })
+    };
+    let reader = read_all(Box::new(child.stdout.take().unwrap()));
+    let errors = read_all(Box::new(child.stderr.take().unwrap()));
     let end = Instant::now() + DEADLINE;
     loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -188,6 +195,14 @@ fn chromium(url: &str, extra: &[&str]) -> String {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+    let console: Vec<_> = errors
+        .join()
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(":CONSOLE"))
+        .map(str::to_string)
+        .collect();
+    assert!(console.is_empty(), "the page logged: {console:#?}");
     reader.join().unwrap()
 }
 
@@ -354,4 +369,26 @@ fn a_session_cookie_opens_the_dashboard_and_nothing_else() {
     // The bearer token opens the page too.
     let bearer = format!("Authorization: Bearer {}\r\n", a.token());
     assert!(get(api, "/dashboard", &bearer).starts_with("HTTP/1.1 200"));
+
+    // At most MAX_EVENT_STREAMS streams at once; the next is refused.
+    let max = reach::api::dashboard::MAX_EVENT_STREAMS;
+    let open: Vec<TcpStream> = (0..max)
+        .map(|_| {
+            let mut s = TcpStream::connect(api).unwrap();
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            write!(
+                s,
+                "GET /dashboard/events HTTP/1.1\r\nHost: {api}\r\n{cookie}\r\n"
+            )
+            .unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).unwrap();
+            assert_eq!(&head, b"HTTP/1.1 200");
+            s
+        })
+        .collect();
+    let refused = get(api, "/dashboard/events", &cookie);
+    assert!(refused.starts_with("HTTP/1.1 503"), "{refused}");
+    assert!(refused.contains("\"busy\""), "{refused}");
+    drop(open);
 }
