@@ -335,7 +335,9 @@ fn a_session_cookie_opens_the_dashboard_and_nothing_else() {
     let a = Node::start();
     let api = a.api();
     // Without credentials nothing dashboard-side opens but the login.
-    assert!(get(api, "/dashboard", "").starts_with("HTTP/1.1 401"));
+    let page = get(api, "/dashboard", "");
+    assert!(page.starts_with("HTTP/1.1 401"), "{page}");
+    assert!(page.contains("Run <code>reach dashboard</code>"), "{page}");
     assert!(get(api, "/dashboard/events", "").starts_with("HTTP/1.1 401"));
     assert!(get(api, "/dashboard/login?code=00", "").starts_with("HTTP/1.1 401"));
 

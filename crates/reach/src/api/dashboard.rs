@@ -222,6 +222,30 @@ pub(crate) fn page() -> Response {
     no_store(resp)
 }
 
+/// A plain 401 page saying `what` and how to log in.
+fn unauthorized_page(what: &str) -> Response {
+    let body = format!(
+        "<!doctype html><meta charset=utf-8><title>reach dashboard: 401</title>\
+         <h1>401: {what}</h1>\
+         <p>Run <code>reach dashboard</code> for a login URL; its code works once, within {} seconds.</p>\n",
+        LOGIN_CODE_TTL.as_secs()
+    );
+    no_store(
+        (
+            StatusCode::UNAUTHORIZED,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            body,
+        )
+            .into_response(),
+    )
+}
+
+/// The token middleware's answer to `GET /dashboard` without a session or
+/// the token: a page a person can read, not JSON.
+pub(crate) fn login_needed() -> Response {
+    unauthorized_page("not logged in, or the session is over")
+}
+
 /// `GET /dashboard/login?code=`: a session cookie and a redirect to the
 /// page for a valid code, a plain 401 page for anything else.
 pub(crate) fn login(sessions: &Sessions, query: Option<&str>) -> Response {
@@ -237,22 +261,7 @@ pub(crate) fn login(sessions: &Sessions, query: Option<&str>) -> Response {
                     .into_response(),
             );
         }
-        _ => {
-            let body = format!(
-                "<!doctype html><meta charset=utf-8><title>reach dashboard: login failed</title>\
-                 <h1>401: login code unknown, used or expired</h1>\
-                 <p>A login code works once, within {} seconds. Run <code>reach dashboard</code> for a new one.</p>\n",
-                LOGIN_CODE_TTL.as_secs()
-            );
-            return no_store(
-                (
-                    StatusCode::UNAUTHORIZED,
-                    [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
-                    body,
-                )
-                    .into_response(),
-            );
-        }
+        _ => return unauthorized_page("login code unknown, used or expired"),
     };
     let cookie = format!(
         "{}={session}; HttpOnly; SameSite=Strict; Path=/dashboard; Max-Age={}",

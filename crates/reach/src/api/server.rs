@@ -613,6 +613,7 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        _ if req.uri().path() == "/dashboard" => super::dashboard::login_needed(),
         _ => api_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
