@@ -177,9 +177,18 @@ impl Sessions {
 }
 
 /// Whether the token middleware lets `req` through without the bearer
-/// token: the login route always (it checks its code itself), the page and
-/// its event stream with a live session cookie. Nothing else.
+/// token: a GET without a body of the login route always (it checks its
+/// code itself), of the page and its event stream with a live session
+/// cookie. Nothing else: the token is still checked before the server
+/// reads any request body.
 pub(crate) fn admits(sessions: &Sessions, req: &axum::extract::Request) -> bool {
+    let h = req.headers();
+    let bodyless = req.method() == axum::http::Method::GET
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && h.get(header::CONTENT_LENGTH).is_none_or(|n| n == "0");
+    if !bodyless {
+        return false;
+    }
     match req.uri().path() {
         "/dashboard/login" => true,
         "/dashboard" | "/dashboard/events" => sessions.has_session(req.headers()),
@@ -420,6 +429,40 @@ mod tests {
         assert!(!s.has_session(&with_cookie(&format!("reach_dashboard_4001={session}"))));
         assert!(!s.has_session(&with_cookie("reach_dashboard_4000=00")));
         assert!(!s.has_session(&HeaderMap::new()));
+    }
+
+    #[test]
+    fn only_bodyless_gets_of_the_dashboard_routes_pass_without_the_token() {
+        let s = sessions();
+        let session = s.redeem(&s.issue_code().unwrap().code).unwrap().unwrap();
+        let req = |method: &str, path: &str, cookie: bool, len: Option<&str>| {
+            let mut b = axum::extract::Request::builder().method(method).uri(path);
+            if cookie {
+                b = b.header(header::COOKIE, format!("reach_dashboard_4000={session}"));
+            }
+            if let Some(len) = len {
+                b = b.header(header::CONTENT_LENGTH, len);
+            }
+            b.body(axum::body::Body::empty()).unwrap()
+        };
+        assert!(admits(
+            &s,
+            &req("GET", "/dashboard/login?code=x", false, None)
+        ));
+        assert!(admits(&s, &req("GET", "/dashboard", true, None)));
+        assert!(admits(
+            &s,
+            &req("GET", "/dashboard/events", true, Some("0"))
+        ));
+        assert!(!admits(&s, &req("GET", "/dashboard", false, None)));
+        assert!(!admits(&s, &req("GET", "/dashboard/events", false, None)));
+        assert!(!admits(
+            &s,
+            &req("GET", "/dashboard/login", false, Some("10"))
+        ));
+        assert!(!admits(&s, &req("POST", "/dashboard/login", false, None)));
+        assert!(!admits(&s, &req("GET", "/v1/status", true, None)));
+        assert!(!admits(&s, &req("POST", "/v1/dashboard/code", true, None)));
     }
 
     #[test]
