@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 # System packages the test suite needs: a C compiler (for ring), and for the
 # NAT lab iproute2 (namespaces, veth, tc), nftables (the NATs), coturn (a
 # third-party STUN server and turnutils_stunclient) and miniupnpd-nftables
-# (port mapping on lab routers); prometheus for promtool (checks /metrics).
-APT_PACKAGES=(build-essential pkg-config iproute2 nftables coturn miniupnpd-nftables prometheus)
+# (port mapping on lab routers), prometheus for promtool (checks /metrics),
+# and chromium (the dashboard's headless browser test).
+APT_PACKAGES=(build-essential pkg-config iproute2 nftables coturn miniupnpd-nftables prometheus chromium)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

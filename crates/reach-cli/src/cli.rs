@@ -119,6 +119,14 @@ pub enum Command {
         #[command(flatten)]
         data_dir: DataDirArg,
     },
+    /// Print a one-time login URL for the running node's live dashboard
+    /// (identity, NAT, connections, relay, DHT, counters; served by its
+    /// control API on loopback). The code in the URL works once, within
+    /// 60 s; the API token never appears in it.
+    Dashboard {
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
     /// Round trips to a peer through a running node (the peer's daemon
     /// echoes them); prints each RTT and the path.
     Ping {

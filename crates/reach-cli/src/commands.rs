@@ -118,6 +118,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Peers { json, data_dir: d } => {
             crate::daemon::peers(&ApiClient::from_data_dir(&data_dir(&d)?)?, json).await
         }
+        Command::Dashboard { data_dir: d } => {
+            crate::dashboard::login_url(&ApiClient::from_data_dir(&data_dir(&d)?)?).await
+        }
         Command::Ping {
             peer,
             count,

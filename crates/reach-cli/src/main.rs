@@ -9,6 +9,7 @@ mod cli;
 mod commands;
 mod config;
 mod daemon;
+mod dashboard;
 mod demo;
 mod eventlog;
 

@@ -77,6 +77,11 @@ impl ApiClient {
         ApiClient { addr, token }
     }
 
+    /// The address of the API this client talks to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// `GET path`.
     pub async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.request("GET", path, None).await

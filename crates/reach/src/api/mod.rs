@@ -22,6 +22,9 @@
 //!   received; see [`recv`]
 //! - `GET  /v1/peers` — connected peers with path kind and RTT
 //! - `POST /v1/ping` — `{"peer": "<id>", "count": N}` → round trips; see [`daemon`]
+//! - `POST /v1/dashboard/code` — a one-time dashboard login code; `GET
+//!   /dashboard/login?code=` (no token: the code), `GET /dashboard`, `GET
+//!   /dashboard/events` (token or session cookie); see [`dashboard`]
 //!
 //! Errors come back as `{"error": {"kind": "<stable kind>", "message": "…"}}`,
 //! refusals by the server itself too: `unauthorized` (401), `not_found`
@@ -35,6 +38,7 @@
 
 pub mod client;
 pub mod daemon;
+pub mod dashboard;
 pub mod metrics;
 pub mod recv;
 mod server;

@@ -115,6 +115,8 @@ struct AppState {
     recv: super::recv::RecvHub,
     /// When this server started, for the uptime in `/v1/status`.
     started: std::time::Instant,
+    /// Dashboard login codes and sessions.
+    dashboard: super::dashboard::Sessions,
 }
 
 /// Starts the control API for `node` on `listen` (must be a loopback
@@ -154,6 +156,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         token: token.clone(),
         recv: super::recv::RecvHub::default(),
         started: std::time::Instant::now(),
+        dashboard: super::dashboard::Sessions::new(addr),
     };
     let recv_hub = state.recv.clone();
     let app = Router::new()
@@ -172,6 +175,10 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/peers", get(peers))
         .route("/v1/ping", post(ping))
         .route("/metrics", get(metrics))
+        .route("/v1/dashboard/code", post(dashboard_code))
+        .route("/dashboard", get(dashboard_page))
+        .route("/dashboard/events", get(dashboard_events))
+        .route("/dashboard/login", get(dashboard_login))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run outside in: the token is checked before any body is
@@ -593,11 +600,14 @@ fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
 }
 
 /// Compares in time independent of where the strings differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(super) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn require_token(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if super::dashboard::admits(&state.dashboard, &req) {
+        return next.run(req).await;
+    }
     let presented = req
         .headers()
         .get(header::AUTHORIZATION)
@@ -605,6 +615,7 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(t) if constant_time_eq(t.as_bytes(), state.token.as_bytes()) => next.run(req).await,
+        _ if req.uri().path() == "/dashboard" => super::dashboard::login_needed(),
         _ => api_error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -861,4 +872,31 @@ async fn metrics(State(state): State<AppState>) -> Response {
         super::metrics::render(&state.node),
     )
         .into_response()
+}
+
+/// `POST /v1/dashboard/code`: a one-time login code for the dashboard; see
+/// [`super::dashboard`].
+async fn dashboard_code(State(state): State<AppState>) -> Response {
+    match state.dashboard.issue_code() {
+        Ok(code) => ok(code),
+        Err(e) => api_error(StatusCode::INTERNAL_SERVER_ERROR, e.kind(), e.to_string()),
+    }
+}
+
+/// `GET /dashboard`: the live dashboard page.
+async fn dashboard_page() -> Response {
+    super::dashboard::page()
+}
+
+/// `GET /dashboard/events`: a snapshot per second as server-sent events.
+async fn dashboard_events(State(state): State<AppState>) -> Response {
+    super::dashboard::events(&state.dashboard, state.node.clone(), state.started)
+}
+
+/// `GET /dashboard/login?code=`: trades a login code for a session cookie.
+async fn dashboard_login(
+    State(state): State<AppState>,
+    query: axum::extract::RawQuery,
+) -> Response {
+    super::dashboard::login(&state.dashboard, query.0.as_deref())
 }
