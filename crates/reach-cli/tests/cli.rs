@@ -1,22 +1,12 @@
 //! The `reach` binary as a user runs it.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
-/// Every wait in these tests is bounded by this deadline.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn reach(args: &[&str]) -> std::process::Output {
-    Command::new(REACH)
-        .args(args)
-        .env_remove("REACH_DATA_DIR")
-        .output()
-        .expect("run reach")
-}
+mod common;
+use common::{DEADLINE, Proc, REACH, reach};
 
 #[test]
 fn demo_json_runs_twenty_nodes_and_delivers_everything() {
@@ -93,71 +83,13 @@ fn config_with_unknown_key_is_refused_naming_the_file() {
     );
 }
 
-/// A `reach node` child process whose stdout lines arrive on a channel.
-struct NodeProcess {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl NodeProcess {
-    fn start(data_dir: &Path, config: &Path, extra: &[&str]) -> Self {
-        let mut cmd = Command::new(REACH);
-        cmd.args(["node", "--data-dir", data_dir.to_str().unwrap()])
-            .args(["--config", config.to_str().unwrap()])
-            .args(extra);
-        Self::spawn(cmd)
-    }
-
-    fn spawn(mut cmd: Command) -> Self {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reach node");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        NodeProcess { child, lines }
-    }
-
-    /// Waits for a stdout line containing `needle`.
-    fn wait_line(&self, needle: &str) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("no line containing {needle:?} within {DEADLINE:?}: {e}"),
-            }
-        }
-    }
-
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let end = Instant::now() + DEADLINE;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(Instant::now() < end, "node did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for NodeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `reach node` child on `data_dir` with `config` and `extra` flags.
+fn start_node(data_dir: &Path, config: &Path, extra: &[&str]) -> Proc {
+    let mut cmd = Command::new(REACH);
+    cmd.args(["node", "--data-dir", data_dir.to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap()])
+        .args(extra);
+    Proc::command(cmd)
 }
 
 #[test]
@@ -180,14 +112,14 @@ fn two_node_daemons_talk_through_the_cli() {
         );
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    let a = start_node(a_dir.path(), &cfg, &[]);
     a.wait_line("control API");
     let sa = status(a_dir.path());
     let a_addr = sa["local_addr"].as_str().unwrap().to_string();
     // The status carries the hole-punching stats, every technique listed.
     assert_eq!(sa["punch"]["techniques"].as_array().map(Vec::len), Some(4));
     // B joins the DHT through A's bare address.
-    let b = NodeProcess::start(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
+    let b = start_node(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
     b.wait_line("control API");
     b.wait_line("dht         joined");
     let sb = status(b_dir.path());
@@ -303,9 +235,9 @@ fn received_messages_print_as_one_escaped_line_or_one_json_object() {
         assert!(out.status.success());
         serde_json::from_slice(&out.stdout).unwrap()
     };
-    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
-    let b = NodeProcess::start(b_dir.path(), &cfg, &[]);
-    let c = NodeProcess::start(c_dir.path(), &cfg, &["--json"]);
+    let a = start_node(a_dir.path(), &cfg, &[]);
+    let b = start_node(b_dir.path(), &cfg, &[]);
+    let c = start_node(c_dir.path(), &cfg, &["--json"]);
     for n in [&a, &b, &c] {
         n.wait_line("control API");
     }
@@ -394,7 +326,7 @@ fn the_api_answers_through_a_flood_of_half_open_connections_with_few_descriptors
     cmd.args(["-c", "ulimit -n 1024 && exec \"$0\" \"$@\"", REACH])
         .args(["node", "--data-dir", dir.path().to_str().unwrap()])
         .args(["--config", cfg.to_str().unwrap()]);
-    let node = NodeProcess::spawn(cmd);
+    let node = Proc::command(cmd);
     node.wait_line("control API");
     let disc: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("api.json")).unwrap()).unwrap();
@@ -452,9 +384,9 @@ fn a_ticket_reaches_a_node_that_shares_no_dht() {
         "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
     )
     .unwrap();
-    let a = NodeProcess::start(a_dir.path(), &cfg, &[]);
+    let a = start_node(a_dir.path(), &cfg, &[]);
     a.wait_line("control API");
-    let b = NodeProcess::start(b_dir.path(), &cfg, &[]);
+    let b = start_node(b_dir.path(), &cfg, &[]);
     b.wait_line("control API");
     let out = reach(&[
         "id",

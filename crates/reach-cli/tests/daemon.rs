@@ -3,79 +3,11 @@
 //! `reach ping`, `reach connect`, version and uptime in `reach status`.
 //! Real `reach node` processes on loopback.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::io::Write;
+use std::process::{Command, Stdio};
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
-/// Every wait in these tests is bounded by this deadline.
-const DEADLINE: Duration = Duration::from_secs(60);
-
-fn reach(args: &[&str]) -> std::process::Output {
-    Command::new(REACH)
-        .args(args)
-        .env_remove("REACH_DATA_DIR")
-        .output()
-        .expect("run reach")
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
-/// A child process whose stdout lines arrive on a channel.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(REACH)
-            .args(args)
-            .env_remove("REACH_DATA_DIR")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reach");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    /// Waits for a stdout line `accept` says yes to.
-    fn wait_for(&self, what: &str, accept: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if accept(&line) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("no line with {what} within {DEADLINE:?}: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+mod common;
+use common::{Proc, REACH, ok, reach};
 
 /// A `reach node` on loopback with its data dir, peer id and address.
 struct Node {

@@ -7,42 +7,25 @@
 //! `REACH_DASHBOARD_SCREENSHOT=<absolute path>` keeps the screenshot the
 //! test takes there (docs/dashboard.png was made this way).
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
-/// Every wait in these tests is bounded by this deadline.
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{DEADLINE, Proc, ok, reach};
+
 /// The browser's virtual time budget. Virtual time stands still while the
 /// event stream is open (the server ends each after
 /// `EVENT_STREAM_LIFETIME`, 5 s), so the DOM is dumped after the first
 /// stream has delivered its snapshots and ended: about 5 s of real time.
 const VIRTUAL_TIME_BUDGET_MS: u32 = 500;
 
-fn reach(args: &[&str]) -> std::process::Output {
-    Command::new(REACH)
-        .args(args)
-        .env_remove("REACH_DATA_DIR")
-        .output()
-        .expect("run reach")
-}
-
-fn ok(out: &std::process::Output) -> String {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout.clone()).unwrap()
-}
-
 /// A `reach node` on loopback with its data dir, peer id and address.
 struct Node {
-    child: Child,
+    /// The daemon (killed when the node is dropped).
+    _proc: Proc,
     dir: tempfile::TempDir,
     id: String,
     addr: String,
@@ -52,46 +35,21 @@ impl Node {
     fn start() -> Node {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path().to_str().unwrap().to_string();
-        let mut child = Command::new(REACH)
-            .args([
-                "node",
-                "--data-dir",
-                &d,
-                "--listen",
-                "127.0.0.1:0",
-                "--api-listen",
-                "127.0.0.1:0",
-                "--no-port-mapping",
-            ])
-            .env_remove("REACH_DATA_DIR")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reach node");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match lines.recv_timeout(left) {
-                Ok(line) if line.contains("control API") => break,
-                Ok(_) => continue,
-                Err(e) => panic!("node: no control API line within {DEADLINE:?}: {e}"),
-            }
-        }
-        // Keep draining stdout so the node never blocks on a full pipe.
-        std::thread::spawn(move || while lines.recv().is_ok() {});
+        let proc = Proc::spawn(&[
+            "node",
+            "--data-dir",
+            &d,
+            "--listen",
+            "127.0.0.1:0",
+            "--api-listen",
+            "127.0.0.1:0",
+            "--no-port-mapping",
+        ]);
+        proc.wait_line("control API");
         let status: serde_json::Value =
             serde_json::from_str(&ok(&reach(&["status", "--json", "--data-dir", &d]))).unwrap();
         Node {
-            child,
+            _proc: proc,
             id: status["peer_id"].as_str().unwrap().to_string(),
             addr: status["local_addr"].as_str().unwrap().to_string(),
             dir,
@@ -114,13 +72,6 @@ impl Node {
             .unwrap()
             .trim()
             .to_string()
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

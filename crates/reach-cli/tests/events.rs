@@ -2,92 +2,22 @@
 //! read from the data dir while the node runs (`--follow`) and after it
 //! stopped, including a line cut short by a crash.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
-/// Every wait in these tests is bounded by this deadline.
-const DEADLINE: Duration = Duration::from_secs(60);
+mod common;
+use common::{Proc, reach};
 
-fn reach(args: &[&str]) -> std::process::Output {
-    Command::new(REACH)
-        .args(args)
-        .env_remove("REACH_DATA_DIR")
-        .output()
-        .expect("run reach")
-}
-
-/// A child process whose stdout lines arrive on a channel; killed on drop.
-struct Proc {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Self {
-        let mut child = Command::new(REACH)
-            .args(args)
-            .env_remove("REACH_DATA_DIR")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn reach");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Self {
-        let mut args = vec![
-            "node",
-            "--data-dir",
-            dir.to_str().unwrap(),
-            "--config",
-            cfg.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        Self::spawn(&args)
-    }
-
-    /// Waits for a stdout line for which `pred` holds.
-    fn wait_line(&self, what: &str, pred: impl Fn(&str) -> bool) -> String {
-        let end = Instant::now() + DEADLINE;
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) if pred(&line) => return line,
-                Ok(_) => continue,
-                Err(e) => panic!("no line {what} within {DEADLINE:?}: {e}"),
-            }
-        }
-    }
-
-    fn terminate(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        let end = Instant::now() + DEADLINE;
-        while self.child.try_wait().unwrap().is_none() {
-            assert!(Instant::now() < end, "node did not stop after SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A `reach node` child on `dir` with config `cfg` and `extra` flags.
+fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "node",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
 }
 
 fn loopback_config(dir: &Path) -> std::path::PathBuf {
@@ -114,8 +44,8 @@ fn events_follow_shows_a_connection_made_after_it_started() {
         tempfile::tempdir().unwrap(),
     );
     let cfg = loopback_config(cfg_dir.path());
-    let a = Proc::node(a_dir.path(), &cfg, &[]);
-    a.wait_line("announcing the control API", |l| l.contains("control API"));
+    let a = node(a_dir.path(), &cfg, &[]);
+    a.wait_for("announcing the control API", |l| l.contains("control API"));
     let a_addr = {
         let out = reach(&[
             "status",
@@ -132,13 +62,13 @@ fn events_follow_shows_a_connection_made_after_it_started() {
         "--data-dir",
         a_dir.path().to_str().unwrap(),
     ]);
-    follow.wait_line("with the node's start", |l| l.contains(" start "));
+    follow.wait_for("with the node's start", |l| l.contains(" start "));
 
     // B starts after the follower and joins through A: A logs B's
     // connection, and the follower prints it.
     let b_id = peer_id(b_dir.path());
-    let b = Proc::node(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
-    let line = follow.wait_line("with B's connection", |l| {
+    let b = node(b_dir.path(), &cfg, &["--bootstrap", &a_addr]);
+    let line = follow.wait_for("with B's connection", |l| {
         l.contains("connection_up") && l.contains(&b_id)
     });
     assert!(
@@ -146,19 +76,19 @@ fn events_follow_shows_a_connection_made_after_it_started() {
         "{line}"
     );
     b.terminate();
-    follow.wait_line("with B's disconnection", |l| {
+    follow.wait_for("with B's disconnection", |l| {
         l.contains("connection_down") && l.contains(&b_id)
     });
     a.terminate();
-    follow.wait_line("with the node's stop", |l| l.contains(" stop"));
+    follow.wait_for("with the node's stop", |l| l.contains(" stop"));
 }
 
 #[test]
 fn a_line_cut_short_by_a_crash_is_skipped_with_a_warning() {
     let (dir, cfg_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let cfg = loopback_config(cfg_dir.path());
-    let a = Proc::node(dir.path(), &cfg, &[]);
-    a.wait_line("announcing the control API", |l| l.contains("control API"));
+    let a = node(dir.path(), &cfg, &[]);
+    a.wait_for("announcing the control API", |l| l.contains("control API"));
     a.terminate();
     let log = dir.path().join("events.jsonl");
     let good = std::fs::read_to_string(&log).unwrap();
@@ -228,7 +158,7 @@ fn events_follow_goes_on_through_a_rotation_without_losing_a_line() {
         "--data-dir",
         dir.path().to_str().unwrap(),
     ]);
-    follow.wait_line("1", |l| l == numbered(1).trim_end());
+    follow.wait_for("1", |l| l == numbered(1).trim_end());
     // As the node rotates: a last line into the old file, the rename, the
     // next lines into a new file (the follower may be mid-sleep throughout).
     append(&log, &numbered(2));
@@ -237,7 +167,7 @@ fn events_follow_goes_on_through_a_rotation_without_losing_a_line() {
     append(&log, &numbered(4));
     let mut got = Vec::new();
     for n in 2..=4 {
-        got.push(follow.wait_line(&n.to_string(), |l| l.contains("\"n\":")));
+        got.push(follow.wait_for(&n.to_string(), |l| l.contains("\"n\":")));
     }
     let want: Vec<String> = (2..=4)
         .map(|n| numbered(n).trim_end().to_string())

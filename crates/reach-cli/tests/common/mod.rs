@@ -1,0 +1,111 @@
+//! What the CLI's integration tests share: running `reach` once, and
+//! `reach` children (daemons, followers) whose stdout lines arrive on a
+//! channel, waited on with a deadline, stopped with SIGTERM or killed on
+//! drop. Each test file uses a part of it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const REACH: &str = env!("CARGO_BIN_EXE_reach");
+/// Every wait in these tests is bounded by this deadline.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `reach args` to the end (without the user's data dir from the
+/// environment).
+pub fn reach(args: &[&str]) -> Output {
+    Command::new(REACH)
+        .args(args)
+        .env_remove("REACH_DATA_DIR")
+        .output()
+        .expect("run reach")
+}
+
+/// The stdout of a run that must have succeeded (its stderr otherwise).
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A child process whose stdout lines arrive on a channel; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    /// `reach args`, without the user's data dir from the environment.
+    pub fn spawn(args: &[&str]) -> Proc {
+        let mut cmd = Command::new(REACH);
+        cmd.args(args).env_remove("REACH_DATA_DIR");
+        Proc::command(cmd)
+    }
+
+    /// Runs `cmd` (stdout piped and read line by line, stderr dropped).
+    pub fn command(mut cmd: Command) -> Proc {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn reach");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Proc { child, lines }
+    }
+
+    /// Waits for a stdout line `accept` says yes to (`what` names it in the
+    /// failure).
+    pub fn wait_for(&self, what: &str, accept: impl Fn(&str) -> bool) -> String {
+        let end = Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if accept(&line) => return line,
+                Ok(_) => continue,
+                Err(e) => panic!("no line with {what} within {DEADLINE:?}: {e}"),
+            }
+        }
+    }
+
+    /// Waits for a stdout line containing `needle`.
+    pub fn wait_line(&self, needle: &str) -> String {
+        self.wait_for(needle, |l| l.contains(needle))
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                Instant::now() < end,
+                "the process did not stop after SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
