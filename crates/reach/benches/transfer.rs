@@ -11,8 +11,13 @@
 //!   [`IN_FLIGHT`] at a time, each a whole reliable message (one QUIC
 //!   unidirectional stream, acknowledged before it counts).
 //!
-//! After criterion's report it prints one JSON line with throughputs and the
-//! reach / quinn ratios, and writes it to `target/criterion/transfer-ratio.json`.
+//! - `*/reach_event_log`: the same with each node's event log on (a data
+//!   dir, as every `reach node` has): the cost of the event log, with the
+//!   metrics (always on) in both reach variants.
+//!
+//! After criterion's report it prints one JSON line with throughputs, the
+//! reach / quinn ratios and the event log on / off ratios, and writes it to
+//! `target/criterion/transfer-ratio.json`.
 //!
 //! Run: `cargo bench -p reach --bench transfer`
 
@@ -45,12 +50,24 @@ fn loopback() -> SocketAddr {
 struct ReachPair {
     a: Node,
     b: Node,
+    /// With `logged`: the nodes' data dirs, where their event logs go.
+    dirs: Option<(tempfile::TempDir, tempfile::TempDir)>,
 }
 
 impl ReachPair {
-    async fn new() -> Self {
-        let a = Node::builder().bind(loopback()).spawn().await.unwrap();
-        let b = Node::builder().bind(loopback()).spawn().await.unwrap();
+    /// Two nodes; `logged`: each with a data dir, so each writes its event
+    /// log (`events.jsonl`) as a `reach node` does.
+    async fn new(logged: bool) -> Self {
+        let dirs = logged.then(|| (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()));
+        let node = |dir: Option<&tempfile::TempDir>| {
+            let mut b = Node::builder().bind(loopback());
+            if let Some(d) = dir {
+                b = b.data_dir(d.path());
+            }
+            b.spawn()
+        };
+        let a = node(dirs.as_ref().map(|d| &d.0)).await.unwrap();
+        let b = node(dirs.as_ref().map(|d| &d.1)).await.unwrap();
         a.connect(b.peer_id(), [b.local_addr()]).await.unwrap();
         // B drains every stream and message it gets.
         let bb = b.clone();
@@ -66,7 +83,14 @@ impl ReachPair {
                 }
             }
         });
-        ReachPair { a, b }
+        ReachPair { a, b, dirs }
+    }
+
+    /// Lines in A's event log (0 without one).
+    fn logged_lines(&self) -> usize {
+        self.dirs.as_ref().map_or(0, |(a, _)| {
+            std::fs::read_to_string(a.path().join("events.jsonl")).map_or(0, |t| t.lines().count())
+        })
     }
 
     async fn bulk(&self) {
@@ -223,7 +247,8 @@ fn main() {
         .enable_all()
         .build()
         .unwrap();
-    let reach_pair = rt.block_on(ReachPair::new());
+    let reach_pair = rt.block_on(ReachPair::new(false));
+    let logged_pair = rt.block_on(ReachPair::new(true));
     let quinn_pair = rt.block_on(QuinnPair::new());
     let mut c = Criterion::default()
         .output_directory(&criterion_dir())
@@ -237,6 +262,7 @@ fn main() {
         10,
         |rt, which| match which {
             Which::Reach => rt.block_on(reach_pair.bulk()),
+            Which::ReachLogged => rt.block_on(logged_pair.bulk()),
             Which::Quinn => rt.block_on(quinn_pair.bulk()),
         },
     );
@@ -248,6 +274,7 @@ fn main() {
         20,
         |rt, which| match which {
             Which::Reach => rt.block_on(reach_pair.messages()),
+            Which::ReachLogged => rt.block_on(logged_pair.messages()),
             Which::Quinn => rt.block_on(quinn_pair.messages()),
         },
     );
@@ -259,12 +286,24 @@ fn main() {
     let bulk_quinn = mib(mean_secs("bulk", "quinn"));
     let msg_reach = per_sec(mean_secs("messages", "reach"));
     let msg_quinn = per_sec(mean_secs("messages", "quinn"));
+    let bulk_logged = mib(mean_secs("bulk", "reach_event_log"));
+    let msg_logged = per_sec(mean_secs("messages", "reach_event_log"));
     let ratio = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| a / b);
+    // The logged pair must really have written its event log.
+    let log_lines = logged_pair.logged_lines();
+    assert!(log_lines > 0, "the event-log pair wrote no event log");
     let report = serde_json::json!({
         "bulk_mib_s": { "reach": bulk_reach, "quinn": bulk_quinn },
         "bulk_ratio_reach_over_quinn": ratio(bulk_reach, bulk_quinn),
         "messages_1k_per_s": { "reach": msg_reach, "quinn": msg_quinn },
         "messages_ratio_reach_over_quinn": ratio(msg_reach, msg_quinn),
+        "event_log_on": {
+            "bulk_mib_s": bulk_logged,
+            "messages_1k_per_s": msg_logged,
+            "bulk_ratio_on_over_off": ratio(bulk_logged, bulk_reach),
+            "messages_ratio_on_over_off": ratio(msg_logged, msg_reach),
+            "event_log_lines": log_lines,
+        },
         "bulk_bytes_per_iteration": BULK_BYTES,
         "messages_per_iteration": BATCH,
         "messages_in_flight": IN_FLIGHT,
@@ -277,12 +316,16 @@ fn main() {
     rt.block_on(async {
         reach_pair.a.shutdown().await;
         reach_pair.b.shutdown().await;
+        logged_pair.a.shutdown().await;
+        logged_pair.b.shutdown().await;
     });
 }
 
 #[derive(Clone, Copy)]
 enum Which {
     Reach,
+    /// Reach with the event log on (nodes with a data dir).
+    ReachLogged,
     Quinn,
 }
 
@@ -302,5 +345,8 @@ fn bench_group(
     // Interleave: the machine's noise hits both sides alike.
     g.bench_function("quinn", |b| b.iter(|| run(rt, Which::Quinn)));
     g.bench_function("reach", |b| b.iter(|| run(rt, Which::Reach)));
+    g.bench_function("reach_event_log", |b| {
+        b.iter(|| run(rt, Which::ReachLogged))
+    });
     g.finish();
 }
