@@ -57,13 +57,24 @@ fn seed() -> u64 {
 }
 
 /// Polls `cond` until it yields a value, for at most DEADLINE.
-fn until<T>(what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+fn until<T>(what: &str, cond: impl FnMut() -> Option<T>) -> T {
+    until_or(what, cond, String::new)
+}
+
+/// [`until`], with `context` (a node's log, say) in the failure message.
+fn until_or<T>(
+    what: &str,
+    mut cond: impl FnMut() -> Option<T>,
+    context: impl FnOnce() -> String,
+) -> T {
     let end = Instant::now() + DEADLINE;
     loop {
         if let Some(v) = cond() {
             return v;
         }
-        assert!(Instant::now() < end, "{what}: not within {DEADLINE:?}");
+        if Instant::now() >= end {
+            panic!("{what}: not within {DEADLINE:?}\n{}", context());
+        }
         std::thread::sleep(POLL);
     }
 }
@@ -83,6 +94,8 @@ impl NodeProcess {
             .args(["--listen", "127.0.0.1:0", "--api-listen", "127.0.0.1:0"])
             .env_remove("REACH_DATA_DIR")
             .env_remove("REACH_LOG")
+            // The node's own log level, for a closer look at a failure.
+            .envs(std::env::var("REACH_CRASH_LOG").map(|l| ("REACH_LOG", l)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
@@ -259,9 +272,17 @@ fn kill_9_at_random_moments_then_restart_same_identity_and_rejoin_from_the_cache
         let got = until("status of the restarted node", || api.peer_id());
         assert_eq!(got, id, "restart {i} came back as someone else");
         if i % REJOIN_EVERY == 0 || i == KILLS - 1 {
-            until("rejoin from the peer cache alone", || {
-                api.has_live_contact(&b_id).then_some(())
-            });
+            until_or(
+                "rejoin from the peer cache alone",
+                || api.has_live_contact(&b_id).then_some(()),
+                || {
+                    format!(
+                        "restart {i}; routing: {:?}\nlog:\n{}",
+                        api.get("/debug/routing"),
+                        node.log()
+                    )
+                },
+            );
             rejoins += 1;
         }
         let delay = KILL_DELAY_MAX.mul_f64(rng.unit().powi(3));

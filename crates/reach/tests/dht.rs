@@ -157,6 +157,64 @@ async fn a_restarted_node_rejoins_from_its_data_dir_alone() {
     within("connect", again.connect(target, [])).await.unwrap();
 }
 
+/// A laptop that starts while its network is down: it must keep trying the
+/// contacts it remembers, not decide it is the first node of a network (and
+/// then never ask them again once they failed twice).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_its_contacts_are_down_rejoins_when_they_return() {
+    use reach_proto::dht::routing::Health;
+    let seed_dir = tempfile::tempdir().unwrap();
+    let seed_node = |bind: SocketAddr| Node::builder().bind(bind).data_dir(seed_dir.path()).spawn();
+    let seed = seed_node(loopback()).await.unwrap();
+    let seed_addr = seed.local_addr();
+    let seed_id = seed.peer_id();
+    within("seed join", seed.joined()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let laptop = || Node::builder().bind(loopback()).data_dir(dir.path());
+    let first = laptop().bootstrap([seed_addr]).spawn().await.unwrap();
+    within("join", first.joined()).await;
+    first.shutdown().await;
+    drop(first);
+    seed.shutdown().await;
+    drop(seed);
+
+    // The laptop starts with only its cache, and its one contact is down.
+    let again = laptop().spawn().await.unwrap();
+    let failed = within("the cached contact to fail", async {
+        loop {
+            let s = again.routing_snapshot();
+            if s.entries
+                .iter()
+                .any(|e| e.peer == seed_id && e.health == Health::Bad)
+            {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert_eq!(failed.size, 1, "the cache kept its contact: {failed:?}");
+
+    // The network returns (same identity, same address): the laptop gets
+    // back in by itself, through the join retries.
+    let back = seed_node(seed_addr).await.unwrap();
+    within("rejoin once the contact is back", async {
+        loop {
+            let s = again.routing_snapshot();
+            if s.entries
+                .iter()
+                .any(|e| e.peer == seed_id && e.health == Health::Good)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    within("joined", again.joined()).await;
+    drop(back);
+}
+
 #[tokio::test]
 async fn looking_up_an_unknown_peer_is_a_typed_not_found() {
     let seed = Node::builder().bind(loopback()).spawn().await.unwrap();

@@ -46,6 +46,12 @@ pub const MAX_REFRESHES_PER_TICK: usize = 4;
 /// First wait before retrying a join nobody answered; doubles up to
 /// [`MAINTENANCE_TICK`].
 pub const JOIN_RETRY_INITIAL: Duration = Duration::from_secs(1);
+/// Contacts a join dials directly, as it dials bootstrap addresses, when
+/// none in the routing table has answered in this run (a restart from the
+/// peer cache, or every contact lost): the most recently seen first. Enough
+/// that one live node among a stale cache is likely among them; few enough
+/// that a restart sends a small burst.
+pub const JOIN_CACHED_DIALS: usize = 16;
 /// Lookups run at once while joining (one per bucket to fill).
 pub const JOIN_PARALLEL_REFRESHES: usize = 8;
 /// Bucket refreshes a join runs at most (buckets `0..` in order), so a node

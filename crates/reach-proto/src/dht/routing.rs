@@ -330,6 +330,22 @@ impl RoutingTable {
         self.iter().filter(|e| e.health != Health::Bad).count()
     }
 
+    /// Contacts that answered (or queried us) in this run: a join that
+    /// leaves none has reached nobody, whatever the table remembers.
+    pub fn answered_len(&self) -> usize {
+        self.iter().filter(|e| e.health == Health::Good).count()
+    }
+
+    /// The `n` contacts heard from most recently, `Bad` ones included: whom a
+    /// node that reaches nobody dials directly to get back in (lookups skip
+    /// `Bad` contacts, so without this a node whose cached contacts all
+    /// failed once would never ask them again).
+    pub fn rejoin_candidates(&self, n: usize) -> Vec<Contact> {
+        let mut all: Vec<&Entry> = self.iter().collect();
+        all.sort_by_key(|e| std::cmp::Reverse(e.last_seen));
+        all.into_iter().take(n).map(|e| e.contact).collect()
+    }
+
     /// Whether the table holds no contact.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
@@ -394,6 +410,27 @@ mod tests {
 
     fn table() -> RoutingTable {
         RoutingTable::new(peer(u64::MAX), RoutingConfig::default())
+    }
+
+    #[test]
+    fn rejoin_candidates_are_the_most_recently_seen_bad_ones_included() {
+        let mut t = table();
+        for i in 0..10 {
+            t.add_unknown(Contact::new(peer(i), addr(i)), Duration::from_secs(i));
+        }
+        assert_eq!(t.answered_len(), 0);
+        // Every contact fails twice: all Bad, none for a lookup to start from.
+        let all: Vec<PeerId> = t.iter().map(|e| e.contact.peer).collect();
+        for p in &all {
+            t.on_failure(p);
+            t.on_failure(p);
+        }
+        assert_eq!(t.live_len(), 0);
+        let got: Vec<PeerId> = t.rejoin_candidates(3).iter().map(|c| c.peer).collect();
+        assert_eq!(got, vec![peer(9), peer(8), peer(7)]);
+        t.on_seen(Contact::new(peer(2), addr(2)), Duration::from_secs(60));
+        assert_eq!(t.answered_len(), 1);
+        assert_eq!(t.rejoin_candidates(1)[0].peer, peer(2));
     }
 
     #[test]

@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use reach_proto::dht::maintenance::{Action, JoinAction, JoinAttempt, JoinOutcome, Maintenance};
+use reach_proto::dht::maintenance::{
+    Action, JOIN_CACHED_DIALS, JoinAction, JoinAttempt, JoinOutcome, Maintenance,
+};
 use reach_proto::dht::{Contact, Key};
 use serde::Serialize;
 
@@ -43,6 +45,22 @@ impl Dht {
         let dht = self;
         let mut addrs: Vec<SocketAddr> = dht.bootstrap.clone();
         addrs.extend_from_slice(extra);
+        {
+            // Nobody in the table has answered in this run (a restart from
+            // the peer cache, or everyone lost): dial the remembered contacts
+            // directly too. A lookup alone would give up on them for good
+            // once they failed twice, and a node whose cache is all it knows
+            // would then believe itself alone in the network.
+            let table = dht.routing();
+            if table.answered_len() == 0 {
+                addrs.extend(
+                    table
+                        .rejoin_candidates(JOIN_CACHED_DIALS)
+                        .iter()
+                        .map(|c| c.addr),
+                );
+            }
+        }
         addrs.sort();
         addrs.dedup();
         addrs.retain(|a| *a != self.core.local_addr);
@@ -59,8 +77,8 @@ impl Dht {
                         self.lookup(own, Query::FindNode).await;
                         let table = dht.routing();
                         // Nobody to ask (the first node of a network) counts as
-                        // answered.
-                        let answered = table.live_len() > 0 || addrs.is_empty();
+                        // answered; contacts that are merely remembered do not.
+                        let answered = table.answered_len() > 0 || addrs.is_empty();
                         attempt.self_lookup_done(answered, &table);
                         drop(table);
                         if answered && !addrs.is_empty() {
