@@ -5,7 +5,7 @@
 use std::path::Path;
 
 mod common;
-use common::{Proc, reach};
+use common::{Proc, ok, reach};
 
 /// A `reach node` child on `dir` with config `cfg` and `extra` flags.
 fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
@@ -81,6 +81,106 @@ fn events_follow_shows_a_connection_made_after_it_started() {
     });
     a.terminate();
     follow.wait_for("with the node's stop", |l| l.contains(" stop"));
+}
+
+/// A config file in `dir` with `extra` lines after the loopback ones.
+fn config_with(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
+    let cfg = dir.join(name);
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n{extra}"),
+    )
+    .unwrap();
+    cfg
+}
+
+fn status(dir: &Path) -> serde_json::Value {
+    let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+fn local_addr(dir: &Path) -> String {
+    status(dir)["local_addr"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn events_follow_shows_a_relayed_connection_punched_to_direct() {
+    let [r_dir, b_dir, a_dir, cfg_dir] = [(); 4].map(|_| tempfile::tempdir().unwrap());
+    // R relays for others; B holds a relay at R; A is on its own (no
+    // bootstrap, no DHT): it knows B only by the relay in B's ticket.
+    let relay_cfg = config_with(cfg_dir.path(), "relay.toml", "relay = \"on\"\n");
+    let holder_cfg = config_with(cfg_dir.path(), "holder.toml", "acquire_relay = \"on\"\n");
+    let plain_cfg = config_with(cfg_dir.path(), "plain.toml", "");
+    let r = node(r_dir.path(), &relay_cfg, &[]);
+    r.wait_for("R's control API", |l| l.contains("control API"));
+    let r_addr = local_addr(r_dir.path());
+    let b = node(b_dir.path(), &holder_cfg, &["--bootstrap", &r_addr]);
+    b.wait_for("B's control API", |l| l.contains("control API"));
+    let end = std::time::Instant::now() + common::DEADLINE;
+    while status(b_dir.path())["relay"]["held_relay"].is_null() {
+        assert!(std::time::Instant::now() < end, "B holds no relay");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let a = node(a_dir.path(), &plain_cfg, &[]);
+    a.wait_for("A's control API", |l| l.contains("control API"));
+    let follow = Proc::spawn(&[
+        "events",
+        "--follow",
+        "--data-dir",
+        a_dir.path().to_str().unwrap(),
+    ]);
+    follow.wait_for("with A's start", |l| l.contains(" start "));
+
+    // B's ticket, keeping only its relay: the one way a node behind a NAT
+    // can be reached before a punch.
+    let ticket: reach::Ticket = ok(&reach(&[
+        "id",
+        "--ticket",
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+    ]))
+    .trim()
+    .parse()
+    .expect("B's ticket parses");
+    let relayed_only = reach::Ticket::new(
+        ticket.peer,
+        ticket
+            .addrs
+            .iter()
+            .copied()
+            .filter(|a| a.kind == reach_proto::dht::record::AddrKind::Relay)
+            .collect(),
+    );
+    assert!(
+        !relayed_only.addrs.is_empty(),
+        "B's ticket has its relay: {ticket}"
+    );
+    let b_id = ticket.peer.to_string();
+    ok(&reach(&[
+        "connect",
+        &relayed_only.to_string(),
+        "--data-dir",
+        a_dir.path().to_str().unwrap(),
+    ]));
+    let up = follow.wait_for("with the relayed connection to B", |l| {
+        l.contains("connection_up") && l.contains(&b_id)
+    });
+    assert!(up.contains("path=relayed"), "{up}");
+    // The punch's outcome and the path upgrade, in either order.
+    let is_punch = |l: &str| l.contains(" punch ") && l.contains(&b_id);
+    let is_upgrade =
+        |l: &str| l.contains("path_upgraded") && l.contains(&b_id) && l.contains("path=direct");
+    let first = follow.wait_for("with the punch to B or the upgrade", |l| {
+        is_punch(l) || is_upgrade(l)
+    });
+    let punch = if is_punch(&first) {
+        follow.wait_for("with the path upgraded to direct", is_upgrade);
+        first
+    } else {
+        follow.wait_for("with the punch to B", is_punch)
+    };
+    assert!(punch.contains("direct=true"), "{punch}");
+    drop((a, b, r));
 }
 
 #[test]
