@@ -27,37 +27,24 @@
 //! also written to `target/criterion/observability-cost.json`).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use futures::stream::FuturesUnordered;
-use reach::{Event, Node};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+mod common;
+use common::{BATCH, BULK_BYTES, IN_FLIGHT, MESSAGE_LEN, ReachPair, criterion_dir, loopback};
 
 /// Alternating rounds; the median of their ratios is reported.
 const ROUNDS: usize = 12;
-/// Bulk iterations per configuration per round.
+/// Bulk iterations ([`common::BULK_BYTES`] each) per configuration per round.
 const BULK_ITERS: usize = 3;
-/// Bytes per bulk iteration (one stream).
-const BULK_BYTES: usize = 64 * 1024 * 1024;
-/// Message batches per configuration per round.
+/// Message batches ([`common::BATCH`] each) per configuration per round.
 const MESSAGE_ITERS: usize = 3;
-/// Messages per batch, [`IN_FLIGHT`] at a time, [`MESSAGE_LEN`] bytes each.
-const BATCH: usize = 2_000;
-const MESSAGE_LEN: usize = 1024;
-const IN_FLIGHT: usize = 64;
-/// Write size of the bulk stream.
-const CHUNK: usize = 64 * 1024;
 /// How often the scraper reads `/metrics` and `/v1/status` of each node:
 /// faster than any Prometheus setup, as fast as the dashboard.
 const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
-
-fn loopback() -> SocketAddr {
-    "127.0.0.1:0".parse().unwrap()
-}
 
 /// The process's CPU time so far (every thread, user + system).
 fn cpu_time() -> Duration {
@@ -76,103 +63,45 @@ struct Api {
     _server: reach::api::ApiServer,
 }
 
+/// A pair of nodes, observed or not.
 struct Pair {
-    a: Node,
-    b: Node,
-    /// With observability on: data dirs and the served APIs.
-    on: Option<(tempfile::TempDir, tempfile::TempDir, Vec<Api>)>,
+    nodes: ReachPair,
+    /// With observability on: both nodes' control APIs, served.
+    apis: Vec<Api>,
 }
 
 impl Pair {
     async fn new(observed: bool) -> Self {
-        let dirs = observed.then(|| (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()));
-        let node = |dir: Option<&tempfile::TempDir>| {
-            let mut b = Node::builder().bind(loopback());
-            if let Some(d) = dir {
-                b = b.data_dir(d.path());
-            }
-            b.spawn()
-        };
-        let a = node(dirs.as_ref().map(|d| &d.0)).await.unwrap();
-        let b = node(dirs.as_ref().map(|d| &d.1)).await.unwrap();
-        a.connect(b.peer_id(), [b.local_addr()]).await.unwrap();
-        let bb = b.clone();
-        tokio::spawn(async move {
-            while let Some(ev) = bb.next_event().await {
-                if let Event::Stream(mut s) = ev {
-                    tokio::spawn(async move {
-                        let mut buf = vec![0u8; CHUNK];
-                        while let Ok(Some(_)) = s.recv.read(&mut buf).await {}
-                        let _ = s.send.finish();
-                        let _ = s.send.stopped().await;
-                    });
-                }
-            }
-        });
-        let on = match dirs {
-            None => None,
-            Some((da, db)) => {
-                let mut apis = Vec::new();
-                for (node, dir) in [(&a, &da), (&b, &db)] {
-                    let server = reach::api::serve(node.clone(), dir.path(), loopback())
-                        .await
-                        .unwrap();
-                    let disc: serde_json::Value = serde_json::from_slice(
-                        &std::fs::read(reach::api::discovery_path(dir.path())).unwrap(),
-                    )
+        let nodes = ReachPair::new(observed).await;
+        let mut apis = Vec::new();
+        if let Some((da, db)) = &nodes.dirs {
+            for (node, dir) in [(&nodes.a, da), (&nodes.b, db)] {
+                let server = reach::api::serve(node.clone(), dir.path(), loopback())
+                    .await
                     .unwrap();
-                    apis.push(Api {
-                        addr: disc["addr"].as_str().unwrap().parse().unwrap(),
-                        token: std::fs::read_to_string(reach::api::token_path(dir.path()))
-                            .unwrap()
-                            .trim()
-                            .to_string(),
-                        _server: server,
-                    });
-                }
-                Some((da, db, apis))
+                let disc: serde_json::Value = serde_json::from_slice(
+                    &std::fs::read(reach::api::discovery_path(dir.path())).unwrap(),
+                )
+                .unwrap();
+                apis.push(Api {
+                    addr: disc["addr"].as_str().unwrap().parse().unwrap(),
+                    token: std::fs::read_to_string(reach::api::token_path(dir.path()))
+                        .unwrap()
+                        .trim()
+                        .to_string(),
+                    _server: server,
+                });
             }
-        };
-        Pair { a, b, on }
-    }
-
-    /// Lines in both nodes' event logs (0 when off).
-    fn logged_lines(&self) -> usize {
-        self.on.as_ref().map_or(0, |(da, db, _)| {
-            [da, db]
-                .iter()
-                .map(|d| {
-                    std::fs::read_to_string(d.path().join("events.jsonl"))
-                        .map_or(0, |t| t.lines().count())
-                })
-                .sum()
-        })
+        }
+        Pair { nodes, apis }
     }
 
     async fn bulk(&self) {
-        let mut s = self.a.open_stream(self.b.peer_id()).await.unwrap();
-        let chunk = bytes::Bytes::from(vec![0x5Au8; CHUNK]);
-        for _ in 0..BULK_BYTES / CHUNK {
-            s.send.write_chunk(chunk.clone()).await.unwrap();
-        }
-        s.send.finish().unwrap();
-        s.recv.read_to_end(0).await.unwrap();
+        self.nodes.bulk().await
     }
 
     async fn messages(&self) {
-        let payload = bytes::Bytes::from(vec![7u8; MESSAGE_LEN]);
-        let to = self.b.peer_id();
-        let mut inflight = FuturesUnordered::new();
-        for _ in 0..BATCH {
-            if inflight.len() >= IN_FLIGHT {
-                let r: reach::Result<()> = inflight.next().await.unwrap();
-                r.unwrap();
-            }
-            inflight.push(self.a.send(to, payload.clone()));
-        }
-        while let Some(r) = inflight.next().await {
-            r.unwrap();
-        }
+        self.nodes.messages().await
     }
 }
 
@@ -199,9 +128,10 @@ async fn scrape_loop(
     ok: Arc<AtomicUsize>,
     bad: Arc<AtomicUsize>,
 ) {
-    let Some((_, _, apis)) = pair.on.as_ref() else {
+    let apis = &pair.apis;
+    if apis.is_empty() {
         return;
-    };
+    }
     let mut tick = tokio::time::interval(SCRAPE_INTERVAL);
     loop {
         tick.tick().await;
@@ -246,24 +176,13 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn criterion_dir() -> PathBuf {
-    std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target"))
-        .join("criterion")
-}
-
 /// Ratios of one round: on / off (bulk wall, bulk cpu, msgs wall, msgs
 /// cpu), then the control off2 / off (bulk cpu, msgs cpu).
 type Ratios = [f64; 6];
 
 fn main() {
     // `cargo bench` passes `--bench`; nothing to parse.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = common::runtime();
     let active = Arc::new(AtomicBool::new(false));
     let (ok, bad) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut rounds: Vec<Ratios> = Vec::new();
@@ -312,11 +231,10 @@ fn main() {
             c.1.1 / o.1.1,
         ]);
         scraper.abort();
-        lines += on.logged_lines();
+        lines += on.nodes.logged_lines();
         rt.block_on(async {
             for p in [&off, &on, &off2] {
-                p.a.shutdown().await;
-                p.b.shutdown().await;
+                p.nodes.shutdown().await;
             }
         });
     }
