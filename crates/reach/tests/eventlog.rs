@@ -10,7 +10,7 @@ use reach::{Node, PeerId, RelayMode};
 use serde_json::Value;
 
 mod common;
-use common::{logs, loopback, node_holding_a_relay, relay_node, until, within};
+use common::{holds_relay, logs, loopback, node_holding_a_relay, relay_node, until, within};
 
 /// The log's lines, oldest first: rotated files `keep..=1`, then the
 /// current one. Every line must be a JSON object with `v`, `ts`, `kind`.
@@ -89,11 +89,7 @@ async fn a_punch_to_direct_is_logged_as_a_path_upgrade_and_a_punch_outcome() {
         .spawn()
         .await
         .unwrap();
-    within("bob joins", bob.joined()).await;
-    until("bob holds the relay", || {
-        bob.relay_status().held_relay == Some(relay.peer_id())
-    })
-    .await;
+    holds_relay(&bob, &relay).await;
     alice
         .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
         .await

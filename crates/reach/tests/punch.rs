@@ -6,10 +6,10 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use reach::{Direction, Event, Node, PathKind, RelayMode};
+use reach::{Direction, Event, PathKind};
 
 mod common;
-use common::{logs, loopback, node_holding_a_relay, relay_node, until, within};
+use common::{holds_relay, logs, node_holding_a_relay, outsider, relay_node, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubled() {
@@ -18,18 +18,8 @@ async fn a_relayed_connection_upgrades_to_direct_and_no_message_is_lost_or_doubl
     let bob = node_holding_a_relay(&relay).await;
     // Alice stays out of the DHT: no DHT request may open a direct path to
     // Bob before the punch does.
-    let alice = Node::builder()
-        .bind(loopback())
-        .acquire_relay(RelayMode::Off)
-        .connection_events(true)
-        .spawn()
-        .await
-        .unwrap();
-    within("bob joins", bob.joined()).await;
-    until("bob holds the relay", || {
-        bob.relay_status().held_relay == Some(relay.peer_id())
-    })
-    .await;
+    let alice = outsider().connection_events(true).spawn().await.unwrap();
+    holds_relay(&bob, &relay).await;
 
     alice
         .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())

@@ -11,7 +11,7 @@ use reach::{Event, Keypair, Node, PeerId, RelayLimits, RelayMode};
 use tokio::net::UdpSocket;
 
 mod common;
-use common::{logs, loopback, until, within};
+use common::{logs, loopback, outsider, until, within};
 
 async fn relay_node(limits: Option<RelayLimits>, kp: Option<Keypair>) -> Node {
     let mut b = Node::builder()
@@ -283,13 +283,7 @@ async fn closing_a_relayed_connection_frees_its_circuit_at_the_relay() {
     let relay = relay_node(None, None).await;
     let bob = relayed_node(&[relay.local_addr()], None).await;
     // Alice is not in the DHT, so her only path to Bob is the relay's.
-    let alice = Node::builder()
-        .bind(loopback())
-        .acquire_relay(RelayMode::Off)
-        .hole_punching(false)
-        .spawn()
-        .await
-        .unwrap();
+    let alice = outsider().hole_punching(false).spawn().await.unwrap();
     within("bob joins", bob.joined()).await;
     until("bob holds the relay", || {
         held(&bob) == Some(relay.peer_id())

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use reach::{Node, RelayMode};
 
 mod common;
-use common::{logs, loopback, until, within};
+use common::{holds_relay, logs, loopback, outsider, until, within};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_link_connection_is_not_counted_as_relayed_and_a_relayed_one_is() {
@@ -64,18 +64,8 @@ async fn a_tcp_link_connection_is_not_counted_as_relayed_and_a_relayed_one_is() 
         .spawn()
         .await
         .unwrap();
-    within("bob joins", bob.joined()).await;
-    until("bob holds the relay", || {
-        bob.relay_status().held_relay == Some(relay.peer_id())
-    })
-    .await;
-    let alice = Node::builder()
-        .bind(loopback())
-        .acquire_relay(RelayMode::Off)
-        .hole_punching(false)
-        .spawn()
-        .await
-        .unwrap();
+    holds_relay(&bob, &relay).await;
+    let alice = outsider().hole_punching(false).spawn().await.unwrap();
     alice
         .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
         .await

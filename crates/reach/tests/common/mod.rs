@@ -58,3 +58,21 @@ pub async fn node_holding_a_relay(relay: &reach::Node) -> reach::Node {
         .await
         .unwrap()
 }
+
+/// A node out of the DHT that holds no relay: it reaches others only the way
+/// a test tells it to, so no DHT request opens a direct path before a punch
+/// does.
+pub fn outsider() -> reach::NodeBuilder {
+    reach::Node::builder()
+        .bind(loopback())
+        .acquire_relay(reach::RelayMode::Off)
+}
+
+/// Waits until `holder` joined through `relay` and holds it.
+pub async fn holds_relay(holder: &reach::Node, relay: &reach::Node) {
+    within("the relay holder joins", holder.joined()).await;
+    until("the relay holder holds the relay", || {
+        holder.relay_status().held_relay == Some(relay.peer_id())
+    })
+    .await;
+}
