@@ -157,6 +157,46 @@ async fn a_restarted_node_rejoins_from_its_data_dir_alone() {
     within("connect", again.connect(target, [])).await.unwrap();
 }
 
+/// A network that grows: a record published when it had two nodes must
+/// still be found once it has thirty, although the nodes that stored it
+/// are no longer the closest to its key (the holders hand it on), and
+/// although its publisher and its first holder have gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_published_in_a_small_network_is_found_after_it_grew() {
+    let seed = Node::builder().bind(loopback()).spawn().await.unwrap();
+    within("seed join", seed.joined()).await;
+    let early = network(&seed, 1).await.remove(0);
+    let (early_id, early_addr) = (early.peer_id(), early.local_addr());
+    let later = network(&seed, 30).await;
+    // The publisher and the one node that stored it back then both go.
+    let handed: u64 = [&seed, &early]
+        .into_iter()
+        .chain(&later)
+        .map(|n| n.stats().dht.records_handed_off)
+        .sum();
+    for gone in [early, seed] {
+        gone.shutdown().await;
+    }
+    // All at once: each may wait out a query to the nodes that went.
+    let lookups = later.iter().enumerate().map(|(i, n)| async move {
+        match n.lookup(early_id).await {
+            Ok(addrs) if addrs.iter().any(|a| a.addr == early_addr) => None,
+            other => Some(format!("node {i}: {other:?}")),
+        }
+    });
+    let failures: Vec<String> = within("lookups", futures::future::join_all(lookups))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} of 30 lookups failed ({handed} records handed off): {failures:?}",
+        failures.len()
+    );
+    assert!(handed > 0, "nobody handed a record to a newcomer");
+}
+
 /// A laptop that starts while its network is down: it must keep trying the
 /// contacts it remembers, not decide it is the first node of a network (and
 /// then never ask them again once they failed twice).

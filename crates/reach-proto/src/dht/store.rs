@@ -116,6 +116,12 @@ impl Source {
     }
 }
 
+/// Records a node hands to one newcomer at most ([`RecordStore::handoff`]):
+/// a burst the newcomer's store limits absorb, and enough for the records
+/// whose closest holder we are in any network where a node holds a few
+/// dozen.
+pub const MAX_HANDOFF_RECORDS: usize = 64;
+
 /// Whether a node at `own` is among the `k` closest to `key`, judged by the
 /// `known` contacts' keys (its routing table's closest to `key`): it is when
 /// it knows fewer than `k`, or when it is closer to `key` than the k-th
@@ -330,6 +336,48 @@ impl RecordStore {
         self.by_key.values().flatten().map(|h| &h.record)
     }
 
+    /// The records to hand to `newcomer`, a contact just added to our
+    /// routing table: Kademlia's rule for a network that grows. A record
+    /// stored while the network was small sits at nodes that are no longer
+    /// its closest, and a lookup that ends at the new closest nodes would
+    /// miss it until its publisher republishes (minutes to an hour). A
+    /// record goes to the newcomer when the newcomer is among the `k`
+    /// closest to its key, and no contact we know but the newcomer is
+    /// closer to the key than we are: of the nodes holding it, about one
+    /// (the closest) sends it. `closest_known(key)` gives our routing
+    /// table's `k` closest contacts to `key`. At most `max`, nearest to
+    /// the newcomer first; expired records are not handed on.
+    pub fn handoff(
+        &self,
+        own: &Key,
+        newcomer: &Key,
+        now_ms: u64,
+        k: usize,
+        max: usize,
+        mut closest_known: impl FnMut(&Key) -> Vec<Key>,
+    ) -> Vec<SignedRecord> {
+        let mut out: Vec<&SignedRecord> = self
+            .iter()
+            .filter(|r| r.expires_ms() > now_ms)
+            .filter(|r| {
+                let known: Vec<Key> = closest_known(&r.key)
+                    .into_iter()
+                    .filter(|c| c != newcomer && c != own)
+                    .collect();
+                let ours = own.distance(&r.key);
+                let theirs = newcomer.distance(&r.key);
+                let we_are_closest_holder = known.iter().all(|c| c.distance(&r.key) > ours);
+                // Among the k closest of everyone we know, ourselves included.
+                let closer_than_newcomer =
+                    known.iter().filter(|c| c.distance(&r.key) < theirs).count()
+                        + usize::from(ours < theirs);
+                we_are_closest_holder && closer_than_newcomer < k
+            })
+            .collect();
+        out.sort_by_key(|r| newcomer.distance(&r.key));
+        out.into_iter().take(max).cloned().collect()
+    }
+
     /// Records stored here on behalf of the network `source`. Only the
     /// tests read it (the per-source share is enforced inside `put_from`).
     #[cfg(test)]
@@ -373,6 +421,7 @@ impl RecordStore {
 mod tests {
     use super::*;
     use crate::Keypair;
+    use crate::dht::K;
     use crate::dht::record::{AddrKind, TypedAddr};
     use std::time::Duration;
 
@@ -402,6 +451,52 @@ mod tests {
         assert_eq!(got[0].seq, 6);
         assert_eq!(s.len(), 1);
         assert_eq!(s.rejections().get("stale_seq"), Some(&2));
+    }
+
+    #[test]
+    fn a_record_is_handed_to_a_closer_newcomer_by_its_closest_holder_only() {
+        let mut s = RecordStore::default();
+        let owner = Keypair::generate();
+        let rec = endpoint(&owner, 1, 1);
+        let key = rec.key;
+        s.put(rec, NOW).unwrap();
+        // Keys at chosen distances from the record's key: flip one bit, the
+        // higher the bit, the farther.
+        let at = |bit: usize| {
+            let mut b = key.0;
+            b[bit / 8] ^= 0x80 >> (bit % 8);
+            Key(b)
+        };
+        let (own, near, nearer, far) = (at(40), at(60), at(100), at(10));
+        let table = |others: Vec<Key>| move |_: &Key| others.clone();
+        // We hold it, nobody we know is closer: a closer newcomer gets it.
+        let got = s.handoff(&own, &near, NOW, K, 8, table(vec![far, near]));
+        assert_eq!(got.len(), 1);
+        // Someone we know is closer than us: that node hands it over, not us.
+        assert!(
+            s.handoff(&own, &near, NOW, K, 8, table(vec![nearer, near]))
+                .is_empty()
+        );
+        // We are the closest holder, but the newcomer is not among the k
+        // closest we know of: it gets nothing; with a larger k it would.
+        let closest = at(200);
+        let crowd = vec![at(20), at(30), far];
+        assert!(
+            s.handoff(&closest, &far, NOW, 3, 8, table(crowd.clone()))
+                .is_empty()
+        );
+        assert_eq!(s.handoff(&closest, &far, NOW, 4, 8, table(crowd)).len(), 1);
+        // Expired records are not handed on.
+        let later = NOW + 2 * HOUR.as_millis() as u64;
+        assert!(
+            s.handoff(&own, &near, later, K, 8, table(vec![near]))
+                .is_empty()
+        );
+        // The cap holds.
+        assert!(
+            s.handoff(&own, &near, NOW, K, 0, table(vec![near]))
+                .is_empty()
+        );
     }
 
     #[test]

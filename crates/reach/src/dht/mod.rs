@@ -40,6 +40,7 @@ use tokio::time::Instant;
 
 use crate::error::Result;
 use crate::node::core::Core;
+use crate::node::stats;
 use crate::peers::Peers;
 
 /// Whether a node serves the DHT or only uses it.
@@ -70,6 +71,9 @@ crate::telemetry::metrics! {
         counter rpcs_served = "dht_rpcs_served",
         /// Endpoint records this node published.
         counter records_published = "dht_records_published",
+        /// Records handed to contacts new to the routing table that are
+        /// now among their closest holders.
+        counter records_handed_off = "dht_records_handed_off",
         /// Peers resolved to addresses through the DHT.
         counter resolutions = "dht_resolutions",
         /// Resolutions that found no valid record.
@@ -135,8 +139,18 @@ pub(crate) struct Dht {
     pub counters: DhtCounters,
     /// Iterative lookups (see [`crate::histogram`]).
     pub lookup_seconds: crate::histogram::Histogram,
+    /// Contacts new to the routing table, waiting for the records we hand
+    /// them ([`Dht::hand_off`]).
+    newcomers: Mutex<std::collections::VecDeque<reach_proto::dht::Contact>>,
+    newcomer: tokio::sync::Notify,
     hooks: Hooks,
 }
+
+/// Newcomers waiting for their hand-off at most; beyond, a newcomer gets
+/// nothing from us (its records still reach it from other holders or at
+/// the publishers' next republish). Bounds the memory a churn of fresh
+/// contacts can take.
+pub const MAX_PENDING_HANDOFFS: usize = 256;
 
 impl Dht {
     pub fn new(
@@ -159,6 +173,8 @@ impl Dht {
             joined: watch::channel(false).0,
             counters: DhtCounters::default(),
             lookup_seconds: Default::default(),
+            newcomers: Default::default(),
+            newcomer: Default::default(),
             hooks: Hooks::default(),
         }
     }
@@ -225,7 +241,58 @@ impl Dht {
             contact.addr = real;
         }
         if !crate::vaddr::is_virtual(&contact.addr) {
-            self.routing().on_seen(contact, self.now());
+            let outcome = self.routing().on_seen(contact, self.now());
+            if outcome == reach_proto::dht::routing::InsertOutcome::Inserted {
+                let mut q = self.newcomers.lock().unwrap_or_else(|p| p.into_inner());
+                if q.len() < MAX_PENDING_HANDOFFS {
+                    q.push_back(contact);
+                    self.newcomer.notify_one();
+                }
+            }
+        }
+    }
+
+    /// Hands each contact new to the routing table the records it should
+    /// now hold and that we are the closest holder of
+    /// ([`RecordStore::handoff`]): without it a record published while the
+    /// network was small stays at nodes that are no longer its closest, and
+    /// lookups miss it until its publisher republishes.
+    pub(crate) async fn hand_off(self: Arc<Self>) {
+        use reach_proto::dht::rpc::DhtRequest;
+        use reach_proto::dht::store::MAX_HANDOFF_RECORDS;
+        use reach_proto::dht::{K, Key};
+        loop {
+            let next = self
+                .newcomers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop_front();
+            let Some(contact) = next else {
+                self.newcomer.notified().await;
+                continue;
+            };
+            let own = Key::for_peer(&self.core.peer_id);
+            let records = {
+                let routing = self.routing();
+                self.store().handoff(
+                    &own,
+                    &contact.key(),
+                    unix_ms(),
+                    K,
+                    MAX_HANDOFF_RECORDS,
+                    |key| routing.closest(key, K).iter().map(|c| c.key()).collect(),
+                )
+            };
+            for record in records {
+                if let Err(e) = self
+                    .request(contact, DhtRequest::PutRecord { record })
+                    .await
+                {
+                    tracing::debug!(peer = %contact.peer, error = %e, "record hand-off failed");
+                    break;
+                }
+                stats::bump(&self.counters.records_handed_off);
+            }
         }
     }
 

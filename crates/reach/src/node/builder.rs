@@ -481,6 +481,7 @@ impl NodeBuilder {
             async move { nat.external().expiry_loop().await }
         });
         inner.spawn(inner.dht.clone().maintain());
+        inner.spawn(inner.dht.clone().hand_off());
         inner.portmap.start();
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());

@@ -147,6 +147,7 @@ mod tests {
         "dht_rpcs_failed",
         "dht_rpcs_served",
         "dht_records_published",
+        "dht_records_handed_off",
         "dht_resolutions",
         "dht_resolution_failures",
         "dht_routing_table_size",
