@@ -223,6 +223,7 @@ pub struct Outbox {
     writer: Option<std::thread::JoinHandle<()>>,
     shared: Arc<Mutex<Shared>>,
     quarantined: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
     epoch: Instant,
 }
 
@@ -277,17 +278,21 @@ impl Outbox {
         }
         let shared = Arc::new(Mutex::new(shared));
         let quarantined = Arc::new(AtomicU64::new(st.quarantined));
+        let commits = Arc::new(AtomicU64::new(0));
         let (tx, rx) = mpsc::channel::<Request>();
         let writer = {
             let db = db.clone();
             let sealer = sealer.clone();
             let shared = shared.clone();
             let path = path.clone();
-            let quarantined = quarantined.clone();
+            let counters = Counters {
+                quarantined: quarantined.clone(),
+                commits: commits.clone(),
+            };
             std::thread::Builder::new()
                 .name("reach-outbox".into())
                 .spawn(move || {
-                    writer_loop(rx, db, sealer, limits, st, shared, epoch, path, quarantined)
+                    writer_loop(rx, db, sealer, limits, st, shared, epoch, path, counters)
                 })
                 .map_err(|source| Error::Io {
                     context: "starting the outbox writer thread",
@@ -303,6 +308,7 @@ impl Outbox {
             writer: Some(writer),
             shared,
             quarantined,
+            commits,
             epoch,
         })
     }
@@ -497,6 +503,12 @@ impl Outbox {
         self.quarantined.load(Ordering::Relaxed)
     }
 
+    /// Write transactions committed since open: with [`Outbox::quarantined`]
+    /// a metric, and the measure of group commit (requests per commit).
+    pub fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+
     /// Stops the writer after what is queued, and waits for it.
     pub async fn close(mut self) {
         self.tx.take();
@@ -591,6 +603,11 @@ fn read_entry(
     }))
 }
 
+struct Counters {
+    quarantined: Arc<AtomicU64>,
+    commits: Arc<AtomicU64>,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn writer_loop(
     rx: mpsc::Receiver<Request>,
@@ -601,8 +618,12 @@ fn writer_loop(
     shared: Arc<Mutex<Shared>>,
     epoch: Instant,
     path: PathBuf,
-    quarantined: Arc<AtomicU64>,
+    counters: Counters,
 ) {
+    let Counters {
+        quarantined,
+        commits,
+    } = counters;
     let mut jitter_seed = [0u8; 8];
     let _ = getrandom::fill(&mut jitter_seed);
     let mut jitter = u64::from_le_bytes(jitter_seed) | 1;
@@ -620,6 +641,7 @@ fn writer_loop(
         }));
         match result {
             Ok(Ok(done)) => {
+                commits.fetch_add(1, Ordering::Relaxed);
                 {
                     let now = epoch.elapsed();
                     let now_ms = store::unix_ms();
