@@ -88,7 +88,7 @@ pub enum Error {
     )]
     KeyFileIncomplete { path: PathBuf, len: u64 },
     /// A durable message would break an outbox quota (`scope` is
-    /// "destination" or "total").
+    /// "destination", "total", or "senders" on the receiving side).
     #[error("the outbox is full: {scope} quota of {limit} reached")]
     OutboxFull { scope: &'static str, limit: String },
     /// The outbox file cannot be read as a database (damaged beyond the

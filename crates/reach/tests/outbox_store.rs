@@ -176,6 +176,46 @@ async fn ack_cancel_attempts_and_abandon_are_durable() {
 }
 
 #[tokio::test]
+async fn wait_due_wakes_on_enqueue_and_on_reachable() {
+    let dir = tempfile::tempdir().unwrap();
+    let ob = std::sync::Arc::new(Outbox::open(dir.path(), &me()).await.unwrap());
+    // Nothing pending: the driver waits until a message arrives.
+    let waiter = tokio::spawn({
+        let ob = ob.clone();
+        async move { ob.wait_due().await }
+    });
+    let id = ob
+        .enqueue(peer(0), b"x".to_vec(), Delivery::Critical, None)
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .expect("an enqueue wakes the driver")
+        .unwrap();
+    assert_eq!(
+        ob.poll_due().await.unwrap(),
+        vec![Due::Send { id, peer: peer(0) }]
+    );
+    assert!(ob.record_attempt(id).await.unwrap());
+    // The first retry is at least half of FIRST_RETRY away.
+    let next = ob.pending()[0].next_try.expect("a retry is scheduled");
+    assert!(next >= Duration::from_millis(400), "{next:?}");
+    let started = Instant::now();
+    let waiter = tokio::spawn({
+        let ob = ob.clone();
+        async move { ob.wait_due().await }
+    });
+    ob.on_reachable(peer(0));
+    waiter.await.unwrap();
+    // Woken by "reachable", not by the retry timer.
+    assert!(started.elapsed() < Duration::from_millis(400));
+    assert_eq!(
+        ob.poll_due().await.unwrap(),
+        vec![Due::Send { id, peer: peer(0) }]
+    );
+}
+
+#[tokio::test]
 async fn the_file_holds_no_payload_and_no_peer_id_in_the_clear() {
     let dir = tempfile::tempdir().unwrap();
     let payloads: Vec<Vec<u8>> = (0..20).map(|_| random_bytes(200)).collect();
@@ -361,6 +401,7 @@ async fn quotas_and_size_give_typed_errors() {
         max_bytes_per_peer: 1000,
         max_total: 5,
         max_bytes_total: 1500,
+        max_senders: 2,
     };
     let ob = Outbox::open_with_limits(dir.path(), &me(), limits)
         .await
@@ -402,6 +443,13 @@ async fn quotas_and_size_give_typed_errors() {
         .unwrap_err();
     assert_eq!(err.kind(), "message_too_large");
     assert_eq!(ob.pending().len(), 5);
+    // Receiver side: a third sender is refused, the first two go on.
+    assert_eq!(ob.record_received(peer(5), 1).await.unwrap(), Received::New);
+    assert_eq!(ob.record_received(peer(6), 1).await.unwrap(), Received::New);
+    let err = ob.record_received(peer(7), 1).await.unwrap_err();
+    assert_eq!(err.kind(), "outbox_full");
+    assert!(err.to_string().contains("senders"), "{err}");
+    assert_eq!(ob.record_received(peer(5), 2).await.unwrap(), Received::New);
     // The defaults hold the 10,000-message backlog to one peer.
     const { assert!(DEFAULT_MAX_PER_PEER >= 10_000) };
 }

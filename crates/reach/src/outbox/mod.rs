@@ -66,6 +66,14 @@ pub const DEFAULT_MAX_TOTAL: usize = 65_536;
 /// Payload bytes pending in total, by default: 256 MiB of disk.
 pub const DEFAULT_MAX_BYTES_TOTAL: u64 = 256 * 1024 * 1024;
 
+/// Senders whose received log is kept, by default. Each costs about 600
+/// bytes of memory and disk for good (forgetting one would let a duplicate
+/// of its messages through); fresh identities are free to make, so the
+/// number is capped, and a durable message from one sender too many is
+/// refused (not acknowledged) with [`Error::OutboxFull`]. 16,384 senders
+/// is ~10 MB.
+pub const DEFAULT_MAX_SENDERS: usize = 16_384;
+
 /// Requests one group commit takes at most: bounds one transaction's size
 /// (and so the latency of the callers at its front); more wait for the next.
 pub const MAX_BATCH: usize = 4096;
@@ -81,6 +89,8 @@ pub struct OutboxLimits {
     pub max_total: usize,
     /// Payload bytes pending in total.
     pub max_bytes_total: u64,
+    /// Senders whose received log is kept (receiver side).
+    pub max_senders: usize,
 }
 
 impl Default for OutboxLimits {
@@ -90,6 +100,7 @@ impl Default for OutboxLimits {
             max_bytes_per_peer: DEFAULT_MAX_BYTES_PER_PEER,
             max_total: DEFAULT_MAX_TOTAL,
             max_bytes_total: DEFAULT_MAX_BYTES_TOTAL,
+            max_senders: DEFAULT_MAX_SENDERS,
         }
     }
 }
@@ -224,6 +235,9 @@ pub struct Outbox {
     shared: Arc<Mutex<Shared>>,
     quarantined: Arc<AtomicU64>,
     commits: Arc<AtomicU64>,
+    /// Woken when something may have become due: a commit that enqueued,
+    /// or "reachable".
+    wake: Arc<tokio::sync::Notify>,
     epoch: Instant,
 }
 
@@ -279,6 +293,7 @@ impl Outbox {
         let shared = Arc::new(Mutex::new(shared));
         let quarantined = Arc::new(AtomicU64::new(st.quarantined));
         let commits = Arc::new(AtomicU64::new(0));
+        let wake = Arc::new(tokio::sync::Notify::new());
         let (tx, rx) = mpsc::channel::<Request>();
         let writer = {
             let db = db.clone();
@@ -288,6 +303,7 @@ impl Outbox {
             let counters = Counters {
                 quarantined: quarantined.clone(),
                 commits: commits.clone(),
+                wake: wake.clone(),
             };
             std::thread::Builder::new()
                 .name("reach-outbox".into())
@@ -309,6 +325,7 @@ impl Outbox {
             shared,
             quarantined,
             commits,
+            wake,
             epoch,
         })
     }
@@ -404,10 +421,12 @@ impl Outbox {
 
     /// Receiver side: records sequence number `seq` from `sender`, durably
     /// before returning. [`Received::New`]: hand it to the application, then
-    /// ack; otherwise only ack.
+    /// ack; otherwise only ack. [`Error::OutboxFull`] (do not ack) for a
+    /// new sender past [`OutboxLimits::max_senders`].
     pub async fn record_received(&self, sender: PeerId, seq: u64) -> Result<Received> {
         match self.request(Op::Received { sender, seq }).await? {
             Done::Received(r) => Ok(r),
+            Done::Full { scope, limit } => Err(Error::OutboxFull { scope, limit }),
             other => Err(storage(&self.path, format!("unexpected answer {other:?}"))),
         }
     }
@@ -457,6 +476,26 @@ impl Outbox {
     pub fn on_reachable(&self, peer: PeerId) {
         let now = self.epoch.elapsed();
         lock(&self.shared).set.on_reachable(peer, now);
+        self.wake.notify_one();
+    }
+
+    /// Waits until [`Outbox::poll_due`] has something to do: the next
+    /// retry or expiry, a new message, or a destination that became
+    /// reachable. For one driver task (a single waiter).
+    pub async fn wait_due(&self) {
+        loop {
+            let notified = self.wake.notified();
+            match self.next_timeout() {
+                Some(at) if at <= Instant::now() => return,
+                Some(at) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(at.into()) => return,
+                        _ = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
     }
 
     /// When [`Outbox::poll_due`] next has something to do.
@@ -606,6 +645,7 @@ fn read_entry(
 struct Counters {
     quarantined: Arc<AtomicU64>,
     commits: Arc<AtomicU64>,
+    wake: Arc<tokio::sync::Notify>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -623,6 +663,7 @@ fn writer_loop(
     let Counters {
         quarantined,
         commits,
+        wake,
     } = counters;
     let mut jitter_seed = [0u8; 8];
     let _ = getrandom::fill(&mut jitter_seed);
@@ -665,6 +706,9 @@ fn writer_loop(
                             _ => {}
                         }
                     }
+                }
+                if done.iter().any(|d| matches!(d, Done::Enqueued { .. })) {
+                    wake.notify_one();
                 }
                 for (reply, d) in replies.into_iter().zip(done) {
                     let _ = reply.send(Ok(d));

@@ -443,6 +443,14 @@ pub(super) fn apply_batch(
                     done.push(Done::Attempted { id, existed });
                 }
                 Op::Received { sender, seq } => {
+                    if !st.received.contains_key(&sender) && st.received.len() >= limits.max_senders
+                    {
+                        done.push(Done::Full {
+                            scope: "senders",
+                            limit: format!("{} senders", limits.max_senders),
+                        });
+                        continue;
+                    }
                     let log = st.received.entry(sender).or_default();
                     let verdict = log.check_and_record(seq);
                     if verdict == Received::New && !recv_dirty.contains(&sender) {
