@@ -53,6 +53,9 @@ pub struct OutboxBenchReport {
     /// Enqueues per write transaction (one fsync each) in the concurrent
     /// run: group commit at work.
     pub concurrent_requests_per_commit: f64,
+    /// Opening the file with both runs' messages on it (decrypting every
+    /// entry, rebuilding the schedule).
+    pub reopen_backlog_ms: f64,
     /// Store-side drain of the concurrent run's backlog: attempt + read +
     /// ack per message.
     pub drain_messages: u32,
@@ -201,6 +204,18 @@ async fn run(
     );
     conc_lat.sort_by(f64::total_cmp);
 
+    // Reopen with the whole backlog on disk: what a restart costs.
+    drop(ob);
+    let reopen_start = Instant::now();
+    let ob = Arc::new(Outbox::open(dir, &key).await?);
+    let reopen = reopen_start.elapsed();
+    ensure!(
+        ob.pending().len() == (single + messages) as usize,
+        "reopened with {} of {} messages",
+        ob.pending().len(),
+        single + messages
+    );
+
     // Drain the concurrent run's messages (the single run's stay).
     let single_ids: HashSet<u64> = ob
         .pending()
@@ -272,6 +287,7 @@ async fn run(
         concurrent_p50_ms: percentile(&conc_lat, 50.0),
         concurrent_p99_ms: percentile(&conc_lat, 99.0),
         concurrent_requests_per_commit: messages as f64 / commits as f64,
+        reopen_backlog_ms: ms(reopen),
         drain_messages: messages,
         drain_store_msgs_per_s: messages as f64 / drain_elapsed.as_secs_f64(),
         on_disk_after,

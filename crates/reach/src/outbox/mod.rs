@@ -287,8 +287,14 @@ impl Outbox {
             by_seq: HashMap::new(),
         };
         let now_ms = store::unix_ms();
-        for (&id, e) in st.entries.iter() {
-            shared.insert(id, e.clone(), now_ms, Duration::ZERO);
+        // In id order: the scheduler's per-destination queues are then
+        // built by appending.
+        let mut ids: Vec<u64> = st.entries.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            if let Some(e) = st.entries.get(&id) {
+                shared.insert(id, e.clone(), now_ms, Duration::ZERO);
+            }
         }
         let shared = Arc::new(Mutex::new(shared));
         let quarantined = Arc::new(AtomicU64::new(st.quarantined));

@@ -32,6 +32,12 @@ pub(super) const RECEIVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new(
 pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
+/// redb's page cache for the outbox. Its default (1 GiB) is sized for
+/// databases that are read a lot; the outbox is written once and read about
+/// once per message, so 16 MiB (a backlog of ~50,000 small messages) is
+/// plenty, and bounds what a full outbox costs in memory.
+const CACHE_BYTES: usize = 16 * 1024 * 1024;
+
 const META_NEXT_ID: &str = "next_id";
 const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"reach outbox key check v1";
@@ -304,7 +310,11 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
 
 /// Opens (or creates) the database file.
 pub(super) fn open_db(path: &Path) -> Result<Database, String> {
-    let r = std::panic::catch_unwind(|| Database::create(path));
+    let r = std::panic::catch_unwind(|| {
+        redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+    });
     match r {
         Ok(Ok(db)) => Ok(db),
         Ok(Err(e)) => Err(e.to_string()),
