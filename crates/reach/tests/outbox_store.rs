@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reach::outbox::{
     DEFAULT_MAX_PER_PEER, Due, MAX_DURABLE_MESSAGE_LEN, MessageId, OUTBOX_FILE, Outbox,
-    OutboxLimits,
+    OutboxLimits, Receipt,
 };
 use reach::{Keypair, PeerId};
 use reach_proto::outbox::{AbandonReason, Delivery, Received};
@@ -228,11 +228,15 @@ async fn the_file_holds_no_payload_and_no_peer_id_in_the_clear() {
                 .await
                 .unwrap();
         }
-        for s in &senders {
+        for (i, s) in senders.iter().enumerate() {
             for seq in 1..4 {
                 assert_eq!(ob.record_received(*s, seq).await.unwrap(), Received::New);
             }
+            // Received payloads wait in the inbox, sealed too.
+            let r = ob.receive(*s, 4, payloads[i].clone()).await.unwrap();
+            assert!(matches!(r, Receipt::New(_)));
         }
+        assert_eq!(ob.inbox().await.unwrap().len(), senders.len());
         ob.close().await;
     }
     let raw = std::fs::read(dir.path().join(OUTBOX_FILE)).unwrap();
@@ -402,6 +406,7 @@ async fn quotas_and_size_give_typed_errors() {
         max_total: 5,
         max_bytes_total: 1500,
         max_senders: 2,
+        ..OutboxLimits::default()
     };
     let ob = Outbox::open_with_limits(dir.path(), &me(), limits)
         .await
@@ -482,6 +487,85 @@ async fn the_received_log_survives_a_restart() {
     assert_eq!(ob.record_received(t, 1).await.unwrap(), Received::Duplicate);
     assert_eq!(ob.record_received(t, 2).await.unwrap(), Received::New);
     assert_eq!(ob.record_received(s, 0).await.unwrap(), Received::TooOld);
+}
+
+#[tokio::test]
+async fn the_inbox_keeps_a_received_message_until_it_is_handed_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = peer(1);
+    let (i1, i2);
+    {
+        let ob = Outbox::open(dir.path(), &me()).await.unwrap();
+        let Receipt::New(a) = ob.receive(s, 1, b"one".to_vec()).await.unwrap() else {
+            panic!("new")
+        };
+        i1 = a;
+        assert_eq!(
+            ob.receive(s, 1, b"one".to_vec()).await.unwrap(),
+            Receipt::Duplicate
+        );
+        let Receipt::New(b) = ob.receive(s, 2, b"two".to_vec()).await.unwrap() else {
+            panic!("new")
+        };
+        i2 = b;
+        assert_ne!(i1, i2);
+        assert!(ob.inbox_done(i1).await.unwrap());
+        assert!(!ob.inbox_done(i1).await.unwrap());
+        // The node dies before handing "two" to the application.
+    }
+    let ob = Outbox::open(dir.path(), &me()).await.unwrap();
+    let inbox = ob.inbox().await.unwrap();
+    assert_eq!(inbox.len(), 1);
+    assert_eq!((inbox[0].id, inbox[0].sender, inbox[0].seq), (i2, s, 2));
+    assert_eq!(inbox[0].data, b"two");
+    // The sender's retry of it is a duplicate: delivered once, from the inbox.
+    assert_eq!(
+        ob.receive(s, 2, b"two".to_vec()).await.unwrap(),
+        Receipt::Duplicate
+    );
+    assert_eq!(
+        ob.receive(s, 0, b"x".to_vec()).await.unwrap(),
+        Receipt::TooOld
+    );
+    assert!(ob.inbox_done(i2).await.unwrap());
+    drop(ob);
+    let ob = Outbox::open(dir.path(), &me()).await.unwrap();
+    assert!(ob.inbox().await.unwrap().is_empty());
+    // Inbox ids are not reused.
+    let Receipt::New(c) = ob.receive(s, 3, b"three".to_vec()).await.unwrap() else {
+        panic!("new")
+    };
+    assert!(c > i2);
+}
+
+#[tokio::test]
+async fn a_full_inbox_refuses_without_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let limits = OutboxLimits {
+        max_inbox: 1,
+        ..OutboxLimits::default()
+    };
+    let ob = Outbox::open_with_limits(dir.path(), &me(), limits)
+        .await
+        .unwrap();
+    let s = peer(1);
+    let Receipt::New(first) = ob.receive(s, 1, b"a".to_vec()).await.unwrap() else {
+        panic!("new")
+    };
+    let err = ob.receive(s, 2, b"b".to_vec()).await.unwrap_err();
+    assert_eq!(err.kind(), "outbox_full");
+    assert!(err.to_string().contains("inbox"), "{err}");
+    // Not recorded: once there is room, the sender's retry is new.
+    assert!(ob.inbox_done(first).await.unwrap());
+    assert!(matches!(
+        ob.receive(s, 2, b"b".to_vec()).await.unwrap(),
+        Receipt::New(_)
+    ));
+    let err = ob
+        .receive(s, 3, vec![0; MAX_DURABLE_MESSAGE_LEN + 1])
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), "message_too_large");
 }
 
 // ---- kill -9 ----

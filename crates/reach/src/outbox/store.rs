@@ -9,8 +9,11 @@
 //!   attempt does not rewrite the payload;
 //! - `next_seq`: HMAC(peer) → the next sequence number for that destination;
 //! - `received`: HMAC(peer) → that sender's [`ReceivedLog`];
+//! - `inbox`: inbox id (u64, growing) → a received message (sender, seq,
+//!   payload) recorded in the same commit as its sequence number, kept until
+//!   the node has handed it to the application;
 //! - `quarantine`: counter → a row that failed to open, as it was found;
-//! - `meta`: name → value: the next message id, and a key check (a sealed
+//! - `meta`: name → value: the next message and inbox ids, and a key check (a sealed
 //!   constant) that tells "another identity's outbox" from tampering.
 
 use std::collections::HashMap;
@@ -30,6 +33,7 @@ pub(super) const ATTEMPTS: TableDefinition<u64, &[u8]> = TableDefinition::new("a
 pub(super) const NEXT_SEQ: TableDefinition<&[u8], &[u8]> = TableDefinition::new("next_seq");
 pub(super) const RECEIVED: TableDefinition<&[u8], &[u8]> = TableDefinition::new("received");
 pub(super) const QUARANTINE: TableDefinition<u64, &[u8]> = TableDefinition::new("quarantine");
+pub(super) const INBOX: TableDefinition<u64, &[u8]> = TableDefinition::new("inbox");
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 
 /// redb's page cache for the outbox. Its default (1 GiB) is sized for
@@ -39,6 +43,7 @@ pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta
 const CACHE_BYTES: usize = 16 * 1024 * 1024;
 
 const META_NEXT_ID: &str = "next_id";
+const META_NEXT_INBOX_ID: &str = "next_inbox_id";
 const META_KEY_CHECK: &str = "key_check";
 const KEY_CHECK_PLAINTEXT: &[u8] = b"reach outbox key check v1";
 
@@ -50,6 +55,14 @@ pub(super) struct EntryRecord {
     pub delivery: Delivery,
     pub created_ms: u64,
     pub expires_ms: Option<u64>,
+    pub payload: Vec<u8>,
+}
+
+/// A received message as stored (inside the seal).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(super) struct InboxRecord {
+    pub sender: PeerId,
+    pub seq: u64,
     pub payload: Vec<u8>,
 }
 
@@ -92,6 +105,10 @@ pub(super) struct WriterState {
     pub next_seq: HashMap<PeerId, u64>,
     pub received: HashMap<PeerId, ReceivedLog>,
     pub quarantined: u64,
+    /// Inbox rows: id → payload size.
+    pub inbox: HashMap<u64, usize>,
+    pub inbox_usage: Usage,
+    pub next_inbox_id: u64,
 }
 
 /// Why loading failed.
@@ -156,6 +173,7 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
             tx.open_table(NEXT_SEQ)?;
             tx.open_table(RECEIVED)?;
             tx.open_table(QUARANTINE)?;
+            tx.open_table(INBOX)?;
         }
         tx.commit()?;
     }
@@ -193,6 +211,27 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
                 }
                 None => bad.push(QuarantineRecord {
                     table: "entries".into(),
+                    key: key.to_vec(),
+                    value: v.value().to_vec(),
+                }),
+            }
+        }
+    }
+    let mut max_inbox = 0u64;
+    {
+        let inbox = tx.open_table(INBOX)?;
+        for item in inbox.iter()? {
+            let (k, v) = item?;
+            let id = k.value();
+            let key = id.to_be_bytes();
+            max_inbox = max_inbox.max(id);
+            match decode::<InboxRecord>(sealer, "inbox", &key, v.value()) {
+                Some(m) => {
+                    st.inbox.insert(id, m.payload.len());
+                    st.inbox_usage.add(m.payload.len());
+                }
+                None => bad.push(QuarantineRecord {
+                    table: "inbox".into(),
                     key: key.to_vec(),
                     value: v.value().to_vec(),
                 }),
@@ -253,8 +292,14 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
         .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
         .map(u64::from_be_bytes)
         .unwrap_or(1);
-    // Never reuse an id, whatever the meta row says.
+    let stored_inbox = meta
+        .get(META_NEXT_INBOX_ID)?
+        .and_then(|v| <[u8; 8]>::try_from(v.value()).ok())
+        .map(u64::from_be_bytes)
+        .unwrap_or(1);
+    // Never reuse an id, whatever the meta rows say.
     st.next_id = stored_next.max(max_id.saturating_add(1)).max(1);
+    st.next_inbox_id = stored_inbox.max(max_inbox.saturating_add(1)).max(1);
     let mut quarantined = tx.open_table(QUARANTINE)?.len()?;
     drop(meta);
     drop(tx);
@@ -277,18 +322,19 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
             let mut attempts = tx.open_table(ATTEMPTS)?;
             let mut next_seq = tx.open_table(NEXT_SEQ)?;
             let mut received = tx.open_table(RECEIVED)?;
+            let mut inbox = tx.open_table(INBOX)?;
             for rec in &bad {
                 match rec.table.as_str() {
-                    "entries" | "attempts" => {
+                    "entries" | "attempts" | "inbox" => {
                         let Ok(key) = <[u8; 8]>::try_from(rec.key.as_slice()) else {
                             continue;
                         };
                         let id = u64::from_be_bytes(key);
-                        if rec.table == "entries" {
-                            entries.remove(id)?;
-                        } else {
-                            attempts.remove(id)?;
-                        }
+                        match rec.table.as_str() {
+                            "entries" => entries.remove(id)?,
+                            "attempts" => attempts.remove(id)?,
+                            _ => inbox.remove(id)?,
+                        };
                     }
                     "next_seq" => {
                         next_seq.remove(rec.key.as_slice())?;
@@ -339,17 +385,38 @@ pub(super) enum Op {
     Received {
         sender: PeerId,
         seq: u64,
+        /// Kept in the inbox, in the same commit, if new.
+        payload: Option<Vec<u8>>,
+    },
+    InboxDone {
+        id: u64,
     },
 }
 
 /// What an op did, for the caller and for the shared view.
 #[derive(Debug, Clone)]
 pub(super) enum Done {
-    Enqueued { id: u64, meta: EntryMeta },
-    Removed { id: u64, existed: bool },
-    Attempted { id: u64, existed: bool },
-    Received(Received),
-    Full { scope: &'static str, limit: String },
+    Enqueued {
+        id: u64,
+        meta: EntryMeta,
+    },
+    Removed {
+        id: u64,
+        existed: bool,
+    },
+    Attempted {
+        id: u64,
+        existed: bool,
+    },
+    /// The verdict, and the inbox id of a new message with a payload.
+    Received(Received, Option<u64>),
+    Handed {
+        existed: bool,
+    },
+    Full {
+        scope: &'static str,
+        limit: String,
+    },
 }
 
 /// Applies `ops` in one write transaction, durably committed. On error
@@ -371,10 +438,12 @@ pub(super) fn apply_batch(
         let mut attempts = tx.open_table(ATTEMPTS)?;
         let mut next_seq = tx.open_table(NEXT_SEQ)?;
         let mut received = tx.open_table(RECEIVED)?;
+        let mut inbox = tx.open_table(INBOX)?;
         let mut meta = tx.open_table(META)?;
         let mut seq_dirty: Vec<PeerId> = Vec::new();
         let mut recv_dirty: Vec<PeerId> = Vec::new();
         let first_id = st.next_id;
+        let first_inbox_id = st.next_inbox_id;
         for op in ops {
             match op {
                 Op::Enqueue {
@@ -452,7 +521,11 @@ pub(super) fn apply_batch(
                     };
                     done.push(Done::Attempted { id, existed });
                 }
-                Op::Received { sender, seq } => {
+                Op::Received {
+                    sender,
+                    seq,
+                    payload,
+                } => {
                     if !st.received.contains_key(&sender) && st.received.len() >= limits.max_senders
                     {
                         done.push(Done::Full {
@@ -461,12 +534,54 @@ pub(super) fn apply_batch(
                         });
                         continue;
                     }
+                    let verdict =
+                        st.received
+                            .get(&sender)
+                            .map(|l| l.check(seq))
+                            .unwrap_or(if seq == 0 {
+                                Received::TooOld
+                            } else {
+                                Received::New
+                            });
+                    let mut inbox_id = None;
+                    if verdict == Received::New
+                        && let Some(payload) = payload
+                    {
+                        let size = payload.len();
+                        if let Some((scope, limit)) = limits.refuse_inbox(&st.inbox_usage, size) {
+                            done.push(Done::Full { scope, limit });
+                            continue;
+                        }
+                        let id = st.next_inbox_id;
+                        st.next_inbox_id += 1;
+                        let rec = InboxRecord {
+                            sender,
+                            seq,
+                            payload,
+                        };
+                        let sealed = seal_value(sealer, "inbox", &id.to_be_bytes(), &rec);
+                        inbox.insert(id, sealed.as_slice())?;
+                        st.inbox.insert(id, size);
+                        st.inbox_usage.add(size);
+                        inbox_id = Some(id);
+                    }
                     let log = st.received.entry(sender).or_default();
                     let verdict = log.check_and_record(seq);
                     if verdict == Received::New && !recv_dirty.contains(&sender) {
                         recv_dirty.push(sender);
                     }
-                    done.push(Done::Received(verdict));
+                    done.push(Done::Received(verdict, inbox_id));
+                }
+                Op::InboxDone { id } => {
+                    let existed = match st.inbox.remove(&id) {
+                        Some(size) => {
+                            inbox.remove(id)?;
+                            st.inbox_usage.sub(size);
+                            true
+                        }
+                        None => false,
+                    };
+                    done.push(Done::Handed { existed });
                 }
             }
         }
@@ -485,6 +600,12 @@ pub(super) fn apply_batch(
         }
         if st.next_id != first_id {
             meta.insert(META_NEXT_ID, st.next_id.to_be_bytes().as_slice())?;
+        }
+        if st.next_inbox_id != first_inbox_id {
+            meta.insert(
+                META_NEXT_INBOX_ID,
+                st.next_inbox_id.to_be_bytes().as_slice(),
+            )?;
         }
     }
     tx.commit()?;
