@@ -571,6 +571,12 @@ async fn a_full_inbox_refuses_without_recording() {
 // ---- kill -9 ----
 
 const CHILD_ENV: &str = "REACH_OUTBOX_KILL9_CHILD_DIR";
+/// The round number: the child's received sequence numbers start at
+/// round × RX_SEQ_STRIDE + 1, above everything earlier rounds received.
+const CHILD_ROUND_ENV: &str = "REACH_OUTBOX_KILL9_ROUND";
+const RX_SEQ_STRIDE: u64 = 1_000_000;
+/// The sender whose messages the child receives.
+const RX_SENDER: u8 = 50;
 /// Concurrent enqueuers in the child.
 const CHILD_TASKS: usize = 8;
 /// Each child enqueuer stops by itself after this many messages, and the
@@ -609,6 +615,31 @@ async fn kill9_child() {
             }
         }));
     }
+    // The receiving side at the same time: each message recorded and kept
+    // in the inbox before it is "acked" (printed).
+    let round: u64 = std::env::var(CHILD_ROUND_ENV).unwrap().parse().unwrap();
+    tasks.push(tokio::spawn({
+        let ob = ob.clone();
+        async move {
+            for i in 1..=CHILD_MAX_PER_TASK as u64 {
+                if start.elapsed() > CHILD_MAX_RUN {
+                    break;
+                }
+                let seq = round * RX_SEQ_STRIDE + i;
+                let r = ob
+                    .receive(peer(RX_SENDER), seq, seq.to_be_bytes().to_vec())
+                    .await
+                    .unwrap();
+                let Receipt::New(id) = r else {
+                    panic!("{seq} not new: {r:?}")
+                };
+                use std::io::Write;
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "RX {} {}", seq, id.0).unwrap();
+                out.flush().unwrap();
+            }
+        }
+    }));
     for t in tasks {
         t.await.unwrap();
     }
@@ -619,11 +650,13 @@ async fn kill_9_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acknowledged: HashMap<u64, (u8, String)> = HashMap::new();
+    let mut received: HashMap<u64, u64> = HashMap::new(); // inbox id → seq
     for round in 0..4 {
         let mut child = Command::new(&exe)
             .args(["--exact", "kill9_child", "--ignored", "--nocapture"])
             .args(["--test-threads", "1"])
             .env(CHILD_ENV, dir.path())
+            .env(CHILD_ROUND_ENV, round.to_string())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -659,6 +692,12 @@ async fn kill_9_loses_nothing_acknowledged() {
             };
             let text = String::from_utf8_lossy(text);
             let f: Vec<&str> = text.split(' ').collect();
+            if f.len() == 3 && f[0] == "RX" {
+                let seq: u64 = f[1].parse().unwrap();
+                let id: u64 = f[2].parse().unwrap();
+                assert!(received.insert(id, seq).is_none(), "inbox id {id} twice");
+                continue;
+            }
             if f.len() != 5 || f[0] != "ID" {
                 continue;
             }
@@ -685,9 +724,36 @@ async fn kill_9_loses_nothing_acknowledged() {
             assert_eq!(out.data, data.as_bytes());
         }
         assert_fifo(&ob);
+        // Every message the receiver acknowledged is in the inbox, and its
+        // sender's retry is a duplicate.
+        let inbox: HashMap<u64, (u64, Vec<u8>)> = ob
+            .inbox()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|m| (m.id.0, (m.seq, m.data)))
+            .collect();
+        for (id, seq) in &received {
+            let (s, data) = inbox.get(id).unwrap_or_else(|| panic!("inbox {id} lost"));
+            assert_eq!((s, data.as_slice()), (seq, seq.to_be_bytes().as_slice()));
+        }
+        let this_round: Vec<u64> = received
+            .values()
+            .copied()
+            .filter(|s| s / RX_SEQ_STRIDE == round)
+            .collect();
+        for seq in this_round.iter().take(50) {
+            assert_eq!(
+                ob.receive(peer(RX_SENDER), *seq, b"again".to_vec())
+                    .await
+                    .unwrap(),
+                Receipt::Duplicate
+            );
+        }
         let distinct: HashSet<u64> = pending.keys().copied().collect();
         assert!(distinct.len() >= acknowledged.len());
         drop(ob);
     }
     assert!(acknowledged.len() >= 4 * 50);
+    assert!(!received.is_empty());
 }
