@@ -227,6 +227,31 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The durable outbox's store on this disk: enqueue-to-durable latency
+    /// one at a time (target p99 ≤ 5 ms), throughput of many concurrent
+    /// enqueuers with group commit (target ≥ 10,000 msgs/s), and the
+    /// store-side drain rate; checks the file holds what was enqueued.
+    Outbox {
+        /// Messages enqueued one at a time.
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        single: u32,
+        /// Messages enqueued concurrently (then drained).
+        #[arg(long, default_value_t = 20_000, value_parser = clap::value_parser!(u32).range(1..=60_000))]
+        messages: u32,
+        /// Concurrent enqueuers.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        concurrency: u32,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_048_576))]
+        size: u64,
+        /// Directory for the outbox file (default: a fresh one in the system
+        /// temp dir, removed afterwards). fsync cost depends on its disk.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

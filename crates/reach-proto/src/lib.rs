@@ -21,6 +21,8 @@
 //! - [`relay`]: acquiring a relay, and a relay's reservations and circuits.
 //! - [`punch`]: hole punching: technique, coordination, upgrade from relayed
 //!   to direct, liveness of the direct path.
+//! - [`outbox`]: the durable outbox's policy: retry schedule, per-destination
+//!   FIFO scheduler, and the receiver's exactly-once log.
 //! - [`limits`]: the rate limiters (fixed window, token bucket) the other
 //!   modules and the runtime share.
 
@@ -29,6 +31,7 @@ pub mod endpoint;
 pub mod identity;
 pub mod limits;
 pub mod nat;
+pub mod outbox;
 pub mod punch;
 pub mod relay;
 pub mod ticket;

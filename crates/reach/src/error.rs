@@ -87,6 +87,19 @@ pub enum Error {
         what = if *len == 0 { "empty".to_string() } else { format!("incomplete ({len} bytes)") }
     )]
     KeyFileIncomplete { path: PathBuf, len: u64 },
+    /// A durable message would break an outbox quota (`scope` is
+    /// "destination", "total", or "senders" on the receiving side).
+    #[error("the outbox is full: {scope} quota of {limit} reached")]
+    OutboxFull { scope: &'static str, limit: String },
+    /// The outbox file cannot be read as a database (damaged beyond the
+    /// per-entry quarantine); it is kept as it is, never replaced.
+    #[error("outbox {path} is corrupt: {reason}")]
+    OutboxCorrupt { path: PathBuf, reason: String },
+    /// The outbox file was written under another identity's key.
+    #[error(
+        "outbox {path} belongs to another identity (its key check does not open with this node's key): restore the identity key, or move the file away"
+    )]
+    OutboxKeyMismatch { path: PathBuf },
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -129,6 +142,9 @@ impl Error {
             Error::RelayRefused { .. } => "relay_refused",
             Error::DataDirLocked { .. } => "data_dir_locked",
             Error::KeyFileIncomplete { .. } => "key_file_incomplete",
+            Error::OutboxFull { .. } => "outbox_full",
+            Error::OutboxCorrupt { .. } => "outbox_corrupt",
+            Error::OutboxKeyMismatch { .. } => "outbox_key_mismatch",
         }
     }
 }

@@ -41,6 +41,7 @@ pub mod keystore;
 pub(crate) mod messaging;
 pub mod nat;
 pub mod node;
+pub mod outbox;
 pub(crate) mod peers;
 pub mod portmap;
 pub mod punch;

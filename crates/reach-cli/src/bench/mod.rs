@@ -2,8 +2,10 @@
 
 pub mod connect;
 pub mod flood;
+pub mod outbox;
 pub mod relay;
 
 pub use connect::connect;
 pub use flood::flood;
+pub use outbox::outbox;
 pub use relay::relay;
