@@ -418,6 +418,25 @@ async fn run_node(args: NodeArgs) -> Result<()> {
                             println!("message from {from}: {}", escape_text(&data));
                         }
                     }
+                    Event::Durable(m) => {
+                        if json {
+                            println!("{}", durable_json(&m));
+                        } else {
+                            println!(
+                                "durable message from {} #{}: {}",
+                                m.from,
+                                m.seq,
+                                escape_text(&m.data)
+                            );
+                        }
+                        // Printed and in the API's backlog: done with it.
+                        if let Err(e) = node.durable_done(&m).await {
+                            eprintln!(
+                                "warning: could not mark durable message {} done: {e}",
+                                m.seq
+                            );
+                        }
+                    }
                     Event::Stream(s) => {
                         println!(
                             "stream from {} (closed: this node does not serve streams)",
@@ -507,15 +526,30 @@ fn connection_line(event: &Event, json: bool) -> Option<String> {
 }
 
 fn message_json(from: &reach::PeerId, data: &[u8]) -> String {
-    let value = match std::str::from_utf8(data) {
+    json_line(message_value("message", from, data))
+}
+
+/// A durable message as one JSON line: a message with its `seq`.
+fn durable_json(m: &reach::DurableMessage) -> String {
+    let mut v = message_value("durable_message", &m.from, &m.data);
+    v["seq"] = m.seq.into();
+    json_line(v)
+}
+
+fn message_value(event: &str, from: &reach::PeerId, data: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(data) {
         Ok(text) => {
-            serde_json::json!({ "event": "message", "peer": from.to_string(), "len": data.len(), "text": text })
+            serde_json::json!({ "event": event, "peer": from.to_string(), "len": data.len(), "text": text })
         }
         Err(_) => {
             let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
-            serde_json::json!({ "event": "message", "peer": from.to_string(), "len": data.len(), "hex": hex })
+            serde_json::json!({ "event": event, "peer": from.to_string(), "len": data.len(), "hex": hex })
         }
-    };
+    }
+}
+
+/// `value` on one line, every control or bidi character escaped.
+fn json_line(value: serde_json::Value) -> String {
     let mut out = String::new();
     for c in value.to_string().chars() {
         if c.is_control() || matches!(c, '\u{2028}' | '\u{2029}') || is_bidi_control(c) {

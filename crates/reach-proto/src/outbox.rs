@@ -550,6 +550,90 @@ impl ReceivedLog {
     }
 }
 
+/// The durable-delivery protocol: the sender opens one stream of it per
+/// destination and writes its pending messages in enqueue order; the
+/// receiver answers each with an ack once it is durably recorded.
+pub const PROTOCOL: &str = crate::wire::envelope::protocols::OUTBOX;
+
+/// One frame of [`PROTOCOL`], postcard-encoded inside a length-prefixed
+/// frame ([`crate::wire::frame`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DurableFrame {
+    /// Sender → receiver: message `seq` (per sender and receiver, from 1).
+    Message {
+        /// Its sequence number.
+        seq: Seq,
+        /// The payload.
+        data: Vec<u8>,
+    },
+    /// Receiver → sender: what became of message `seq`.
+    Ack {
+        /// The message.
+        seq: Seq,
+        /// What the receiver did with it.
+        outcome: AckOutcome,
+    },
+}
+
+/// What a receiver did with a durable message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AckOutcome {
+    /// Durably recorded and queued for the application: the sender may
+    /// delete it.
+    Accepted,
+    /// Received before (the first ack was lost): delete it too.
+    Duplicate,
+    /// Not taken now (the receiver's inbox is full): the sender keeps it
+    /// and tries again later; the receiver reads no further on this stream,
+    /// so what follows is not taken out of order.
+    Refused,
+}
+
+impl AckOutcome {
+    /// Whether the sender may delete the message.
+    pub fn delivered(self) -> bool {
+        matches!(self, AckOutcome::Accepted | AckOutcome::Duplicate)
+    }
+}
+
+impl DurableFrame {
+    /// Encodes the frame (postcard).
+    pub fn encode(&self) -> Vec<u8> {
+        // Encoding these plain enums into a Vec cannot fail.
+        postcard::to_allocvec(self).unwrap_or_default()
+    }
+
+    /// Decodes a frame; bad bytes are a typed error, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, crate::wire::WireError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| crate::wire::WireError::Malformed(format!("durable frame: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod wire_tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_garbage_is_a_typed_error() {
+        for f in [
+            DurableFrame::Message {
+                seq: 7,
+                data: b"hello".to_vec(),
+            },
+            DurableFrame::Ack {
+                seq: u64::MAX,
+                outcome: AckOutcome::Refused,
+            },
+        ] {
+            assert_eq!(DurableFrame::decode(&f.encode()), Ok(f));
+        }
+        assert!(DurableFrame::decode(&[9, 9, 9]).is_err());
+        assert!(DurableFrame::decode(&[]).is_err());
+        assert!(AckOutcome::Duplicate.delivered() && !AckOutcome::Refused.delivered());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

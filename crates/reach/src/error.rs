@@ -100,6 +100,9 @@ pub enum Error {
         "outbox {path} belongs to another identity (its key check does not open with this node's key): restore the identity key, or move the file away"
     )]
     OutboxKeyMismatch { path: PathBuf },
+    /// `what` needs a data dir, and the node was built without one.
+    #[error("{what} need a data dir: build the node with NodeBuilder::data_dir")]
+    NoDataDir { what: &'static str },
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -145,6 +148,7 @@ impl Error {
             Error::OutboxFull { .. } => "outbox_full",
             Error::OutboxCorrupt { .. } => "outbox_corrupt",
             Error::OutboxKeyMismatch { .. } => "outbox_key_mismatch",
+            Error::NoDataDir { .. } => "no_data_dir",
         }
     }
 }

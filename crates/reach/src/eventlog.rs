@@ -202,6 +202,17 @@ fn fields(ev: &NodeEvent) -> (&'static str, Map<String, Value>) {
             put("error_kind", json!(error_kind));
             "punch"
         }
+        NodeEvent::OutboxDelivered { id, peer } => {
+            put("id", (*id).into());
+            put("peer", peer.to_string().into());
+            "outbox_delivered"
+        }
+        NodeEvent::OutboxAbandoned { id, peer, reason } => {
+            put("id", (*id).into());
+            put("peer", peer.to_string().into());
+            put("reason", (*reason).into());
+            "outbox_abandoned"
+        }
     };
     (kind, m)
 }

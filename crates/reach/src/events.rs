@@ -64,6 +64,24 @@ pub enum Event {
     /// direct, or a dead direct path fell back to the relay (only with
     /// `NodeBuilder::connection_events`).
     PathChanged { peer: PeerId, path: PathKind },
+    /// A durable message (`Node::send_durable`). Call `Node::durable_done`
+    /// once the application has taken care of it: until then it is handed
+    /// over again after a restart.
+    Durable(DurableMessage),
+}
+
+/// A durable message, received once and kept on disk until the application
+/// says it is done with it.
+#[derive(Debug, Clone)]
+pub struct DurableMessage {
+    /// The authenticated sender.
+    pub from: PeerId,
+    /// Its number from `from`: increasing in the order `from` sent them, and
+    /// the same when a message is handed over again after a restart (an
+    /// application that stores its own progress skips a `seq` it has).
+    pub seq: u64,
+    pub data: Bytes,
+    pub(crate) inbox: crate::outbox::InboxId,
 }
 
 impl Event {
@@ -75,6 +93,7 @@ impl Event {
             Event::Connected { peer, .. }
             | Event::Disconnected { peer }
             | Event::PathChanged { peer, .. } => *peer,
+            Event::Durable(m) => m.from,
         }
     }
 }

@@ -57,17 +57,19 @@ pub(crate) mod vaddr;
 pub use dht::DhtMode;
 pub use dht::join::JoinReport;
 pub use error::{Error, Result};
-pub use events::{Event, PathKind, Stream};
+pub use events::{DurableMessage, Event, PathKind, Stream};
 pub use handshake::PostQuantum;
 pub use nat::NatReport;
 pub use node::{
     ConnectionLimits, Direction, Node, NodeBuilder, NodeEvent, NodeEvents, NodeStats, PeerInfo,
     ProtocolListener,
 };
+pub use outbox::{MessageId, PendingInfo};
 pub use portmap::{PortMapProtocol, PortMapState, PortMapStatus, PortMapping};
 pub use quinn::{RecvStream, SendStream};
 pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::dht::store::StoreLimits;
+pub use reach_proto::outbox::Delivery;
 pub use reach_proto::relay::service::RelayLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError, Ticket, TicketError};

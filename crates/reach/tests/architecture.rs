@@ -14,6 +14,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("peers", 1),
     ("messaging", 2),
     ("dht", 2),
+    ("outbox", 3),
     ("nat", 3),
     ("portmap", 4),
     ("advertise", 4),

@@ -46,6 +46,12 @@ pub mod protocols {
     pub const FILTER_PROBE: &str = "reach/filter-probe";
     /// `Node::open_stream`'s application streams ([`super::Body::OpenStream`]).
     pub const STREAM: &str = "reach/stream";
+    /// Durable messages ([`crate::outbox::DurableFrame`]s after an
+    /// [`super::Body::Open`] header).
+    pub const OUTBOX: &str = "reach/outbox/1";
+    /// reach's own protocols that are opened by name (their streams carry
+    /// frames of their own after the header, not envelope bodies).
+    pub const OPENED_BY_NAME: &[&str] = &[OUTBOX];
     /// The prefix reserved for reach's own protocols.
     pub const RESERVED_PREFIX: &str = "reach/";
 }
@@ -180,9 +186,13 @@ impl Body {
             Body::DhtRequest(_) => Some(protocols::DHT),
             Body::RelayRequest(_) => Some(protocols::RELAY),
             Body::FilterProbeRequest { .. } => Some(protocols::FILTER_PROBE),
-            // Reach's own protocols are never opened by name: a peer that
-            // tries gets the answer of an unknown protocol, not a built-in
-            // handler fed a body it does not speak.
+            // Reach's own protocols are opened by name only when they are
+            // made for it (OPENED_BY_NAME): a peer that tries another gets
+            // the answer of an unknown protocol, not a built-in handler fed
+            // a body it does not speak.
+            Body::Open { protocol } if protocols::OPENED_BY_NAME.contains(&protocol.as_str()) => {
+                Some(protocol)
+            }
             Body::Open { protocol } if protocol.starts_with(protocols::RESERVED_PREFIX) => None,
             Body::Open { protocol } => Some(protocol),
             Body::Message { .. } | Body::DhtResponse(_) | Body::RelayResponse(_) => None,

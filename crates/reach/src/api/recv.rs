@@ -97,6 +97,14 @@ impl RecvEvent {
                 data_b64: base64_encode(data),
                 len: data.len(),
             },
+            // A durable message reaches API clients as a message: the
+            // daemon marks it done once it is in this stream's backlog.
+            Event::Durable(m) => RecvEvent::Message {
+                seq,
+                from: m.from.to_string(),
+                data_b64: base64_encode(&m.data),
+                len: m.data.len(),
+            },
             Event::Connected {
                 peer,
                 path,

@@ -81,6 +81,12 @@ impl Messaging {
         Some(event)
     }
 
+    /// Queues an event for the application, waiting for a free slot (see
+    /// [`EVENT_QUEUE`]).
+    pub(crate) async fn push_event(&self, event: Event) {
+        self.queue.push(event).await;
+    }
+
     /// Queues a connection event, if the application asked for them.
     pub(crate) fn push_connection_event(&self, event: Event) {
         self.queue.push_connection_event(event);

@@ -453,10 +453,24 @@ impl NodeBuilder {
             !self.no_hole_punching,
             udp_binder,
         );
+        // A durable message must survive a crash: the outbox lives in the
+        // data dir, and a node whose outbox cannot be opened does not start
+        // (it would otherwise drop what it promised to deliver).
+        let outbox = match &self.data_dir {
+            Some(dir) => Some(crate::outbox::Outbox::open(dir, &core.keypair).await?),
+            None => None,
+        };
+        let durable = Arc::new(crate::outbox::delivery::Durable::new(
+            core.clone(),
+            peers.clone(),
+            messaging.clone(),
+            outbox,
+        ));
         let inner = Arc::new(Inner {
             core: core.clone(),
             peers: peers.clone(),
             messaging,
+            durable,
             advertiser,
             dht,
             nat,
@@ -485,6 +499,7 @@ impl NodeBuilder {
         inner.portmap.start();
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());
+        inner.spawn(inner.durable.clone().run());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),
@@ -503,6 +518,7 @@ fn plug_in(inner: &Arc<Inner>) {
     wiring::punch::plug_in(inner);
     wiring::dht::plug_in(inner);
     wiring::nat::plug_in(inner);
+    wiring::outbox::plug_in(inner);
     wiring::messaging::plug_in(inner);
     wiring::advertise::plug_in(inner);
 }

@@ -89,6 +89,16 @@ pub enum NodeEvent {
         time_to_direct_ms: Option<u64>,
         error_kind: Option<&'static str>,
     },
+    /// `peer` acknowledged durable message `id`: it is deleted from the
+    /// outbox.
+    OutboxDelivered { id: u64, peer: PeerId },
+    /// Durable message `id` to `peer` was given up: `reason` is `attempts`
+    /// (a moderate message used its attempts) or `expired` (its TTL).
+    OutboxAbandoned {
+        id: u64,
+        peer: PeerId,
+        reason: &'static str,
+    },
 }
 
 /// The sending side of the bus; cheap to clone.

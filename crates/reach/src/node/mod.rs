@@ -98,6 +98,8 @@ pub(crate) struct Inner {
     pub peers: Arc<crate::peers::Peers>,
     /// Messages: the app's queue, the receive budget, the dedup window.
     pub messaging: Arc<crate::messaging::Messaging>,
+    /// Durable messages: the outbox and its delivery (see [`crate::outbox`]).
+    pub durable: Arc<crate::outbox::delivery::Durable>,
     /// The endpoint record's owner (see [`crate::advertise`]).
     pub advertiser: Arc<crate::advertise::Advertiser>,
     pub dht: Arc<Dht>,
@@ -240,6 +242,50 @@ impl Node {
     /// stream ([`Node::open_stream`]) or number the messages.
     pub async fn send(&self, peer: PeerId, data: impl Into<Bytes>) -> Result<()> {
         self.inner.messaging.send(peer, data.into()).await
+    }
+
+    /// Sends `data` to `peer` durably: returns the message's id once it is
+    /// committed to the outbox on disk (kill -9 after that loses nothing),
+    /// then delivers it whenever `peer` is reachable, each message once and
+    /// in the order sent, until the peer acknowledges it
+    /// ([`NodeEvent::OutboxDelivered`]) or it is given up
+    /// ([`NodeEvent::OutboxAbandoned`]): a [`Delivery::Moderate`] message
+    /// after its attempts, any message after its `ttl`. The peer receives
+    /// it as [`Event::Durable`].
+    ///
+    /// Needs a data dir ([`Error::NoDataDir`]); messages are at most
+    /// [`crate::outbox::MAX_DURABLE_MESSAGE_LEN`] bytes; the outbox's
+    /// quotas refuse with [`Error::OutboxFull`].
+    ///
+    /// [`Delivery::Moderate`]: reach_proto::outbox::Delivery::Moderate
+    pub async fn send_durable(
+        &self,
+        peer: PeerId,
+        data: impl Into<Vec<u8>>,
+        delivery: reach_proto::outbox::Delivery,
+        ttl: Option<std::time::Duration>,
+    ) -> Result<crate::outbox::MessageId> {
+        self.inner
+            .durable
+            .send(peer, data.into(), delivery, ttl)
+            .await
+    }
+
+    /// The durable messages waiting for their receivers' acks.
+    pub fn outbox(&self) -> Vec<crate::outbox::PendingInfo> {
+        self.inner.durable.pending()
+    }
+
+    /// Gives up durable message `id`; `false` if it was no longer pending
+    /// (delivered, abandoned or unknown).
+    pub async fn cancel_durable(&self, id: crate::outbox::MessageId) -> Result<bool> {
+        self.inner.durable.cancel(id).await
+    }
+
+    /// The application has taken care of `msg`: it is deleted, and not
+    /// handed over again after a restart.
+    pub async fn durable_done(&self, msg: &crate::events::DurableMessage) -> Result<()> {
+        self.inner.durable.done(msg.inbox).await.map(|_| ())
     }
 
     /// Opens a bidirectional stream to `peer` (dialing if needed). The peer
@@ -548,6 +594,7 @@ impl Node {
             handshakes: self.inner.tls.stats().snapshot(),
             tcp: self.inner.core.links.stats.snapshot(),
             portmap: self.inner.portmap.stats(),
+            outbox: self.inner.durable.stats(),
         }
     }
 

@@ -98,6 +98,8 @@ crate::telemetry::node_stats! {
         pub tcp: crate::tcp::LinkStats,
         /// Port mapping: grants, renewals, failures by kind, active.
         pub portmap: crate::portmap::PortMapStats,
+        /// Durable messages: enqueued, sent, delivered, abandoned, received.
+        pub outbox: crate::outbox::delivery::OutboxStats,
     }
 }
 

@@ -29,6 +29,7 @@
 //! checks it with [`Outbox::record_received`] and acks it; the sender maps
 //! the ack back with [`Outbox::ack_seq`].
 
+pub mod delivery;
 pub mod seal;
 mod store;
 
@@ -861,7 +862,13 @@ fn writer_loop(
                         }
                     }
                 }
-                if done.iter().any(|d| matches!(d, Done::Enqueued { .. })) {
+                // A new message is due now; an attempt schedules its
+                // destination's next round: either may move the next
+                // deadline the driver sleeps towards.
+                if done
+                    .iter()
+                    .any(|d| matches!(d, Done::Enqueued { .. } | Done::Attempted { .. }))
+                {
                     wake.notify_one();
                 }
                 for (reply, d) in replies.into_iter().zip(done) {

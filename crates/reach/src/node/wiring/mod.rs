@@ -8,5 +8,6 @@ pub(super) mod advertise;
 pub(super) mod dht;
 pub(super) mod messaging;
 pub(super) mod nat;
+pub(super) mod outbox;
 pub(super) mod punch;
 pub(super) mod relay;

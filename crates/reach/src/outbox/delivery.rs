@@ -1,0 +1,460 @@
+//! Durable delivery: the outbox on the wire.
+//!
+//! The sender side drives the outbox's schedule ([`Outbox::poll_due`]):
+//! one worker per destination opens one [`PROTOCOL`] stream and writes the
+//! destination's due messages on it in enqueue order, reading the acks as
+//! they come; an ack deletes the message ([`Outbox::ack_seq`]) and says
+//! [`NodeEvent::OutboxDelivered`]. A destination whose connection comes up
+//! is due at once ([`Outbox::on_reachable`], from the peer table's path
+//! events), so the first resend leaves as soon as the peer is reachable,
+//! not at the next retry tick.
+//!
+//! The receiver side records each message durably with its payload
+//! ([`Outbox::receive`]) before it acks, and hands it to the application
+//! as [`Event::Durable`]; the application says it is done with it
+//! ([`crate::Node::durable_done`]) and only then is it deleted. A crash in
+//! between hands it over again at the next start, with the same `seq`.
+//! A duplicate (its first ack was lost) is acked and not handed over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reach_proto::PeerId;
+use reach_proto::outbox::{AckOutcome, DurableFrame, PROTOCOL};
+use reach_proto::wire::{FRAME_HEADER_LEN, frame};
+use tokio::sync::mpsc;
+
+use super::{Due, InboxId, MAX_DURABLE_MESSAGE_LEN, MessageId, Outbox, Receipt};
+use crate::error::{Error, Result};
+use crate::events::{DurableMessage, Event};
+use crate::messaging::Messaging;
+use crate::node::bus::NodeEvent;
+use crate::node::core::Core;
+use crate::node::router::Inbound;
+use crate::node::stats;
+use crate::peers::{ConnectionObserver, Peers};
+
+/// Largest frame of [`PROTOCOL`]: a whole durable message and its header.
+pub const MAX_DURABLE_FRAME: usize = MAX_DURABLE_MESSAGE_LEN + 64;
+/// A destination worker with nothing to send for this long closes its
+/// stream and ends; the next due message starts a new one.
+pub const WORKER_IDLE: Duration = Duration::from_secs(5);
+/// How long a worker waits for the ack of a message it wrote before it
+/// gives the stream up (the messages stay pending and are retried).
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// Messages a worker writes ahead of their acks, at most: enough to keep a
+/// long path busy, few enough that a dead stream strands little.
+pub const MAX_UNACKED: usize = 256;
+
+crate::telemetry::metrics! {
+    /// Counters of durable delivery.
+    pub(crate) struct OutboxCounters =>
+    /// Durable delivery's counters as [`NodeStats`](crate::NodeStats) shows them.
+    pub struct OutboxStats;
+    atomic {
+        /// Durable messages this node committed to its outbox.
+        counter enqueued = "outbox_enqueued",
+        /// Durable messages the receiver acknowledged.
+        counter delivered = "outbox_delivered",
+        /// Durable messages given up (attempts used up, or expired).
+        counter abandoned = "outbox_abandoned",
+        /// Durable messages written to a receiver (first tries and resends).
+        counter sent = "outbox_sent",
+        /// Durable messages received and handed to the application.
+        counter received = "outbox_received",
+        /// Durable messages received again (their ack was lost) and acked
+        /// without handing them over twice.
+        counter duplicates = "outbox_duplicates",
+    }
+    external {
+        /// Durable messages waiting for their receiver's ack.
+        gauge pending = "outbox_pending",
+        /// Outbox entries that failed their integrity check and were set
+        /// aside.
+        gauge quarantined = "outbox_quarantined",
+    }
+}
+
+/// The durable-delivery capability: the outbox (when the node has a data
+/// dir) and the per-destination workers.
+pub(crate) struct Durable {
+    core: Arc<Core>,
+    peers: Arc<Peers>,
+    messaging: Arc<Messaging>,
+    outbox: Option<Arc<Outbox>>,
+    /// The running worker of each destination: the ids it still has to
+    /// write go through its channel, so one destination's messages leave in
+    /// order on one stream.
+    workers: Mutex<HashMap<PeerId, mpsc::UnboundedSender<MessageId>>>,
+    pub(crate) counters: OutboxCounters,
+}
+
+impl Durable {
+    pub(crate) fn new(
+        core: Arc<Core>,
+        peers: Arc<Peers>,
+        messaging: Arc<Messaging>,
+        outbox: Option<Outbox>,
+    ) -> Self {
+        Durable {
+            core,
+            peers,
+            messaging,
+            outbox: outbox.map(Arc::new),
+            workers: Default::default(),
+            counters: Default::default(),
+        }
+    }
+
+    fn outbox(&self) -> Result<&Arc<Outbox>> {
+        self.outbox.as_ref().ok_or(Error::NoDataDir {
+            what: "durable messages",
+        })
+    }
+
+    /// Commits `data` for `peer` and returns its id once it is on disk.
+    pub(crate) async fn send(
+        &self,
+        peer: PeerId,
+        data: Vec<u8>,
+        delivery: reach_proto::outbox::Delivery,
+        ttl: Option<Duration>,
+    ) -> Result<MessageId> {
+        if peer == self.core.peer_id {
+            return Err(Error::Config(
+                "a durable message to this node itself".to_string(),
+            ));
+        }
+        let id = self.outbox()?.enqueue(peer, data, delivery, ttl).await?;
+        stats::bump(&self.counters.enqueued);
+        Ok(id)
+    }
+
+    /// Pending messages, oldest first.
+    pub(crate) fn pending(&self) -> Vec<super::PendingInfo> {
+        self.outbox
+            .as_ref()
+            .map(|o| o.pending())
+            .unwrap_or_default()
+    }
+
+    pub(crate) async fn cancel(&self, id: MessageId) -> Result<bool> {
+        self.outbox()?.cancel(id).await
+    }
+
+    pub(crate) async fn done(&self, id: InboxId) -> Result<bool> {
+        self.outbox()?.inbox_done(id).await
+    }
+
+    /// The counters, with the gauges read now.
+    pub(crate) fn stats(&self) -> OutboxStats {
+        let mut s = self.counters.snapshot();
+        if let Some(o) = &self.outbox {
+            s.pending = o.usage().count as u64;
+            s.quarantined = o.quarantined();
+        }
+        s
+    }
+
+    /// The sender's loop: hands what a previous run received but did not
+    /// hand over to the application, then sends what is due and reports
+    /// what was abandoned, until the node stops.
+    pub(crate) async fn run(self: Arc<Self>) {
+        let Some(outbox) = self.outbox.clone() else {
+            return;
+        };
+        match outbox.inbox().await {
+            Ok(waiting) => {
+                for m in waiting {
+                    self.hand_over(m.id, m.sender, m.seq, m.data).await;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "could not read the durable inbox"),
+        }
+        loop {
+            match outbox.poll_due().await {
+                Ok(due) => {
+                    for d in due {
+                        match d {
+                            Due::Send { id, peer } => {
+                                tracing::debug!(%peer, %id, "durable message due");
+                                self.dispatch(peer, id)
+                            }
+                            Due::Abandoned { id, peer, reason } => {
+                                stats::bump(&self.counters.abandoned);
+                                tracing::info!(%peer, %id, reason = reason.kind(), "durable message abandoned");
+                                self.core.bus.emit(NodeEvent::OutboxAbandoned {
+                                    id: id.0,
+                                    peer,
+                                    reason: reason.kind(),
+                                });
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox: could not read what is due");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+            outbox.wait_due().await;
+        }
+    }
+
+    /// Gives message `id` to `peer`'s worker, starting one if none runs.
+    fn dispatch(self: &Arc<Self>, peer: PeerId, id: MessageId) {
+        let mut workers = lock(&self.workers);
+        if let Some(tx) = workers.get(&peer)
+            && tx.send(id).is_ok()
+        {
+            return;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let _ = tx.send(id);
+        workers.insert(peer, tx);
+        let me = self.clone();
+        self.core.spawn(async move { me.worker(peer, rx).await });
+    }
+
+    /// One destination's worker: one stream, the messages in order, the
+    /// acks as they come. On any failure the messages it still holds are
+    /// counted as attempted, so the schedule retries them with backoff.
+    async fn worker(self: Arc<Self>, peer: PeerId, mut rx: mpsc::UnboundedReceiver<MessageId>) {
+        let Some(outbox) = self.outbox.clone() else {
+            return;
+        };
+        if let Err(e) = self.serve_destination(&outbox, peer, &mut rx).await {
+            tracing::debug!(%peer, error = %e, "durable delivery: stream given up");
+        }
+        // Whatever the worker still holds was not written: it counts as
+        // attempted (the peer was not reachable) and waits for its round.
+        lock(&self.workers).remove(&peer);
+        while let Ok(id) = rx.try_recv() {
+            let _ = outbox.record_attempt(id).await;
+        }
+    }
+
+    async fn serve_destination(
+        &self,
+        outbox: &Outbox,
+        peer: PeerId,
+        rx: &mut mpsc::UnboundedReceiver<MessageId>,
+    ) -> Result<()> {
+        // The first id decides whether there is anything to do at all.
+        let Some(first) = rx.recv().await else {
+            return Ok(());
+        };
+        tracing::debug!(%peer, id = %first, "durable delivery: connecting");
+        let conn = match self.peers.connection(peer).await {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = outbox.record_attempt(first).await;
+                return Err(e);
+            }
+        };
+        let stream = match crate::node::router::open(&conn, peer, PROTOCOL).await {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = outbox.record_attempt(first).await;
+                return Err(e);
+            }
+        };
+        let (mut send, mut recv) = (stream.send, stream.recv);
+        // Acks are read by a task of their own: a read cut off mid-frame
+        // (as a `select!` would) would lose the stream's framing.
+        let (ack_tx, mut acks) = mpsc::channel(MAX_UNACKED);
+        let reader = tokio::spawn(async move {
+            loop {
+                let f = read_frame(&mut recv, MAX_DURABLE_FRAME).await;
+                let end = f.is_err();
+                if ack_tx.send(f).await.is_err() || end {
+                    return;
+                }
+            }
+        });
+        let _stop_reader = AbortOnDrop(reader);
+        let mut unacked: std::collections::VecDeque<u64> = Default::default();
+        let mut next = Some(first);
+        loop {
+            // Write while there is something to write and room ahead.
+            if let Some(id) = next.take() {
+                // Attempt first: a crash after the write can only under-count.
+                if !outbox.record_attempt(id).await? {
+                    next = rx.try_recv().ok();
+                    continue; // acked or cancelled meanwhile
+                }
+                let Some(msg) = outbox.read(id).await? else {
+                    next = rx.try_recv().ok();
+                    continue;
+                };
+                let bytes = frame::encode(
+                    &DurableFrame::Message {
+                        seq: msg.seq,
+                        data: msg.data,
+                    }
+                    .encode(),
+                )?;
+                send.write_all(&bytes).await.map_err(|e| lost(peer, &e))?;
+                stats::bump(&self.counters.sent);
+                unacked.push_back(msg.seq);
+                if unacked.len() < MAX_UNACKED {
+                    next = rx.try_recv().ok();
+                    if next.is_some() {
+                        continue;
+                    }
+                }
+            }
+            // Wait for an ack (when one is owed) or for more to send.
+            tokio::select! {
+                ack = acks.recv(), if !unacked.is_empty() => {
+                    let ack = ack
+                        .ok_or_else(|| lost(peer, &"the ack reader stopped"))?
+                        .map_err(|e| lost(peer, &e))?;
+                    let DurableFrame::Ack { seq, outcome } = ack else {
+                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+                            "a message frame where an ack belongs".into(),
+                        )));
+                    };
+                    if unacked.front() != Some(&seq) {
+                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+                            format!("ack for {seq} out of order"),
+                        )));
+                    }
+                    unacked.pop_front();
+                    if !outcome.delivered() {
+                        // The receiver takes nothing more on this stream.
+                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+                            "the receiver refused (its inbox is full)".into(),
+                        )));
+                    }
+                    if let Some(id) = outbox.ack_seq(peer, seq).await? {
+                        stats::bump(&self.counters.delivered);
+                        self.core.bus.emit(NodeEvent::OutboxDelivered { id: id.0, peer });
+                    }
+                }
+                more = rx.recv(), if next.is_none() && unacked.len() < MAX_UNACKED => {
+                    match more {
+                        Some(id) => next = Some(id),
+                        None => return Ok(()),
+                    }
+                }
+                _ = tokio::time::sleep(if unacked.is_empty() { WORKER_IDLE } else { ACK_TIMEOUT }) => {
+                    if unacked.is_empty() {
+                        let _ = send.finish();
+                        return Ok(());
+                    }
+                    return Err(Error::Timeout("waiting for a durable message's ack"));
+                }
+            }
+        }
+    }
+
+    /// Serves a [`PROTOCOL`] stream a peer opened: records each message,
+    /// hands new ones to the application, acks each, in order.
+    pub(crate) async fn serve_stream(&self, s: Inbound) {
+        let Inbound {
+            peer,
+            mut send,
+            mut recv,
+            ..
+        } = s;
+        let Some(outbox) = self.outbox.clone() else {
+            // No data dir: no durable messages here.
+            crate::node::router::refuse(&self.core.counters, send, recv);
+            return;
+        };
+        if send
+            .write_all(&[reach_proto::wire::envelope::OPEN_ACCEPTED])
+            .await
+            .is_err()
+        {
+            return;
+        }
+        loop {
+            let frame = match read_frame(&mut recv, MAX_DURABLE_FRAME).await {
+                Ok(f) => f,
+                Err(_) => return, // finished, reset or malformed: the stream ends
+            };
+            let DurableFrame::Message { seq, data } = frame else {
+                return;
+            };
+            let outcome = match outbox.receive(peer, seq, data.clone()).await {
+                Ok(Receipt::New(inbox)) => {
+                    stats::bump(&self.counters.received);
+                    self.hand_over(inbox, peer, seq, data).await;
+                    AckOutcome::Accepted
+                }
+                Ok(Receipt::Duplicate | Receipt::TooOld) => {
+                    stats::bump(&self.counters.duplicates);
+                    AckOutcome::Duplicate
+                }
+                Err(e) => {
+                    tracing::debug!(%peer, seq, error = %e, "durable message refused");
+                    AckOutcome::Refused
+                }
+            };
+            let ack = DurableFrame::Ack { seq, outcome }.encode();
+            let Ok(bytes) = frame::encode(&ack) else {
+                return;
+            };
+            if send.write_all(&bytes).await.is_err() || !outcome.delivered() {
+                return;
+            }
+        }
+    }
+
+    async fn hand_over(&self, inbox: InboxId, from: PeerId, seq: u64, data: Vec<u8>) {
+        self.messaging
+            .push_event(Event::Durable(DurableMessage {
+                from,
+                seq,
+                data: data.into(),
+                inbox,
+            }))
+            .await;
+    }
+}
+
+/// A new connection makes its peer's pending messages due at once.
+impl ConnectionObserver for Durable {
+    fn path_event(&self, e: &NodeEvent) {
+        if let (NodeEvent::PeerConnected { peer, .. }, Some(o)) = (e, &self.outbox) {
+            o.on_reachable(*peer);
+        }
+    }
+}
+
+/// Aborts the ack reader when the worker ends, however it ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn lost(peer: PeerId, e: &dyn std::fmt::Display) -> Error {
+    Error::ConnectionLost {
+        peer,
+        reason: e.to_string(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reads one length-prefixed frame of at most `max` bytes and decodes it.
+async fn read_frame(recv: &mut quinn::RecvStream, max: usize) -> Result<DurableFrame> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    recv.read_exact(&mut head)
+        .await
+        .map_err(|e| Error::Wire(reach_proto::wire::WireError::Malformed(e.to_string())))?;
+    let len = frame::parse_header(&head, max)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| Error::Wire(reach_proto::wire::WireError::Malformed(e.to_string())))?;
+    Ok(DurableFrame::decode(&body)?)
+}
