@@ -21,6 +21,9 @@
 //! - [`relay`]: acquiring a relay, and a relay's reservations and circuits.
 //! - [`punch`]: hole punching: technique, coordination, upgrade from relayed
 //!   to direct, liveness of the direct path.
+//! - [`topics`]: publish/subscribe among the homes of a topic: signed
+//!   messages, a spanning-tree overlay with lazy repair, exactly-once
+//!   in-order delivery per publisher, presence.
 //! - [`limits`]: the rate limiters (fixed window, token bucket) the other
 //!   modules and the runtime share.
 
@@ -32,6 +35,7 @@ pub mod nat;
 pub mod punch;
 pub mod relay;
 pub mod ticket;
+pub mod topics;
 pub mod wire;
 
 pub use identity::{Keypair, PeerId, PeerIdError};
