@@ -185,18 +185,30 @@ pub enum TopicFrame {
         /// At most [`MAX_IDS_PER_FRAME`].
         ids: Vec<ShortId>,
     },
-    /// "Send me these, and make our link a tree link" (tree repair and
-    /// pull). Empty `ids` is a pure repair.
+    /// "Send me these, and make our link a tree link for their origins"
+    /// (pull and tree repair). Empty `ids`: "for every origin" (repair
+    /// after a link died).
     Graft {
         /// The topic.
         topic: TopicId,
         /// At most [`MAX_IDS_PER_FRAME`].
         ids: Vec<ShortId>,
     },
-    /// "I got a duplicate from you: our link is lazy now."
+    /// "I got a duplicate from you: our link is lazy for `origin` now."
     Prune {
         /// The topic.
         topic: TopicId,
+        /// Whose tree the link leaves.
+        origin: PeerId,
+    },
+    /// "A first copy came to me over our link while I had it lazy for
+    /// `origin`: it is a tree link for `origin` again" (two prunes of one
+    /// home crossed in flight; without this both links could end up lazy).
+    Eager {
+        /// The topic.
+        topic: TopicId,
+        /// Whose tree.
+        origin: PeerId,
     },
     /// The answer to a GRAFT for ids no longer (or never) cached here.
     NotCached {
@@ -324,6 +336,7 @@ impl TopicFrame {
             TopicFrame::PresenceDelta { changes, .. } => changes.len() <= MAX_PRESENCE_PAGE,
             TopicFrame::SnapshotPage { members, .. } => members.len() <= MAX_PRESENCE_PAGE,
             TopicFrame::Prune { .. }
+            | TopicFrame::Eager { .. }
             | TopicFrame::Heartbeat { .. }
             | TopicFrame::SnapshotRequest { .. } => true,
         }
@@ -335,7 +348,8 @@ impl TopicFrame {
             TopicFrame::Message(m) => m.topic,
             TopicFrame::IHave { topic, .. }
             | TopicFrame::Graft { topic, .. }
-            | TopicFrame::Prune { topic }
+            | TopicFrame::Prune { topic, .. }
+            | TopicFrame::Eager { topic, .. }
             | TopicFrame::NotCached { topic, .. }
             | TopicFrame::PresenceDelta { topic, .. }
             | TopicFrame::Heartbeat { topic, .. }
@@ -413,7 +427,10 @@ mod tests {
                 topic: topic(),
                 ids: vec![m.short_id(); 3],
             },
-            TopicFrame::Prune { topic: topic() },
+            TopicFrame::Prune {
+                topic: topic(),
+                origin: kp.peer_id(),
+            },
             TopicFrame::SnapshotPage {
                 topic: topic(),
                 home: kp.peer_id(),
@@ -427,7 +444,11 @@ mod tests {
         for f in frames {
             assert_eq!(TopicFrame::decode(&f.encode()), Ok(f));
         }
-        let mut b = TopicFrame::Prune { topic: topic() }.encode();
+        let mut b = TopicFrame::Prune {
+            topic: topic(),
+            origin: kp.peer_id(),
+        }
+        .encode();
         b.push(0);
         assert_eq!(TopicFrame::decode(&b), Err(FrameError::Malformed));
         assert_eq!(

@@ -111,6 +111,10 @@ pub const PRESENCE_BATCH_DELAY: Duration = Duration::from_millis(50);
 /// A home's presence heartbeat: (home, version) flooded over the tree, so
 /// the others know the home lives and whether they missed a delta.
 pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How soon after a delta a home sends an extra heartbeat, so a home that
+/// lost the delta pulls the snapshot within the 2 s presence target
+/// instead of at the next regular heartbeat.
+pub const PRESENCE_CONFIRM: Duration = Duration::from_secs(1);
 /// A home not heard for this long has its members dropped (issue #15:
 /// three heartbeats).
 pub const HOME_STALE: Duration = Duration::from_secs(15);

@@ -3,17 +3,25 @@
 //! PlumTree (Leitão, Pereira, Rodrigues 2007) over the links the driver
 //! gives it:
 //!
-//! - A new link starts *eager* (tree). A message is pushed whole on every
-//!   eager link but the one it came from, and announced by id on every
-//!   *lazy* link but that one ("I have", batched for [`IHAVE_DELAY`], at
-//!   most [`MAX_IDS_PER_FRAME`] ids a frame).
-//! - A duplicate from an eager link makes that link lazy on both ends
-//!   (PRUNE): the eager links thin out to a spanning tree, so in steady
-//!   state each home gets each message once. Cycles in the link graph are
-//!   legal: they are just lazy links.
+//! - **One tree per origin.** A link is *eager* (tree) or *lazy* for each
+//!   origin (a publisher, or a home for its presence floods); a new link
+//!   and a new origin start eager. A message is pushed whole on every link
+//!   eager for its origin but the one it came from, and announced by id on
+//!   every link lazy for it but that one ("I have", batched for
+//!   [`IHAVE_DELAY`], at most [`MAX_IDS_PER_FRAME`] ids a frame).
+//! - A duplicate from a link eager for its origin makes that link lazy for
+//!   the origin on both ends (PRUNE): the eager links of an origin thin out
+//!   to the tree of first arrivals, which is the fastest path from that
+//!   origin, so in steady state each home gets each message once, by about
+//!   the shortest path. Cycles in the link graph are legal: they are just
+//!   lazy links. (One tree shared by all origins, as in the PlumTree
+//!   paper, was tried first: concurrent messages from two origins prune two
+//!   different links of one cycle and cut a home off the tree, so with
+//!   many publishers it kept breaking and regrafting, with ~1.5 copies per
+//!   message and repair-time latencies in the simulator.)
 //! - An announced message that has not arrived by the tree within
 //!   [`GRAFT_TIMEOUT`] is pulled with a GRAFT to an announcer, which makes
-//!   that link eager again (tree repair); then retried every
+//!   that link eager for the origin again (tree repair); then retried every
 //!   [`PULL_RETRY`] on the next announcer. The same goes for a gap: a
 //!   message missing below one received is pulled from the link that
 //!   brought the later one.
@@ -24,8 +32,11 @@
 //!   its origin sends again, i.e. never for the last message of a stream.
 //!   QUIC links do not lose frames, but links die, and the simulator and
 //!   the property tests drop frames at random.
-//! - When an eager link dies, one lazy link is grafted at once, so the tree
-//!   (which presence floods over) heals before the next message.
+//! - When a link dies, the home sends an empty GRAFT on each of its other
+//!   links ("eager for every origin again"), so the trees through it heal
+//!   before the next message or heartbeat; the duplicates that follow prune
+//!   them back to trees. The origins whose trees are tracked are bounded
+//!   ([`MAX_TREES_PER_TOPIC`]): past it every link is eager again for all.
 //!
 //! **Forwarding in order.** A home forwards (and announces) an origin's
 //! messages only as it delivers them, in seq order. So whoever sent us seq
@@ -68,6 +79,10 @@ pub const MAX_PULL_ATTEMPTS: u32 = 10;
 /// Between tail digests (see the module docs): the repair time of a lost
 /// last message is about this plus [`GRAFT_TIMEOUT`].
 pub const DIGEST_INTERVAL: Duration = Duration::from_secs(1);
+/// Origins per topic whose pruned links are remembered (publishers and
+/// homes). Past it the memory is cleared, every link is eager again and
+/// duplicates prune the trees anew.
+pub const MAX_TREES_PER_TOPIC: usize = 8_192;
 /// Bytes a message is counted for in buffers beyond its data: the header
 /// and signature.
 const MESSAGE_OVERHEAD: usize = 160;
@@ -262,8 +277,9 @@ struct Pending {
 }
 
 struct TopicState {
-    eager: BTreeSet<PeerId>,
-    lazy: BTreeSet<PeerId>,
+    links: BTreeSet<PeerId>,
+    /// Origin → links lazy for it (all others are eager).
+    lazy_for: BTreeMap<PeerId, BTreeSet<PeerId>>,
     origins: Origins<Pending>,
     cache: Cache,
     missing: BTreeMap<ShortId, Missing>,
@@ -286,12 +302,42 @@ fn send(out: &mut Out, to: PeerId, frame: TopicFrame) {
 
 impl TopicState {
     fn linked(&self, p: &PeerId) -> bool {
-        self.eager.contains(p) || self.lazy.contains(p)
+        self.links.contains(p)
     }
 
-    fn make_eager(&mut self, p: PeerId) {
-        if self.lazy.remove(&p) {
-            self.eager.insert(p);
+    fn is_lazy(&self, origin: &PeerId, p: &PeerId) -> bool {
+        self.lazy_for.get(origin).is_some_and(|s| s.contains(p))
+    }
+
+    /// Makes `p` lazy for `origin`; true if it was eager.
+    fn prune(&mut self, origin: PeerId, p: PeerId) -> bool {
+        if !self.links.contains(&p) {
+            return false;
+        }
+        if !self.lazy_for.contains_key(&origin) && self.lazy_for.len() >= MAX_TREES_PER_TOPIC {
+            self.lazy_for.clear();
+        }
+        self.lazy_for.entry(origin).or_default().insert(p)
+    }
+
+    fn make_eager(&mut self, origin: &PeerId, p: &PeerId) {
+        if let Some(s) = self.lazy_for.get_mut(origin) {
+            s.remove(p);
+        }
+    }
+
+    /// A new message or flood of `origin` came first over `from`: if we
+    /// had that link lazy, it is a tree link again, on both ends.
+    fn first_from(&mut self, topic: TopicId, origin: PeerId, from: PeerId, out: &mut Out) {
+        if self.is_lazy(&origin, &from) {
+            self.make_eager(&origin, &from);
+            send(out, from, TopicFrame::Eager { topic, origin });
+        }
+    }
+
+    fn make_eager_for_all(&mut self, p: &PeerId) {
+        for s in self.lazy_for.values_mut() {
+            s.remove(p);
         }
     }
 
@@ -378,14 +424,16 @@ impl TopicState {
     ) {
         let short = p.msg.short_id();
         self.missing.remove(&short);
-        for peer in &self.eager {
-            if Some(*peer) != p.from {
-                send(out, *peer, TopicFrame::Message(p.msg.clone()));
-            }
-        }
+        let empty = BTreeSet::new();
+        let lazy = self.lazy_for.get(&p.msg.origin).unwrap_or(&empty);
         let mut full = Vec::new();
-        for peer in &self.lazy {
-            if Some(*peer) != p.from {
+        for peer in &self.links {
+            if Some(*peer) == p.from {
+                continue;
+            }
+            if !lazy.contains(peer) {
+                send(out, *peer, TopicFrame::Message(p.msg.clone()));
+            } else {
                 let q = self.ihave.entry(*peer).or_default();
                 q.push(short);
                 if q.len() >= MAX_IDS_PER_FRAME {
@@ -441,20 +489,41 @@ impl TopicState {
         Ok(())
     }
 
-    fn apply_presence(&self, topic: TopicId, acts: Vec<PresenceAction>, out: &mut Out) {
+    fn apply_presence(
+        &mut self,
+        topic: TopicId,
+        acts: Vec<PresenceAction>,
+        out: &mut Out,
+        stats: &mut OverlayStats,
+    ) {
         for a in acts {
             match a {
-                PresenceAction::Flood { frame, except } => {
-                    // Over the tree; over every link while there is no tree.
-                    let links = if self.eager.is_empty() {
-                        &self.lazy
-                    } else {
-                        &self.eager
-                    };
-                    for p in links {
+                PresenceAction::Flood {
+                    frame,
+                    origin,
+                    except,
+                } => {
+                    // Over the home's tree.
+                    for p in &self.links {
+                        if Some(*p) != except && !self.is_lazy(&origin, p) {
+                            send(out, *p, frame.clone());
+                        }
+                    }
+                }
+                PresenceAction::FloodAll { frame, except } => {
+                    for p in &self.links {
                         if Some(*p) != except {
                             send(out, *p, frame.clone());
                         }
+                    }
+                }
+                PresenceAction::First { origin, from } => {
+                    self.first_from(topic, origin, from, out);
+                }
+                PresenceAction::Duplicate { origin, from } => {
+                    if self.prune(origin, from) {
+                        stats.prunes_sent += 1;
+                        send(out, from, TopicFrame::Prune { topic, origin });
                     }
                 }
                 PresenceAction::Send { to, frame } => send(out, to, frame),
@@ -520,7 +589,7 @@ impl TopicState {
                     })
                 })
                 .collect();
-            for peer in self.eager.iter().chain(self.lazy.iter()) {
+            for peer in &self.links {
                 for chunk in ids.chunks(MAX_IDS_PER_FRAME) {
                     send(
                         out,
@@ -547,13 +616,12 @@ impl TopicState {
             let Some(e) = self.missing.get_mut(&id) else {
                 continue;
             };
-            let (eager, lazy) = (&self.eager, &self.lazy);
-            e.announcers
-                .retain(|a| eager.contains(a) || lazy.contains(a));
+            let links = &self.links;
+            e.announcers.retain(|a| links.contains(a));
             let candidates: Vec<PeerId> = if !e.announcers.is_empty() {
                 e.announcers.clone()
             } else if e.gap {
-                eager.iter().chain(lazy.iter()).copied().collect()
+                links.iter().copied().collect()
             } else {
                 Vec::new()
             };
@@ -570,7 +638,11 @@ impl TopicState {
             asks.entry(target).or_default().push(id);
         }
         for (peer, ids) in asks {
-            self.make_eager(peer);
+            for id in &ids {
+                if let Some(origin) = self.origins.origin_of(&id.tag) {
+                    self.make_eager(&origin, &peer);
+                }
+            }
             for chunk in ids.chunks(MAX_IDS_PER_FRAME) {
                 stats.grafts_sent += 1;
                 send(
@@ -595,7 +667,7 @@ impl TopicState {
         }
         let mut acts = Vec::new();
         self.presence.on_timeout(now, &mut acts);
-        self.apply_presence(topic, acts, out);
+        self.apply_presence(topic, acts, out, stats);
     }
 }
 
@@ -647,8 +719,8 @@ impl Overlay {
         self.topics.insert(
             topic,
             TopicState {
-                eager: BTreeSet::new(),
-                lazy: BTreeSet::new(),
+                links: BTreeSet::new(),
+                lazy_for: BTreeMap::new(),
                 origins: Origins::default(),
                 cache: Cache::default(),
                 missing: BTreeMap::new(),
@@ -682,7 +754,7 @@ impl Overlay {
     }
 
     /// A federation link to `peer` carries `topics` (added to what it
-    /// carried). New links start eager. Topics not served here are skipped;
+    /// carried). New links start eager for every origin. Topics not served here are skipped;
     /// a topic at [`MAX_LINKS_PER_TOPIC`] refuses the link (the others are
     /// still added).
     pub fn link_up(&mut self, peer: PeerId, topics: &[TopicId]) -> Result<(), TopicError> {
@@ -694,18 +766,19 @@ impl Overlay {
             if t.linked(&peer) {
                 continue;
             }
-            if t.eager.len() + t.lazy.len() >= MAX_LINKS_PER_TOPIC {
+            if t.links.len() >= MAX_LINKS_PER_TOPIC {
                 result = Err(TopicError::TooManyLinks);
                 continue;
             }
-            t.eager.insert(peer);
+            t.links.insert(peer);
             self.links.entry(peer).or_default().insert(*topic);
         }
         result
     }
 
     /// The link to `peer` is gone. Pulls asked of it move to other
-    /// announcers; if it was a tree link, one lazy link is grafted at once.
+    /// announcers; the other links are grafted for every origin (tree
+    /// repair, see the module docs).
     pub fn link_down(&mut self, peer: PeerId) {
         let Some(topics) = self.links.remove(&peer) else {
             return;
@@ -714,18 +787,18 @@ impl Overlay {
             let Some(t) = self.topics.get_mut(&topic) else {
                 continue;
             };
-            let was_eager = t.eager.remove(&peer);
-            t.lazy.remove(&peer);
+            t.links.remove(&peer);
+            t.make_eager_for_all(&peer);
+            t.lazy_for.retain(|_, s| !s.is_empty());
             t.ihave.remove(&peer);
             for m in t.missing.values_mut() {
                 m.announcers.retain(|a| *a != peer);
             }
-            if was_eager && let Some(p) = t.lazy.iter().next().copied() {
-                t.make_eager(p);
+            for p in &t.links {
                 self.stats.grafts_sent += 1;
                 send(
                     &mut self.out,
-                    p,
+                    *p,
                     TopicFrame::Graft {
                         topic,
                         ids: Vec::new(),
@@ -735,15 +808,12 @@ impl Overlay {
         }
     }
 
-    /// The tree (eager) and lazy links of `topic`.
-    pub fn links_of(&self, topic: &TopicId) -> (Vec<PeerId>, Vec<PeerId>) {
+    /// The tree (eager) and lazy links of `origin`'s tree on `topic`.
+    pub fn links_of(&self, topic: &TopicId, origin: &PeerId) -> (Vec<PeerId>, Vec<PeerId>) {
         self.topics
             .get(topic)
             .map_or((Vec::new(), Vec::new()), |t| {
-                (
-                    t.eager.iter().copied().collect(),
-                    t.lazy.iter().copied().collect(),
-                )
+                t.links.iter().partition(|p| !t.is_lazy(origin, p))
             })
     }
 
@@ -782,7 +852,7 @@ impl Overlay {
         let before = t.presence.dropped;
         t.presence.local_change(member, joined, now, &mut acts);
         let refused = t.presence.dropped > before;
-        t.apply_presence(topic, acts, &mut self.out);
+        t.apply_presence(topic, acts, &mut self.out, &mut self.stats);
         if refused {
             Err(TopicError::TooManyMembers)
         } else {
@@ -886,10 +956,16 @@ impl Overlay {
             TopicFrame::Message(msg) => {
                 if t.origins.has(&msg.origin, msg.seq) {
                     stats.duplicates_received += 1;
-                    if t.eager.remove(&from) {
-                        t.lazy.insert(from);
+                    if t.prune(msg.origin, from) {
                         stats.prunes_sent += 1;
-                        send(out, from, TopicFrame::Prune { topic });
+                        send(
+                            out,
+                            from,
+                            TopicFrame::Prune {
+                                topic,
+                                origin: msg.origin,
+                            },
+                        );
                     }
                     return;
                 }
@@ -897,6 +973,7 @@ impl Overlay {
                     stats.bad_messages += 1;
                     return;
                 }
+                t.first_from(topic, msg.origin, from, out);
                 let _ = t.receive(topic, msg, Some(from), now, out, stats);
             }
             TopicFrame::IHave { ids, .. } => {
@@ -922,11 +999,17 @@ impl Overlay {
                 }
             }
             TopicFrame::Graft { ids, .. } => {
-                t.make_eager(from);
+                if ids.is_empty() {
+                    t.make_eager_for_all(&from);
+                }
                 let mut gone = Vec::new();
                 for id in ids {
                     match t.cache.map.get(&id) {
-                        Some(m) => send(out, from, TopicFrame::Message(m.clone())),
+                        Some(m) => {
+                            let origin = m.origin;
+                            send(out, from, TopicFrame::Message(m.clone()));
+                            t.make_eager(&origin, &from);
+                        }
                         None => gone.push(id),
                     }
                 }
@@ -934,11 +1017,10 @@ impl Overlay {
                     send(out, from, TopicFrame::NotCached { topic, ids: gone });
                 }
             }
-            TopicFrame::Prune { .. } => {
-                if t.eager.remove(&from) {
-                    t.lazy.insert(from);
-                }
+            TopicFrame::Prune { origin, .. } => {
+                t.prune(origin, from);
             }
+            TopicFrame::Eager { origin, .. } => t.make_eager(&origin, &from),
             TopicFrame::NotCached { ids, .. } => {
                 let mut unblocked = BTreeSet::new();
                 for id in ids {
@@ -1005,7 +1087,7 @@ impl Overlay {
                 &mut acts,
             ),
         }
-        t.apply_presence(topic, acts, out);
+        t.apply_presence(topic, acts, out, stats);
     }
 
     /// When [`Overlay::handle_timeout`] wants to run next.

@@ -2,8 +2,11 @@
 //!
 //! Only a member's own home announces it: each home keeps a version of its
 //! local member list and floods *deltas* (joins and leaves gathered for
-//! [`PRESENCE_BATCH_DELAY`], one version each) over the topic's tree links.
-//! Every [`HEARTBEAT`] a home floods `(home, incarnation, version, beat)`:
+//! [`PRESENCE_BATCH_DELAY`], one version each) over every link of the
+//! topic (each delta crosses each link at most twice; a delta lost on a
+//! tree link would otherwise leave a subtree behind until a snapshot).
+//! Heartbeats go over the home's tree (see the overlay's per-origin trees).
+//! [`PRESENCE_CONFIRM`] after a delta, and every [`HEARTBEAT`], a home floods `(home, incarnation, version, beat)`:
 //! a few dozen bytes whatever its member count, so presence costs each link
 //! a bounded amount per home. A home whose version is ahead of what a
 //! heartbeat or delta says pulls a snapshot of that home's members from the
@@ -18,12 +21,12 @@
 //! signed end to end: a federated home could misreport another home's
 //! members. Signing deltas is left for later (see the module's report).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::{
     HEARTBEAT, HOME_STALE, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE, PRESENCE_BATCH_DELAY,
-    SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
+    PRESENCE_CONFIRM, SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
 };
 use crate::PeerId;
 
@@ -33,11 +36,24 @@ pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
 /// What presence asks the overlay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum PresenceAction {
-    /// Send to every tree link of the topic but `except`.
+    /// Send over `origin`'s tree (the home whose presence it is) but to
+    /// `except`.
     Flood {
+        frame: TopicFrame,
+        origin: PeerId,
+        except: Option<PeerId>,
+    },
+    /// Send on every link but `except` (deltas: rare and small, and a
+    /// lost one would cost a snapshot pull, so they take every path).
+    FloodAll {
         frame: TopicFrame,
         except: Option<PeerId>,
     },
+    /// `from` sent a flood of `origin` already had: prune it from that
+    /// tree.
+    Duplicate { origin: PeerId, from: PeerId },
+    /// `from` sent a new flood of `origin` first: it is on that tree.
+    First { origin: PeerId, from: PeerId },
     /// Send to one neighbour.
     Send { to: PeerId, frame: TopicFrame },
     /// A member appeared or vanished (any home, this one included).
@@ -59,8 +75,10 @@ struct Pull {
 struct HomeView {
     /// (incarnation, version) of `members`.
     version: (u64, u64),
-    /// Highest (incarnation, version) seen in a delta or heartbeat.
-    seen: (u64, u64),
+    /// Highest (incarnation, version) of a delta seen (flood dedup).
+    delta_seen: (u64, u64),
+    /// Highest (incarnation, version) announced by a delta or heartbeat.
+    announced: (u64, u64),
     beat: (u64, u64),
     last_heard: Duration,
     members: BTreeSet<PeerId>,
@@ -79,7 +97,7 @@ pub(crate) struct TopicPresence {
     beat: u64,
     next_beat: Duration,
     next_sweep: Duration,
-    homes: HashMap<PeerId, HomeView>,
+    homes: BTreeMap<PeerId, HomeView>,
     remote_members: usize,
     /// Presence entries refused at [`MAX_MEMBERS_PER_TOPIC`] or
     /// [`MAX_HOMES_PER_TOPIC`].
@@ -99,7 +117,7 @@ impl TopicPresence {
             beat: 0,
             next_beat: now,
             next_sweep: now + STALE_SWEEP,
-            homes: HashMap::new(),
+            homes: BTreeMap::new(),
             remote_members: 0,
             dropped: 0,
         }
@@ -176,7 +194,7 @@ impl TopicPresence {
             let pending = std::mem::take(&mut self.pending);
             for chunk in pending.chunks(MAX_PRESENCE_PAGE) {
                 self.version += 1;
-                acts.push(PresenceAction::Flood {
+                acts.push(PresenceAction::FloodAll {
                     frame: TopicFrame::PresenceDelta {
                         topic: self.topic,
                         home: self.me,
@@ -187,6 +205,9 @@ impl TopicPresence {
                     except: None,
                 });
             }
+            // A home that lost the delta learns of the gap from this early
+            // heartbeat instead of the next regular one.
+            self.next_beat = self.next_beat.min(now + PRESENCE_CONFIRM);
         }
         if self.next_beat <= now {
             self.beat += 1;
@@ -199,6 +220,7 @@ impl TopicPresence {
                     version: self.version,
                     beat: self.beat,
                 },
+                origin: self.me,
                 except: None,
             });
         }
@@ -254,7 +276,8 @@ impl TopicPresence {
                 home,
                 HomeView {
                     version: (0, 0),
-                    seen: (0, 0),
+                    delta_seen: (0, 0),
+                    announced: (0, 0),
                     beat: (0, 0),
                     last_heard: now,
                     members: BTreeSet::new(),
@@ -329,7 +352,7 @@ impl TopicPresence {
         self.remote_members = self.remote_members - old_len + new.len();
         v.members = new;
         v.version = version;
-        v.seen = v.seen.max(version);
+        v.announced = v.announced.max(version);
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -352,11 +375,13 @@ impl TopicPresence {
             return;
         };
         let iv = (incarnation, version);
-        if iv <= v.seen {
+        if iv <= v.delta_seen {
             return;
         }
-        v.seen = iv;
+        v.delta_seen = iv;
+        v.announced = v.announced.max(iv);
         v.last_heard = now;
+
         let frame = TopicFrame::PresenceDelta {
             topic,
             home,
@@ -395,7 +420,7 @@ impl TopicPresence {
         }
         self.remote_members = self.remote_members + added - removed;
         self.dropped += dropped;
-        acts.push(PresenceAction::Flood {
+        acts.push(PresenceAction::FloodAll {
             frame,
             except: Some(from),
         });
@@ -413,6 +438,7 @@ impl TopicPresence {
         acts: &mut Vec<PresenceAction>,
     ) {
         if home == self.me {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
             return;
         }
         let topic = self.topic;
@@ -420,12 +446,14 @@ impl TopicPresence {
             return;
         };
         if (incarnation, beat) <= v.beat {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
             return;
         }
         v.beat = (incarnation, beat);
         v.last_heard = now;
+        acts.push(PresenceAction::First { origin: home, from });
         if (incarnation, version) > v.version {
-            v.seen = v.seen.max((incarnation, version));
+            v.announced = v.announced.max((incarnation, version));
             Self::start_pull(topic, home, v, from, now, acts);
         }
         acts.push(PresenceAction::Flood {
@@ -436,6 +464,7 @@ impl TopicPresence {
                 version,
                 beat,
             },
+            origin: home,
             except: Some(from),
         });
     }
@@ -538,7 +567,7 @@ impl TopicPresence {
         }
         let acc = std::mem::take(&mut p.acc);
         v.pull = None;
-        let behind = v.seen > version;
+        let behind = v.announced > version;
         if version > v.version {
             self.replace(home, version, acc, acts);
         }

@@ -253,7 +253,7 @@ fn a_triangle_prunes_to_a_tree_and_then_sends_each_message_once() {
     let after: u64 = net.payload_in.iter().sum();
     assert_eq!(after - before, 20, "10 messages × 2 other homes, no copies");
     assert_exactly_once_in_order(&net, &BTreeMap::from([(p.peer_id(), 11)]));
-    let (eager, lazy) = net.nodes[2].links_of(&topic());
+    let (eager, lazy) = net.nodes[2].links_of(&topic(), &p.peer_id());
     assert_eq!((eager.len(), lazy.len()), (1, 1));
 }
 
@@ -387,7 +387,10 @@ fn a_forged_message_from_a_home_is_dropped_and_counted() {
     let stranger = key(99).peer_id();
     net.nodes[1].handle_frame(
         stranger,
-        TopicFrame::Prune { topic: topic() },
+        TopicFrame::Prune {
+            topic: topic(),
+            origin: stranger,
+        },
         Duration::ZERO,
     );
     assert_eq!(net.nodes[1].stats().ignored_frames, 1);
