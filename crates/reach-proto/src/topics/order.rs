@@ -182,14 +182,14 @@ impl<T> Origins<T> {
         if seq <= s.hwm || s.ahead.contains_key(&seq) {
             return Offer::Duplicate;
         }
-        if seq > s.hwm + 1 && (seq - s.hwm > MAX_AHEAD_PER_ORIGIN || !room) {
+        if seq > s.hwm.saturating_add(1) && (seq - s.hwm > MAX_AHEAD_PER_ORIGIN || !room) {
             return Offer::NoRoom;
         }
         s.ahead.insert(seq, Some((item, size)));
         self.buffered_bytes += size;
         if s.ahead
             .first_key_value()
-            .is_some_and(|(k, _)| *k != s.hwm + 1)
+            .is_some_and(|(k, _)| *k != s.hwm.saturating_add(1))
         {
             s.gap_since.get_or_insert(now);
             self.gapped.insert(*origin);
@@ -215,7 +215,7 @@ impl<T> Origins<T> {
     pub fn pop_ready(&mut self, origin: &PeerId, now: Duration) -> Option<Option<T>> {
         let s = self.streams.get_mut(origin)?;
         let first = s.ahead.first_entry()?;
-        if *first.key() != s.hwm + 1 {
+        if *first.key() != s.hwm.saturating_add(1) {
             return None;
         }
         let (seq, v) = first.remove_entry();
@@ -225,7 +225,7 @@ impl<T> Origins<T> {
                 s.gap_since = None;
                 self.gapped.remove(origin);
             }
-            Some((k, _)) if *k == s.hwm + 1 => {}
+            Some((k, _)) if *k == s.hwm.saturating_add(1) => {}
             Some(_) => {
                 // A fresh gap behind the one just closed.
                 s.gap_since = Some(now);
@@ -246,7 +246,7 @@ impl<T> Origins<T> {
         let Some((&last, _)) = s.ahead.last_key_value() else {
             return Vec::new();
         };
-        (s.hwm + 1..last)
+        (s.hwm.saturating_add(1)..last)
             .filter(|q| !s.ahead.contains_key(q))
             .collect()
     }
@@ -378,6 +378,19 @@ mod tests {
         assert!(o.mark_lost(&a, 5));
         assert!(!o.mark_lost(&a, 5));
         assert_eq!(drain(&mut o, &a), vec![None, Some(6)]);
+    }
+
+    #[test]
+    fn the_largest_seq_does_not_overflow() {
+        let mut o = Origins::default();
+        let a = peer(1);
+        assert_eq!(o.offer(&a, u64::MAX, 1, 1, T0), Offer::Accepted);
+        assert_eq!(drain(&mut o, &a), vec![Some(1)]);
+        assert_eq!(o.offer(&a, u64::MAX, 1, 1, T0), Offer::Duplicate);
+        assert_eq!(o.offer(&a, 5, 1, 1, T0), Offer::Duplicate);
+        assert!(o.gaps(&a).is_empty());
+        assert!(!o.mark_lost(&a, u64::MAX));
+        assert_eq!(drain(&mut o, &a), vec![]);
     }
 
     #[test]

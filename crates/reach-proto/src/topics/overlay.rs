@@ -510,9 +510,14 @@ impl TopicState {
                         }
                     }
                 }
-                PresenceAction::FloodAll { frame, except } => {
+                PresenceAction::FloodDelta {
+                    frame,
+                    origin,
+                    all,
+                    except,
+                } => {
                     for p in &self.links {
-                        if Some(*p) != except {
+                        if Some(*p) != except && (all || !self.is_lazy(&origin, p)) {
                             send(out, *p, frame.clone());
                         }
                     }
@@ -905,7 +910,7 @@ impl Overlay {
         t.check_rate(&self.config, origin, now, &mut self.stats)?;
         let hwm = t.origins.hwm(&origin).unwrap_or(0);
         let next = t.next_seq.entry(origin).or_insert(0);
-        *next = (*next).max(hwm) + 1;
+        *next = (*next).max(hwm).saturating_add(1);
         let msg =
             TopicMessage::sign(keypair, topic, *next, data).map_err(PublishError::BadMessage)?;
         t.receive(topic, msg, None, now, &mut self.out, &mut self.stats)

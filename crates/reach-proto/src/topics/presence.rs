@@ -2,9 +2,10 @@
 //!
 //! Only a member's own home announces it: each home keeps a version of its
 //! local member list and floods *deltas* (joins and leaves gathered for
-//! [`PRESENCE_BATCH_DELAY`], one version each) over every link of the
-//! topic (each delta crosses each link at most twice; a delta lost on a
-//! tree link would otherwise leave a subtree behind until a snapshot).
+//! [`PRESENCE_BATCH_DELAY`], one version each): small ones over every link
+//! of the topic (each crosses each link at most twice; a delta lost on a
+//! tree link would otherwise leave a subtree behind until a snapshot), big
+//! ones over the home's tree ([`SMALL_DELTA`]).
 //! Heartbeats go over the home's tree (see the overlay's per-origin trees).
 //! [`PRESENCE_CONFIRM`] after a delta, and every [`HEARTBEAT`], a home floods `(home, incarnation, version, beat)`:
 //! a few dozen bytes whatever its member count, so presence costs each link
@@ -30,6 +31,12 @@ use super::{
 };
 use crate::PeerId;
 
+/// A delta of at most this many changes (the joins and leaves of one batch
+/// period of a busy home) is flooded over every link, so a frame lost on a
+/// tree link costs nothing; a bigger one (a home starting with many
+/// members) goes over the home's tree, since every link would carry its
+/// full size up to twice, and a lost piece is made good by a snapshot.
+pub const SMALL_DELTA: usize = 32;
 /// Homes per topic whose members a home tracks at most.
 pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
 
@@ -43,10 +50,12 @@ pub(crate) enum PresenceAction {
         origin: PeerId,
         except: Option<PeerId>,
     },
-    /// Send on every link but `except` (deltas: rare and small, and a
-    /// lost one would cost a snapshot pull, so they take every path).
-    FloodAll {
+    /// Send on every link but `except` if `all`, else over `origin`'s
+    /// tree (deltas: see [`SMALL_DELTA`]).
+    FloodDelta {
         frame: TopicFrame,
+        origin: PeerId,
+        all: bool,
         except: Option<PeerId>,
     },
     /// `from` sent a flood of `origin` already had: prune it from that
@@ -194,7 +203,9 @@ impl TopicPresence {
             let pending = std::mem::take(&mut self.pending);
             for chunk in pending.chunks(MAX_PRESENCE_PAGE) {
                 self.version += 1;
-                acts.push(PresenceAction::FloodAll {
+                acts.push(PresenceAction::FloodDelta {
+                    origin: self.me,
+                    all: chunk.len() <= SMALL_DELTA,
                     frame: TopicFrame::PresenceDelta {
                         topic: self.topic,
                         home: self.me,
@@ -389,10 +400,11 @@ impl TopicPresence {
             version,
             changes: changes.clone(),
         };
+        let changes_len = changes.len();
         let mut added = 0usize;
         let mut removed = 0usize;
         let mut dropped = 0u64;
-        if v.pull.is_none() && iv == (v.version.0, v.version.1 + 1) {
+        if v.pull.is_none() && v.version.1.checked_add(1).map(|n| (v.version.0, n)) == Some(iv) {
             for (m, joined) in changes {
                 if joined {
                     if at_cap {
@@ -420,8 +432,10 @@ impl TopicPresence {
         }
         self.remote_members = self.remote_members + added - removed;
         self.dropped += dropped;
-        acts.push(PresenceAction::FloodAll {
+        acts.push(PresenceAction::FloodDelta {
+            all: changes_len <= SMALL_DELTA,
             frame,
+            origin: home,
             except: Some(from),
         });
     }
