@@ -90,6 +90,9 @@ struct HomeView {
     announced: (u64, u64),
     beat: (u64, u64),
     last_heard: Duration,
+    /// The neighbour the home's latest delta or heartbeat came from: where
+    /// snapshot pulls go (a pull's neighbour may have died since).
+    last_from: Option<PeerId>,
     members: BTreeSet<PeerId>,
     pull: Option<Pull>,
 }
@@ -261,6 +264,7 @@ impl TopicPresence {
             if let Some(p) = v.pull.as_mut()
                 && p.due <= now
             {
+                p.from = v.last_from.unwrap_or(p.from);
                 p.due = now + SNAPSHOT_RETRY;
                 p.next_page = 0;
                 p.version = None;
@@ -291,6 +295,7 @@ impl TopicPresence {
                     announced: (0, 0),
                     beat: (0, 0),
                     last_heard: now,
+                    last_from: None,
                     members: BTreeSet::new(),
                     pull: None,
                 },
@@ -392,6 +397,7 @@ impl TopicPresence {
         v.delta_seen = iv;
         v.announced = v.announced.max(iv);
         v.last_heard = now;
+        v.last_from = Some(from);
 
         let frame = TopicFrame::PresenceDelta {
             topic,
@@ -465,6 +471,7 @@ impl TopicPresence {
         }
         v.beat = (incarnation, beat);
         v.last_heard = now;
+        v.last_from = Some(from);
         acts.push(PresenceAction::First { origin: home, from });
         if (incarnation, version) > v.version {
             v.announced = v.announced.max((incarnation, version));

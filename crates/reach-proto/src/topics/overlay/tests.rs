@@ -646,3 +646,58 @@ fn a_first_copy_over_a_link_pruned_for_its_origin_makes_it_a_tree_link_again() {
     assert!(told);
     assert_eq!(net.nodes[1].links_of(&topic(), &p.peer_id()).0, vec![a]);
 }
+
+#[test]
+fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
+    let t = topic();
+    let me = key(1).peer_id();
+    let (a, b, home) = (key(2).peer_id(), key(3).peer_id(), key(4).peer_id());
+    let mut o = Overlay::new(me, 1, OverlayConfig::default());
+    o.subscribe(t, Duration::ZERO).unwrap();
+    o.link_up(a, &[t]).unwrap();
+    o.link_up(b, &[t]).unwrap();
+    let requests = |o: &mut Overlay| -> Vec<PeerId> {
+        std::iter::from_fn(|| o.poll_output())
+            .filter_map(|out| match out {
+                OverlayOutput::Send {
+                    to,
+                    frame: TopicFrame::SnapshotRequest { .. },
+                } => Some(to),
+                _ => None,
+            })
+            .collect()
+    };
+    let beat = |n: u64| TopicFrame::Heartbeat {
+        topic: t,
+        home,
+        incarnation: 1,
+        version: 3,
+        beat: n,
+    };
+    // Home `home` is at version 3, heard through `a`: pull from `a`.
+    let t0 = MS(100);
+    o.handle_frame(a, beat(1), t0);
+    assert_eq!(requests(&mut o), vec![a]);
+    // `a` dies before answering; the home is now heard through `b`.
+    o.link_down(a);
+    o.handle_frame(b, beat(2), t0 + MS(500));
+    assert_eq!(requests(&mut o), vec![], "one pull at a time");
+    o.handle_timeout(t0 + crate::topics::SNAPSHOT_RETRY);
+    assert_eq!(requests(&mut o), vec![b]);
+    // `b` answers: the view is complete.
+    o.handle_frame(
+        b,
+        TopicFrame::SnapshotPage {
+            topic: t,
+            home,
+            incarnation: 1,
+            version: 3,
+            page: 0,
+            last: true,
+            members: vec![key(5).peer_id(), key(6).peer_id()],
+        },
+        t0 + MS(1_100),
+    );
+    assert_eq!(o.presence_view(&t, &home), Some((1, 3, 2)));
+    assert_eq!(o.members(&t).len(), 2);
+}
