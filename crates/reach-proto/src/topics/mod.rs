@@ -4,11 +4,21 @@
 //! else the relay a member holds). The homes of a topic keep federation
 //! links, which the driver (the runtime, or the simulator) opens and closes;
 //! this module never chooses peers. Over those links the [`overlay`] machine
-//! runs a PlumTree-style spanning tree with lazy repair: eager push of whole
-//! messages on tree links, batched "I have" notices on the other links, a
-//! pull (GRAFT) of what an "I have" announced and did not arrive, PRUNE of a
-//! link that delivered a duplicate. Cycles in the link graph are legal: the
-//! tree is what the eager links settle to.
+//! runs PlumTree-style spanning trees (one per origin) with lazy repair:
+//! eager push of whole messages on tree links, batched "I have" notices on
+//! the other links, a pull (GRAFT) of what an "I have" announced and did not
+//! arrive, PRUNE of a link that delivered a duplicate. Cycles in the link
+//! graph are legal: the trees are what the eager links settle to.
+//!
+//! The driver's side, in short: [`Overlay::subscribe`] the topics the home
+//! serves; [`Overlay::link_up`] / [`Overlay::link_down`] as federation links
+//! open and close; feed every frame received to [`Overlay::handle_frame`]
+//! (after [`TopicFrame::decode`]); local members through
+//! [`Overlay::member_joined`], [`Overlay::member_left`],
+//! [`Overlay::publish_from_member`]; call [`Overlay::handle_timeout`] at
+//! [`Overlay::next_timeout`]; after each call drain
+//! [`Overlay::poll_output`]: `Send` (encode and send on the link),
+//! `Deliver` (to the home's members), `PresenceChanged`.
 //!
 //! - [`message`]: the signed message, its id, and the wire frames.
 //! - [`order`]: per-origin high-water marks: exactly once, in order.

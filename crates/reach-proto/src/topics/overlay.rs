@@ -44,7 +44,7 @@
 //! first contact) and can answer a pull for them from its cache; a holder
 //! answering "not cached" ([`TopicFrame::NotCached`]) for a message it
 //! announced means the message is gone, and the gap is passed over at once
-//! instead of after [`GAP_GIVE_UP`]. The price: a lost message holds back
+//! instead of after [`GAP_GIVE_UP`](super::GAP_GIVE_UP). The price: a lost message holds back
 //! its origin's later ones for the repair time.
 //!
 //! **Limits at the publisher's home.** [`Overlay::publish`] (signed here)
