@@ -26,8 +26,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use super::{
-    HEARTBEAT, HOME_STALE, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE, PRESENCE_BATCH_DELAY,
-    PRESENCE_CONFIRM, SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
+    HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
+    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
 };
 use crate::PeerId;
 
@@ -93,6 +93,8 @@ struct HomeView {
     /// The neighbour the home's latest delta or heartbeat came from: where
     /// snapshot pulls go (a pull's neighbour may have died since).
     last_from: Option<PeerId>,
+    /// Neighbours that asked for a snapshot while this view was behind.
+    waiters: BTreeSet<PeerId>,
     members: BTreeSet<PeerId>,
     pull: Option<Pull>,
 }
@@ -296,6 +298,7 @@ impl TopicPresence {
                     beat: (0, 0),
                     last_heard: now,
                     last_from: None,
+                    waiters: BTreeSet::new(),
                     members: BTreeSet::new(),
                     pull: None,
                 },
@@ -436,8 +439,12 @@ impl TopicPresence {
         } else {
             Self::start_pull(topic, home, v, from, now, acts);
         }
+        let serve = v.pull.is_none() && v.version >= v.announced && !v.waiters.is_empty();
         self.remote_members = self.remote_members + added - removed;
         self.dropped += dropped;
+        if serve {
+            self.serve_waiters(home, acts);
+        }
         acts.push(PresenceAction::FloodDelta {
             all: changes_len <= SMALL_DELTA,
             frame,
@@ -491,12 +498,25 @@ impl TopicPresence {
     }
 
     pub(crate) fn on_snapshot_request(
-        &self,
+        &mut self,
         from: PeerId,
         home: PeerId,
         page: u32,
         acts: &mut Vec<PresenceAction>,
     ) {
+        if let Some(v) = self.homes.get_mut(&home)
+            && page == 0
+            && (v.pull.is_some() || v.version < v.announced)
+        {
+            // Behind ourselves: answer when caught up (the requester
+            // retries after SNAPSHOT_RETRY if we never are), so a subtree
+            // that lost a delta catches up a round trip per level, not a
+            // retry period per level.
+            if v.waiters.len() < MAX_LINKS_PER_TOPIC {
+                v.waiters.insert(from);
+            }
+            return;
+        }
         let (version, members): ((u64, u64), Vec<PeerId>) = if home == self.me {
             (
                 (self.incarnation, self.version),
@@ -526,6 +546,20 @@ impl TopicPresence {
                 members: chunk,
             },
         });
+    }
+
+    /// Answers the neighbours waiting for `home`'s snapshot, if the view
+    /// has caught up.
+    fn serve_waiters(&mut self, home: PeerId, acts: &mut Vec<PresenceAction>) {
+        let Some(v) = self.homes.get_mut(&home) else {
+            return;
+        };
+        if v.pull.is_some() || v.version < v.announced {
+            return;
+        }
+        for w in std::mem::take(&mut v.waiters) {
+            self.on_snapshot_request(w, home, 0, acts);
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -592,6 +626,7 @@ impl TopicPresence {
         if version > v.version {
             self.replace(home, version, acc, acts);
         }
+        self.serve_waiters(home, acts);
         if behind {
             // The neighbour was behind the version announced: ask again
             // after a retry period (its view will have caught up).
