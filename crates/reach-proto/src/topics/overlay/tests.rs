@@ -701,3 +701,66 @@ fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
     assert_eq!(o.presence_view(&t, &home), Some((1, 3, 2)));
     assert_eq!(o.members(&t).len(), 2);
 }
+
+#[test]
+fn a_home_behind_answers_a_snapshot_request_once_it_has_caught_up() {
+    let t = topic();
+    let me = key(1).peer_id();
+    let (up, down, home) = (key(2).peer_id(), key(3).peer_id(), key(4).peer_id());
+    let mut o = Overlay::new(me, 1, OverlayConfig::default());
+    o.subscribe(t, Duration::ZERO).unwrap();
+    o.link_up(up, &[t]).unwrap();
+    o.link_up(down, &[t]).unwrap();
+    let pages = |o: &mut Overlay| -> Vec<(PeerId, u64, usize)> {
+        std::iter::from_fn(|| o.poll_output())
+            .filter_map(|out| match out {
+                OverlayOutput::Send {
+                    to,
+                    frame:
+                        TopicFrame::SnapshotPage {
+                            version, members, ..
+                        },
+                } => Some((to, version, members.len())),
+                _ => None,
+            })
+            .collect()
+    };
+    // A heartbeat says `home` is at version 2; we have nothing: pulling.
+    o.handle_frame(
+        up,
+        TopicFrame::Heartbeat {
+            topic: t,
+            home,
+            incarnation: 1,
+            version: 2,
+            beat: 1,
+        },
+        MS(10),
+    );
+    // `down` asks us meanwhile: no stale answer.
+    o.handle_frame(
+        down,
+        TopicFrame::SnapshotRequest {
+            topic: t,
+            home,
+            page: 0,
+        },
+        MS(20),
+    );
+    assert_eq!(pages(&mut o), vec![]);
+    // Our pull completes: `down` gets the fresh page at once.
+    o.handle_frame(
+        up,
+        TopicFrame::SnapshotPage {
+            topic: t,
+            home,
+            incarnation: 1,
+            version: 2,
+            page: 0,
+            last: true,
+            members: vec![key(5).peer_id()],
+        },
+        MS(30),
+    );
+    assert_eq!(pages(&mut o), vec![(down, 2, 1)]);
+}
