@@ -764,3 +764,40 @@ fn a_home_behind_answers_a_snapshot_request_once_it_has_caught_up() {
     );
     assert_eq!(pages(&mut o), vec![(down, 2, 1)]);
 }
+
+#[test]
+fn limits_on_topics_links_are_typed_and_a_flooded_topic_leaves_others_alone() {
+    let me = key(1);
+    let mut o = Overlay::new(me.peer_id(), 1, OverlayConfig::default());
+    let now = Duration::ZERO;
+    let topics: Vec<TopicId> = (0..crate::topics::MAX_TOPICS_PER_NODE)
+        .map(|i| TopicId::from_name(&format!("t{i}")).unwrap())
+        .collect();
+    for t in &topics {
+        o.subscribe(*t, now).unwrap();
+    }
+    let one_more = TopicId::from_name("one more").unwrap();
+    assert_eq!(
+        o.subscribe(one_more, now).unwrap_err().kind(),
+        "too_many_topics"
+    );
+    let (a, b) = (topics[0], topics[1]);
+    for i in 0..MAX_LINKS_PER_TOPIC {
+        o.link_up(key(100 + i as u64).peer_id(), &[a]).unwrap();
+    }
+    assert_eq!(
+        o.link_up(key(99).peer_id(), &[a, b]),
+        Err(TopicError::TooManyLinks)
+    );
+    // The link was still added for the topic with room.
+    assert_eq!(o.links_of(&b, &me.peer_id()).0, vec![key(99).peer_id()]);
+    // Flood topic a past its rate: b is unaffected.
+    let mut refused = 0;
+    for i in 0..(2 * DEFAULT_TOPIC_RATE) {
+        if o.publish(a, vec![1], &key(1_000 + i / 50), now).is_err() {
+            refused += 1;
+        }
+    }
+    assert_eq!(refused, DEFAULT_TOPIC_RATE);
+    assert!(o.publish(b, vec![1], &key(5), now).is_ok());
+}
