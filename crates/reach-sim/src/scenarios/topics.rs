@@ -1007,7 +1007,13 @@ mod tests {
         assert_eq!(a.presence_converged, a.presence_events);
         assert!(a.presence_convergence_ms_max <= 2_000.0, "{a:?}");
         assert_eq!(a.presence_left_still_listed, 0, "{a:?}");
-        assert!(a.latency_ms_p50 >= a.shortest_path_ms_p50);
+        // The trees follow first arrivals: about the shortest path, which
+        // per-frame jitter (±LINK_JITTER) lets no delivery beat by more.
+        assert!(
+            a.latency_ms_p50 >= a.shortest_path_ms_p50 * (1.0 - LINK_JITTER),
+            "{a:?}"
+        );
+        assert!(a.latency_ms_p50 <= a.shortest_path_ms_p50 * 1.2, "{a:?}");
         assert_eq!(a, run(&p).0, "same seed, same report");
     }
 
