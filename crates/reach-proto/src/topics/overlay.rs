@@ -388,7 +388,10 @@ impl TopicState {
                 gap: true,
             });
             e.gap = true;
+            // The sender of seq n has every seq below n, not those between
+            // n and a later one buffered from elsewhere.
             if let Some(p) = from
+                && seq < id.seq
                 && !e.announcers.contains(&p)
             {
                 e.announcers.push(p);
