@@ -21,7 +21,7 @@
 //! [`Origins::mark_lost`] when every holder said it has it no more. A given
 //! up seq is a tombstone: delivery passes over it in order.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
 
 use super::message::{OriginTag, tag_of};
@@ -38,8 +38,8 @@ pub enum Offer {
     Duplicate,
     /// Kept: deliverable now or buffered behind a gap.
     Accepted,
-    /// Too far ahead of the gap, or the topic's buffer is full: dropped
-    /// (it is pulled again once the gap closes).
+    /// The topic's buffer is full: dropped (it is pulled again once the
+    /// gap closes).
     NoRoom,
 }
 
@@ -49,6 +49,8 @@ struct Stream<T> {
     ahead: BTreeMap<u64, Option<(T, usize)>>,
     /// Since when the head of `ahead` has waited on a gap.
     gap_since: Option<Duration>,
+    /// Messages at or below `hwm` still to hand out (after a jump).
+    released: VecDeque<Option<(T, usize)>>,
     stamp: u64,
 }
 
@@ -61,6 +63,7 @@ pub struct Origins<T> {
     tick: u64,
     cap: usize,
     buffered_bytes: usize,
+    jumped: u64,
 }
 
 impl<T> Default for Origins<T> {
@@ -80,6 +83,7 @@ impl<T> Origins<T> {
             tick: 0,
             cap: cap.max(1),
             buffered_bytes: 0,
+            jumped: 0,
         }
     }
 
@@ -96,6 +100,11 @@ impl<T> Origins<T> {
     /// The high-water mark of `origin`, if tracked.
     pub fn hwm(&self, origin: &PeerId) -> Option<u64> {
         self.streams.get(origin).map(|s| s.hwm)
+    }
+
+    /// Seqs passed over by window jumps since the last call.
+    pub fn take_jumped(&mut self) -> u64 {
+        std::mem::take(&mut self.jumped)
     }
 
     /// Bytes buffered ahead of gaps.
@@ -142,6 +151,7 @@ impl<T> Origins<T> {
             self.buffered_bytes -= s
                 .ahead
                 .values()
+                .chain(s.released.iter())
                 .map(|v| v.as_ref().map_or(0, |(_, n)| *n))
                 .sum::<usize>();
         }
@@ -157,6 +167,7 @@ impl<T> Origins<T> {
                 hwm,
                 ahead: BTreeMap::new(),
                 gap_since: None,
+                released: VecDeque::new(),
                 stamp: self.tick,
             },
         );
@@ -182,8 +193,22 @@ impl<T> Origins<T> {
         if seq <= s.hwm || s.ahead.contains_key(&seq) {
             return Offer::Duplicate;
         }
-        if seq > s.hwm.saturating_add(1) && (seq - s.hwm > MAX_AHEAD_PER_ORIGIN || !room) {
+        if seq > s.hwm.saturating_add(1) && !room {
             return Offer::NoRoom;
+        }
+        if seq - s.hwm > MAX_AHEAD_PER_ORIGIN {
+            // The stream is further on than the buffer reaches (a long
+            // partition, or a publisher that restarted at a higher seq):
+            // move the window so `seq` is its last slot. What is buffered
+            // below the new window is released first, in order; the seqs
+            // passed over are counted; the rest of the window is pulled.
+            let new_hwm = seq - MAX_AHEAD_PER_ORIGIN;
+            let keep = s.ahead.split_off(&(new_hwm + 1));
+            let below = std::mem::replace(&mut s.ahead, keep);
+            self.jumped += (new_hwm - s.hwm) - below.len() as u64;
+            s.released.extend(below.into_values());
+            s.hwm = new_hwm;
+            s.gap_since = None;
         }
         s.ahead.insert(seq, Some((item, size)));
         self.buffered_bytes += size;
@@ -214,6 +239,12 @@ impl<T> Origins<T> {
     /// for a given-up seq (passed over), `Some(Some(item))` to deliver.
     pub fn pop_ready(&mut self, origin: &PeerId, now: Duration) -> Option<Option<T>> {
         let s = self.streams.get_mut(origin)?;
+        if let Some(v) = s.released.pop_front() {
+            return Some(v.map(|(item, size)| {
+                self.buffered_bytes -= size;
+                item
+            }));
+        }
         let first = s.ahead.first_entry()?;
         if *first.key() != s.hwm.saturating_add(1) {
             return None;
@@ -340,21 +371,25 @@ mod tests {
     }
 
     #[test]
-    fn buffer_ahead_is_bounded() {
+    fn buffer_ahead_is_bounded_and_a_stream_far_ahead_moves_the_window() {
         let mut o = Origins::default();
         let a = peer(1);
         o.offer(&a, 1, 1, 1, T0);
         drain(&mut o, &a);
-        assert_eq!(
-            o.offer(&a, 2 + MAX_AHEAD_PER_ORIGIN, 0, 1, T0),
-            Offer::NoRoom
-        );
-        assert_eq!(
-            o.offer(&a, 1 + MAX_AHEAD_PER_ORIGIN, 0, 1, T0),
-            Offer::Accepted
-        );
-        let big = MAX_BUFFERED_BYTES_PER_TOPIC;
+        let big = MAX_BUFFERED_BYTES_PER_TOPIC + 1;
         assert_eq!(o.offer(&a, 3, 0, big, T0), Offer::NoRoom);
+        assert_eq!(o.offer(&a, 3, 3, 1, T0), Offer::Accepted);
+        // Seq 2 never came; then the stream shows up far beyond the
+        // buffer: 3 is handed out, 2 and 4..=12 are passed over, the
+        // window now ends at the new seq.
+        let far = 12 + MAX_AHEAD_PER_ORIGIN;
+        assert_eq!(o.offer(&a, far, far, 1, T0), Offer::Accepted);
+        assert_eq!(o.take_jumped(), 10);
+        assert_eq!(o.hwm(&a), Some(12));
+        assert_eq!(drain(&mut o, &a), vec![Some(3)]);
+        assert_eq!(o.gaps(&a).len() as u64, MAX_AHEAD_PER_ORIGIN - 1);
+        assert_eq!(o.offer(&a, 3, 3, 1, T0), Offer::Duplicate);
+        assert_eq!(o.buffered_bytes(), 1);
     }
 
     #[test]

@@ -358,7 +358,7 @@ impl TopicState {
             .origins
             .offer(&id.origin, id.seq, Pending { msg, from }, size, now)
         {
-            Offer::Accepted => {}
+            Offer::Accepted => stats.gaps_skipped += self.origins.take_jumped(),
             Offer::Duplicate => {
                 stats.duplicates_received += 1;
                 return Ok(id);

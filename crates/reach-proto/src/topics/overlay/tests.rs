@@ -844,3 +844,36 @@ fn the_sender_of_seq_n_is_asked_only_for_seqs_below_n() {
     assert_eq!(got, vec![1, 2, 3, 4, 5]);
     assert_eq!(o.stats().gaps_skipped, 0);
 }
+
+#[test]
+fn a_home_cut_off_for_longer_than_its_buffer_catches_up_in_order() {
+    let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
+    let p = key(1);
+    net.publish(0, &p, b"1");
+    net.run_until(MS(500));
+    net.cut(0, 1);
+    // 300 messages while cut off: more than MAX_AHEAD_PER_ORIGIN.
+    for i in 0..300 {
+        net.publish(0, &p, format!("{i}").as_bytes());
+        net.run_until(net.now + MS(20));
+    }
+    net.connect(0, 1, MS(10));
+    for i in 0..5 {
+        net.publish(0, &p, format!("after {i}").as_bytes());
+        net.run_until(net.now + MS(20));
+    }
+    net.run_until(net.now + Duration::from_secs(10));
+    let seqs: Vec<u64> = net.delivered[1].iter().map(|(_, s)| *s).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "in order, once");
+    assert_eq!(seqs.last(), Some(&306));
+    // Everything the jumped window could still pull was pulled.
+    let skipped = net.nodes[1].stats().gaps_skipped;
+    assert_eq!(seqs.len() as u64 + skipped, 306);
+    assert!(
+        seqs.len() as u64 > MAX_AHEAD_PER_ORIGIN_FOR_TEST,
+        "{}",
+        seqs.len()
+    );
+}
+
+const MAX_AHEAD_PER_ORIGIN_FOR_TEST: u64 = crate::topics::MAX_AHEAD_PER_ORIGIN;
