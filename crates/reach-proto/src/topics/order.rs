@@ -20,6 +20,12 @@
 //! given up: [`Origins::give_up`] after [`GAP_GIVE_UP`], or
 //! [`Origins::mark_lost`] when every holder said it has it no more. A given
 //! up seq is a tombstone: delivery passes over it in order.
+//!
+//! **Far ahead.** A message more than [`MAX_AHEAD_PER_ORIGIN`] past the
+//! high-water mark (a home cut off for a long while, a publisher restarted
+//! at a higher seq) moves the window: what is buffered below it is handed
+//! out first, the seqs passed over are counted ([`Origins::take_jumped`]),
+//! and the rest of the window is pulled like any gap.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::time::Duration;
