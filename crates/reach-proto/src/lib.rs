@@ -22,7 +22,10 @@
 //! - [`punch`]: hole punching: technique, coordination, upgrade from relayed
 //!   to direct, liveness of the direct path.
 //! - [`outbox`]: the durable outbox's policy: retry schedule, per-destination
-//!   FIFO scheduler, and the receiver's exactly-once log.
+//!   FIFO scheduler, the receiver's exactly-once log, the delivery frames.
+//! - [`topics`]: publish/subscribe among the homes of a topic: signed
+//!   messages, a spanning-tree overlay with lazy repair, exactly-once
+//!   in-order delivery per publisher, presence.
 //! - [`limits`]: the rate limiters (fixed window, token bucket) the other
 //!   modules and the runtime share.
 
@@ -35,6 +38,7 @@ pub mod outbox;
 pub mod punch;
 pub mod relay;
 pub mod ticket;
+pub mod topics;
 pub mod wire;
 
 pub use identity::{Keypair, PeerId, PeerIdError};

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 use reach_sim::net::LinkModel;
 use reach_sim::scenarios::lookup::{self, LookupParams};
 use reach_sim::scenarios::probe::{ProbeParams, run_with_wall};
+use reach_sim::scenarios::topics::{self, TopicsParams};
 use serde::Serialize;
 
 /// Largest --latency-ms accepted (one minute).
@@ -62,6 +63,35 @@ enum Command {
         /// Virtual seconds over which lookups and churn are spread.
         #[arg(long, default_value_t = lookup::DEFAULT_WINDOW.as_secs_f64())]
         window_s: f64,
+        /// Print JSON (the only output format; accepted for symmetry).
+        #[arg(long)]
+        json: bool,
+    },
+    /// The topic overlay: homes running reach-proto's overlay machine,
+    /// messages from member publishers, presence, churn and loss.
+    Topics {
+        #[arg(long, default_value_t = 100)]
+        homes: usize,
+        /// Members in all (spread evenly over the homes).
+        #[arg(long, default_value_t = 10_000)]
+        members: usize,
+        #[arg(long, default_value_t = 1_000)]
+        messages: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fraction of homes that crash, and of fresh homes that join,
+        /// while messages flow (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Per-frame loss probability (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        /// Messages per second over the topic.
+        #[arg(long, default_value_t = 100.0)]
+        rate: f64,
         /// Print JSON (the only output format; accepted for symmetry).
         #[arg(long)]
         json: bool,
@@ -151,6 +181,54 @@ fn main() -> ExitCode {
                 link: lookup::link(Duration::from_secs_f64(latency_ms / 1000.0), loss),
                 churn,
                 window: Duration::from_secs_f64(window_s),
+            });
+            print_json(&out)
+        }
+        Command::Topics {
+            homes,
+            members,
+            messages,
+            seed,
+            churn,
+            loss,
+            size,
+            rate,
+            json: _,
+        } => {
+            if !(2..=topics::MAX_HOMES).contains(&homes)
+                || members > topics::MAX_MEMBERS
+                || messages > topics::MAX_MESSAGES
+            {
+                eprintln!(
+                    "error: --homes must be in [2, {}], --members at most {}, --messages at most {}",
+                    topics::MAX_HOMES,
+                    topics::MAX_MEMBERS,
+                    topics::MAX_MESSAGES
+                );
+                return ExitCode::FAILURE;
+            }
+            let valid = (0.0..1.0).contains(&loss)
+                && (0.0..=1.0).contains(&churn)
+                && size <= reach_proto::topics::MAX_DATA_LEN
+                && rate > 0.0
+                && rate <= topics::MAX_RATE;
+            if !valid {
+                eprintln!(
+                    "error: --loss must be in [0, 1), --churn in [0, 1], --size at most {} and --rate in (0, {}]",
+                    reach_proto::topics::MAX_DATA_LEN,
+                    topics::MAX_RATE
+                );
+                return ExitCode::FAILURE;
+            }
+            let out = topics::run_with_wall(&TopicsParams {
+                homes,
+                members,
+                messages,
+                seed,
+                churn,
+                loss,
+                size,
+                rate,
             });
             print_json(&out)
         }

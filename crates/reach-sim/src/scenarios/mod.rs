@@ -2,3 +2,4 @@
 
 pub mod lookup;
 pub mod probe;
+pub mod topics;

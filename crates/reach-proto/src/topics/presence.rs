@@ -1,0 +1,644 @@
+//! Presence: who the members of a topic are, per home.
+//!
+//! Only a member's own home announces it: each home keeps a version of its
+//! local member list and floods *deltas* (joins and leaves gathered for
+//! [`PRESENCE_BATCH_DELAY`], one version each): small ones over every link
+//! of the topic (each crosses each link at most twice; a delta lost on a
+//! tree link would otherwise leave a subtree behind until a snapshot), big
+//! ones over the home's tree ([`SMALL_DELTA`]).
+//! Heartbeats go over the home's tree (see the overlay's per-origin trees).
+//! [`PRESENCE_CONFIRM`] after a delta, and every [`HEARTBEAT`], a home floods `(home, incarnation, version, beat)`:
+//! a few dozen bytes whatever its member count, so presence costs each link
+//! a bounded amount per home. A home whose version is ahead of what a
+//! heartbeat or delta says pulls a snapshot of that home's members from the
+//! neighbour that sent it, in pages of [`MAX_PRESENCE_PAGE`]. A home not
+//! heard for [`HOME_STALE`] has its members dropped.
+//!
+//! `incarnation` is a value the driver picks per start of the home (e.g.
+//! its start time): a restarted home counts its versions and beats from 0
+//! again, and a higher incarnation tells the others to start over.
+//!
+//! Presence frames travel over authenticated federation links but are not
+//! signed end to end: a federated home could misreport another home's
+//! members. Signing deltas is left for later (see the module's report).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::{
+    HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
+    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
+};
+use crate::PeerId;
+
+/// A delta of at most this many changes (the joins and leaves of one batch
+/// period of a busy home) is flooded over every link, so a frame lost on a
+/// tree link costs nothing; a bigger one (a home starting with many
+/// members) goes over the home's tree, since every link would carry its
+/// full size up to twice, and a lost piece is made good by a snapshot.
+pub const SMALL_DELTA: usize = 32;
+/// Homes per topic whose members a home tracks at most.
+pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
+
+/// What presence asks the overlay to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PresenceAction {
+    /// Send over `origin`'s tree (the home whose presence it is) but to
+    /// `except`.
+    Flood {
+        frame: TopicFrame,
+        origin: PeerId,
+        except: Option<PeerId>,
+    },
+    /// Send on every link but `except` if `all`, else over `origin`'s
+    /// tree (deltas: see [`SMALL_DELTA`]).
+    FloodDelta {
+        frame: TopicFrame,
+        origin: PeerId,
+        all: bool,
+        except: Option<PeerId>,
+    },
+    /// `from` sent a flood of `origin` already had: prune it from that
+    /// tree.
+    Duplicate { origin: PeerId, from: PeerId },
+    /// `from` sent a new flood of `origin` first: it is on that tree.
+    First { origin: PeerId, from: PeerId },
+    /// Send to one neighbour.
+    Send { to: PeerId, frame: TopicFrame },
+    /// A member appeared or vanished (any home, this one included).
+    Changed {
+        member: PeerId,
+        home: PeerId,
+        joined: bool,
+    },
+}
+
+struct Pull {
+    from: PeerId,
+    version: Option<(u64, u64)>,
+    next_page: u32,
+    acc: Vec<PeerId>,
+    due: Duration,
+}
+
+struct HomeView {
+    /// (incarnation, version) of `members`.
+    version: (u64, u64),
+    /// Highest (incarnation, version) of a delta seen (flood dedup).
+    delta_seen: (u64, u64),
+    /// Highest (incarnation, version) announced by a delta or heartbeat.
+    announced: (u64, u64),
+    beat: (u64, u64),
+    last_heard: Duration,
+    /// The neighbour the home's latest delta or heartbeat came from: where
+    /// snapshot pulls go (a pull's neighbour may have died since).
+    last_from: Option<PeerId>,
+    /// Neighbours that asked for a snapshot while this view was behind.
+    waiters: BTreeSet<PeerId>,
+    members: BTreeSet<PeerId>,
+    pull: Option<Pull>,
+}
+
+/// Presence state of one topic at one home.
+pub(crate) struct TopicPresence {
+    me: PeerId,
+    topic: TopicId,
+    incarnation: u64,
+    local: BTreeSet<PeerId>,
+    version: u64,
+    pending: Vec<(PeerId, bool)>,
+    batch_due: Option<Duration>,
+    beat: u64,
+    next_beat: Duration,
+    next_sweep: Duration,
+    homes: BTreeMap<PeerId, HomeView>,
+    remote_members: usize,
+    /// Presence entries refused at [`MAX_MEMBERS_PER_TOPIC`] or
+    /// [`MAX_HOMES_PER_TOPIC`].
+    pub(crate) dropped: u64,
+}
+
+impl TopicPresence {
+    pub(crate) fn new(me: PeerId, topic: TopicId, incarnation: u64, now: Duration) -> Self {
+        TopicPresence {
+            me,
+            topic,
+            incarnation,
+            local: BTreeSet::new(),
+            version: 0,
+            pending: Vec::new(),
+            batch_due: None,
+            beat: 0,
+            next_beat: now,
+            next_sweep: now + STALE_SWEEP,
+            homes: BTreeMap::new(),
+            remote_members: 0,
+            dropped: 0,
+        }
+    }
+
+    pub(crate) fn local_members(&self) -> usize {
+        self.local.len()
+    }
+
+    /// Every member known, with its home.
+    pub(crate) fn members(&self) -> Vec<(PeerId, PeerId)> {
+        let mut v: Vec<(PeerId, PeerId)> = self.local.iter().map(|m| (*m, self.me)).collect();
+        for (h, view) in &self.homes {
+            v.extend(view.members.iter().map(|m| (*m, *h)));
+        }
+        v
+    }
+
+    /// (incarnation, version, members) of `home` as this home knows it.
+    pub(crate) fn view_of(&self, home: &PeerId) -> Option<(u64, u64, usize)> {
+        if *home == self.me {
+            return Some((self.incarnation, self.version, self.local.len()));
+        }
+        self.homes
+            .get(home)
+            .map(|v| (v.version.0, v.version.1, v.members.len()))
+    }
+
+    /// A local member joined (`true`) or left. False if nothing changed or
+    /// the topic is full.
+    pub(crate) fn local_change(
+        &mut self,
+        member: PeerId,
+        joined: bool,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) -> bool {
+        let changed = if joined {
+            if self.local.len() + self.remote_members >= MAX_MEMBERS_PER_TOPIC {
+                self.dropped += 1;
+                return false;
+            }
+            self.local.insert(member)
+        } else {
+            self.local.remove(&member)
+        };
+        if changed {
+            self.pending.push((member, joined));
+            self.batch_due.get_or_insert(now + PRESENCE_BATCH_DELAY);
+            acts.push(PresenceAction::Changed {
+                member,
+                home: self.me,
+                joined,
+            });
+        }
+        changed
+    }
+
+    pub(crate) fn next_timeout(&self) -> Option<Duration> {
+        let pulls = self
+            .homes
+            .values()
+            .filter_map(|v| v.pull.as_ref().map(|p| p.due));
+        [Some(self.next_beat), Some(self.next_sweep), self.batch_due]
+            .into_iter()
+            .flatten()
+            .chain(pulls)
+            .min()
+    }
+
+    pub(crate) fn on_timeout(&mut self, now: Duration, acts: &mut Vec<PresenceAction>) {
+        if self.batch_due.is_some_and(|t| t <= now) {
+            self.batch_due = None;
+            let pending = std::mem::take(&mut self.pending);
+            for chunk in pending.chunks(MAX_PRESENCE_PAGE) {
+                self.version += 1;
+                acts.push(PresenceAction::FloodDelta {
+                    origin: self.me,
+                    all: chunk.len() <= SMALL_DELTA,
+                    frame: TopicFrame::PresenceDelta {
+                        topic: self.topic,
+                        home: self.me,
+                        incarnation: self.incarnation,
+                        version: self.version,
+                        changes: chunk.to_vec(),
+                    },
+                    except: None,
+                });
+            }
+            // A home that lost the delta learns of the gap from this early
+            // heartbeat instead of the next regular one.
+            self.next_beat = self.next_beat.min(now + PRESENCE_CONFIRM);
+        }
+        if self.next_beat <= now {
+            self.beat += 1;
+            self.next_beat = now + HEARTBEAT;
+            acts.push(PresenceAction::Flood {
+                frame: TopicFrame::Heartbeat {
+                    topic: self.topic,
+                    home: self.me,
+                    incarnation: self.incarnation,
+                    version: self.version,
+                    beat: self.beat,
+                },
+                origin: self.me,
+                except: None,
+            });
+        }
+        if self.next_sweep <= now {
+            self.next_sweep = now + STALE_SWEEP;
+            let stale: Vec<PeerId> = self
+                .homes
+                .iter()
+                .filter(|(_, v)| v.last_heard + HOME_STALE <= now)
+                .map(|(h, _)| *h)
+                .collect();
+            for h in stale {
+                if let Some(v) = self.homes.remove(&h) {
+                    self.remote_members -= v.members.len();
+                    for m in v.members {
+                        acts.push(PresenceAction::Changed {
+                            member: m,
+                            home: h,
+                            joined: false,
+                        });
+                    }
+                }
+            }
+        }
+        let topic = self.topic;
+        for (home, v) in self.homes.iter_mut() {
+            if let Some(p) = v.pull.as_mut()
+                && p.due <= now
+            {
+                p.from = v.last_from.unwrap_or(p.from);
+                p.due = now + SNAPSHOT_RETRY;
+                p.next_page = 0;
+                p.version = None;
+                p.acc.clear();
+                acts.push(PresenceAction::Send {
+                    to: p.from,
+                    frame: TopicFrame::SnapshotRequest {
+                        topic,
+                        home: *home,
+                        page: 0,
+                    },
+                });
+            }
+        }
+    }
+
+    fn view(&mut self, home: PeerId, now: Duration) -> Option<&mut HomeView> {
+        if !self.homes.contains_key(&home) {
+            if self.homes.len() >= MAX_HOMES_PER_TOPIC {
+                self.dropped += 1;
+                return None;
+            }
+            self.homes.insert(
+                home,
+                HomeView {
+                    version: (0, 0),
+                    delta_seen: (0, 0),
+                    announced: (0, 0),
+                    beat: (0, 0),
+                    last_heard: now,
+                    last_from: None,
+                    waiters: BTreeSet::new(),
+                    members: BTreeSet::new(),
+                    pull: None,
+                },
+            );
+        }
+        self.homes.get_mut(&home)
+    }
+
+    fn start_pull(
+        topic: TopicId,
+        home: PeerId,
+        v: &mut HomeView,
+        from: PeerId,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        if v.pull.is_some() {
+            return;
+        }
+        v.pull = Some(Pull {
+            from,
+            version: None,
+            next_page: 0,
+            acc: Vec::new(),
+            due: now + SNAPSHOT_RETRY,
+        });
+        acts.push(PresenceAction::Send {
+            to: from,
+            frame: TopicFrame::SnapshotRequest {
+                topic,
+                home,
+                page: 0,
+            },
+        });
+    }
+
+    /// Replaces `home`'s members by `members` at `version`.
+    fn replace(
+        &mut self,
+        home: PeerId,
+        version: (u64, u64),
+        members: Vec<PeerId>,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        let budget = MAX_MEMBERS_PER_TOPIC.saturating_sub(self.local.len() + self.remote_members);
+        let Some(v) = self.homes.get_mut(&home) else {
+            return;
+        };
+        let old_len = v.members.len();
+        let mut new: BTreeSet<PeerId> = members.into_iter().collect();
+        if new.len() > budget + old_len {
+            let keep: BTreeSet<PeerId> = new.iter().take(budget + old_len).copied().collect();
+            self.dropped += (new.len() - keep.len()) as u64;
+            new = keep;
+        }
+        for m in v.members.difference(&new) {
+            acts.push(PresenceAction::Changed {
+                member: *m,
+                home,
+                joined: false,
+            });
+        }
+        for m in new.difference(&v.members) {
+            acts.push(PresenceAction::Changed {
+                member: *m,
+                home,
+                joined: true,
+            });
+        }
+        self.remote_members = self.remote_members - old_len + new.len();
+        v.members = new;
+        v.version = version;
+        v.announced = v.announced.max(version);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_delta(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        incarnation: u64,
+        version: u64,
+        changes: Vec<(PeerId, bool)>,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        if home == self.me {
+            return;
+        }
+        let topic = self.topic;
+        let at_cap = self.local.len() + self.remote_members >= MAX_MEMBERS_PER_TOPIC;
+        let Some(v) = self.view(home, now) else {
+            return;
+        };
+        let iv = (incarnation, version);
+        if iv <= v.delta_seen {
+            return;
+        }
+        v.delta_seen = iv;
+        v.announced = v.announced.max(iv);
+        v.last_heard = now;
+        v.last_from = Some(from);
+
+        let frame = TopicFrame::PresenceDelta {
+            topic,
+            home,
+            incarnation,
+            version,
+            changes: changes.clone(),
+        };
+        let changes_len = changes.len();
+        let mut added = 0usize;
+        let mut removed = 0usize;
+        let mut dropped = 0u64;
+        if v.pull.is_none() && v.version.1.checked_add(1).map(|n| (v.version.0, n)) == Some(iv) {
+            for (m, joined) in changes {
+                if joined {
+                    if at_cap {
+                        dropped += 1;
+                    } else if v.members.insert(m) {
+                        added += 1;
+                        acts.push(PresenceAction::Changed {
+                            member: m,
+                            home,
+                            joined: true,
+                        });
+                    }
+                } else if v.members.remove(&m) {
+                    removed += 1;
+                    acts.push(PresenceAction::Changed {
+                        member: m,
+                        home,
+                        joined: false,
+                    });
+                }
+            }
+            v.version = iv;
+        } else {
+            Self::start_pull(topic, home, v, from, now, acts);
+        }
+        let serve = v.pull.is_none() && v.version >= v.announced && !v.waiters.is_empty();
+        self.remote_members = self.remote_members + added - removed;
+        self.dropped += dropped;
+        if serve {
+            self.serve_waiters(home, acts);
+        }
+        acts.push(PresenceAction::FloodDelta {
+            all: changes_len <= SMALL_DELTA,
+            frame,
+            origin: home,
+            except: Some(from),
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_heartbeat(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        incarnation: u64,
+        version: u64,
+        beat: u64,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        if home == self.me {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
+            return;
+        }
+        let topic = self.topic;
+        let Some(v) = self.view(home, now) else {
+            return;
+        };
+        if (incarnation, beat) <= v.beat {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
+            return;
+        }
+        v.beat = (incarnation, beat);
+        v.last_heard = now;
+        v.last_from = Some(from);
+        acts.push(PresenceAction::First { origin: home, from });
+        if (incarnation, version) > v.version {
+            v.announced = v.announced.max((incarnation, version));
+            Self::start_pull(topic, home, v, from, now, acts);
+        }
+        acts.push(PresenceAction::Flood {
+            frame: TopicFrame::Heartbeat {
+                topic,
+                home,
+                incarnation,
+                version,
+                beat,
+            },
+            origin: home,
+            except: Some(from),
+        });
+    }
+
+    pub(crate) fn on_snapshot_request(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        page: u32,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        if let Some(v) = self.homes.get_mut(&home)
+            && page == 0
+            && (v.pull.is_some() || v.version < v.announced)
+        {
+            // Behind ourselves: answer when caught up (the requester
+            // retries after SNAPSHOT_RETRY if we never are), so a subtree
+            // that lost a delta catches up a round trip per level, not a
+            // retry period per level.
+            if v.waiters.len() < MAX_LINKS_PER_TOPIC {
+                v.waiters.insert(from);
+            }
+            return;
+        }
+        let (version, members): ((u64, u64), Vec<PeerId>) = if home == self.me {
+            (
+                (self.incarnation, self.version),
+                self.local.iter().copied().collect(),
+            )
+        } else if let Some(v) = self.homes.get(&home) {
+            (v.version, v.members.iter().copied().collect())
+        } else {
+            ((0, 0), Vec::new())
+        };
+        let start = (page as usize).saturating_mul(MAX_PRESENCE_PAGE);
+        let chunk: Vec<PeerId> = members
+            .iter()
+            .skip(start)
+            .take(MAX_PRESENCE_PAGE)
+            .copied()
+            .collect();
+        acts.push(PresenceAction::Send {
+            to: from,
+            frame: TopicFrame::SnapshotPage {
+                topic: self.topic,
+                home,
+                incarnation: version.0,
+                version: version.1,
+                page,
+                last: start + MAX_PRESENCE_PAGE >= members.len(),
+                members: chunk,
+            },
+        });
+    }
+
+    /// Answers the neighbours waiting for `home`'s snapshot, if the view
+    /// has caught up.
+    fn serve_waiters(&mut self, home: PeerId, acts: &mut Vec<PresenceAction>) {
+        let Some(v) = self.homes.get_mut(&home) else {
+            return;
+        };
+        if v.pull.is_some() || v.version < v.announced {
+            return;
+        }
+        for w in std::mem::take(&mut v.waiters) {
+            self.on_snapshot_request(w, home, 0, acts);
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn on_snapshot_page(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        version: (u64, u64),
+        page: u32,
+        last: bool,
+        members: Vec<PeerId>,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        let topic = self.topic;
+        let Some(v) = self.homes.get_mut(&home) else {
+            return;
+        };
+        let Some(p) = v.pull.as_mut() else {
+            return;
+        };
+        if p.from != from || p.next_page != page {
+            return;
+        }
+        if p.version.is_some_and(|pv| pv != version) {
+            // The view changed between pages: start over.
+            p.version = None;
+            p.next_page = 0;
+            p.acc.clear();
+            p.due = now + SNAPSHOT_RETRY;
+            acts.push(PresenceAction::Send {
+                to: from,
+                frame: TopicFrame::SnapshotRequest {
+                    topic,
+                    home,
+                    page: 0,
+                },
+            });
+            return;
+        }
+        p.version = Some(version);
+        if p.acc.len() + members.len() > MAX_MEMBERS_PER_TOPIC {
+            v.pull = None;
+            self.dropped += 1;
+            return;
+        }
+        p.acc.extend(members);
+        if !last {
+            p.next_page += 1;
+            p.due = now + SNAPSHOT_RETRY;
+            acts.push(PresenceAction::Send {
+                to: from,
+                frame: TopicFrame::SnapshotRequest {
+                    topic,
+                    home,
+                    page: p.next_page,
+                },
+            });
+            return;
+        }
+        let acc = std::mem::take(&mut p.acc);
+        v.pull = None;
+        let behind = v.announced > version;
+        if version > v.version {
+            self.replace(home, version, acc, acts);
+        }
+        self.serve_waiters(home, acts);
+        if behind {
+            // The neighbour was behind the version announced: ask again
+            // after a retry period (its view will have caught up).
+            if let Some(v) = self.homes.get_mut(&home) {
+                v.pull = Some(Pull {
+                    from,
+                    version: None,
+                    next_page: 0,
+                    acc: Vec::new(),
+                    due: now + SNAPSHOT_RETRY,
+                });
+            }
+        }
+    }
+}
