@@ -76,6 +76,18 @@ pub enum Command {
         /// Send this file's bytes as the message.
         #[arg(long, value_name = "FILE")]
         file: Option<PathBuf>,
+        /// Send durably: the node commits the message to its outbox on disk
+        /// (prints its id once it is there) and delivers it when the peer is
+        /// reachable, surviving restarts. `critical`: until delivered (or
+        /// --ttl); `moderate`: --attempts tries (default 3). Up to 1 MiB.
+        #[arg(long, value_name = "CLASS", value_parser = ["critical", "moderate"])]
+        durable: Option<String>,
+        /// Attempts of a `--durable moderate` message.
+        #[arg(long, value_name = "N", requires = "durable")]
+        attempts: Option<u32>,
+        /// Give a durable message up after this many seconds.
+        #[arg(long, value_name = "SECS", requires = "durable")]
+        ttl: Option<u64>,
         /// An address to reach the peer at (repeatable), for this send only:
         /// remembered only if the peer answered there. Not needed: without
         /// it the peer is found through the DHT by its id.
@@ -110,6 +122,15 @@ pub enum Command {
     /// as `message from <peer>: <text>` (control characters escaped);
     /// `--follow` streams messages and connection events until Ctrl-C.
     Recv(crate::daemon::RecvArgs),
+    /// List a running node's durable messages still waiting for their
+    /// receivers (`reach send --durable`): id, peer, attempts, age, next try.
+    Outbox {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        data_dir: DataDirArg,
+    },
     /// List a running node's connected peers: id, address, path (direct or
     /// relayed or tcp), RTT.
     Peers {

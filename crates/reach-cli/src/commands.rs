@@ -58,9 +58,21 @@ pub async fn run(cli: Cli) -> Result<()> {
             message,
             file,
             addrs,
+            durable,
+            attempts,
+            ttl,
             data_dir: d,
         } => {
             let client = ApiClient::from_data_dir(&data_dir(&d)?)?;
+            if let Some(class) = durable {
+                let durable = crate::daemon::Durable {
+                    class,
+                    attempts,
+                    ttl_s: ttl,
+                };
+                return crate::daemon::send_durable(&client, &peer, message, file, &addrs, durable)
+                    .await;
+            }
             let message =
                 match crate::daemon::send_bytes(&client, &peer, message, file, &addrs).await? {
                     Some(text) => text,
@@ -114,6 +126,9 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Recv(args) => {
             let dir = data_dir(&args.data_dir)?;
             crate::daemon::recv(args, &dir).await
+        }
+        Command::Outbox { json, data_dir: d } => {
+            crate::daemon::outbox(&ApiClient::from_data_dir(&data_dir(&d)?)?, json).await
         }
         Command::Peers { json, data_dir: d } => {
             crate::daemon::peers(&ApiClient::from_data_dir(&data_dir(&d)?)?, json).await

@@ -102,6 +102,104 @@ pub async fn send_bytes(
     addrs: &[SocketAddr],
 ) -> Result<Option<String>> {
     let limit = reach::MAX_MESSAGE_LEN;
+    let data = match read_message(message, file, limit)? {
+        Message::Text(m) => return Ok(Some(m)),
+        Message::Bytes(data) => data,
+    };
+    let peer = peer_ref.peer();
+    connect_first(client, peer_ref, addrs).await?;
+    let resp: SendResponse = client
+        .post_bytes(&format!("/v1/send?peer={peer}"), data)
+        .await?;
+    println!("delivered {} bytes to {}", resp.bytes, peer);
+    Ok(None)
+}
+
+/// `reach send --durable`'s options.
+pub struct Durable {
+    pub class: String,
+    pub attempts: Option<u32>,
+    pub ttl_s: Option<u64>,
+}
+
+/// `reach send --durable`: the message (text, `-` for stdin, or a file)
+/// committed to the node's outbox; prints its id.
+pub async fn send_durable(
+    client: &ApiClient,
+    peer_ref: &PeerRef,
+    message: Option<String>,
+    file: Option<PathBuf>,
+    addrs: &[SocketAddr],
+    durable: Durable,
+) -> Result<()> {
+    let data = match read_message(message, file, reach::outbox::MAX_DURABLE_MESSAGE_LEN)? {
+        Message::Text(m) => m.into_bytes(),
+        Message::Bytes(data) => data,
+    };
+    anyhow::ensure!(
+        data.len() <= reach::outbox::MAX_DURABLE_MESSAGE_LEN,
+        "a durable message is at most {} bytes",
+        reach::outbox::MAX_DURABLE_MESSAGE_LEN
+    );
+    let peer = peer_ref.peer();
+    // A ticket or address is only a hint for the first try: the outbox
+    // finds the peer by its id from then on.
+    if let Err(e) = connect_first(client, peer_ref, addrs).await {
+        eprintln!("note: {peer} is not reachable now ({e}); the message waits in the outbox");
+    }
+    let mut path = format!("/v1/send?peer={peer}&durable={}", durable.class);
+    if let Some(n) = durable.attempts {
+        path.push_str(&format!("&attempts={n}"));
+    }
+    if let Some(t) = durable.ttl_s {
+        path.push_str(&format!("&ttl_s={t}"));
+    }
+    let resp: SendResponse = client.post_bytes(&path, data).await?;
+    match resp.durable_id {
+        Some(id) => println!(
+            "committed durable message {id} ({} bytes) for {peer}: `reach outbox` shows it until delivered",
+            resp.bytes
+        ),
+        None => anyhow::bail!("the node did not say it committed the message"),
+    }
+    Ok(())
+}
+
+/// `reach outbox`: the durable messages waiting for their receivers.
+pub async fn outbox(client: &ApiClient, json: bool) -> Result<()> {
+    let resp: reach::api::OutboxResponse = client.get("/v1/outbox").await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&resp)?);
+        return Ok(());
+    }
+    if resp.pending.is_empty() {
+        println!("outbox empty: every durable message was delivered (or given up)");
+        return Ok(());
+    }
+    println!(
+        "{:>6}  {:<52}  {:>5}  {:>8}  {:>8}  {:>9}  delivery",
+        "id", "peer", "seq", "bytes", "attempts", "next try"
+    );
+    for e in &resp.pending {
+        let next = e.next_try_ms.map_or("awaiting".to_string(), |ms| {
+            format!("{:.1}s", ms as f64 / 1000.0)
+        });
+        println!(
+            "{:>6}  {:<52}  {:>5}  {:>8}  {:>8}  {:>9}  {}",
+            e.id, e.peer, e.seq, e.bytes, e.attempts, next, e.delivery
+        );
+    }
+    Ok(())
+}
+
+/// What `send` was given: text to send as is, or bytes read from stdin or
+/// a file (at most `limit`, checked by the caller).
+enum Message {
+    Text(String),
+    Bytes(Vec<u8>),
+}
+
+fn read_message(message: Option<String>, file: Option<PathBuf>, limit: usize) -> Result<Message> {
     let data = match (file, message) {
         (Some(f), _) => {
             let mut data = Vec::new();
@@ -119,13 +217,18 @@ pub async fn send_bytes(
                 .context("reading the message from stdin")?;
             data
         }
-        (None, Some(m)) => return Ok(Some(m)),
+        (None, Some(m)) => return Ok(Message::Text(m)),
         (None, None) => anyhow::bail!("give a message, `-` for stdin, or --file"),
     };
     anyhow::ensure!(
         data.len() <= limit,
-        "the message is over reach's limit of {limit} bytes"
+        "the message is over the limit of {limit} bytes"
     );
+    Ok(Message::Bytes(data))
+}
+
+/// Dials the peer first when the user gave addresses or a ticket.
+async fn connect_first(client: &ApiClient, peer_ref: &PeerRef, addrs: &[SocketAddr]) -> Result<()> {
     let peer = peer_ref.peer();
     if !addrs.is_empty() || peer_ref.ticket().is_some() {
         let _: serde_json::Value = client
@@ -139,11 +242,7 @@ pub async fn send_bytes(
             )
             .await?;
     }
-    let resp: SendResponse = client
-        .post_bytes(&format!("/v1/send?peer={peer}"), data)
-        .await?;
-    println!("delivered {} bytes to {}", resp.bytes, peer);
-    Ok(None)
+    Ok(())
 }
 
 /// `reach peers`.

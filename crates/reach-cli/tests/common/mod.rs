@@ -81,6 +81,23 @@ impl Proc {
     }
 
     /// Waits for a stdout line containing `needle`.
+    /// The first stdout line `accept` says yes to within `wait`, if any.
+    pub fn wait_for_or_timeout(
+        &self,
+        wait: Duration,
+        accept: impl Fn(&str) -> bool,
+    ) -> Option<String> {
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.checked_duration_since(Instant::now())?;
+            match self.lines.recv_timeout(left) {
+                Ok(l) if accept(&l) => return Some(l),
+                Ok(_) => {}
+                Err(_) => return None,
+            }
+        }
+    }
+
     pub fn wait_line(&self, needle: &str) -> String {
         self.wait_for(needle, |l| l.contains(needle))
     }

@@ -204,8 +204,52 @@ pub struct LookupResponse {
 /// Answer of `POST /v1/send`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SendResponse {
+    /// The peer has the message (plain sends); `false` for a durable send,
+    /// which is committed to the outbox and delivered later.
     pub delivered: bool,
     pub bytes: usize,
+    /// A durable send's message id (see `GET /v1/outbox`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable_id: Option<u64>,
+}
+
+/// One pending durable message of `GET /v1/outbox`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub id: u64,
+    pub peer: PeerId,
+    pub seq: u64,
+    /// `critical`, or `moderate` with its attempts.
+    pub delivery: String,
+    pub bytes: usize,
+    pub attempts: u32,
+    pub age_ms: u64,
+    /// Until the next attempt; absent while an attempt awaits its ack.
+    pub next_try_ms: Option<u64>,
+}
+
+/// Body of `GET /v1/outbox`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct OutboxResponse {
+    pub pending: Vec<OutboxEntry>,
+}
+
+impl From<crate::outbox::PendingInfo> for OutboxEntry {
+    fn from(p: crate::outbox::PendingInfo) -> Self {
+        OutboxEntry {
+            id: p.id.0,
+            peer: p.peer,
+            seq: p.seq,
+            delivery: match p.delivery {
+                crate::Delivery::Critical => "critical".into(),
+                crate::Delivery::Moderate { attempts } => format!("moderate ({attempts} attempts)"),
+            },
+            bytes: p.size,
+            attempts: p.attempts,
+            age_ms: p.age.as_millis() as u64,
+            next_try_ms: p.next_try.map(|d| d.as_millis() as u64),
+        }
+    }
 }
 
 /// Error body of every failed request.

@@ -164,6 +164,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/stats", get(stats))
         .route("/v1/connect", post(connect))
         .route("/v1/send", post(send))
+        .route("/v1/outbox", get(outbox))
         .route("/v1/lookup", post(lookup))
         .route("/v1/nat", get(nat))
         .route("/v1/relay", get(relay))
@@ -761,6 +762,7 @@ async fn send(
         Ok(()) => ok(SendResponse {
             delivered: true,
             bytes,
+            durable_id: None,
         }),
         Err(e) => node_error(e),
     }
@@ -856,13 +858,65 @@ async fn send_bytes(state: AppState, query: &str, body: Bytes) -> Response {
             }
         };
     let bytes = body.len();
+    if let Some(class) = super::recv::query_param(query, "durable") {
+        let delivery = match durable_delivery(class, super::recv::query_param(query, "attempts")) {
+            Ok(d) => d,
+            Err(msg) => return api_error(StatusCode::BAD_REQUEST, "bad_request", msg),
+        };
+        let ttl = match super::recv::query_param(query, "ttl_s").map(|t| t.parse::<u64>()) {
+            None => None,
+            Some(Ok(s)) if s > 0 => Some(std::time::Duration::from_secs(s)),
+            Some(_) => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    "ttl_s must be a whole number of seconds above 0",
+                );
+            }
+        };
+        return match state.node.send_durable(peer, body, delivery, ttl).await {
+            Ok(id) => ok(SendResponse {
+                delivered: false,
+                bytes,
+                durable_id: Some(id.0),
+            }),
+            Err(e) => node_error(e),
+        };
+    }
     match state.node.send(peer, body).await {
         Ok(()) => ok(SendResponse {
             delivered: true,
             bytes,
+            durable_id: None,
         }),
         Err(e) => node_error(e),
     }
+}
+
+/// `?durable=critical|moderate[&attempts=N]` as a delivery class.
+fn durable_delivery(class: &str, attempts: Option<&str>) -> Result<crate::Delivery, String> {
+    let attempts = match attempts.map(|a| a.parse::<u32>()) {
+        None => None,
+        Some(Ok(n)) if n > 0 => Some(n),
+        Some(_) => return Err("attempts must be a whole number above 0".into()),
+    };
+    match (class, attempts) {
+        ("critical", None) => Ok(crate::Delivery::Critical),
+        ("critical", Some(_)) => Err("attempts apply to moderate messages only".into()),
+        ("moderate", n) => Ok(crate::Delivery::Moderate {
+            attempts: n.unwrap_or(reach_proto::outbox::DEFAULT_MODERATE_ATTEMPTS),
+        }),
+        (other, _) => Err(format!(
+            "durable must be critical or moderate, not {other:?}"
+        )),
+    }
+}
+
+/// `GET /v1/outbox`: the durable messages waiting for their receivers.
+async fn outbox(State(state): State<AppState>) -> Response {
+    ok(super::OutboxResponse {
+        pending: state.node.outbox().into_iter().map(Into::into).collect(),
+    })
 }
 
 /// `GET /metrics`: Prometheus text format (see [`super::metrics`]).
