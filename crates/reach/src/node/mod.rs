@@ -164,6 +164,7 @@ impl Inner {
         if let Some(cache) = &self.dht.cache {
             cache.close();
         }
+        self.durable.close();
         self.shutdown_tx.send_replace(true);
         self.endpoint.close(0u32.into(), b"shutdown");
         self.punch.close_endpoints();

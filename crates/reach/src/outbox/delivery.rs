@@ -82,7 +82,10 @@ pub(crate) struct Durable {
     core: Arc<Core>,
     peers: Arc<Peers>,
     messaging: Arc<Messaging>,
-    outbox: Option<Arc<Outbox>>,
+    /// `None` without a data dir, and once the node has closed it
+    /// ([`Durable::close`]): the file must be free for the next node on
+    /// the data dir as soon as this one has stopped.
+    outbox: Mutex<Option<Arc<Outbox>>>,
     /// The running worker of each destination: the ids it still has to
     /// write go through its channel, so one destination's messages leave in
     /// order on one stream.
@@ -101,16 +104,28 @@ impl Durable {
             core,
             peers,
             messaging,
-            outbox: outbox.map(Arc::new),
+            outbox: Mutex::new(outbox.map(Arc::new)),
             workers: Default::default(),
             counters: Default::default(),
         }
     }
 
-    fn outbox(&self) -> Result<&Arc<Outbox>> {
-        self.outbox.as_ref().ok_or(Error::NoDataDir {
+    fn handle(&self) -> Option<Arc<Outbox>> {
+        lock(&self.outbox).clone()
+    }
+
+    fn outbox(&self) -> Result<Arc<Outbox>> {
+        self.handle().ok_or(Error::NoDataDir {
             what: "durable messages",
         })
+    }
+
+    /// Closes the outbox (what is queued is committed first). Called once
+    /// the node's tasks have stopped, so this is the last handle and the
+    /// file is released for the next node on the data dir.
+    pub(crate) fn close(&self) {
+        let outbox = lock(&self.outbox).take();
+        drop(outbox);
     }
 
     /// Commits `data` for `peer` and returns its id once it is on disk.
@@ -133,10 +148,7 @@ impl Durable {
 
     /// Pending messages, oldest first.
     pub(crate) fn pending(&self) -> Vec<super::PendingInfo> {
-        self.outbox
-            .as_ref()
-            .map(|o| o.pending())
-            .unwrap_or_default()
+        self.handle().map(|o| o.pending()).unwrap_or_default()
     }
 
     pub(crate) async fn cancel(&self, id: MessageId) -> Result<bool> {
@@ -150,7 +162,7 @@ impl Durable {
     /// The counters, with the gauges read now.
     pub(crate) fn stats(&self) -> OutboxStats {
         let mut s = self.counters.snapshot();
-        if let Some(o) = &self.outbox {
+        if let Some(o) = self.handle() {
             s.pending = o.usage().count as u64;
             s.quarantined = o.quarantined();
         }
@@ -161,7 +173,7 @@ impl Durable {
     /// hand over to the application, then sends what is due and reports
     /// what was abandoned, until the node stops.
     pub(crate) async fn run(self: Arc<Self>) {
-        let Some(outbox) = self.outbox.clone() else {
+        let Some(outbox) = self.handle() else {
             return;
         };
         match outbox.inbox().await {
@@ -221,7 +233,7 @@ impl Durable {
     /// acks as they come. On any failure the messages it still holds are
     /// counted as attempted, so the schedule retries them with backoff.
     async fn worker(self: Arc<Self>, peer: PeerId, mut rx: mpsc::UnboundedReceiver<MessageId>) {
-        let Some(outbox) = self.outbox.clone() else {
+        let Some(outbox) = self.handle() else {
             return;
         };
         if let Err(e) = self.serve_destination(&outbox, peer, &mut rx).await {
@@ -359,7 +371,7 @@ impl Durable {
             mut recv,
             ..
         } = s;
-        let Some(outbox) = self.outbox.clone() else {
+        let Some(outbox) = self.handle() else {
             // No data dir: no durable messages here.
             crate::node::router::refuse(&self.core.counters, send, recv);
             return;
@@ -419,7 +431,7 @@ impl Durable {
 /// A new connection makes its peer's pending messages due at once.
 impl ConnectionObserver for Durable {
     fn path_event(&self, e: &NodeEvent) {
-        if let (NodeEvent::PeerConnected { peer, .. }, Some(o)) = (e, &self.outbox) {
+        if let (NodeEvent::PeerConnected { peer, .. }, Some(o)) = (e, self.handle()) {
             o.on_reachable(*peer);
         }
     }
