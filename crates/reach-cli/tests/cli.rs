@@ -31,6 +31,9 @@ fn demo_json_runs_twenty_nodes_and_delivers_everything() {
     assert_eq!(v["streams_verified"], v["streams_opened"]);
     assert!(v["wall_ms"].as_u64().is_some());
     assert!(v["connections"].as_u64().unwrap() >= 100);
+    // Durable messages to a node that was offline arrived when it returned.
+    assert_eq!(v["durable_delivered"], v["durable_sent"]);
+    assert_eq!(v["durable_in_order_once"], true);
 }
 
 #[test]

@@ -397,6 +397,24 @@ async fn a_file_that_is_no_database_is_refused_and_kept() {
     );
 }
 
+/// A kill -9 while the very first start created the file leaves only the
+/// half-made temporary file: the next start makes a fresh outbox.
+#[tokio::test]
+async fn a_creation_cut_short_leaves_nothing_that_blocks_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let half_made = dir.path().join(format!("{OUTBOX_FILE}.new"));
+    std::fs::write(&half_made, random_bytes(100)).unwrap();
+    let ob = Outbox::open(dir.path(), &me())
+        .await
+        .expect("a fresh outbox");
+    let id = ob
+        .enqueue(peer(1), b"after".to_vec(), Delivery::Critical, None)
+        .await
+        .unwrap();
+    assert_eq!(ob.pending()[0].id, id);
+    assert!(!half_made.exists(), "the leftover is gone");
+}
+
 #[tokio::test]
 async fn quotas_and_size_give_typed_errors() {
     let dir = tempfile::tempdir().unwrap();

@@ -355,7 +355,29 @@ pub(super) fn load(db: &Database, sealer: &Sealer) -> Result<WriterState, LoadEr
 }
 
 /// Opens (or creates) the database file.
+///
+/// A new file is made under a temporary name and renamed into place once
+/// redb has written it whole: a kill -9 during a node's very first start
+/// must not leave a half-made `outbox.redb` that every later start refuses
+/// as corrupt (a file that exists is never replaced: it may hold messages).
 pub(super) fn open_db(path: &Path) -> Result<Database, String> {
+    if !path.exists() {
+        let fresh = path.with_extension("redb.new");
+        // A leftover from an interrupted creation holds nothing.
+        let _ = std::fs::remove_file(&fresh);
+        drop(build(&fresh)?);
+        std::fs::rename(&fresh, path).map_err(|e| format!("creating {}: {e}", path.display()))?;
+        if let Some(dir) = path.parent()
+            && let Ok(d) = std::fs::File::open(dir)
+        {
+            // The rename itself must survive a crash too.
+            let _ = d.sync_all();
+        }
+    }
+    build(path)
+}
+
+fn build(path: &Path) -> Result<Database, String> {
     let r = std::panic::catch_unwind(|| {
         redb::Builder::new()
             .set_cache_size(CACHE_BYTES)
