@@ -275,17 +275,31 @@ impl Durable {
         });
         let _stop_reader = AbortOnDrop(reader);
         let mut unacked: std::collections::VecDeque<u64> = Default::default();
-        let mut next = Some(first);
+        // The stream starts at the head of the destination's queue: an
+        // older message whose attempt failed (it waits for its retry round)
+        // goes out before `first`, or the receiver would hand them over out
+        // of order. Ids grow in enqueue order; `pending` is oldest first.
+        let mut head: std::collections::VecDeque<MessageId> = outbox
+            .pending()
+            .into_iter()
+            .filter(|p| p.peer == peer && p.id.0 < first.0)
+            .map(|p| p.id)
+            .collect();
+        head.push_back(first);
+        let mut next = None;
         loop {
+            if next.is_none() && unacked.len() < MAX_UNACKED {
+                next = head.pop_front();
+            }
             // Write while there is something to write and room ahead.
             if let Some(id) = next.take() {
                 // Attempt first: a crash after the write can only under-count.
                 if !outbox.record_attempt(id).await? {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     continue; // acked or cancelled meanwhile
                 }
                 let Some(msg) = outbox.read(id).await? else {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     continue;
                 };
                 let bytes = frame::encode(
@@ -299,7 +313,7 @@ impl Durable {
                 stats::bump(&self.counters.sent);
                 unacked.push_back(msg.seq);
                 if unacked.len() < MAX_UNACKED {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     if next.is_some() {
                         continue;
                     }
