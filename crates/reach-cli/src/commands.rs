@@ -8,7 +8,7 @@ use reach::api::client::ApiClient;
 use reach::api::{LookupRequest, LookupResponse, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
 
-use crate::cli::{BenchCommand, Cli, Command, DataDirArg, LabCommand, NodeArgs};
+use crate::cli::{BenchCommand, ChaosCommand, Cli, Command, DataDirArg, LabCommand, NodeArgs};
 use crate::config::Config;
 use crate::demo;
 
@@ -289,6 +289,53 @@ pub async fn run(cli: Cli) -> Result<()> {
                 );
             }
             anyhow::ensure!(r.targets_met, "the outbox targets were not met");
+            Ok(())
+        }
+        Command::Chaos(ChaosCommand::Outbox {
+            messages,
+            kills,
+            seed,
+            rate,
+            moderate_to_nowhere,
+            attempts,
+            deadline,
+            json,
+        }) => {
+            let r = crate::chaos::outbox(crate::chaos::ChaosOptions {
+                messages,
+                kills,
+                seed,
+                rate,
+                moderate_to_nowhere,
+                attempts,
+                deadline: std::time::Duration::from_secs(deadline),
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} sent, {} delivered, {} lost, {} duplicates, {} order violations, {} redelivered after a kill of B",
+                    r.sent,
+                    r.delivered,
+                    r.lost,
+                    r.duplicates,
+                    r.order_violations,
+                    r.redelivered_after_kill
+                );
+                println!(
+                    "{} kills (A {}, B {}), B stopped {} times; {:.1} s",
+                    r.kills, r.kills_a, r.kills_b, r.stops_b, r.wall_s
+                );
+                println!(
+                    "moderate to nowhere: {} of {} seen at {} attempts, {} abandoned and logged",
+                    r.moderate.seen_at_attempts,
+                    r.moderate.messages,
+                    r.moderate.attempts,
+                    r.moderate.abandoned_logged
+                );
+            }
+            anyhow::ensure!(r.ok, "chaos checks failed: {}", r.failures.join("; "));
             Ok(())
         }
         Command::Bench(BenchCommand::Relay {
