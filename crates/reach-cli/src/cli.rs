@@ -273,6 +273,15 @@ pub enum BenchCommand {
         /// temp dir, removed afterwards). fsync cost depends on its disk.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Backlog of the end-to-end drain: two nodes on loopback, the
+        /// messages committed while the receiver is down, then it returns
+        /// (target ≥ 5,000 msgs/s).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=16_384))]
+        backlog: u32,
+        /// Trials of "peer reachable" to first resend received (target ≤ 1
+        /// RTT + 100 ms at p99).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        resend_trials: u32,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
