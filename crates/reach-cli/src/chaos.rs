@@ -121,6 +121,10 @@ pub struct ChaosReport {
     pub stops_b: u32,
     /// Seconds until A's API acknowledged every message.
     pub send_s: f64,
+    /// The last chaos action (`kill_b`, `stop_b`, `kill_a`) and what A
+    /// still held for B then.
+    pub last_action: String,
+    pub pending_after_chaos: u64,
     /// Seconds from the last chaos action until everything was delivered
     /// and A's outbox held nothing for B.
     pub drain_after_chaos_s: f64,
@@ -496,6 +500,7 @@ async fn run(root: &Path, opts: ChaosOptions) -> Result<ChaosReport> {
             let down = Duration::from_millis(rng.range(0, DOWNTIME_MS));
             match rng.range(0, 9) {
                 0..=3 => {
+                    report.last_action = "kill_b".into();
                     if b.stop(Stop::Kill)? == Stop::Kill {
                         report.kills_b += 1;
                     }
@@ -503,6 +508,7 @@ async fn run(root: &Path, opts: ChaosOptions) -> Result<ChaosReport> {
                     b.start()?;
                 }
                 4..=5 => {
+                    report.last_action = "stop_b".into();
                     match b.stop(Stop::Term)? {
                         Stop::Term => report.stops_b += 1,
                         Stop::Kill => report.kills_b += 1,
@@ -511,6 +517,7 @@ async fn run(root: &Path, opts: ChaosOptions) -> Result<ChaosReport> {
                     b.start()?;
                 }
                 _ => {
+                    report.last_action = "kill_a".into();
                     *lock(&a_api) = None;
                     a.stop(Stop::Kill)?;
                     report.kills_a += 1;
@@ -543,6 +550,7 @@ async fn run(root: &Path, opts: ChaosOptions) -> Result<ChaosReport> {
     // Both up: everything acknowledged must arrive, A's outbox must empty.
     let end = Instant::now() + opts.deadline;
     let mut failures = Vec::new();
+    let mut first_poll = true;
     loop {
         let all = {
             let c = lock(&checker);
@@ -550,6 +558,10 @@ async fn run(root: &Path, opts: ChaosOptions) -> Result<ChaosReport> {
         };
         let pending: OutboxResponse = client.get("/v1/outbox").await?;
         let left = pending.pending.iter().filter(|e| e.peer == b_id).count();
+        if first_poll {
+            report.pending_after_chaos = left as u64;
+            first_poll = false;
+        }
         if all && left == 0 {
             break;
         }

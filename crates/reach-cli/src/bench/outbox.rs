@@ -97,6 +97,11 @@ pub struct OutboxBenchReport {
     pub drain_msgs_per_s: f64,
     pub drain_received_distinct: u64,
     pub drain_received_in_order: bool,
+    /// Message frames A wrote during the drain (first tries and resends),
+    /// and the copies B received again and only acked: a figure above the
+    /// backlog is work the drain repeated.
+    pub drain_frames_sent: u64,
+    pub drain_receiver_duplicates: u64,
     /// From "peer reachable" to the first resend received, per trial.
     pub resend_trials: u32,
     pub resend_p50_ms: f64,
@@ -352,6 +357,8 @@ async fn run(
         drain_msgs_per_s: 0.0,
         drain_received_distinct: 0,
         drain_received_in_order: false,
+        drain_frames_sent: 0,
+        drain_receiver_duplicates: 0,
         resend_trials: 0,
         resend_p50_ms: 0.0,
         resend_p99_ms: 0.0,
@@ -377,6 +384,8 @@ struct DeliveryFigures {
     drain: Duration,
     received_distinct: u64,
     received_in_order: bool,
+    frames_sent: u64,
+    receiver_duplicates: u64,
     resend_ms: Vec<f64>,
     rtt_ms: f64,
 }
@@ -390,6 +399,8 @@ impl DeliveryFigures {
         r.drain_msgs_per_s = self.backlog as f64 / self.drain.as_secs_f64().max(1e-9);
         r.drain_received_distinct = self.received_distinct;
         r.drain_received_in_order = self.received_in_order;
+        r.drain_frames_sent = self.frames_sent;
+        r.drain_receiver_duplicates = self.receiver_duplicates;
         r.resend_trials = lat.len() as u32;
         r.resend_p50_ms = percentile(&lat, 50.0);
         r.resend_p99_ms = percentile(&lat, 99.0);
@@ -500,11 +511,14 @@ async fn delivery(root: &Path, backlog: u32, trials: u32, size: usize) -> Result
     .await?;
     let b = spawn_node(&b_dir).await?;
     let app = receive(b.clone(), backlog as usize);
+    let sent_before = a.stats().outbox.sent;
     let start = Instant::now();
     bounded("B connects to A", b.connect(a_id, [a_addr])).await??;
     // The gauge, not the list: polling must not slow down what it measures.
     until("A's outbox empties", || a.stats().outbox.pending == 0).await?;
     let drain = start.elapsed();
+    let frames_sent = a.stats().outbox.sent - sent_before;
+    let receiver_duplicates = b.stats().outbox.duplicates;
     let (seqs, _) = bounded("B's application", app).await???;
     let distinct: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
     let in_order = seqs.windows(2).all(|w| w[0] < w[1]);
@@ -574,6 +588,8 @@ async fn delivery(root: &Path, backlog: u32, trials: u32, size: usize) -> Result
         drain,
         received_distinct: distinct.len() as u64,
         received_in_order: in_order,
+        frames_sent,
+        receiver_duplicates,
         resend_ms,
         rtt_ms,
     })
