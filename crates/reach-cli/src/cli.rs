@@ -256,6 +256,9 @@ pub enum BenchCommand {
     /// one at a time (target p99 ≤ 5 ms), throughput of many concurrent
     /// enqueuers with group commit (target ≥ 10,000 msgs/s), and the
     /// store-side drain rate; checks the file holds what was enqueued.
+    /// Then two real nodes on loopback: the drain of a backlog to a peer
+    /// that returns (target ≥ 5,000 msgs/s) and the time from "peer
+    /// reachable" to the first resend received (target ≤ 1 RTT + 100 ms).
     Outbox {
         /// Messages enqueued one at a time.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
