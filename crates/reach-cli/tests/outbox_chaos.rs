@@ -7,8 +7,82 @@
 //! up after exactly their attempts.
 
 use std::process::Command;
+use std::time::Duration;
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
+mod common;
+use common::{Proc, REACH, ok, reach};
+
+/// A `reach node` on `dir` at `listen`, joining through `bootstrap`.
+fn daemon(dir: &std::path::Path, listen: &str, bootstrap: &str) -> Proc {
+    let p = Proc::spawn(&[
+        "node",
+        "--json",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        listen,
+        "--api-listen",
+        "127.0.0.1:0",
+        "--bootstrap",
+        bootstrap,
+        "--relay",
+        "off",
+        "--acquire-relay",
+        "off",
+        "--no-port-mapping",
+    ]);
+    p.wait_line("control API");
+    p
+}
+
+fn free_port() -> String {
+    let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    s.local_addr().unwrap().to_string()
+}
+
+/// B is killed (its connection is not closed) and comes straight back on
+/// the same address: a message A sends then must not wait for A to notice
+/// the dead connection (its ack timeout is 30 s): the restarted B's new
+/// connection replaces it and the message goes out on that at once.
+#[test]
+fn a_message_reaches_a_peer_that_was_killed_and_came_straight_back() {
+    let [a_dir, b_dir] = [(); 2].map(|_| tempfile::tempdir().unwrap());
+    let (a_addr, b_addr) = (free_port(), free_port());
+    let a_d = a_dir.path().to_str().unwrap();
+    let b_id = ok(&reach(&[
+        "id",
+        "--data-dir",
+        b_dir.path().to_str().unwrap(),
+    ]))
+    .trim()
+    .to_string();
+    let a = daemon(a_dir.path(), &a_addr, &b_addr);
+    let b = daemon(b_dir.path(), &b_addr, &a_addr);
+    ok(&reach(&[
+        "send",
+        "--durable",
+        "critical",
+        &b_id,
+        "one",
+        "--data-dir",
+        a_d,
+    ]));
+    b.wait_for("the first message", |l| l.contains("\"text\":\"one\""));
+    drop(b); // SIGKILL
+    let b = daemon(b_dir.path(), &b_addr, &a_addr);
+    ok(&reach(&[
+        "send",
+        "--durable",
+        "critical",
+        &b_id,
+        "two",
+        "--data-dir",
+        a_d,
+    ]));
+    let got = b.wait_for_or_timeout(Duration::from_secs(5), |l| l.contains("\"text\":\"two\""));
+    assert!(got.is_some(), "the message waited for the dead connection");
+    drop(a);
+}
 
 #[test]
 fn durable_messages_survive_random_kills_of_both_nodes() {

@@ -46,6 +46,13 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages a worker writes ahead of their acks, at most: enough to keep a
 /// long path busy, few enough that a dead stream strands little.
 pub const MAX_UNACKED: usize = 256;
+/// How often a waiting worker checks that its connection is still the
+/// peer's current one. A peer that died without closing its connection and
+/// came back replaces it with a new one on the same kind of path, which
+/// raises no `PeerConnected`; the worker would wait for acks on the dead one
+/// until [`ACK_TIMEOUT`]. Checked this often, the first resend leaves within
+/// this of the new connection (the target is 1 RTT + 100 ms).
+pub const CONNECTION_CHECK: Duration = Duration::from_millis(50);
 
 crate::telemetry::metrics! {
     /// Counters of durable delivery.
@@ -224,7 +231,10 @@ impl Durable {
         let Some(outbox) = self.outbox.clone() else {
             return;
         };
-        if let Err(e) = self.serve_destination(&outbox, peer, &mut rx).await {
+        let result = self.serve_destination(&outbox, peer, &mut rx).await;
+        let replaced =
+            matches!(&result, Err(Error::ConnectionLost { reason, .. }) if reason == REPLACED);
+        if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "durable delivery: stream given up");
         }
         // Whatever the worker still holds was not written: it counts as
@@ -232,6 +242,11 @@ impl Durable {
         lock(&self.workers).remove(&peer);
         while let Ok(id) = rx.try_recv() {
             let _ = outbox.record_attempt(id).await;
+        }
+        // The peer came back on a newer connection: what is pending goes
+        // out on it at once, through a new worker (this one is gone).
+        if replaced {
+            outbox.on_reachable(peer);
         }
     }
 
@@ -253,7 +268,15 @@ impl Durable {
                 return Err(e);
             }
         };
-        let stream = match crate::node::router::open(&conn, peer, PROTOCOL).await {
+        // Opening waits for the peer's answer: not on a connection a newer
+        // one has replaced (the peer died and came back).
+        let opened = tokio::select! {
+            s = crate::node::router::open(&conn, peer, PROTOCOL) => s,
+            newer = replaced(&self.peers, peer, conn.stable_id()) => {
+                Err(lost(peer, &if newer { REPLACED } else { "the connection closed" }))
+            }
+        };
+        let stream = match opened {
             Ok(s) => s,
             Err(e) => {
                 let _ = outbox.record_attempt(first).await;
@@ -353,6 +376,9 @@ impl Durable {
                         None => return Ok(()),
                     }
                 }
+                newer = replaced(&self.peers, peer, conn.stable_id()) => {
+                    return Err(lost(peer, &if newer { REPLACED } else { "the connection closed" }));
+                }
                 _ = tokio::time::sleep(if unacked.is_empty() { WORKER_IDLE } else { ACK_TIMEOUT }) => {
                     if unacked.is_empty() {
                         let _ = send.finish();
@@ -435,6 +461,23 @@ impl ConnectionObserver for Durable {
     fn path_event(&self, e: &NodeEvent) {
         if let (NodeEvent::PeerConnected { peer, .. }, Some(o)) = (e, &self.outbox) {
             o.on_reachable(*peer);
+        }
+    }
+}
+
+/// Why a worker gave its stream up when the peer's connection was replaced
+/// by a newer one (the peer died and came back).
+const REPLACED: &str = "the connection was replaced by a newer one";
+
+/// Resolves once `peer`'s current connection is no longer the one with
+/// `id`: `true` if another one replaced it, `false` if none is left.
+async fn replaced(peers: &Peers, peer: PeerId, id: usize) -> bool {
+    loop {
+        tokio::time::sleep(CONNECTION_CHECK).await;
+        match peers.live(&peer).map(|c| c.stable_id()) {
+            Some(now) if now == id => {}
+            Some(_) => return true,
+            None => return false,
         }
     }
 }
