@@ -183,6 +183,10 @@ pub enum Command {
     /// Benchmarks that print JSON.
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// Chaos runs with real `reach node` processes on loopback that print
+    /// JSON and fail unless every check holds.
+    #[command(subcommand)]
+    Chaos(ChaosCommand),
     /// Print the node's event log (`<data dir>/events.jsonl`: connections,
     /// paths, relays, NAT, punches, start/stop), read from the data dir
     /// whether or not the node runs.
@@ -252,6 +256,9 @@ pub enum BenchCommand {
     /// one at a time (target p99 ≤ 5 ms), throughput of many concurrent
     /// enqueuers with group commit (target ≥ 10,000 msgs/s), and the
     /// store-side drain rate; checks the file holds what was enqueued.
+    /// Then two real nodes on loopback: the drain of a backlog to a peer
+    /// that returns (target ≥ 5,000 msgs/s) and the time from "peer
+    /// reachable" to the first resend received (target ≤ 1 RTT + 100 ms).
     Outbox {
         /// Messages enqueued one at a time.
         #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
@@ -269,6 +276,54 @@ pub enum BenchCommand {
         /// temp dir, removed afterwards). fsync cost depends on its disk.
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Backlog of the end-to-end drain: two nodes on loopback, the
+        /// messages committed while the receiver is down, then it returns
+        /// (target ≥ 5,000 msgs/s).
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=16_384))]
+        backlog: u32,
+        /// Trials of "peer reachable" to first resend received (target ≤ 1
+        /// RTT + 100 ms at p99).
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+        resend_trials: u32,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ChaosCommand {
+    /// Durable messages through kill -9: daemons A and B on loopback, A
+    /// commits critical messages for B through its API while B is stopped
+    /// and killed and A is killed at random, each restarted on its data
+    /// dir. Checks B's output: nothing acknowledged lost, nothing handed
+    /// over twice (beyond the contract's redelivery of what B printed just
+    /// before it died), order kept; then moderate messages to a peer id that
+    /// never exists are given up after exactly their attempts.
+    Outbox {
+        /// Critical messages A's API must acknowledge.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        messages: u32,
+        /// SIGKILLs of A and B together, at least.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(0..=100_000))]
+        kills: u32,
+        /// Seed of the chaos schedule.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Sends per second at most (0: as fast as A's API answers); a small
+        /// run uses it to spread its sends over its kills.
+        #[arg(long, default_value_t = 0)]
+        rate: u32,
+        /// Moderate messages to a peer id that never exists.
+        #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+        moderate_to_nowhere: u32,
+        /// Attempts of those moderate messages.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
+        attempts: u32,
+        /// Bound in seconds on the end phase (the rest delivered, then the
+        /// moderate check); the chaos itself is bounded by 4 times it.
+        #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        deadline: u64,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,

@@ -8,7 +8,7 @@ use reach::api::client::ApiClient;
 use reach::api::{LookupRequest, LookupResponse, SendRequest, SendResponse, Status};
 use reach::{Event, Node};
 
-use crate::cli::{BenchCommand, Cli, Command, DataDirArg, LabCommand, NodeArgs};
+use crate::cli::{BenchCommand, ChaosCommand, Cli, Command, DataDirArg, LabCommand, NodeArgs};
 use crate::config::Config;
 use crate::demo;
 
@@ -264,9 +264,20 @@ pub async fn run(cli: Cli) -> Result<()> {
             concurrency,
             size,
             dir,
+            backlog,
+            resend_trials,
             json,
         }) => {
-            let r = crate::bench::outbox(single, messages, concurrency, size as usize, dir).await?;
+            let r = crate::bench::outbox(
+                single,
+                messages,
+                concurrency,
+                size as usize,
+                dir,
+                backlog,
+                resend_trials,
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -287,8 +298,63 @@ pub async fn run(cli: Cli) -> Result<()> {
                     "store-side drain: {:.0} msgs/s; on {} ({}), checked {} on disk after reopening",
                     r.drain_store_msgs_per_s, r.dir, r.filesystem, r.on_disk_after
                 );
+                println!(
+                    "drain of a {}-message backlog to a returning peer: {:.0} msgs/s (target ≥ 5,000), received once and in order: {}",
+                    r.drain_backlog, r.drain_msgs_per_s, r.drain_received_in_order
+                );
+                println!(
+                    "peer reachable to first resend received ({} trials): p50 {:.1} ms, p99 {:.1} ms (target ≤ {:.0} ms)",
+                    r.resend_trials, r.resend_p50_ms, r.resend_p99_ms, r.resend_target_ms
+                );
             }
             anyhow::ensure!(r.targets_met, "the outbox targets were not met");
+            Ok(())
+        }
+        Command::Chaos(ChaosCommand::Outbox {
+            messages,
+            kills,
+            seed,
+            rate,
+            moderate_to_nowhere,
+            attempts,
+            deadline,
+            json,
+        }) => {
+            let r = crate::chaos::outbox(crate::chaos::ChaosOptions {
+                messages,
+                kills,
+                seed,
+                rate,
+                moderate_to_nowhere,
+                attempts,
+                deadline: std::time::Duration::from_secs(deadline),
+            })
+            .await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} sent, {} delivered, {} lost, {} duplicates, {} order violations, {} redelivered after a kill of B",
+                    r.sent,
+                    r.delivered,
+                    r.lost,
+                    r.duplicates,
+                    r.order_violations,
+                    r.redelivered_after_kill
+                );
+                println!(
+                    "{} kills (A {}, B {}), B stopped {} times; {:.1} s",
+                    r.kills, r.kills_a, r.kills_b, r.stops_b, r.wall_s
+                );
+                println!(
+                    "moderate to nowhere: {} of {} seen at {} attempts, {} abandoned and logged",
+                    r.moderate.seen_at_attempts,
+                    r.moderate.messages,
+                    r.moderate.attempts,
+                    r.moderate.abandoned_logged
+                );
+            }
+            anyhow::ensure!(r.ok, "chaos checks failed: {}", r.failures.join("; "));
             Ok(())
         }
         Command::Bench(BenchCommand::Relay {

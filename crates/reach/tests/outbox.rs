@@ -161,3 +161,64 @@ async fn durable_messages_need_a_data_dir() {
         .unwrap_err();
     assert_eq!(err.kind(), "no_data_dir", "{err}");
 }
+
+/// A message whose attempt failed waits for its retry round; a newer one
+/// for the same peer must not overtake it when the peer comes back: the
+/// receiver hands them over in the order they were sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_message_does_not_overtake_one_waiting_for_its_retry() {
+    let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = node_in(a_dir.path(), None).await;
+    // B on an address of its own, so no other test's node takes its port
+    // while it is down.
+    let b = Node::builder()
+        .bind("127.0.0.2:0".parse().unwrap())
+        .data_dir(b_dir.path())
+        .spawn()
+        .await
+        .unwrap();
+    let (b_id, b_addr) = (b.peer_id(), b.local_addr());
+    a.connect(b_id, [b_addr]).await.unwrap();
+    b.shutdown().await;
+    drop(b);
+
+    // B is down: the first message's attempt fails, its retry is scheduled.
+    a.send_durable(b_id, "first", Delivery::Critical, None)
+        .await
+        .unwrap();
+    until("the first attempt failed and a retry is scheduled", || {
+        a.outbox().first().is_some_and(|p| {
+            p.attempts >= 1 && p.next_try.is_some_and(|t| t > Duration::from_millis(300))
+        })
+    })
+    .await;
+
+    // B is back where A knows it, and A sends a second message before the
+    // first one's retry is due.
+    // (The old endpoint's socket may linger a moment after shutdown.)
+    let b = within("B binds its old address again", async {
+        loop {
+            match Node::builder()
+                .bind(b_addr)
+                .data_dir(b_dir.path())
+                .spawn()
+                .await
+            {
+                Ok(b) => return b,
+                Err(e) if e.kind() == "bind" => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await;
+    a.send_durable(b_id, "second", Delivery::Critical, None)
+        .await
+        .unwrap();
+    let m = next_durable(&b).await;
+    assert_eq!((m.seq, &m.data[..]), (1, &b"first"[..]), "in order");
+    b.durable_done(&m).await.unwrap();
+    let m = next_durable(&b).await;
+    assert_eq!((m.seq, &m.data[..]), (2, &b"second"[..]));
+    b.durable_done(&m).await.unwrap();
+    until("A's outbox is empty", || a.outbox().is_empty()).await;
+}

@@ -46,6 +46,13 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages a worker writes ahead of their acks, at most: enough to keep a
 /// long path busy, few enough that a dead stream strands little.
 pub const MAX_UNACKED: usize = 256;
+/// How often a waiting worker checks that its connection is still the
+/// peer's current one. A peer that died without closing its connection and
+/// came back replaces it with a new one on the same kind of path, which
+/// raises no `PeerConnected`; the worker would wait for acks on the dead one
+/// until [`ACK_TIMEOUT`]. Checked this often, the first resend leaves within
+/// this of the new connection (the target is 1 RTT + 100 ms).
+pub const CONNECTION_CHECK: Duration = Duration::from_millis(50);
 
 crate::telemetry::metrics! {
     /// Counters of durable delivery.
@@ -236,7 +243,10 @@ impl Durable {
         let Some(outbox) = self.handle() else {
             return;
         };
-        if let Err(e) = self.serve_destination(&outbox, peer, &mut rx).await {
+        let result = self.serve_destination(&outbox, peer, &mut rx).await;
+        let replaced =
+            matches!(&result, Err(Error::ConnectionLost { reason, .. }) if reason == REPLACED);
+        if let Err(e) = result {
             tracing::debug!(%peer, error = %e, "durable delivery: stream given up");
         }
         // Whatever the worker still holds was not written: it counts as
@@ -244,6 +254,11 @@ impl Durable {
         lock(&self.workers).remove(&peer);
         while let Ok(id) = rx.try_recv() {
             let _ = outbox.record_attempt(id).await;
+        }
+        // The peer came back on a newer connection: what is pending goes
+        // out on it at once, through a new worker (this one is gone).
+        if replaced {
+            outbox.on_reachable(peer);
         }
     }
 
@@ -265,7 +280,15 @@ impl Durable {
                 return Err(e);
             }
         };
-        let stream = match crate::node::router::open(&conn, peer, PROTOCOL).await {
+        // Opening waits for the peer's answer: not on a connection a newer
+        // one has replaced (the peer died and came back).
+        let opened = tokio::select! {
+            s = crate::node::router::open(&conn, peer, PROTOCOL) => s,
+            newer = replaced(&self.peers, peer, conn.stable_id()) => {
+                Err(lost(peer, &if newer { REPLACED } else { "the connection closed" }))
+            }
+        };
+        let stream = match opened {
             Ok(s) => s,
             Err(e) => {
                 let _ = outbox.record_attempt(first).await;
@@ -287,17 +310,31 @@ impl Durable {
         });
         let _stop_reader = AbortOnDrop(reader);
         let mut unacked: std::collections::VecDeque<u64> = Default::default();
-        let mut next = Some(first);
+        // The stream starts at the head of the destination's queue: an
+        // older message whose attempt failed (it waits for its retry round)
+        // goes out before `first`, or the receiver would hand them over out
+        // of order. Ids grow in enqueue order; `pending` is oldest first.
+        let mut head: std::collections::VecDeque<MessageId> = outbox
+            .pending()
+            .into_iter()
+            .filter(|p| p.peer == peer && p.id.0 < first.0)
+            .map(|p| p.id)
+            .collect();
+        head.push_back(first);
+        let mut next = None;
         loop {
+            if next.is_none() && unacked.len() < MAX_UNACKED {
+                next = head.pop_front();
+            }
             // Write while there is something to write and room ahead.
             if let Some(id) = next.take() {
                 // Attempt first: a crash after the write can only under-count.
                 if !outbox.record_attempt(id).await? {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     continue; // acked or cancelled meanwhile
                 }
                 let Some(msg) = outbox.read(id).await? else {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     continue;
                 };
                 let bytes = frame::encode(
@@ -311,7 +348,7 @@ impl Durable {
                 stats::bump(&self.counters.sent);
                 unacked.push_back(msg.seq);
                 if unacked.len() < MAX_UNACKED {
-                    next = rx.try_recv().ok();
+                    next = head.pop_front().or_else(|| rx.try_recv().ok());
                     if next.is_some() {
                         continue;
                     }
@@ -350,6 +387,9 @@ impl Durable {
                         Some(id) => next = Some(id),
                         None => return Ok(()),
                     }
+                }
+                newer = replaced(&self.peers, peer, conn.stable_id()) => {
+                    return Err(lost(peer, &if newer { REPLACED } else { "the connection closed" }));
                 }
                 _ = tokio::time::sleep(if unacked.is_empty() { WORKER_IDLE } else { ACK_TIMEOUT }) => {
                     if unacked.is_empty() {
@@ -433,6 +473,23 @@ impl ConnectionObserver for Durable {
     fn path_event(&self, e: &NodeEvent) {
         if let (NodeEvent::PeerConnected { peer, .. }, Some(o)) = (e, self.handle()) {
             o.on_reachable(*peer);
+        }
+    }
+}
+
+/// Why a worker gave its stream up when the peer's connection was replaced
+/// by a newer one (the peer died and came back).
+const REPLACED: &str = "the connection was replaced by a newer one";
+
+/// Resolves once `peer`'s current connection is no longer the one with
+/// `id`: `true` if another one replaced it, `false` if none is left.
+async fn replaced(peers: &Peers, peer: PeerId, id: usize) -> bool {
+    loop {
+        tokio::time::sleep(CONNECTION_CHECK).await;
+        match peers.live(&peer).map(|c| c.stable_id()) {
+            Some(now) if now == id => {}
+            Some(_) => return true,
+            None => return false,
         }
     }
 }
