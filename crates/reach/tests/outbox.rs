@@ -205,7 +205,9 @@ async fn a_new_message_does_not_overtake_one_waiting_for_its_retry() {
                 .await
             {
                 Ok(b) => return b,
-                Err(e) if e.kind() == "bind" => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) if matches!(e.kind(), "bind" | "addr_in_use") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
                 Err(e) => panic!("{e}"),
             }
         }
