@@ -6,35 +6,13 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{DEADLINE, Proc, ok, reach};
+use common::{DEADLINE, Proc, loopback_config, ok, reach, status};
 
-fn config(dir: &Path) -> std::path::PathBuf {
-    let cfg = dir.join("reach.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    cfg
-}
-
+/// A `reach node` on `dir`, once it serves its control API.
 fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "node",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    let p = Proc::spawn(&args);
+    let p = common::node(dir, cfg, extra);
     p.wait_line("control API");
     p
-}
-
-fn status(dir: &Path) -> serde_json::Value {
-    let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
 }
 
 fn outbox(dir: &Path) -> Vec<serde_json::Value> {
@@ -51,7 +29,7 @@ fn outbox(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn a_durable_message_survives_the_receiver_down_and_the_sender_killed() {
     let [a_dir, b_dir, cfg_dir] = [(); 3].map(|_| tempfile::tempdir().unwrap());
-    let cfg = config(cfg_dir.path());
+    let cfg = loopback_config(cfg_dir.path(), "reach.toml", "");
     let (a_d, b_d) = (
         a_dir.path().to_str().unwrap(),
         b_dir.path().to_str().unwrap(),

@@ -5,30 +5,7 @@
 use std::path::Path;
 
 mod common;
-use common::{Proc, ok, reach};
-
-/// A `reach node` child on `dir` with config `cfg` and `extra` flags.
-fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
-    let mut args = vec![
-        "node",
-        "--data-dir",
-        dir.to_str().unwrap(),
-        "--config",
-        cfg.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    Proc::spawn(&args)
-}
-
-fn loopback_config(dir: &Path) -> std::path::PathBuf {
-    let cfg = dir.join("reach.toml");
-    std::fs::write(
-        &cfg,
-        "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n",
-    )
-    .unwrap();
-    cfg
-}
+use common::{Proc, loopback_config, node, ok, reach, status};
 
 fn peer_id(dir: &Path) -> String {
     let out = reach(&["id", "--data-dir", dir.to_str().unwrap()]);
@@ -43,19 +20,10 @@ fn events_follow_shows_a_connection_made_after_it_started() {
         tempfile::tempdir().unwrap(),
         tempfile::tempdir().unwrap(),
     );
-    let cfg = loopback_config(cfg_dir.path());
+    let cfg = loopback_config(cfg_dir.path(), "reach.toml", "");
     let a = node(a_dir.path(), &cfg, &[]);
     a.wait_for("announcing the control API", |l| l.contains("control API"));
-    let a_addr = {
-        let out = reach(&[
-            "status",
-            "--json",
-            "--data-dir",
-            a_dir.path().to_str().unwrap(),
-        ]);
-        let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        s["local_addr"].as_str().unwrap().to_string()
-    };
+    let a_addr = local_addr(a_dir.path());
     let follow = Proc::spawn(&[
         "events",
         "--follow",
@@ -83,22 +51,6 @@ fn events_follow_shows_a_connection_made_after_it_started() {
     follow.wait_for("with the node's stop", |l| l.contains(" stop"));
 }
 
-/// A config file in `dir` with `extra` lines after the loopback ones.
-fn config_with(dir: &Path, name: &str, extra: &str) -> std::path::PathBuf {
-    let cfg = dir.join(name);
-    std::fs::write(
-        &cfg,
-        format!("listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n{extra}"),
-    )
-    .unwrap();
-    cfg
-}
-
-fn status(dir: &Path) -> serde_json::Value {
-    let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
-    serde_json::from_slice(&out.stdout).unwrap_or_default()
-}
-
 fn local_addr(dir: &Path) -> String {
     status(dir)["local_addr"].as_str().unwrap().to_string()
 }
@@ -108,9 +60,9 @@ fn events_follow_shows_a_relayed_connection_punched_to_direct() {
     let [r_dir, b_dir, a_dir, cfg_dir] = [(); 4].map(|_| tempfile::tempdir().unwrap());
     // R relays for others; B holds a relay at R; A is on its own (no
     // bootstrap, no DHT): it knows B only by the relay in B's ticket.
-    let relay_cfg = config_with(cfg_dir.path(), "relay.toml", "relay = \"on\"\n");
-    let holder_cfg = config_with(cfg_dir.path(), "holder.toml", "acquire_relay = \"on\"\n");
-    let plain_cfg = config_with(cfg_dir.path(), "plain.toml", "");
+    let relay_cfg = loopback_config(cfg_dir.path(), "relay.toml", "relay = \"on\"\n");
+    let holder_cfg = loopback_config(cfg_dir.path(), "holder.toml", "acquire_relay = \"on\"\n");
+    let plain_cfg = loopback_config(cfg_dir.path(), "plain.toml", "");
     let r = node(r_dir.path(), &relay_cfg, &[]);
     r.wait_for("R's control API", |l| l.contains("control API"));
     let r_addr = local_addr(r_dir.path());
@@ -186,7 +138,7 @@ fn events_follow_shows_a_relayed_connection_punched_to_direct() {
 #[test]
 fn a_line_cut_short_by_a_crash_is_skipped_with_a_warning() {
     let (dir, cfg_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let cfg = loopback_config(cfg_dir.path());
+    let cfg = loopback_config(cfg_dir.path(), "reach.toml", "");
     let a = node(dir.path(), &cfg, &[]);
     a.wait_for("announcing the control API", |l| l.contains("control API"));
     a.terminate();

@@ -7,7 +7,8 @@
 
 use std::process::Command;
 
-const REACH: &str = env!("CARGO_BIN_EXE_reach");
+mod common;
+use common::REACH;
 
 #[test]
 fn a_small_flood_is_refused_while_the_honest_peer_delivers_everything() {
@@ -23,17 +24,7 @@ fn a_small_flood_is_refused_while_the_honest_peer_delivers_everything() {
         ])
         .output()
         .expect("run reach bench flood");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "no JSON line; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    let r = common::json_line(&out);
     let n = |k: &str| r[k].as_f64().unwrap_or_else(|| panic!("no {k} in {r}"));
     assert!(n("honest_sent_under_flood") > 0.0, "{r}");
     assert_eq!(n("honest_delivered"), n("honest_sent"), "{r}");

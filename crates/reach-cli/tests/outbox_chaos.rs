@@ -109,17 +109,7 @@ fn durable_messages_survive_random_kills_of_both_nodes() {
         .env_remove("REACH_DATA_DIR")
         .output()
         .expect("run reach chaos outbox");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with('{'))
-        .unwrap_or_else(|| {
-            panic!(
-                "no JSON line; stderr: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-    let r: serde_json::Value = serde_json::from_str(line).unwrap();
+    let r = common::json_line(&out);
     let n = |k: &str| r[k].as_u64().unwrap_or_else(|| panic!("no {k} in {r}"));
     assert!(out.status.success(), "the command failed its checks: {r}");
     assert_eq!(r["ok"], true, "{r}");

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,53 @@ pub fn ok(out: &Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout.clone()).unwrap()
+}
+
+/// A config file `name` in `dir`: loopback node and API ports (any free
+/// one), then `extra` lines.
+pub fn loopback_config(dir: &Path, name: &str, extra: &str) -> PathBuf {
+    let cfg = dir.join(name);
+    std::fs::write(
+        &cfg,
+        format!("listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\n{extra}"),
+    )
+    .unwrap();
+    cfg
+}
+
+/// A `reach node` child on `dir` with config `cfg` and `extra` flags.
+pub fn node(dir: &Path, cfg: &Path, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "node",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
+/// `reach status --json` of the node on `dir` (null while it does not
+/// answer).
+pub fn status(dir: &Path) -> serde_json::Value {
+    let out = reach(&["status", "--json", "--data-dir", dir.to_str().unwrap()]);
+    serde_json::from_slice(&out.stdout).unwrap_or_default()
+}
+
+/// The first JSON line a command printed (its stderr in the failure).
+pub fn json_line(out: &Output) -> serde_json::Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with('{'))
+        .unwrap_or_else(|| {
+            panic!(
+                "no JSON line; stderr: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    serde_json::from_str(line).unwrap()
 }
 
 /// A child process whose stdout lines arrive on a channel; killed on drop.
