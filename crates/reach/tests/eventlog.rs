@@ -3,14 +3,16 @@
 //! its configured size without losing a line it did not count as dropped.
 
 use std::path::Path;
-use std::time::Duration;
 
 use reach::eventlog::{EventLogConfig, log_path, rotated_path};
-use reach::{Node, PeerId, RelayMode};
+use reach::{Node, PeerId};
 use serde_json::Value;
 
 mod common;
-use common::{holds_relay, logs, loopback, node_holding_a_relay, relay_node, until, within};
+use common::{
+    holds_relay, logs, loopback, node_holding_a_relay, outsider, relay_node, relayed_then_punched,
+    until, within,
+};
 
 /// The log's lines, oldest first: rotated files `keep..=1`, then the
 /// current one. Every line must be a JSON object with `v`, `ts`, `kind`.
@@ -82,25 +84,9 @@ async fn a_punch_to_direct_is_logged_as_a_path_upgrade_and_a_punch_outcome() {
     let dir = tempfile::tempdir().unwrap();
     // Alice stays out of the DHT, as in tests/punch.rs: only the punch may
     // open a direct path to Bob.
-    let alice = Node::builder()
-        .bind(loopback())
-        .data_dir(dir.path())
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
+    let alice = outsider().data_dir(dir.path()).spawn().await.unwrap();
     holds_relay(&bob, &relay).await;
-    alice
-        .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
-        .await
-        .unwrap();
-    assert!(
-        alice
-            .wait_direct(bob.peer_id(), Duration::from_secs(20))
-            .await,
-        "the connection became direct: {:?}",
-        alice.punch_stats()
-    );
+    relayed_then_punched(&alice, &bob, &relay).await;
     let bob_id = bob.peer_id().to_string();
     let relay_id = relay.peer_id().to_string();
     until(

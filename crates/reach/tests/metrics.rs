@@ -13,7 +13,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
 use common::{
-    holds_relay, logs, loopback, node_holding_a_relay, outsider, relay_node, until, within,
+    holds_relay, logs, loopback, node_holding_a_relay, outsider, relay_node, relayed_then_punched,
+    until, within,
 };
 
 /// Starts the control API of `node` in a fresh data dir and scrapes
@@ -106,17 +107,7 @@ async fn scrapes_of_nodes_that_connected_relayed_and_punched_pass_promtool() {
     // a connect that finds a live connection does not dial).
     let carol = outsider().spawn().await.unwrap();
     holds_relay(&bob, &relay).await;
-    alice
-        .connect_via_relay(bob.peer_id(), relay.peer_id(), relay.local_addr())
-        .await
-        .unwrap();
-    assert!(
-        alice
-            .wait_direct(bob.peer_id(), Duration::from_secs(20))
-            .await,
-        "the connection became direct: {:?}",
-        alice.punch_stats()
-    );
+    relayed_then_punched(&alice, &bob, &relay).await;
     let before = Instant::now();
     within(
         "carol connects",

@@ -76,3 +76,19 @@ pub async fn holds_relay(holder: &reach::Node, relay: &reach::Node) {
     })
     .await;
 }
+
+/// How long a relayed connection's punch may take to make it direct.
+pub const PUNCH_WAIT: Duration = Duration::from_secs(20);
+
+/// `from` reaches `to` through `relay` (the relayed path first), and a
+/// punch makes the connection direct within [`PUNCH_WAIT`].
+pub async fn relayed_then_punched(from: &reach::Node, to: &reach::Node, relay: &reach::Node) {
+    from.connect_via_relay(to.peer_id(), relay.peer_id(), relay.local_addr())
+        .await
+        .unwrap();
+    assert!(
+        from.wait_direct(to.peer_id(), PUNCH_WAIT).await,
+        "the connection became direct: {:?}",
+        from.punch_stats()
+    );
+}
