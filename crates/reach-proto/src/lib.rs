@@ -33,6 +33,7 @@ pub mod dht;
 pub mod endpoint;
 pub mod identity;
 pub mod limits;
+pub mod mailbox;
 pub mod nat;
 pub mod outbox;
 pub mod punch;

@@ -25,9 +25,10 @@ pub struct Distance(pub [u8; 32]);
 /// Domain separators, so a topic name can never collide with a peer's key.
 const PEER_DOMAIN: &[u8] = b"reach-dht-peer-v1:";
 const TOPIC_DOMAIN: &[u8] = b"topic:";
+const MAILBOX_DOMAIN: &[u8] = b"reach-mailbox-v1:";
 
 impl Key {
-    /// The key of a node, and of its endpoint and mailbox records.
+    /// The key of a node and of its endpoint record.
     pub fn for_peer(peer: &PeerId) -> Key {
         let mut h = blake3::Hasher::new();
         h.update(PEER_DOMAIN);
@@ -40,6 +41,18 @@ impl Key {
         let mut h = blake3::Hasher::new();
         h.update(TOPIC_DOMAIN);
         h.update(name.as_bytes());
+        Key(*h.finalize().as_bytes())
+    }
+
+    /// The key of `recipient`'s mailbox records in mailbox epoch `epoch`
+    /// (see [`crate::mailbox`]): it changes every epoch, so a storer that
+    /// does not already know the recipient's id cannot tell that the
+    /// mailboxes of two epochs belong to the same recipient.
+    pub fn for_mailbox(recipient: &PeerId, epoch: u64) -> Key {
+        let mut h = blake3::Hasher::new();
+        h.update(MAILBOX_DOMAIN);
+        h.update(recipient.as_bytes());
+        h.update(&epoch.to_le_bytes());
         Key(*h.finalize().as_bytes())
     }
 

@@ -11,7 +11,8 @@
 //!   the payload names T so the key binding can be checked. Many publishers
 //!   per key.
 //! - **Mailbox**: an opaque sealed payload for a recipient, at
-//!   `Key::for_peer(recipient)`. Many per key, one per (publisher, seq).
+//!   `Key::for_mailbox(recipient, epoch)` (see [`crate::mailbox`]), signed
+//!   by a throwaway key. Many per key, one per (publisher, seq).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -50,7 +51,7 @@ pub enum RecordKind {
     /// Topic membership, at `Key::for_topic(topic)`.
     Topic,
     /// A sealed message for an offline recipient, at
-    /// `Key::for_peer(recipient)`.
+    /// `Key::for_mailbox(recipient, epoch)`.
     Mailbox,
 }
 
