@@ -46,6 +46,13 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// Messages a worker writes ahead of their acks, at most: enough to keep a
 /// long path busy, few enough that a dead stream strands little.
 pub const MAX_UNACKED: usize = 256;
+/// Messages (or acks) handled in one go at most: their attempts in one
+/// commit and their frames in one write on the sender, their records in one
+/// commit and their acks in one write on the receiver. One commit per
+/// message capped a backlog's drain below 1,000 msgs/s; batches of what has
+/// already arrived lift it several times without delaying anything (a lone
+/// message is a batch of one).
+pub const MAX_WRITE_BATCH: usize = 64;
 /// How often a waiting worker checks that its connection is still the
 /// peer's current one. A peer that died without closing its connection and
 /// came back replaces it with a new one on the same kind of path, which
@@ -321,70 +328,63 @@ impl Durable {
             .map(|p| p.id)
             .collect();
         head.push_back(first);
-        let mut next = None;
         loop {
-            if next.is_none() && unacked.len() < MAX_UNACKED {
-                next = head.pop_front();
-            }
-            // Write while there is something to write and room ahead.
-            if let Some(id) = next.take() {
-                // Attempt first: a crash after the write can only under-count.
-                if !outbox.record_attempt(id).await? {
-                    next = head.pop_front().or_else(|| rx.try_recv().ok());
-                    continue; // acked or cancelled meanwhile
+            // Take what is ready, up to the room ahead of the acks, and send
+            // it as one batch: one commit counts all their attempts (first,
+            // so a crash after the write can only under-count), one read
+            // transaction fetches them, one write carries them.
+            let room = MAX_UNACKED
+                .saturating_sub(unacked.len())
+                .min(MAX_WRITE_BATCH);
+            let mut batch = Vec::new();
+            while batch.len() < room {
+                match head.pop_front().or_else(|| rx.try_recv().ok()) {
+                    Some(id) => batch.push(id),
+                    None => break,
                 }
-                let Some(msg) = outbox.read(id).await? else {
-                    next = head.pop_front().or_else(|| rx.try_recv().ok());
-                    continue;
-                };
-                let bytes = frame::encode(
-                    &DurableFrame::Message {
-                        seq: msg.seq,
-                        data: msg.data,
-                    }
-                    .encode(),
-                )?;
+            }
+            if !batch.is_empty() {
+                let still = outbox.record_attempts(&batch).await?;
+                let live: Vec<MessageId> = batch
+                    .into_iter()
+                    .zip(still)
+                    .filter_map(|(id, pending)| pending.then_some(id))
+                    .collect(); // the others were acked or cancelled meanwhile
+                let mut bytes = Vec::new();
+                for msg in outbox.read_many(live).await?.into_iter().flatten() {
+                    bytes.extend_from_slice(&frame::encode(
+                        &DurableFrame::Message {
+                            seq: msg.seq,
+                            data: msg.data,
+                        }
+                        .encode(),
+                    )?);
+                    unacked.push_back(msg.seq);
+                    stats::bump(&self.counters.sent);
+                }
                 send.write_all(&bytes).await.map_err(|e| lost(peer, &e))?;
-                stats::bump(&self.counters.sent);
-                unacked.push_back(msg.seq);
-                if unacked.len() < MAX_UNACKED {
-                    next = head.pop_front().or_else(|| rx.try_recv().ok());
-                    if next.is_some() {
-                        continue;
-                    }
-                }
+                continue;
             }
+            let room = unacked.len() < MAX_UNACKED;
             // Wait for an ack (when one is owed) or for more to send.
             tokio::select! {
                 ack = acks.recv(), if !unacked.is_empty() => {
-                    let ack = ack
-                        .ok_or_else(|| lost(peer, &"the ack reader stopped"))?
-                        .map_err(|e| lost(peer, &e))?;
-                    let DurableFrame::Ack { seq, outcome } = ack else {
-                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
-                            "a message frame where an ack belongs".into(),
-                        )));
-                    };
-                    if unacked.front() != Some(&seq) {
-                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
-                            format!("ack for {seq} out of order"),
-                        )));
+                    // Every ack already read goes in the same commit.
+                    let mut seqs = vec![take_ack(peer, ack, &mut unacked)?];
+                    while seqs.len() < MAX_WRITE_BATCH && !unacked.is_empty() {
+                        match acks.try_recv() {
+                            Ok(a) => seqs.push(take_ack(peer, Some(a), &mut unacked)?),
+                            Err(_) => break,
+                        }
                     }
-                    unacked.pop_front();
-                    if !outcome.delivered() {
-                        // The receiver takes nothing more on this stream.
-                        return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
-                            "the receiver refused (its inbox is full)".into(),
-                        )));
-                    }
-                    if let Some(id) = outbox.ack_seq(peer, seq).await? {
+                    for id in outbox.ack_seqs(peer, &seqs).await?.into_iter().flatten() {
                         stats::bump(&self.counters.delivered);
                         self.core.bus.emit(NodeEvent::OutboxDelivered { id: id.0, peer });
                     }
                 }
-                more = rx.recv(), if next.is_none() && unacked.len() < MAX_UNACKED => {
+                more = rx.recv(), if room => {
                     match more {
-                        Some(id) => next = Some(id),
+                        Some(id) => head.push_back(id),
                         None => return Ok(()),
                     }
                 }
@@ -423,34 +423,60 @@ impl Durable {
         {
             return;
         }
-        loop {
-            let frame = match read_frame(&mut recv, MAX_DURABLE_FRAME).await {
-                Ok(f) => f,
-                Err(_) => return, // finished, reset or malformed: the stream ends
-            };
-            let DurableFrame::Message { seq, data } = frame else {
-                return;
-            };
-            let outcome = match outbox.receive(peer, seq, data.clone()).await {
-                Ok(Receipt::New(inbox)) => {
-                    stats::bump(&self.counters.received);
-                    self.hand_over(inbox, peer, seq, data).await;
-                    AckOutcome::Accepted
+        // Frames are read by a task of their own, so that what has arrived
+        // meanwhile can be recorded in one commit and acked in one write
+        // (a read cut off mid-frame, as a `select!` would, loses framing).
+        let (frame_tx, mut frames) = mpsc::channel(MAX_UNACKED);
+        let reader = tokio::spawn(async move {
+            // Finished, reset or malformed: the stream ends there.
+            while let Ok(DurableFrame::Message { seq, data }) =
+                read_frame(&mut recv, MAX_DURABLE_FRAME).await
+            {
+                if frame_tx.send((seq, data)).await.is_err() {
+                    return;
                 }
-                Ok(Receipt::Duplicate | Receipt::TooOld) => {
-                    stats::bump(&self.counters.duplicates);
-                    AckOutcome::Duplicate
+            }
+        });
+        let _stop_reader = AbortOnDrop(reader);
+        while let Some(first) = frames.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_WRITE_BATCH {
+                match frames.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
                 }
-                Err(e) => {
-                    tracing::debug!(%peer, seq, error = %e, "durable message refused");
-                    AckOutcome::Refused
+            }
+            let receipts = outbox.receive_many(peer, batch.clone()).await;
+            let mut acks = Vec::new();
+            let mut refused = false;
+            for ((seq, data), receipt) in batch.into_iter().zip(receipts) {
+                let outcome = match receipt {
+                    Ok(Receipt::New(inbox)) => {
+                        stats::bump(&self.counters.received);
+                        self.hand_over(inbox, peer, seq, data).await;
+                        AckOutcome::Accepted
+                    }
+                    Ok(Receipt::Duplicate | Receipt::TooOld) => {
+                        stats::bump(&self.counters.duplicates);
+                        AckOutcome::Duplicate
+                    }
+                    Err(e) => {
+                        tracing::debug!(%peer, seq, error = %e, "durable message refused");
+                        AckOutcome::Refused
+                    }
+                };
+                // After a refusal the sender takes nothing more from this
+                // stream: later messages are not acked (it resends them).
+                if !refused {
+                    let Ok(bytes) = frame::encode(&DurableFrame::Ack { seq, outcome }.encode())
+                    else {
+                        return;
+                    };
+                    acks.extend_from_slice(&bytes);
+                    refused = !outcome.delivered();
                 }
-            };
-            let ack = DurableFrame::Ack { seq, outcome }.encode();
-            let Ok(bytes) = frame::encode(&ack) else {
-                return;
-            };
-            if send.write_all(&bytes).await.is_err() || !outcome.delivered() {
+            }
+            if send.write_all(&acks).await.is_err() || refused {
                 return;
             }
         }
@@ -494,7 +520,32 @@ async fn replaced(peers: &Peers, peer: PeerId, id: usize) -> bool {
     }
 }
 
-/// Aborts the ack reader when the worker ends, however it ends.
+/// Checks that an ack is the one owed next and takes it off `unacked`:
+/// acks come in order, and a refusal ends the stream.
+fn take_ack(
+    peer: PeerId,
+    ack: Option<Result<DurableFrame>>,
+    unacked: &mut std::collections::VecDeque<u64>,
+) -> Result<u64> {
+    let ack = ack
+        .ok_or_else(|| lost(peer, &"the ack reader stopped"))?
+        .map_err(|e| lost(peer, &e))?;
+    let malformed = |what: String| Error::Wire(reach_proto::wire::WireError::Malformed(what));
+    let DurableFrame::Ack { seq, outcome } = ack else {
+        return Err(malformed("a message frame where an ack belongs".into()));
+    };
+    if unacked.front() != Some(&seq) {
+        return Err(malformed(format!("ack for {seq} out of order")));
+    }
+    unacked.pop_front();
+    if !outcome.delivered() {
+        // The receiver takes nothing more on this stream.
+        return Err(malformed("the receiver refused (its inbox is full)".into()));
+    }
+    Ok(seq)
+}
+
+/// Aborts a stream's reader task when its user ends, however it ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
