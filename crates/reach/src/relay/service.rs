@@ -13,8 +13,11 @@ use super::{RelayRuntime, client};
 use crate::node::router::{self, Handler, Inbound};
 use crate::node::stats;
 
-/// How long a relay waits for the target to accept a circuit.
-pub const INCOMING_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a relay waits for the target to accept a circuit. Shorter than
+/// the requester's whole budget ([`client::RELAY_RPC_TIMEOUT`], which also
+/// covers reaching the relay), so the requester hears a typed
+/// `target_unreachable` instead of timing out itself.
+pub const INCOMING_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often a relay drops idle circuits and expired reservations.
 pub const EXPIRY_TICK: Duration = Duration::from_secs(10);
 
@@ -135,6 +138,15 @@ impl RelayRuntime {
             circuit,
         };
         let answer = tokio::time::timeout(INCOMING_TIMEOUT, client::rpc(&target_conn, ask)).await;
+        if answer.is_err() {
+            // A client that does not answer a one-line request for this long
+            // is not reachable on this connection (it may have replaced it
+            // and lost the close): close it, so the client's next request,
+            // or its reservation's health check, starts on a fresh one
+            // instead of every requester timing out on the dead one.
+            tracing::debug!(%target, "target did not answer a circuit request; closing its connection");
+            target_conn.close(0u32.into(), b"unanswered circuit request");
+        }
         if !matches!(answer, Ok(Ok(RelayResponse::Accepted))) {
             return refused(refusal::TARGET_UNREACHABLE);
         }
