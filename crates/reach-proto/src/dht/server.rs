@@ -12,7 +12,7 @@ use super::rpc::{
     DhtRequest, DhtResponse, MAX_CONTACTS_PER_RESPONSE, MAX_RECORD_BYTES_PER_RESPONSE,
     MAX_RECORDS_PER_RESPONSE,
 };
-use super::store::{RecordStore, Source, among_closest};
+use super::store::{DeleteOutcome, RecordStore, Source, among_closest};
 use super::{Contact, K, Key};
 
 /// A node stores a record when fewer than this many times k contacts it
@@ -42,9 +42,12 @@ impl Neighbourhood {
     pub fn of(table: &RoutingTable, request: &DhtRequest) -> Self {
         let closest = match request {
             DhtRequest::Ping => Vec::new(),
-            DhtRequest::FindNode { target: key } | DhtRequest::GetRecords { key, .. } => {
+            DhtRequest::FindNode { target: key }
+            | DhtRequest::GetRecords { key, .. }
+            | DhtRequest::GetRecordsPage { key, .. } => {
                 table.closest(key, MAX_CONTACTS_PER_RESPONSE)
             }
+            DhtRequest::DeleteRecord { .. } => Vec::new(),
             DhtRequest::PutRecord { record } => {
                 table.closest(&record.key, STORE_CLOSENESS_SLACK * K)
             }
@@ -122,6 +125,32 @@ pub fn answer(
                 },
             }
         }
+        DhtRequest::GetRecordsPage { kind, key, after } => {
+            let (records, next) = store.page(
+                kind,
+                &key,
+                after,
+                now_ms,
+                MAX_RECORDS_PER_RESPONSE,
+                MAX_RECORD_BYTES_PER_RESPONSE,
+                RECORD_OVERHEAD_BYTES,
+            );
+            DhtResponse::RecordsPage {
+                records,
+                next,
+                closer: near.closer(),
+            }
+        }
+        // A deletion needs no closeness check: only the publisher can sign
+        // it, and it only ever frees room.
+        DhtRequest::DeleteRecord { notice } => match store.delete(&notice, now_ms) {
+            Ok(outcome) => DhtResponse::Deleted {
+                held: outcome == DeleteOutcome::Dropped,
+            },
+            Err(e) => DhtResponse::Refused {
+                reason: e.kind().to_string(),
+            },
+        },
     }
 }
 
