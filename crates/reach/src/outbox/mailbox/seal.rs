@@ -127,14 +127,26 @@ fn box_key(
         &private,
         UnparsedPublicKey::new(&X25519, theirs),
         (),
-        |shared| Ok(hkdf32(SEAL_KDF_SALT, shared, &[SEAL_KDF_INFO, eph, recipient])),
+        |shared| {
+            Ok(hkdf32(
+                SEAL_KDF_SALT,
+                shared,
+                &[SEAL_KDF_INFO, eph, recipient],
+            ))
+        },
     )
     .ok()?;
     Some(LessSafeKey::new(UnboundKey::new(&AES_256_GCM, &key).ok()?))
 }
 
 /// What the sender derives for one message in one epoch.
-fn derive(sender: &Keypair, recipient: &PeerId, seq: u64, epoch: u64, data: &[u8]) -> [[u8; 32]; 2] {
+fn derive(
+    sender: &Keypair,
+    recipient: &PeerId,
+    seq: u64,
+    epoch: u64,
+    data: &[u8],
+) -> [[u8; 32]; 2] {
     let hash = digest::digest(&digest::SHA256, data);
     let ctx = [
         recipient.as_bytes().as_slice(),
@@ -236,8 +248,13 @@ fn seal_box(contents: &BoxContents, eph_secret: &[u8; 32]) -> Option<Vec<u8>> {
 pub fn open(me: &Keypair, record: &SignedRecord) -> Result<BoxContents, OpenError> {
     let sealed = SealedBox::decode(&record.payload).ok_or(OpenError::Garbage)?;
     let my_x = x25519_public(&me.peer_id()).ok_or(OpenError::NotForUs)?;
-    let k = box_key(&x25519_secret(me), &sealed.ephemeral, &sealed.ephemeral, &my_x)
-        .ok_or(OpenError::NotForUs)?;
+    let k = box_key(
+        &x25519_secret(me),
+        &sealed.ephemeral,
+        &sealed.ephemeral,
+        &my_x,
+    )
+    .ok_or(OpenError::NotForUs)?;
     let mut buf = sealed.ciphertext;
     let plain = k
         .open_in_place(
@@ -271,7 +288,11 @@ mod tests {
 
     #[test]
     fn the_recipient_opens_what_was_sealed_for_it_and_nobody_else_does() {
-        let (a, b, c) = (Keypair::generate(), Keypair::generate(), Keypair::generate());
+        let (a, b, c) = (
+            Keypair::generate(),
+            Keypair::generate(),
+            Keypair::generate(),
+        );
         let data = vec![0x5a; MAX_MAILBOX_MESSAGE];
         let s = seal_for(&a, &b.peer_id(), 7, &data);
         assert!(s.record.payload.len() <= reach_proto::dht::record::MAX_MAILBOX_PAYLOAD);
@@ -287,9 +308,18 @@ mod tests {
     #[test]
     fn too_large_is_a_typed_error_and_8_kib_fits() {
         let (a, b) = (Keypair::generate(), Keypair::generate().peer_id());
-        assert!(MAX_MAILBOX_MESSAGE >= 8 * 1024);
+        const { assert!(MAX_MAILBOX_MESSAGE >= 8 * 1024) };
         let epoch = reach_proto::mailbox::epoch_of(NOW);
-        let r = seal(&a, &b, 1, &vec![0; MAX_MAILBOX_MESSAGE + 1], epoch, deposit_key(&b, NOW), NOW, HOUR);
+        let r = seal(
+            &a,
+            &b,
+            1,
+            &vec![0; MAX_MAILBOX_MESSAGE + 1],
+            epoch,
+            deposit_key(&b, NOW),
+            NOW,
+            HOUR,
+        );
         assert_eq!(r.err(), Some(SealError::TooLarge(MAX_MAILBOX_MESSAGE + 1)));
     }
 
@@ -301,7 +331,17 @@ mod tests {
         assert_eq!(one.record, again.record);
         let other = seal_for(&a, &b, 3, b"hullo");
         assert_ne!(one.record.publisher, other.record.publisher);
-        let next = seal(&a, &b, 3, b"hello", 1 + reach_proto::mailbox::epoch_of(NOW), Key([1; 32]), NOW, HOUR).unwrap();
+        let next = seal(
+            &a,
+            &b,
+            3,
+            b"hello",
+            1 + reach_proto::mailbox::epoch_of(NOW),
+            Key([1; 32]),
+            NOW,
+            HOUR,
+        )
+        .unwrap();
         assert_ne!(one.record.publisher, next.record.publisher);
         assert_ne!(one.record.payload, next.record.payload);
     }
@@ -335,7 +375,9 @@ mod tests {
             sender: a.peer_id(),
             recipient: b.peer_id(),
             seq: 2,
-            signature: m.sign(&sender_signing_bytes(&b.peer_id(), 2, &data)).to_vec(),
+            signature: m
+                .sign(&sender_signing_bytes(&b.peer_id(), 2, &data))
+                .to_vec(),
             data,
             throwaway: throwaway.secret_bytes(),
         };
@@ -354,7 +396,9 @@ mod tests {
         let mut readdressed = contents.clone();
         readdressed.sender = m.peer_id();
         readdressed.recipient = c;
-        readdressed.signature = m.sign(&sender_signing_bytes(&c, 2, &readdressed.data)).to_vec();
+        readdressed.signature = m
+            .sign(&sender_signing_bytes(&c, 2, &readdressed.data))
+            .to_vec();
         let mut boxed = SealedBox::decode(&seal_box(&readdressed, &[9; 32]).unwrap()).unwrap();
         // seal_box sealed it for C (the recipient inside); re-seal for B by
         // hand: same contents, B's key.
@@ -368,10 +412,22 @@ mod tests {
         let bx = x25519_public(&b.peer_id()).unwrap();
         let k = box_key(&[9; 32], &bx, &eph_public, &bx).unwrap();
         let mut buf = postcard::to_allocvec(&readdressed).unwrap();
-        k.seal_in_place_append_tag(Nonce::assume_unique_for_key(SEAL_NONCE), Aad::from([SEAL_VERSION]), &mut buf)
-            .unwrap();
+        k.seal_in_place_append_tag(
+            Nonce::assume_unique_for_key(SEAL_NONCE),
+            Aad::from([SEAL_VERSION]),
+            &mut buf,
+        )
+        .unwrap();
         boxed.ciphertext = buf;
-        let r = SignedRecord::sign(&throwaway, RecordKind::Mailbox, s.record.key, RECORD_SEQ, NOW, HOUR, boxed.encode());
+        let r = SignedRecord::sign(
+            &throwaway,
+            RecordKind::Mailbox,
+            s.record.key,
+            RECORD_SEQ,
+            NOW,
+            HOUR,
+            boxed.encode(),
+        );
         assert_eq!(open(&b, &r), Err(OpenError::BadContents));
     }
 }
