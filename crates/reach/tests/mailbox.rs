@@ -27,14 +27,17 @@ fn message(i: usize) -> Vec<u8> {
 
 struct Deposited {
     storers: Vec<Node>,
+    /// A, when it stays online.
+    a: Option<(Node, tempfile::TempDir)>,
     b_dir: tempfile::TempDir,
     a_id: PeerId,
     b_id: PeerId,
 }
 
 /// Storers up, B known and offline, A online: A sends N critical messages
-/// to B, deposits them at the storers, and goes away for good.
-async fn deposit() -> Deposited {
+/// to B and deposits them at the storers; then, unless `a_stays`, A goes
+/// away for good.
+async fn deposit(a_stays: bool) -> Deposited {
     common::logs();
     let seed = Node::builder().bind(loopback()).spawn().await.unwrap();
     within("seed join", seed.joined()).await;
@@ -89,12 +92,22 @@ async fn deposit() -> Deposited {
         .sum();
     assert!(held >= N, "the storers hold {held} mailbox records");
     assert_eq!(a.outbox().len(), N, "nothing was delivered: B is away");
+    if a_stays {
+        return Deposited {
+            storers,
+            a: Some((a, a_dir)),
+            b_dir,
+            a_id,
+            b_id,
+        };
+    }
     // A goes away for good, its data with it.
     a.shutdown().await;
     drop(a);
     drop(a_dir);
     Deposited {
         storers,
+        a: None,
         b_dir,
         a_id,
         b_id,
@@ -110,7 +123,7 @@ fn mailbox_records(storers: &[Node]) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone() {
-    let d = deposit().await;
+    let d = deposit(false).await;
     // B comes back on its data dir and joins: its mailbox is read.
     let b = Node::builder()
         .bind(loopback())
@@ -157,7 +170,7 @@ async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storers_see_no_payload_and_no_peer_id() {
-    let d = deposit().await;
+    let d = deposit(false).await;
     let mut seen = 0;
     for s in &d.storers {
         for r in s.stored_records(RecordKind::Mailbox) {
@@ -192,4 +205,58 @@ async fn storers_see_no_payload_and_no_peer_id() {
         }
     }
     assert!(seen >= N, "the storers hold {seen} mailbox records");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_still_online_hears_the_ack_and_its_deposits_are_deleted() {
+    let d = deposit(true).await;
+    let (a, _a_dir) = d.a.as_ref().unwrap();
+    let mut events = a.subscribe();
+    let b = Node::builder()
+        .bind(loopback())
+        .data_dir(d.b_dir.path())
+        .bootstrap([d.storers[0].local_addr()])
+        .spawn()
+        .await
+        .unwrap();
+    // Whichever path brings a message first (the mailbox, or A's resend
+    // once B dials it to ack), B hands each over once, in order.
+    for i in 0..N {
+        let m = within("a message", async {
+            loop {
+                if let Some(Event::Durable(m)) = b.next_event().await {
+                    return m;
+                }
+            }
+        })
+        .await;
+        assert_eq!((m.from, m.seq), (d.a_id, i as u64 + 1), "in order, once");
+        b.durable_done(&m).await.unwrap();
+    }
+    // A hears an ack for every message: B dialed it after the fetch.
+    let mut delivered = 0;
+    within("A hears every ack", async {
+        while delivered < N {
+            if let Some(reach::NodeEvent::OutboxDelivered { peer, .. }) = events.next().await {
+                assert_eq!(peer, d.b_id);
+                delivered += 1;
+            }
+        }
+    })
+    .await;
+    assert!(a.outbox().is_empty());
+    until("the storers drop every record", || {
+        mailbox_records(&d.storers) == 0
+    })
+    .await;
+    let extra = tokio::time::timeout(Duration::from_millis(500), async {
+        loop {
+            if let Some(Event::Durable(m)) = b.next_event().await {
+                return m;
+            }
+        }
+    })
+    .await;
+    assert!(extra.is_err(), "a message came twice: {extra:?}");
+    assert_eq!(b.stats().outbox.received, N as u64);
 }

@@ -254,6 +254,84 @@ mod tests {
     }
 
     #[test]
+    fn paged_get_and_signed_deletion_over_the_wire_requests() {
+        use crate::dht::record::{DeletionNotice, RecordKind};
+        let (t, _) = table(5);
+        let mut s = store();
+        let key = Key([4; 32]);
+        let throwaways: Vec<Keypair> = (0..100).map(|i| keypair(10_000 + i)).collect();
+        for kp in &throwaways {
+            let r = SignedRecord::sign(
+                kp,
+                RecordKind::Mailbox,
+                key,
+                1,
+                NOW_MS,
+                Duration::from_secs(60),
+                vec![1; 1000],
+            );
+            let put = DhtRequest::PutRecord { record: r };
+            assert_eq!(ask(&t, &mut s, put, NOW_MS), DhtResponse::Stored);
+        }
+        // Paging returns all 100; a plain get only one response's worth.
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let req = DhtRequest::GetRecordsPage {
+                kind: RecordKind::Mailbox,
+                key,
+                after,
+            };
+            let DhtResponse::RecordsPage { records, next, .. } = ask(&t, &mut s, req, NOW_MS)
+            else {
+                panic!("not a RecordsPage answer");
+            };
+            all.extend(records);
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(all.len(), 100);
+        let DhtResponse::Records { records, .. } = ask(
+            &t,
+            &mut s,
+            DhtRequest::GetRecords {
+                kind: RecordKind::Mailbox,
+                key,
+            },
+            NOW_MS,
+        ) else {
+            panic!("not a Records answer");
+        };
+        assert!(records.len() < 100);
+        // A signed deletion drops one; a forged one is refused by kind.
+        let notice = DeletionNotice::sign(&throwaways[0], RecordKind::Mailbox, key, 1);
+        let del = DhtRequest::DeleteRecord { notice };
+        assert_eq!(
+            ask(&t, &mut s, del.clone(), NOW_MS),
+            DhtResponse::Deleted { held: true }
+        );
+        assert_eq!(
+            ask(&t, &mut s, del, NOW_MS),
+            DhtResponse::Deleted { held: false }
+        );
+        let mut forged = DeletionNotice::sign(&keypair(1), RecordKind::Mailbox, key, 1);
+        forged.publisher = throwaways[1].peer_id();
+        assert_eq!(
+            ask(
+                &t,
+                &mut s,
+                DhtRequest::DeleteRecord { notice: forged },
+                NOW_MS
+            ),
+            DhtResponse::Refused {
+                reason: "bad_signature".into()
+            }
+        );
+        assert_eq!(s.len(), 99);
+    }
+
+    #[test]
     fn put_is_stored_only_near_the_key() {
         // Few contacts: among the closest to anything.
         let (t, _) = table(5);
