@@ -28,7 +28,8 @@ fn message(i: usize) -> Vec<u8> {
 struct Deposited {
     storers: Vec<Node>,
     /// A, when it stays online.
-    a: Option<(Node, tempfile::TempDir)>,
+    a: Option<Node>,
+    a_dir: tempfile::TempDir,
     b_dir: tempfile::TempDir,
     a_id: PeerId,
     b_id: PeerId,
@@ -95,19 +96,20 @@ async fn deposit(a_stays: bool) -> Deposited {
     if a_stays {
         return Deposited {
             storers,
-            a: Some((a, a_dir)),
+            a: Some(a),
+            a_dir,
             b_dir,
             a_id,
             b_id,
         };
     }
-    // A goes away for good, its data with it.
+    // A goes away (the caller decides whether for good).
     a.shutdown().await;
     drop(a);
-    drop(a_dir);
     Deposited {
         storers,
         a: None,
+        a_dir,
         b_dir,
         a_id,
         b_id,
@@ -124,6 +126,8 @@ fn mailbox_records(storers: &[Node]) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone() {
     let d = deposit(false).await;
+    // A is gone for good, its data with it.
+    drop(d.a_dir);
     // B comes back on its data dir and joins: its mailbox is read.
     let b = Node::builder()
         .bind(loopback())
@@ -210,7 +214,7 @@ async fn storers_see_no_payload_and_no_peer_id() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sender_still_online_hears_the_ack_and_its_deposits_are_deleted() {
     let d = deposit(true).await;
-    let (a, _a_dir) = d.a.as_ref().unwrap();
+    let a = d.a.as_ref().unwrap();
     let mut events = a.subscribe();
     let b = Node::builder()
         .bind(loopback())
@@ -259,4 +263,56 @@ async fn a_sender_still_online_hears_the_ack_and_its_deposits_are_deleted() {
     .await;
     assert!(extra.is_err(), "a message came twice: {extra:?}");
     assert_eq!(b.stats().outbox.received, N as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_that_was_away_learns_from_the_storers_that_the_recipient_has_it() {
+    let d = deposit(false).await;
+    // B comes back while A is away, takes its mail, deletes it at the
+    // storers, and leaves again: A cannot hear a direct ack.
+    let b = Node::builder()
+        .bind(loopback())
+        .data_dir(d.b_dir.path())
+        .bootstrap([d.storers[0].local_addr()])
+        .spawn()
+        .await
+        .unwrap();
+    for i in 0..N {
+        let m = within("a message", async {
+            loop {
+                if let Some(Event::Durable(m)) = b.next_event().await {
+                    return m;
+                }
+            }
+        })
+        .await;
+        assert_eq!((m.from, m.seq), (d.a_id, i as u64 + 1));
+        b.durable_done(&m).await.unwrap();
+    }
+    until("the storers drop every record", || {
+        mailbox_records(&d.storers) == 0
+    })
+    .await;
+    b.shutdown().await;
+    drop(b);
+    // A comes back on its data dir with its N messages pending: its
+    // re-deposit is refused with B's signed deletion notices, its ack.
+    let a = Node::builder()
+        .bind(loopback())
+        .data_dir(d.a_dir.path())
+        .bootstrap([d.storers[0].local_addr()])
+        .mailbox_after(MAILBOX_AFTER)
+        .spawn()
+        .await
+        .unwrap();
+    assert_eq!(a.peer_id(), d.a_id);
+    assert_eq!(a.outbox().len(), N);
+    until("A learns that B has every message", || {
+        a.outbox().is_empty()
+    })
+    .await;
+    let st = a.stats().outbox;
+    assert_eq!(st.mailbox_acked, N as u64);
+    assert_eq!(st.delivered, N as u64);
+    assert_eq!(mailbox_records(&d.storers), 0, "nothing resurrected");
 }

@@ -130,6 +130,14 @@ pub enum DhtResponse {
         /// Whether the record was held here (else only tombstoned).
         held: bool,
     },
+    /// The answer to a [`DhtRequest::PutRecord`] of a record whose slot was
+    /// deleted: the refusal, with the signed notice that deleted it, so
+    /// the publisher can verify it (a mailbox sender learns that the
+    /// recipient has the message).
+    Tombstoned {
+        /// The deletion notice, signed by the record's publisher key.
+        notice: DeletionNotice,
+    },
 }
 
 /// A response plus the address the responder saw the request come from.

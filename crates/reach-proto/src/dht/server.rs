@@ -111,6 +111,7 @@ pub fn answer(
             }
         }
         DhtRequest::PutRecord { record } => {
+            let proof = store.tombstone(&record, now_ms);
             let stored = if near.among_closest(&record.key) {
                 store.put_from(record, source, now_ms)
             } else {
@@ -118,9 +119,10 @@ pub fn answer(
                 store.count_rejection(&e);
                 Err(e)
             };
-            match stored {
-                Ok(_) => DhtResponse::Stored,
-                Err(e) => DhtResponse::Refused {
+            match (stored, proof) {
+                (Ok(_), _) => DhtResponse::Stored,
+                (Err(RecordError::Deleted), Some(notice)) => DhtResponse::Tombstoned { notice },
+                (Err(e), _) => DhtResponse::Refused {
                     reason: e.kind().to_string(),
                 },
             }
@@ -329,6 +331,22 @@ mod tests {
             }
         );
         assert_eq!(s.len(), 99);
+        // A re-put of the deleted record is answered with the notice.
+        let again = SignedRecord::sign(
+            &throwaways[0],
+            RecordKind::Mailbox,
+            key,
+            1,
+            NOW_MS,
+            Duration::from_secs(60),
+            vec![1; 1000],
+        );
+        assert_eq!(
+            ask(&t, &mut s, DhtRequest::PutRecord { record: again }, NOW_MS),
+            DhtResponse::Tombstoned {
+                notice: DeletionNotice::sign(&throwaways[0], RecordKind::Mailbox, key, 1)
+            }
+        );
     }
 
     #[test]

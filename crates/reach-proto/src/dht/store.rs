@@ -192,9 +192,10 @@ pub struct RecordStore {
     total: usize,
     bytes: usize,
     rejections: BTreeMap<&'static str, u64>,
-    /// Deleted mailbox slots (key, publisher, seq) and until when (Unix
-    /// ms) a put of them is refused.
-    tombstones: HashMap<(Key, PeerId, u64), u64>,
+    /// Deleted mailbox slots (key, publisher, seq): until when (Unix ms)
+    /// a put of them is refused, and the notice's signature (the proof a
+    /// refused publisher is shown, see [`RecordStore::tombstone`]).
+    tombstones: HashMap<(Key, PeerId, u64), (u64, Vec<u8>)>,
 }
 
 /// A snapshot for status pages.
@@ -256,7 +257,7 @@ impl RecordStore {
             && self
                 .tombstones
                 .get(&(record.key, record.publisher, record.seq))
-                .is_some_and(|&until| until > now_ms)
+                .is_some_and(|&(until, _)| until > now_ms)
         {
             return Err(RecordError::Deleted);
         }
@@ -403,7 +404,7 @@ impl RecordStore {
     ) -> Result<DeleteOutcome, RecordError> {
         notice.validate()?;
         let slot = (notice.key, notice.publisher, notice.seq);
-        if self.tombstones.get(&slot).is_some_and(|&t| t > now_ms) {
+        if self.tombstones.get(&slot).is_some_and(|&(t, _)| t > now_ms) {
             return Ok(DeleteOutcome::AlreadyDeleted);
         }
         let held = self
@@ -427,7 +428,8 @@ impl RecordStore {
                 }
                 self.forget(&h);
                 if self.tombstones.len() < MAX_TOMBSTONES {
-                    self.tombstones.insert(slot, h.record.expires_ms());
+                    self.tombstones
+                        .insert(slot, (h.record.expires_ms(), notice.signature.clone()));
                 }
                 Ok(DeleteOutcome::Dropped)
             }
@@ -436,7 +438,8 @@ impl RecordStore {
                     return Err(RecordError::QuotaExceeded);
                 }
                 let until = now_ms.saturating_add(TOMBSTONE_UNHELD.as_millis() as u64);
-                self.tombstones.insert(slot, until);
+                self.tombstones
+                    .insert(slot, (until, notice.signature.clone()));
                 Ok(DeleteOutcome::Tombstoned)
             }
         }
@@ -462,6 +465,23 @@ impl RecordStore {
         self.bytes -= h.record.payload.len();
     }
 
+    /// The deletion notice behind the live tombstone of `record`'s slot,
+    /// if any: what a storer answers a put of a deleted record with, so
+    /// its publisher can check that the deletion was signed with the
+    /// record's key (for a mailbox record: that the recipient has it).
+    pub fn tombstone(&self, record: &SignedRecord, now_ms: u64) -> Option<DeletionNotice> {
+        let (until, sig) = self
+            .tombstones
+            .get(&(record.key, record.publisher, record.seq))?;
+        (*until > now_ms).then(|| DeletionNotice {
+            kind: RecordKind::Mailbox,
+            key: record.key,
+            publisher: record.publisher,
+            seq: record.seq,
+            signature: sig.clone(),
+        })
+    }
+
     /// Tombstones held (deleted mailbox slots not yet expired).
     pub fn tombstones(&self) -> usize {
         self.tombstones.len()
@@ -470,7 +490,7 @@ impl RecordStore {
     /// Drops expired records (and expired tombstones); returns how many
     /// records.
     pub fn expire(&mut self, now_ms: u64) -> usize {
-        self.tombstones.retain(|_, &mut until| until > now_ms);
+        self.tombstones.retain(|_, (until, _)| *until > now_ms);
         let mut dropped = Vec::new();
         let mut sources = Vec::new();
         let mut freed = 0;
@@ -1061,8 +1081,12 @@ mod tests {
         s.put(r.clone(), NOW).unwrap();
         s.delete(&DeletionNotice::for_record(&throwaway, &r), NOW)
             .unwrap();
-        // A lagging re-deposit of the same record cannot resurrect it.
+        // A lagging re-deposit of the same record cannot resurrect it, and
+        // its publisher is shown the signed notice.
         assert_eq!(s.put(r.clone(), NOW + 1000), Err(RecordError::Deleted));
+        let proof = s.tombstone(&r, NOW + 1000).unwrap();
+        assert_eq!(proof, DeletionNotice::for_record(&throwaway, &r));
+        assert_eq!(proof.validate(), Ok(()));
         assert_eq!(s.rejections().get("deleted"), Some(&1));
         // Another slot of the same publisher is not affected.
         assert_eq!(

@@ -87,6 +87,9 @@ crate::telemetry::metrics! {
         counter mailbox_rejected = "outbox_mailbox_rejected",
         /// Mailbox records storers dropped at our signed deletion notices.
         counter mailbox_deleted = "outbox_mailbox_deleted",
+        /// Durable messages acked through the storers: a re-deposit was
+        /// refused with the recipient's signed deletion notice.
+        counter mailbox_acked = "outbox_mailbox_acked",
     }
     external {
         /// Durable messages waiting for their receiver's ack.

@@ -90,7 +90,8 @@ pub const MAX_DIRECT_ACKS: usize = 32;
 /// One deposit of a message: where, and the key that signed it.
 struct Deposit {
     key: Key,
-    throwaway: Keypair,
+    /// `None`: not deposited (too large), only remembered.
+    throwaway: Option<Keypair>,
     at: Instant,
 }
 
@@ -221,22 +222,36 @@ impl Mailbox {
                         epoch,
                         Deposit {
                             key,
-                            throwaway: Keypair::generate(),
+                            throwaway: None,
                             at: Instant::now(),
                         },
                     );
                     continue;
                 }
             };
-            let stored = self.dht.put(sealed.record).await;
-            tracing::debug!(id = %p.id, peer = %p.peer, stored, "mailbox deposit");
+            let (stored, taken) = self.dht.put_mailbox(sealed.record).await;
+            tracing::debug!(id = %p.id, peer = %p.peer, stored, taken, "mailbox deposit");
+            if taken {
+                // The recipient deleted this very record with the key from
+                // inside the box, which it does only once the message is
+                // durably its own: that is its ack.
+                if let Ok(Some(id)) = outbox.ack_seq(p.peer, msg.seq).await {
+                    stats::bump(&self.durable.counters.delivered);
+                    stats::bump(&self.durable.counters.mailbox_acked);
+                    self.core.bus.emit(NodeEvent::OutboxDelivered {
+                        id: id.0,
+                        peer: p.peer,
+                    });
+                }
+                continue;
+            }
             if stored > 0 {
                 stats::bump(&self.durable.counters.mailbox_deposited);
                 lock(&self.deposited).entry(p.id).or_default().insert(
                     epoch,
                     Deposit {
                         key,
-                        throwaway: sealed.throwaway,
+                        throwaway: Some(sealed.throwaway),
                         at: Instant::now(),
                     },
                 );
@@ -259,8 +274,11 @@ impl Mailbox {
             let me = self.clone();
             self.core.spawn(async move {
                 for d in deps.into_values() {
+                    let Some(throwaway) = d.throwaway else {
+                        continue;
+                    };
                     let notice = DeletionNotice::sign(
-                        &d.throwaway,
+                        &throwaway,
                         RecordKind::Mailbox,
                         d.key,
                         seal::RECORD_SEQ,
