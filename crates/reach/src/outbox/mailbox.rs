@@ -62,6 +62,12 @@ pub const DEFAULT_MAILBOX_AFTER: Duration = Duration::from_secs(30);
 /// nodes change under churn; hourly is the DHT's republish period.
 pub const REDEPOSIT_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// How long a deposit that no storer accepted (no DHT nodes reachable, all
+/// of them full) waits before it is tried again: each try is a lookup and
+/// k stores, so not every round, yet soon enough that a network that comes
+/// back gets the message well within the recipient's absence.
+pub const DEPOSIT_RETRY: Duration = Duration::from_secs(30);
+
 /// How often a node reads its mailbox after the read on joining: a sender
 /// deposits only after its message waited [`DEFAULT_MAILBOX_AFTER`] for a
 /// recipient that is not connected, so a connected recipient rarely has
@@ -90,9 +96,12 @@ pub const MAX_DIRECT_ACKS: usize = 32;
 /// One deposit of a message: where, and the key that signed it.
 struct Deposit {
     key: Key,
-    /// `None`: not deposited (too large), only remembered.
+    /// `None`: not deposited (too large, or no storer took it), only
+    /// remembered.
     throwaway: Option<Keypair>,
     at: Instant,
+    /// When, after `at`, it is due again.
+    again: Duration,
 }
 
 /// The mailbox capability of a node (see the module docs).
@@ -188,7 +197,7 @@ impl Mailbox {
                 .filter(|p| {
                     dep.get(&p.id)
                         .and_then(|d| d.get(&epoch))
-                        .is_none_or(|d| d.at.elapsed() >= REDEPOSIT_INTERVAL)
+                        .is_none_or(|d| d.at.elapsed() >= d.again)
                 })
                 .take(MAX_DEPOSITS_PER_ROUND)
                 .collect()
@@ -224,6 +233,7 @@ impl Mailbox {
                             key,
                             throwaway: None,
                             at: Instant::now(),
+                            again: REDEPOSIT_INTERVAL,
                         },
                     );
                     continue;
@@ -247,15 +257,28 @@ impl Mailbox {
             }
             if stored > 0 {
                 stats::bump(&self.durable.counters.mailbox_deposited);
-                lock(&self.deposited).entry(p.id).or_default().insert(
-                    epoch,
-                    Deposit {
-                        key,
-                        throwaway: Some(sealed.throwaway),
-                        at: Instant::now(),
-                    },
-                );
             }
+            let mut dep = lock(&self.deposited);
+            let d = dep.entry(p.id).or_default();
+            // A failed try keeps an earlier deposit's key for deletion.
+            let earlier = d.remove(&epoch).and_then(|e| e.throwaway);
+            d.insert(
+                epoch,
+                Deposit {
+                    key,
+                    throwaway: if stored > 0 {
+                        Some(sealed.throwaway)
+                    } else {
+                        earlier
+                    },
+                    at: Instant::now(),
+                    again: if stored > 0 {
+                        REDEPOSIT_INTERVAL
+                    } else {
+                        DEPOSIT_RETRY
+                    },
+                },
+            );
         }
     }
 
