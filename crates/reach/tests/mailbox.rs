@@ -312,7 +312,7 @@ async fn a_sender_that_was_away_learns_from_the_storers_that_the_recipient_has_i
     assert_eq!(a.peer_id(), d.a_id);
     assert_eq!(a.outbox().len(), N);
     until("A learns that B has every message", || {
-        a.outbox().is_empty()
+        a.outbox().is_empty() && a.stats().outbox.mailbox_acked >= N as u64
     })
     .await;
     let st = a.stats().outbox;
