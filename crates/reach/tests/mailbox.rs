@@ -11,8 +11,12 @@ use reach_proto::dht::record::RecordKind;
 mod common;
 use common::{loopback, until, within};
 
-/// Messages A sends B.
-const N: usize = 6;
+/// Messages A sends B: enough that a storer's copies of them take more
+/// than one DHT response (a plain get from one storer would miss some).
+/// (In the first test B comes back as a DHT client, so no storer hands it
+/// copies when it joins, as they would to a server node among the k
+/// closest: it must page.)
+const N: usize = 20;
 
 /// Short, so the test deposits at once (the default is 30 s).
 const MAILBOX_AFTER: Duration = Duration::from_millis(300);
@@ -20,7 +24,7 @@ const MAILBOX_AFTER: Duration = Duration::from_millis(300);
 /// Message `i`: distinct, recognisable bytes (one of them 8 KiB, the size
 /// the issue asks mailboxes to hold).
 fn message(i: usize) -> Vec<u8> {
-    let len = if i == 2 { 8 * 1024 } else { 100 + i * 37 };
+    let len = if i == 2 { 8 * 1024 } else { 3000 + i * 37 };
     let tag = format!("secret payload number {i} ");
     tag.bytes().cycle().take(len).collect()
 }
@@ -92,6 +96,15 @@ async fn deposit(a_stays: bool) -> Deposited {
         .map(|s| s.stored_records(RecordKind::Mailbox).len())
         .sum();
     assert!(held >= N, "the storers hold {held} mailbox records");
+    let one_storer: usize = storers[1]
+        .stored_records(RecordKind::Mailbox)
+        .iter()
+        .map(|r| r.payload.len())
+        .sum();
+    assert!(
+        one_storer > reach_proto::dht::rpc::MAX_RECORD_BYTES_PER_RESPONSE,
+        "a storer holds {one_storer} bytes of mail: more than one response"
+    );
     assert_eq!(a.outbox().len(), N, "nothing was delivered: B is away");
     if a_stays {
         return Deposited {
@@ -131,6 +144,7 @@ async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone()
     // B comes back on its data dir and joins: its mailbox is read.
     let b = Node::builder()
         .bind(loopback())
+        .dht_mode(reach::DhtMode::Client)
         .data_dir(d.b_dir.path())
         .bootstrap([d.storers[0].local_addr()])
         .spawn()
