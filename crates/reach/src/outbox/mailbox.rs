@@ -29,6 +29,23 @@
 //! record with the throwaway key from the box and sends it to the storers.
 //! Boxes that do not open or verify are counted
 //! (`outbox_mailbox_rejected`) and skipped.
+//!
+//! **The ack through the storers.** A sender that was away when the
+//! recipient fetched learns of it at its next deposit of the message (at
+//! once after a restart, else within [`REDEPOSIT_INTERVAL`]): the storers
+//! refuse the deleted record and show the deletion notice, signed with the
+//! record's throwaway key, which only the recipient (from inside the box)
+//! and the sender hold. The sender checks it and takes it as the ack: the
+//! message leaves the outbox with `OutboxDelivered`
+//! (`outbox_mailbox_acked`).
+//!
+//! **Order.** One fetch hands each sender's messages over in seq order.
+//! Across paths it cannot be strict: the receiver's log takes any seq in
+//! its window (moderate messages are never deposited, so gaps in a
+//! sender's seqs are normal and cannot be waited for), so a message that a
+//! fetch missed (a storer without it) and that comes later, directly or at
+//! the next fetch, is handed over after newer ones. It is still handed
+//! over exactly once.
 
 pub mod seal;
 
