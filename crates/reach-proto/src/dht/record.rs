@@ -158,6 +158,15 @@ pub enum RecordError {
     #[error("malformed payload")]
     /// The payload does not decode as its kind's payload.
     Malformed,
+    #[error("the record's slot was deleted by its publisher")]
+    /// Its (key, publisher, seq) slot was deleted by a signed
+    /// [`DeletionNotice`] and the tombstone has not expired: a lagging
+    /// re-put cannot resurrect it.
+    Deleted,
+    #[error("only mailbox records can be deleted")]
+    /// A deletion notice for a kind other than [`RecordKind::Mailbox`]
+    /// (endpoint and topic records are replaced by a newer seq instead).
+    NotDeletable,
 }
 
 impl RecordError {
@@ -175,6 +184,8 @@ impl RecordError {
             RecordError::SourceQuotaExceeded => "source_quota_exceeded",
             RecordError::NotClosest => "not_closest",
             RecordError::Malformed => "malformed",
+            RecordError::Deleted => "deleted",
+            RecordError::NotDeletable => "not_deletable",
         }
     }
 }
@@ -323,6 +334,70 @@ impl SignedRecord {
                 }
             }
             RecordKind::Mailbox => {}
+        }
+        Ok(())
+    }
+}
+
+/// Domain separator of the bytes a deletion notice's signature covers.
+const DELETE_DOMAIN: &[u8] = b"reach-dht-delete-v1";
+
+/// "Drop my record (kind, key, seq)": signed by the record's publisher.
+/// For mailbox records, whose publisher is a throwaway key whose secret
+/// travels inside the sealed box: the recipient (and the sender) can sign
+/// it, the storers cannot, and nobody else can.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeletionNotice {
+    /// The record's kind (only [`RecordKind::Mailbox`] is deletable).
+    pub kind: RecordKind,
+    /// Where the record is stored.
+    pub key: Key,
+    /// The record's publisher, who signs the notice.
+    pub publisher: PeerId,
+    /// The record's seq: the slot (publisher, seq) at `key`.
+    pub seq: u64,
+    /// Ed25519 signature (64 bytes) over [`DeletionNotice::signing_bytes`].
+    pub signature: Vec<u8>,
+}
+
+impl DeletionNotice {
+    /// Builds and signs a notice for `keypair`'s record (kind, key, seq).
+    pub fn sign(keypair: &Keypair, kind: RecordKind, key: Key, seq: u64) -> Self {
+        let mut n = DeletionNotice {
+            kind,
+            key,
+            publisher: keypair.peer_id(),
+            seq,
+            signature: Vec::new(),
+        };
+        n.signature = keypair.sign(&n.signing_bytes()).to_vec();
+        n
+    }
+
+    /// The notice for `record`, signed by its publisher's `keypair`.
+    pub fn for_record(keypair: &Keypair, record: &SignedRecord) -> Self {
+        Self::sign(keypair, record.kind, record.key, record.seq)
+    }
+
+    /// The exact bytes the signature covers (domain-separated from
+    /// records' signed bytes, so no record signature is a notice).
+    pub fn signing_bytes(&self) -> Vec<u8> {
+        postcard::to_allocvec(&(DELETE_DOMAIN, self.kind, self.key, self.publisher, self.seq))
+            .unwrap_or_default()
+    }
+
+    /// Checks the kind and the publisher's signature.
+    pub fn validate(&self) -> Result<(), RecordError> {
+        if self.kind != RecordKind::Mailbox {
+            return Err(RecordError::NotDeletable);
+        }
+        let sig: [u8; 64] = self
+            .signature
+            .as_slice()
+            .try_into()
+            .map_err(|_| RecordError::BadSignature)?;
+        if !self.publisher.verify(&self.signing_bytes(), &sig) {
+            return Err(RecordError::BadSignature);
         }
         Ok(())
     }

@@ -4,8 +4,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use super::record::{RecordKind, SignedRecord};
+use super::record::{DeletionNotice, RecordKind, SignedRecord};
 use super::{Contact, Key};
+use crate::PeerId;
 
 /// Contacts returned per response at most (k).
 pub const MAX_CONTACTS_PER_RESPONSE: usize = super::K;
@@ -38,6 +39,44 @@ pub enum DhtRequest {
         /// The record; the responder validates it before storing.
         record: SignedRecord,
     },
+    /// "Give me one page of every record of `kind` at `key`, after
+    /// `after`": [`DhtRequest::GetRecords`] answers only what fits in one
+    /// response; paging through this returns every value under a key (a
+    /// mailbox may hold hundreds of messages).
+    GetRecordsPage {
+        /// Which kind of record.
+        kind: RecordKind,
+        /// Where it is stored.
+        key: Key,
+        /// Where the previous page ended (`None`: from the start).
+        after: Option<PageCursor>,
+    },
+    /// "Drop this record of mine": a signed deletion notice (mailbox
+    /// records only; see [`DeletionNotice`]).
+    DeleteRecord {
+        /// The notice; the responder verifies it before dropping anything.
+        notice: DeletionNotice,
+    },
+}
+
+/// A position in the (publisher, seq) order of the records at one key:
+/// the last record of a page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PageCursor {
+    /// The record's publisher.
+    pub publisher: PeerId,
+    /// The record's seq.
+    pub seq: u64,
+}
+
+impl PageCursor {
+    /// The position of `record`.
+    pub fn of(record: &SignedRecord) -> Self {
+        PageCursor {
+            publisher: record.publisher,
+            seq: record.seq,
+        }
+    }
 }
 
 /// A request plus what the responder needs to know about the requester.
@@ -75,6 +114,29 @@ pub enum DhtResponse {
     Refused {
         /// The refusal's kind (e.g. a [`RecordError::kind`](super::record::RecordError::kind)).
         reason: String,
+    },
+    /// The answer to [`DhtRequest::GetRecordsPage`].
+    RecordsPage {
+        /// Valid records of the asked kind at the key, in (publisher, seq)
+        /// order, after the asked cursor.
+        records: Vec<SignedRecord>,
+        /// Where to continue; `None` when this page was the last.
+        next: Option<PageCursor>,
+        /// The responder's closest contacts to the key.
+        closer: Vec<Contact>,
+    },
+    /// The answer to [`DhtRequest::DeleteRecord`]: the slot is deleted here.
+    Deleted {
+        /// Whether the record was held here (else only tombstoned).
+        held: bool,
+    },
+    /// The answer to a [`DhtRequest::PutRecord`] of a record whose slot was
+    /// deleted: the refusal, with the signed notice that deleted it, so
+    /// the publisher can verify it (a mailbox sender learns that the
+    /// recipient has the message).
+    Tombstoned {
+        /// The deletion notice, signed by the record's publisher key.
+        notice: DeletionNotice,
     },
 }
 

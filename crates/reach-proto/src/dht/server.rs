@@ -12,7 +12,7 @@ use super::rpc::{
     DhtRequest, DhtResponse, MAX_CONTACTS_PER_RESPONSE, MAX_RECORD_BYTES_PER_RESPONSE,
     MAX_RECORDS_PER_RESPONSE,
 };
-use super::store::{RecordStore, Source, among_closest};
+use super::store::{DeleteOutcome, RecordStore, Source, among_closest};
 use super::{Contact, K, Key};
 
 /// A node stores a record when fewer than this many times k contacts it
@@ -42,9 +42,12 @@ impl Neighbourhood {
     pub fn of(table: &RoutingTable, request: &DhtRequest) -> Self {
         let closest = match request {
             DhtRequest::Ping => Vec::new(),
-            DhtRequest::FindNode { target: key } | DhtRequest::GetRecords { key, .. } => {
+            DhtRequest::FindNode { target: key }
+            | DhtRequest::GetRecords { key, .. }
+            | DhtRequest::GetRecordsPage { key, .. } => {
                 table.closest(key, MAX_CONTACTS_PER_RESPONSE)
             }
+            DhtRequest::DeleteRecord { .. } => Vec::new(),
             DhtRequest::PutRecord { record } => {
                 table.closest(&record.key, STORE_CLOSENESS_SLACK * K)
             }
@@ -108,6 +111,7 @@ pub fn answer(
             }
         }
         DhtRequest::PutRecord { record } => {
+            let proof = store.tombstone(&record, now_ms);
             let stored = if near.among_closest(&record.key) {
                 store.put_from(record, source, now_ms)
             } else {
@@ -115,13 +119,40 @@ pub fn answer(
                 store.count_rejection(&e);
                 Err(e)
             };
-            match stored {
-                Ok(_) => DhtResponse::Stored,
-                Err(e) => DhtResponse::Refused {
+            match (stored, proof) {
+                (Ok(_), _) => DhtResponse::Stored,
+                (Err(RecordError::Deleted), Some(notice)) => DhtResponse::Tombstoned { notice },
+                (Err(e), _) => DhtResponse::Refused {
                     reason: e.kind().to_string(),
                 },
             }
         }
+        DhtRequest::GetRecordsPage { kind, key, after } => {
+            let (records, next) = store.page(
+                kind,
+                &key,
+                after,
+                now_ms,
+                MAX_RECORDS_PER_RESPONSE,
+                MAX_RECORD_BYTES_PER_RESPONSE,
+                RECORD_OVERHEAD_BYTES,
+            );
+            DhtResponse::RecordsPage {
+                records,
+                next,
+                closer: near.closer(),
+            }
+        }
+        // A deletion needs no closeness check: only the publisher can sign
+        // it, and it only ever frees room.
+        DhtRequest::DeleteRecord { notice } => match store.delete(&notice, now_ms) {
+            Ok(outcome) => DhtResponse::Deleted {
+                held: outcome == DeleteOutcome::Dropped,
+            },
+            Err(e) => DhtResponse::Refused {
+                reason: e.kind().to_string(),
+            },
+        },
     }
 }
 
@@ -222,6 +253,100 @@ mod tests {
             panic!("not a Records answer");
         };
         assert!(records.is_empty());
+    }
+
+    #[test]
+    fn paged_get_and_signed_deletion_over_the_wire_requests() {
+        use crate::dht::record::{DeletionNotice, RecordKind};
+        let (t, _) = table(5);
+        let mut s = store();
+        let key = Key([4; 32]);
+        let throwaways: Vec<Keypair> = (0..100).map(|i| keypair(10_000 + i)).collect();
+        for kp in &throwaways {
+            let r = SignedRecord::sign(
+                kp,
+                RecordKind::Mailbox,
+                key,
+                1,
+                NOW_MS,
+                Duration::from_secs(60),
+                vec![1; 1000],
+            );
+            let put = DhtRequest::PutRecord { record: r };
+            assert_eq!(ask(&t, &mut s, put, NOW_MS), DhtResponse::Stored);
+        }
+        // Paging returns all 100; a plain get only one response's worth.
+        let (mut all, mut after) = (Vec::new(), None);
+        loop {
+            let req = DhtRequest::GetRecordsPage {
+                kind: RecordKind::Mailbox,
+                key,
+                after,
+            };
+            let DhtResponse::RecordsPage { records, next, .. } = ask(&t, &mut s, req, NOW_MS)
+            else {
+                panic!("not a RecordsPage answer");
+            };
+            all.extend(records);
+            match next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+        assert_eq!(all.len(), 100);
+        let DhtResponse::Records { records, .. } = ask(
+            &t,
+            &mut s,
+            DhtRequest::GetRecords {
+                kind: RecordKind::Mailbox,
+                key,
+            },
+            NOW_MS,
+        ) else {
+            panic!("not a Records answer");
+        };
+        assert!(records.len() < 100);
+        // A signed deletion drops one; a forged one is refused by kind.
+        let notice = DeletionNotice::sign(&throwaways[0], RecordKind::Mailbox, key, 1);
+        let del = DhtRequest::DeleteRecord { notice };
+        assert_eq!(
+            ask(&t, &mut s, del.clone(), NOW_MS),
+            DhtResponse::Deleted { held: true }
+        );
+        assert_eq!(
+            ask(&t, &mut s, del, NOW_MS),
+            DhtResponse::Deleted { held: false }
+        );
+        let mut forged = DeletionNotice::sign(&keypair(1), RecordKind::Mailbox, key, 1);
+        forged.publisher = throwaways[1].peer_id();
+        assert_eq!(
+            ask(
+                &t,
+                &mut s,
+                DhtRequest::DeleteRecord { notice: forged },
+                NOW_MS
+            ),
+            DhtResponse::Refused {
+                reason: "bad_signature".into()
+            }
+        );
+        assert_eq!(s.len(), 99);
+        // A re-put of the deleted record is answered with the notice.
+        let again = SignedRecord::sign(
+            &throwaways[0],
+            RecordKind::Mailbox,
+            key,
+            1,
+            NOW_MS,
+            Duration::from_secs(60),
+            vec![1; 1000],
+        );
+        assert_eq!(
+            ask(&t, &mut s, DhtRequest::PutRecord { record: again }, NOW_MS),
+            DhtResponse::Tombstoned {
+                notice: DeletionNotice::sign(&throwaways[0], RecordKind::Mailbox, key, 1)
+            }
+        );
     }
 
     #[test]

@@ -25,7 +25,10 @@ use std::net::IpAddr;
 use serde::Serialize;
 
 use super::Key;
-use super::record::{RecordError, RecordKind, SignedRecord};
+use super::record::{
+    DeletionNotice, MAX_CLOCK_SKEW, MAX_MAILBOX_TTL, RecordError, RecordKind, SignedRecord,
+};
+use super::rpc::PageCursor;
 use crate::PeerId;
 
 /// Default: records held in total.
@@ -50,6 +53,18 @@ pub const MAX_PER_SOURCE: usize = MAX_RECORDS / 16;
 /// a key's slots, so junk from one network can never block a topic or a
 /// victim's mailbox at this node.
 pub const MAX_PER_SOURCE_PER_KEY: usize = MAX_PER_KEY / 8;
+
+/// Tombstones of deleted mailbox slots held at most. A tombstone costs
+/// about 80 bytes, so the cap is a few MiB; it matches [`MAX_RECORDS`]
+/// because most tombstones replace a record that was held. Past it, a
+/// notice for a record held here still drops it (without a tombstone), and
+/// a notice for one not held is refused with `quota_exceeded`.
+pub const MAX_TOMBSTONES: usize = MAX_RECORDS;
+
+/// How long a tombstone for a slot that was not held here lives: as long
+/// as any record put later into that slot could (its longest lifetime plus
+/// the clock skew we accept), so no lagging re-put outlives it.
+pub const TOMBSTONE_UNHELD: std::time::Duration = MAX_MAILBOX_TTL.saturating_add(MAX_CLOCK_SKEW);
 
 /// Tunables of the store.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -154,6 +169,19 @@ pub enum PutOutcome {
     Unchanged,
 }
 
+/// What [`RecordStore::delete`] did with a valid deletion notice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteOutcome {
+    /// The record was held: it is dropped and its slot tombstoned.
+    Dropped,
+    /// No such record was held: the slot is tombstoned, so a later put of
+    /// it is refused.
+    Tombstoned,
+    /// The slot was already tombstoned (a replayed or repeated notice):
+    /// nothing changes.
+    AlreadyDeleted,
+}
+
 /// Records held for others.
 #[derive(Debug, Default)]
 pub struct RecordStore {
@@ -164,6 +192,10 @@ pub struct RecordStore {
     total: usize,
     bytes: usize,
     rejections: BTreeMap<&'static str, u64>,
+    /// Deleted mailbox slots (key, publisher, seq): until when (Unix ms)
+    /// a put of them is refused, and the notice's signature (the proof a
+    /// refused publisher is shown, see [`RecordStore::tombstone`]).
+    tombstones: HashMap<(Key, PeerId, u64), (u64, Vec<u8>)>,
 }
 
 /// A snapshot for status pages.
@@ -221,6 +253,14 @@ impl RecordStore {
     ) -> Result<PutOutcome, RecordError> {
         record.validate(now_ms)?;
         let kind = record.kind;
+        if kind == RecordKind::Mailbox
+            && self
+                .tombstones
+                .get(&(record.key, record.publisher, record.seq))
+                .is_some_and(|&(until, _)| until > now_ms)
+        {
+            return Err(RecordError::Deleted);
+        }
         let slot = self.by_key.get(&(kind, record.key));
         if let Some(existing) = slot.and_then(|v| {
             v.iter()
@@ -293,8 +333,164 @@ impl RecordStore {
             .unwrap_or_default()
     }
 
-    /// Drops expired records; returns how many.
+    /// Live records of `kind` at `key` after `after`, in (publisher, seq)
+    /// order: one page of every value under the key. At most `max_records`
+    /// records and `max_bytes` bytes (each counted as its payload plus
+    /// `overhead`), but always at least one if any remain, so paging
+    /// advances. The cursor is the last record returned when more remain.
+    #[allow(clippy::too_many_arguments)]
+    pub fn page(
+        &self,
+        kind: RecordKind,
+        key: &Key,
+        after: Option<PageCursor>,
+        now_ms: u64,
+        max_records: usize,
+        max_bytes: usize,
+        overhead: usize,
+    ) -> (Vec<SignedRecord>, Option<PageCursor>) {
+        let mut live: Vec<&SignedRecord> = self
+            .by_key
+            .get(&(kind, *key))
+            .map(|v| {
+                v.iter()
+                    .map(|h| &h.record)
+                    .filter(|r| r.expires_ms() > now_ms)
+                    .filter(|r| after.is_none_or(|c| PageCursor::of(r) > c))
+                    .collect()
+            })
+            .unwrap_or_default();
+        live.sort_by_key(|r| PageCursor::of(r));
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        for r in &live {
+            let size = r.payload.len() + overhead;
+            if !out.is_empty() && (out.len() >= max_records || bytes + size > max_bytes) {
+                break;
+            }
+            bytes += size;
+            out.push((*r).clone());
+        }
+        let next = if out.len() < live.len() {
+            out.last().map(PageCursor::of)
+        } else {
+            None
+        };
+        (out, next)
+    }
+
+    /// Applies a signed deletion notice: drops the record it names and
+    /// tombstones its slot until the record would have expired (or, when
+    /// not held, for [`TOMBSTONE_UNHELD`]), so a lagging re-put of it is
+    /// refused with [`RecordError::Deleted`]. Refusals (forged signature,
+    /// a kind that is not deletable, no room for a tombstone) are counted
+    /// like put refusals.
+    pub fn delete(
+        &mut self,
+        notice: &DeletionNotice,
+        now_ms: u64,
+    ) -> Result<DeleteOutcome, RecordError> {
+        let res = self.try_delete(notice, now_ms);
+        if let Err(e) = &res {
+            *self.rejections.entry(e.kind()).or_default() += 1;
+        }
+        res
+    }
+
+    fn try_delete(
+        &mut self,
+        notice: &DeletionNotice,
+        now_ms: u64,
+    ) -> Result<DeleteOutcome, RecordError> {
+        notice.validate()?;
+        let slot = (notice.key, notice.publisher, notice.seq);
+        if self.tombstones.get(&slot).is_some_and(|&(t, _)| t > now_ms) {
+            return Ok(DeleteOutcome::AlreadyDeleted);
+        }
+        let held = self
+            .by_key
+            .get_mut(&(notice.kind, notice.key))
+            .and_then(|v| {
+                let i = v.iter().position(|h| {
+                    h.record.publisher == notice.publisher && h.record.seq == notice.seq
+                })?;
+                let h = v.swap_remove(i);
+                Some(h)
+            });
+        match held {
+            Some(h) => {
+                if self
+                    .by_key
+                    .get(&(notice.kind, notice.key))
+                    .is_some_and(Vec::is_empty)
+                {
+                    self.by_key.remove(&(notice.kind, notice.key));
+                }
+                self.forget(&h);
+                if self.tombstones.len() < MAX_TOMBSTONES {
+                    self.tombstones
+                        .insert(slot, (h.record.expires_ms(), notice.signature.clone()));
+                }
+                Ok(DeleteOutcome::Dropped)
+            }
+            None => {
+                if self.tombstones.len() >= MAX_TOMBSTONES {
+                    return Err(RecordError::QuotaExceeded);
+                }
+                let until = now_ms.saturating_add(TOMBSTONE_UNHELD.as_millis() as u64);
+                self.tombstones
+                    .insert(slot, (until, notice.signature.clone()));
+                Ok(DeleteOutcome::Tombstoned)
+            }
+        }
+    }
+
+    /// Takes a dropped record out of the counts.
+    fn forget(&mut self, h: &Held) {
+        if let Some(s) = &h.source
+            && let Some(n) = self.per_source.get_mut(s)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.per_source.remove(s);
+            }
+        }
+        if let Some(n) = self.per_publisher.get_mut(&h.record.publisher) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_publisher.remove(&h.record.publisher);
+            }
+        }
+        self.total -= 1;
+        self.bytes -= h.record.payload.len();
+    }
+
+    /// The deletion notice behind the live tombstone of `record`'s slot,
+    /// if any: what a storer answers a put of a deleted record with, so
+    /// its publisher can check that the deletion was signed with the
+    /// record's key (for a mailbox record: that the recipient has it).
+    pub fn tombstone(&self, record: &SignedRecord, now_ms: u64) -> Option<DeletionNotice> {
+        let (until, sig) = self
+            .tombstones
+            .get(&(record.key, record.publisher, record.seq))?;
+        (*until > now_ms).then(|| DeletionNotice {
+            kind: RecordKind::Mailbox,
+            key: record.key,
+            publisher: record.publisher,
+            seq: record.seq,
+            signature: sig.clone(),
+        })
+    }
+
+    /// Tombstones held (deleted mailbox slots not yet expired).
+    pub fn tombstones(&self) -> usize {
+        self.tombstones.len()
+    }
+
+    /// Drops expired records (and expired tombstones); returns how many
+    /// records.
     pub fn expire(&mut self, now_ms: u64) -> usize {
+        self.tombstones.retain(|_, (until, _)| *until > now_ms);
         let mut dropped = Vec::new();
         let mut sources = Vec::new();
         let mut freed = 0;
@@ -422,7 +618,7 @@ mod tests {
     use super::*;
     use crate::Keypair;
     use crate::dht::K;
-    use crate::dht::record::{AddrKind, TypedAddr};
+    use crate::dht::record::{AddrKind, DeletionNotice, TypedAddr};
     use std::time::Duration;
 
     const NOW: u64 = 1_800_000_000_000;
@@ -753,6 +949,168 @@ mod tests {
         assert_ne!(of("2001:db8:1::1"), of("2001:db8:2::1"));
         assert_ne!(of("127.0.0.1"), of("127.0.0.2"));
         assert_eq!(of("127.0.0.1"), of("::ffff:127.0.0.1"));
+    }
+
+    fn mail(kp: &Keypair, key: Key, seq: u64, len: usize) -> SignedRecord {
+        SignedRecord::sign(
+            kp,
+            RecordKind::Mailbox,
+            key,
+            seq,
+            NOW,
+            HOUR,
+            vec![seq as u8; len],
+        )
+    }
+
+    #[test]
+    fn paging_returns_every_record_once_in_order() {
+        let mut s = RecordStore::default();
+        let key = Key([9; 32]);
+        let mut all = Vec::new();
+        for _ in 0..40 {
+            let kp = Keypair::generate();
+            for seq in 1..=3 {
+                let r = mail(&kp, key, seq, 1000);
+                s.put(r.clone(), NOW).unwrap();
+                all.push(r);
+            }
+        }
+        // Another key's and another kind's records are not in the pages.
+        s.put(mail(&Keypair::generate(), Key([8; 32]), 1, 10), NOW)
+            .unwrap();
+        let (mut got, mut after, mut pages) = (Vec::new(), None, 0);
+        loop {
+            let (page, next) = s.page(RecordKind::Mailbox, &key, after, NOW, 16, 8 * 1024, 200);
+            assert!(!page.is_empty());
+            assert!(page.len() <= 16);
+            assert!(page.iter().map(|r| r.payload.len() + 200).sum::<usize>() <= 8 * 1024);
+            got.extend(page);
+            pages += 1;
+            match next {
+                Some(c) => after = Some(c),
+                None => break,
+            }
+            assert!(pages < 100, "paging does not advance");
+        }
+        assert_eq!(got.len(), all.len(), "every record, none twice");
+        let cursors: Vec<PageCursor> = got.iter().map(PageCursor::of).collect();
+        assert!(cursors.windows(2).all(|w| w[0] < w[1]), "strictly ordered");
+        all.sort_by_key(PageCursor::of);
+        assert_eq!(got, all);
+        assert!(
+            pages >= 120 / 7,
+            "8 KiB pages hold 7 records: {pages} pages"
+        );
+        // A record bigger than a page still comes, alone, so paging advances.
+        let big_key = Key([7; 32]);
+        s.put(mail(&Keypair::generate(), big_key, 1, 16 * 1024), NOW)
+            .unwrap();
+        let (page, next) = s.page(RecordKind::Mailbox, &big_key, None, NOW, 16, 1024, 200);
+        assert_eq!((page.len(), next), (1, None));
+        // Expired records are not paged.
+        let later = NOW + 2 * HOUR.as_millis() as u64;
+        assert!(
+            s.page(RecordKind::Mailbox, &key, None, later, 16, 8192, 200)
+                .0
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_signed_deletion_drops_the_record_and_forged_or_replayed_ones_do_nothing() {
+        let mut s = RecordStore::default();
+        let key = Key([5; 32]);
+        let throwaway = Keypair::generate();
+        let r1 = mail(&throwaway, key, 1, 100);
+        let r2 = mail(&throwaway, key, 2, 100);
+        s.put(r1.clone(), NOW).unwrap();
+        s.put(r2.clone(), NOW).unwrap();
+        assert_eq!(s.len(), 2);
+
+        // Forged: signed by someone else, or a valid signature moved to
+        // another slot, or a truncated signature.
+        let mallory = Keypair::generate();
+        let mut forged = DeletionNotice::sign(&mallory, RecordKind::Mailbox, key, 1);
+        forged.publisher = throwaway.peer_id();
+        assert_eq!(s.delete(&forged, NOW), Err(RecordError::BadSignature));
+        let mut moved = DeletionNotice::for_record(&throwaway, &r1);
+        moved.seq = 2;
+        assert_eq!(s.delete(&moved, NOW), Err(RecordError::BadSignature));
+        let mut short = DeletionNotice::for_record(&throwaway, &r1);
+        short.signature.truncate(10);
+        assert_eq!(s.delete(&short, NOW), Err(RecordError::BadSignature));
+        assert_eq!(s.len(), 2, "nothing dropped by forgeries");
+        assert_eq!(s.rejections().get("bad_signature"), Some(&3));
+
+        // Only mailbox records are deletable.
+        let owner = Keypair::generate();
+        s.put(endpoint(&owner, 1, 1), NOW).unwrap();
+        let n = DeletionNotice::sign(
+            &owner,
+            RecordKind::Endpoint,
+            Key::for_peer(&owner.peer_id()),
+            1,
+        );
+        assert_eq!(s.delete(&n, NOW), Err(RecordError::NotDeletable));
+        assert_eq!(s.len(), 3);
+
+        // Valid: r1 goes, r2 stays, quotas are given back.
+        let valid = DeletionNotice::for_record(&throwaway, &r1);
+        assert_eq!(s.delete(&valid, NOW), Ok(DeleteOutcome::Dropped));
+        assert_eq!(s.get(RecordKind::Mailbox, &key, NOW), vec![r2.clone()]);
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.summary().records, 2);
+        // Replayed: no effect, no error.
+        assert_eq!(s.delete(&valid, NOW), Ok(DeleteOutcome::AlreadyDeleted));
+        assert_eq!(s.get(RecordKind::Mailbox, &key, NOW), vec![r2]);
+        assert_eq!(s.tombstones(), 1);
+        // The last record at the key: the key goes too.
+        let n2 = DeletionNotice::sign(&throwaway, RecordKind::Mailbox, key, 2);
+        assert_eq!(s.delete(&n2, NOW), Ok(DeleteOutcome::Dropped));
+        assert_eq!(s.summary().keys, 1, "only the endpoint's key is left");
+        assert_eq!(s.summary().publishers, 1);
+    }
+
+    #[test]
+    fn a_tombstone_refuses_the_deleted_slot_until_it_would_have_expired() {
+        let mut s = RecordStore::default();
+        let key = Key([6; 32]);
+        let throwaway = Keypair::generate();
+        let r = mail(&throwaway, key, 1, 100);
+        s.put(r.clone(), NOW).unwrap();
+        s.delete(&DeletionNotice::for_record(&throwaway, &r), NOW)
+            .unwrap();
+        // A lagging re-deposit of the same record cannot resurrect it, and
+        // its publisher is shown the signed notice.
+        assert_eq!(s.put(r.clone(), NOW + 1000), Err(RecordError::Deleted));
+        let proof = s.tombstone(&r, NOW + 1000).unwrap();
+        assert_eq!(proof, DeletionNotice::for_record(&throwaway, &r));
+        assert_eq!(proof.validate(), Ok(()));
+        assert_eq!(s.rejections().get("deleted"), Some(&1));
+        // Another slot of the same publisher is not affected.
+        assert_eq!(
+            s.put(mail(&throwaway, key, 2, 100), NOW),
+            Ok(PutOutcome::Stored)
+        );
+        // Once the record would have expired, the tombstone goes.
+        let later = r.expires_ms();
+        s.expire(later);
+        assert_eq!(s.tombstones(), 0);
+
+        // A notice that arrives before the record (the recipient's storer
+        // set differs from the sender's): the slot is tombstoned anyway and
+        // the later put is refused.
+        let t2 = Keypair::generate();
+        let early = DeletionNotice::sign(&t2, RecordKind::Mailbox, key, 1);
+        assert_eq!(s.delete(&early, NOW), Ok(DeleteOutcome::Tombstoned));
+        assert_eq!(s.put(mail(&t2, key, 1, 10), NOW), Err(RecordError::Deleted));
+        // That tombstone outlives any record that could be put later.
+        let unheld_until = NOW + TOMBSTONE_UNHELD.as_millis() as u64;
+        s.expire(unheld_until - 1);
+        assert_eq!(s.tombstones(), 1);
+        s.expire(unheld_until);
+        assert_eq!(s.tombstones(), 0);
     }
 
     #[test]

@@ -22,6 +22,7 @@
 
 pub mod join;
 pub mod ops;
+pub mod pages;
 pub mod peer_cache;
 pub mod rpc;
 

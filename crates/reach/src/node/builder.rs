@@ -47,6 +47,7 @@ pub struct NodeBuilder {
     store_limits: Option<reach_proto::dht::store::StoreLimits>,
     port_mapping: crate::portmap::PortMapping,
     event_log: crate::eventlog::EventLogConfig,
+    mailbox_after: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -185,6 +186,15 @@ impl NodeBuilder {
     /// the peer table; see [`super::limits`] for the defaults.
     pub fn connection_limits(mut self, limits: super::ConnectionLimits) -> Self {
         self.connection_limits = Some(limits);
+        self
+    }
+
+    /// How long a critical durable message waits for its unreachable
+    /// recipient before it is also sealed into the recipient's DHT mailbox
+    /// (default [`crate::outbox::mailbox::DEFAULT_MAILBOX_AFTER`], 30 s;
+    /// tests shorten it).
+    pub fn mailbox_after(mut self, after: std::time::Duration) -> Self {
+        self.mailbox_after = Some(after);
         self
     }
 
@@ -500,6 +510,15 @@ impl NodeBuilder {
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());
         inner.spawn(inner.durable.clone().run());
+        crate::outbox::mailbox::Mailbox::new(
+            inner.core.clone(),
+            inner.peers.clone(),
+            inner.dht.clone(),
+            inner.durable.clone(),
+            self.mailbox_after
+                .unwrap_or(crate::outbox::mailbox::DEFAULT_MAILBOX_AFTER),
+        )
+        .start();
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),

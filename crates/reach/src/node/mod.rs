@@ -573,6 +573,23 @@ impl Node {
         crate::dht::StoreSnapshot::of(&self.inner.dht)
     }
 
+    /// The records of `kind` this node's DHT store holds for others, whole
+    /// (what a storer sees: the mailbox tests check that it reveals no
+    /// payload and no peer id).
+    pub fn stored_records(
+        &self,
+        kind: reach_proto::dht::record::RecordKind,
+    ) -> Vec<reach_proto::dht::record::SignedRecord> {
+        let now = crate::dht::unix_ms();
+        self.inner
+            .dht
+            .store()
+            .iter()
+            .filter(|r| r.kind == kind && r.expires_ms() > now)
+            .cloned()
+            .collect()
+    }
+
     /// What port mapping did: the router's protocol, the mapped and the
     /// published address, the lease, renewals (see [`crate::portmap`]).
     pub fn port_mapping(&self) -> crate::portmap::PortMapStatus {

@@ -80,6 +80,23 @@ crate::telemetry::metrics! {
         /// Durable messages received again (their ack was lost) and acked
         /// without handing them over twice.
         counter duplicates = "outbox_duplicates",
+        /// Durable messages sealed and stored in their recipient's DHT
+        /// mailbox (each deposit round that a storer accepted).
+        counter mailbox_deposited = "outbox_mailbox_deposited",
+        /// Durable messages too large for a mailbox, left on the direct
+        /// path only.
+        counter mailbox_too_large = "outbox_mailbox_too_large",
+        /// Records read from this node's mailbox.
+        counter mailbox_fetched = "outbox_mailbox_fetched",
+        /// Mailbox records that opened and verified.
+        counter mailbox_opened = "outbox_mailbox_opened",
+        /// Mailbox records refused (not a box, not for us, bad signature).
+        counter mailbox_rejected = "outbox_mailbox_rejected",
+        /// Mailbox records storers dropped at our signed deletion notices.
+        counter mailbox_deleted = "outbox_mailbox_deleted",
+        /// Durable messages acked through the storers: a re-deposit was
+        /// refused with the recipient's signed deletion notice.
+        counter mailbox_acked = "outbox_mailbox_acked",
     }
     external {
         /// Durable messages waiting for their receiver's ack.
@@ -124,7 +141,7 @@ impl Durable {
         }
     }
 
-    fn handle(&self) -> Option<Arc<Outbox>> {
+    pub(crate) fn handle(&self) -> Option<Arc<Outbox>> {
         lock(&self.outbox).clone()
     }
 
@@ -482,7 +499,7 @@ impl Durable {
         }
     }
 
-    async fn hand_over(&self, inbox: InboxId, from: PeerId, seq: u64, data: Vec<u8>) {
+    pub(crate) async fn hand_over(&self, inbox: InboxId, from: PeerId, seq: u64, data: Vec<u8>) {
         self.messaging
             .push_event(Event::Durable(DurableMessage {
                 from,

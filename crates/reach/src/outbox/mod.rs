@@ -30,6 +30,7 @@
 //! the ack back with [`Outbox::ack_seq`].
 
 pub mod delivery;
+pub mod mailbox;
 pub mod seal;
 mod store;
 
@@ -234,6 +235,9 @@ pub struct PendingInfo {
     pub attempts: u32,
     /// Time since it was enqueued (wall clock).
     pub age: Duration,
+    /// When it was enqueued, Unix milliseconds (mailbox records are
+    /// created at this time, so every deposit is the same record).
+    pub created_ms: u64,
     /// Time until the next attempt (zero: due now); `None` while an attempt
     /// round awaits its outcome.
     pub next_try: Option<Duration>,
@@ -715,6 +719,7 @@ impl Outbox {
                 size: e.size,
                 attempts: sh.set.attempts(id).unwrap_or(e.attempts),
                 age: Duration::from_millis(now_ms.saturating_sub(e.created_ms)),
+                created_ms: e.created_ms,
                 next_try: sh.set.next_try(id, now).map(|t| t.saturating_sub(now)),
             })
             .collect()
