@@ -687,6 +687,7 @@ async fn status(State(state): State<AppState>) -> Response {
         relay: node.relay_status(),
         punch: node.punch_stats(),
         stats: node.stats(),
+        topics: node.topics_status(),
         build: Some(super::daemon::build_info(state.started)),
     })
 }

@@ -466,11 +466,19 @@ impl NodeBuilder {
             messaging.clone(),
             outbox,
         ));
+        let topics = crate::topics::Topics::new(
+            core.clone(),
+            peers.clone(),
+            dht.clone(),
+            relay.clone(),
+            reach_proto::topics::OverlayConfig::default(),
+        );
         let inner = Arc::new(Inner {
             core: core.clone(),
             peers: peers.clone(),
             messaging,
             durable,
+            topics,
             advertiser,
             dht,
             nat,
@@ -500,6 +508,9 @@ impl NodeBuilder {
         inner.spawn(inner.relay.clone().drive());
         inner.spawn(inner.relay.clone().expire_loop());
         inner.spawn(inner.durable.clone().run());
+        inner.spawn(inner.topics.clone().drive());
+        inner.spawn(inner.topics.clone().watch_home());
+        inner.spawn(inner.topics.clone().discovery());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),
@@ -519,6 +530,7 @@ fn plug_in(inner: &Arc<Inner>) {
     wiring::dht::plug_in(inner);
     wiring::nat::plug_in(inner);
     wiring::outbox::plug_in(inner);
+    wiring::topics::plug_in(inner);
     wiring::messaging::plug_in(inner);
     wiring::advertise::plug_in(inner);
 }
