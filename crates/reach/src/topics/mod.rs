@@ -229,7 +229,7 @@ pub enum TopicEvent {
 }
 
 /// What a publish reached, as far as the publisher's home knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PublishReport {
     /// The message's id (the publisher's sequence number on the topic).
     pub id: u64,
