@@ -1003,12 +1003,11 @@ impl Topics {
     async fn session(self: Arc<Self>, topic: TopicId, cancel: CancellationToken) {
         let mut home_rx = self.home.subscribe();
         let me = self.me();
-        let mut first = true;
+        // The home that served the topic last: attaching at another one is
+        // a move (counted).
+        let mut served_by: Option<PeerId> = None;
         loop {
             let home = *home_rx.borrow_and_update();
-            if !first {
-                stats::bump(&self.counters.rehomed);
-            }
             match home {
                 None => {
                     tokio::select! {
@@ -1026,7 +1025,7 @@ impl Topics {
                         }
                         continue;
                     }
-                    first = false;
+                    self.moved(&mut served_by, me);
                     tokio::select! {
                         _ = cancel.cancelled() => return,
                         r = home_rx.changed() => if r.is_err() { return },
@@ -1037,10 +1036,9 @@ impl Topics {
                 Some(h) => {
                     let r = tokio::select! {
                         _ = cancel.cancelled() => return,
-                        r = self.remote_session(topic, h, &mut home_rx) => r,
+                        r = self.remote_session(topic, h, &mut home_rx, &mut served_by) => r,
                     };
                     self.set_detached(topic);
-                    first = false;
                     if let Err(e) = r {
                         tracing::debug!(home = %h, error = %e, "topic home session ended");
                         tokio::select! {
@@ -1054,6 +1052,14 @@ impl Topics {
         }
     }
 
+    /// Notes that `home` serves the topic now, counting a move.
+    fn moved(&self, served_by: &mut Option<PeerId>, home: PeerId) {
+        if served_by.is_some_and(|p| p != home) {
+            stats::bump(&self.counters.rehomed);
+        }
+        *served_by = Some(home);
+    }
+
     /// One member stream to `home`: `Ok` when the home changed (the caller
     /// moves on), an error when the stream failed.
     async fn remote_session(
@@ -1061,6 +1067,7 @@ impl Topics {
         topic: TopicId,
         home: PeerId,
         home_rx: &mut watch::Receiver<Option<PeerId>>,
+        served_by: &mut Option<PeerId>,
     ) -> Result<()> {
         let Some(name) = self.state().mine.get(&topic).map(|m| m.name.clone()) else {
             return Ok(());
@@ -1103,6 +1110,7 @@ impl Topics {
                 publish: pub_tx,
             };
         }
+        self.moved(served_by, home);
         self.core
             .bus
             .emit(NodeEvent::TopicJoined { topic: name, home });
@@ -1657,5 +1665,93 @@ impl Topics {
             let t = self.clone();
             self.core.spawn(async move { t.dial(h).await });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mine() -> (Mine, mpsc::Receiver<TopicEvent>) {
+        let (tx, rx) = mpsc::channel(16);
+        let sink = Sink {
+            tx,
+            missed: Default::default(),
+        };
+        let m = Mine {
+            name: "t".into(),
+            sinks: HashMap::from([(0, sink)]),
+            hwm: HashMap::new(),
+            members: BTreeMap::new(),
+            last_seq: 0,
+            publishing: Default::default(),
+            attached: Attached::None,
+            session: CancellationToken::new(),
+        };
+        (m, rx)
+    }
+
+    fn id(n: u8) -> PeerId {
+        reach_proto::Keypair::from_secret_bytes([n; 32]).peer_id()
+    }
+
+    #[test]
+    fn a_leave_from_a_home_the_member_left_changes_nothing() {
+        let (mut m, mut rx) = mine();
+        let (a, h1, h2) = (id(1), id(2), id(3));
+        presence_mine(&mut m, a, h1, true);
+        // The member moved to h2; the old home's stale sweep comes later.
+        presence_mine(&mut m, a, h2, true);
+        presence_mine(&mut m, a, h1, false);
+        assert_eq!(m.members.get(&a), Some(&h2));
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            [
+                TopicEvent::Joined {
+                    member: a,
+                    home: h1
+                },
+                TopicEvent::Joined {
+                    member: a,
+                    home: h2
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_snapshot_from_a_new_home_reports_only_the_differences() {
+        let (mut m, mut rx) = mine();
+        let (a, b, c, h) = (id(1), id(2), id(3), id(4));
+        resync_members(&mut m, vec![(a, h), (b, h)]);
+        while rx.try_recv().is_ok() {}
+        resync_members(&mut m, vec![(b, h), (c, h)]);
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert_eq!(
+            got,
+            [
+                TopicEvent::Left { member: a, home: h },
+                TopicEvent::Joined { member: c, home: h },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_full_subscriber_queue_counts_what_it_missed() {
+        let (tx, _rx) = mpsc::channel(1);
+        let missed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (mut m, _) = mine();
+        m.sinks = HashMap::from([(
+            0,
+            Sink {
+                tx,
+                missed: missed.clone(),
+            },
+        )]);
+        for _ in 0..3 {
+            push(&m, &TopicEvent::Missed { count: 0 });
+        }
+        assert_eq!(missed.load(std::sync::atomic::Ordering::Relaxed), 2);
     }
 }
