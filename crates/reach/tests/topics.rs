@@ -290,6 +290,8 @@ async fn a_publish_over_the_rate_limit_is_refused_with_a_typed_error() {
         reach::Error::Topic(reach::TopicRefusal::PublisherRateLimited)
     ));
     assert!(m.stats().topics.refused_rate >= 1);
+    // The home that refused it counts it too.
+    assert!(relay.stats().topics.refused_rate >= 1);
     assert!(
         taken >= reach_proto::topics::DEFAULT_PUBLISHER_RATE / 2,
         "taken {taken}"

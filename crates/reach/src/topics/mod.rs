@@ -91,10 +91,11 @@ crate::telemetry::metrics! {
         counter published = "topics_published",
         /// Messages handed to this node's subscriptions.
         counter delivered = "topics_delivered",
-        /// Publishes refused by a rate limit (topic or publisher).
+        /// Publishes refused by a rate limit (topic or publisher): this
+        /// node's own, and those of the members it serves as a home.
         counter refused_rate = "topics_refused_rate",
         /// Publishes refused for another reason (size, signature, no home,
-        /// not subscribed, no room).
+        /// not subscribed, no room), counted like `topics_refused_rate`.
         counter refused_other = "topics_refused_other",
         /// Federation links opened (either side).
         counter links_opened = "topics_links_opened",
@@ -1364,10 +1365,19 @@ impl Topics {
                     members: rep.members,
                 }
             }
-            Err(e) => MemberFrame::PublishRefused {
-                seq,
-                kind: e.kind().to_string(),
-            },
+            Err(e) => {
+                let counter = match e {
+                    PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
+                        &self.counters.refused_rate
+                    }
+                    _ => &self.counters.refused_other,
+                };
+                stats::bump(counter);
+                MemberFrame::PublishRefused {
+                    seq,
+                    kind: e.kind().to_string(),
+                }
+            }
         };
         self.flush(st);
         reply
