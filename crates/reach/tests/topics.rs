@@ -118,6 +118,7 @@ async fn two_homes_deliver_every_message_once_in_order_with_presence() {
     })
     .await;
     let took = joined_at.elapsed();
+    eprintln!("a join was seen at every node after {took:?}");
     assert!(took <= Duration::from_secs(2), "presence took {took:?}");
 
     // Everyone publishes; everyone gets everything once, in order.
@@ -220,6 +221,7 @@ async fn a_member_whose_relay_dies_rehomes_and_the_dead_home_drops_out() {
             .is_some_and(|s| s.home == Some(other.peer_id()))
     })
     .await;
+    eprintln!("re-homed {:?} after the relay stopped", killed_at.elapsed());
     // Published after the move: m gets all of it, and o gets m's, each
     // once and in order (the per-origin marks carry across homes).
     for i in 6..=15 {
@@ -240,6 +242,7 @@ async fn a_member_whose_relay_dies_rehomes_and_the_dead_home_drops_out() {
     })
     .await;
     let gone = killed_at.elapsed();
+    eprintln!("the dead home's members left o's view after {gone:?}");
     assert!(
         gone <= reach_proto::topics::HOME_STALE + Duration::from_secs(3),
         "the dead home's members left o's view after {gone:?}"
