@@ -1099,6 +1099,15 @@ fn print_status(s: &Status) {
         "messages  {} sent, {} received",
         st.core.messages_sent, st.core.messages_received
     );
+    let t = &s.topics;
+    if !t.subscribed.is_empty() || !t.served.is_empty() {
+        println!(
+            "topics    {} subscribed, {} served as a home, {} federation links",
+            t.subscribed.len(),
+            t.served.len(),
+            t.links.len()
+        );
+    }
 }
 
 #[cfg(test)]

@@ -26,6 +26,11 @@ fn pub_reaches_sub_once_in_order_and_members_lists_the_node() {
     sub.wait_for("the node joining", |l| {
         l.contains("\"joined\"") && l.contains(&id)
     });
+    let status = ok(&reach(&["status", "--data-dir", d]));
+    assert!(
+        status.contains("topics    1 subscribed, 1 served as a home"),
+        "{status}"
+    );
     let members = ok(&reach(&["members", "my room", "--json", "--data-dir", d]));
     let v: serde_json::Value = serde_json::from_str(&members).unwrap();
     assert_eq!(v["members"][0]["member"], id.as_str(), "{members}");
