@@ -4,8 +4,8 @@
 //!   they both serve. Each side says which topics it serves
 //!   ([`FedFrame::Join`], [`FedFrame::Leave`]); the link carries a topic to
 //!   the overlay once both said it. Overlay frames travel encoded as
-//!   reach-proto's [`TopicFrame`] ([`FedFrame::Overlay`]), decoded with its
-//!   limits checked.
+//!   reach-proto's [`TopicFrame`](reach_proto::topics::TopicFrame)
+//!   ([`FedFrame::Overlay`]), decoded with its limits checked.
 //! - [`MEMBER_PROTOCOL`]: one stream per topic between a member and its
 //!   home: subscribe, publish (answered in order), and the home's pushes
 //!   (deliveries, presence).
