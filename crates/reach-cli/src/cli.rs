@@ -200,6 +200,14 @@ pub enum Command {
         #[command(flatten)]
         data_dir: DataDirArg,
     },
+    /// Publish a message on a topic through a running node: text, a
+    /// file's bytes (`--file F`) or stdin (`-`), up to 64 KiB.
+    Pub(crate::topics::PubArgs),
+    /// Subscribe to a topic through a running node: print its messages and
+    /// presence changes until Ctrl-C (or `--count` messages).
+    Sub(crate::topics::SubArgs),
+    /// List a topic's members known to a running node, with their homes.
+    Members(crate::topics::MembersArgs),
 }
 
 #[derive(Debug, Subcommand)]

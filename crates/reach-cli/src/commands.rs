@@ -192,6 +192,18 @@ pub async fn run(cli: Cli) -> Result<()> {
             let dir = data_dir(&d)?;
             tokio::task::spawn_blocking(move || crate::eventlog::run(&dir, follow, json)).await?
         }
+        Command::Pub(args) => {
+            let dir = data_dir(&args.data_dir)?;
+            crate::topics::publish(args, &dir).await
+        }
+        Command::Sub(args) => {
+            let dir = data_dir(&args.data_dir)?;
+            crate::topics::subscribe(args, &dir).await
+        }
+        Command::Members(args) => {
+            let dir = data_dir(&args.data_dir)?;
+            crate::topics::members(args, &dir).await
+        }
         Command::Bench(BenchCommand::Connect { dialers, json }) => {
             let r = crate::bench::connect(dialers).await?;
             if json {
@@ -1087,6 +1099,15 @@ fn print_status(s: &Status) {
         "messages  {} sent, {} received",
         st.core.messages_sent, st.core.messages_received
     );
+    let t = &s.topics;
+    if !t.subscribed.is_empty() || !t.served.is_empty() {
+        println!(
+            "topics    {} subscribed, {} served as a home, {} federation links",
+            t.subscribed.len(),
+            t.served.len(),
+            t.links.len()
+        );
+    }
 }
 
 #[cfg(test)]

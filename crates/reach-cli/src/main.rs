@@ -13,6 +13,7 @@ mod daemon;
 mod dashboard;
 mod demo;
 mod eventlog;
+mod topics;
 
 fn main() -> ExitCode {
     let args = cli::Cli::parse();

@@ -103,6 +103,10 @@ pub enum Error {
     /// `what` needs a data dir, and the node was built without one.
     #[error("{what} need a data dir: build the node with NodeBuilder::data_dir")]
     NoDataDir { what: &'static str },
+    /// A topic operation was refused (see
+    /// [`TopicRefusal::kind`](crate::topics::TopicRefusal::kind)).
+    #[error("{0}")]
+    Topic(crate::topics::TopicRefusal),
 }
 
 fn bind_hint(err: &std::io::Error) -> &'static str {
@@ -149,6 +153,7 @@ impl Error {
             Error::OutboxCorrupt { .. } => "outbox_corrupt",
             Error::OutboxKeyMismatch { .. } => "outbox_key_mismatch",
             Error::NoDataDir { .. } => "no_data_dir",
+            Error::Topic(r) => r.kind(),
         }
     }
 }

@@ -213,6 +213,23 @@ fn fields(ev: &NodeEvent) -> (&'static str, Map<String, Value>) {
             put("reason", (*reason).into());
             "outbox_abandoned"
         }
+        NodeEvent::TopicJoined { topic, home } => {
+            put("topic", topic.as_str().into());
+            put("home", home.to_string().into());
+            "topic_joined"
+        }
+        NodeEvent::TopicLeft { topic } => {
+            put("topic", topic.as_str().into());
+            "topic_left"
+        }
+        NodeEvent::TopicLinkUp { peer } => {
+            put("peer", peer.to_string().into());
+            "topic_link_up"
+        }
+        NodeEvent::TopicLinkDown { peer } => {
+            put("peer", peer.to_string().into());
+            "topic_link_down"
+        }
     };
     (kind, m)
 }

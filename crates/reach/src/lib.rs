@@ -50,6 +50,7 @@ pub mod socket;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;
+pub mod topics;
 pub mod transport;
 pub(crate) mod util;
 pub(crate) mod vaddr;
@@ -74,6 +75,9 @@ pub use reach_proto::relay::service::RelayLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError, Ticket, TicketError};
 pub use relay::{Reachability, RelayMode, RelayStatus};
+pub use topics::{
+    PublishReport, Subscription, TopicDelivery, TopicEvent, TopicRefusal, TopicsStatus,
+};
 
 /// The README's code blocks, compiled by `cargo test --doc` so the library
 /// example there cannot drift from the API (its non-Rust blocks are marked

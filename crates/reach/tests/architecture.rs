@@ -20,6 +20,7 @@ const LAYERS: &[(&str, u8)] = &[
     ("advertise", 4),
     ("relay", 5),
     ("punch", 6),
+    ("topics", 7),
 ];
 
 /// Names only the composition root may use: the whole node, its facade and

@@ -49,9 +49,14 @@ pub mod protocols {
     /// Durable messages ([`crate::outbox::DurableFrame`]s after an
     /// [`super::Body::Open`] header).
     pub const OUTBOX: &str = "reach/outbox/1";
+    /// Topic federation links between homes (the runtime's topic frames
+    /// after an [`super::Body::Open`] header).
+    pub const TOPICS_FED: &str = "reach/topics/fed/1";
+    /// A topic member's stream to its home.
+    pub const TOPICS_MEMBER: &str = "reach/topics/member/1";
     /// reach's own protocols that are opened by name (their streams carry
     /// frames of their own after the header, not envelope bodies).
-    pub const OPENED_BY_NAME: &[&str] = &[OUTBOX];
+    pub const OPENED_BY_NAME: &[&str] = &[OUTBOX, TOPICS_FED, TOPICS_MEMBER];
     /// The prefix reserved for reach's own protocols.
     pub const RESERVED_PREFIX: &str = "reach/";
 }

@@ -24,7 +24,7 @@ use crate::telemetry::{MetricGroup, MetricKind};
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Upper bound on the series one scrape holds (samples, not counting
-/// `# HELP`/`# TYPE` lines). 171 today; the bound leaves room for the
+/// `# HELP`/`# TYPE` lines). 193 today; the bound leaves room for the
 /// capabilities still to land while catching any label that grows with
 /// peers (the series test runs hundreds of peers against it).
 pub const MAX_SERIES: usize = 400;
@@ -64,6 +64,12 @@ pub const REFUSAL_REASONS: &[(&str, &str)] = &[
     ("relay_rate_limited", "relay_dropped_rate_limited"),
     // Router replies (port mapping) that did not decode.
     ("portmap_bad_reply", "portmap_bad_replies"),
+    // Topic publishes over a rate limit (this node's own, and its members'
+    // at this home).
+    ("topic_rate_limited", "topics_refused_rate"),
+    // Topic frames from homes or members that did not decode or broke a
+    // rule.
+    ("topic_bad_frame", "topics_bad_frames"),
 ];
 
 /// The reason for control-API requests answered with a 4xx error.

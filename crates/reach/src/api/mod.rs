@@ -42,6 +42,7 @@ pub mod dashboard;
 pub mod metrics;
 pub mod recv;
 mod server;
+pub mod topics;
 
 pub use server::{ApiServer, raise_fd_limit, serve};
 
@@ -121,6 +122,9 @@ pub struct Status {
     pub punch: PunchStats,
     /// The node's counters (the same object as `GET /v1/stats`).
     pub stats: NodeStats,
+    /// Topics: this node's home, subscriptions, served topics, links.
+    #[serde(default)]
+    pub topics: crate::topics::TopicsStatus,
     /// Version, build profile and uptime (absent from older daemons).
     #[serde(default)]
     pub build: Option<daemon::BuildInfo>,

@@ -165,6 +165,9 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         .route("/v1/connect", post(connect))
         .route("/v1/send", post(send))
         .route("/v1/outbox", get(outbox))
+        .route("/v1/topics/publish", post(topic_publish))
+        .route("/v1/topics/members", get(topic_members))
+        .route("/v1/topics/sub", get(topic_sub))
         .route("/v1/lookup", post(lookup))
         .route("/v1/nat", get(nat))
         .route("/v1/relay", get(relay))
@@ -687,6 +690,7 @@ async fn status(State(state): State<AppState>) -> Response {
         relay: node.relay_status(),
         punch: node.punch_stats(),
         stats: node.stats(),
+        topics: node.topics_status(),
         build: Some(super::daemon::build_info(state.started)),
     })
 }
@@ -917,6 +921,96 @@ async fn outbox(State(state): State<AppState>) -> Response {
     ok(super::OutboxResponse {
         pending: state.node.outbox().into_iter().map(Into::into).collect(),
     })
+}
+
+/// The `topic` query parameter, percent-decoded.
+fn topic_param(query: Option<&str>) -> Result<String, Box<Response>> {
+    query
+        .and_then(|q| super::recv::query_param(q, "topic"))
+        .and_then(super::topics::decode_name)
+        .ok_or_else(|| {
+            Box::new(api_error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "needs ?topic=<percent-encoded name>",
+            ))
+        })
+}
+
+fn topic_error(e: Error) -> Response {
+    match &e {
+        Error::Topic(crate::topics::TopicRefusal::BadName(_))
+        | Error::Topic(crate::topics::TopicRefusal::TooBig(_)) => {
+            api_error(StatusCode::BAD_REQUEST, e.kind(), e.to_string())
+        }
+        Error::Topic(r) if r.kind().ends_with("rate_limited") => {
+            api_error(StatusCode::TOO_MANY_REQUESTS, e.kind(), e.to_string())
+        }
+        _ => node_error(e),
+    }
+}
+
+/// `POST /v1/topics/publish`: see [`super::topics`].
+async fn topic_publish(State(state): State<AppState>, body: Bytes) -> Response {
+    let req: super::topics::PublishRequest = match parse(&body) {
+        Ok(r) => r,
+        Err(resp) => return *resp,
+    };
+    let Some(data) = super::recv::base64_decode(&req.data_b64) else {
+        return api_error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "data_b64 is not base64",
+        );
+    };
+    match super::topics::publish(&state.node, &req.topic, data).await {
+        Ok(r) => ok(r),
+        Err(e) => topic_error(e),
+    }
+}
+
+/// `GET /v1/topics/members?topic=T`.
+async fn topic_members(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
+    let topic = match topic_param(query.0.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    match state.node.members(&topic) {
+        Ok(list) => ok(super::topics::MembersResponse {
+            topic,
+            members: list
+                .into_iter()
+                .map(|(member, home)| super::topics::MemberEntry { member, home })
+                .collect(),
+        }),
+        Err(e) => topic_error(e),
+    }
+}
+
+/// `GET /v1/topics/sub?topic=T`: server-sent events for as long as the
+/// client stays.
+async fn topic_sub(State(state): State<AppState>, query: axum::extract::RawQuery) -> Response {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    let topic = match topic_param(query.0.as_deref()) {
+        Ok(t) => t,
+        Err(resp) => return *resp,
+    };
+    let sub = match state.node.subscribe_topic(&topic) {
+        Ok(s) => s,
+        Err(e) => return topic_error(e),
+    };
+    let stream = futures::stream::unfold(sub, |mut sub| async move {
+        let ev = sub.next().await?;
+        let json =
+            serde_json::to_string(&super::topics::TopicStreamEvent::from(ev)).unwrap_or_default();
+        Some((
+            Ok::<_, std::convert::Infallible>(SseEvent::default().data(json)),
+            sub,
+        ))
+    });
+    Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response()
 }
 
 /// `GET /metrics`: Prometheus text format (see [`super::metrics`]).

@@ -476,11 +476,19 @@ impl NodeBuilder {
             messaging.clone(),
             outbox,
         ));
+        let topics = crate::topics::Topics::new(
+            core.clone(),
+            peers.clone(),
+            dht.clone(),
+            relay.clone(),
+            reach_proto::topics::OverlayConfig::default(),
+        );
         let inner = Arc::new(Inner {
             core: core.clone(),
             peers: peers.clone(),
             messaging,
             durable,
+            topics,
             advertiser,
             dht,
             nat,
@@ -519,6 +527,9 @@ impl NodeBuilder {
                 .unwrap_or(crate::outbox::mailbox::DEFAULT_MAILBOX_AFTER),
         )
         .start();
+        inner.spawn(inner.topics.clone().drive());
+        inner.spawn(inner.topics.clone().watch_home());
+        inner.spawn(inner.topics.clone().discovery());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),
@@ -538,6 +549,7 @@ fn plug_in(inner: &Arc<Inner>) {
     wiring::dht::plug_in(inner);
     wiring::nat::plug_in(inner);
     wiring::outbox::plug_in(inner);
+    wiring::topics::plug_in(inner);
     wiring::messaging::plug_in(inner);
     wiring::advertise::plug_in(inner);
 }

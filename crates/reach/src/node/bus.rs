@@ -99,6 +99,16 @@ pub enum NodeEvent {
         peer: PeerId,
         reason: &'static str,
     },
+    /// This node's subscription to `topic` is served by `home` (itself
+    /// when it is its own home): after `subscribe`, and after each move to
+    /// a new home.
+    TopicJoined { topic: String, home: PeerId },
+    /// This node's last subscription to `topic` was dropped.
+    TopicLeft { topic: String },
+    /// A topic federation link with the home `peer` is up.
+    TopicLinkUp { peer: PeerId },
+    /// The topic federation link with `peer` is gone.
+    TopicLinkDown { peer: PeerId },
 }
 
 /// The sending side of the bus; cheap to clone.

@@ -100,6 +100,7 @@ pub(crate) struct Inner {
     pub messaging: Arc<crate::messaging::Messaging>,
     /// Durable messages: the outbox and its delivery (see [`crate::outbox`]).
     pub durable: Arc<crate::outbox::delivery::Durable>,
+    pub topics: Arc<crate::topics::Topics>,
     /// The endpoint record's owner (see [`crate::advertise`]).
     pub advertiser: Arc<crate::advertise::Advertiser>,
     pub dht: Arc<Dht>,
@@ -613,6 +614,7 @@ impl Node {
             tcp: self.inner.core.links.stats.snapshot(),
             portmap: self.inner.portmap.stats(),
             outbox: self.inner.durable.stats(),
+            topics: self.inner.topics.stats(),
         }
     }
 
@@ -638,6 +640,38 @@ impl Node {
 }
 
 impl Node {
+    /// Subscribes to the topic `name`: messages (each once, in order per
+    /// publisher) and presence changes come from the [`Subscription`];
+    /// dropping it unsubscribes. The node's home serves it: the node itself
+    /// when it holds no relay, else its relay (the subscription moves with
+    /// the relay). (`subscribe` is the node's event bus.)
+    ///
+    /// [`Subscription`]: crate::topics::Subscription
+    pub fn subscribe_topic(&self, name: &str) -> Result<crate::topics::Subscription> {
+        self.inner.topics.subscribe(name)
+    }
+
+    /// Publishes `data` on the topic `name` (this node must be subscribed
+    /// to it): a report of the homes and members the node's home knows, or
+    /// a typed refusal ([`Error::Topic`]: rate limits, size, no home yet).
+    pub async fn publish(
+        &self,
+        name: &str,
+        data: impl Into<Vec<u8>>,
+    ) -> Result<crate::topics::PublishReport> {
+        self.inner.topics.publish(name, data.into()).await
+    }
+
+    /// Members of the topic `name` known here: (member, its home).
+    pub fn members(&self, name: &str) -> Result<Vec<(PeerId, PeerId)>> {
+        self.inner.topics.members(name)
+    }
+
+    /// This node's topics: its home, subscriptions, served topics, links.
+    pub fn topics_status(&self) -> crate::topics::TopicsStatus {
+        self.inner.topics.status()
+    }
+
     /// The path kind of each live connection (direct, relayed, TCP link),
     /// as [`Event::Connected`] reports it; a peer whose relayed circuit is
     /// already gone is left out.

@@ -100,6 +100,8 @@ crate::telemetry::node_stats! {
         pub portmap: crate::portmap::PortMapStats,
         /// Durable messages: enqueued, sent, delivered, abandoned, received.
         pub outbox: crate::outbox::delivery::OutboxStats,
+        /// Topics: published, delivered, refused, federation links.
+        pub topics: crate::topics::TopicsStats,
     }
 }
 

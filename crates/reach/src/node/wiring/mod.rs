@@ -11,3 +11,4 @@ pub(super) mod nat;
 pub(super) mod outbox;
 pub(super) mod punch;
 pub(super) mod relay;
+pub(super) mod topics;

@@ -1,0 +1,151 @@
+//! The two stream protocols of topics and their frames.
+//!
+//! - [`FED_PROTOCOL`]: one stream between two homes carries every topic
+//!   they both serve. Each side says which topics it serves
+//!   ([`FedFrame::Join`], [`FedFrame::Leave`]); the link carries a topic to
+//!   the overlay once both said it. Overlay frames travel encoded as
+//!   reach-proto's [`TopicFrame`](reach_proto::topics::TopicFrame)
+//!   ([`FedFrame::Overlay`]), decoded with its limits checked.
+//! - [`MEMBER_PROTOCOL`]: one stream per topic between a member and its
+//!   home: subscribe, publish (answered in order), and the home's pushes
+//!   (deliveries, presence).
+//!
+//! Every frame is length-prefixed (reach's frame header) and bounded by
+//! [`MAX_STREAM_FRAME`], checked before anything is read into memory.
+
+use reach_proto::PeerId;
+use reach_proto::topics::{MAX_FRAME_LEN, TopicId, TopicMessage};
+use reach_proto::wire::{FRAME_HEADER_LEN, WireError, frame};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Federation links between homes.
+pub const FED_PROTOCOL: &str = reach_proto::wire::envelope::protocols::TOPICS_FED;
+/// A member's stream to its home.
+pub const MEMBER_PROTOCOL: &str = reach_proto::wire::envelope::protocols::TOPICS_MEMBER;
+
+/// Largest frame on either protocol: an overlay frame at reach-proto's
+/// [`MAX_FRAME_LEN`] plus the few bytes of our own framing, or a presence
+/// snapshot page (see [`MAX_SNAPSHOT`]).
+pub const MAX_STREAM_FRAME: usize = MAX_FRAME_LEN + 1024;
+
+/// Members a home lists in [`MemberFrame::Subscribed`] at most: 1,000
+/// entries of two 32-byte keys (about 64 KiB) fit in one frame; presence
+/// beyond it reaches the member as later changes only.
+pub const MAX_SNAPSHOT: usize = 1_000;
+
+/// A frame between two homes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum FedFrame {
+    /// "I serve this topic; carry it on our link."
+    Join(TopicId),
+    /// "I no longer serve it."
+    Leave(TopicId),
+    /// An overlay frame ([`TopicFrame::encode`](reach_proto::topics::TopicFrame::encode)).
+    Overlay(Vec<u8>),
+}
+
+/// A frame between a member and its home.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum MemberFrame {
+    /// Member → home, first frame: serve me on this topic.
+    Subscribe {
+        /// The topic's name (the home checks it and derives the id).
+        topic: String,
+    },
+    /// Home → member, the answer to `Subscribe`: served.
+    Subscribed {
+        /// The highest seq of the member's own messages the home has seen
+        /// (0: none): the member continues above it, so a restarted member
+        /// does not reuse a seq the topic already has.
+        seq_seen: u64,
+        /// Members known at the home (member, its home), at most
+        /// [`MAX_SNAPSHOT`].
+        members: Vec<(PeerId, PeerId)>,
+    },
+    /// Home → member: refused (subscribe or the stream as a whole).
+    Refused {
+        /// A stable kind, e.g. `not_a_home`, `too_many_topics`.
+        kind: String,
+    },
+    /// Member → home: a message the member signed.
+    Publish(TopicMessage),
+    /// Home → member: the publish of `seq` was taken.
+    Published {
+        /// The message's seq.
+        seq: u64,
+        /// Homes of the topic the home knows (itself included).
+        homes: u32,
+        /// Members of the topic the home knows.
+        members: u32,
+    },
+    /// Home → member: the publish of `seq` was refused.
+    PublishRefused {
+        /// The message's seq.
+        seq: u64,
+        /// A stable kind, e.g. `topic_rate_limited`.
+        kind: String,
+    },
+    /// Home → member: a message of the topic.
+    Deliver(TopicMessage),
+    /// Home → member: a member appeared or vanished.
+    Presence {
+        /// The member.
+        member: PeerId,
+        /// Its home.
+        home: PeerId,
+        /// True on join.
+        joined: bool,
+    },
+}
+
+/// Encodes `value` as one length-prefixed frame.
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
+    let body = postcard::to_allocvec(value).map_err(|e| WireError::Malformed(e.to_string()))?;
+    if body.len() > MAX_STREAM_FRAME {
+        return Err(WireError::TooLarge {
+            len: body.len(),
+            max: MAX_STREAM_FRAME,
+        });
+    }
+    frame::encode(&body)
+}
+
+/// Reads one frame (at most [`MAX_STREAM_FRAME`] bytes, checked before the
+/// body is read) and decodes it. `Ok(None)` when the stream ended cleanly
+/// between frames.
+pub async fn read<T: DeserializeOwned>(
+    recv: &mut quinn::RecvStream,
+) -> Result<Option<T>, WireError> {
+    let mut head = [0u8; FRAME_HEADER_LEN];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(WireError::Malformed(e.to_string())),
+    }
+    let len = frame::parse_header(&head, MAX_STREAM_FRAME)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| WireError::Malformed(e.to_string()))?;
+    postcard::from_bytes::<T>(&body)
+        .map(Some)
+        .map_err(|e| WireError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_oversized_ones_are_refused() {
+        let t = TopicId::from_name("lobby").unwrap();
+        let bytes = encode(&FedFrame::Join(t)).unwrap();
+        let len = frame::parse_header(&bytes, MAX_STREAM_FRAME).unwrap();
+        let back: FedFrame = postcard::from_bytes(&bytes[FRAME_HEADER_LEN..]).unwrap();
+        assert_eq!(len, bytes.len() - FRAME_HEADER_LEN);
+        assert!(matches!(back, FedFrame::Join(x) if x == t));
+        let big = FedFrame::Overlay(vec![0; MAX_STREAM_FRAME + 1]);
+        assert!(matches!(encode(&big), Err(WireError::TooLarge { .. })));
+    }
+}

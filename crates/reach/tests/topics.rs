@@ -1,0 +1,311 @@
+//! Topics on real nodes over loopback: homes (public nodes and relays),
+//! members behind relays, federation links found through the DHT,
+//! re-homing when a relay dies, rate limits.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use common::{loopback, node_holding_a_relay, relay_node, until, within};
+use reach::{Node, PeerId, RelayMode, Subscription, TopicEvent};
+
+const TOPIC: &str = "lobby";
+
+/// A public node, its own home, in the DHT through `via`.
+async fn public_home(via: &Node) -> Node {
+    let n = Node::builder()
+        .bind(loopback())
+        .bootstrap([via.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    within("the public node joins", n.joined()).await;
+    n
+}
+
+fn held(n: &Node) -> Option<PeerId> {
+    n.relay_status().held_relay
+}
+
+fn member_ids(n: &Node) -> BTreeSet<PeerId> {
+    n.members(TOPIC)
+        .unwrap()
+        .into_iter()
+        .map(|(m, _)| m)
+        .collect()
+}
+
+/// Reads `sub` until it holds messages `first..=want` of each publisher in
+/// `from`, checking each publisher's ids run on by one with the data it
+/// sent (nothing twice, nothing skipped, nothing out of order).
+async fn collect_from(sub: &mut Subscription, from: &[(PeerId, &str)], first: u64, want: u64) {
+    let mut next: BTreeMap<PeerId, u64> = from.iter().map(|(p, _)| (*p, first)).collect();
+    let tags: BTreeMap<PeerId, &str> = from.iter().copied().collect();
+    within("every message arrives", async {
+        while next.values().any(|n| *n <= want) {
+            match sub.next().await.expect("the node runs") {
+                TopicEvent::Message(m) => {
+                    let Some(n) = next.get_mut(&m.from) else {
+                        continue;
+                    };
+                    assert_eq!(m.id, *n, "in order, once, per publisher");
+                    assert_eq!(m.topic, TOPIC);
+                    assert_eq!(
+                        &m.data[..],
+                        format!("{}-{}", tags[&m.from], m.id).as_bytes()
+                    );
+                    *n += 1;
+                }
+                TopicEvent::Missed { count } => panic!("missed {count} events"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+}
+
+async fn collect(sub: &mut Subscription, from: &[(PeerId, &str)], want: u64) {
+    collect_from(sub, from, 1, want).await
+}
+
+async fn publish_n(n: &Node, tag: &str, count: u64) {
+    for i in 1..=count {
+        let r = n
+            .publish(TOPIC, format!("{tag}-{i}").into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("{tag} publishes {i}: {e} ({})", e.kind()));
+        assert_eq!(r.id, i);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_homes_deliver_every_message_once_in_order_with_presence() {
+    common::logs();
+    let h1 = relay_node().await;
+    let h2 = relay_node().await;
+    h2.bootstrap(&[h1.local_addr()]).await;
+    let m1 = node_holding_a_relay(&h1).await;
+    within("m1 joins", m1.joined()).await;
+    until("m1 holds a relay", || held(&m1).is_some()).await;
+
+    let mut s_h1 = h1.subscribe_topic(TOPIC).unwrap();
+    let mut s_h2 = h2.subscribe_topic(TOPIC).unwrap();
+    let mut s_m1 = m1.subscribe_topic(TOPIC).unwrap();
+    until("the homes link up", || {
+        h1.topics_status().links.contains(&h2.peer_id())
+            && h2.topics_status().links.contains(&h1.peer_id())
+    })
+    .await;
+    let three: BTreeSet<PeerId> = [&h1, &h2, &m1].iter().map(|n| n.peer_id()).collect();
+    until("presence converges", || {
+        [&h1, &h2, &m1].iter().all(|n| member_ids(n) == three)
+    })
+    .await;
+
+    // A join once the homes are linked: visible everywhere within 2 s.
+    let m2 = node_holding_a_relay(&h2).await;
+    within("m2 joins", m2.joined()).await;
+    until("m2 holds a relay", || held(&m2).is_some()).await;
+    let joined_at = Instant::now();
+    let mut s_m2 = m2.subscribe_topic(TOPIC).unwrap();
+    until("m2 is seen everywhere", || {
+        [&h1, &h2, &m1, &m2]
+            .iter()
+            .all(|n| member_ids(n).contains(&m2.peer_id()))
+    })
+    .await;
+    let took = joined_at.elapsed();
+    eprintln!("a join was seen at every node after {took:?}");
+    assert!(took <= Duration::from_secs(2), "presence took {took:?}");
+
+    // Everyone publishes; everyone gets everything once, in order.
+    const N: u64 = 40;
+    let nodes = [(&h1, "h1"), (&h2, "h2"), (&m1, "m1"), (&m2, "m2")];
+    let from: Vec<(PeerId, &str)> = nodes.iter().map(|(n, t)| (n.peer_id(), *t)).collect();
+    within(
+        "everyone publishes",
+        futures::future::join_all(nodes.iter().map(|(n, t)| publish_n(n, t, N))),
+    )
+    .await;
+    for sub in [&mut s_h1, &mut s_h2, &mut s_m1, &mut s_m2] {
+        collect(sub, &from, N).await;
+    }
+    let r = m1.publish(TOPIC, b"report".to_vec()).await.unwrap();
+    assert_eq!((r.homes, r.members), (2, 4), "{r:?}");
+    assert!(h1.stats().topics.federation_links >= 1);
+    assert!(m1.stats().topics.delivered >= 4 * N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_a_relay_publishes_and_receives_through_it() {
+    common::logs();
+    let relay = relay_node().await;
+    let other = public_home(&relay).await;
+    let m = node_holding_a_relay(&relay).await;
+    within("m joins", m.joined()).await;
+    until("m holds the relay", || held(&m) == Some(relay.peer_id())).await;
+
+    let mut s_m = m.subscribe_topic(TOPIC).unwrap();
+    let mut s_o = other.subscribe_topic(TOPIC).unwrap();
+    let both: BTreeSet<PeerId> = [m.peer_id(), other.peer_id()].into();
+    until("presence converges", || {
+        member_ids(&m) == both && member_ids(&other) == both
+    })
+    .await;
+    let st = m.topics_status();
+    assert_eq!(st.home, Some(relay.peer_id()));
+    assert_eq!(st.subscribed[0].home, Some(relay.peer_id()));
+    assert!(
+        relay
+            .topics_status()
+            .served
+            .iter()
+            .any(|s| s.topic == TOPIC),
+        "the relay serves the topic for its client"
+    );
+
+    publish_n(&m, "m", 10).await;
+    publish_n(&other, "o", 10).await;
+    let from = [(m.peer_id(), "m"), (other.peer_id(), "o")];
+    collect(&mut s_o, &from, 10).await;
+    collect(&mut s_m, &from, 10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_relay_dies_rehomes_and_the_dead_home_drops_out() {
+    common::logs();
+    let r1 = relay_node().await;
+    let r2 = relay_node().await;
+    r2.bootstrap(&[r1.local_addr()]).await;
+    let o = public_home(&r2).await;
+    let m = Node::builder()
+        .bind(loopback())
+        .bootstrap([r1.local_addr(), r2.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::On)
+        .spawn()
+        .await
+        .unwrap();
+    within("m joins", m.joined()).await;
+    until("m holds a relay", || held(&m).is_some()).await;
+    let (old, other) = if held(&m) == Some(r1.peer_id()) {
+        (r1, r2)
+    } else {
+        (r2, r1)
+    };
+
+    // The old relay is a member itself (its own home), so it has a member
+    // that goes down with it.
+    let _s_old = old.subscribe_topic(TOPIC).unwrap();
+    let mut s_m = m.subscribe_topic(TOPIC).unwrap();
+    let mut s_o = o.subscribe_topic(TOPIC).unwrap();
+    let three: BTreeSet<PeerId> = [old.peer_id(), m.peer_id(), o.peer_id()].into();
+    until("presence converges", || {
+        member_ids(&o) == three && member_ids(&m) == three
+    })
+    .await;
+    publish_n(&o, "o", 5).await;
+    publish_n(&m, "m", 5).await;
+    let from = [(o.peer_id(), "o"), (m.peer_id(), "m")];
+    collect(&mut s_m, &from, 5).await;
+
+    let killed_at = Instant::now();
+    old.shutdown().await;
+    until("m re-homes on the other relay", || {
+        m.topics_status()
+            .subscribed
+            .first()
+            .is_some_and(|s| s.home == Some(other.peer_id()))
+    })
+    .await;
+    eprintln!("re-homed {:?} after the relay stopped", killed_at.elapsed());
+    // Published after the move: m gets all of it, and o gets m's, each
+    // once and in order (the per-origin marks carry across homes).
+    for i in 6..=15 {
+        o.publish(TOPIC, format!("o-{i}").into_bytes())
+            .await
+            .unwrap();
+        m.publish(TOPIC, format!("m-{i}").into_bytes())
+            .await
+            .unwrap();
+    }
+    collect_from(&mut s_m, &from, 6, 15).await;
+    collect(&mut s_o, &from, 15).await;
+    until("the dead home's members drop out of o's presence", || {
+        o.members(TOPIC)
+            .unwrap()
+            .iter()
+            .all(|(member, home)| *member != old.peer_id() && *home != old.peer_id())
+    })
+    .await;
+    let gone = killed_at.elapsed();
+    eprintln!("the dead home's members left o's view after {gone:?}");
+    assert!(
+        gone <= reach_proto::topics::HOME_STALE + Duration::from_secs(3),
+        "the dead home's members left o's view after {gone:?}"
+    );
+    assert!(member_ids(&o).contains(&m.peer_id()));
+    assert!(m.stats().topics.rehomed >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_over_the_rate_limit_is_refused_with_a_typed_error() {
+    common::logs();
+    let relay = relay_node().await;
+    let m = node_holding_a_relay(&relay).await;
+    within("m joins", m.joined()).await;
+    until("m holds the relay", || held(&m) == Some(relay.peer_id())).await;
+    let mut sub = m.subscribe_topic(TOPIC).unwrap();
+    until("m is served by its relay", || {
+        m.topics_status()
+            .subscribed
+            .first()
+            .is_some_and(|s| s.home == Some(relay.peer_id()))
+    })
+    .await;
+
+    // Far more than one second's allowance of one publisher, as fast as
+    // the home answers.
+    let mut taken = 0u64;
+    let mut refused = None;
+    for i in 0..(3 * reach_proto::topics::DEFAULT_PUBLISHER_RATE) {
+        match m
+            .publish(TOPIC, format!("m-{}", taken + 1).into_bytes())
+            .await
+        {
+            Ok(r) => {
+                taken += 1;
+                assert_eq!(r.id, taken, "publish {i}");
+            }
+            Err(e) => {
+                refused = Some(e);
+                break;
+            }
+        }
+    }
+    let e = refused.expect("a publish over the limit is refused");
+    assert_eq!(e.kind(), "publisher_rate_limited", "{e}");
+    assert!(matches!(
+        e,
+        reach::Error::Topic(reach::TopicRefusal::PublisherRateLimited)
+    ));
+    assert!(m.stats().topics.refused_rate >= 1);
+    // The home that refused it counts it too.
+    assert!(relay.stats().topics.refused_rate >= 1);
+    assert!(
+        taken >= reach_proto::topics::DEFAULT_PUBLISHER_RATE / 2,
+        "taken {taken}"
+    );
+    // What was taken arrives with no gap left by the refusal.
+    collect(&mut sub, &[(m.peer_id(), "m")], taken).await;
+    // Data over the size limit: refused before anything is sent.
+    let big = vec![0u8; reach_proto::topics::MAX_DATA_LEN + 1];
+    let e = m.publish(TOPIC, big).await.unwrap_err();
+    assert_eq!(e.kind(), "topic_message_too_big");
+    // Not subscribed: a typed error, not a silent nothing.
+    let e = m.publish("elsewhere", b"x".to_vec()).await.unwrap_err();
+    assert_eq!(e.kind(), "topic_not_subscribed");
+}
