@@ -128,8 +128,6 @@ pub const PRESENCE_CONFIRM: Duration = Duration::from_secs(1);
 /// A home not heard for this long has its members dropped (issue #15:
 /// three heartbeats).
 pub const HOME_STALE: Duration = Duration::from_secs(15);
-/// How often stale homes are swept.
-pub const STALE_SWEEP: Duration = Duration::from_secs(1);
 /// How long a snapshot pull may take before it is asked again.
 pub const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 
