@@ -466,6 +466,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.connection_limits {
         builder = builder.connection_limits(limits.to_limits());
     }
+    if let Some(limits) = &config.topic_limits {
+        builder = builder.topic_limits(limits.to_limits());
+    }
     if let Some(limits) = &config.store_limits {
         builder = builder.store_limits(limits.to_limits());
     }

@@ -39,6 +39,10 @@
 //! [store_limits]                # DHT records stored for others (defaults shown)
 //! max_per_source = 4096         # per sending network (/24, /48)
 //! max_per_source_per_key = 64   # per sending network at one key
+//!
+//! [topic_limits]                # as a topic home, for its members' messages
+//! rate_per_topic = 500          # messages a second per topic
+//! rate_per_publisher = 100      # messages a second per publisher per topic
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -71,6 +75,7 @@ pub struct Config {
     pub relay_limits: Option<RelayLimitsConfig>,
     pub connection_limits: Option<ConnectionLimitsConfig>,
     pub store_limits: Option<StoreLimitsConfig>,
+    pub topic_limits: Option<TopicLimitsConfig>,
     /// Whether the node writes `<data dir>/events.jsonl` (default true).
     pub event_log: Option<bool>,
 }
@@ -93,6 +98,25 @@ impl StoreLimitsConfig {
                 .max_per_source_per_key
                 .unwrap_or(d.max_per_source_per_key),
             ..d
+        }
+    }
+}
+
+/// `[topic_limits]`: a topic home's rate limits, every key optional,
+/// defaults from `reach::TopicLimits` (the node refuses 0).
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicLimitsConfig {
+    pub rate_per_topic: Option<u64>,
+    pub rate_per_publisher: Option<u64>,
+}
+
+impl TopicLimitsConfig {
+    pub fn to_limits(&self) -> reach::TopicLimits {
+        let d = reach::TopicLimits::default();
+        reach::TopicLimits {
+            topic_rate: self.rate_per_topic.unwrap_or(d.topic_rate),
+            publisher_rate: self.rate_per_publisher.unwrap_or(d.publisher_rate),
         }
     }
 }
@@ -234,6 +258,19 @@ mod tests {
         assert_eq!(l.max_inbound, d.max_inbound);
         assert_eq!(l.max_idle_peers, d.max_idle_peers);
         assert!(Config::parse("[connection_limits]\nmax_per_pi = 3").is_err());
+    }
+
+    #[test]
+    fn topic_limits_parse_and_default() {
+        let c = Config::parse("[topic_limits]\nrate_per_topic = 2000\n").unwrap();
+        let l = c.topic_limits.unwrap().to_limits();
+        assert_eq!(l.topic_rate, 2000);
+        assert_eq!(
+            l.publisher_rate,
+            reach::TopicLimits::default().publisher_rate
+        );
+        assert!(Config::parse("[topic_limits]\nrate = 3").is_err());
+        assert!(Config::parse("[topic_limits]\nrate_per_topic = -1").is_err());
     }
 
     #[test]

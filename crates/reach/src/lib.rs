@@ -72,6 +72,8 @@ pub use reach_proto::dht::record::{AddrKind, TypedAddr};
 pub use reach_proto::dht::store::StoreLimits;
 pub use reach_proto::outbox::Delivery;
 pub use reach_proto::relay::service::RelayLimits;
+/// A topic home's rate limits ([`NodeBuilder::topic_limits`]).
+pub use reach_proto::topics::OverlayConfig as TopicLimits;
 pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError, Ticket, TicketError};
 pub use relay::{Reachability, RelayMode, RelayStatus};

@@ -48,6 +48,7 @@ pub struct NodeBuilder {
     port_mapping: crate::portmap::PortMapping,
     event_log: crate::eventlog::EventLogConfig,
     mailbox_after: Option<std::time::Duration>,
+    topic_limits: Option<reach_proto::topics::OverlayConfig>,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -198,6 +199,17 @@ impl NodeBuilder {
         self
     }
 
+    /// Rate limits this node applies as a topic home to the messages its
+    /// members publish: per topic and per publisher per topic, in messages
+    /// a second (defaults [`reach_proto::topics::DEFAULT_TOPIC_RATE`] and
+    /// [`reach_proto::topics::DEFAULT_PUBLISHER_RATE`]). Messages over a
+    /// limit are refused to the publisher with a typed error and counted.
+    /// Both must be at least 1.
+    pub fn topic_limits(mut self, limits: crate::TopicLimits) -> Self {
+        self.topic_limits = Some(limits);
+        self
+    }
+
     /// Limits of the DHT record store this node keeps for others: in
     /// total, per publisher, per key, in bytes, and per sending network
     /// (see [`reach_proto::dht::store`] for the defaults and why).
@@ -267,6 +279,13 @@ impl NodeBuilder {
                     )));
                 }
             }
+        }
+        if let Some(l) = &self.topic_limits
+            && (l.topic_rate == 0 || l.publisher_rate == 0)
+        {
+            return Err(Error::Config(
+                "topic rate limits must be at least 1 message a second".into(),
+            ));
         }
         // Before anything in the data dir is read or written: one node per
         // data dir (see crate::datadir).
@@ -481,7 +500,7 @@ impl NodeBuilder {
             peers.clone(),
             dht.clone(),
             relay.clone(),
-            reach_proto::topics::OverlayConfig::default(),
+            self.topic_limits.unwrap_or_default(),
         );
         let inner = Arc::new(Inner {
             core: core.clone(),
