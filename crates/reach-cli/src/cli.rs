@@ -297,6 +297,23 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Topics on loopback: one home forwarding 100-byte messages from
+    /// several publishing members to a subscriber (target ≥ 100,000
+    /// msgs/s), the latency one federation hop adds (target p99 ≤ 1 ms),
+    /// and a quiet topic's p99 while another topic of the same home is
+    /// flooded at over 10× its rate limit (target within +10%). Exits
+    /// non-zero while a target is missed.
+    Topics {
+        /// Messages each of the 8 publishers sends in the forwarding run.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        messages: u64,
+        /// Messages timed one at a time in the hop and flood runs.
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+        latency_messages: u32,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

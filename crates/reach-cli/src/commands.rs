@@ -270,6 +270,42 @@ pub async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(r.targets_met, "the flood targets were not met");
             Ok(())
         }
+        Command::Bench(BenchCommand::Topics {
+            messages,
+            latency_messages,
+            json,
+        }) => {
+            let r = crate::bench::topics(messages, latency_messages).await?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "forwarding through one home: {} msgs/s ({} messages, {} publishers, once and in order: {}; target ≥ 100,000)",
+                    r.forward_msgs_per_s,
+                    r.forward_messages,
+                    r.forward_publishers,
+                    r.forward_in_order_once
+                );
+                println!(
+                    "one federation hop adds p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ 1 ms)",
+                    r.hop_added_p50_ms, r.hop_added_p99_ms
+                );
+                println!(
+                    "quiet topic p99 {:.3} ms alone, {:.3} ms with another topic flooded at {} attempts/s (limit {}/s): ratio {:.3} (target ≤ 1.10)",
+                    r.flood_quiet_p99_alone_ms,
+                    r.flood_quiet_p99_flooded_ms,
+                    r.flood_attempts_per_s,
+                    r.flood_limit_per_s,
+                    r.flood_p99_ratio
+                );
+            }
+            anyhow::ensure!(
+                r.forward_in_order_once,
+                "a forwarded message was lost, duplicated or reordered"
+            );
+            anyhow::ensure!(r.targets_met, "the topics targets were not met");
+            Ok(())
+        }
         Command::Bench(BenchCommand::Outbox {
             single,
             messages,

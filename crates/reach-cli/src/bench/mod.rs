@@ -4,8 +4,10 @@ pub mod connect;
 pub mod flood;
 pub mod outbox;
 pub mod relay;
+pub mod topics;
 
 pub use connect::connect;
 pub use flood::flood;
 pub use outbox::outbox;
 pub use relay::relay;
+pub use topics::topics;
