@@ -1,5 +1,6 @@
 //! Simulated scenarios, each printing one JSON report.
 
+pub mod dhtnet;
 pub mod lookup;
 pub mod probe;
 pub mod topics;
