@@ -2,5 +2,6 @@
 
 pub mod dhtnet;
 pub mod lookup;
+pub mod mailbox;
 pub mod probe;
 pub mod topics;
