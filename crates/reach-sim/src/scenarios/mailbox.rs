@@ -156,6 +156,9 @@ pub struct MailboxReport {
     pub missed_no_holder: usize,
     /// Missed messages some live node held when the recipient fetched.
     pub missed_with_holder: usize,
+    /// For each missed message that was fetched: live holders, and how many
+    /// of the true k closest live nodes held it, at fetch time.
+    pub missed_holders: Vec<(usize, usize)>,
     /// Live nodes holding a message when its recipient fetched: mean, min.
     pub holders_at_fetch_mean: f64,
     pub holders_at_fetch_min: usize,
@@ -170,6 +173,9 @@ pub struct MailboxReport {
     /// end of the run every record has expired: they live 7 days).
     pub copies_at_last_fetch: usize,
     pub messages_alive_at_last_fetch: usize,
+    /// Messages whose record had not expired yet then (deposited less than
+    /// 7 days before): the most that can be alive.
+    pub messages_unexpired_at_last_fetch: usize,
     /// Records sent to newcomers by their closest holders.
     pub handoffs: usize,
     /// Store refusals over the run, by reason (mailbox puts and hand-offs
@@ -197,6 +203,8 @@ struct Message {
     key: Key,
     publisher: Option<reach_proto::PeerId>,
     deposit_epoch: u64,
+    /// When its record expires (Unix ms).
+    expires_ms: u64,
     acks: usize,
     /// Fetch lookups still running.
     fetching: u8,
@@ -219,8 +227,9 @@ struct MailboxSim<'a> {
     fetch_ms: Vec<f64>,
     /// Recipients done fetching.
     fetches_done: usize,
-    /// Record copies and messages alive when the last one was.
-    census: (usize, usize),
+    /// Record copies, messages alive and messages unexpired when the last
+    /// one was.
+    census: (usize, usize, usize),
 }
 
 enum MbEv {
@@ -358,6 +367,7 @@ fn deposit(net: &mut Net<MailboxSim<'_>>, msg: usize) {
     m.key = key;
     m.publisher = Some(record.publisher);
     m.deposit_epoch = epoch_of(unix);
+    m.expires_ms = record.expires_ms();
     m.record = Some(record);
     let back = Duration::from_micros(net.rng.below(RETURN_MAX.as_micros() as u64));
     net.q.schedule(back, Ev::Scenario(MbEv::Return { msg }));
@@ -420,9 +430,9 @@ fn fetch_done(net: &mut Net<MailboxSim<'_>>, msg: usize, done: &Active) {
     }
 }
 
-/// Unexpired mailbox record copies held by live nodes, and the messages
-/// they are copies of.
-fn census(net: &Net<MailboxSim<'_>>, now_ms: u64) -> (usize, usize) {
+/// Unexpired mailbox record copies held by live nodes, the messages they
+/// are copies of, and the messages not expired yet.
+fn census(net: &Net<MailboxSim<'_>>, now_ms: u64) -> (usize, usize, usize) {
     let mut copies = 0;
     let mut messages = std::collections::HashSet::new();
     for n in net.nodes.iter().filter(|n| n.alive) {
@@ -433,7 +443,8 @@ fn census(net: &Net<MailboxSim<'_>>, now_ms: u64) -> (usize, usize) {
             }
         }
     }
-    (copies, messages.len())
+    let unexpired = net.s.msgs.iter().filter(|m| m.expires_ms > now_ms).count();
+    (copies, messages.len(), unexpired)
 }
 
 /// Live nodes holding the message of `publisher` at `key`, and how many of
@@ -500,7 +511,8 @@ fn report(net: Net<MailboxSim<'_>>) -> MailboxReport {
             .filter(|m| net.nodes[m.recipient].gave_up)
             .count(),
         missed_no_holder: missed.clone().filter(|m| m.holders == 0).count(),
-        missed_with_holder: missed.filter(|m| m.holders > 0).count(),
+        missed_with_holder: missed.clone().filter(|m| m.holders > 0).count(),
+        missed_holders: missed.map(|m| (m.holders, m.closest_holding)).collect(),
         holders_at_fetch_mean: round3(mean(fetched.iter().map(|m| m.holders as f64))),
         holders_at_fetch_min: fetched.iter().map(|m| m.holders).min().unwrap_or(0),
         closest_holding_mean: round3(mean(fetched.iter().map(|m| m.closest_holding as f64))),
@@ -508,6 +520,7 @@ fn report(net: Net<MailboxSim<'_>>) -> MailboxReport {
         fetch_ms_p99: round3(quantile(&mut fetch_ms, 0.99)),
         copies_at_last_fetch: net.s.census.0,
         messages_alive_at_last_fetch: net.s.census.1,
+        messages_unexpired_at_last_fetch: net.s.census.2,
         handoffs: net.handoffs_sent,
         store_rejections: net.rejections(),
         join_lookups: net.join_lookups,
@@ -552,7 +565,7 @@ pub fn run(p: &MailboxParams) -> (MailboxReport, Duration) {
         senders_left: 0,
         fetch_ms: Vec::new(),
         fetches_done: 0,
-        census: (0, 0),
+        census: (0, 0, 0),
     };
     let mut net = Net::new(s, p.seed, p.link, p.nodes, total);
     net.tick = Some(p.tick);
@@ -567,6 +580,7 @@ pub fn run(p: &MailboxParams) -> (MailboxReport, Duration) {
             key: Key([0; 32]),
             publisher: None,
             deposit_epoch: 0,
+            expires_ms: 0,
             acks: 0,
             fetching: 0,
             fetch_lookups: 0,
