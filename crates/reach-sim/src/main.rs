@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use reach_sim::net::LinkModel;
 use reach_sim::scenarios::lookup::{self, LookupParams};
+use reach_sim::scenarios::mailbox::{self, MailboxParams};
 use reach_sim::scenarios::probe::{ProbeParams, run_with_wall};
 use reach_sim::scenarios::topics::{self, TopicsParams};
 use serde::Serialize;
@@ -92,6 +93,42 @@ enum Command {
         /// Messages per second over the topic.
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
+        /// Print JSON (the only output format; accepted for symmetry).
+        #[arg(long)]
+        json: bool,
+    },
+    /// DHT mailboxes: senders deposit sealed messages for offline
+    /// recipients and leave; recipients return up to 7 virtual days later,
+    /// through churn and loss, and fetch their mailbox epochs.
+    Mailbox {
+        #[arg(long, default_value_t = 10_000)]
+        nodes: usize,
+        /// Messages, one per recipient (and per sender).
+        #[arg(long, default_value_t = mailbox::DEFAULT_MESSAGES)]
+        messages: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Fraction of nodes that leave, and of fresh nodes that join, over
+        /// the 7 days (0..=1).
+        #[arg(long, default_value_t = 0.0)]
+        churn: f64,
+        /// Per-packet loss probability (0..1).
+        #[arg(long, default_value_t = 0.0)]
+        loss: f64,
+        /// Mean one-way latency in milliseconds.
+        #[arg(long, default_value_t = 50.0)]
+        latency_ms: f64,
+        /// Payload bytes per message.
+        #[arg(long, default_value_t = mailbox::DEFAULT_PAYLOAD)]
+        payload: usize,
+        /// Maintenance tick of joined nodes in virtual seconds (the runtime
+        /// ticks every 30 s; coarser keeps 7 days affordable).
+        #[arg(long, default_value_t = mailbox::DEFAULT_TICK.as_secs_f64())]
+        tick_s: f64,
+        /// Storers do not hand records to newcomers (the runtime does):
+        /// measures what the hand-off is worth.
+        #[arg(long)]
+        no_handoff: bool,
         /// Print JSON (the only output format; accepted for symmetry).
         #[arg(long)]
         json: bool,
@@ -229,6 +266,51 @@ fn main() -> ExitCode {
                 loss,
                 size,
                 rate,
+            });
+            print_json(&out)
+        }
+        Command::Mailbox {
+            nodes,
+            messages,
+            seed,
+            churn,
+            loss,
+            latency_ms,
+            payload,
+            tick_s,
+            no_handoff,
+            json: _,
+        } => {
+            if !(2..=mailbox::MAX_NODES).contains(&nodes) || messages > mailbox::MAX_MESSAGES {
+                eprintln!(
+                    "error: --nodes must be in [2, {}] and --messages at most {}",
+                    mailbox::MAX_NODES,
+                    mailbox::MAX_MESSAGES
+                );
+                return ExitCode::FAILURE;
+            }
+            let max_tick = mailbox::MAX_TICK.as_secs_f64();
+            let valid = (0.0..1.0).contains(&loss)
+                && (0.0..=1.0).contains(&churn)
+                && (0.0..=MAX_LATENCY_MS).contains(&latency_ms)
+                && payload <= reach_proto::dht::record::MAX_MAILBOX_PAYLOAD
+                && (1.0..=max_tick).contains(&tick_s);
+            if !valid {
+                eprintln!(
+                    "error: --loss must be in [0, 1), --churn in [0, 1], --latency-ms in [0, {MAX_LATENCY_MS}], --payload at most {} and --tick-s in [1, {max_tick}]",
+                    reach_proto::dht::record::MAX_MAILBOX_PAYLOAD
+                );
+                return ExitCode::FAILURE;
+            }
+            let out = mailbox::run_with_wall(&MailboxParams {
+                nodes,
+                messages,
+                seed,
+                link: lookup::link(Duration::from_secs_f64(latency_ms / 1000.0), loss),
+                churn,
+                payload,
+                tick: Duration::from_secs_f64(tick_s),
+                handoff: !no_handoff,
             });
             print_json(&out)
         }
