@@ -61,6 +61,10 @@ pub struct TopicsBenchReport {
     pub forward_s: f64,
     pub forward_msgs_per_s: f64,
     pub forward_in_order_once: bool,
+    /// CPU the whole process (home, publishers, subscriber) spent in the
+    /// forwarding run, per message: shows whether it is bound by CPU.
+    pub forward_cpu_s: f64,
+    pub forward_cpu_ms_per_message: f64,
     pub hop_messages: u32,
     pub hop_one_home_p50_ms: f64,
     pub hop_one_home_p99_ms: f64,
@@ -145,6 +149,19 @@ async fn next_message(sub: &mut Subscription) -> Result<(PeerId, u64)> {
     }
 }
 
+/// User plus system CPU seconds of this process (Linux `/proc/self/stat`,
+/// in clock ticks of 1/100 s); 0 where that cannot be read.
+fn process_cpu_s() -> f64 {
+    const TICKS_PER_S: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 here.
+    (tick(11) + tick(12)) / TICKS_PER_S
+}
+
 fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
@@ -155,7 +172,9 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<TopicsBenchReport> {
-    let (forward_msgs_per_s, forward_s, in_order) = forward(forward_messages).await?;
+    let (forward_msgs_per_s, forward_s, in_order, forward_cpu_s) =
+        forward(forward_messages).await?;
+    let forwarded = forward_messages * PUBLISHERS as u64;
     let hop = hop(latency_messages).await?;
     let flood = flood(latency_messages).await?;
     let ratio = if flood.0 > 0.0 {
@@ -169,7 +188,9 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
     Ok(TopicsBenchReport {
         payload_bytes: PAYLOAD,
         forward_publishers: PUBLISHERS,
-        forward_messages: forward_messages * PUBLISHERS as u64,
+        forward_messages: forwarded,
+        forward_cpu_s: (forward_cpu_s * 100.0).round() / 100.0,
+        forward_cpu_ms_per_message: (forward_cpu_s * 1e6 / forwarded as f64).round() / 1000.0,
         forward_s,
         forward_msgs_per_s: forward_msgs_per_s.round(),
         forward_in_order_once: in_order,
@@ -192,8 +213,9 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
 }
 
 /// One home, [`PUBLISHERS`] members publishing `per_publisher` messages
-/// each, one subscriber: (messages/s received, seconds, once and in order).
-async fn forward(per_publisher: u64) -> Result<(f64, f64, bool)> {
+/// each, one subscriber: (messages/s received, seconds, once and in order,
+/// CPU seconds of the process meanwhile).
+async fn forward(per_publisher: u64) -> Result<(f64, f64, bool, f64)> {
     const TOPIC: &str = "bench-forward";
     let unlimited = TopicLimits {
         topic_rate: u64::MAX / 4,
@@ -219,6 +241,7 @@ async fn forward(per_publisher: u64) -> Result<(f64, f64, bool)> {
     );
     let total = per_publisher * PUBLISHERS as u64;
     let started = Instant::now();
+    let cpu_before = process_cpu_s();
     let mut tasks = tokio::task::JoinSet::new();
     for p in &pubs {
         let p = p.clone();
@@ -238,6 +261,7 @@ async fn forward(per_publisher: u64) -> Result<(f64, f64, bool)> {
         in_order &= id == prev + 1;
     }
     let took = started.elapsed().as_secs_f64();
+    let cpu = process_cpu_s() - cpu_before;
     while let Some(r) = tasks.join_next().await {
         r.context("a publisher task")??;
     }
@@ -249,6 +273,7 @@ async fn forward(per_publisher: u64) -> Result<(f64, f64, bool)> {
         total as f64 / took,
         (took * 1000.0).round() / 1000.0,
         in_order,
+        cpu,
     ))
 }
 
