@@ -124,6 +124,16 @@ impl Dht {
     /// Stores `record` locally (when it is ours to hold too) and at the k
     /// closest nodes to its key. Returns how many remote nodes accepted it.
     pub(crate) async fn put(&self, record: SignedRecord) -> usize {
+        self.put_answers(&record)
+            .await
+            .iter()
+            .filter(|r| **r == DhtResponse::Stored)
+            .count()
+    }
+
+    /// Sends `record` to the k closest nodes to its key (found by a lookup)
+    /// and returns the answers of those that answered.
+    pub(crate) async fn put_answers(&self, record: &SignedRecord) -> Vec<DhtResponse> {
         let out = self.lookup(record.key, Query::FindNode).await;
         let mut puts: FuturesUnordered<_> = out
             .closest
@@ -135,13 +145,13 @@ impl Dht {
                 async move { self.request(c, req).await }
             })
             .collect();
-        let mut stored = 0;
+        let mut answers = Vec::new();
         while let Some(r) = puts.next().await {
-            if matches!(r, Ok((m, _)) if m.response == DhtResponse::Stored) {
-                stored += 1;
+            if let Ok((m, _)) = r {
+                answers.push(m.response);
             }
         }
-        stored
+        answers
     }
 
     /// Resolves `peer`'s addresses from its endpoint record: the local store

@@ -104,31 +104,19 @@ impl Dht {
     /// notice for it (its slot was deleted with the record's own key: for
     /// a mailbox record, by the recipient once it had the message).
     pub(crate) async fn put_mailbox(&self, record: SignedRecord) -> (usize, bool) {
-        let out = self.lookup(record.key, Query::FindNode).await;
-        let mut puts: FuturesUnordered<_> = out
-            .closest
-            .into_iter()
-            .map(|c| {
-                let req = DhtRequest::PutRecord {
-                    record: record.clone(),
-                };
-                async move { self.request(c, req).await }
-            })
-            .collect();
-        let (mut stored, mut deleted) = (0, false);
-        while let Some(r) = puts.next().await {
-            match r.map(|(m, _)| m.response) {
-                Ok(DhtResponse::Stored) => stored += 1,
-                Ok(DhtResponse::Tombstoned { notice }) => {
-                    deleted |= notice.kind == record.kind
-                        && notice.key == record.key
-                        && notice.publisher == record.publisher
-                        && notice.seq == record.seq
-                        && notice.validate().is_ok();
-                }
-                _ => {}
-            }
-        }
+        let answers = self.put_answers(&record).await;
+        let stored = answers
+            .iter()
+            .filter(|r| **r == DhtResponse::Stored)
+            .count();
+        let deleted = answers.iter().any(|r| {
+            matches!(r, DhtResponse::Tombstoned { notice }
+                if notice.kind == record.kind
+                    && notice.key == record.key
+                    && notice.publisher == record.publisher
+                    && notice.seq == record.seq
+                    && notice.validate().is_ok())
+        });
         (stored, deleted)
     }
 
