@@ -496,6 +496,26 @@ async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, f: &T) -> Resul
         .map_err(|e| Error::Wire(reach_proto::wire::WireError::Malformed(e.to_string())))
 }
 
+/// Writes the frames of `rx` on `send` in order until the queue closes, a
+/// write fails or `cut` fires, then finishes the stream. One per member
+/// stream and federation link: the overlay's side only ever `try_send`s.
+async fn write_loop<T: Serialize>(
+    mut send: quinn::SendStream,
+    mut rx: mpsc::Receiver<T>,
+    cut: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cut.cancelled() => break,
+            f = rx.recv() => match f {
+                Some(f) => if write_frame(&mut send, &f).await.is_err() { break },
+                None => break,
+            }
+        }
+    }
+    let _ = send.finish();
+}
+
 /// Hands `ev` to every subscriber of `mine` without waiting: a full queue
 /// counts the event as missed for that subscriber.
 fn push(mine: &Mine, ev: &TopicEvent) {
@@ -1237,7 +1257,7 @@ impl Topics {
             stats::bump(&self.counters.bad_frames);
             return;
         };
-        let (tx, mut rx) = mpsc::channel(SEND_QUEUE);
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let cut = CancellationToken::new();
         let accepted = self.accept_member(peer, &name, &tx, &cut);
         let topic = match accepted {
@@ -1255,18 +1275,7 @@ impl Topics {
             }
         };
         let wcut = cut.clone();
-        self.core.spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = wcut.cancelled() => break,
-                    f = rx.recv() => match f {
-                        Some(f) => if write_frame(&mut send, &f).await.is_err() { break },
-                        None => break,
-                    }
-                }
-            }
-            let _ = send.finish();
-        });
+        self.core.spawn(write_loop(send, rx, wcut));
         loop {
             let f = tokio::select! {
                 _ = cut.cancelled() => break,
@@ -1424,7 +1433,7 @@ impl Topics {
         mut recv: quinn::RecvStream,
         dialed: bool,
     ) {
-        let (tx, mut rx) = mpsc::channel(SEND_QUEUE);
+        let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let cut = CancellationToken::new();
         let preferred = dialed == (self.me() < peer);
         let id = {
@@ -1460,18 +1469,7 @@ impl Topics {
         stats::bump(&self.counters.links_opened);
         self.core.bus.emit(NodeEvent::TopicLinkUp { peer });
         let wcut = cut.clone();
-        let writer = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = wcut.cancelled() => break,
-                    f = rx.recv() => match f {
-                        Some(f) => if write_frame(&mut send, &f).await.is_err() { break },
-                        None => break,
-                    }
-                }
-            }
-            let _ = send.finish();
-        });
+        let writer = tokio::spawn(write_loop(send, rx, wcut));
         let _writer = AbortOnDrop(writer);
         loop {
             let f = tokio::select! {
