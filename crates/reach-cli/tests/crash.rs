@@ -237,6 +237,14 @@ fn start_joined(dir: &Path, logs: &Path, bootstrap: &str, bootstrap_id: &str) ->
     until("joined through the bootstrap node", || {
         api.has_live_contact(bootstrap_id).then_some(())
     });
+    // The join has ended, and with it the save of the peer cache that every
+    // later start rejoins from (a kill before that leaves nothing to rejoin
+    // from, which is not what this test is about).
+    until("the join's end in the log", || {
+        node.log()
+            .contains("joined the DHT report=JoinReport { bootstrap_reached: 1")
+            .then_some(())
+    });
     node
 }
 
