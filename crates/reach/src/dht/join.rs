@@ -73,12 +73,6 @@ impl Dht {
                 match action {
                     JoinAction::Bootstrap => {
                         self.bootstrap(&addrs, &mut report).await;
-                        if report.bootstrap_reached > 0 {
-                            // A bootstrap node answered: remembered at once,
-                            // so a node killed before its first lookup ends
-                            // still finds the network at its next start.
-                            self.save_peer_cache();
-                        }
                         // Find our neighbours.
                         self.lookup(own, Query::FindNode).await;
                         let table = dht.routing();
