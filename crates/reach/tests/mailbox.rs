@@ -129,6 +129,15 @@ async fn deposit(a_stays: bool) -> Deposited {
     }
 }
 
+/// The next durable message `b` hands over (other events skipped).
+async fn next_durable(b: &Node) -> reach::DurableMessage {
+    loop {
+        if let Some(Event::Durable(m)) = b.next_event().await {
+            return m;
+        }
+    }
+}
+
 fn mailbox_records(storers: &[Node]) -> usize {
     storers
         .iter()
@@ -152,14 +161,7 @@ async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone()
         .unwrap();
     assert_eq!(b.peer_id(), d.b_id);
     for i in 0..N {
-        let m = within("a message from the mailbox", async {
-            loop {
-                if let Some(Event::Durable(m)) = b.next_event().await {
-                    return m;
-                }
-            }
-        })
-        .await;
+        let m = within("a message from the mailbox", next_durable(&b)).await;
         assert_eq!((m.from, m.seq), (d.a_id, i as u64 + 1), "in order, once");
         assert_eq!(&m.data[..], &message(i)[..]);
         b.durable_done(&m).await.unwrap();
@@ -179,14 +181,7 @@ async fn an_offline_recipient_gets_every_message_once_after_the_sender_is_gone()
     assert!(st.mailbox_opened >= N as u64);
     assert_eq!(st.mailbox_rejected, 0);
     // Nothing twice.
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let Some(Event::Durable(m)) = b.next_event().await {
-                return m;
-            }
-        }
-    })
-    .await;
+    let extra = tokio::time::timeout(Duration::from_millis(500), next_durable(&b)).await;
     assert!(extra.is_err(), "a message came twice: {extra:?}");
 }
 
@@ -244,14 +239,7 @@ async fn a_sender_still_online_hears_the_ack_and_its_deposits_are_deleted() {
     // Whichever path brings a message first (the mailbox, or A's resend
     // once B dials it to ack), B hands each over once, in order.
     for i in 0..N {
-        let m = within("a message", async {
-            loop {
-                if let Some(Event::Durable(m)) = b.next_event().await {
-                    return m;
-                }
-            }
-        })
-        .await;
+        let m = within("a message", next_durable(&b)).await;
         assert_eq!((m.from, m.seq), (d.a_id, i as u64 + 1), "in order, once");
         b.durable_done(&m).await.unwrap();
     }
@@ -271,14 +259,7 @@ async fn a_sender_still_online_hears_the_ack_and_its_deposits_are_deleted() {
         mailbox_records(&d.storers) == 0
     })
     .await;
-    let extra = tokio::time::timeout(Duration::from_millis(500), async {
-        loop {
-            if let Some(Event::Durable(m)) = b.next_event().await {
-                return m;
-            }
-        }
-    })
-    .await;
+    let extra = tokio::time::timeout(Duration::from_millis(500), next_durable(&b)).await;
     assert!(extra.is_err(), "a message came twice: {extra:?}");
     assert_eq!(b.stats().outbox.received, N as u64);
 }
@@ -296,14 +277,7 @@ async fn a_sender_that_was_away_learns_from_the_storers_that_the_recipient_has_i
         .await
         .unwrap();
     for i in 0..N {
-        let m = within("a message", async {
-            loop {
-                if let Some(Event::Durable(m)) = b.next_event().await {
-                    return m;
-                }
-            }
-        })
-        .await;
+        let m = within("a message", next_durable(&b)).await;
         assert_eq!((m.from, m.seq), (d.a_id, i as u64 + 1));
         b.durable_done(&m).await.unwrap();
     }
