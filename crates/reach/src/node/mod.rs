@@ -153,6 +153,11 @@ impl Inner {
         if !report.flushed {
             tracing::warn!("shutdown: tasks still flushing at the deadline were aborted");
         }
+        if !report.dropped {
+            tracing::warn!(
+                "shutdown: tasks still running after their abort; the data dir may stay busy until they end"
+            );
+        }
         self.close();
     }
 

@@ -25,11 +25,19 @@ use tokio_util::task::TaskTracker;
 /// trip to a peer, short enough that stopping a node stays quick.
 pub const SHUTDOWN_FLUSH_DEADLINE: Duration = Duration::from_secs(2);
 
+/// How long a stop waits, once everything is told to stop, for the tasks
+/// to be dropped: a cancelled task ends at its next poll, so this bounds
+/// only a task stuck in synchronous work. Until they are dropped they may
+/// hold files (the outbox) the next node on the data dir needs.
+pub const SHUTDOWN_DROP_DEADLINE: Duration = Duration::from_secs(1);
+
 /// What a graceful stop found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct StopReport {
     /// Every flushing task finished within the deadline.
     pub flushed: bool,
+    /// Every task was dropped within [`SHUTDOWN_DROP_DEADLINE`] after.
+    pub dropped: bool,
 }
 
 /// The node's tasks: spawn, signal, wait, abort.
@@ -86,7 +94,9 @@ impl TaskSet {
     }
 
     /// Signals shutdown, waits up to `deadline` for flushing tasks to
-    /// finish, then aborts whatever still runs.
+    /// finish, then aborts whatever still runs and waits (up to
+    /// [`SHUTDOWN_DROP_DEADLINE`]) until every task is gone, with what it
+    /// held.
     pub async fn stop(&self, deadline: Duration) -> StopReport {
         self.stop.cancel();
         self.tracker.close();
@@ -95,7 +105,10 @@ impl TaskSet {
             .await
             .is_ok();
         self.abort.cancel();
-        StopReport { flushed }
+        let dropped = tokio::time::timeout(SHUTDOWN_DROP_DEADLINE, self.tracker.wait())
+            .await
+            .is_ok();
+        StopReport { flushed, dropped }
     }
 
     /// Stops everything at once (the last handle to the node was dropped:
@@ -152,11 +165,12 @@ mod tests {
         let started = tokio::time::Instant::now();
         let report = set.stop(SHUTDOWN_FLUSH_DEADLINE).await;
         assert!(!report.flushed);
+        assert!(report.dropped);
         assert_eq!(started.elapsed(), SHUTDOWN_FLUSH_DEADLINE);
-        // Let the aborted task observe its cancellation.
+        // Gone by the time stop returned: nothing more is written.
+        assert_eq!(set.len(), 0);
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert_eq!(written.load(Ordering::SeqCst), 6, "cut at the deadline");
-        assert_eq!(set.len(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -164,7 +178,12 @@ mod tests {
         let set = TaskSet::default();
         let ticks = Arc::new(AtomicUsize::new(0));
         let t = ticks.clone();
+        // What a service holds (say, a file's handle) is let go of by the
+        // time stop returns: the next node on the data dir may need it.
+        let held = Arc::new(());
+        let h = held.clone();
         set.spawn(async move {
+            let _h = h;
             loop {
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 t.fetch_add(1, Ordering::SeqCst);
@@ -172,8 +191,10 @@ mod tests {
         });
         tokio::time::sleep(Duration::from_millis(2500)).await;
         let started = tokio::time::Instant::now();
-        assert!(set.stop(SHUTDOWN_FLUSH_DEADLINE).await.flushed);
+        let report = set.stop(SHUTDOWN_FLUSH_DEADLINE).await;
+        assert!(report.flushed && report.dropped);
         assert_eq!(started.elapsed(), Duration::ZERO);
+        assert_eq!(Arc::strong_count(&held), 1, "the service let go");
         tokio::time::sleep(Duration::from_secs(10)).await;
         assert_eq!(ticks.load(Ordering::SeqCst), 2);
         assert_eq!(set.len(), 0);

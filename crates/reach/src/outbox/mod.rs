@@ -296,6 +296,10 @@ struct Shared {
 pub struct Outbox {
     path: PathBuf,
     db: Arc<Database>,
+    /// Reads running on the blocking pool: closing waits for them, since a
+    /// read that outlived the outbox would keep the file open (and locked
+    /// against the next node on the data dir) after the node stopped.
+    reads: Arc<InFlight>,
     sealer: Arc<Sealer>,
     tx: Option<mpsc::Sender<Request>>,
     writer: Option<std::thread::JoinHandle<()>>,
@@ -392,6 +396,7 @@ impl Outbox {
         Ok(Outbox {
             path,
             db,
+            reads: Arc::default(),
             sealer,
             tx: Some(tx),
             writer: Some(writer),
@@ -670,35 +675,44 @@ impl Outbox {
     /// Received messages not yet handed to the application, in the order
     /// they were received: on start, deliver these first.
     pub async fn inbox(&self) -> Result<Vec<Incoming>> {
-        let db = self.db.clone();
-        let sealer = self.sealer.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || read_inbox(&db, &sealer, &path))
-            .await
-            .map_err(|e| storage(&self.path, e))?
+        self.blocking_read(read_inbox).await
     }
 
     /// Reads message `id` for sending. `None` if not pending.
     pub async fn read(&self, id: MessageId) -> Result<Option<Outgoing>> {
-        let db = self.db.clone();
-        let sealer = self.sealer.clone();
-        let path = self.path.clone();
-        tokio::task::spawn_blocking(move || read_entry(&db, &sealer, &path, id))
+        self.blocking_read(move |db, sealer, path| read_entry(db, sealer, path, id))
             .await
-            .map_err(|e| storage(&self.path, e))?
     }
 
     /// Reads several messages for sending in one read transaction; `None`
     /// for one no longer pending.
     pub async fn read_many(&self, ids: Vec<MessageId>) -> Result<Vec<Option<Outgoing>>> {
-        let db = self.db.clone();
+        self.blocking_read(move |db, sealer, path| {
+            let tx = db.begin_read().map_err(|e| storage(path, e))?;
+            ids.into_iter()
+                .map(|id| read_entry_in(&tx, sealer, path, id))
+                .collect()
+        })
+        .await
+    }
+
+    /// Runs `read` on the blocking pool (redb is synchronous), counted in
+    /// [`Outbox::reads`] until it has let go of the file.
+    async fn blocking_read<T, F>(&self, read: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &Sealer, &Path) -> Result<T> + Send + 'static,
+    {
+        let lease = ReadLease::start(&self.reads, self.db.clone());
         let sealer = self.sealer.clone();
         let path = self.path.clone();
         tokio::task::spawn_blocking(move || {
-            let tx = db.begin_read().map_err(|e| storage(&path, e))?;
-            ids.into_iter()
-                .map(|id| read_entry_in(&tx, &sealer, &path, id))
-                .collect()
+            let out = match &lease.db {
+                Some(db) => read(db, &sealer, &path),
+                None => Err(Error::Shutdown),
+            };
+            drop(lease);
+            out
         })
         .await
         .map_err(|e| storage(&self.path, e))?
@@ -827,6 +841,55 @@ impl Drop for Outbox {
         if let Some(w) = self.writer.take() {
             // The writer ends once the queue is drained (at most one batch).
             let _ = w.join();
+        }
+        self.reads.wait_idle();
+    }
+}
+
+/// A count of reads in flight, and a way to wait for none.
+#[derive(Default)]
+struct InFlight {
+    count: Mutex<usize>,
+    idle: std::sync::Condvar,
+}
+
+impl InFlight {
+    fn wait_idle(&self) {
+        let mut n = self.count.lock().unwrap_or_else(|e| e.into_inner());
+        while *n > 0 {
+            n = self.idle.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// One read's hold on the file: counted from before it is queued until it
+/// has dropped its handle of the database (also when the read is dropped
+/// unrun, as on a runtime's shutdown).
+struct ReadLease {
+    /// `Some` until dropped.
+    db: Option<Arc<Database>>,
+    reads: Arc<InFlight>,
+}
+
+impl ReadLease {
+    fn start(reads: &Arc<InFlight>, db: Arc<Database>) -> ReadLease {
+        *reads.count.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+        ReadLease {
+            db: Some(db),
+            reads: reads.clone(),
+        }
+    }
+}
+
+impl Drop for ReadLease {
+    fn drop(&mut self) {
+        // Let go of the database before counting the read as done: the
+        // outbox's own handle must be the last.
+        drop(self.db.take());
+        let mut n = self.reads.count.lock().unwrap_or_else(|e| e.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.reads.idle.notify_all();
         }
     }
 }
