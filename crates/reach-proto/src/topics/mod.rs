@@ -128,12 +128,6 @@ pub const PRESENCE_CONFIRM: Duration = Duration::from_secs(1);
 /// A home not heard for this long has its members dropped (issue #15:
 /// three heartbeats).
 pub const HOME_STALE: Duration = Duration::from_secs(15);
-/// The presence machine wakes at least this often. A home is dropped the
-/// moment it has been silent for [`HOME_STALE`] (its own deadline); this
-/// periodic wake is kept because the overlay's property test under loss
-/// and link deaths loses a last message without it (a repair timer that
-/// relies on being woken; found 2026-11-27, not yet found).
-pub const STALE_SWEEP: Duration = Duration::from_secs(1);
 /// How long a snapshot pull may take before it is asked again.
 pub const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 

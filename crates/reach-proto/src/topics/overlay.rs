@@ -25,13 +25,15 @@
 //!   [`PULL_RETRY`] on the next announcer. The same goes for a gap: a
 //!   message missing below one received is pulled from the link that
 //!   brought the later one.
-//! - Every [`DIGEST_INTERVAL`] while an origin is active, and once more
-//!   after, each link gets an "I have" of the latest seq delivered per
-//!   active origin (a *tail digest*). Without it a message lost on a tree
-//!   link whose "I have" notices were lost too would only be noticed when
-//!   its origin sends again, i.e. never for the last message of a stream.
-//!   QUIC links do not lose frames, but links die, and the simulator and
-//!   the property tests drop frames at random.
+//! - Every [`DIGEST_INTERVAL`] while an origin is active, then at doubling
+//!   intervals for [`DIGEST_TAIL_ROUNDS`] rounds after its last message
+//!   (1, 2, 4, … 32 s), each link gets an "I have" of the latest seq
+//!   delivered per such origin (a *tail digest*). Without it a message
+//!   lost on a tree link whose "I have" notices were lost too would only
+//!   be noticed when its origin sends again, i.e. never for the last
+//!   message of a stream; with a fixed two rounds, two lost digests in a
+//!   row lost it for good. QUIC links do not lose frames, but links die,
+//!   and the simulator and the property tests drop frames at random.
 //! - When a link dies, the home sends an empty GRAFT on each of its other
 //!   links ("eager for every origin again"), so the trees through it heal
 //!   before the next message or heartbeat; the duplicates that follow prune
@@ -79,6 +81,11 @@ pub const MAX_PULL_ATTEMPTS: u32 = 10;
 /// Between tail digests (see the module docs): the repair time of a lost
 /// last message is about this plus [`GRAFT_TIMEOUT`].
 pub const DIGEST_INTERVAL: Duration = Duration::from_secs(1);
+/// Tail digests of an origin after its last message, at 1, 2, 4, …
+/// digest intervals: the last one 2^(rounds-1) intervals after (32 s).
+/// Each round is one more chance for a home whose copy and announcements
+/// were all lost to notice, at the cost of a few ids per link.
+pub const DIGEST_TAIL_ROUNDS: u32 = 6;
 /// Origins per topic whose pruned links are remembered (publishers and
 /// homes). Past it the memory is cleared, every link is eager again and
 /// duplicates prune the trees anew.
@@ -276,6 +283,14 @@ struct Pending {
     from: Option<PeerId>,
 }
 
+/// An origin's place in its digest tail.
+struct Tail {
+    seq: u64,
+    /// Digest ticks since its last delivery: it is in the digests of ticks
+    /// 1, 2, 4, … 2^(DIGEST_TAIL_ROUNDS-1), then dropped.
+    ticks: u32,
+}
+
 struct TopicState {
     links: BTreeSet<PeerId>,
     /// Origin → links lazy for it (all others are eager).
@@ -285,8 +300,10 @@ struct TopicState {
     missing: BTreeMap<ShortId, Missing>,
     ihave: BTreeMap<PeerId, Vec<ShortId>>,
     ihave_due: Option<Duration>,
-    recent: BTreeMap<PeerId, u64>,
-    recent_prev: BTreeMap<PeerId, u64>,
+    /// Origins in their digest tail: the latest seq delivered, and the
+    /// digest ticks since.
+    tails: BTreeMap<PeerId, Tail>,
+    /// The next digest tick, while any origin is in its tail.
     digest_due: Option<Duration>,
     topic_bucket: TokenBucket,
     publishers: HashMap<PeerId, (TokenBucket, Duration)>,
@@ -450,7 +467,13 @@ impl TopicState {
                 send(out, peer, TopicFrame::IHave { topic, ids });
             }
         }
-        self.recent.insert(p.msg.origin, p.msg.seq);
+        self.tails.insert(
+            p.msg.origin,
+            Tail {
+                seq: p.msg.seq,
+                ticks: 0,
+            },
+        );
         self.digest_due.get_or_insert(now + DIGEST_INTERVAL);
         self.cache.insert(p.msg.clone());
         stats.delivered += 1;
@@ -586,17 +609,18 @@ impl TopicState {
             }
         }
         if self.digest_due.is_some_and(|t| t <= now) {
-            let mut latest = std::mem::take(&mut self.recent_prev);
-            latest.extend(self.recent.iter().map(|(o, s)| (*o, *s)));
-            let ids: Vec<ShortId> = latest
-                .iter()
-                .map(|(o, s)| {
-                    ShortId::from(MessageId {
-                        origin: *o,
-                        seq: *s,
-                    })
-                })
-                .collect();
+            let last_tick = 1u32 << (DIGEST_TAIL_ROUNDS - 1);
+            let mut ids = Vec::new();
+            self.tails.retain(|origin, tail| {
+                tail.ticks += 1;
+                if tail.ticks.is_power_of_two() {
+                    ids.push(ShortId::from(MessageId {
+                        origin: *origin,
+                        seq: tail.seq,
+                    }));
+                }
+                tail.ticks < last_tick
+            });
             for peer in &self.links {
                 for chunk in ids.chunks(MAX_IDS_PER_FRAME) {
                     send(
@@ -609,8 +633,7 @@ impl TopicState {
                     );
                 }
             }
-            self.recent_prev = std::mem::take(&mut self.recent);
-            self.digest_due = (!self.recent_prev.is_empty()).then_some(now + DIGEST_INTERVAL);
+            self.digest_due = (!self.tails.is_empty()).then_some(now + DIGEST_INTERVAL);
         }
         // Pulls.
         let due: Vec<ShortId> = self
@@ -734,8 +757,7 @@ impl Overlay {
                 missing: BTreeMap::new(),
                 ihave: BTreeMap::new(),
                 ihave_due: None,
-                recent: BTreeMap::new(),
-                recent_prev: BTreeMap::new(),
+                tails: BTreeMap::new(),
                 digest_due: None,
                 topic_bucket: TokenBucket::new(self.config.topic_rate, RATE_BURST, now),
                 publishers: HashMap::new(),

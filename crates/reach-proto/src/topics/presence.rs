@@ -27,7 +27,7 @@ use std::time::Duration;
 
 use super::{
     HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
-    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, SNAPSHOT_RETRY, STALE_SWEEP, TopicFrame, TopicId,
+    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, SNAPSHOT_RETRY, TopicFrame, TopicId,
 };
 use crate::PeerId;
 
@@ -110,7 +110,6 @@ pub(crate) struct TopicPresence {
     batch_due: Option<Duration>,
     beat: u64,
     next_beat: Duration,
-    next_sweep: Duration,
     homes: BTreeMap<PeerId, HomeView>,
     remote_members: usize,
     /// Presence entries refused at [`MAX_MEMBERS_PER_TOPIC`] or
@@ -130,7 +129,6 @@ impl TopicPresence {
             batch_due: None,
             beat: 0,
             next_beat: now,
-            next_sweep: now + STALE_SWEEP,
             homes: BTreeMap::new(),
             remote_members: 0,
             dropped: 0,
@@ -198,16 +196,11 @@ impl TopicPresence {
         // The earliest moment a home falls silent for HOME_STALE: dropped
         // exactly then, not at the next periodic sweep.
         let stale = self.homes.values().map(|v| v.last_heard + HOME_STALE).min();
-        [
-            Some(self.next_beat),
-            Some(self.next_sweep),
-            stale,
-            self.batch_due,
-        ]
-        .into_iter()
-        .flatten()
-        .chain(pulls)
-        .min()
+        [Some(self.next_beat), stale, self.batch_due]
+            .into_iter()
+            .flatten()
+            .chain(pulls)
+            .min()
     }
 
     pub(crate) fn on_timeout(&mut self, now: Duration, acts: &mut Vec<PresenceAction>) {
@@ -247,9 +240,6 @@ impl TopicPresence {
                 origin: self.me,
                 except: None,
             });
-        }
-        if self.next_sweep <= now {
-            self.next_sweep = now + STALE_SWEEP;
         }
         {
             let stale: Vec<PeerId> = self

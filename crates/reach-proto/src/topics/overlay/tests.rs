@@ -50,6 +50,13 @@ struct Net {
     wake_at: Vec<Option<Duration>>,
     /// (from, to) pairs a payload frame crossed, per message id.
     crossings: HashMap<(PeerId, u64), Vec<(usize, usize)>>,
+    /// Every message and "I have" frame from one home to another is lost
+    /// until a time.
+    drop_until: Option<(usize, usize, Duration)>,
+    /// Frames lost to `drop_until`.
+    dropped: u64,
+    /// "I have" frames sent, by all homes.
+    ihaves_sent: u64,
 }
 
 impl Net {
@@ -73,6 +80,9 @@ impl Net {
             payload_in: vec![0; n],
             wake_at: vec![None; n],
             crossings: HashMap::new(),
+            drop_until: None,
+            dropped: 0,
+            ihaves_sent: 0,
         };
         for i in 0..n {
             net.nodes[i].subscribe(topic(), Duration::ZERO).unwrap();
@@ -131,7 +141,19 @@ impl Net {
                             .or_default()
                             .push((i, j));
                     }
-                    if !self.lost() {
+                    if matches!(frame, TopicFrame::IHave { .. }) {
+                        self.ihaves_sent += 1;
+                    }
+                    let overlay =
+                        matches!(frame, TopicFrame::Message(_) | TopicFrame::IHave { .. });
+                    let dropped = self
+                        .drop_until
+                        .is_some_and(|(a, b, until)| (a, b) == (i, j) && self.now < until);
+                    let dropped = dropped && overlay;
+                    if dropped {
+                        self.dropped += 1;
+                    }
+                    if !dropped && !self.lost() {
                         self.schedule(
                             self.now + lat,
                             Ev::Frame {
@@ -222,6 +244,37 @@ impl Net {
 
 /// Asserts every home delivered every message of `published` exactly once
 /// and in order per origin.
+/// The last message of a stream, its copy and every announcement of it
+/// lost for a while (a link that loses all it carries, then recovers):
+/// the doubling tail digests still bring it, and then stop.
+#[test]
+fn a_last_message_lost_with_its_first_digests_still_arrives_by_a_later_digest() {
+    let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
+    let p = key(1);
+    net.publish(0, &p, b"only");
+    // Lost: the copy and the digests of the first 5 s (ticks 1, 2 and 4).
+    let blackout = MS(5_500);
+    net.drop_until = Some((0, 1, blackout));
+    net.publish(0, &p, b"last");
+    net.run_until(blackout);
+    assert!(
+        net.dropped >= 4,
+        "the copy and three digests: {}",
+        net.dropped
+    );
+    assert_eq!(net.delivered[1].len(), 1, "the last message not yet there");
+    // The digest of tick 8 announces it; a pull brings it.
+    net.run_until(MS(8_000) + DIGEST_INTERVAL + GRAFT_TIMEOUT);
+    assert_exactly_once_in_order(&net, &BTreeMap::from([(p.peer_id(), 2)]));
+    // The tails end 2^(DIGEST_TAIL_ROUNDS-1) ticks after the last
+    // delivery (home 1's at about 9 s): nothing is announced any more.
+    let tail_end = MS(9_500) + DIGEST_INTERVAL * (1 << (DIGEST_TAIL_ROUNDS - 1));
+    net.run_until(tail_end);
+    let before = net.ihaves_sent;
+    net.run_until(tail_end + Duration::from_secs(120));
+    assert_eq!(net.ihaves_sent, before, "no digests after the tail");
+}
+
 fn assert_exactly_once_in_order(net: &Net, published: &BTreeMap<PeerId, u64>) {
     for (h, got) in net.delivered.iter().enumerate() {
         let mut per: BTreeMap<PeerId, Vec<u64>> = BTreeMap::new();
