@@ -505,6 +505,9 @@ async fn run_node(args: NodeArgs) -> Result<()> {
     if let Some(limits) = &config.topic_limits {
         builder = builder.topic_limits(limits.to_limits());
     }
+    if let Some(federation) = &config.topic_federation {
+        builder = builder.topic_federation(federation.to_federation());
+    }
     if let Some(limits) = &config.store_limits {
         builder = builder.store_limits(limits.to_limits());
     }

@@ -43,6 +43,11 @@
 //! [topic_limits]                # as a topic home, for its members' messages
 //! rate_per_topic = 500          # messages a second per topic
 //! rate_per_publisher = 100      # messages a second per publisher per topic
+//!
+//! [topic_federation]            # as a topic home, beyond what the DHT finds
+//! peers = ["<peer id>"]         # homes to stay linked with (redialed 5 s → 300 s)
+//! trusted = ["<peer id>"]       # homes trusted with the private topics
+//! private_topics = ["ops"]      # never in the DHT, only on links to trusted homes
 //! ```
 //!
 //! Every key is optional. Unknown keys are an error, so a typo never silently
@@ -76,6 +81,7 @@ pub struct Config {
     pub connection_limits: Option<ConnectionLimitsConfig>,
     pub store_limits: Option<StoreLimitsConfig>,
     pub topic_limits: Option<TopicLimitsConfig>,
+    pub topic_federation: Option<TopicFederationConfig>,
     /// Whether the node writes `<data dir>/events.jsonl` (default true).
     pub event_log: Option<bool>,
 }
@@ -117,6 +123,30 @@ impl TopicLimitsConfig {
         reach::TopicLimits {
             topic_rate: self.rate_per_topic.unwrap_or(d.topic_rate),
             publisher_rate: self.rate_per_publisher.unwrap_or(d.publisher_rate),
+        }
+    }
+}
+
+/// `[topic_federation]`: configured federation of a topic home, every key
+/// optional (empty lists). Peer ids are checked as the file is read; the
+/// node checks the topic names and the number of homes.
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TopicFederationConfig {
+    #[serde(default)]
+    pub peers: Vec<reach::PeerId>,
+    #[serde(default)]
+    pub trusted: Vec<reach::PeerId>,
+    #[serde(default)]
+    pub private_topics: Vec<String>,
+}
+
+impl TopicFederationConfig {
+    pub fn to_federation(&self) -> reach::TopicFederation {
+        reach::TopicFederation {
+            peers: self.peers.clone(),
+            trusted: self.trusted.clone(),
+            private_topics: self.private_topics.clone(),
         }
     }
 }
@@ -271,6 +301,25 @@ mod tests {
         );
         assert!(Config::parse("[topic_limits]\nrate = 3").is_err());
         assert!(Config::parse("[topic_limits]\nrate_per_topic = -1").is_err());
+    }
+
+    #[test]
+    fn topic_federation_parses_peer_ids_and_refuses_a_bad_one_naming_it() {
+        let a = reach::Keypair::generate().peer_id();
+        let b = reach::Keypair::generate().peer_id();
+        let c = Config::parse(&format!(
+            "[topic_federation]\npeers = [\"{a}\", \"{b}\"]\ntrusted = [\"{a}\"]\nprivate_topics = [\"ops\"]\n"
+        ))
+        .unwrap();
+        let f = c.topic_federation.unwrap().to_federation();
+        assert_eq!(f.peers, vec![a, b]);
+        assert_eq!(f.trusted, vec![a]);
+        assert_eq!(f.private_topics, vec!["ops".to_string()]);
+        let empty = Config::parse("[topic_federation]\n").unwrap();
+        assert_eq!(empty.topic_federation.unwrap().to_federation(), Default::default());
+        let err = Config::parse("[topic_federation]\npeers = [\"not-a-peer\"]\n").unwrap_err();
+        assert!(format!("{err:#}").contains("peers"), "{err:#}");
+        assert!(Config::parse("[topic_federation]\npeer = []\n").is_err());
     }
 
     #[test]

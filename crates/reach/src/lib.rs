@@ -78,7 +78,8 @@ pub use reach_proto::wire::envelope::MAX_MESSAGE_LEN;
 pub use reach_proto::{Keypair, PeerId, PeerIdError, Ticket, TicketError};
 pub use relay::{Reachability, RelayMode, RelayStatus};
 pub use topics::{
-    PublishReport, Subscription, TopicDelivery, TopicEvent, TopicRefusal, TopicsStatus,
+    PublishReport, Subscription, TopicDelivery, TopicEvent, TopicFederation, TopicRefusal,
+    TopicsStatus,
 };
 
 /// The README's code blocks, compiled by `cargo test --doc` so the library

@@ -309,3 +309,116 @@ async fn a_publish_over_the_rate_limit_is_refused_with_a_typed_error() {
     let e = m.publish("elsewhere", b"x".to_vec()).await.unwrap_err();
     assert_eq!(e.kind(), "topic_not_subscribed");
 }
+
+/// A public node, its own home, in the DHT through `via`, with configured
+/// federation.
+async fn configured_home(
+    via: &Node,
+    key: reach::Keypair,
+    federation: reach::TopicFederation,
+) -> Node {
+    let n = Node::builder()
+        .keypair(key)
+        .bind(loopback())
+        .bootstrap([via.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .topic_federation(federation)
+        .spawn()
+        .await
+        .unwrap();
+    within("the public node joins", n.joined()).await;
+    n
+}
+
+/// A private topic: never in the DHT, carried over the configured link to
+/// the trusted home, and not to a home that links in without that trust
+/// (it offers the topic and is ignored; it receives nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_topic_reaches_the_trusted_configured_home_and_no_other() {
+    common::logs();
+    const OPS: &str = "ops";
+    let boot = relay_node().await;
+    let (ka, kb) = (reach::Keypair::generate(), reach::Keypair::generate());
+    let (pa, pb) = (ka.peer_id(), kb.peer_id());
+    // A keeps a link to B; A and B trust each other with "ops".
+    let private = |trusted: PeerId, peers: Vec<PeerId>| reach::TopicFederation {
+        peers,
+        trusted: vec![trusted],
+        private_topics: vec![OPS.into()],
+    };
+    let a = configured_home(&boot, ka, private(pb, vec![pb])).await;
+    let b = configured_home(&boot, kb, private(pa, vec![])).await;
+    // C links to A by its own configuration; A does not trust it.
+    let c = configured_home(
+        &boot,
+        reach::Keypair::generate(),
+        reach::TopicFederation {
+            peers: vec![pa],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut s_a = a.subscribe_topic(OPS).unwrap();
+    let mut s_b = b.subscribe_topic(OPS).unwrap();
+    let mut s_c = c.subscribe_topic(OPS).unwrap();
+    assert_eq!(a.topics_status().configured, vec![b.peer_id()]);
+    until("A dials its configured home B, and C dials A", || {
+        let links = a.topics_status().links;
+        links.contains(&b.peer_id()) && links.contains(&c.peer_id())
+    })
+    .await;
+    until("A ignored C's offer of the private topic", || {
+        a.stats().topics.untrusted_joins >= 1
+    })
+    .await;
+    until("A and B carry the topic to each other", || {
+        a.topics_status().served.iter().any(|s| s.topic == OPS && s.links == 1)
+            && b.topics_status().served.iter().any(|s| s.topic == OPS && s.links == 1)
+    })
+    .await;
+    publish_n(&a, "a", 3).await;
+    collect(&mut s_b, &[(a.peer_id(), "a")], 3).await;
+    collect(&mut s_a, &[(a.peer_id(), "a")], 3).await;
+    // B has all three; C, linked to A all along, has none of them.
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::ZERO, s_c.next()).await {
+        assert!(
+            !matches!(ev, TopicEvent::Message(_)),
+            "an untrusted home got a private message: {ev:?}"
+        );
+    }
+    assert!(
+        c.topics_status().served.iter().all(|s| s.links == 0),
+        "C carries the private topic with no one"
+    );
+    // C, for which the topic is not private, publishes its topic record;
+    // A and B never do.
+    let nodes = [&boot, &a, &b, &c];
+    let publishers = || -> BTreeSet<PeerId> {
+        nodes
+            .iter()
+            .flat_map(|n| n.stored_records(reach_proto::dht::record::RecordKind::Topic))
+            .map(|r| r.publisher)
+            .collect()
+    };
+    until("C's topic record is stored", || publishers().contains(&c.peer_id())).await;
+    let found = publishers();
+    assert!(
+        !found.contains(&a.peer_id()) && !found.contains(&b.peer_id()),
+        "a private topic's record in the DHT: {found:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_bad_private_topic_name_is_a_config_error() {
+    let err = Node::builder()
+        .bind(loopback())
+        .topic_federation(reach::TopicFederation {
+            private_topics: vec![String::new()],
+            ..Default::default()
+        })
+        .spawn()
+        .await
+        .expect_err("an empty topic name");
+    assert_eq!(err.kind(), "config");
+}

@@ -20,6 +20,7 @@
 //! [`Overlay::poll_output`]: `Send` (encode and send on the link),
 //! `Deliver` (to the home's members), `PresenceChanged`.
 //!
+//! - [`federation`]: configured federation homes, redialed with backoff.
 //! - [`message`]: the signed message, its id, and the wire frames.
 //! - [`order`]: per-origin high-water marks: exactly once, in order.
 //! - [`overlay`]: the machine (links, tree, pulls, rate limits, cache).
@@ -35,6 +36,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::dht::Key;
 
+pub mod federation;
 pub mod message;
 pub mod order;
 pub mod overlay;

@@ -49,6 +49,7 @@ pub struct NodeBuilder {
     event_log: crate::eventlog::EventLogConfig,
     mailbox_after: Option<std::time::Duration>,
     topic_limits: Option<reach_proto::topics::OverlayConfig>,
+    topic_federation: crate::TopicFederation,
 }
 
 impl std::fmt::Debug for NodeBuilder {
@@ -210,6 +211,17 @@ impl NodeBuilder {
         self
     }
 
+    /// Federation this node keeps as a topic home beyond what the DHT
+    /// finds: configured homes to stay linked with, trusted homes, and
+    /// private topics (see [`crate::TopicFederation`]). Checked at
+    /// [`NodeBuilder::spawn`]: a bad private topic name or more than
+    /// [`reach_proto::topics::federation::MAX_CONFIGURED_HOMES`] homes is
+    /// an [`Error::Config`].
+    pub fn topic_federation(mut self, federation: crate::TopicFederation) -> Self {
+        self.topic_federation = federation;
+        self
+    }
+
     /// Limits of the DHT record store this node keeps for others: in
     /// total, per publisher, per key, in bytes, and per sending network
     /// (see [`reach_proto::dht::store`] for the defaults and why).
@@ -287,6 +299,7 @@ impl NodeBuilder {
                 "topic rate limits must be at least 1 message a second".into(),
             ));
         }
+        self.topic_federation.validate()?;
         // Before anything in the data dir is read or written: one node per
         // data dir (see crate::datadir).
         let dir_lock = match &self.data_dir {
@@ -501,6 +514,7 @@ impl NodeBuilder {
             dht.clone(),
             relay.clone(),
             self.topic_limits.unwrap_or_default(),
+            self.topic_federation.clone(),
         );
         let inner = Arc::new(Inner {
             core: core.clone(),
@@ -549,6 +563,7 @@ impl NodeBuilder {
         inner.spawn(inner.topics.clone().drive());
         inner.spawn(inner.topics.clone().watch_home());
         inner.spawn(inner.topics.clone().discovery());
+        inner.spawn(inner.topics.clone().configured_links());
         tracing::debug!(peer_id = %inner.peer_id, addr = %local_addr, "node started");
         Ok(Node {
             _guard: Arc::new(DropGuard(inner.clone())),

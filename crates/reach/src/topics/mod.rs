@@ -19,6 +19,10 @@
 //!   signs its messages; the home checks them and its rate limits and
 //!   answers with a report or a typed refusal), deliveries and presence
 //!   pushed by the home.
+//! - **Configured federation** ([`TopicFederation`]): homes this home
+//!   keeps a link to whatever the DHT says (redialed with reach-proto's
+//!   [`StaticLinks`] backoff, 5 s doubling to 300 s), and *private* topics:
+//!   never in the DHT, and carried only on links to *trusted* homes.
 //! - **Re-homing.** When the held relay changes, every subscription moves to
 //!   the new home and keeps its [`Subscription`]; per-origin high-water marks
 //!   at the subscriber keep each message once and in order per publisher
@@ -33,6 +37,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use reach_proto::PeerId;
 use reach_proto::dht::record::{RecordKind, SignedRecord};
+use reach_proto::topics::federation::{MAX_CONFIGURED_HOMES, StaticLinks};
 use reach_proto::topics::{
     MAX_DATA_LEN, MAX_LINKS_PER_TOPIC, Overlay, OverlayConfig, OverlayOutput, PublishError,
     TopicFrame, TopicId, TopicMessage,
@@ -107,6 +112,9 @@ crate::telemetry::metrics! {
         counter bad_frames = "topics_bad_frames",
         /// Subscriptions moved to a new home (the held relay changed).
         counter rehomed = "topics_rehomed",
+        /// A private topic offered on a link by a home not trusted with it
+        /// (not carried).
+        counter untrusted_joins = "topics_untrusted_joins",
     }
     external {
         /// Federation links up now.
@@ -201,6 +209,56 @@ fn serialize_bytes<S: serde::Serializer>(b: &Bytes, s: S) -> std::result::Result
     s.serialize_bytes(b)
 }
 
+/// Federation a home is configured with, beyond what the DHT finds
+/// ([`crate::NodeBuilder::topic_federation`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TopicFederation {
+    /// Homes to keep a federation link to, for every topic both serve,
+    /// whatever the DHT says (dialed by PeerId like any peer; redialed 5 s
+    /// after a failure, doubling to 300 s). At most
+    /// [`MAX_CONFIGURED_HOMES`].
+    pub peers: Vec<PeerId>,
+    /// Homes trusted with the private topics.
+    pub trusted: Vec<PeerId>,
+    /// Topics federated only among trusted homes: this home publishes no
+    /// DHT record for them, looks none up, and carries them only on links
+    /// to homes in `trusted` (with none trusted, a private topic stays on
+    /// this home).
+    pub private_topics: Vec<String>,
+}
+
+impl TopicFederation {
+    /// Checks the lists: a typed [`Error::Config`] for a bad topic name or
+    /// too many homes.
+    pub(crate) fn validate(&self) -> Result<()> {
+        if self.peers.len() > MAX_CONFIGURED_HOMES {
+            return Err(Error::Config(format!(
+                "{} federation peers configured (at most {MAX_CONFIGURED_HOMES})",
+                self.peers.len()
+            )));
+        }
+        for name in &self.private_topics {
+            TopicId::from_name(name).map_err(|e| {
+                Error::Config(format!("private topic {name:?}: {e}"))
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The configuration as the runtime uses it.
+struct Federation {
+    trusted: HashSet<PeerId>,
+    private: HashSet<TopicId>,
+}
+
+impl Federation {
+    /// Whether the link to `peer` may carry `topic`.
+    fn allows(&self, peer: &PeerId, topic: &TopicId) -> bool {
+        !self.private.contains(topic) || self.trusted.contains(peer)
+    }
+}
+
 /// What a [`Subscription`] yields.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -253,6 +311,8 @@ pub struct TopicsStatus {
     pub served: Vec<ServedStatus>,
     /// Homes this node has a federation link with.
     pub links: Vec<PeerId>,
+    /// The configured federation homes ([`TopicFederation::peers`]).
+    pub configured: Vec<PeerId>,
 }
 
 /// One subscription of a node.
@@ -394,6 +454,8 @@ struct State {
     served: HashMap<TopicId, Served>,
     links: HashMap<PeerId, Link>,
     dialing: HashSet<PeerId>,
+    /// The configured homes and their redial schedule.
+    configured: StaticLinks,
     next_key: u64,
 }
 
@@ -409,6 +471,10 @@ pub(crate) struct Topics {
     wake: Notify,
     /// Wakes the discovery loop: a topic started being served.
     discover: Notify,
+    federation: Federation,
+    /// Wakes the configured-links loop: a topic started being served, or
+    /// a configured link went down.
+    redial: Notify,
     /// This node's home: itself, or the relay it holds; `None` while a node
     /// that needs a relay holds none.
     home: watch::Sender<Option<PeerId>>,
@@ -430,6 +496,7 @@ impl Topics {
         dht: Arc<Dht>,
         relay: Arc<RelayRuntime>,
         config: OverlayConfig,
+        federation: TopicFederation,
     ) -> Arc<Self> {
         let me = core.peer_id;
         // The incarnation grows with each start, so other homes know this
@@ -448,10 +515,22 @@ impl Topics {
                 served: HashMap::new(),
                 links: HashMap::new(),
                 dialing: HashSet::new(),
+                configured: StaticLinks::new(me, federation.peers.iter().copied()),
                 next_key: 0,
             }),
             wake: Notify::new(),
             discover: Notify::new(),
+            federation: Federation {
+                trusted: federation.trusted.into_iter().collect(),
+                // Validated by the builder: a bad name cannot be served
+                // either, so skipping it loses nothing.
+                private: federation
+                    .private_topics
+                    .iter()
+                    .filter_map(|n| TopicId::from_name(n).ok())
+                    .collect(),
+            },
+            redial: Notify::new(),
             home: watch::channel(home).0,
             counters: Default::default(),
         })
@@ -707,12 +786,16 @@ impl Topics {
         );
         let State { overlay, links, .. } = st;
         for (peer, link) in links.iter() {
+            if !self.federation.allows(peer, &topic) {
+                continue;
+            }
             let _ = link.tx.try_send(FedFrame::Join(topic));
             if link.theirs.contains(&topic) {
                 let _ = overlay.link_up(*peer, &[topic]);
             }
         }
         self.discover.notify_one();
+        self.redial.notify_one();
         Ok(())
     }
 
@@ -726,8 +809,10 @@ impl Topics {
         }
         st.served.remove(&topic);
         st.overlay.unsubscribe(topic);
-        for link in st.links.values() {
-            let _ = link.tx.try_send(FedFrame::Leave(topic));
+        for (peer, link) in st.links.iter() {
+            if self.federation.allows(peer, &topic) {
+                let _ = link.tx.try_send(FedFrame::Leave(topic));
+            }
         }
     }
 
@@ -943,11 +1028,13 @@ impl Topics {
         served.sort_by(|a, b| a.topic.cmp(&b.topic));
         let mut links: Vec<PeerId> = st.links.keys().copied().collect();
         links.sort();
+        let configured = st.configured.states().map(|(p, _)| *p).collect();
         TopicsStatus {
             home: *self.home.borrow(),
             subscribed,
             served,
             links,
+            configured,
         }
     }
 
@@ -1418,10 +1505,20 @@ impl Topics {
             crate::node::router::open(&conn, peer, wire::FED_PROTOCOL).await
         }
         .await;
-        self.state().dialing.remove(&peer);
+        {
+            let mut st = self.state();
+            st.dialing.remove(&peer);
+            if opened.is_err() {
+                let now = self.now();
+                st.configured.on_failed(&peer, now);
+            }
+        }
         match opened {
             Ok(s) => self.run_link(peer, s.send, s.recv, true).await,
-            Err(e) => tracing::debug!(%peer, error = %e, "federation link not opened"),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "federation link not opened");
+                self.redial.notify_one();
+            }
         }
     }
 
@@ -1460,8 +1557,11 @@ impl Topics {
                 st.overlay.link_down(peer);
             }
             for topic in st.served.keys() {
-                let _ = tx.try_send(FedFrame::Join(*topic));
+                if self.federation.allows(&peer, topic) {
+                    let _ = tx.try_send(FedFrame::Join(*topic));
+                }
             }
+            st.configured.on_up(&peer);
             self.flush(st);
             id
         };
@@ -1497,7 +1597,11 @@ impl Topics {
             };
             match f {
                 FedFrame::Join(t) => {
-                    if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
+                    if !self.federation.allows(&peer, &t) {
+                        // A private topic from a home not trusted with it:
+                        // not carried (and not even remembered).
+                        stats::bump(&self.counters.untrusted_joins);
+                    } else if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
                         && link.theirs.insert(t)
                         && served.contains_key(&t)
                     {
@@ -1530,8 +1634,11 @@ impl Topics {
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
             st.overlay.link_down(peer);
+            let now = self.now();
+            st.configured.on_down(&peer, now);
             self.flush(st);
             drop(guard);
+            self.redial.notify_one();
             self.core.bus.emit(NodeEvent::TopicLinkDown { peer });
         }
     }
@@ -1587,6 +1694,46 @@ impl Topics {
         }
     }
 
+    /// Keeps the configured federation links up while this node serves a
+    /// topic: dials what [`StaticLinks`] says is due, until the node stops.
+    pub(crate) async fn configured_links(self: Arc<Self>) {
+        loop {
+            let next = {
+                let mut guard = self.state();
+                let st = &mut *guard;
+                let now = self.now();
+                if st.served.is_empty() {
+                    None
+                } else {
+                    for peer in st.configured.due(now) {
+                        if st.links.contains_key(&peer) {
+                            st.configured.on_up(&peer);
+                            continue;
+                        }
+                        if !st.dialing.insert(peer) {
+                            // A discovery dial is under way: its outcome
+                            // reaches the schedule all the same.
+                            continue;
+                        }
+                        let t = self.clone();
+                        self.core.spawn(async move { t.dial(peer).await });
+                    }
+                    st.configured.next_timeout()
+                }
+            };
+            let sleep = match next {
+                Some(t) => tokio::time::sleep_until(self.epoch + t),
+                // Nothing due: woken by a served topic or a lost link (a
+                // long sleep bounds a missed wake-up).
+                None => tokio::time::sleep(Duration::from_secs(60)),
+            };
+            tokio::select! {
+                _ = sleep => {}
+                _ = self.redial.notified() => {}
+            }
+        }
+    }
+
     /// Publishes this home's topic records and finds the topics' other
     /// homes, until the node stops.
     pub(crate) async fn discovery(self: Arc<Self>) {
@@ -1598,6 +1745,10 @@ impl Topics {
             {
                 let mut st = self.state();
                 for (topic, s) in st.served.iter_mut() {
+                    if self.federation.private.contains(topic) {
+                        // Never in the DHT: its homes are configured.
+                        continue;
+                    }
                     if s.record_due <= now {
                         records.push(s.name.clone());
                         s.record_due = now + RECORD_REFRESH;

@@ -1,0 +1,210 @@
+//! Configured federation links: which homes to (re)dial, and when.
+//!
+//! Homes find each other through the DHT's topic records; an operator can
+//! also name homes to keep a federation link to whatever the DHT says (a
+//! private deployment, a backbone between known relays, a cycle for
+//! redundancy). This machine holds, per configured home, whether a link is
+//! up, being dialed, or waiting to be redialed: a dial that fails or a link
+//! that drops is retried after [`REDIAL_FIRST`], doubling to
+//! [`REDIAL_MAX`]; a link that comes up resets it. It never chooses peers
+//! and never dials itself: the driver asks [`StaticLinks::due`] what to
+//! dial, reports [`StaticLinks::on_up`], [`StaticLinks::on_down`] and
+//! [`StaticLinks::on_failed`], and wakes at [`StaticLinks::next_timeout`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::PeerId;
+
+/// First redial of a configured home after a failed dial or a lost link:
+/// soon enough that a restarted home is back within seconds, late enough
+/// that a home that is down costs a dial every few seconds at most.
+pub const REDIAL_FIRST: Duration = Duration::from_secs(5);
+/// Longest wait between redials of a configured home that keeps failing
+/// (the doubling stops here): a home down for hours costs one dial every
+/// five minutes.
+pub const REDIAL_MAX: Duration = Duration::from_secs(300);
+/// Configured federation homes at most: each is a QUIC connection kept
+/// open; more than this is a configuration mistake, refused at start.
+pub const MAX_CONFIGURED_HOMES: usize = 64;
+
+/// Where a configured home stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkState {
+    /// To be dialed at `at` (now, at start).
+    Waiting {
+        /// When.
+        at: Duration,
+        /// Failures in a row before this wait.
+        failures: u32,
+    },
+    /// A dial is under way.
+    Dialing {
+        /// Failures in a row before it.
+        failures: u32,
+    },
+    /// The link is up.
+    Up,
+}
+
+/// The configured homes of one node.
+#[derive(Debug, Clone)]
+pub struct StaticLinks {
+    homes: BTreeMap<PeerId, LinkState>,
+}
+
+/// The wait after `failures` failures in a row (at least one):
+/// [`REDIAL_FIRST`], doubling, at most [`REDIAL_MAX`].
+pub fn redial_after(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    REDIAL_FIRST.saturating_mul(1u32 << exp).min(REDIAL_MAX)
+}
+
+impl StaticLinks {
+    /// Every home in `homes` (duplicates and `me` dropped) is due at once.
+    pub fn new(me: PeerId, homes: impl IntoIterator<Item = PeerId>) -> Self {
+        StaticLinks {
+            homes: homes
+                .into_iter()
+                .filter(|h| *h != me)
+                .map(|h| {
+                    (
+                        h,
+                        LinkState::Waiting {
+                            at: Duration::ZERO,
+                            failures: 0,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Whether `peer` is a configured home.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.homes.contains_key(peer)
+    }
+
+    /// The configured homes and where each stands.
+    pub fn states(&self) -> impl Iterator<Item = (&PeerId, &LinkState)> {
+        self.homes.iter()
+    }
+
+    /// The homes to dial now; each is then [`LinkState::Dialing`] until
+    /// the driver reports how it went.
+    pub fn due(&mut self, now: Duration) -> Vec<PeerId> {
+        let mut out = Vec::new();
+        for (peer, state) in self.homes.iter_mut() {
+            if let LinkState::Waiting { at, failures } = *state
+                && at <= now
+            {
+                *state = LinkState::Dialing { failures };
+                out.push(*peer);
+            }
+        }
+        out
+    }
+
+    /// A link to `peer` is up (dialed by either side).
+    pub fn on_up(&mut self, peer: &PeerId) {
+        if let Some(s) = self.homes.get_mut(peer) {
+            *s = LinkState::Up;
+        }
+    }
+
+    /// The dial of `peer` failed.
+    pub fn on_failed(&mut self, peer: &PeerId, now: Duration) {
+        if let Some(s) = self.homes.get_mut(peer)
+            && let LinkState::Dialing { failures } = *s
+        {
+            let failures = failures.saturating_add(1);
+            *s = LinkState::Waiting {
+                at: now + redial_after(failures),
+                failures,
+            };
+        }
+    }
+
+    /// The link to `peer` is gone: redialed after [`REDIAL_FIRST`].
+    pub fn on_down(&mut self, peer: &PeerId, now: Duration) {
+        if let Some(s) = self.homes.get_mut(peer)
+            && *s == LinkState::Up
+        {
+            *s = LinkState::Waiting {
+                at: now + redial_after(1),
+                failures: 1,
+            };
+        }
+    }
+
+    /// When [`StaticLinks::due`] has something next (`None`: every home is
+    /// up or being dialed).
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.homes
+            .values()
+            .filter_map(|s| match s {
+                LinkState::Waiting { at, .. } => Some(*at),
+                _ => None,
+            })
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(i: u8) -> PeerId {
+        crate::Keypair::from_secret_bytes([i; 32]).peer_id()
+    }
+
+    const S: fn(u64) -> Duration = Duration::from_secs;
+
+    #[test]
+    fn every_configured_home_but_this_one_is_dialed_at_once_and_only_once() {
+        let mut l = StaticLinks::new(id(1), [id(1), id(2), id(3), id(2)]);
+        assert_eq!(l.next_timeout(), Some(Duration::ZERO));
+        let mut due = l.due(S(0));
+        due.sort();
+        let mut want = vec![id(2), id(3)];
+        want.sort();
+        assert_eq!(due, want);
+        assert!(l.due(S(0)).is_empty(), "dialing: not again");
+        assert_eq!(l.next_timeout(), None);
+    }
+
+    #[test]
+    fn a_failing_home_is_redialed_at_5_10_20_s_up_to_300_s_and_reset_by_a_link() {
+        let h = id(2);
+        let mut l = StaticLinks::new(id(1), [h]);
+        let mut now = S(0);
+        let mut waits = Vec::new();
+        for _ in 0..9 {
+            assert_eq!(l.due(now), vec![h]);
+            l.on_failed(&h, now);
+            let next = l.next_timeout().unwrap();
+            waits.push((next - now).as_secs());
+            assert!(l.due(next - Duration::from_millis(1)).is_empty());
+            now = next;
+        }
+        assert_eq!(waits, vec![5, 10, 20, 40, 80, 160, 300, 300, 300]);
+        assert_eq!(l.due(now), vec![h]);
+        l.on_up(&h);
+        assert_eq!(l.next_timeout(), None);
+        // Lost after coming up: back to the first wait.
+        l.on_down(&h, now);
+        assert_eq!(l.next_timeout(), Some(now + REDIAL_FIRST));
+    }
+
+    #[test]
+    fn a_link_the_other_home_dialed_counts_as_up_and_unconfigured_peers_are_ignored() {
+        let h = id(2);
+        let mut l = StaticLinks::new(id(1), [h]);
+        l.on_up(&h);
+        assert!(l.due(S(100)).is_empty());
+        l.on_failed(&id(9), S(1));
+        l.on_down(&id(9), S(1));
+        assert!(!l.contains(&id(9)));
+        assert_eq!(l.next_timeout(), None);
+    }
+}
