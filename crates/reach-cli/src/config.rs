@@ -316,7 +316,10 @@ mod tests {
         assert_eq!(f.trusted, vec![a]);
         assert_eq!(f.private_topics, vec!["ops".to_string()]);
         let empty = Config::parse("[topic_federation]\n").unwrap();
-        assert_eq!(empty.topic_federation.unwrap().to_federation(), Default::default());
+        assert_eq!(
+            empty.topic_federation.unwrap().to_federation(),
+            Default::default()
+        );
         let err = Config::parse("[topic_federation]\npeers = [\"not-a-peer\"]\n").unwrap_err();
         assert!(format!("{err:#}").contains("peers"), "{err:#}");
         assert!(Config::parse("[topic_federation]\npeer = []\n").is_err());

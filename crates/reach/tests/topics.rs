@@ -42,6 +42,17 @@ fn member_ids(n: &Node) -> BTreeSet<PeerId> {
 /// `from`, checking each publisher's ids run on by one with the data it
 /// sent (nothing twice, nothing skipped, nothing out of order).
 async fn collect_from(sub: &mut Subscription, from: &[(PeerId, &str)], first: u64, want: u64) {
+    collect_on(TOPIC, sub, from, first, want).await
+}
+
+/// [`collect_from`] on the topic `topic`.
+async fn collect_on(
+    topic: &str,
+    sub: &mut Subscription,
+    from: &[(PeerId, &str)],
+    first: u64,
+    want: u64,
+) {
     let mut next: BTreeMap<PeerId, u64> = from.iter().map(|(p, _)| (*p, first)).collect();
     let tags: BTreeMap<PeerId, &str> = from.iter().copied().collect();
     within("every message arrives", async {
@@ -52,7 +63,7 @@ async fn collect_from(sub: &mut Subscription, from: &[(PeerId, &str)], first: u6
                         continue;
                     };
                     assert_eq!(m.id, *n, "in order, once, per publisher");
-                    assert_eq!(m.topic, TOPIC);
+                    assert_eq!(m.topic, topic);
                     assert_eq!(
                         &m.data[..],
                         format!("{}-{}", tags[&m.from], m.id).as_bytes()
@@ -72,9 +83,13 @@ async fn collect(sub: &mut Subscription, from: &[(PeerId, &str)], want: u64) {
 }
 
 async fn publish_n(n: &Node, tag: &str, count: u64) {
+    publish_on(TOPIC, n, tag, count).await
+}
+
+async fn publish_on(topic: &str, n: &Node, tag: &str, count: u64) {
     for i in 1..=count {
         let r = n
-            .publish(TOPIC, format!("{tag}-{i}").into_bytes())
+            .publish(topic, format!("{tag}-{i}").into_bytes())
             .await
             .unwrap_or_else(|e| panic!("{tag} publishes {i}: {e} ({})", e.kind()));
         assert_eq!(r.id, i);
@@ -373,13 +388,19 @@ async fn a_private_topic_reaches_the_trusted_configured_home_and_no_other() {
     })
     .await;
     until("A and B carry the topic to each other", || {
-        a.topics_status().served.iter().any(|s| s.topic == OPS && s.links == 1)
-            && b.topics_status().served.iter().any(|s| s.topic == OPS && s.links == 1)
+        a.topics_status()
+            .served
+            .iter()
+            .any(|s| s.topic == OPS && s.links == 1)
+            && b.topics_status()
+                .served
+                .iter()
+                .any(|s| s.topic == OPS && s.links == 1)
     })
     .await;
-    publish_n(&a, "a", 3).await;
-    collect(&mut s_b, &[(a.peer_id(), "a")], 3).await;
-    collect(&mut s_a, &[(a.peer_id(), "a")], 3).await;
+    publish_on(OPS, &a, "a", 3).await;
+    collect_on(OPS, &mut s_b, &[(a.peer_id(), "a")], 1, 3).await;
+    collect_on(OPS, &mut s_a, &[(a.peer_id(), "a")], 1, 3).await;
     // B has all three; C, linked to A all along, has none of them.
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::ZERO, s_c.next()).await {
         assert!(
@@ -401,7 +422,10 @@ async fn a_private_topic_reaches_the_trusted_configured_home_and_no_other() {
             .map(|r| r.publisher)
             .collect()
     };
-    until("C's topic record is stored", || publishers().contains(&c.peer_id())).await;
+    until("C's topic record is stored", || {
+        publishers().contains(&c.peer_id())
+    })
+    .await;
     let found = publishers();
     assert!(
         !found.contains(&a.peer_id()) && !found.contains(&b.peer_id()),

@@ -238,9 +238,8 @@ impl TopicFederation {
             )));
         }
         for name in &self.private_topics {
-            TopicId::from_name(name).map_err(|e| {
-                Error::Config(format!("private topic {name:?}: {e}"))
-            })?;
+            TopicId::from_name(name)
+                .map_err(|e| Error::Config(format!("private topic {name:?}: {e}")))?;
         }
         Ok(())
     }
