@@ -1,4 +1,5 @@
-//! `GET /v1/recv`: the backlog, `since`, and a reader slower than the node.
+//! `GET /v1/recv`: the backlog, `since`, and a reader slower than the node;
+//! the caps on the API's event streams.
 
 use std::time::Duration;
 
@@ -152,6 +153,48 @@ async fn streams_past_the_cap_are_refused_busy_until_one_closes() {
     loop {
         hub.publish(&message(node.peer_id(), 1, 0));
         if client.open_events("/v1/recv").await.is_ok() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    api.stop().await;
+    node.shutdown().await;
+}
+
+#[tokio::test]
+async fn topic_streams_past_their_cap_are_refused_busy_and_leave_recv_streams_alone() {
+    let (dir, node, api) = node_and_api().await;
+    let client = reach::api::client::ApiClient::from_data_dir(dir.path()).unwrap();
+    let mut open = Vec::new();
+    for i in 0..reach::api::topics::MAX_TOPIC_STREAMS {
+        let path = format!("/v1/topics/sub?topic=room{}", i % 3);
+        open.push(client.open_events(&path).await.unwrap());
+    }
+    match client.open_events("/v1/topics/sub?topic=another").await {
+        Err(reach::api::client::ClientError::Api { status, kind, .. }) => {
+            assert_eq!((status, kind.as_str()), (503, "busy"));
+        }
+        other => panic!("expected busy, got {:?}", other.err()),
+    }
+    // Their own cap: a /v1/recv stream and plain requests still get in.
+    let _recv = client.open_events("/v1/recv").await.unwrap();
+    let _: serde_json::Value = client.get("/v1/peers").await.unwrap();
+    // A closed stream's place is freed once the server notices the close,
+    // at its next write (a topic event or the SSE keep-alive): a publish on
+    // its topic is such a write.
+    drop(open.remove(0));
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let _ = node.publish("room0", b"wake".to_vec()).await;
+        if client
+            .open_events("/v1/topics/sub?topic=another")
+            .await
+            .is_ok()
+        {
             break;
         }
         assert!(

@@ -13,7 +13,6 @@
 
 use std::collections::VecDeque;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -70,8 +69,8 @@ const PAGE: &str = include_str!("dashboard.html");
 #[derive(Clone)]
 pub(crate) struct Sessions {
     inner: Arc<Mutex<Inner>>,
-    /// Streams open now, for [`MAX_EVENT_STREAMS`].
-    streams: Arc<AtomicUsize>,
+    /// Places for streams, [`MAX_EVENT_STREAMS`].
+    streams: super::slots::StreamSlots,
     /// The session cookie's name: it carries the API's port, since
     /// browsers share cookies between ports of one host, and two nodes on
     /// one machine must not overwrite each other's session.
@@ -99,7 +98,7 @@ impl Sessions {
     pub(crate) fn new(api_addr: SocketAddr) -> Self {
         Sessions {
             inner: Arc::default(),
-            streams: Arc::default(),
+            streams: super::slots::StreamSlots::new(MAX_EVENT_STREAMS),
             cookie: format!("reach_dashboard_{}", api_addr.port()),
         }
     }
@@ -348,25 +347,12 @@ pub fn snapshot(node: &Node, started: Instant) -> Snapshot {
     }
 }
 
-/// Gives back its stream's place under [`MAX_EVENT_STREAMS`] when the
-/// stream ends.
-struct StreamSlot(Arc<AtomicUsize>);
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 /// `GET /dashboard/events`: a snapshot at once, then one per
 /// [`SNAPSHOT_INTERVAL`], until the client goes away or
 /// [`EVENT_STREAM_LIFETIME`] is over.
 pub(crate) fn events(sessions: &Sessions, node: Node, started: Instant) -> Response {
     use axum::response::sse::{Event, KeepAlive, Sse};
-    let open = sessions.streams.fetch_add(1, Ordering::Relaxed);
-    let slot = StreamSlot(sessions.streams.clone());
-    if open >= MAX_EVENT_STREAMS {
-        drop(slot);
+    let Some(slot) = sessions.streams.admit() else {
         let body = super::ApiErrorBody {
             error: super::ApiErrorDetail {
                 kind: "busy".into(),
@@ -374,7 +360,7 @@ pub(crate) fn events(sessions: &Sessions, node: Node, started: Instant) -> Respo
             },
         };
         return (StatusCode::SERVICE_UNAVAILABLE, axum::Json(body)).into_response();
-    }
+    };
     let mut interval = tokio::time::interval(SNAPSHOT_INTERVAL);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let end = tokio::time::Instant::now() + EVENT_STREAM_LIFETIME;

@@ -42,6 +42,7 @@ pub mod dashboard;
 pub mod metrics;
 pub mod recv;
 mod server;
+mod slots;
 pub mod topics;
 
 pub use server::{ApiServer, raise_fd_limit, serve};

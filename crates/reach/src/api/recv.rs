@@ -16,7 +16,6 @@
 //! the next event. A restart of the node empties the backlog.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -143,7 +142,7 @@ pub struct RecvHub {
     ring: Arc<Mutex<Ring>>,
     /// The seq of the newest event; clients wait on it.
     newest: Arc<tokio::sync::watch::Sender<u64>>,
-    clients: Arc<AtomicUsize>,
+    clients: super::slots::StreamSlots,
 }
 
 impl Default for RecvHub {
@@ -155,7 +154,7 @@ impl Default for RecvHub {
                 bytes: 0,
             })),
             newest: Arc::new(tokio::sync::watch::Sender::new(0)),
-            clients: Arc::new(AtomicUsize::new(0)),
+            clients: super::slots::StreamSlots::new(MAX_RECV_CLIENTS),
         }
     }
 }
@@ -248,23 +247,8 @@ impl RecvHub {
     }
 
     /// Takes one of the [`MAX_RECV_CLIENTS`] stream places, if free.
-    pub(crate) fn admit(&self) -> Option<ClientSlot> {
-        let taken = self.clients.fetch_add(1, Ordering::AcqRel);
-        let slot = ClientSlot {
-            clients: self.clients.clone(),
-        };
-        (taken < MAX_RECV_CLIENTS).then_some(slot)
-    }
-}
-
-/// One place among [`MAX_RECV_CLIENTS`], given back when dropped.
-pub(crate) struct ClientSlot {
-    clients: Arc<AtomicUsize>,
-}
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.clients.fetch_sub(1, Ordering::AcqRel);
+    pub(crate) fn admit(&self) -> Option<super::slots::StreamSlot> {
+        self.clients.admit()
     }
 }
 
@@ -382,7 +366,7 @@ pub(crate) fn sse(hub: &RecvHub, query: Option<&str>) -> axum::response::Respons
         next: u64,
         wake: tokio::sync::watch::Receiver<u64>,
         pending: VecDeque<SseEvent>,
-        _slot: ClientSlot,
+        _slot: super::slots::StreamSlot,
     }
     let cursor = Cursor {
         hub: hub.clone(),

@@ -117,6 +117,8 @@ struct AppState {
     started: std::time::Instant,
     /// Dashboard login codes and sessions.
     dashboard: super::dashboard::Sessions,
+    /// Places for `GET /v1/topics/sub` streams.
+    topic_streams: super::slots::StreamSlots,
 }
 
 /// Starts the control API for `node` on `listen` (must be a loopback
@@ -157,6 +159,7 @@ pub async fn serve(node: Node, data_dir: &Path, listen: SocketAddr) -> Result<Ap
         recv: super::recv::RecvHub::default(),
         started: std::time::Instant::now(),
         dashboard: super::dashboard::Sessions::new(addr),
+        topic_streams: super::slots::StreamSlots::new(super::topics::MAX_TOPIC_STREAMS),
     };
     let recv_hub = state.recv.clone();
     let app = Router::new()
@@ -995,17 +998,28 @@ async fn topic_sub(State(state): State<AppState>, query: axum::extract::RawQuery
         Ok(t) => t,
         Err(resp) => return *resp,
     };
+    let Some(slot) = state.topic_streams.admit() else {
+        return api_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            format!(
+                "{} topic streams are open already; try again",
+                super::topics::MAX_TOPIC_STREAMS
+            ),
+        );
+    };
     let sub = match state.node.subscribe_topic(&topic) {
         Ok(s) => s,
         Err(e) => return topic_error(e),
     };
-    let stream = futures::stream::unfold(sub, |mut sub| async move {
+    // The place goes with the stream: freed when the client has gone.
+    let stream = futures::stream::unfold((sub, slot), |(mut sub, slot)| async move {
         let ev = sub.next().await?;
         let json =
             serde_json::to_string(&super::topics::TopicStreamEvent::from(ev)).unwrap_or_default();
         Some((
             Ok::<_, std::convert::Infallible>(SseEvent::default().data(json)),
-            sub,
+            (sub, slot),
         ))
     });
     Sse::new(stream)

@@ -8,7 +8,8 @@
 //! - `GET /v1/topics/members?topic=T`: the members known, with their homes.
 //! - `GET /v1/topics/sub?topic=T`: a server-sent-events stream of the
 //!   topic's messages and presence changes, one JSON object per `data:`
-//!   line; the subscription lasts as long as the stream.
+//!   line; the subscription lasts as long as the stream. At most
+//!   [`MAX_TOPIC_STREAMS`] at once (past it: 503 `busy`).
 //!
 //! Topic names in a query are percent-encoded.
 
@@ -20,6 +21,12 @@ use reach_proto::PeerId;
 /// How long a publish waits for the node's home to take the topic when the
 /// node was not subscribed: the member session's own answer timeout.
 pub const PUBLISH_ATTACH_WAIT: std::time::Duration = crate::topics::HOME_TIMEOUT;
+
+/// `GET /v1/topics/sub` streams open at once, all topics together: each
+/// holds an API connection and a topic subscription for as long as it
+/// lasts, so this keeps them from taking every connection of
+/// [`super::MAX_API_CONNECTIONS`] (the same cap as `/v1/recv`'s streams).
+pub const MAX_TOPIC_STREAMS: usize = 32;
 
 /// Body of `POST /v1/topics/publish`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
