@@ -219,6 +219,13 @@ fn the_dashboard_shows_live_node_state_in_a_real_browser_and_a_code_works_once()
         a.dir(),
     ]));
 
+    // A subscription held open while the page renders: the topics panel
+    // shows it (A is public on loopback: its own home).
+    let sub = Proc::spawn(&["sub", "dash room", "--json", "--data-dir", a.dir()]);
+    sub.wait_for("A joining its topic", |l| {
+        l.contains("\"joined\"") && l.contains(&a.id)
+    });
+
     let url = login_url(&a);
     let before = reach_state(&a);
     let dom = chromium(
@@ -246,6 +253,12 @@ fn the_dashboard_shows_live_node_state_in_a_real_browser_and_a_code_works_once()
         "{reachability} is neither {before} nor the state now"
     );
     assert_eq!(element(&dom, "portmap"), "off", "{dom}");
+    let subscribed = &dom[dom.find("id=\"topics-subscribed\"").unwrap()..];
+    let subscribed = &subscribed[..subscribed.find("</tbody>").unwrap()];
+    assert!(subscribed.contains("<td>dash room</td>"), "{subscribed}");
+    assert!(subscribed.contains("this node"), "{subscribed}");
+    let served = &dom[dom.find("id=\"topics-served\"").unwrap()..];
+    assert!(served.contains("<td>dash room</td>"), "{dom}");
     assert_eq!(element(&dom, "relay-mode"), "auto / auto", "{dom}");
     assert!(element(&dom, "local-addrs").contains(&a.addr), "{dom}");
     assert!(

@@ -296,6 +296,9 @@ pub struct Snapshot {
     pub relay: crate::relay::RelayStatus,
     pub connections: Vec<super::daemon::PeerEntry>,
     pub routing: RoutingSummary,
+    /// Topics: this node's home, its subscriptions, the topics it serves
+    /// as a home and its federation links.
+    pub topics: crate::topics::TopicsStatus,
     pub stats: crate::node::NodeStats,
 }
 
@@ -343,6 +346,7 @@ pub fn snapshot(node: &Node, started: Instant) -> Snapshot {
                 .take(MAX_ROUTING_ENTRIES)
                 .collect(),
         },
+        topics: node.topics_status(),
         stats: node.stats(),
     }
 }
