@@ -1,0 +1,183 @@
+//! A hostile home on a topic's federation link, against a real home on
+//! loopback: forged messages, undecodable frames, floods of announcements,
+//! pulls and topics, a link it never reads, and an oversized frame. The
+//! home keeps serving its honest federation: every honest message arrives
+//! once and in order, nothing forged is delivered, nothing panics.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::{loopback, relay_node, until, within};
+use reach::topics::wire::{self, FedFrame};
+use reach::{Keypair, Node, RelayMode, TopicEvent};
+use reach_proto::topics::{ShortId, TopicFrame, TopicId, TopicMessage};
+use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED};
+
+const TOPIC: &str = "lobby";
+/// Honest messages published after the attack.
+const HONEST: u64 = 20;
+
+async fn public_home(via: &Node) -> Node {
+    let n = Node::builder()
+        .bind(loopback())
+        .bootstrap([via.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    within("the public node joins", n.joined()).await;
+    n
+}
+
+/// A federation stream to `home` as identity `kp`, over a raw QUIC
+/// connection: what a modified reach node would open.
+async fn hostile_link(
+    ep: &quinn::Endpoint,
+    home: &Node,
+    kp: &Keypair,
+) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
+    let (tls, _) = reach::tls::client_config(kp, home.peer_id()).unwrap();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    let conn = within(
+        "the hostile dial",
+        ep.connect_with(cfg, home.local_addr(), reach::tls::SERVER_NAME)
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let open = Envelope::new(Body::Open {
+        protocol: wire::FED_PROTOCOL.to_string(),
+    })
+    .to_frame()
+    .unwrap();
+    send.write_all(&open).await.unwrap();
+    let mut answer = [0u8; 1];
+    within("the home accepts the stream", recv.read_exact(&mut answer))
+        .await
+        .unwrap();
+    assert_eq!(answer[0], OPEN_ACCEPTED);
+    (conn, send, recv)
+}
+
+async fn put(send: &mut quinn::SendStream, frame: &FedFrame) {
+    send.write_all(&wire::encode(frame).unwrap()).await.unwrap();
+}
+
+fn overlay(frame: &TopicFrame) -> FedFrame {
+    FedFrame::Overlay(frame.encode())
+}
+
+fn random_ids(n: usize, salt: u64) -> Vec<ShortId> {
+    (0..n as u64)
+        .map(|i| ShortId {
+            tag: [(i ^ salt) as u8; 8],
+            seq: i + salt,
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_home_on_the_link_leaves_the_honest_federation_whole() {
+    common::logs();
+    let boot = relay_node().await;
+    let h = public_home(&boot).await;
+    let g = public_home(&boot).await;
+    let mut s_h = h.subscribe_topic(TOPIC).unwrap();
+    let _s_g = g.subscribe_topic(TOPIC).unwrap();
+    until("the honest homes link up", || {
+        h.topics_status().links.contains(&g.peer_id())
+    })
+    .await;
+    let topic = TopicId::from_name(TOPIC).unwrap();
+
+    let x = Keypair::generate();
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    let (_conn, mut send, _recv_never_read) = hostile_link(&ep, &h, &x).await;
+    put(&mut send, &FedFrame::Join(topic)).await;
+    until("H carries the topic on the hostile link", || {
+        h.topics_status()
+            .served
+            .iter()
+            .any(|s| s.topic == TOPIC && s.links == 2)
+    })
+    .await;
+
+    // A message in G's name, signed by X: H must not deliver it.
+    let mut forged = TopicMessage::sign(&x, topic, 1, b"forged".to_vec()).unwrap();
+    forged.origin = g.peer_id();
+    put(&mut send, &overlay(&TopicFrame::Message(forged))).await;
+    // Undecodable overlay bytes.
+    put(&mut send, &FedFrame::Overlay(vec![0xff; 100])).await;
+    // Announcements of messages that do not exist, and pulls of them.
+    for salt in 0..20 {
+        let ids = random_ids(reach_proto::topics::MAX_IDS_PER_FRAME, salt);
+        put(
+            &mut send,
+            &overlay(&TopicFrame::IHave {
+                topic,
+                ids: ids.clone(),
+            }),
+        )
+        .await;
+        put(&mut send, &overlay(&TopicFrame::Graft { topic, ids })).await;
+    }
+    // Two thousand topics it says it serves.
+    for i in 0..2_000 {
+        let t = TopicId::from_name(&format!("junk-{i}")).unwrap();
+        put(&mut send, &FedFrame::Join(t)).await;
+    }
+    // A PRUNE for G's origin: at worst G's messages reach H by "I have"
+    // and pull, still once and in order.
+    put(
+        &mut send,
+        &overlay(&TopicFrame::Prune {
+            topic,
+            origin: g.peer_id(),
+        }),
+    )
+    .await;
+    let bad_before = h.stats().topics.bad_frames;
+    assert!(bad_before >= 1, "the undecodable frame was not counted");
+
+    // The honest homes go on while X never reads what H sends it.
+    for i in 1..=HONEST {
+        let r = g
+            .publish(TOPIC, format!("g-{i}").into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("G publishes {i}: {e}"));
+        assert_eq!(r.id, i);
+    }
+    let mut next = 1;
+    within("H gets every honest message", async {
+        while next <= HONEST {
+            match s_h.next().await.expect("H runs") {
+                TopicEvent::Message(m) => {
+                    assert_ne!(&m.data[..], b"forged", "a forged message was delivered");
+                    assert_eq!(m.from, g.peer_id());
+                    assert_eq!(m.id, next, "once and in order");
+                    assert_eq!(&m.data[..], format!("g-{next}").as_bytes());
+                    next += 1;
+                }
+                TopicEvent::Missed { count } => panic!("missed {count}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
+
+    // Last, a frame header over the limit: the hostile link is cut, the
+    // honest one stays.
+    let mut head = Vec::new();
+    head.extend_from_slice(&u32::MAX.to_be_bytes());
+    let _ = send.write_all(&head).await;
+    until("H cuts the hostile link", || {
+        !h.topics_status().links.contains(&x.peer_id())
+    })
+    .await;
+    assert!(h.stats().topics.bad_frames > bad_before);
+    assert!(h.topics_status().links.contains(&g.peer_id()));
+}
