@@ -1,7 +1,13 @@
-//! A hostile home on a topic's federation link, against a real home on
-//! loopback: forged messages, undecodable frames, floods of announcements,
-//! pulls and topics, a link it never reads, and an oversized frame. The
-//! home keeps serving its honest federation: every honest message arrives
+//! Hostile peers against a real topic home on loopback, over raw QUIC
+//! streams of the topic protocols (what a modified reach node would send):
+//!
+//! - a hostile home on a federation link: forged messages, undecodable
+//!   frames, floods of announcements, pulls and topics, a link it never
+//!   reads, and an oversized frame;
+//! - a hostile member: another's message replayed as its own, a broken
+//!   signature, a publish flood far over its rate.
+//!
+//! The home keeps serving the honest ones: every honest message arrives
 //! once and in order, nothing forged is delivered, nothing panics.
 
 mod common;
@@ -9,7 +15,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{loopback, relay_node, until, within};
-use reach::topics::wire::{self, FedFrame};
+use reach::topics::wire::{self, FedFrame, MemberFrame};
 use reach::{Keypair, Node, RelayMode, TopicEvent};
 use reach_proto::topics::{ShortId, TopicFrame, TopicId, TopicMessage};
 use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED};
@@ -31,12 +37,13 @@ async fn public_home(via: &Node) -> Node {
     n
 }
 
-/// A federation stream to `home` as identity `kp`, over a raw QUIC
+/// A stream of `protocol` to `home` as identity `kp`, over a raw QUIC
 /// connection: what a modified reach node would open.
-async fn hostile_link(
+async fn hostile_stream(
     ep: &quinn::Endpoint,
     home: &Node,
     kp: &Keypair,
+    protocol: &str,
 ) -> (quinn::Connection, quinn::SendStream, quinn::RecvStream) {
     let (tls, _) = reach::tls::client_config(kp, home.peer_id()).unwrap();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
@@ -50,7 +57,7 @@ async fn hostile_link(
     .unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let open = Envelope::new(Body::Open {
-        protocol: wire::FED_PROTOCOL.to_string(),
+        protocol: protocol.to_string(),
     })
     .to_frame()
     .unwrap();
@@ -63,7 +70,7 @@ async fn hostile_link(
     (conn, send, recv)
 }
 
-async fn put(send: &mut quinn::SendStream, frame: &FedFrame) {
+async fn put<T: serde::Serialize>(send: &mut quinn::SendStream, frame: &T) {
     send.write_all(&wire::encode(frame).unwrap()).await.unwrap();
 }
 
@@ -96,7 +103,7 @@ async fn a_hostile_home_on_the_link_leaves_the_honest_federation_whole() {
 
     let x = Keypair::generate();
     let ep = quinn::Endpoint::client(loopback()).unwrap();
-    let (_conn, mut send, _recv_never_read) = hostile_link(&ep, &h, &x).await;
+    let (_conn, mut send, _recv_never_read) = hostile_stream(&ep, &h, &x, wire::FED_PROTOCOL).await;
     put(&mut send, &FedFrame::Join(topic)).await;
     until("H carries the topic on the hostile link", || {
         h.topics_status()
@@ -180,4 +187,130 @@ async fn a_hostile_home_on_the_link_leaves_the_honest_federation_whole() {
     .await;
     assert!(h.stats().topics.bad_frames > bad_before);
     assert!(h.topics_status().links.contains(&g.peer_id()));
+}
+
+/// Reads the home's next answer to a publish (deliveries and presence
+/// interleave with the answers).
+async fn next_answer(recv: &mut quinn::RecvStream) -> MemberFrame {
+    loop {
+        match answer(recv).await {
+            f @ (MemberFrame::Published { .. } | MemberFrame::PublishRefused { .. }) => return f,
+            _ => continue,
+        }
+    }
+}
+
+/// Reads the next member frame from the home.
+async fn answer(recv: &mut quinn::RecvStream) -> MemberFrame {
+    within("the home's answer", wire::read::<MemberFrame>(recv))
+        .await
+        .expect("a well-formed frame")
+        .expect("the stream stays open")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
+    common::logs();
+    let boot = relay_node().await;
+    let h = public_home(&boot).await;
+    let kg = Keypair::generate();
+    let g = Node::builder()
+        .keypair(kg.clone())
+        .bind(loopback())
+        .bootstrap([boot.local_addr()])
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .spawn()
+        .await
+        .unwrap();
+    within("G joins", g.joined()).await;
+    let mut s_h = h.subscribe_topic(TOPIC).unwrap();
+    let _s_g = g.subscribe_topic(TOPIC).unwrap();
+    until("the honest homes link up", || {
+        h.topics_status().links.contains(&g.peer_id())
+    })
+    .await;
+    let topic = TopicId::from_name(TOPIC).unwrap();
+
+    // X, a member of H.
+    let x = Keypair::generate();
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    let (_conn, mut send, mut recv) = hostile_stream(&ep, &h, &x, wire::MEMBER_PROTOCOL).await;
+    put(
+        &mut send,
+        &MemberFrame::Subscribe {
+            topic: TOPIC.into(),
+        },
+    )
+    .await;
+    loop {
+        if let MemberFrame::Subscribed { .. } = answer(&mut recv).await {
+            break;
+        }
+    }
+    let refused_kind = |f: MemberFrame| match f {
+        MemberFrame::PublishRefused { kind, .. } => kind,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    // G's message (validly signed by G) sent by X as if it were its own.
+    let replayed = TopicMessage::sign(&kg, topic, 1, b"replayed".to_vec()).unwrap();
+    put(&mut send, &MemberFrame::Publish(replayed)).await;
+    let mut kinds = Vec::new();
+    kinds.push(refused_kind(next_answer(&mut recv).await));
+    // Its own message with a broken signature.
+    let mut broken = TopicMessage::sign(&x, topic, 1, b"broken".to_vec()).unwrap();
+    broken.signature[0] ^= 1;
+    put(&mut send, &MemberFrame::Publish(broken)).await;
+    kinds.push(refused_kind(next_answer(&mut recv).await));
+    assert_eq!(kinds, ["topic_not_the_publisher", "message_bad_signature"]);
+
+    // A flood: 1,000 of its own valid messages at once, far over its 100
+    // a second (one second's burst).
+    const FLOOD: u64 = 1_000;
+    for seq in 1..=FLOOD {
+        let m = TopicMessage::sign(&x, topic, seq, b"flood".to_vec()).unwrap();
+        put(&mut send, &MemberFrame::Publish(m)).await;
+    }
+    let (mut taken, mut rate_refused) = (0u64, 0u64);
+    for _ in 0..FLOOD {
+        match next_answer(&mut recv).await {
+            MemberFrame::Published { .. } => taken += 1,
+            MemberFrame::PublishRefused { kind, .. } => {
+                assert_eq!(kind, "publisher_rate_limited");
+                rate_refused += 1;
+            }
+            _ => unreachable!(),
+        }
+    }
+    assert_eq!(taken + rate_refused, FLOOD, "every publish answered");
+    assert!(
+        taken <= 2 * reach_proto::topics::DEFAULT_PUBLISHER_RATE,
+        "{taken} of the flood taken"
+    );
+
+    // Meanwhile the honest publisher is served as ever.
+    for i in 1..=HONEST {
+        g.publish(TOPIC, format!("g-{i}").into_bytes())
+            .await
+            .unwrap_or_else(|e| panic!("G publishes {i}: {e}"));
+    }
+    let mut next = 1;
+    within("H gets every honest message", async {
+        while next <= HONEST {
+            match s_h.next().await.expect("H runs") {
+                TopicEvent::Message(m) if m.from == g.peer_id() => {
+                    assert_eq!(m.id, next, "once and in order");
+                    assert_eq!(&m.data[..], format!("g-{next}").as_bytes());
+                    next += 1;
+                }
+                TopicEvent::Message(m) => {
+                    assert_eq!(m.from, x.peer_id());
+                    assert_eq!(&m.data[..], b"flood", "only X's own valid messages");
+                }
+                TopicEvent::Missed { count } => panic!("missed {count}"),
+                _ => {}
+            }
+        }
+    })
+    .await;
 }
