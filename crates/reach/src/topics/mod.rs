@@ -405,8 +405,11 @@ struct Mine {
     /// Per publisher, the highest seq handed over: exactly once, in order,
     /// across homes.
     hwm: HashMap<PeerId, u64>,
-    /// Members known (member → home).
-    members: BTreeMap<PeerId, PeerId>,
+    /// Members known, each with every home that lists it, the newest
+    /// last (never empty). A member that re-homed is listed by its old home
+    /// too until that home goes stale: the view keeps it while any home
+    /// does, and reports it at the newest.
+    members: BTreeMap<PeerId, Vec<PeerId>>,
     /// The seq of our last message that a home took (or may have).
     last_seq: u64,
     /// One publish at a time per topic: a refused message must not leave a
@@ -605,26 +608,62 @@ fn push(mine: &Mine, ev: &TopicEvent) {
     }
 }
 
-/// A member changed: updates the view and tells the subscribers. A leave
-/// from a home the member already moved away from changes nothing.
+/// A member changed: updates the view and tells the subscribers. A member
+/// joining at another home moved there (reported as joined at it); a leave
+/// from one of its homes changes nothing while another still lists it.
 fn presence_mine(mine: &mut Mine, member: PeerId, home: PeerId, joined: bool) {
     if joined {
-        if mine.members.insert(member, home) != Some(home) {
+        let homes = mine.members.entry(member).or_default();
+        if homes.last() != Some(&home) {
+            homes.retain(|h| *h != home);
+            homes.push(home);
             push(mine, &TopicEvent::Joined { member, home });
         }
-    } else if mine.members.get(&member) == Some(&home) {
-        mine.members.remove(&member);
-        push(mine, &TopicEvent::Left { member, home });
+    } else if let Some(homes) = mine.members.get_mut(&member)
+        && homes.contains(&home)
+    {
+        homes.retain(|h| *h != home);
+        if homes.is_empty() {
+            mine.members.remove(&member);
+            push(mine, &TopicEvent::Left { member, home });
+        }
     }
 }
 
-/// Replaces the member view with a home's snapshot, telling the
-/// subscribers what changed.
+/// The member view as (member, its newest home) pairs.
+fn member_list(mine: &Mine) -> impl Iterator<Item = (PeerId, PeerId)> + '_ {
+    mine.members
+        .iter()
+        .filter_map(|(m, homes)| Some((*m, *homes.last()?)))
+}
+
+/// Replaces the member view with a home's snapshot (which may list a member
+/// at several homes), telling the subscribers what changed: a member no
+/// longer listed left, a new one joined, one whose newest home is no
+/// longer listed moved.
 fn resync_members(mine: &mut Mine, list: Vec<(PeerId, PeerId)>) {
-    let new: BTreeMap<PeerId, PeerId> = list.into_iter().collect();
     let old = std::mem::take(&mut mine.members);
-    for (m, h) in &old {
-        if new.get(m) != Some(h) {
+    let mut new: BTreeMap<PeerId, Vec<PeerId>> = BTreeMap::new();
+    for (m, h) in list {
+        let homes = new.entry(m).or_default();
+        if !homes.contains(&h) {
+            homes.push(h);
+        }
+    }
+    for (m, homes) in new.iter_mut() {
+        // Where the member was reported before stays its newest home while
+        // it is still listed there: no event for what did not change.
+        if let Some(was) = old.get(m).and_then(|o| o.last())
+            && let Some(i) = homes.iter().position(|h| h == was)
+        {
+            let h = homes.remove(i);
+            homes.push(h);
+        }
+    }
+    for (m, homes) in &old {
+        if !new.contains_key(m)
+            && let Some(h) = homes.last()
+        {
             push(
                 mine,
                 &TopicEvent::Left {
@@ -634,8 +673,11 @@ fn resync_members(mine: &mut Mine, list: Vec<(PeerId, PeerId)>) {
             );
         }
     }
-    for (m, h) in &new {
-        if old.get(m) != Some(h) {
+    for (m, homes) in &new {
+        let (now, before) = (homes.last(), old.get(m).and_then(|o| o.last()));
+        if let Some(h) = now
+            && now != before
+        {
             push(
                 mine,
                 &TopicEvent::Joined {
@@ -848,11 +890,8 @@ impl Topics {
         match st.mine.get_mut(&topic) {
             Some(mine) => {
                 // A second subscription starts with the members known.
-                for (m, h) in &mine.members {
-                    let _ = tx.try_send(TopicEvent::Joined {
-                        member: *m,
-                        home: *h,
-                    });
+                for (member, home) in member_list(mine) {
+                    let _ = tx.try_send(TopicEvent::Joined { member, home });
                 }
                 mine.sinks.insert(key, sink);
             }
@@ -994,7 +1033,7 @@ impl Topics {
         let topic = topic_id(name)?;
         let st = self.state();
         if let Some(mine) = st.mine.get(&topic) {
-            return Ok(mine.members.iter().map(|(m, h)| (*m, *h)).collect());
+            return Ok(member_list(mine).collect());
         }
         Ok(st.overlay.members(&topic))
     }
@@ -1861,7 +1900,7 @@ mod tests {
         // The member moved to h2; the old home's stale sweep comes later.
         presence_mine(&mut m, a, h2, true);
         presence_mine(&mut m, a, h1, false);
-        assert_eq!(m.members.get(&a), Some(&h2));
+        assert_eq!(member_list(&m).collect::<Vec<_>>(), [(a, h2)]);
         let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
         assert_eq!(
             got,
@@ -1893,6 +1932,37 @@ mod tests {
                 TopicEvent::Joined { member: c, home: h },
             ]
         );
+    }
+
+    /// Found by `reach lab rooms`: a member re-subscribing at a new home
+    /// got a snapshot listing another re-homed member at the dead home and
+    /// at its new one, kept only one of the two, and lost the member when
+    /// the dead home went stale.
+    #[test]
+    fn a_member_listed_by_a_dead_home_and_a_new_one_stays_when_the_dead_one_goes() {
+        let (mut m, mut rx) = mine();
+        let (b, dead, new_home) = (id(1), id(2), id(3));
+        resync_members(&mut m, vec![(b, new_home), (b, dead)]);
+        // The dead home goes stale: its members leave from it.
+        presence_mine(&mut m, b, dead, false);
+        assert_eq!(
+            member_list(&m).collect::<Vec<_>>().len(),
+            1,
+            "b is still here"
+        );
+        let got: Vec<_> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
+        assert!(
+            !got.iter().any(|e| matches!(e, TopicEvent::Left { .. })),
+            "{got:?}"
+        );
+        // Its last home says it left: now it is gone.
+        let last = member_list(&m).next().map(|(_, h)| h).unwrap();
+        presence_mine(&mut m, b, last, false);
+        assert_eq!(member_list(&m).count(), 0);
+        assert!(matches!(
+            rx.try_recv(),
+            Ok(TopicEvent::Left { member, .. }) if member == b
+        ));
     }
 
     #[test]
