@@ -23,7 +23,9 @@
 //!   receive, exactly once and in order, everything published after they
 //!   re-homed; the others everything; and every survivor's view must lose
 //!   the dead home (its own membership, by `TopicEvent::Left` with its id
-//!   as the home) within [`STALE_DROP_LIMIT`] of the kill.
+//!   as the home) within [`STALE_DROP_LIMIT`] of the kill, no live member
+//!   may leave any view, and then every view must hold exactly the
+//!   survivors.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -67,6 +69,12 @@ pub const STALE_WATCH: Duration = Duration::from_secs(30);
 /// the loop: at [`RoomsOptions::failover_interval`] apart, the stream
 /// outlasts [`REHOME_TIMEOUT`] long before this).
 pub const MAX_FAILOVER_MESSAGES: u32 = 2_000;
+/// Time the survivors' views have, once the dead home is gone from all
+/// of them, to hold exactly the survivors (they should already: a member
+/// that re-homed is announced by its new home within the presence limit).
+pub const VIEW_SETTLE: Duration = Duration::from_secs(5);
+/// Spurious leaves quoted in the report at most.
+const SAMPLES: usize = 8;
 /// How often conditions are polled.
 const POLL: Duration = Duration::from_millis(20);
 
@@ -178,6 +186,17 @@ pub struct FailoverReport {
     /// Survivors that got `TopicEvent::Left` with the dead relay as home.
     pub saw_left_from_dead_home: usize,
     pub survivors: usize,
+    /// `TopicEvent::Left` a survivor got, from the kill on, for a member
+    /// at a home that did not die (nobody left: each is a live member
+    /// dropped from a view).
+    pub spurious_leaves: u64,
+    /// The first few of them: "observer (kind) saw member (kind) leave
+    /// home H at t ms".
+    pub spurious_leave_samples: Vec<String>,
+    /// From the moment the dead home was gone from every view until every
+    /// survivor's view held exactly the survivors (`None`: not within
+    /// [`VIEW_SETTLE`]).
+    pub views_whole_ms: Option<u64>,
     /// Deliveries while and after the relay died (re-homed members: the
     /// messages published after they re-homed).
     pub phase: PhaseReport,
@@ -930,6 +949,15 @@ async fn failover_phase(
     let watch_left = STALE_WATCH.saturating_sub(killed_at.elapsed());
     until(watch_left, || survivors.iter().all(|m| clean(m))).await;
     rep.survivors = survivors.len();
+    let everyone: BTreeSet<PeerId> = survivors.iter().map(|m| m.id()).collect();
+    let kind_of: BTreeMap<PeerId, String> = all.iter().map(|m| (m.id(), m.kind.clone())).collect();
+    rep.views_whole_ms = until(VIEW_SETTLE, || {
+        survivors
+            .iter()
+            .all(|m| m.view().keys().copied().collect::<BTreeSet<_>>() == everyone)
+    })
+    .await
+    .map(ms);
     let mut max = Some(0);
     for m in &survivors {
         let events = m.events();
@@ -942,6 +970,23 @@ async fn failover_phase(
             .last();
         if left_at.is_some() {
             rep.saw_left_from_dead_home += 1;
+        }
+        for (at, ev) in &events {
+            if let TopicEvent::Left { member, home } = ev
+                && *at >= killed_at
+                && *home != victim
+            {
+                rep.spurious_leaves += 1;
+                if rep.spurious_leave_samples.len() < SAMPLES {
+                    rep.spurious_leave_samples.push(format!(
+                        "{} ({}) saw {member} ({}) leave home {home} at {} ms",
+                        m.id(),
+                        m.kind,
+                        kind_of.get(member).map_or("?", |k| k.as_str()),
+                        ms(at.duration_since(killed_at))
+                    ));
+                }
+            }
         }
         // When the view lost its last member at the dead home: the last
         // event that removed one (a Left from it, or a re-join elsewhere).
@@ -984,8 +1029,12 @@ async fn failover_phase(
             rep.saw_left_from_dead_home, rep.survivors
         ));
     }
-    let everyone: BTreeSet<PeerId> = survivors.iter().map(|m| m.id()).collect();
-    let kind_of: BTreeMap<PeerId, String> = all.iter().map(|m| (m.id(), m.kind.clone())).collect();
+    if rep.spurious_leaves > 0 {
+        failed.push(format!(
+            "{} leaves of live members at live homes: {:?}",
+            rep.spurious_leaves, rep.spurious_leave_samples
+        ));
+    }
     for m in &survivors {
         let view = m.view();
         let seen: BTreeSet<PeerId> = view.keys().copied().collect();

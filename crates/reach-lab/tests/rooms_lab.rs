@@ -82,5 +82,9 @@ async fn topics_reach_every_nat_kind_once_in_order_and_survive_a_relay_killed_mi
         "the dead home dropped out after {stale} ms"
     );
     assert_eq!(f.saw_left_from_dead_home, f.survivors);
+    // Nobody alive left anyone's view, and every view holds exactly the
+    // survivors (the re-homed members included).
+    assert_eq!(f.spurious_leaves, 0, "{:?}", f.spurious_leave_samples);
+    assert!(f.views_whole_ms.is_some(), "{:?}", r.failed);
     assert!(r.passed, "failed checks: {:?}", r.failed);
 }
