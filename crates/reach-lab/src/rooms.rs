@@ -879,7 +879,18 @@ async fn failover_phase(
         let to = at.and(m.home());
         rep.rehomed_to.insert(key.clone(), to);
         match to {
-            None => failed.push(format!("{} ({}) did not re-home", key, m.kind)),
+            None => {
+                let relay = m.node.relay_status();
+                failed.push(format!(
+                    "{key} ({}) did not re-home within {REHOME_TIMEOUT:?}: holds relay {:?} \
+                     (the dead one: {}), reachability {:?}, topic home {:?}",
+                    m.kind,
+                    relay.held_relay,
+                    relay.held_relay == Some(victim),
+                    relay.reachability,
+                    m.home()
+                ))
+            }
             Some(h) if !relay_ids.contains(&h) || h == victim => failed.push(format!(
                 "{key} ({}) re-homed on {h}, not another relay",
                 m.kind
