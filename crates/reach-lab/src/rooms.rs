@@ -73,6 +73,10 @@ pub const MAX_FAILOVER_MESSAGES: u32 = 2_000;
 /// of them, to hold exactly the survivors (they should already: a member
 /// that re-homed is announced by its new home within the presence limit).
 pub const VIEW_SETTLE: Duration = Duration::from_secs(5);
+/// Relay candidates a node tries per acquisition round (the DHT-closest
+/// first): reach's `relay::acquire::MAX_CANDIDATES`, which is private.
+/// Only for the diagnosis of a member that did not re-home.
+const RELAY_CANDIDATES: usize = 8;
 /// Spurious leaves quoted in the report at most.
 const SAMPLES: usize = 8;
 /// How often conditions are polled.
@@ -176,6 +180,10 @@ pub struct FailoverReport {
     pub rehome_ms: BTreeMap<String, Option<u64>>,
     /// Where each went.
     pub rehomed_to: BTreeMap<String, Option<PeerId>>,
+    /// Per member of the killed relay, how many of the other relays were
+    /// among its eight DHT-closest contacts (the relay candidates it tries
+    /// first) just before the kill: a diagnosis for slow re-homing.
+    pub relays_near_at_kill: BTreeMap<String, usize>,
     /// Messages published after each re-homed (all of which it must get).
     pub after_rehome_expected: BTreeMap<String, u64>,
     /// Per surviving member, ms from the kill until its view had no member
@@ -542,6 +550,22 @@ pub async fn run(opts: &RoomsOptions) -> Result<RoomsReport, LabError> {
     result
 }
 
+/// How many of `relays` are among `m`'s [`RELAY_CANDIDATES`] DHT-closest
+/// contacts (the relay candidates it tries first), and its routing table's
+/// size.
+fn relays_among_closest(m: &Member, relays: &BTreeSet<PeerId>) -> (usize, usize) {
+    use reach_proto::dht::Key;
+    let own = Key::for_peer(&m.id());
+    let mut entries = m.node.routing_snapshot().entries;
+    entries.sort_by_key(|e| Key::for_peer(&e.peer).distance(&own));
+    let near = entries
+        .iter()
+        .take(RELAY_CANDIDATES)
+        .filter(|e| relays.contains(&e.peer))
+        .count();
+    (near, entries.len())
+}
+
 /// Whether `m`'s node is its own home (else a relay is).
 fn self_homed(m: &Member) -> bool {
     m.node.topics_status().home == Some(m.id())
@@ -843,6 +867,16 @@ async fn failover_phase(
         .collect();
     // Mid-stream: once the publishers are a few messages in.
     tokio::time::sleep(opts.failover_interval * opts.before_kill.max(1)).await;
+    let live: BTreeSet<PeerId> = relay_ids
+        .iter()
+        .filter(|r| **r != victim)
+        .copied()
+        .collect();
+    for &i in &homed {
+        let (near, _) = relays_among_closest(&all[i], &live);
+        rep.relays_near_at_kill
+            .insert(all[i].id().to_string(), near);
+    }
     let killed_at = Instant::now();
     // Shut down beside the watch: a shutdown waits for peers to
     // acknowledge, and the members may re-home meanwhile.
@@ -881,9 +915,16 @@ async fn failover_phase(
         match to {
             None => {
                 let relay = m.node.relay_status();
+                let live: BTreeSet<PeerId> = relay_ids
+                    .iter()
+                    .filter(|r| **r != victim)
+                    .copied()
+                    .collect();
+                let (near, table) = relays_among_closest(m, &live);
                 failed.push(format!(
                     "{key} ({}) did not re-home within {REHOME_TIMEOUT:?}: holds relay {:?} \
-                     (the dead one: {}), reachability {:?}, topic home {:?}",
+                     (the dead one: {}), reachability {:?}, topic home {:?}; live relays among \
+                     its {RELAY_CANDIDATES} closest contacts now: {near} (routing table: {table})",
                     m.kind,
                     relay.held_relay,
                     relay.held_relay == Some(victim),

@@ -66,7 +66,7 @@ async fn topics_reach_every_nat_kind_once_in_order_and_survive_a_relay_killed_mi
     assert!(f.killed_relay.is_some());
     assert!(!f.rehome_ms.is_empty(), "the killed relay had members");
     for (m, t) in &f.rehome_ms {
-        assert!(t.is_some(), "{m} re-homed");
+        assert!(t.is_some(), "{m} re-homed: {:?}", r.failed);
         assert!(f.rehomed_to[m].is_some() && f.rehomed_to[m] != f.killed_relay);
     }
     let ph = &f.phase;
