@@ -431,6 +431,21 @@ pub enum LabCommand {
         #[arg(long, conflicts_with = "json")]
         markdown: bool,
     },
+    /// Topics across federated homes behind real NATs: four relays in a
+    /// configured federation cycle, a member behind every NAT kind of the
+    /// lab, homes found through the DHT; publishers (public, edm,
+    /// udp-blocked) publish and every member must get every message once,
+    /// in order; presence within 2 s; then a relay is killed mid-stream:
+    /// its members re-home and get what followed, and it leaves every
+    /// view within 15 s. Fails unless every check passed.
+    Rooms {
+        /// Messages per publisher in the steady phase.
+        #[arg(long, default_value_t = 20)]
+        messages: u32,
+        /// Print one JSON object instead of a summary.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -183,6 +183,7 @@ pub async fn run(cli: Cli) -> Result<()> {
             lease_secs,
             json,
         }) => lab_portmap(kinds, lease_secs, json).await,
+        Command::Lab(LabCommand::Rooms { messages, json }) => lab_rooms(messages, json).await,
         Command::Demo(args) => demo::run(args).await,
         Command::Events {
             follow,
@@ -805,6 +806,54 @@ fn parse_kinds(
 }
 
 /// `reach lab portmap`: port mapping against real miniupnpd.
+async fn lab_rooms(messages: u32, json: bool) -> Result<()> {
+    let opts = reach_lab::rooms::RoomsOptions {
+        messages,
+        ..Default::default()
+    };
+    let r = tokio::select! {
+        r = reach_lab::rooms::run(&opts) => r?,
+        _ = wait_for_stop_signal() => anyhow::bail!("interrupted; the lab was torn down"),
+    };
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let f = &r.failover;
+        println!(
+            "homes {} (links: {}/{} configured up, {} discovered); members {}; presence {} ms",
+            r.home_count,
+            r.links.configured_up,
+            r.links.configured_expected,
+            r.links.discovered,
+            r.members.len(),
+            r.presence_converge_ms
+                .map_or("-".to_string(), |v| v.to_string())
+        );
+        for (name, p) in [("steady", &r.steady), ("failover", &f.phase)] {
+            println!(
+                "{name}: published {} errors {:?}, delivered {}/{}, duplicates {}, out of order {}, all in {} ms",
+                p.published,
+                p.publish_errors,
+                p.delivered,
+                p.expected,
+                p.duplicates,
+                p.order_violations,
+                p.all_delivered_ms
+                    .map_or("-".to_string(), |v| v.to_string())
+            );
+        }
+        println!(
+            "killed relay {}: re-homed {:?} ms; dead home gone from every view after {} ms",
+            f.killed_relay.map_or("-".to_string(), |p| p.to_string()),
+            f.rehome_ms.values().collect::<Vec<_>>(),
+            f.stale_drop_ms_max
+                .map_or("-".to_string(), |v| v.to_string())
+        );
+    }
+    anyhow::ensure!(r.passed, "failed checks: {}", r.failed.join("; "));
+    Ok(())
+}
+
 async fn lab_portmap(kinds: Vec<String>, lease_secs: u64, json: bool) -> Result<()> {
     use reach_lab::portmap::{PortmapOptions, run};
     let opts = PortmapOptions {

@@ -15,6 +15,8 @@
 //! - [`pairs`]: every pair of kinds connecting by PeerId (`reach lab matrix`).
 //! - [`story`]: `reach demo` as root: dial by key, relayed, punched,
 //!   port-mapped, in a small lab.
+//! - [`rooms`]: topics across federated homes behind every NAT kind, a
+//!   relay killed mid-stream (`reach lab rooms`).
 //! - [`portmap`]: a node behind each miniupnpd router: mapped, verified,
 //!   renewed, re-mapped, deleted (`reach lab portmap`).
 
@@ -24,6 +26,7 @@ pub mod nat;
 pub mod netns;
 pub mod pairs;
 pub mod portmap;
+pub mod rooms;
 pub mod story;
 
 pub use netns::{Lab, LabError};

@@ -180,6 +180,18 @@ pub(crate) async fn node_in(
     seed: Option<SocketAddr>,
     gateway: Option<IpAddr>,
 ) -> Result<Node, LabError> {
+    Ok(node_builder_in(lab, ns, ip, seed, gateway)?.spawn().await?)
+}
+
+/// The builder [`node_in`] spawns, for callers that configure more (a
+/// keypair, relay modes, topic federation) before spawning.
+pub(crate) fn node_builder_in(
+    lab: &Lab,
+    ns: &str,
+    ip: IpAddr,
+    seed: Option<SocketAddr>,
+    gateway: Option<IpAddr>,
+) -> Result<reach::NodeBuilder, LabError> {
     let sock = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
     let bound = sock.local_addr().map_err(LabError::Io)?;
     let alt = lab.udp_socket(ns, SocketAddr::new(ip, 0))?;
@@ -204,7 +216,7 @@ pub(crate) async fn node_in(
     if let Some(s) = seed {
         b = b.bootstrap([s]);
     }
-    Ok(b.spawn().await?)
+    Ok(b)
 }
 
 /// Waits until `node` has joined and decided about relays: public, or
