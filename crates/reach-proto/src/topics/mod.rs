@@ -130,6 +130,16 @@ pub const PRESENCE_CONFIRM: Duration = Duration::from_secs(1);
 /// A home not heard for this long has its members dropped (issue #15:
 /// three heartbeats).
 pub const HOME_STALE: Duration = Duration::from_secs(15);
+/// A home not heard for this long (one heartbeat missed, with margin) has
+/// its presence tree re-grafted: every link is asked to push its frames
+/// again. Its tree can break without a link dying here (a home upstream
+/// pruned the only path, or lost its parent and its re-graft reached
+/// others but not its own children), and presence has no "I have"
+/// repair as messages do; without this a live home would be dropped at
+/// [`HOME_STALE`]. The two heartbeats left before then come by the new
+/// paths. Found by `reach lab rooms` (a live home dropped 13.5 s after a
+/// relay was killed).
+pub const PRESENCE_REGRAFT: Duration = Duration::from_secs(7);
 /// How long a snapshot pull may take before it is asked again.
 pub const SNAPSHOT_RETRY: Duration = Duration::from_secs(1);
 

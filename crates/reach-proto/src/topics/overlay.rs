@@ -558,6 +558,11 @@ impl TopicState {
                     }
                 }
                 PresenceAction::Send { to, frame } => send(out, to, frame),
+                PresenceAction::Regraft { origin } => {
+                    for p in &self.links {
+                        send(out, *p, TopicFrame::Eager { topic, origin });
+                    }
+                }
                 PresenceAction::Changed {
                     member,
                     home,

@@ -12,7 +12,9 @@
 //! a bounded amount per home. A home whose version is ahead of what a
 //! heartbeat or delta says pulls a snapshot of that home's members from the
 //! neighbour that sent it, in pages of [`MAX_PRESENCE_PAGE`]. A home not
-//! heard for [`HOME_STALE`] has its members dropped.
+//! heard for [`HOME_STALE`] has its members dropped; one silent for
+//! [`PRESENCE_REGRAFT`] first has its tree re-grafted from every link (see
+//! [`PRESENCE_REGRAFT`]).
 //!
 //! `incarnation` is a value the driver picks per start of the home (e.g.
 //! its start time): a restarted home counts its versions and beats from 0
@@ -27,7 +29,7 @@ use std::time::Duration;
 
 use super::{
     HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
-    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, SNAPSHOT_RETRY, TopicFrame, TopicId,
+    PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, PRESENCE_REGRAFT, SNAPSHOT_RETRY, TopicFrame, TopicId,
 };
 use crate::PeerId;
 
@@ -71,6 +73,10 @@ pub(crate) enum PresenceAction {
         home: PeerId,
         joined: bool,
     },
+    /// Ask every link to push `origin`'s frames to us again (an `Eager`
+    /// frame each): its presence has been silent for
+    /// [`PRESENCE_REGRAFT`].
+    Regraft { origin: PeerId },
 }
 
 struct Pull {
@@ -90,6 +96,8 @@ struct HomeView {
     announced: (u64, u64),
     beat: (u64, u64),
     last_heard: Duration,
+    /// Whether its tree was re-grafted since `last_heard`.
+    regrafted: bool,
     /// The neighbour the home's latest delta or heartbeat came from: where
     /// snapshot pulls go (a pull's neighbour may have died since).
     last_from: Option<PeerId>,
@@ -196,7 +204,13 @@ impl TopicPresence {
         // The earliest moment a home falls silent for HOME_STALE: dropped
         // exactly then, not at the next periodic sweep.
         let stale = self.homes.values().map(|v| v.last_heard + HOME_STALE).min();
-        [Some(self.next_beat), stale, self.batch_due]
+        let regraft = self
+            .homes
+            .values()
+            .filter(|v| !v.regrafted)
+            .map(|v| v.last_heard + PRESENCE_REGRAFT)
+            .min();
+        [Some(self.next_beat), stale, regraft, self.batch_due]
             .into_iter()
             .flatten()
             .chain(pulls)
@@ -240,6 +254,12 @@ impl TopicPresence {
                 origin: self.me,
                 except: None,
             });
+        }
+        for (home, v) in self.homes.iter_mut() {
+            if !v.regrafted && v.last_heard + PRESENCE_REGRAFT <= now {
+                v.regrafted = true;
+                acts.push(PresenceAction::Regraft { origin: *home });
+            }
         }
         {
             let stale: Vec<PeerId> = self
@@ -297,6 +317,7 @@ impl TopicPresence {
                     announced: (0, 0),
                     beat: (0, 0),
                     last_heard: now,
+                    regrafted: false,
                     last_from: None,
                     waiters: BTreeSet::new(),
                     members: BTreeSet::new(),
@@ -400,6 +421,7 @@ impl TopicPresence {
         v.delta_seen = iv;
         v.announced = v.announced.max(iv);
         v.last_heard = now;
+        v.regrafted = false;
         v.last_from = Some(from);
 
         let frame = TopicFrame::PresenceDelta {
@@ -478,6 +500,7 @@ impl TopicPresence {
         }
         v.beat = (incarnation, beat);
         v.last_heard = now;
+        v.regrafted = false;
         v.last_from = Some(from);
         acts.push(PresenceAction::First { origin: home, from });
         if (incarnation, version) > v.version {

@@ -55,6 +55,9 @@ struct Net {
     drop_until: Option<(usize, usize, Duration)>,
     /// Frames lost to `drop_until`.
     dropped: u64,
+    /// Every presence heartbeat from one home to another is lost until a
+    /// time (the link stays up and carries the rest).
+    drop_beats_until: Option<(usize, usize, Duration)>,
     /// "I have" frames sent, by all homes.
     ihaves_sent: u64,
 }
@@ -82,6 +85,7 @@ impl Net {
             crossings: HashMap::new(),
             drop_until: None,
             dropped: 0,
+            drop_beats_until: None,
             ihaves_sent: 0,
         };
         for i in 0..n {
@@ -149,7 +153,11 @@ impl Net {
                     let dropped = self
                         .drop_until
                         .is_some_and(|(a, b, until)| (a, b) == (i, j) && self.now < until);
-                    let dropped = dropped && overlay;
+                    let dropped = dropped && overlay
+                        || matches!(frame, TopicFrame::Heartbeat { .. })
+                            && self
+                                .drop_beats_until
+                                .is_some_and(|(a, b, until)| (a, b) == (i, j) && self.now < until);
                     if dropped {
                         self.dropped += 1;
                     }
@@ -536,6 +544,42 @@ fn presence_converges_and_a_silent_home_vanishes_after_the_stale_time() {
     let left: Vec<_> = net.nodes[0].members(&t);
     assert_eq!(left.len(), 6);
     assert!(left.iter().all(|(_, home)| *home != net.ids[3]));
+}
+
+/// A home's presence tree broken without a link dying: in a triangle, home
+/// 2 hears home 0 directly (the path through 1 is pruned for 0), then that
+/// link silently stops carrying 0's heartbeats. After PRESENCE_REGRAFT of
+/// silence home 2 asks every link for 0's frames again, and hears 0 through
+/// 1: 0's member is never dropped. (Without the re-graft it was, at
+/// HOME_STALE.)
+#[test]
+fn a_home_whose_heartbeats_stop_on_its_tree_link_is_heard_again_by_another_path() {
+    use crate::topics::PRESENCE_REGRAFT;
+    let mut net = Net::new(3, &[(0, 2, 10), (0, 1, 10), (1, 2, 10)], 0.0, 1);
+    let t = topic();
+    let member = key(900).peer_id();
+    net.nodes[0]
+        .member_joined(t, member, Duration::ZERO)
+        .unwrap();
+    net.flush(0);
+    net.run_until(HEARTBEAT * 3);
+    let (tree, lazy) = net.nodes[2].links_of(&t, &net.ids[0]);
+    assert_eq!(tree, [net.ids[0]], "2 hears 0 directly");
+    assert_eq!(lazy, [net.ids[1]], "the path through 1 is pruned for 0");
+    let stop = net.now;
+    net.drop_beats_until = Some((0, 2, stop + Duration::from_secs(120)));
+    net.run_until(stop + HOME_STALE * 4);
+    assert!(
+        net.presence[2]
+            .iter()
+            .all(|(m, _, joined, _)| *m != member || *joined),
+        "home 2 dropped 0's member: {:?}",
+        net.presence[2]
+    );
+    assert_eq!(net.nodes[2].members(&t), [(member, net.ids[0])]);
+    let (tree, _) = net.nodes[2].links_of(&t, &net.ids[0]);
+    assert!(tree.contains(&net.ids[1]), "0's frames now come through 1");
+    assert!(PRESENCE_REGRAFT + HEARTBEAT < HOME_STALE);
 }
 
 #[test]
