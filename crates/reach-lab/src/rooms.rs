@@ -73,10 +73,10 @@ pub const MAX_FAILOVER_MESSAGES: u32 = 2_000;
 /// of them, to hold exactly the survivors (they should already: a member
 /// that re-homed is announced by its new home within the presence limit).
 pub const VIEW_SETTLE: Duration = Duration::from_secs(5);
-/// Relay candidates a node tries per acquisition round (the DHT-closest
-/// first): reach's `relay::acquire::MAX_CANDIDATES`, which is private.
-/// Only for the diagnosis of a member that did not re-home.
-const RELAY_CANDIDATES: usize = 8;
+/// The DHT-closest contacts a node tries first for a relay (all of its K
+/// closest, then connected peers). Only for the diagnosis of a member that
+/// did not re-home.
+const RELAY_CANDIDATES: usize = reach_proto::dht::K;
 /// Spurious leaves quoted in the report at most.
 const SAMPLES: usize = 8;
 /// How often conditions are polled.

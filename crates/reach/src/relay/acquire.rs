@@ -14,8 +14,14 @@ use crate::dht::DhtMode;
 use crate::node::stats;
 use crate::vaddr::is_virtual;
 
-/// Relay candidates tried per acquisition at most.
-pub const MAX_CANDIDATES: usize = 8;
+/// Relay candidates tried per acquisition round at most: the K DHT-closest
+/// contacts and a dozen connected peers. Trying only the closest few left a
+/// node none of whose eight closest contacts was a live relay without one
+/// for a whole backoff (30 s) after its relay died, though relays were in
+/// its routing table (found by `reach lab rooms`). A contact that is no
+/// relay refuses at once; one that does not answer costs at most the relay
+/// RPC timeout.
+pub const MAX_CANDIDATES: usize = K + 12;
 /// A health poll (a reservation renewal) must answer within this.
 pub const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 /// Health polls that must fail in a row before the relay counts as lost
