@@ -418,7 +418,8 @@ struct Mine {
 
 /// A member a home serves over a stream.
 struct RemoteMember {
-    tx: mpsc::Sender<MemberFrame>,
+    /// Encoded [`MemberFrame`]s for the member's stream.
+    tx: mpsc::Sender<Bytes>,
     cut: CancellationToken,
 }
 
@@ -441,7 +442,8 @@ struct Link {
     /// Dialed by the home with the smaller key: when both homes dialed at
     /// once, both keep this one.
     preferred: bool,
-    tx: mpsc::Sender<FedFrame>,
+    /// Encoded [`FedFrame`]s for the link's stream.
+    tx: mpsc::Sender<Bytes>,
     /// Topics the other home said it serves.
     theirs: BTreeSet<TopicId>,
     cut: CancellationToken,
@@ -456,6 +458,10 @@ struct State {
     /// The configured homes and their redial schedule.
     configured: StaticLinks,
     next_key: u64,
+    /// The overlay timeout the driver sleeps until (`None`: none, it waits
+    /// to be woken): it is woken only when a flush makes the next timeout
+    /// sooner, not after every frame.
+    driver_at: Option<Duration>,
 }
 
 /// The topics capability.
@@ -516,6 +522,7 @@ impl Topics {
                 dialing: HashSet::new(),
                 configured: StaticLinks::new(me, federation.peers.iter().copied()),
                 next_key: 0,
+                driver_at: None,
             }),
             wake: Notify::new(),
             discover: Notify::new(),
@@ -574,21 +581,47 @@ async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, f: &T) -> Resul
         .map_err(|e| Error::Wire(reach_proto::wire::WireError::Malformed(e.to_string())))
 }
 
-/// Writes the frames of `rx` on `send` in order until the queue closes, a
-/// write fails or `cut` fires, then finishes the stream. One per member
-/// stream and federation link: the overlay's side only ever `try_send`s.
-async fn write_loop<T: Serialize>(
+/// Frames written to a stream in one write at most: what was queued
+/// while the last write went out goes in the next one (one lock of the
+/// QUIC connection, one wake of its driver, full packets), up to this.
+pub const WRITE_BATCH: usize = 64;
+
+/// `f` encoded for a stream; `None` (logged) if it is over the frame limit,
+/// which the frames made here never are.
+fn encoded<T: Serialize>(f: &T) -> Option<Bytes> {
+    match wire::encode_bytes(f) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "a topics frame not sent");
+            None
+        }
+    }
+}
+
+/// Offers `f` to a stream's queue; false if the queue is full or closed.
+fn offer<T: Serialize>(tx: &mpsc::Sender<Bytes>, f: &T) -> bool {
+    encoded(f).is_some_and(|b| tx.try_send(b).is_ok())
+}
+
+/// Writes the encoded frames of `rx` on `send` in order until the queue
+/// closes, a write fails or `cut` fires, then finishes the stream: all
+/// that is queued at once (up to [`WRITE_BATCH`]) in one write. One per
+/// member stream and federation link: the overlay's side only ever
+/// `try_send`s.
+async fn write_loop(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<T>,
+    mut rx: mpsc::Receiver<Bytes>,
     cut: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
-        tokio::select! {
+        batch.clear();
+        let n = tokio::select! {
             _ = cut.cancelled() => break,
-            f = rx.recv() => match f {
-                Some(f) => if write_frame(&mut send, &f).await.is_err() { break },
-                None => break,
-            }
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
+        };
+        if n == 0 || send.write_all_chunks(&mut batch).await.is_err() {
+            break;
         }
     }
     let _ = send.finish();
@@ -691,7 +724,7 @@ impl Topics {
                 match out {
                     OverlayOutput::Send { to, frame } => {
                         if let Some(l) = st.links.get(&to)
-                            && l.tx.try_send(FedFrame::Overlay(frame.encode())).is_err()
+                            && !offer(&l.tx, &FedFrame::Overlay(frame.encode()))
                         {
                             stats::bump(&self.counters.link_frames_dropped);
                         }
@@ -705,8 +738,15 @@ impl Topics {
                         {
                             self.deliver_mine(mine, &msg);
                         }
+                        // Encoded once for all the members.
+                        if s.remote.is_empty() {
+                            continue;
+                        }
+                        let Some(frame) = encoded(&MemberFrame::Deliver(msg)) else {
+                            continue;
+                        };
                         for (peer, m) in &s.remote {
-                            if m.tx.try_send(MemberFrame::Deliver(msg.clone())).is_err() {
+                            if m.tx.try_send(frame.clone()).is_err() {
                                 cut.push((topic, *peer));
                             }
                         }
@@ -725,13 +765,16 @@ impl Topics {
                         {
                             presence_mine(mine, member, home, joined);
                         }
+                        let f = MemberFrame::Presence {
+                            member,
+                            home,
+                            joined,
+                        };
+                        let Some(frame) = encoded(&f) else {
+                            continue;
+                        };
                         for (peer, m) in &s.remote {
-                            let f = MemberFrame::Presence {
-                                member,
-                                home,
-                                joined,
-                            };
-                            if m.tx.try_send(f).is_err() {
+                            if m.tx.try_send(frame.clone()).is_err() {
                                 cut.push((topic, *peer));
                             }
                         }
@@ -755,7 +798,11 @@ impl Topics {
                 }
             }
         }
-        self.wake.notify_one();
+        let next = st.overlay.next_timeout();
+        if next.is_some_and(|n| st.driver_at.is_none_or(|d| n < d)) {
+            st.driver_at = next;
+            self.wake.notify_one();
+        }
     }
 
     /// Starts serving `topic` here (nothing if it is already).
@@ -788,7 +835,7 @@ impl Topics {
             if !self.federation.allows(peer, &topic) {
                 continue;
             }
-            let _ = link.tx.try_send(FedFrame::Join(topic));
+            let _ = offer(&link.tx, &FedFrame::Join(topic));
             if link.theirs.contains(&topic) {
                 let _ = overlay.link_up(*peer, &[topic]);
             }
@@ -810,7 +857,7 @@ impl Topics {
         st.overlay.unsubscribe(topic);
         for (peer, link) in st.links.iter() {
             if self.federation.allows(peer, &topic) {
-                let _ = link.tx.try_send(FedFrame::Leave(topic));
+                let _ = offer(&link.tx, &FedFrame::Leave(topic));
             }
         }
     }
@@ -1221,27 +1268,18 @@ impl Topics {
         self.core
             .bus
             .emit(NodeEvent::TopicJoined { topic: name, home });
-        // Frames are read by a task of their own: a read cut off mid-frame
-        // (as a `select!` would) would lose the stream's framing.
-        let (ftx, mut frx) = mpsc::channel(SEND_QUEUE);
-        let reader = tokio::spawn(async move {
-            loop {
-                let f = wire::read::<MemberFrame>(&mut recv).await;
-                let end = !matches!(f, Ok(Some(_)));
-                if ftx.send(f).await.is_err() || end {
-                    return;
-                }
-            }
-        });
-        let _reader = AbortOnDrop(reader);
+        // The reader keeps a frame cut off mid-way by the `select!` (its
+        // reads are cancel safe), and hands over whatever has arrived.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
         let mut pending: std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)> =
             Default::default();
         loop {
             tokio::select! {
-                f = frx.recv() => match f {
-                    Some(Ok(Some(frame))) => self.on_member_frame(topic, home, frame, &mut pending)?,
-                    Some(Err(e)) => return Err(Error::Wire(e)),
-                    _ => return Err(lost(home, &"the topic home ended the stream")),
+                r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => match r {
+                    Ok(true) => self.on_member_frames(topic, home, &mut frames, &mut pending)?,
+                    Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
+                    Err(e) => return Err(Error::Wire(e)),
                 },
                 Some((msg, reply)) = pub_rx.recv() => {
                     let seq = msg.seq;
@@ -1261,8 +1299,34 @@ impl Topics {
         }
     }
 
+    /// Handles the frames the home sent (drained from `frames`): the
+    /// deliveries' signatures checked first, then all under one lock.
+    fn on_member_frames(
+        &self,
+        topic: TopicId,
+        home: PeerId,
+        frames: &mut Vec<MemberFrame>,
+        pending: &mut std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)>,
+    ) -> Result<()> {
+        // A subscriber checks every message's signature: its home cannot
+        // forge or alter one in another's name.
+        frames.retain(|f| match f {
+            MemberFrame::Deliver(msg) if msg.topic != topic || msg.verify().is_err() => {
+                stats::bump(&self.counters.bad_frames);
+                false
+            }
+            _ => true,
+        });
+        let mut st = self.state();
+        for f in frames.drain(..) {
+            self.on_member_frame(&mut st, topic, home, f, pending)?;
+        }
+        Ok(())
+    }
+
     fn on_member_frame(
         &self,
+        st: &mut State,
         topic: TopicId,
         home: PeerId,
         frame: MemberFrame,
@@ -1270,11 +1334,8 @@ impl Topics {
     ) -> Result<()> {
         match frame {
             MemberFrame::Deliver(msg) => {
-                if msg.topic != topic || msg.verify().is_err() {
-                    stats::bump(&self.counters.bad_frames);
-                    return Ok(());
-                }
-                if let Some(mine) = self.state().mine.get_mut(&topic) {
+                // Checked by the caller.
+                if let Some(mine) = st.mine.get_mut(&topic) {
                     self.deliver_mine(mine, &msg);
                 }
             }
@@ -1283,7 +1344,7 @@ impl Topics {
                 home: h,
                 joined,
             } => {
-                if let Some(mine) = self.state().mine.get_mut(&topic) {
+                if let Some(mine) = st.mine.get_mut(&topic) {
                     presence_mine(mine, member, h, joined);
                 }
             }
@@ -1362,25 +1423,45 @@ impl Topics {
         };
         let wcut = cut.clone();
         self.core.spawn(write_loop(send, rx, wcut));
-        loop {
-            let f = tokio::select! {
+        // Whatever frames have arrived are taken together: one lock of the
+        // state for the batch, and the answers queued together.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
+        let mut msgs = Vec::with_capacity(wire::READ_BATCH);
+        'frames: loop {
+            frames.clear();
+            let r = tokio::select! {
                 _ = cut.cancelled() => break,
-                f = wire::read::<MemberFrame>(&mut recv) => f,
+                r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => r,
             };
-            match f {
-                Ok(Some(MemberFrame::Publish(msg))) => {
-                    let reply = self.member_publish(peer, topic, msg);
-                    if tx.try_send(reply).is_err() {
-                        cut.cancel();
-                        stats::bump(&self.counters.members_cut);
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Ok(Some(_)) | Err(_) => {
+            match r {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
                 }
+            }
+            let mut bad = false;
+            for f in frames.drain(..) {
+                match f {
+                    MemberFrame::Publish(msg) => msgs.push(msg),
+                    _ => {
+                        bad = true;
+                        break;
+                    }
+                }
+            }
+            for reply in self.member_publish(peer, topic, &mut msgs) {
+                if tx.try_send(reply).is_err() {
+                    cut.cancel();
+                    stats::bump(&self.counters.members_cut);
+                    break 'frames;
+                }
+            }
+            if bad {
+                stats::bump(&self.counters.bad_frames);
+                break;
             }
         }
         let mut st = self.state();
@@ -1406,7 +1487,7 @@ impl Topics {
         &self,
         peer: PeerId,
         name: &str,
-        tx: &mpsc::Sender<MemberFrame>,
+        tx: &mpsc::Sender<Bytes>,
         cut: &CancellationToken,
     ) -> std::result::Result<TopicId, &'static str> {
         let topic = TopicId::from_name(name).map_err(|e| e.kind())?;
@@ -1423,7 +1504,7 @@ impl Topics {
         let mut members = st.overlay.members(&topic);
         members.truncate(wire::MAX_SNAPSHOT);
         let seq_seen = st.overlay.delivered_up_to(&topic, &peer).unwrap_or(0);
-        let _ = tx.try_send(MemberFrame::Subscribed { seq_seen, members });
+        let _ = offer(tx, &MemberFrame::Subscribed { seq_seen, members });
         if let Some(s) = st.served.get_mut(&topic)
             && let Some(old) = s.remote.insert(
                 peer,
@@ -1439,43 +1520,68 @@ impl Topics {
         Ok(topic)
     }
 
-    fn member_publish(&self, peer: PeerId, topic: TopicId, msg: TopicMessage) -> MemberFrame {
-        let seq = msg.seq;
-        if msg.origin != peer || msg.topic != topic {
-            stats::bump(&self.counters.bad_frames);
-            return MemberFrame::PublishRefused {
-                seq,
-                kind: "topic_not_the_publisher".into(),
-            };
+    /// Takes the messages `peer` published on its member stream (drained
+    /// from `msgs`), in order, under one lock: the answers, encoded.
+    fn member_publish(
+        &self,
+        peer: PeerId,
+        topic: TopicId,
+        msgs: &mut Vec<TopicMessage>,
+    ) -> Vec<Bytes> {
+        let mut replies = Vec::with_capacity(msgs.len());
+        if msgs.is_empty() {
+            return replies;
         }
-        let mut st = self.state();
-        let st = &mut *st;
-        let r = st.overlay.publish_from_member(msg, self.now());
-        let reply = match r {
-            Ok(_) => {
-                let rep = Self::report(st, topic, self.me(), seq);
-                MemberFrame::Published {
-                    seq,
-                    homes: rep.homes,
-                    members: rep.members,
-                }
-            }
-            Err(e) => {
-                let counter = match e {
-                    PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
-                        &self.counters.refused_rate
-                    }
-                    _ => &self.counters.refused_other,
-                };
-                stats::bump(counter);
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let now = self.now();
+        // What a publish reached is the same for the whole batch: nothing
+        // else changes the topic while the lock is held.
+        let mut report = None;
+        for msg in msgs.drain(..) {
+            let seq = msg.seq;
+            let reply = if msg.origin != peer || msg.topic != topic {
+                stats::bump(&self.counters.bad_frames);
                 MemberFrame::PublishRefused {
                     seq,
-                    kind: e.kind().to_string(),
+                    kind: "topic_not_the_publisher".into(),
                 }
-            }
-        };
+            } else {
+                // The stream's peer is the message's origin (checked just
+                // above; QUIC's mutual TLS authenticated the peer's key):
+                // that proves who sent it, so the home does not check its
+                // signature again (see
+                // `Overlay::publish_from_authenticated_member`); every other
+                // home and every subscriber does.
+                match st.overlay.publish_from_authenticated_member(msg, now) {
+                    Ok(_) => {
+                        let rep =
+                            *report.get_or_insert_with(|| Self::report(st, topic, self.me(), seq));
+                        MemberFrame::Published {
+                            seq,
+                            homes: rep.homes,
+                            members: rep.members,
+                        }
+                    }
+                    Err(e) => {
+                        let counter = match e {
+                            PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
+                                &self.counters.refused_rate
+                            }
+                            _ => &self.counters.refused_other,
+                        };
+                        stats::bump(counter);
+                        MemberFrame::PublishRefused {
+                            seq,
+                            kind: e.kind().to_string(),
+                        }
+                    }
+                }
+            };
+            replies.extend(encoded(&reply));
+        }
         self.flush(st);
-        reply
+        replies
     }
 
     // ---- the home's side: federation ----
@@ -1557,7 +1663,7 @@ impl Topics {
             }
             for topic in st.served.keys() {
                 if self.federation.allows(&peer, topic) {
-                    let _ = tx.try_send(FedFrame::Join(*topic));
+                    let _ = offer(&tx, &FedFrame::Join(*topic));
                 }
             }
             st.configured.on_up(&peer);
@@ -1570,63 +1676,76 @@ impl Topics {
         let wcut = cut.clone();
         let writer = tokio::spawn(write_loop(send, rx, wcut));
         let _writer = AbortOnDrop(writer);
+        // Whatever frames have arrived are handled together, under one lock.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
         loop {
-            let f = tokio::select! {
+            frames.clear();
+            let r = tokio::select! {
                 _ = cut.cancelled() => break,
-                f = wire::read::<FedFrame>(&mut recv) => f,
+                r = reader.read_batch::<FedFrame>(&mut recv, &mut frames, wire::READ_BATCH) => r,
             };
-            let f = match f {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
+            match r {
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
                 }
-            };
+            }
             let mut guard = self.state();
             let st = &mut *guard;
-            let State {
-                overlay,
-                links,
-                served,
-                ..
-            } = st;
-            let Some(link) = links.get_mut(&peer).filter(|l| l.id == id) else {
-                break;
-            };
-            match f {
-                FedFrame::Join(t) => {
-                    if !self.federation.allows(&peer, &t) {
-                        // A private topic from a home not trusted with it:
-                        // not carried (and not even remembered).
-                        stats::bump(&self.counters.untrusted_joins);
-                    } else if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
-                        && link.theirs.insert(t)
-                        && served.contains_key(&t)
-                    {
-                        let _ = overlay.link_up(peer, &[t]);
+            let now = self.now();
+            let mut replaced = false;
+            for f in frames.drain(..) {
+                let State {
+                    overlay,
+                    links,
+                    served,
+                    ..
+                } = &mut *st;
+                let Some(link) = links.get_mut(&peer).filter(|l| l.id == id) else {
+                    replaced = true;
+                    break;
+                };
+                match f {
+                    FedFrame::Join(t) => {
+                        if !self.federation.allows(&peer, &t) {
+                            // A private topic from a home not trusted with
+                            // it: not carried (and not even remembered).
+                            stats::bump(&self.counters.untrusted_joins);
+                        } else if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
+                            && link.theirs.insert(t)
+                            && served.contains_key(&t)
+                        {
+                            let _ = overlay.link_up(peer, &[t]);
+                        }
                     }
-                }
-                FedFrame::Leave(t) => {
-                    if link.theirs.remove(&t) && served.contains_key(&t) {
-                        // The overlay has no per-topic link_down: the link
-                        // goes down and comes back with what is shared.
-                        overlay.link_down(peer);
-                        let both: Vec<TopicId> = link
-                            .theirs
-                            .iter()
-                            .filter(|t| served.contains_key(t))
-                            .copied()
-                            .collect();
-                        let _ = overlay.link_up(peer, &both);
+                    FedFrame::Leave(t) => {
+                        if link.theirs.remove(&t) && served.contains_key(&t) {
+                            // The overlay has no per-topic link_down: the
+                            // link goes down and comes back with what is
+                            // shared.
+                            overlay.link_down(peer);
+                            let both: Vec<TopicId> = link
+                                .theirs
+                                .iter()
+                                .filter(|t| served.contains_key(t))
+                                .copied()
+                                .collect();
+                            let _ = overlay.link_up(peer, &both);
+                        }
                     }
+                    FedFrame::Overlay(bytes) => match TopicFrame::decode(&bytes) {
+                        Ok(frame) => overlay.handle_frame(peer, frame, now),
+                        Err(_) => stats::bump(&self.counters.bad_frames),
+                    },
                 }
-                FedFrame::Overlay(bytes) => match TopicFrame::decode(&bytes) {
-                    Ok(frame) => overlay.handle_frame(peer, frame, self.now()),
-                    Err(_) => stats::bump(&self.counters.bad_frames),
-                },
             }
             self.flush(st);
+            if replaced {
+                break;
+            }
         }
         let mut guard = self.state();
         let st = &mut *guard;
@@ -1654,7 +1773,9 @@ impl Topics {
                     st.overlay.handle_timeout(now);
                     self.flush(&mut st);
                 }
-                st.overlay.next_timeout()
+                let next = st.overlay.next_timeout();
+                st.driver_at = next;
+                next
             };
             let sleep = match next {
                 Some(t) => tokio::time::sleep_until(self.epoch + t),
