@@ -394,8 +394,52 @@ enum Attached {
     /// Attached to `home` through a member stream.
     Remote {
         home: PeerId,
-        publish: mpsc::Sender<(TopicMessage, oneshot::Sender<Result<PublishReport>>)>,
+        /// To the stream's session, which numbers, signs and sends.
+        publish: mpsc::Sender<PublishJob>,
     },
+}
+
+/// A publish handed to a member stream's session: the data, and where
+/// its outcome goes.
+type PublishJob = (Vec<u8>, oneshot::Sender<Result<PublishReport>>);
+
+/// Publishes a member has in flight to its home per topic at most (sent,
+/// not answered): enough that publishes go out several to a packet and
+/// the home takes them in batches instead of one per round trip; few
+/// enough that a refusal costs at most this many messages signed and sent
+/// again. After a refusal the window starts over at one and doubles with
+/// each message taken, so a member held at a rate limit sends one at a
+/// time (each refused one costs one frame, not a window of them).
+pub const PUBLISH_WINDOW: usize = 32;
+
+/// The home's answer to one of our publishes: its seq, and the homes and
+/// members it reached or the refusal's kind.
+type Answer = (u64, std::result::Result<(u32, u32), String>);
+
+/// A member stream's publishes: the next seq to sign, what is in flight
+/// in the order sent (the home answers in that order), what waits to go
+/// again, and the window.
+struct Publishing {
+    next_seq: u64,
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// Refused out of order (sent behind a refused one): sent again, in
+    /// order, before anything new.
+    again: std::collections::VecDeque<InFlight>,
+    /// Publishes in flight at most now (1 ..= [`PUBLISH_WINDOW`]).
+    window: usize,
+    /// Refusals (other than out of order) so far on this stream.
+    refusals: u64,
+}
+
+/// A publish sent to the home and not answered yet.
+struct InFlight {
+    seq: u64,
+    data: Vec<u8>,
+    reply: oneshot::Sender<Result<PublishReport>>,
+    /// [`Publishing::refusals`] when it was sent: refused out of order
+    /// with no refusal since, the home and this member disagree on the seq
+    /// (the caller is told, rather than it going round again).
+    refusals_at_send: u64,
 }
 
 /// A topic this node subscribed to.
@@ -409,8 +453,10 @@ struct Mine {
     members: BTreeMap<PeerId, PeerId>,
     /// The seq of our last message that a home took (or may have).
     last_seq: u64,
-    /// One publish at a time per topic: a refused message must not leave a
-    /// gap in our own seqs behind one that was taken.
+    /// One publish at a time per topic while this node is its own home: a
+    /// refused message must not leave a gap in our own seqs behind one that
+    /// was taken. (Through a home, the member stream's session numbers the
+    /// messages and keeps that rule with several in flight.)
     publishing: Arc<tokio::sync::Mutex<()>>,
     attached: Attached,
     session: CancellationToken,
@@ -974,61 +1020,60 @@ impl Topics {
         if data.len() > MAX_DATA_LEN {
             return Err(Error::Topic(TopicRefusal::TooBig(data.len())));
         }
-        let gate = self
-            .state()
-            .mine
-            .get(&topic)
-            .map(|m| m.publishing.clone())
-            .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
-        let _one_at_a_time = gate.lock().await;
-        enum Route {
-            Local,
-            Remote(
-                PeerId,
-                mpsc::Sender<(TopicMessage, oneshot::Sender<Result<PublishReport>>)>,
-            ),
-        }
-        let (seq, route) = {
+        let (gate, remote) = {
             let st = self.state();
             let mine = st
                 .mine
                 .get(&topic)
                 .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
-            let route = match &mine.attached {
+            let remote = match &mine.attached {
                 Attached::None => return Err(Error::Topic(TopicRefusal::NoHome)),
-                Attached::Local => Route::Local,
-                Attached::Remote { home, publish } => Route::Remote(*home, publish.clone()),
+                Attached::Local => None,
+                Attached::Remote { home, publish } => Some((*home, publish.clone())),
             };
-            (mine.last_seq + 1, route)
+            (mine.publishing.clone(), remote)
+        };
+        if let Some((home, tx)) = remote {
+            let (otx, orx) = oneshot::channel();
+            if tx.send((data, otx)).await.is_err() {
+                return Err(Error::Topic(TopicRefusal::NoHome));
+            }
+            return match tokio::time::timeout(HOME_TIMEOUT, orx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(lost(home, &"the home session ended")),
+                Err(_) => Err(Error::Timeout("waiting for the topic home's answer")),
+            };
+        }
+        let _one_at_a_time = gate.lock().await;
+        let seq = {
+            let st = self.state();
+            let mine = st
+                .mine
+                .get(&topic)
+                .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
+            if !matches!(mine.attached, Attached::Local) {
+                // The home moved meanwhile.
+                return Err(Error::Topic(TopicRefusal::NoHome));
+            }
+            mine.last_seq + 1
         };
         let msg = TopicMessage::sign(&self.core.keypair, topic, seq, data)
             .map_err(|e| Error::Topic(TopicRefusal::Home(e.kind().to_string())))?;
-        let result = match route {
-            Route::Local => {
-                let mut st = self.state();
-                let st = &mut *st;
-                let r = st.overlay.publish_from_member(msg, self.now());
-                let r = r
-                    .map(|_| Self::report(st, topic, self.me(), seq))
-                    .map_err(|e| Error::Topic(TopicRefusal::from_publish(&e)));
-                self.flush(st);
-                r
-            }
-            Route::Remote(home, tx) => {
-                let (otx, orx) = oneshot::channel();
-                if tx.send((msg, otx)).await.is_err() {
-                    return Err(Error::Topic(TopicRefusal::NoHome));
-                }
-                match tokio::time::timeout(HOME_TIMEOUT, orx).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(_)) => Err(lost(home, &"the home session ended")),
-                    Err(_) => Err(Error::Timeout("waiting for the topic home's answer")),
-                }
-            }
+        let result = {
+            let mut st = self.state();
+            let st = &mut *st;
+            // Signed here, by this node's key: nothing to check.
+            let r = st
+                .overlay
+                .publish_from_authenticated_member(msg, self.now());
+            let r = r
+                .map(|_| Self::report(st, topic, self.me(), seq))
+                .map_err(|e| Error::Topic(TopicRefusal::from_publish(&e)));
+            self.flush(st);
+            r
         };
-        // A message the home refused leaves its seq free; one whose fate is
-        // unknown (lost answer) may have been taken, so its seq is used.
-        if !matches!(result, Err(Error::Topic(_)))
+        // A message refused leaves its seq free.
+        if result.is_ok()
             && let Some(mine) = self.state().mine.get_mut(&topic)
         {
             mine.last_seq = mine.last_seq.max(seq);
@@ -1251,19 +1296,21 @@ impl Topics {
                 )));
             }
         };
-        let (pub_tx, mut pub_rx) = mpsc::channel(1);
-        {
+        let (pub_tx, mut pub_rx) = mpsc::channel(PUBLISH_WINDOW);
+        let first_seq = {
             let mut st = self.state();
             let Some(mine) = st.mine.get_mut(&topic) else {
                 return Ok(());
             };
             mine.last_seq = mine.last_seq.max(seq_seen);
+            let first_seq = mine.last_seq + 1;
             resync_members(mine, members);
             mine.attached = Attached::Remote {
                 home,
                 publish: pub_tx,
             };
-        }
+            first_seq
+        };
         self.moved(served_by, home);
         self.core
             .bus
@@ -1272,42 +1319,130 @@ impl Topics {
         // reads are cancel safe), and hands over whatever has arrived.
         let mut reader = wire::FrameReader::default();
         let mut frames = Vec::with_capacity(wire::READ_BATCH);
-        let mut pending: std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)> =
-            Default::default();
-        loop {
-            tokio::select! {
-                r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => match r {
-                    Ok(true) => self.on_member_frames(topic, home, &mut frames, &mut pending)?,
-                    Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
-                    Err(e) => return Err(Error::Wire(e)),
-                },
-                Some((msg, reply)) = pub_rx.recv() => {
-                    let seq = msg.seq;
-                    if let Err(e) = write_frame(&mut send, &MemberFrame::Publish(msg)).await {
-                        let _ = reply.send(Err(lost(home, &e)));
-                        return Err(lost(home, &"writing to the topic home failed"));
+        let mut pubs = Publishing {
+            next_seq: first_seq,
+            in_flight: Default::default(),
+            again: Default::default(),
+            window: PUBLISH_WINDOW,
+            refusals: 0,
+        };
+        let ended: Result<()> = async {
+            loop {
+                tokio::select! {
+                    r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => match r {
+                        Ok(true) => {
+                            let answers = self.on_member_frames(topic, &mut frames)?;
+                            self.answered(home, &mut pubs, answers);
+                            while pubs.in_flight.len() < pubs.window
+                                && let Some(job) = pubs.again.pop_front()
+                            {
+                                self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
+                            }
+                        }
+                        Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
+                        Err(e) => return Err(Error::Wire(e)),
+                    },
+                    Some((data, reply)) = pub_rx.recv(), if pubs.again.is_empty() && pubs.in_flight.len() < pubs.window => {
+                        let job = InFlight { seq: 0, data, reply, refusals_at_send: 0 };
+                        self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                     }
-                    pending.push_back((seq, reply));
+                    r = home_rx.changed() => {
+                        if r.is_err() || *home_rx.borrow() != Some(home) {
+                            let _ = send.finish();
+                            return Ok(());
+                        }
+                    }
                 }
-                r = home_rx.changed() => {
-                    if r.is_err() || *home_rx.borrow() != Some(home) {
-                        let _ = send.finish();
-                        return Ok(());
-                    }
+            }
+        }
+        .await;
+        // What is still in flight may have been taken: the next session
+        // numbers above every seq handed out (the callers are told the
+        // session ended).
+        if let Some(mine) = self.state().mine.get_mut(&topic) {
+            mine.last_seq = mine.last_seq.max(pubs.next_seq - 1);
+        }
+        ended
+    }
+
+    /// Numbers, signs and sends `job` as the next seq.
+    async fn send_publish(
+        &self,
+        topic: TopicId,
+        home: PeerId,
+        send: &mut quinn::SendStream,
+        pubs: &mut Publishing,
+        mut job: InFlight,
+    ) -> Result<()> {
+        let seq = pubs.next_seq;
+        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, job.data.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = job
+                    .reply
+                    .send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
+                return Ok(());
+            }
+        };
+        pubs.next_seq += 1;
+        job.seq = seq;
+        job.refusals_at_send = pubs.refusals;
+        if let Err(e) = write_frame(send, &MemberFrame::Publish(msg)).await {
+            let _ = job.reply.send(Err(lost(home, &e)));
+            return Err(lost(home, &"writing to the topic home failed"));
+        }
+        pubs.in_flight.push_back(job);
+        Ok(())
+    }
+
+    /// The home's answers to our publishes, in the order sent: the callers
+    /// told, what must go again (sent behind a refused one) queued in
+    /// order, the window moved.
+    fn answered(&self, home: PeerId, pubs: &mut Publishing, answers: Vec<Answer>) {
+        for (seq, answer) in answers {
+            if pubs.in_flight.front().is_none_or(|f| f.seq != seq) {
+                continue;
+            }
+            let Some(job) = pubs.in_flight.pop_front() else {
+                continue;
+            };
+            match answer {
+                Ok((homes, members)) => {
+                    pubs.window = (pubs.window * 2).min(PUBLISH_WINDOW);
+                    let _ = job.reply.send(Ok(PublishReport {
+                        id: seq,
+                        home,
+                        homes,
+                        members,
+                    }));
+                }
+                Err(kind) if kind == wire::OUT_OF_ORDER && job.refusals_at_send < pubs.refusals => {
+                    pubs.again.push_back(job);
+                }
+                Err(kind) => {
+                    // Its seq is free again: the next message sent takes
+                    // it (those in flight behind it are refused out of
+                    // order and go again, renumbered, in order).
+                    pubs.next_seq = pubs.next_seq.min(seq);
+                    pubs.refusals += 1;
+                    pubs.window = 1;
+                    let _ = job
+                        .reply
+                        .send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
                 }
             }
         }
     }
 
     /// Handles the frames the home sent (drained from `frames`): the
-    /// deliveries' signatures checked first, then all under one lock.
+    /// deliveries' signatures checked first, then all under one lock. The
+    /// answers to our publishes are returned, in order: (seq, homes and
+    /// members reached, or the refusal's kind).
     fn on_member_frames(
         &self,
         topic: TopicId,
-        home: PeerId,
         frames: &mut Vec<MemberFrame>,
-        pending: &mut std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)>,
-    ) -> Result<()> {
+    ) -> Result<Vec<Answer>> {
         // A subscriber checks every message's signature: its home cannot
         // forge or alter one in another's name.
         frames.retain(|f| match f {
@@ -1317,68 +1452,39 @@ impl Topics {
             }
             _ => true,
         });
+        let mut answers = Vec::new();
         let mut st = self.state();
         for f in frames.drain(..) {
-            self.on_member_frame(&mut st, topic, home, f, pending)?;
-        }
-        Ok(())
-    }
-
-    fn on_member_frame(
-        &self,
-        st: &mut State,
-        topic: TopicId,
-        home: PeerId,
-        frame: MemberFrame,
-        pending: &mut std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)>,
-    ) -> Result<()> {
-        match frame {
-            MemberFrame::Deliver(msg) => {
-                // Checked by the caller.
-                if let Some(mine) = st.mine.get_mut(&topic) {
-                    self.deliver_mine(mine, &msg);
+            match f {
+                MemberFrame::Deliver(msg) => {
+                    if let Some(mine) = st.mine.get_mut(&topic) {
+                        self.deliver_mine(mine, &msg);
+                    }
                 }
-            }
-            MemberFrame::Presence {
-                member,
-                home: h,
-                joined,
-            } => {
-                if let Some(mine) = st.mine.get_mut(&topic) {
-                    presence_mine(mine, member, h, joined);
+                MemberFrame::Presence {
+                    member,
+                    home,
+                    joined,
+                } => {
+                    if let Some(mine) = st.mine.get_mut(&topic) {
+                        presence_mine(mine, member, home, joined);
+                    }
                 }
-            }
-            MemberFrame::Published {
-                seq,
-                homes,
-                members,
-            } => {
-                if pending.front().is_some_and(|(s, _)| *s == seq)
-                    && let Some((_, reply)) = pending.pop_front()
-                {
-                    let _ = reply.send(Ok(PublishReport {
-                        id: seq,
-                        home,
-                        homes,
-                        members,
-                    }));
+                MemberFrame::Published {
+                    seq,
+                    homes,
+                    members,
+                } => answers.push((seq, Ok((homes, members)))),
+                MemberFrame::PublishRefused { seq, kind } => answers.push((seq, Err(kind))),
+                _ => {
+                    stats::bump(&self.counters.bad_frames);
+                    return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+                        "a member-side frame from the topic home".into(),
+                    )));
                 }
-            }
-            MemberFrame::PublishRefused { seq, kind } => {
-                if pending.front().is_some_and(|(s, _)| *s == seq)
-                    && let Some((_, reply)) = pending.pop_front()
-                {
-                    let _ = reply.send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
-                }
-            }
-            _ => {
-                stats::bump(&self.counters.bad_frames);
-                return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
-                    "a member-side frame from the topic home".into(),
-                )));
             }
         }
-        Ok(())
+        Ok(answers)
     }
 
     // ---- the home's side: members ----
@@ -1407,7 +1513,7 @@ impl Topics {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let cut = CancellationToken::new();
         let accepted = self.accept_member(peer, &name, &tx, &cut);
-        let topic = match accepted {
+        let (topic, mut expected) = match accepted {
             Ok(t) => t,
             Err(kind) => {
                 let _ = write_frame(
@@ -1452,7 +1558,7 @@ impl Topics {
                     }
                 }
             }
-            for reply in self.member_publish(peer, topic, &mut msgs) {
+            for reply in self.member_publish(peer, topic, &mut msgs, &mut expected) {
                 if tx.try_send(reply).is_err() {
                     cut.cancel();
                     stats::bump(&self.counters.members_cut);
@@ -1482,14 +1588,15 @@ impl Topics {
     }
 
     /// Registers `peer` as a member of `name` here, its first frame (the
-    /// answer) queued before anything else.
+    /// answer) queued before anything else: the topic, and the next seq
+    /// this home takes from the member (`None`: any, it never heard of it).
     fn accept_member(
         &self,
         peer: PeerId,
         name: &str,
         tx: &mpsc::Sender<Bytes>,
         cut: &CancellationToken,
-    ) -> std::result::Result<TopicId, &'static str> {
+    ) -> std::result::Result<(TopicId, Option<u64>), &'static str> {
         let topic = TopicId::from_name(name).map_err(|e| e.kind())?;
         if home_of(self.me(), &self.relay) != Some(self.me()) {
             return Err("not_a_home");
@@ -1503,7 +1610,8 @@ impl Topics {
         }
         let mut members = st.overlay.members(&topic);
         members.truncate(wire::MAX_SNAPSHOT);
-        let seq_seen = st.overlay.delivered_up_to(&topic, &peer).unwrap_or(0);
+        let seen = st.overlay.delivered_up_to(&topic, &peer);
+        let seq_seen = seen.unwrap_or(0);
         let _ = offer(tx, &MemberFrame::Subscribed { seq_seen, members });
         if let Some(s) = st.served.get_mut(&topic)
             && let Some(old) = s.remote.insert(
@@ -1517,16 +1625,22 @@ impl Topics {
             old.cut.cancel();
         }
         self.flush(st);
-        Ok(topic)
+        Ok((topic, seen.map(|s| s + 1)))
     }
 
     /// Takes the messages `peer` published on its member stream (drained
     /// from `msgs`), in order, under one lock: the answers, encoded.
+    /// `expected` is the next seq taken from the member on this stream
+    /// (`None`: any); one past it was sent behind a refused one and is
+    /// refused as [`wire::OUT_OF_ORDER`] (the member sends it again with
+    /// the free seq), so a refusal leaves no gap however many publishes
+    /// the member has in flight.
     fn member_publish(
         &self,
         peer: PeerId,
         topic: TopicId,
         msgs: &mut Vec<TopicMessage>,
+        expected: &mut Option<u64>,
     ) -> Vec<Bytes> {
         let mut replies = Vec::with_capacity(msgs.len());
         if msgs.is_empty() {
@@ -1546,6 +1660,11 @@ impl Topics {
                     seq,
                     kind: "topic_not_the_publisher".into(),
                 }
+            } else if expected.is_some_and(|e| seq > e) {
+                MemberFrame::PublishRefused {
+                    seq,
+                    kind: wire::OUT_OF_ORDER.into(),
+                }
             } else {
                 // The stream's peer is the message's origin (checked just
                 // above; QUIC's mutual TLS authenticated the peer's key):
@@ -1555,6 +1674,7 @@ impl Topics {
                 // home and every subscriber does.
                 match st.overlay.publish_from_authenticated_member(msg, now) {
                     Ok(_) => {
+                        *expected = Some(expected.map_or(seq + 1, |e| e.max(seq + 1)));
                         let rep =
                             *report.get_or_insert_with(|| Self::report(st, topic, self.me(), seq));
                         MemberFrame::Published {
@@ -1564,6 +1684,9 @@ impl Topics {
                         }
                     }
                     Err(e) => {
+                        // Its seq stays free: the member's next message
+                        // must take it.
+                        expected.get_or_insert(seq);
                         let counter = match e {
                             PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
                                 &self.counters.refused_rate

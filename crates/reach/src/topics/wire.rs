@@ -134,6 +134,13 @@ pub async fn read<T: DeserializeOwned>(
         .map_err(|e| WireError::Malformed(e.to_string()))
 }
 
+/// The refusal a home answers a member's publish with when it is not the
+/// next seq the home takes from that member: it was sent behind one the
+/// home refused, whose seq stays free; the member signs it again with the
+/// next free seq and sends it again. So a member may have several
+/// publishes in flight and a refusal still leaves no gap in its seqs.
+pub const OUT_OF_ORDER: &str = "topic_out_of_order";
+
 /// Frames decoded per [`FrameReader::read_batch`] at most: what one pass
 /// under the topics state's lock handles. 64 frames of 100-byte messages
 /// are about 15 KB, a dozen QUIC packets: enough to spread the lock and
