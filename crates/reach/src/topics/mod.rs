@@ -1513,7 +1513,12 @@ impl Topics {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let cut = CancellationToken::new();
         let accepted = self.accept_member(peer, &name, &tx, &cut);
-        let (topic, mut expected) = match accepted {
+        // The next seq taken from the member on this stream: any at first
+        // (a member that moved here may continue above what this home has
+        // seen of it: what its last home took and did not pass on yet),
+        // then the one after the last taken, or the last refused.
+        let mut expected = None;
+        let topic = match accepted {
             Ok(t) => t,
             Err(kind) => {
                 let _ = write_frame(
@@ -1588,15 +1593,14 @@ impl Topics {
     }
 
     /// Registers `peer` as a member of `name` here, its first frame (the
-    /// answer) queued before anything else: the topic, and the next seq
-    /// this home takes from the member (`None`: any, it never heard of it).
+    /// answer) queued before anything else.
     fn accept_member(
         &self,
         peer: PeerId,
         name: &str,
         tx: &mpsc::Sender<Bytes>,
         cut: &CancellationToken,
-    ) -> std::result::Result<(TopicId, Option<u64>), &'static str> {
+    ) -> std::result::Result<TopicId, &'static str> {
         let topic = TopicId::from_name(name).map_err(|e| e.kind())?;
         if home_of(self.me(), &self.relay) != Some(self.me()) {
             return Err("not_a_home");
@@ -1610,8 +1614,7 @@ impl Topics {
         }
         let mut members = st.overlay.members(&topic);
         members.truncate(wire::MAX_SNAPSHOT);
-        let seen = st.overlay.delivered_up_to(&topic, &peer);
-        let seq_seen = seen.unwrap_or(0);
+        let seq_seen = st.overlay.delivered_up_to(&topic, &peer).unwrap_or(0);
         let _ = offer(tx, &MemberFrame::Subscribed { seq_seen, members });
         if let Some(s) = st.served.get_mut(&topic)
             && let Some(old) = s.remote.insert(
@@ -1625,7 +1628,7 @@ impl Topics {
             old.cut.cancel();
         }
         self.flush(st);
-        Ok((topic, seen.map(|s| s + 1)))
+        Ok(topic)
     }
 
     /// Takes the messages `peer` published on its member stream (drained
