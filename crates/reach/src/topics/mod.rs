@@ -1543,7 +1543,7 @@ impl Topics {
             frames.clear();
             let r = tokio::select! {
                 _ = cut.cancelled() => break,
-                r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => r,
+                r = reader.read_batch_with(&mut recv, &mut frames, wire::READ_BATCH, wire::HomePublish::decode) => r,
             };
             match r {
                 Ok(true) => {}
@@ -1556,14 +1556,14 @@ impl Topics {
             let mut bad = false;
             for f in frames.drain(..) {
                 match f {
-                    MemberFrame::Publish(msg) => msgs.push(msg),
-                    _ => {
+                    Some(p) => msgs.push((p.seq(), p.into_message(peer))),
+                    None => {
                         bad = true;
                         break;
                     }
                 }
             }
-            for reply in self.member_publish(peer, topic, &mut msgs, &mut expected) {
+            for reply in self.member_publish(topic, &mut msgs, &mut expected) {
                 if tx.try_send(reply).is_err() {
                     cut.cancel();
                     stats::bump(&self.counters.members_cut);
@@ -1631,8 +1631,9 @@ impl Topics {
         Ok(topic)
     }
 
-    /// Takes the messages `peer` published on its member stream (drained
-    /// from `msgs`), in order, under one lock: the answers, encoded.
+    /// Takes the messages a member published on its stream (drained from
+    /// `msgs`: each seq, and the message unless its origin is not the
+    /// stream's peer), in order, under one lock: the answers, encoded.
     /// `expected` is the next seq taken from the member on this stream
     /// (`None`: any); one past it was sent behind a refused one and is
     /// refused as [`wire::OUT_OF_ORDER`] (the member sends it again with
@@ -1640,9 +1641,8 @@ impl Topics {
     /// the member has in flight.
     fn member_publish(
         &self,
-        peer: PeerId,
         topic: TopicId,
-        msgs: &mut Vec<TopicMessage>,
+        msgs: &mut Vec<(u64, Option<TopicMessage>)>,
         expected: &mut Option<u64>,
     ) -> Vec<Bytes> {
         let mut replies = Vec::with_capacity(msgs.len());
@@ -1655,59 +1655,74 @@ impl Topics {
         // What a publish reached is the same for the whole batch: nothing
         // else changes the topic while the lock is held.
         let mut report = None;
-        for msg in msgs.drain(..) {
-            let seq = msg.seq;
-            let reply = if msg.origin != peer || msg.topic != topic {
+        for (seq, msg) in msgs.drain(..) {
+            let reply = if let Some(msg) = msg.filter(|m| m.topic == topic) {
+                if expected.is_some_and(|e| seq > e) {
+                    MemberFrame::PublishRefused {
+                        seq,
+                        kind: wire::OUT_OF_ORDER.into(),
+                    }
+                } else {
+                    self.take_from_member(st, topic, seq, msg, now, expected, &mut report)
+                }
+            } else {
                 stats::bump(&self.counters.bad_frames);
                 MemberFrame::PublishRefused {
                     seq,
                     kind: "topic_not_the_publisher".into(),
-                }
-            } else if expected.is_some_and(|e| seq > e) {
-                MemberFrame::PublishRefused {
-                    seq,
-                    kind: wire::OUT_OF_ORDER.into(),
-                }
-            } else {
-                // The stream's peer is the message's origin (checked just
-                // above; QUIC's mutual TLS authenticated the peer's key):
-                // that proves who sent it, so the home does not check its
-                // signature again (see
-                // `Overlay::publish_from_authenticated_member`); every other
-                // home and every subscriber does.
-                match st.overlay.publish_from_authenticated_member(msg, now) {
-                    Ok(_) => {
-                        *expected = Some(expected.map_or(seq + 1, |e| e.max(seq + 1)));
-                        let rep =
-                            *report.get_or_insert_with(|| Self::report(st, topic, self.me(), seq));
-                        MemberFrame::Published {
-                            seq,
-                            homes: rep.homes,
-                            members: rep.members,
-                        }
-                    }
-                    Err(e) => {
-                        // Its seq stays free: the member's next message
-                        // must take it.
-                        expected.get_or_insert(seq);
-                        let counter = match e {
-                            PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
-                                &self.counters.refused_rate
-                            }
-                            _ => &self.counters.refused_other,
-                        };
-                        stats::bump(counter);
-                        MemberFrame::PublishRefused {
-                            seq,
-                            kind: e.kind().to_string(),
-                        }
-                    }
                 }
             };
             replies.extend(encoded(&reply));
         }
         self.flush(st);
         replies
+    }
+
+    /// One publish of a member's stream, its seq in order: the answer.
+    #[allow(clippy::too_many_arguments)]
+    fn take_from_member(
+        &self,
+        st: &mut State,
+        topic: TopicId,
+        seq: u64,
+        msg: TopicMessage,
+        now: Duration,
+        expected: &mut Option<u64>,
+        report: &mut Option<PublishReport>,
+    ) -> MemberFrame {
+        // The stream's peer is the message's origin (checked when it was
+        // decoded: `wire::HomePublish::into_message`; QUIC's mutual TLS
+        // authenticated the peer's key): that proves who sent it, so the
+        // home does not check its signature again (see
+        // `Overlay::publish_from_authenticated_member`); every other home
+        // and every subscriber does.
+        match st.overlay.publish_from_authenticated_member(msg, now) {
+            Ok(_) => {
+                *expected = Some(expected.map_or(seq + 1, |e| e.max(seq + 1)));
+                let rep = *report.get_or_insert_with(|| Self::report(st, topic, self.me(), seq));
+                MemberFrame::Published {
+                    seq,
+                    homes: rep.homes,
+                    members: rep.members,
+                }
+            }
+            Err(e) => {
+                // Its seq stays free: the member's next message
+                // must take it.
+                expected.get_or_insert(seq);
+                let counter = match e {
+                    PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
+                        &self.counters.refused_rate
+                    }
+                    _ => &self.counters.refused_other,
+                };
+                stats::bump(counter);
+                MemberFrame::PublishRefused {
+                    seq,
+                    kind: e.kind().to_string(),
+                }
+            }
+        }
     }
 
     // ---- the home's side: federation ----

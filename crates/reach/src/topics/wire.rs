@@ -179,8 +179,23 @@ impl FrameReader {
         out: &mut Vec<T>,
         max: usize,
     ) -> Result<bool, WireError> {
+        self.read_batch_with(recv, out, max, |body| {
+            postcard::from_bytes::<T>(body).map_err(|e| WireError::Malformed(e.to_string()))
+        })
+        .await
+    }
+
+    /// [`FrameReader::read_batch`] with each frame's body decoded by
+    /// `decode`.
+    pub async fn read_batch_with<T>(
+        &mut self,
+        recv: &mut quinn::RecvStream,
+        out: &mut Vec<T>,
+        max: usize,
+        decode: impl Fn(&[u8]) -> Result<T, WireError>,
+    ) -> Result<bool, WireError> {
         loop {
-            self.decode(out, max)?;
+            self.decode(out, max, &decode)?;
             if !out.is_empty() {
                 return Ok(true);
             }
@@ -196,10 +211,11 @@ impl FrameReader {
     }
 
     /// Decodes the whole frames buffered, up to `max` in `out`.
-    fn decode<T: DeserializeOwned>(
+    fn decode<T>(
         &mut self,
         out: &mut Vec<T>,
         max: usize,
+        decode: &impl Fn(&[u8]) -> Result<T, WireError>,
     ) -> Result<(), WireError> {
         while out.len() < max && self.buf.len() >= FRAME_HEADER_LEN {
             let len = frame::parse_header(&self.buf, MAX_STREAM_FRAME)?;
@@ -208,12 +224,57 @@ impl FrameReader {
             }
             self.buf.advance(FRAME_HEADER_LEN);
             let body = self.buf.split_to(len);
-            out.push(
-                postcard::from_bytes::<T>(&body)
-                    .map_err(|e| WireError::Malformed(e.to_string()))?,
-            );
+            out.push(decode(&body)?);
         }
         Ok(())
+    }
+}
+
+/// A member's publish as its home reads it: [`MemberFrame::Publish`] with
+/// the origin left as bytes. Decoding a [`PeerId`] checks that it is a
+/// valid Ed25519 key (a curve point decompression, most of what decoding a
+/// message cost the home); on a member stream the origin must be the
+/// stream's peer, whose key the connection already authenticated, so the
+/// home compares bytes instead ([`HomePublish::into_message`]).
+#[derive(Debug, Deserialize)]
+pub struct HomePublish {
+    topic: TopicId,
+    origin: [u8; 32],
+    seq: u64,
+    data: Vec<u8>,
+    signature: Vec<u8>,
+}
+
+/// Postcard's index of [`MemberFrame::Publish`] (a one-byte varint; a
+/// test checks it against the enum).
+const PUBLISH_VARIANT: u8 = 3;
+
+impl HomePublish {
+    /// Decodes a member-stream frame body at the home: `Ok(None)` for a
+    /// frame that is not a publish (not for a home to get mid-stream).
+    pub fn decode(body: &[u8]) -> Result<Option<HomePublish>, WireError> {
+        match body.split_first() {
+            Some((&PUBLISH_VARIANT, rest)) => postcard::from_bytes(rest)
+                .map(Some)
+                .map_err(|e| WireError::Malformed(e.to_string())),
+            _ => Ok(None),
+        }
+    }
+
+    /// Its seq.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The message, if its origin is `peer` (the stream's peer).
+    pub fn into_message(self, peer: PeerId) -> Option<TopicMessage> {
+        (&self.origin == peer.as_bytes()).then_some(TopicMessage {
+            topic: self.topic,
+            origin: peer,
+            seq: self.seq,
+            data: self.data,
+            signature: self.signature,
+        })
     }
 }
 
@@ -234,6 +295,36 @@ mod tests {
     }
 
     #[test]
+    fn a_home_reads_a_publish_as_sent_and_only_from_its_origin() {
+        let kp = reach_proto::Keypair::from_secret_bytes([7; 32]);
+        let t = TopicId::from_name("lobby").unwrap();
+        let msg = TopicMessage::sign(&kp, t, 9, b"hello".to_vec()).unwrap();
+        let bytes = encode(&MemberFrame::Publish(msg.clone())).unwrap();
+        let body = &bytes[FRAME_HEADER_LEN..];
+        let p = HomePublish::decode(body).unwrap().expect("a publish");
+        assert_eq!(p.seq(), 9);
+        let other = reach_proto::Keypair::from_secret_bytes([8; 32]).peer_id();
+        let p2 = HomePublish::decode(body).unwrap().unwrap();
+        assert_eq!(p2.into_message(other), None, "not from the stream's peer");
+        let back = p.into_message(kp.peer_id()).expect("from its origin");
+        assert_eq!(back, msg);
+        assert!(back.verify().is_ok());
+        // Any other frame is not a publish.
+        let sub = encode(&MemberFrame::Subscribe { topic: "x".into() }).unwrap();
+        assert!(
+            HomePublish::decode(&sub[FRAME_HEADER_LEN..])
+                .unwrap()
+                .is_none()
+        );
+        let del = encode(&MemberFrame::Deliver(msg)).unwrap();
+        assert!(
+            HomePublish::decode(&del[FRAME_HEADER_LEN..])
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
     fn the_reader_decodes_whole_frames_in_batches_and_keeps_a_partial_one() {
         let t = TopicId::from_name("lobby").unwrap();
         let mut bytes = Vec::new();
@@ -246,12 +337,15 @@ mod tests {
         // Five whole frames and half of the sixth.
         r.buf.extend_from_slice(&bytes[..whole + 3]);
         let mut out: Vec<FedFrame> = Vec::new();
-        r.decode(&mut out, 3).unwrap();
+        let de = |b: &[u8]| {
+            postcard::from_bytes::<FedFrame>(b).map_err(|e| WireError::Malformed(e.to_string()))
+        };
+        r.decode(&mut out, 3, &de).unwrap();
         assert_eq!(out.len(), 3, "at most the batch size");
-        r.decode(&mut out, 10).unwrap();
+        r.decode(&mut out, 10, &de).unwrap();
         assert_eq!(out.len(), 5, "the partial frame waits");
         r.buf.extend_from_slice(&bytes[whole + 3..]);
-        r.decode(&mut out, 10).unwrap();
+        r.decode(&mut out, 10, &de).unwrap();
         assert!(matches!(out.last(), Some(FedFrame::Leave(x)) if *x == t));
         assert!(r.buf.is_empty());
         // A header announcing more than the limit is refused before its
@@ -260,7 +354,7 @@ mod tests {
         r.buf
             .extend_from_slice(&((MAX_STREAM_FRAME + 1) as u32).to_be_bytes());
         assert!(matches!(
-            r.decode(&mut out, 10),
+            r.decode(&mut out, 10, &de),
             Err(WireError::TooLarge { .. })
         ));
     }
