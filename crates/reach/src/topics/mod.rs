@@ -16,9 +16,11 @@
 //! - **Member.** [`crate::Node::subscribe`] gives a [`Subscription`]. If the
 //!   node is its own home the membership is local; else the node speaks
 //!   [`wire::MEMBER_PROTOCOL`] to its home: subscribe, publish (the member
-//!   signs its messages; the home checks them and its rate limits and
-//!   answers with a report or a typed refusal), deliveries and presence
-//!   pushed by the home.
+//!   signs its messages, up to [`PUBLISH_WINDOW`] in flight; the home
+//!   checks that each comes from its origin's own authenticated stream, is
+//!   the next seq, and passes its rate limits, and answers in order with a
+//!   report or a typed refusal), deliveries and presence pushed by the
+//!   home (the member checks every signature).
 //! - **Configured federation** ([`TopicFederation`]): homes this home
 //!   keeps a link to whatever the DHT says (redialed with reach-proto's
 //!   [`StaticLinks`] backoff, 5 s doubling to 300 s), and *private* topics:

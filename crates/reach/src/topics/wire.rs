@@ -7,8 +7,8 @@
 //!   reach-proto's [`TopicFrame`](reach_proto::topics::TopicFrame)
 //!   ([`FedFrame::Overlay`]), decoded with its limits checked.
 //! - [`MEMBER_PROTOCOL`]: one stream per topic between a member and its
-//!   home: subscribe, publish (answered in order), and the home's pushes
-//!   (deliveries, presence).
+//!   home: subscribe, publish (several in flight, answered in order; see
+//!   [`OUT_OF_ORDER`]), and the home's pushes (deliveries, presence).
 //!
 //! Every frame is length-prefixed (reach's frame header) and bounded by
 //! [`MAX_STREAM_FRAME`], checked before anything is read into memory.
