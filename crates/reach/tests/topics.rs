@@ -446,3 +446,100 @@ async fn a_bad_private_topic_name_is_a_config_error() {
         .expect_err("an empty topic name");
     assert_eq!(err.kind(), "config");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_mid_window_leave_no_gap_and_no_duplicate() {
+    common::logs();
+    // A home whose publisher limit refuses most of a burst.
+    let relay = Node::builder()
+        .bind(loopback())
+        .relay_service(RelayMode::On)
+        .acquire_relay(RelayMode::Off)
+        .topic_limits(reach::TopicLimits {
+            topic_rate: 10_000,
+            publisher_rate: 40,
+        })
+        .spawn()
+        .await
+        .unwrap();
+    let m = node_holding_a_relay(&relay).await;
+    let s = node_holding_a_relay(&relay).await;
+    for n in [&m, &s] {
+        within("a member joins", n.joined()).await;
+        until("it holds the relay", || held(n) == Some(relay.peer_id())).await;
+    }
+    let mut s_m = m.subscribe_topic(TOPIC).unwrap();
+    let mut s_s = s.subscribe_topic(TOPIC).unwrap();
+    let both: BTreeSet<PeerId> = [m.peer_id(), s.peer_id()].into();
+    until("presence converges", || {
+        member_ids(&m) == both && member_ids(&s) == both
+    })
+    .await;
+
+    // Far more publishes at once than the limit lets through, so refusals
+    // land with others in flight behind them.
+    const CALLS: usize = 300;
+    let results = within(
+        "the burst is answered",
+        futures::future::join_all(
+            (0..CALLS).map(|i| m.publish(TOPIC, format!("call-{i}").into_bytes())),
+        ),
+    )
+    .await;
+    let mut taken: BTreeMap<u64, String> = BTreeMap::new();
+    let mut refused = 0;
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(r) => assert!(
+                taken.insert(r.id, format!("call-{i}")).is_none(),
+                "id {} given twice",
+                r.id
+            ),
+            Err(e) => {
+                assert_eq!(e.kind(), "publisher_rate_limited", "{e}");
+                refused += 1;
+            }
+        }
+    }
+    let k = taken.len() as u64;
+    assert!(refused > 0 && k > 0, "taken {k}, refused {refused}");
+    assert_eq!(
+        taken.keys().copied().collect::<Vec<_>>(),
+        (1..=k).collect::<Vec<_>>(),
+        "the ids taken have no gap"
+    );
+    // Once the limit allows again, one more: it must come right after.
+    let last = format!("last-{}", k + 1);
+    let r = within("one more is taken", async {
+        loop {
+            match m.publish(TOPIC, last.clone().into_bytes()).await {
+                Ok(r) => return r,
+                Err(e) => {
+                    assert_eq!(e.kind(), "publisher_rate_limited", "{e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    })
+    .await;
+    assert_eq!(r.id, k + 1);
+    taken.insert(k + 1, last);
+    // Both subscribers (the publisher's own and the other member's) get
+    // exactly what was taken, once, in order, with the data of the call
+    // that was answered with that id: nothing refused, nothing twice.
+    for sub in [&mut s_s, &mut s_m] {
+        within("every taken message arrives", async {
+            for (id, data) in &taken {
+                let m = loop {
+                    match sub.next().await.expect("the node runs") {
+                        TopicEvent::Message(m) => break m,
+                        TopicEvent::Missed { count } => panic!("missed {count} events"),
+                        _ => {}
+                    }
+                };
+                assert_eq!((m.id, &m.data[..]), (*id, data.as_bytes()));
+            }
+        })
+        .await;
+    }
+}

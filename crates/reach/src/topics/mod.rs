@@ -16,9 +16,11 @@
 //! - **Member.** [`crate::Node::subscribe`] gives a [`Subscription`]. If the
 //!   node is its own home the membership is local; else the node speaks
 //!   [`wire::MEMBER_PROTOCOL`] to its home: subscribe, publish (the member
-//!   signs its messages; the home checks them and its rate limits and
-//!   answers with a report or a typed refusal), deliveries and presence
-//!   pushed by the home.
+//!   signs its messages, up to [`PUBLISH_WINDOW`] in flight; the home
+//!   checks that each comes from its origin's own authenticated stream, is
+//!   the next seq, and passes its rate limits, and answers in order with a
+//!   report or a typed refusal), deliveries and presence pushed by the
+//!   home (the member checks every signature).
 //! - **Configured federation** ([`TopicFederation`]): homes this home
 //!   keeps a link to whatever the DHT says (redialed with reach-proto's
 //!   [`StaticLinks`] backoff, 5 s doubling to 300 s), and *private* topics:
@@ -394,8 +396,52 @@ enum Attached {
     /// Attached to `home` through a member stream.
     Remote {
         home: PeerId,
-        publish: mpsc::Sender<(TopicMessage, oneshot::Sender<Result<PublishReport>>)>,
+        /// To the stream's session, which numbers, signs and sends.
+        publish: mpsc::Sender<PublishJob>,
     },
+}
+
+/// A publish handed to a member stream's session: the data, and where
+/// its outcome goes.
+type PublishJob = (Vec<u8>, oneshot::Sender<Result<PublishReport>>);
+
+/// Publishes a member has in flight to its home per topic at most (sent,
+/// not answered): enough that publishes go out several to a packet and
+/// the home takes them in batches instead of one per round trip; few
+/// enough that a refusal costs at most this many messages signed and sent
+/// again. After a refusal the window starts over at one and doubles with
+/// each message taken, so a member held at a rate limit sends one at a
+/// time (each refused one costs one frame, not a window of them).
+pub const PUBLISH_WINDOW: usize = 32;
+
+/// The home's answer to one of our publishes: its seq, and the homes and
+/// members it reached or the refusal's kind.
+type Answer = (u64, std::result::Result<(u32, u32), String>);
+
+/// A member stream's publishes: the next seq to sign, what is in flight
+/// in the order sent (the home answers in that order), what waits to go
+/// again, and the window.
+struct Publishing {
+    next_seq: u64,
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// Refused out of order (sent behind a refused one): sent again, in
+    /// order, before anything new.
+    again: std::collections::VecDeque<InFlight>,
+    /// Publishes in flight at most now (1 ..= [`PUBLISH_WINDOW`]).
+    window: usize,
+    /// Refusals (other than out of order) so far on this stream.
+    refusals: u64,
+}
+
+/// A publish sent to the home and not answered yet.
+struct InFlight {
+    seq: u64,
+    data: Vec<u8>,
+    reply: oneshot::Sender<Result<PublishReport>>,
+    /// [`Publishing::refusals`] when it was sent: refused out of order
+    /// with no refusal since, the home and this member disagree on the seq
+    /// (the caller is told, rather than it going round again).
+    refusals_at_send: u64,
 }
 
 /// A topic this node subscribed to.
@@ -412,8 +458,10 @@ struct Mine {
     members: BTreeMap<PeerId, Vec<PeerId>>,
     /// The seq of our last message that a home took (or may have).
     last_seq: u64,
-    /// One publish at a time per topic: a refused message must not leave a
-    /// gap in our own seqs behind one that was taken.
+    /// One publish at a time per topic while this node is its own home: a
+    /// refused message must not leave a gap in our own seqs behind one that
+    /// was taken. (Through a home, the member stream's session numbers the
+    /// messages and keeps that rule with several in flight.)
     publishing: Arc<tokio::sync::Mutex<()>>,
     attached: Attached,
     session: CancellationToken,
@@ -421,7 +469,8 @@ struct Mine {
 
 /// A member a home serves over a stream.
 struct RemoteMember {
-    tx: mpsc::Sender<MemberFrame>,
+    /// Encoded [`MemberFrame`]s for the member's stream.
+    tx: mpsc::Sender<Bytes>,
     cut: CancellationToken,
 }
 
@@ -444,7 +493,8 @@ struct Link {
     /// Dialed by the home with the smaller key: when both homes dialed at
     /// once, both keep this one.
     preferred: bool,
-    tx: mpsc::Sender<FedFrame>,
+    /// Encoded [`FedFrame`]s for the link's stream.
+    tx: mpsc::Sender<Bytes>,
     /// Topics the other home said it serves.
     theirs: BTreeSet<TopicId>,
     cut: CancellationToken,
@@ -459,6 +509,10 @@ struct State {
     /// The configured homes and their redial schedule.
     configured: StaticLinks,
     next_key: u64,
+    /// The overlay timeout the driver sleeps until (`None`: none, it waits
+    /// to be woken): it is woken only when a flush makes the next timeout
+    /// sooner, not after every frame.
+    driver_at: Option<Duration>,
 }
 
 /// The topics capability.
@@ -519,6 +573,7 @@ impl Topics {
                 dialing: HashSet::new(),
                 configured: StaticLinks::new(me, federation.peers.iter().copied()),
                 next_key: 0,
+                driver_at: None,
             }),
             wake: Notify::new(),
             discover: Notify::new(),
@@ -577,21 +632,47 @@ async fn write_frame<T: Serialize>(send: &mut quinn::SendStream, f: &T) -> Resul
         .map_err(|e| Error::Wire(reach_proto::wire::WireError::Malformed(e.to_string())))
 }
 
-/// Writes the frames of `rx` on `send` in order until the queue closes, a
-/// write fails or `cut` fires, then finishes the stream. One per member
-/// stream and federation link: the overlay's side only ever `try_send`s.
-async fn write_loop<T: Serialize>(
+/// Frames written to a stream in one write at most: what was queued
+/// while the last write went out goes in the next one (one lock of the
+/// QUIC connection, one wake of its driver, full packets), up to this.
+pub const WRITE_BATCH: usize = 64;
+
+/// `f` encoded for a stream; `None` (logged) if it is over the frame limit,
+/// which the frames made here never are.
+fn encoded<T: Serialize>(f: &T) -> Option<Bytes> {
+    match wire::encode_bytes(f) {
+        Ok(b) => Some(b),
+        Err(e) => {
+            tracing::warn!(error = %e, "a topics frame not sent");
+            None
+        }
+    }
+}
+
+/// Offers `f` to a stream's queue; false if the queue is full or closed.
+fn offer<T: Serialize>(tx: &mpsc::Sender<Bytes>, f: &T) -> bool {
+    encoded(f).is_some_and(|b| tx.try_send(b).is_ok())
+}
+
+/// Writes the encoded frames of `rx` on `send` in order until the queue
+/// closes, a write fails or `cut` fires, then finishes the stream: all
+/// that is queued at once (up to [`WRITE_BATCH`]) in one write. One per
+/// member stream and federation link: the overlay's side only ever
+/// `try_send`s.
+async fn write_loop(
     mut send: quinn::SendStream,
-    mut rx: mpsc::Receiver<T>,
+    mut rx: mpsc::Receiver<Bytes>,
     cut: CancellationToken,
 ) {
+    let mut batch = Vec::with_capacity(WRITE_BATCH);
     loop {
-        tokio::select! {
+        batch.clear();
+        let n = tokio::select! {
             _ = cut.cancelled() => break,
-            f = rx.recv() => match f {
-                Some(f) => if write_frame(&mut send, &f).await.is_err() { break },
-                None => break,
-            }
+            n = rx.recv_many(&mut batch, WRITE_BATCH) => n,
+        };
+        if n == 0 || send.write_all_chunks(&mut batch).await.is_err() {
+            break;
         }
     }
     let _ = send.finish();
@@ -733,7 +814,7 @@ impl Topics {
                 match out {
                     OverlayOutput::Send { to, frame } => {
                         if let Some(l) = st.links.get(&to)
-                            && l.tx.try_send(FedFrame::Overlay(frame.encode())).is_err()
+                            && !offer(&l.tx, &FedFrame::Overlay(frame.encode()))
                         {
                             stats::bump(&self.counters.link_frames_dropped);
                         }
@@ -747,8 +828,15 @@ impl Topics {
                         {
                             self.deliver_mine(mine, &msg);
                         }
+                        // Encoded once for all the members.
+                        if s.remote.is_empty() {
+                            continue;
+                        }
+                        let Some(frame) = encoded(&MemberFrame::Deliver(msg)) else {
+                            continue;
+                        };
                         for (peer, m) in &s.remote {
-                            if m.tx.try_send(MemberFrame::Deliver(msg.clone())).is_err() {
+                            if m.tx.try_send(frame.clone()).is_err() {
                                 cut.push((topic, *peer));
                             }
                         }
@@ -767,13 +855,16 @@ impl Topics {
                         {
                             presence_mine(mine, member, home, joined);
                         }
+                        let f = MemberFrame::Presence {
+                            member,
+                            home,
+                            joined,
+                        };
+                        let Some(frame) = encoded(&f) else {
+                            continue;
+                        };
                         for (peer, m) in &s.remote {
-                            let f = MemberFrame::Presence {
-                                member,
-                                home,
-                                joined,
-                            };
-                            if m.tx.try_send(f).is_err() {
+                            if m.tx.try_send(frame.clone()).is_err() {
                                 cut.push((topic, *peer));
                             }
                         }
@@ -797,7 +888,11 @@ impl Topics {
                 }
             }
         }
-        self.wake.notify_one();
+        let next = st.overlay.next_timeout();
+        if next.is_some_and(|n| st.driver_at.is_none_or(|d| n < d)) {
+            st.driver_at = next;
+            self.wake.notify_one();
+        }
     }
 
     /// Starts serving `topic` here (nothing if it is already).
@@ -830,7 +925,7 @@ impl Topics {
             if !self.federation.allows(peer, &topic) {
                 continue;
             }
-            let _ = link.tx.try_send(FedFrame::Join(topic));
+            let _ = offer(&link.tx, &FedFrame::Join(topic));
             if link.theirs.contains(&topic) {
                 let _ = overlay.link_up(*peer, &[topic]);
             }
@@ -852,7 +947,7 @@ impl Topics {
         st.overlay.unsubscribe(topic);
         for (peer, link) in st.links.iter() {
             if self.federation.allows(peer, &topic) {
-                let _ = link.tx.try_send(FedFrame::Leave(topic));
+                let _ = offer(&link.tx, &FedFrame::Leave(topic));
             }
         }
     }
@@ -966,61 +1061,60 @@ impl Topics {
         if data.len() > MAX_DATA_LEN {
             return Err(Error::Topic(TopicRefusal::TooBig(data.len())));
         }
-        let gate = self
-            .state()
-            .mine
-            .get(&topic)
-            .map(|m| m.publishing.clone())
-            .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
-        let _one_at_a_time = gate.lock().await;
-        enum Route {
-            Local,
-            Remote(
-                PeerId,
-                mpsc::Sender<(TopicMessage, oneshot::Sender<Result<PublishReport>>)>,
-            ),
-        }
-        let (seq, route) = {
+        let (gate, remote) = {
             let st = self.state();
             let mine = st
                 .mine
                 .get(&topic)
                 .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
-            let route = match &mine.attached {
+            let remote = match &mine.attached {
                 Attached::None => return Err(Error::Topic(TopicRefusal::NoHome)),
-                Attached::Local => Route::Local,
-                Attached::Remote { home, publish } => Route::Remote(*home, publish.clone()),
+                Attached::Local => None,
+                Attached::Remote { home, publish } => Some((*home, publish.clone())),
             };
-            (mine.last_seq + 1, route)
+            (mine.publishing.clone(), remote)
+        };
+        if let Some((home, tx)) = remote {
+            let (otx, orx) = oneshot::channel();
+            if tx.send((data, otx)).await.is_err() {
+                return Err(Error::Topic(TopicRefusal::NoHome));
+            }
+            return match tokio::time::timeout(HOME_TIMEOUT, orx).await {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) => Err(lost(home, &"the home session ended")),
+                Err(_) => Err(Error::Timeout("waiting for the topic home's answer")),
+            };
+        }
+        let _one_at_a_time = gate.lock().await;
+        let seq = {
+            let st = self.state();
+            let mine = st
+                .mine
+                .get(&topic)
+                .ok_or(Error::Topic(TopicRefusal::NotSubscribed))?;
+            if !matches!(mine.attached, Attached::Local) {
+                // The home moved meanwhile.
+                return Err(Error::Topic(TopicRefusal::NoHome));
+            }
+            mine.last_seq + 1
         };
         let msg = TopicMessage::sign(&self.core.keypair, topic, seq, data)
             .map_err(|e| Error::Topic(TopicRefusal::Home(e.kind().to_string())))?;
-        let result = match route {
-            Route::Local => {
-                let mut st = self.state();
-                let st = &mut *st;
-                let r = st.overlay.publish_from_member(msg, self.now());
-                let r = r
-                    .map(|_| Self::report(st, topic, self.me(), seq))
-                    .map_err(|e| Error::Topic(TopicRefusal::from_publish(&e)));
-                self.flush(st);
-                r
-            }
-            Route::Remote(home, tx) => {
-                let (otx, orx) = oneshot::channel();
-                if tx.send((msg, otx)).await.is_err() {
-                    return Err(Error::Topic(TopicRefusal::NoHome));
-                }
-                match tokio::time::timeout(HOME_TIMEOUT, orx).await {
-                    Ok(Ok(r)) => r,
-                    Ok(Err(_)) => Err(lost(home, &"the home session ended")),
-                    Err(_) => Err(Error::Timeout("waiting for the topic home's answer")),
-                }
-            }
+        let result = {
+            let mut st = self.state();
+            let st = &mut *st;
+            // Signed here, by this node's key: nothing to check.
+            let r = st
+                .overlay
+                .publish_from_authenticated_member(msg, self.now());
+            let r = r
+                .map(|_| Self::report(st, topic, self.me(), seq))
+                .map_err(|e| Error::Topic(TopicRefusal::from_publish(&e)));
+            self.flush(st);
+            r
         };
-        // A message the home refused leaves its seq free; one whose fate is
-        // unknown (lost answer) may have been taken, so its seq is used.
-        if !matches!(result, Err(Error::Topic(_)))
+        // A message refused leaves its seq free.
+        if result.is_ok()
             && let Some(mine) = self.state().mine.get_mut(&topic)
         {
             mine.last_seq = mine.last_seq.max(seq);
@@ -1243,120 +1337,195 @@ impl Topics {
                 )));
             }
         };
-        let (pub_tx, mut pub_rx) = mpsc::channel(1);
-        {
+        let (pub_tx, mut pub_rx) = mpsc::channel(PUBLISH_WINDOW);
+        let first_seq = {
             let mut st = self.state();
             let Some(mine) = st.mine.get_mut(&topic) else {
                 return Ok(());
             };
             mine.last_seq = mine.last_seq.max(seq_seen);
+            let first_seq = mine.last_seq + 1;
             resync_members(mine, members);
             mine.attached = Attached::Remote {
                 home,
                 publish: pub_tx,
             };
-        }
+            first_seq
+        };
         self.moved(served_by, home);
         self.core
             .bus
             .emit(NodeEvent::TopicJoined { topic: name, home });
-        // Frames are read by a task of their own: a read cut off mid-frame
-        // (as a `select!` would) would lose the stream's framing.
-        let (ftx, mut frx) = mpsc::channel(SEND_QUEUE);
-        let reader = tokio::spawn(async move {
+        // The reader keeps a frame cut off mid-way by the `select!` (its
+        // reads are cancel safe), and hands over whatever has arrived.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
+        let mut pubs = Publishing {
+            next_seq: first_seq,
+            in_flight: Default::default(),
+            again: Default::default(),
+            window: PUBLISH_WINDOW,
+            refusals: 0,
+        };
+        let ended: Result<()> = async {
             loop {
-                let f = wire::read::<MemberFrame>(&mut recv).await;
-                let end = !matches!(f, Ok(Some(_)));
-                if ftx.send(f).await.is_err() || end {
-                    return;
-                }
-            }
-        });
-        let _reader = AbortOnDrop(reader);
-        let mut pending: std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)> =
-            Default::default();
-        loop {
-            tokio::select! {
-                f = frx.recv() => match f {
-                    Some(Ok(Some(frame))) => self.on_member_frame(topic, home, frame, &mut pending)?,
-                    Some(Err(e)) => return Err(Error::Wire(e)),
-                    _ => return Err(lost(home, &"the topic home ended the stream")),
-                },
-                Some((msg, reply)) = pub_rx.recv() => {
-                    let seq = msg.seq;
-                    if let Err(e) = write_frame(&mut send, &MemberFrame::Publish(msg)).await {
-                        let _ = reply.send(Err(lost(home, &e)));
-                        return Err(lost(home, &"writing to the topic home failed"));
+                tokio::select! {
+                    r = reader.read_batch::<MemberFrame>(&mut recv, &mut frames, wire::READ_BATCH) => match r {
+                        Ok(true) => {
+                            let answers = self.on_member_frames(topic, &mut frames)?;
+                            self.answered(home, &mut pubs, answers);
+                            while pubs.in_flight.len() < pubs.window
+                                && let Some(job) = pubs.again.pop_front()
+                            {
+                                self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
+                            }
+                        }
+                        Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
+                        Err(e) => return Err(Error::Wire(e)),
+                    },
+                    Some((data, reply)) = pub_rx.recv(), if pubs.again.is_empty() && pubs.in_flight.len() < pubs.window => {
+                        let job = InFlight { seq: 0, data, reply, refusals_at_send: 0 };
+                        self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                     }
-                    pending.push_back((seq, reply));
-                }
-                r = home_rx.changed() => {
-                    if r.is_err() || *home_rx.borrow() != Some(home) {
-                        let _ = send.finish();
-                        return Ok(());
+                    r = home_rx.changed() => {
+                        if r.is_err() || *home_rx.borrow() != Some(home) {
+                            let _ = send.finish();
+                            return Ok(());
+                        }
                     }
                 }
             }
         }
+        .await;
+        // What is still in flight may have been taken: the next session
+        // numbers above every seq handed out (the callers are told the
+        // session ended).
+        if let Some(mine) = self.state().mine.get_mut(&topic) {
+            mine.last_seq = mine.last_seq.max(pubs.next_seq - 1);
+        }
+        ended
     }
 
-    fn on_member_frame(
+    /// Numbers, signs and sends `job` as the next seq.
+    async fn send_publish(
         &self,
         topic: TopicId,
         home: PeerId,
-        frame: MemberFrame,
-        pending: &mut std::collections::VecDeque<(u64, oneshot::Sender<Result<PublishReport>>)>,
+        send: &mut quinn::SendStream,
+        pubs: &mut Publishing,
+        mut job: InFlight,
     ) -> Result<()> {
-        match frame {
-            MemberFrame::Deliver(msg) => {
-                if msg.topic != topic || msg.verify().is_err() {
-                    stats::bump(&self.counters.bad_frames);
-                    return Ok(());
-                }
-                if let Some(mine) = self.state().mine.get_mut(&topic) {
-                    self.deliver_mine(mine, &msg);
-                }
+        let seq = pubs.next_seq;
+        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, job.data.clone()) {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = job
+                    .reply
+                    .send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
+                return Ok(());
             }
-            MemberFrame::Presence {
-                member,
-                home: h,
-                joined,
-            } => {
-                if let Some(mine) = self.state().mine.get_mut(&topic) {
-                    presence_mine(mine, member, h, joined);
-                }
+        };
+        pubs.next_seq += 1;
+        job.seq = seq;
+        job.refusals_at_send = pubs.refusals;
+        if let Err(e) = write_frame(send, &MemberFrame::Publish(msg)).await {
+            let _ = job.reply.send(Err(lost(home, &e)));
+            return Err(lost(home, &"writing to the topic home failed"));
+        }
+        pubs.in_flight.push_back(job);
+        Ok(())
+    }
+
+    /// The home's answers to our publishes, in the order sent: the callers
+    /// told, what must go again (sent behind a refused one) queued in
+    /// order, the window moved.
+    fn answered(&self, home: PeerId, pubs: &mut Publishing, answers: Vec<Answer>) {
+        for (seq, answer) in answers {
+            if pubs.in_flight.front().is_none_or(|f| f.seq != seq) {
+                continue;
             }
-            MemberFrame::Published {
-                seq,
-                homes,
-                members,
-            } => {
-                if pending.front().is_some_and(|(s, _)| *s == seq)
-                    && let Some((_, reply)) = pending.pop_front()
-                {
-                    let _ = reply.send(Ok(PublishReport {
+            let Some(job) = pubs.in_flight.pop_front() else {
+                continue;
+            };
+            match answer {
+                Ok((homes, members)) => {
+                    pubs.window = (pubs.window * 2).min(PUBLISH_WINDOW);
+                    let _ = job.reply.send(Ok(PublishReport {
                         id: seq,
                         home,
                         homes,
                         members,
                     }));
                 }
-            }
-            MemberFrame::PublishRefused { seq, kind } => {
-                if pending.front().is_some_and(|(s, _)| *s == seq)
-                    && let Some((_, reply)) = pending.pop_front()
-                {
-                    let _ = reply.send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
+                Err(kind) if kind == wire::OUT_OF_ORDER && job.refusals_at_send < pubs.refusals => {
+                    pubs.again.push_back(job);
+                }
+                Err(kind) => {
+                    // Its seq is free again: the next message sent takes
+                    // it (those in flight behind it are refused out of
+                    // order and go again, renumbered, in order).
+                    pubs.next_seq = pubs.next_seq.min(seq);
+                    pubs.refusals += 1;
+                    pubs.window = 1;
+                    let _ = job
+                        .reply
+                        .send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
                 }
             }
-            _ => {
+        }
+    }
+
+    /// Handles the frames the home sent (drained from `frames`): the
+    /// deliveries' signatures checked first, then all under one lock. The
+    /// answers to our publishes are returned, in order: (seq, homes and
+    /// members reached, or the refusal's kind).
+    fn on_member_frames(
+        &self,
+        topic: TopicId,
+        frames: &mut Vec<MemberFrame>,
+    ) -> Result<Vec<Answer>> {
+        // A subscriber checks every message's signature: its home cannot
+        // forge or alter one in another's name.
+        frames.retain(|f| match f {
+            MemberFrame::Deliver(msg) if msg.topic != topic || msg.verify().is_err() => {
                 stats::bump(&self.counters.bad_frames);
-                return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
-                    "a member-side frame from the topic home".into(),
-                )));
+                false
+            }
+            _ => true,
+        });
+        let mut answers = Vec::new();
+        let mut st = self.state();
+        for f in frames.drain(..) {
+            match f {
+                MemberFrame::Deliver(msg) => {
+                    if let Some(mine) = st.mine.get_mut(&topic) {
+                        self.deliver_mine(mine, &msg);
+                    }
+                }
+                MemberFrame::Presence {
+                    member,
+                    home,
+                    joined,
+                } => {
+                    if let Some(mine) = st.mine.get_mut(&topic) {
+                        presence_mine(mine, member, home, joined);
+                    }
+                }
+                MemberFrame::Published {
+                    seq,
+                    homes,
+                    members,
+                } => answers.push((seq, Ok((homes, members)))),
+                MemberFrame::PublishRefused { seq, kind } => answers.push((seq, Err(kind))),
+                _ => {
+                    stats::bump(&self.counters.bad_frames);
+                    return Err(Error::Wire(reach_proto::wire::WireError::Malformed(
+                        "a member-side frame from the topic home".into(),
+                    )));
+                }
             }
         }
-        Ok(())
+        Ok(answers)
     }
 
     // ---- the home's side: members ----
@@ -1385,6 +1554,11 @@ impl Topics {
         let (tx, rx) = mpsc::channel(SEND_QUEUE);
         let cut = CancellationToken::new();
         let accepted = self.accept_member(peer, &name, &tx, &cut);
+        // The next seq taken from the member on this stream: any at first
+        // (a member that moved here may continue above what this home has
+        // seen of it: what its last home took and did not pass on yet),
+        // then the one after the last taken, or the last refused.
+        let mut expected = None;
         let topic = match accepted {
             Ok(t) => t,
             Err(kind) => {
@@ -1401,25 +1575,45 @@ impl Topics {
         };
         let wcut = cut.clone();
         self.core.spawn(write_loop(send, rx, wcut));
-        loop {
-            let f = tokio::select! {
+        // Whatever frames have arrived are taken together: one lock of the
+        // state for the batch, and the answers queued together.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
+        let mut msgs = Vec::with_capacity(wire::READ_BATCH);
+        'frames: loop {
+            frames.clear();
+            let r = tokio::select! {
                 _ = cut.cancelled() => break,
-                f = wire::read::<MemberFrame>(&mut recv) => f,
+                r = reader.read_batch_with(&mut recv, &mut frames, wire::READ_BATCH, wire::HomePublish::decode) => r,
             };
-            match f {
-                Ok(Some(MemberFrame::Publish(msg))) => {
-                    let reply = self.member_publish(peer, topic, msg);
-                    if tx.try_send(reply).is_err() {
-                        cut.cancel();
-                        stats::bump(&self.counters.members_cut);
-                        break;
-                    }
-                }
-                Ok(None) => break,
-                Ok(Some(_)) | Err(_) => {
+            match r {
+                Ok(true) => {}
+                Ok(false) => break,
+                Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
                 }
+            }
+            let mut bad = false;
+            for f in frames.drain(..) {
+                match f {
+                    Some(p) => msgs.push((p.seq(), p.into_message(peer))),
+                    None => {
+                        bad = true;
+                        break;
+                    }
+                }
+            }
+            for reply in self.member_publish(topic, &mut msgs, &mut expected) {
+                if tx.try_send(reply).is_err() {
+                    cut.cancel();
+                    stats::bump(&self.counters.members_cut);
+                    break 'frames;
+                }
+            }
+            if bad {
+                stats::bump(&self.counters.bad_frames);
+                break;
             }
         }
         let mut st = self.state();
@@ -1445,7 +1639,7 @@ impl Topics {
         &self,
         peer: PeerId,
         name: &str,
-        tx: &mpsc::Sender<MemberFrame>,
+        tx: &mpsc::Sender<Bytes>,
         cut: &CancellationToken,
     ) -> std::result::Result<TopicId, &'static str> {
         let topic = TopicId::from_name(name).map_err(|e| e.kind())?;
@@ -1462,7 +1656,7 @@ impl Topics {
         let mut members = st.overlay.members(&topic);
         members.truncate(wire::MAX_SNAPSHOT);
         let seq_seen = st.overlay.delivered_up_to(&topic, &peer).unwrap_or(0);
-        let _ = tx.try_send(MemberFrame::Subscribed { seq_seen, members });
+        let _ = offer(tx, &MemberFrame::Subscribed { seq_seen, members });
         if let Some(s) = st.served.get_mut(&topic)
             && let Some(old) = s.remote.insert(
                 peer,
@@ -1478,21 +1672,75 @@ impl Topics {
         Ok(topic)
     }
 
-    fn member_publish(&self, peer: PeerId, topic: TopicId, msg: TopicMessage) -> MemberFrame {
-        let seq = msg.seq;
-        if msg.origin != peer || msg.topic != topic {
-            stats::bump(&self.counters.bad_frames);
-            return MemberFrame::PublishRefused {
-                seq,
-                kind: "topic_not_the_publisher".into(),
-            };
+    /// Takes the messages a member published on its stream (drained from
+    /// `msgs`: each seq, and the message unless its origin is not the
+    /// stream's peer), in order, under one lock: the answers, encoded.
+    /// `expected` is the next seq taken from the member on this stream
+    /// (`None`: any); one past it was sent behind a refused one and is
+    /// refused as [`wire::OUT_OF_ORDER`] (the member sends it again with
+    /// the free seq), so a refusal leaves no gap however many publishes
+    /// the member has in flight.
+    fn member_publish(
+        &self,
+        topic: TopicId,
+        msgs: &mut Vec<(u64, Option<TopicMessage>)>,
+        expected: &mut Option<u64>,
+    ) -> Vec<Bytes> {
+        let mut replies = Vec::with_capacity(msgs.len());
+        if msgs.is_empty() {
+            return replies;
         }
-        let mut st = self.state();
-        let st = &mut *st;
-        let r = st.overlay.publish_from_member(msg, self.now());
-        let reply = match r {
+        let mut guard = self.state();
+        let st = &mut *guard;
+        let now = self.now();
+        // What a publish reached is the same for the whole batch: nothing
+        // else changes the topic while the lock is held.
+        let mut report = None;
+        for (seq, msg) in msgs.drain(..) {
+            let reply = if let Some(msg) = msg.filter(|m| m.topic == topic) {
+                if expected.is_some_and(|e| seq > e) {
+                    MemberFrame::PublishRefused {
+                        seq,
+                        kind: wire::OUT_OF_ORDER.into(),
+                    }
+                } else {
+                    self.take_from_member(st, topic, seq, msg, now, expected, &mut report)
+                }
+            } else {
+                stats::bump(&self.counters.bad_frames);
+                MemberFrame::PublishRefused {
+                    seq,
+                    kind: "topic_not_the_publisher".into(),
+                }
+            };
+            replies.extend(encoded(&reply));
+        }
+        self.flush(st);
+        replies
+    }
+
+    /// One publish of a member's stream, its seq in order: the answer.
+    #[allow(clippy::too_many_arguments)]
+    fn take_from_member(
+        &self,
+        st: &mut State,
+        topic: TopicId,
+        seq: u64,
+        msg: TopicMessage,
+        now: Duration,
+        expected: &mut Option<u64>,
+        report: &mut Option<PublishReport>,
+    ) -> MemberFrame {
+        // The stream's peer is the message's origin (checked when it was
+        // decoded: `wire::HomePublish::into_message`; QUIC's mutual TLS
+        // authenticated the peer's key): that proves who sent it, so the
+        // home does not check its signature again (see
+        // `Overlay::publish_from_authenticated_member`); every other home
+        // and every subscriber does.
+        match st.overlay.publish_from_authenticated_member(msg, now) {
             Ok(_) => {
-                let rep = Self::report(st, topic, self.me(), seq);
+                *expected = Some(expected.map_or(seq + 1, |e| e.max(seq + 1)));
+                let rep = *report.get_or_insert_with(|| Self::report(st, topic, self.me(), seq));
                 MemberFrame::Published {
                     seq,
                     homes: rep.homes,
@@ -1500,6 +1748,9 @@ impl Topics {
                 }
             }
             Err(e) => {
+                // Its seq stays free: the member's next message
+                // must take it.
+                expected.get_or_insert(seq);
                 let counter = match e {
                     PublishError::TopicRateLimited | PublishError::PublisherRateLimited => {
                         &self.counters.refused_rate
@@ -1512,9 +1763,7 @@ impl Topics {
                     kind: e.kind().to_string(),
                 }
             }
-        };
-        self.flush(st);
-        reply
+        }
     }
 
     // ---- the home's side: federation ----
@@ -1596,7 +1845,7 @@ impl Topics {
             }
             for topic in st.served.keys() {
                 if self.federation.allows(&peer, topic) {
-                    let _ = tx.try_send(FedFrame::Join(*topic));
+                    let _ = offer(&tx, &FedFrame::Join(*topic));
                 }
             }
             st.configured.on_up(&peer);
@@ -1609,63 +1858,76 @@ impl Topics {
         let wcut = cut.clone();
         let writer = tokio::spawn(write_loop(send, rx, wcut));
         let _writer = AbortOnDrop(writer);
+        // Whatever frames have arrived are handled together, under one lock.
+        let mut reader = wire::FrameReader::default();
+        let mut frames = Vec::with_capacity(wire::READ_BATCH);
         loop {
-            let f = tokio::select! {
+            frames.clear();
+            let r = tokio::select! {
                 _ = cut.cancelled() => break,
-                f = wire::read::<FedFrame>(&mut recv) => f,
+                r = reader.read_batch::<FedFrame>(&mut recv, &mut frames, wire::READ_BATCH) => r,
             };
-            let f = match f {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
+            match r {
+                Ok(true) => {}
+                Ok(false) => break,
                 Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
                 }
-            };
+            }
             let mut guard = self.state();
             let st = &mut *guard;
-            let State {
-                overlay,
-                links,
-                served,
-                ..
-            } = st;
-            let Some(link) = links.get_mut(&peer).filter(|l| l.id == id) else {
-                break;
-            };
-            match f {
-                FedFrame::Join(t) => {
-                    if !self.federation.allows(&peer, &t) {
-                        // A private topic from a home not trusted with it:
-                        // not carried (and not even remembered).
-                        stats::bump(&self.counters.untrusted_joins);
-                    } else if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
-                        && link.theirs.insert(t)
-                        && served.contains_key(&t)
-                    {
-                        let _ = overlay.link_up(peer, &[t]);
+            let now = self.now();
+            let mut replaced = false;
+            for f in frames.drain(..) {
+                let State {
+                    overlay,
+                    links,
+                    served,
+                    ..
+                } = &mut *st;
+                let Some(link) = links.get_mut(&peer).filter(|l| l.id == id) else {
+                    replaced = true;
+                    break;
+                };
+                match f {
+                    FedFrame::Join(t) => {
+                        if !self.federation.allows(&peer, &t) {
+                            // A private topic from a home not trusted with
+                            // it: not carried (and not even remembered).
+                            stats::bump(&self.counters.untrusted_joins);
+                        } else if link.theirs.len() < reach_proto::topics::MAX_TOPICS_PER_NODE
+                            && link.theirs.insert(t)
+                            && served.contains_key(&t)
+                        {
+                            let _ = overlay.link_up(peer, &[t]);
+                        }
                     }
-                }
-                FedFrame::Leave(t) => {
-                    if link.theirs.remove(&t) && served.contains_key(&t) {
-                        // The overlay has no per-topic link_down: the link
-                        // goes down and comes back with what is shared.
-                        overlay.link_down(peer);
-                        let both: Vec<TopicId> = link
-                            .theirs
-                            .iter()
-                            .filter(|t| served.contains_key(t))
-                            .copied()
-                            .collect();
-                        let _ = overlay.link_up(peer, &both);
+                    FedFrame::Leave(t) => {
+                        if link.theirs.remove(&t) && served.contains_key(&t) {
+                            // The overlay has no per-topic link_down: the
+                            // link goes down and comes back with what is
+                            // shared.
+                            overlay.link_down(peer);
+                            let both: Vec<TopicId> = link
+                                .theirs
+                                .iter()
+                                .filter(|t| served.contains_key(t))
+                                .copied()
+                                .collect();
+                            let _ = overlay.link_up(peer, &both);
+                        }
                     }
+                    FedFrame::Overlay(bytes) => match TopicFrame::decode(&bytes) {
+                        Ok(frame) => overlay.handle_frame(peer, frame, now),
+                        Err(_) => stats::bump(&self.counters.bad_frames),
+                    },
                 }
-                FedFrame::Overlay(bytes) => match TopicFrame::decode(&bytes) {
-                    Ok(frame) => overlay.handle_frame(peer, frame, self.now()),
-                    Err(_) => stats::bump(&self.counters.bad_frames),
-                },
             }
             self.flush(st);
+            if replaced {
+                break;
+            }
         }
         let mut guard = self.state();
         let st = &mut *guard;
@@ -1693,7 +1955,9 @@ impl Topics {
                     st.overlay.handle_timeout(now);
                     self.flush(&mut st);
                 }
-                st.overlay.next_timeout()
+                let next = st.overlay.next_timeout();
+                st.driver_at = next;
+                next
             };
             let sleep = match next {
                 Some(t) => tokio::time::sleep_until(self.epoch + t),

@@ -460,6 +460,60 @@ fn a_forged_message_from_a_home_is_dropped_and_counted() {
 }
 
 #[test]
+fn a_bad_signature_taken_unchecked_from_its_authenticated_publisher_goes_no_further() {
+    let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
+    let t = topic();
+    let now = Duration::ZERO;
+    let publisher = key(61);
+    let mut bad = TopicMessage::sign(&publisher, t, 1, b"hi".to_vec()).unwrap();
+    bad.data[0] ^= 1;
+    // What the authenticated path still checks: size, seq, signature form.
+    let mut zero = bad.clone();
+    zero.seq = 0;
+    assert_eq!(
+        net.nodes[0]
+            .publish_from_authenticated_member(zero, now)
+            .unwrap_err()
+            .kind(),
+        "message_zero_seq"
+    );
+    let mut short = bad.clone();
+    short.signature.truncate(10);
+    assert_eq!(
+        net.nodes[0]
+            .publish_from_authenticated_member(short, now)
+            .unwrap_err()
+            .kind(),
+        "message_bad_signature"
+    );
+    // Its own home takes it (the connection proved who sent it) ...
+    assert!(
+        net.nodes[0]
+            .publish_from_authenticated_member(bad, now)
+            .is_ok()
+    );
+    net.flush(0);
+    assert_eq!(net.delivered[0], [(publisher.peer_id(), 1)]);
+    // ... and the next home checks the signature and drops it: no home can
+    // pass a message off as another's.
+    net.run_until(MS(1_000));
+    assert!(net.delivered[1].is_empty());
+    assert_eq!(net.nodes[1].stats().bad_messages, 1);
+    // A good one the same way reaches both: the other home once it gave
+    // up on the bad one (its gap), at worst.
+    let good = TopicMessage::sign(&publisher, t, 2, b"ok".to_vec()).unwrap();
+    assert!(
+        net.nodes[0]
+            .publish_from_authenticated_member(good, MS(1_000))
+            .is_ok()
+    );
+    net.flush(0);
+    net.run_until(MS(2_000) + GAP_GIVE_UP);
+    assert_eq!(net.delivered[0].last(), Some(&(publisher.peer_id(), 2)));
+    assert!(net.delivered[1].contains(&(publisher.peer_id(), 2)));
+}
+
+#[test]
 fn a_gap_the_sender_no_longer_has_is_passed_over_at_once() {
     let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
     let t = topic();
