@@ -5,7 +5,7 @@
 //!   frames, floods of announcements, pulls and topics, a link it never
 //!   reads, and an oversized frame;
 //! - a hostile member: another's message replayed as its own, a broken
-//!   signature, a publish flood far over its rate.
+//!   signature of its own, a publish flood far over its rate.
 //!
 //! The home keeps serving the honest ones: every honest message arrives
 //! once and in order, nothing forged is delivered, nothing panics.
@@ -255,19 +255,28 @@ async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
     // G's message (validly signed by G) sent by X as if it were its own.
     let replayed = TopicMessage::sign(&kg, topic, 1, b"replayed".to_vec()).unwrap();
     put(&mut send, &MemberFrame::Publish(replayed)).await;
-    let mut kinds = Vec::new();
-    kinds.push(refused_kind(next_answer(&mut recv).await));
-    // Its own message with a broken signature.
+    assert_eq!(
+        refused_kind(next_answer(&mut recv).await),
+        "topic_not_the_publisher"
+    );
+    // Its own message with a broken signature: its home takes it unchecked
+    // (the authenticated stream proves who sent it), and no other home or
+    // subscriber will take it (tested in reach-proto:
+    // a_bad_signature_taken_unchecked_from_its_authenticated_publisher_goes_no_further).
     let mut broken = TopicMessage::sign(&x, topic, 1, b"broken".to_vec()).unwrap();
     broken.signature[0] ^= 1;
     put(&mut send, &MemberFrame::Publish(broken)).await;
-    kinds.push(refused_kind(next_answer(&mut recv).await));
-    assert_eq!(kinds, ["topic_not_the_publisher", "message_bad_signature"]);
+    assert!(matches!(
+        next_answer(&mut recv).await,
+        MemberFrame::Published { seq: 1, .. }
+    ));
 
     // A flood: 1,000 of its own valid messages at once, far over its 100
-    // a second (one second's burst).
+    // a second (one second's burst). Past the first refusal by its rate,
+    // the ones after it are out of order (the member must resend from the
+    // refused seq), so they are refused too.
     const FLOOD: u64 = 1_000;
-    for seq in 1..=FLOOD {
+    for seq in 2..=FLOOD + 1 {
         let m = TopicMessage::sign(&x, topic, seq, b"flood".to_vec()).unwrap();
         put(&mut send, &MemberFrame::Publish(m)).await;
     }
@@ -276,7 +285,10 @@ async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
         match next_answer(&mut recv).await {
             MemberFrame::Published { .. } => taken += 1,
             MemberFrame::PublishRefused { kind, .. } => {
-                assert_eq!(kind, "publisher_rate_limited");
+                assert!(
+                    ["publisher_rate_limited", "topic_out_of_order"].contains(&kind.as_str()),
+                    "{kind}"
+                );
                 rate_refused += 1;
             }
             _ => unreachable!(),
@@ -304,8 +316,7 @@ async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
                     next += 1;
                 }
                 TopicEvent::Message(m) => {
-                    assert_eq!(m.from, x.peer_id());
-                    assert_eq!(&m.data[..], b"flood", "only X's own valid messages");
+                    assert_eq!(m.from, x.peer_id(), "only X's own messages");
                 }
                 TopicEvent::Missed { count } => panic!("missed {count}"),
                 _ => {}
