@@ -49,6 +49,31 @@ fn seq(e: &RecvEvent) -> u64 {
     }
 }
 
+/// Opens streams of `path` until one gets in, calling `poke` before each
+/// try: a closed stream's place is freed once the server notices the close,
+/// at its next write to it, which `poke` causes.
+async fn until_a_place_is_freed<F, Fut>(
+    client: &reach::api::client::ApiClient,
+    path: &str,
+    mut poke: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        poke().await;
+        if client.open_events(path).await.is_ok() {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[tokio::test]
 async fn since_replays_the_backlog_and_says_what_fell_out_of_it() {
     let (dir, node, api) = node_and_api().await;
@@ -149,18 +174,11 @@ async fn streams_past_the_cap_are_refused_busy_until_one_closes() {
     // A closed stream's place is freed once the server notices the close,
     // at its next write: events are published until a new stream gets in.
     drop(open.pop());
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    until_a_place_is_freed(&client, "/v1/recv", || {
         hub.publish(&message(node.peer_id(), 1, 0));
-        if client.open_events("/v1/recv").await.is_ok() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the place was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        async {}
+    })
+    .await;
     api.stop().await;
     node.shutdown().await;
 }
@@ -187,22 +205,10 @@ async fn topic_streams_past_their_cap_are_refused_busy_and_leave_recv_streams_al
     // at its next write (a topic event or the SSE keep-alive): a publish on
     // its topic is such a write.
     drop(open.remove(0));
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
+    until_a_place_is_freed(&client, "/v1/topics/sub?topic=another", || async {
         let _ = node.publish("room0", b"wake".to_vec()).await;
-        if client
-            .open_events("/v1/topics/sub?topic=another")
-            .await
-            .is_ok()
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the place was never freed"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
     api.stop().await;
     node.shutdown().await;
 }

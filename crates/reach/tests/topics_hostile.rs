@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use common::{loopback, relay_node, until, within};
 use reach::topics::wire::{self, FedFrame, MemberFrame};
-use reach::{Keypair, Node, RelayMode, TopicEvent};
+use reach::{Keypair, Node, RelayMode, Subscription, TopicEvent};
 use reach_proto::topics::{ShortId, TopicFrame, TopicId, TopicMessage};
 use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED};
 
@@ -24,8 +24,9 @@ const TOPIC: &str = "lobby";
 /// Honest messages published after the attack.
 const HONEST: u64 = 20;
 
-async fn public_home(via: &Node) -> Node {
+async fn public_home(via: &Node, key: Keypair) -> Node {
     let n = Node::builder()
+        .keypair(key)
         .bind(loopback())
         .bootstrap([via.local_addr()])
         .relay_service(RelayMode::Off)
@@ -35,6 +36,21 @@ async fn public_home(via: &Node) -> Node {
         .unwrap();
     within("the public node joins", n.joined()).await;
     n
+}
+
+/// The honest side: a bootstrap node and two public homes H and G (G with
+/// `g_key`), both subscribed to [`TOPIC`] and linked; H's subscription.
+async fn honest_homes(g_key: Keypair) -> (Node, Node, Node, Subscription, Subscription) {
+    let boot = relay_node().await;
+    let h = public_home(&boot, Keypair::generate()).await;
+    let g = public_home(&boot, g_key).await;
+    let s_h = h.subscribe_topic(TOPIC).unwrap();
+    let s_g = g.subscribe_topic(TOPIC).unwrap();
+    until("the honest homes link up", || {
+        h.topics_status().links.contains(&g.peer_id())
+    })
+    .await;
+    (boot, h, g, s_h, s_g)
 }
 
 /// A stream of `protocol` to `home` as identity `kp`, over a raw QUIC
@@ -90,15 +106,7 @@ fn random_ids(n: usize, salt: u64) -> Vec<ShortId> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_home_on_the_link_leaves_the_honest_federation_whole() {
     common::logs();
-    let boot = relay_node().await;
-    let h = public_home(&boot).await;
-    let g = public_home(&boot).await;
-    let mut s_h = h.subscribe_topic(TOPIC).unwrap();
-    let _s_g = g.subscribe_topic(TOPIC).unwrap();
-    until("the honest homes link up", || {
-        h.topics_status().links.contains(&g.peer_id())
-    })
-    .await;
+    let (_boot, h, g, mut s_h, _s_g) = honest_homes(Keypair::generate()).await;
     let topic = TopicId::from_name(TOPIC).unwrap();
 
     let x = Keypair::generate();
@@ -211,25 +219,8 @@ async fn answer(recv: &mut quinn::RecvStream) -> MemberFrame {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
     common::logs();
-    let boot = relay_node().await;
-    let h = public_home(&boot).await;
     let kg = Keypair::generate();
-    let g = Node::builder()
-        .keypair(kg.clone())
-        .bind(loopback())
-        .bootstrap([boot.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    within("G joins", g.joined()).await;
-    let mut s_h = h.subscribe_topic(TOPIC).unwrap();
-    let _s_g = g.subscribe_topic(TOPIC).unwrap();
-    until("the honest homes link up", || {
-        h.topics_status().links.contains(&g.peer_id())
-    })
-    .await;
+    let (_boot, h, g, mut s_h, _s_g) = honest_homes(kg.clone()).await;
     let topic = TopicId::from_name(TOPIC).unwrap();
 
     // X, a member of H.
