@@ -14,16 +14,7 @@ const TOPIC: &str = "lobby";
 
 /// A public node, its own home, in the DHT through `via`.
 async fn public_home(via: &Node) -> Node {
-    let n = Node::builder()
-        .bind(loopback())
-        .bootstrap([via.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    within("the public node joins", n.joined()).await;
-    n
+    common::topic_home(via, reach::Keypair::generate(), Default::default()).await
 }
 
 fn held(n: &Node) -> Option<PeerId> {
@@ -325,27 +316,6 @@ async fn a_publish_over_the_rate_limit_is_refused_with_a_typed_error() {
     assert_eq!(e.kind(), "topic_not_subscribed");
 }
 
-/// A public node, its own home, in the DHT through `via`, with configured
-/// federation.
-async fn configured_home(
-    via: &Node,
-    key: reach::Keypair,
-    federation: reach::TopicFederation,
-) -> Node {
-    let n = Node::builder()
-        .keypair(key)
-        .bind(loopback())
-        .bootstrap([via.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::Off)
-        .topic_federation(federation)
-        .spawn()
-        .await
-        .unwrap();
-    within("the public node joins", n.joined()).await;
-    n
-}
-
 /// A private topic: never in the DHT, carried over the configured link to
 /// the trusted home, and not to a home that links in without that trust
 /// (it offers the topic and is ignored; it receives nothing).
@@ -362,10 +332,10 @@ async fn a_private_topic_reaches_the_trusted_configured_home_and_no_other() {
         trusted: vec![trusted],
         private_topics: vec![OPS.into()],
     };
-    let a = configured_home(&boot, ka, private(pb, vec![pb])).await;
-    let b = configured_home(&boot, kb, private(pa, vec![])).await;
+    let a = common::topic_home(&boot, ka, private(pb, vec![pb])).await;
+    let b = common::topic_home(&boot, kb, private(pa, vec![])).await;
     // C links to A by its own configuration; A does not trust it.
-    let c = configured_home(
+    let c = common::topic_home(
         &boot,
         reach::Keypair::generate(),
         reach::TopicFederation {

@@ -14,9 +14,9 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{loopback, relay_node, until, within};
+use common::{loopback, relay_node, topic_home, until, within};
 use reach::topics::wire::{self, FedFrame, MemberFrame};
-use reach::{Keypair, Node, RelayMode, Subscription, TopicEvent};
+use reach::{Keypair, Node, Subscription, TopicEvent};
 use reach_proto::topics::{ShortId, TopicFrame, TopicId, TopicMessage};
 use reach_proto::wire::envelope::{Body, Envelope, OPEN_ACCEPTED};
 
@@ -24,26 +24,12 @@ const TOPIC: &str = "lobby";
 /// Honest messages published after the attack.
 const HONEST: u64 = 20;
 
-async fn public_home(via: &Node, key: Keypair) -> Node {
-    let n = Node::builder()
-        .keypair(key)
-        .bind(loopback())
-        .bootstrap([via.local_addr()])
-        .relay_service(RelayMode::Off)
-        .acquire_relay(RelayMode::Off)
-        .spawn()
-        .await
-        .unwrap();
-    within("the public node joins", n.joined()).await;
-    n
-}
-
 /// The honest side: a bootstrap node and two public homes H and G (G with
 /// `g_key`), both subscribed to [`TOPIC`] and linked; H's subscription.
 async fn honest_homes(g_key: Keypair) -> (Node, Node, Node, Subscription, Subscription) {
     let boot = relay_node().await;
-    let h = public_home(&boot, Keypair::generate()).await;
-    let g = public_home(&boot, g_key).await;
+    let h = topic_home(&boot, Keypair::generate(), Default::default()).await;
+    let g = topic_home(&boot, g_key, Default::default()).await;
     let s_h = h.subscribe_topic(TOPIC).unwrap();
     let s_g = g.subscribe_topic(TOPIC).unwrap();
     until("the honest homes link up", || {

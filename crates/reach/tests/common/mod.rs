@@ -36,6 +36,27 @@ pub fn logs() {
         .try_init();
 }
 
+/// A public node as `key`, its own topic home (no relay service, no relay
+/// acquired), in the DHT through `via`, with `federation` configured.
+pub async fn topic_home(
+    via: &reach::Node,
+    key: reach::Keypair,
+    federation: reach::TopicFederation,
+) -> reach::Node {
+    let n = reach::Node::builder()
+        .keypair(key)
+        .bind(loopback())
+        .bootstrap([via.local_addr()])
+        .relay_service(reach::RelayMode::Off)
+        .acquire_relay(reach::RelayMode::Off)
+        .topic_federation(federation)
+        .spawn()
+        .await
+        .unwrap();
+    within("the public node joins", n.joined()).await;
+    n
+}
+
 /// A node that serves as a relay and holds none itself.
 pub async fn relay_node() -> reach::Node {
     reach::Node::builder()
