@@ -84,6 +84,9 @@ pub const SUBSCRIPTION_QUEUE: usize = 16_384;
 /// How long a member waits for its home's answer to a publish or a
 /// subscribe before it reports a timeout.
 pub const HOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest sleep of a timer loop with nothing scheduled: bounds the wait
+/// should a wake-up be missed.
+const WAKE_BOUND: Duration = Duration::from_secs(60);
 /// Wait before a member retries its home after a failed session: short,
 /// since a member without a session receives nothing.
 pub const RETRY_HOME: Duration = Duration::from_secs(1);
@@ -1959,16 +1962,21 @@ impl Topics {
                 st.driver_at = next;
                 next
             };
-            let sleep = match next {
-                Some(t) => tokio::time::sleep_until(self.epoch + t),
-                // Nothing scheduled: wait to be woken (a long sleep bounds
-                // the wait should a wake-up be missed).
-                None => tokio::time::sleep(Duration::from_secs(60)),
-            };
-            tokio::select! {
-                _ = sleep => {}
-                _ = self.wake.notified() => {}
-            }
+            self.sleep_until(next, &self.wake).await;
+        }
+    }
+
+    /// Sleeps until `next` (on the overlay's clock) or until `wake` is
+    /// notified; with nothing scheduled, until woken (a long sleep bounds
+    /// the wait should a wake-up be missed).
+    async fn sleep_until(&self, next: Option<Duration>, wake: &Notify) {
+        let sleep = match next {
+            Some(t) => tokio::time::sleep_until(self.epoch + t),
+            None => tokio::time::sleep(WAKE_BOUND),
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = wake.notified() => {}
         }
     }
 
@@ -2023,16 +2031,8 @@ impl Topics {
                     st.configured.next_timeout()
                 }
             };
-            let sleep = match next {
-                Some(t) => tokio::time::sleep_until(self.epoch + t),
-                // Nothing due: woken by a served topic or a lost link (a
-                // long sleep bounds a missed wake-up).
-                None => tokio::time::sleep(Duration::from_secs(60)),
-            };
-            tokio::select! {
-                _ = sleep => {}
-                _ = self.redial.notified() => {}
-            }
+            // Nothing due: woken by a served topic or a lost link.
+            self.sleep_until(next, &self.redial).await;
         }
     }
 
