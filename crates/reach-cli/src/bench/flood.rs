@@ -211,22 +211,7 @@ fn start_target() -> Result<Target> {
         addr: "127.0.0.1:0".parse()?,
         received,
     };
-    let (mut peer, mut addr) = (None, None);
-    let end = Instant::now() + PHASE_DEADLINE;
-    while peer.is_none() || addr.is_none() {
-        let left = end.saturating_duration_since(Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .context("the target did not print its id and address")?;
-        if let Some(p) = line.strip_prefix("peer id") {
-            peer = Some(p.trim().parse::<PeerId>()?);
-        } else if let Some(a) = line.strip_prefix("listening") {
-            let a = a.trim().trim_end_matches("(udp)").trim();
-            addr = Some(a.parse::<SocketAddr>()?);
-        }
-    }
-    target.peer = peer.context("no peer id")?;
-    target.addr = addr.context("no address")?;
+    (target.peer, target.addr) = super::node_identity(&rx, PHASE_DEADLINE, "the target")?;
     Ok(target)
 }
 

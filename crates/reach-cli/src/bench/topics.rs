@@ -262,22 +262,7 @@ impl HomeProcess {
             peer: reach::Keypair::generate().peer_id(),
             addr: loopback(),
         };
-        let (mut peer, mut addr) = (None, None);
-        let end = Instant::now() + DEADLINE;
-        while peer.is_none() || addr.is_none() {
-            let left = end.saturating_duration_since(Instant::now());
-            let line = rx
-                .recv_timeout(left)
-                .context("the home did not print its id and address")?;
-            if let Some(p) = line.strip_prefix("peer id") {
-                peer = Some(p.trim().parse::<PeerId>()?);
-            } else if let Some(a) = line.strip_prefix("listening") {
-                let a = a.trim().trim_end_matches("(udp)").trim();
-                addr = Some(a.parse::<SocketAddr>()?);
-            }
-        }
-        home.peer = peer.context("no peer id")?;
-        home.addr = addr.context("no address")?;
+        (home.peer, home.addr) = super::node_identity(&rx, DEADLINE, "the home")?;
         Ok(home)
     }
 
