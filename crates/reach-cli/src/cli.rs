@@ -314,6 +314,26 @@ pub enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// The flooders of `reach bench topics`, a process of their own:
+    /// members of one home flooding a topic while told to on stdin.
+    #[command(hide = true)]
+    TopicsFlooder {
+        /// The home's peer id.
+        #[arg(long)]
+        home_id: reach::PeerId,
+        /// The home's address.
+        #[arg(long)]
+        home_addr: std::net::SocketAddr,
+        /// The topic to flood.
+        #[arg(long)]
+        topic: String,
+        /// Flooding members.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=64))]
+        members: u64,
+        /// Publishes offered per second, all members together.
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+        rate: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]

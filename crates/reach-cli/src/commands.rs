@@ -313,6 +313,16 @@ pub async fn run(cli: Cli) -> Result<()> {
             anyhow::ensure!(r.targets_met, "the topics targets were not met");
             Ok(())
         }
+        Command::Bench(BenchCommand::TopicsFlooder {
+            home_id,
+            home_addr,
+            topic,
+            members,
+            rate,
+        }) => {
+            crate::bench::topics_flood::flooder(home_id, home_addr, topic, members as usize, rate)
+                .await
+        }
         Command::Bench(BenchCommand::Outbox {
             single,
             messages,

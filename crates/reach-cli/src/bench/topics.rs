@@ -21,21 +21,18 @@
 //!   on the first, a subscriber on the second. One message at a time; the
 //!   second subscriber's latency minus the first's is what one federation
 //!   hop adds (target p99 ≤ 1 ms).
-//! - **flood**: the same one-at-a-time latency on a quiet topic of one home,
-//!   alone and then while [`FLOODERS`] other members flood another topic of
-//!   the same home with attempts at [`FLOOD_FACTOR`] times its rate limit,
-//!   paced (most are refused with a typed error): the quiet topic's p99
-//!   with the flood against without (target within +10%).
+//! - **flood**: a quiet topic's one-at-a-time latency with another topic of
+//!   the same home flooded at 10× its rate limit against without; the home
+//!   and the flooders are processes of their own (see
+//!   [`super::topics_flood`]; target within +10%).
 //!
-//! The hop and flood runs keep all nodes in this process.
+//! The hop run keeps all nodes in this process.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -52,10 +49,6 @@ const TARGET_HOP_P99_MS: f64 = 1.0;
 const TARGET_FLOOD_P99_RATIO: f64 = 1.10;
 /// Members publishing at once in the forwarding run.
 const PUBLISHERS: usize = 8;
-/// Members flooding the loud topic in the flood run.
-const FLOODERS: usize = 4;
-/// The flood offers this many times the loud topic's rate limit.
-const FLOOD_FACTOR: u64 = 10;
 /// Payload of every message (the issue's 100 bytes).
 const PAYLOAD: usize = 100;
 /// Members made at most to get two on one home and one on the other.
@@ -109,6 +102,9 @@ pub struct TopicsBenchReport {
     pub flood_p99_ratio: f64,
     pub flood_attempts_per_s: f64,
     pub flood_refused: u64,
+    /// The home had a CPU of its own in the flood run (see
+    /// [`super::topics_flood`]).
+    pub flood_pinned: bool,
     pub flood_limit_per_s: u64,
     pub targets_met: bool,
 }
@@ -147,15 +143,8 @@ async fn member_of_any(via: &Node) -> Result<(Node, PeerId)> {
     }
 }
 
-/// A node whose home is `home`, in a network where `home` is the only relay.
-async fn member(home: &Node) -> Result<Node> {
-    let (n, relay) = member_of_any(home).await?;
-    ensure!(relay == home.peer_id(), "a member took another home");
-    Ok(n)
-}
-
 /// Waits until `node` sees `count` members of `topic`.
-async fn members_seen(node: &Node, topic: &str, count: usize) -> Result<()> {
+pub(crate) async fn members_seen(node: &Node, topic: &str, count: usize) -> Result<()> {
     let deadline = Instant::now() + DEADLINE;
     while node.members(topic)?.len() < count {
         ensure!(
@@ -168,7 +157,7 @@ async fn members_seen(node: &Node, topic: &str, count: usize) -> Result<()> {
 }
 
 /// The next message of `sub` (presence changes skipped).
-async fn next_message(sub: &mut Subscription) -> Result<(PeerId, u64)> {
+pub(crate) async fn next_message(sub: &mut Subscription) -> Result<(PeerId, u64)> {
     loop {
         match tokio::time::timeout(DEADLINE, sub.next()).await {
             Ok(Some(TopicEvent::Message(m))) => return Ok((m.from, m.id)),
@@ -201,7 +190,7 @@ fn cpu_s(pid: &str) -> Result<f64> {
 
 /// The measured home: `reach node` on a fresh data dir in a process of its
 /// own; killed and its data dir removed when dropped.
-struct HomeProcess {
+pub(crate) struct HomeProcess {
     child: Child,
     dir: PathBuf,
     peer: PeerId,
@@ -218,8 +207,10 @@ impl Drop for HomeProcess {
 
 impl HomeProcess {
     /// Starts it (relay service on, so it is its members' home; topic
-    /// limits at `rate`) and waits for its id and address.
-    fn start(rate: u64) -> Result<HomeProcess> {
+    /// limits at `rate`, the defaults if `None`; on the CPUs `cpus` names,
+    /// as `taskset -c` takes them, if given) and waits for its id and
+    /// address.
+    pub(crate) fn start(rate: Option<u64>, cpus: Option<&str>) -> Result<HomeProcess> {
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
@@ -227,17 +218,18 @@ impl HomeProcess {
             std::env::temp_dir().join(format!("reach-bench-topics-{}-{nanos}", std::process::id()));
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let config = dir.join("home.toml");
+        let limits = rate.map_or(String::new(), |rate| {
+            format!("[topic_limits]\nrate_per_topic = {rate}\nrate_per_publisher = {rate}\n")
+        });
         std::fs::write(
             &config,
             format!(
                 "listen = \"127.0.0.1:0\"\napi_listen = \"127.0.0.1:0\"\nrelay = \"on\"\n\
                  acquire_relay = \"off\"\nhole_punching = false\nport_mapping = false\n\
-                 event_log = false\n\
-                 [topic_limits]\nrate_per_topic = {rate}\nrate_per_publisher = {rate}\n"
+                 event_log = false\n{limits}"
             ),
         )?;
-        let exe = std::env::current_exe().context("finding the reach binary")?;
-        let mut child = Command::new(exe)
+        let mut child = pinned_reach(cpus)?
             .arg("node")
             .arg("--data-dir")
             .arg(&dir)
@@ -266,24 +258,49 @@ impl HomeProcess {
         Ok(home)
     }
 
+    /// Its peer id and address.
+    pub(crate) fn identity(&self) -> (PeerId, SocketAddr) {
+        (self.peer, self.addr)
+    }
+
     /// CPU seconds the home's process has used.
     fn cpu_s(&self) -> Result<f64> {
         cpu_s(&self.child.id().to_string())
     }
 }
 
+/// This very binary as a command, run on the CPUs `cpus` names (`taskset
+/// -c`'s list) if given: `taskset` execs it, so the child's pid is the
+/// binary's own.
+pub(crate) fn pinned_reach(cpus: Option<&str>) -> Result<Command> {
+    let exe = std::env::current_exe().context("finding the reach binary")?;
+    Ok(match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(exe);
+            c
+        }
+        None => Command::new(exe),
+    })
+}
+
 /// A node whose home is the `home` process (the only relay it knows).
+async fn member_of_process(home: &HomeProcess) -> Result<Node> {
+    member_at(home.addr, home.peer).await
+}
+
+/// A node whose home is the node `home` at `addr` (the only relay it knows).
 ///
 /// A node tries as relays the few DHT contacts closest to its key
 /// (`reach::relay` tries 8), relays or not; with the other members in the
 /// DHT, the home may be left out of them and the node gets no relay. Such
 /// a node is replaced by a fresh one (another key), at most
 /// [`MEMBER_ATTEMPTS`] times.
-async fn member_of_process(home: &HomeProcess) -> Result<Node> {
+pub(crate) async fn member_at(addr: SocketAddr, home: PeerId) -> Result<Node> {
     for _ in 0..MEMBER_ATTEMPTS {
         let n = Node::builder()
             .bind(loopback())
-            .bootstrap([home.addr])
+            .bootstrap([addr])
             .relay_service(RelayMode::Off)
             .acquire_relay(RelayMode::On)
             .spawn()
@@ -291,7 +308,7 @@ async fn member_of_process(home: &HomeProcess) -> Result<Node> {
         let deadline = Instant::now() + MEMBER_WAIT;
         while Instant::now() < deadline {
             if let Some(relay) = n.relay_status().held_relay {
-                ensure!(relay == home.peer, "a member took another home");
+                ensure!(relay == home, "a member took another home");
                 return Ok(n);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -301,7 +318,7 @@ async fn member_of_process(home: &HomeProcess) -> Result<Node> {
     bail!("no member got the home as its relay in {MEMBER_ATTEMPTS} attempts")
 }
 
-fn percentile(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }
@@ -314,9 +331,9 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
     let fwd = forward(forward_messages).await?;
     let forwarded = forward_messages * PUBLISHERS as u64;
     let hop = hop(latency_messages).await?;
-    let flood = flood(latency_messages).await?;
-    let ratio = if flood.0 > 0.0 {
-        flood.1 / flood.0
+    let flood = super::topics_flood::flood(latency_messages).await?;
+    let ratio = if flood.alone_p99_ms > 0.0 {
+        flood.flooded_p99_ms / flood.alone_p99_ms
     } else {
         0.0
     };
@@ -352,11 +369,12 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
         hop_added_p50_ms: hop.added_p50,
         hop_added_p99_ms: hop.added_p99,
         flood_messages: latency_messages,
-        flood_quiet_p99_alone_ms: flood.0,
-        flood_quiet_p99_flooded_ms: flood.1,
+        flood_quiet_p99_alone_ms: flood.alone_p99_ms,
+        flood_quiet_p99_flooded_ms: flood.flooded_p99_ms,
         flood_p99_ratio: (ratio * 1000.0).round() / 1000.0,
-        flood_attempts_per_s: flood.2.round(),
-        flood_refused: flood.3,
+        flood_attempts_per_s: flood.attempts_per_s.round(),
+        flood_refused: flood.refused,
+        flood_pinned: flood.pinned,
         flood_limit_per_s: TopicLimits::default().topic_rate,
         targets_met,
     })
@@ -381,7 +399,7 @@ struct Forward {
 async fn forward(per_publisher: u64) -> Result<Forward> {
     const TOPIC: &str = "bench-forward";
     // Limits out of the way: what the home costs is measured, not them.
-    let home = HomeProcess::start(u64::MAX / 4)?;
+    let home = HomeProcess::start(Some(u64::MAX / 4), None)?;
     let s = member_of_process(&home).await?;
     let mut sub = s.subscribe_topic(TOPIC)?;
     let mut pubs = Vec::new();
@@ -557,74 +575,4 @@ async fn hop(messages: u32) -> Result<Hop> {
         n.shutdown().await;
     }
     Ok(r)
-}
-
-/// The quiet topic's p99 latency alone and under a flood of another topic:
-/// (alone p99, flooded p99, flood attempts/s, refused), ms.
-async fn flood(messages: u32) -> Result<(f64, f64, f64, u64)> {
-    const QUIET: &str = "bench-quiet";
-    const LOUD: &str = "bench-loud";
-    let h = home(TopicLimits::default()).await?;
-    let p = member(&h).await?;
-    let s = member(&h).await?;
-    let _sp = p.subscribe_topic(QUIET)?;
-    let mut sub = s.subscribe_topic(QUIET)?;
-    members_seen(&s, QUIET, 2).await?;
-    let mut flooders = Vec::new();
-    let mut flood_subs = Vec::new();
-    for _ in 0..FLOODERS {
-        let f = member(&h).await?;
-        flood_subs.push(f.subscribe_topic(LOUD)?);
-        flooders.push(f);
-    }
-    let alone = quiet_p99(&p, &mut sub, QUIET, messages).await?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let attempts = Arc::new(AtomicU64::new(0));
-    let refused = Arc::new(AtomicU64::new(0));
-    let mut tasks = tokio::task::JoinSet::new();
-    for f in &flooders {
-        let (f, stop, attempts, refused) =
-            (f.clone(), stop.clone(), attempts.clone(), refused.clone());
-        tasks.spawn(async move {
-            // Paced: together the flooders offer FLOOD_FACTOR times the
-            // loud topic's limit (the issue's "10× flood").
-            let per_s = (FLOOD_FACTOR * TopicLimits::default().topic_rate) as f64 / FLOODERS as f64;
-            let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / per_s));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if f.publish(LOUD, vec![9u8; PAYLOAD]).await.is_err() {
-                    refused.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        });
-    }
-    let started = Instant::now();
-    // Let the flood reach its pace before measuring.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let flooded = quiet_p99(&p, &mut sub, QUIET, messages).await?;
-    stop.store(true, Ordering::Relaxed);
-    let rate = attempts.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-    while tasks.join_next().await.is_some() {}
-    drop(flood_subs);
-    for n in flooders.into_iter().chain([p, s, h]) {
-        n.shutdown().await;
-    }
-    Ok((alone, flooded, rate, refused.load(Ordering::Relaxed)))
-}
-
-/// p99 latency of `messages` published one at a time by `p`, received on
-/// `sub`, in ms.
-async fn quiet_p99(p: &Node, sub: &mut Subscription, topic: &str, messages: u32) -> Result<f64> {
-    let mut lat = Vec::new();
-    for _ in 0..messages {
-        let sent = Instant::now();
-        p.publish(topic, vec![3u8; PAYLOAD]).await?;
-        next_message(sub).await?;
-        lat.push(sent.elapsed().as_secs_f64() * 1000.0);
-        // Under the default per-publisher limit (100/s).
-        tokio::time::sleep(Duration::from_millis(12)).await;
-    }
-    Ok(percentile(&mut lat, 0.99))
 }
