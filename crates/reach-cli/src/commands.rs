@@ -298,10 +298,10 @@ pub async fn run(cli: Cli) -> Result<()> {
                     r.hop_added_p50_ms, r.hop_added_p99_ms
                 );
                 println!(
-                    "quiet topic p99 {:.3} ms alone, {:.3} ms with another topic flooded at {} attempts/s (limit {}/s): ratio {:.3} (target ≤ 1.10)",
+                    "quiet topic p99 {:.3} ms alone, {:.3} ms with another topic flooded at {} publishes/s offered (limit {}/s): ratio {:.3} (target ≤ 1.10)",
                     r.flood_quiet_p99_alone_ms,
                     r.flood_quiet_p99_flooded_ms,
-                    r.flood_attempts_per_s,
+                    r.flood_offered_per_s,
                     r.flood_limit_per_s,
                     r.flood_p99_ratio
                 );

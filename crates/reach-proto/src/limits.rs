@@ -91,6 +91,22 @@ impl TokenBucket {
             false
         }
     }
+
+    /// How long from `now` until the bucket holds `n` tokens: zero if it
+    /// does, `Duration::MAX` if it never will (`n` over its capacity, or a
+    /// zero rate). Takes nothing.
+    pub fn wait(&self, n: u64, now: Duration) -> Duration {
+        let dt = now.saturating_sub(self.at).as_secs_f64();
+        let tokens = (self.tokens + dt * self.rate as f64).min(self.capacity);
+        let need = n as f64;
+        if tokens >= need {
+            Duration::ZERO
+        } else if self.rate == 0 || need > self.capacity {
+            Duration::MAX
+        } else {
+            Duration::from_secs_f64((need - tokens) / self.rate as f64)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -131,6 +147,22 @@ mod tests {
         // Refill stops at the burst capacity however long the pause.
         assert!(!b.take(1_001, MS(60_000)));
         assert!(b.take(1_000, MS(60_000)));
+    }
+
+    #[test]
+    fn token_bucket_says_how_long_until_a_refused_take_would_pass() {
+        let mut b = TokenBucket::new(100, Duration::from_secs(1), MS(0));
+        while b.take(1, MS(0)) {}
+        // Empty: one token comes every 10 ms.
+        assert_eq!(b.wait(1, MS(0)), MS(10));
+        assert_eq!(b.wait(1, MS(4)), MS(6));
+        assert_eq!(b.wait(1, MS(10)), Duration::ZERO);
+        assert!(b.take(1, MS(10)));
+        assert!(!b.take(1, MS(10)));
+        assert_eq!(b.wait(3, MS(10)), MS(30));
+        assert_eq!(b.wait(101, MS(10)), Duration::MAX);
+        let none = TokenBucket::new(0, Duration::from_secs(1), MS(0));
+        assert_eq!(none.wait(1, MS(0)), Duration::MAX);
     }
 
     #[test]

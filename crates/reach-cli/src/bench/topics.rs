@@ -100,11 +100,18 @@ pub struct TopicsBenchReport {
     pub flood_quiet_p99_alone_ms: f64,
     pub flood_quiet_p99_flooded_ms: f64,
     pub flood_p99_ratio: f64,
-    pub flood_attempts_per_s: f64,
+    /// Publishes the flooders offered per second, and handed to
+    /// `Node::publish` (the rest held back by the home's backpressure).
+    pub flood_offered_per_s: f64,
+    pub flood_sent_per_s: f64,
     pub flood_refused: u64,
     /// The home had a CPU of its own in the flood run (see
     /// [`super::topics_flood`]).
     pub flood_pinned: bool,
+    /// Cores the home used while the quiet topic was timed alone, and
+    /// while the other was flooded.
+    pub flood_home_cores_alone: f64,
+    pub flood_home_cores_flooded: f64,
     pub flood_limit_per_s: u64,
     pub targets_met: bool,
 }
@@ -264,7 +271,7 @@ impl HomeProcess {
     }
 
     /// CPU seconds the home's process has used.
-    fn cpu_s(&self) -> Result<f64> {
+    pub(crate) fn cpu_s(&self) -> Result<f64> {
         cpu_s(&self.child.id().to_string())
     }
 }
@@ -372,9 +379,12 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
         flood_quiet_p99_alone_ms: flood.alone_p99_ms,
         flood_quiet_p99_flooded_ms: flood.flooded_p99_ms,
         flood_p99_ratio: (ratio * 1000.0).round() / 1000.0,
-        flood_attempts_per_s: flood.attempts_per_s.round(),
+        flood_offered_per_s: flood.offered_per_s.round(),
+        flood_sent_per_s: flood.sent_per_s.round(),
         flood_refused: flood.refused,
         flood_pinned: flood.pinned,
+        flood_home_cores_alone: flood.home_cores_alone,
+        flood_home_cores_flooded: flood.home_cores_flooded,
         flood_limit_per_s: TopicLimits::default().topic_rate,
         targets_met,
     })

@@ -9,7 +9,10 @@
 //!   their own (`reach bench topics-flooder`, hidden), each subscribed to
 //!   the loud topic and, while told to flood, offering publishes paced so
 //!   that together they offer [`FLOOD_FACTOR`] times the loud topic's rate
-//!   limit (most are refused by the home with a typed error);
+//!   limit, without waiting for answers ([`FLOOD_IN_FLIGHT`] at once);
+//!   the home refuses what is over the limit with a typed error and reads
+//!   a refused publisher no faster than its limit, so the rest is held
+//!   back at the flooders (reported: offered, sent, refused);
 //! - this process: a publisher and a subscriber of the quiet topic, timing
 //!   one message at a time from publish to arrival.
 //!
@@ -43,6 +46,10 @@ use super::topics::{HomeProcess, member_at, members_seen, next_message, percenti
 pub const FLOODERS: usize = 4;
 /// The flood offers this many times the loud topic's rate limit.
 pub const FLOOD_FACTOR: u64 = 10;
+/// Publishes one flooder keeps in flight at most: a flooding application
+/// calls `publish` again without waiting for the last answer, up to what a
+/// member keeps in flight per topic anyway.
+const FLOOD_IN_FLIGHT: usize = reach::topics::PUBLISH_WINDOW;
 /// Alternations of "quiet alone" and "quiet under the flood".
 const ROUNDS: u32 = 5;
 /// After the flood is switched on, how long before timing starts (the
@@ -67,18 +74,43 @@ pub struct FloodRun {
     pub alone_p99_ms: f64,
     /// p99 of the quiet topic while the loud one is flooded, ms.
     pub flooded_p99_ms: f64,
-    /// Publishes the flooders offered per second while flooding.
-    pub attempts_per_s: f64,
+    /// Publishes the flooders' pace offered per second while flooding.
+    pub offered_per_s: f64,
+    /// Of them, per second, the ones handed to `Node::publish`.
+    pub sent_per_s: f64,
     /// Of them, refused by the home.
     pub refused: u64,
     /// Whether the home had a CPU of its own.
     pub pinned: bool,
+    /// Cores the home used while the quiet topic was timed alone, and
+    /// while flooded: what the flood costs the home.
+    pub home_cores_alone: f64,
+    pub home_cores_flooded: f64,
+}
+
+/// CPU seconds and wall seconds spent in one condition.
+#[derive(Debug, Default)]
+struct Spent {
+    cpu_s: f64,
+    wall_s: f64,
+}
+
+impl Spent {
+    fn cores(&self) -> f64 {
+        (self.cpu_s / self.wall_s.max(1e-3) * 1000.0).round() / 1000.0
+    }
 }
 
 /// What the flooder process prints when its stdin closes.
 #[derive(Debug, Serialize, Deserialize)]
 struct FlooderTotals {
-    attempts: u64,
+    /// Publishes the flooders' pace offered.
+    offered: u64,
+    /// Of them, handed to `Node::publish` (at most [`FLOOD_IN_FLIGHT`]
+    /// per flooder at once: the others were held back by the home's
+    /// backpressure).
+    sent: u64,
+    /// Publishes refused (by the home, or the node's own window).
     refused: u64,
     flooding_s: f64,
 }
@@ -222,11 +254,14 @@ pub async fn flood(messages: u32) -> Result<FloodRun> {
     if let Some(all) = &cpus {
         pin_self(&all.join(","))?;
     }
-    let (alone, flooded, totals) = run?;
+    let (alone, flooded, totals, spent) = run?;
     Ok(FloodRun {
         alone_p99_ms: alone,
         flooded_p99_ms: flooded,
-        attempts_per_s: totals.attempts as f64 / totals.flooding_s.max(1e-3),
+        home_cores_alone: spent[0].cores(),
+        home_cores_flooded: spent[1].cores(),
+        offered_per_s: totals.offered as f64 / totals.flooding_s.max(1e-3),
+        sent_per_s: totals.sent as f64 / totals.flooding_s.max(1e-3),
         refused: totals.refused,
         pinned: cpus.is_some(),
     })
@@ -236,7 +271,7 @@ async fn flood_with(
     home: &HomeProcess,
     cpus: Option<&str>,
     messages: u32,
-) -> Result<(f64, f64, FlooderTotals)> {
+) -> Result<(f64, f64, FlooderTotals, [Spent; 2])> {
     let (home_id, home_addr) = home.identity();
     let mut flooder = Flooder::start((home_id, home_addr), cpus)?;
     let p = member_at(home_addr, home_id).await?;
@@ -246,12 +281,19 @@ async fn flood_with(
     members_seen(&s, QUIET, 2).await?;
     flooder.expect("ready").await?;
     let (mut alone, mut flooded) = (Vec::new(), Vec::new());
+    let mut spent = [Spent::default(), Spent::default()];
     let per_round = messages.div_ceil(ROUNDS);
     for _ in 0..ROUNDS {
+        let (cpu, wall) = (home.cpu_s()?, Instant::now());
         alone.extend(quiet_latencies(&p, &mut sub, per_round).await?);
+        spent[0].cpu_s += home.cpu_s()? - cpu;
+        spent[0].wall_s += wall.elapsed().as_secs_f64();
         flooder.tell("flood", "flooding").await?;
         tokio::time::sleep(RAMP).await;
+        let (cpu, wall) = (home.cpu_s()?, Instant::now());
         flooded.extend(quiet_latencies(&p, &mut sub, per_round).await?);
+        spent[1].cpu_s += home.cpu_s()? - cpu;
+        spent[1].wall_s += wall.elapsed().as_secs_f64();
         flooder.tell("pause", "paused").await?;
     }
     let totals = flooder.finish().await?;
@@ -263,6 +305,7 @@ async fn flood_with(
         percentile(&mut alone, 0.99),
         percentile(&mut flooded, 0.99),
         totals,
+        spent,
     ))
 }
 
@@ -304,21 +347,24 @@ pub async fn flooder(
         members_seen(n, &topic, members).await?;
     }
     let (on, _) = watch::channel(false);
-    let attempts = Arc::new(AtomicU64::new(0));
+    let offered = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     let gap = Duration::from_secs_f64(members as f64 / rate as f64);
     for n in &nodes {
-        let (n, mut on, attempts, refused, topic) = (
+        let (n, mut on, offered, sent, refused, topic) = (
             n.clone(),
             on.subscribe(),
-            attempts.clone(),
+            offered.clone(),
+            sent.clone(),
             refused.clone(),
             topic.clone(),
         );
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(gap);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut inflight = tokio::task::JoinSet::new();
             loop {
                 if !*on.borrow_and_update() {
                     if on.wait_for(|on| *on).await.is_err() {
@@ -328,10 +374,22 @@ pub async fn flooder(
                     tick.reset();
                     continue;
                 }
-                tick.tick().await;
-                attempts.fetch_add(1, Ordering::Relaxed);
-                if n.publish(&topic, vec![9u8; PAYLOAD]).await.is_err() {
-                    refused.fetch_add(1, Ordering::Relaxed);
+                tokio::select! {
+                    _ = tick.tick() => {
+                        offered.fetch_add(1, Ordering::Relaxed);
+                        if inflight.len() < FLOOD_IN_FLIGHT {
+                            sent.fetch_add(1, Ordering::Relaxed);
+                            let (n, topic) = (n.clone(), topic.clone());
+                            inflight.spawn(async move {
+                                n.publish(&topic, vec![9u8; PAYLOAD]).await.is_ok()
+                            });
+                        }
+                    }
+                    Some(done) = inflight.join_next() => {
+                        if !matches!(done, Ok(true)) {
+                            refused.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
                 }
             }
         });
@@ -367,7 +425,8 @@ pub async fn flooder(
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
     let totals = FlooderTotals {
-        attempts: attempts.load(Ordering::Relaxed),
+        offered: offered.load(Ordering::Relaxed),
+        sent: sent.load(Ordering::Relaxed),
         refused: refused.load(Ordering::Relaxed),
         flooding_s,
     };

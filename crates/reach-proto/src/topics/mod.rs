@@ -93,6 +93,11 @@ pub const DEFAULT_TOPIC_RATE: u64 = 500;
 pub const DEFAULT_PUBLISHER_RATE: u64 = 100;
 /// Burst allowance of both rate limits: one second's worth.
 pub const RATE_BURST: Duration = Duration::from_secs(1);
+/// Longest a home waits before it reads the next publish of a publisher
+/// it refused for rate ([`overlay::Overlay::publish_backoff`]): a second,
+/// the rate limits' own horizon ([`RATE_BURST`]); with limits configured
+/// near zero a member's stream still moves.
+pub const MAX_PUBLISH_BACKOFF: Duration = Duration::from_secs(1);
 /// Publishers per topic whose rate a home tracks (its own members only):
 /// the least recently seen is forgotten first.
 pub const MAX_PUBLISHERS_TRACKED: usize = 4_096;

@@ -65,8 +65,8 @@ use super::order::{Offer, Origins};
 use super::presence::{PresenceAction, TopicPresence};
 use super::{
     CACHE_MAX_BYTES, CACHE_MAX_MESSAGES, DEFAULT_PUBLISHER_RATE, DEFAULT_TOPIC_RATE, GRAFT_TIMEOUT,
-    IHAVE_DELAY, MAX_DATA_LEN, MAX_IDS_PER_FRAME, MAX_LINKS_PER_TOPIC, MAX_PUBLISHERS_TRACKED,
-    MAX_TOPICS_PER_NODE, PULL_RETRY, RATE_BURST, TopicId,
+    IHAVE_DELAY, MAX_DATA_LEN, MAX_IDS_PER_FRAME, MAX_LINKS_PER_TOPIC, MAX_PUBLISH_BACKOFF,
+    MAX_PUBLISHERS_TRACKED, MAX_TOPICS_PER_NODE, PULL_RETRY, RATE_BURST, TopicId,
 };
 use crate::limits::TokenBucket;
 use crate::{Keypair, PeerId};
@@ -918,6 +918,29 @@ impl Overlay {
     /// The highest seq of `origin` delivered here on `topic`.
     pub fn delivered_up_to(&self, topic: &TopicId, origin: &PeerId) -> Option<u64> {
         self.topics.get(topic)?.origins.hwm(origin)
+    }
+
+    /// After a publish of `publisher` on `topic` was refused for rate: how
+    /// long until its own bucket and the topic's would both take one again,
+    /// at most [`MAX_PUBLISH_BACKOFF`] (zero for a topic or publisher not
+    /// tracked here).
+    ///
+    /// A home reads that publisher's stream no sooner: a publisher over its
+    /// limit is read at its limit, and what it sends beyond waits in its
+    /// own QUIC flow-control window instead of costing the home a refusal
+    /// each. So a flood on one topic costs the home about its rate limit's
+    /// worth of work, whatever the flood's size, and the other topics keep
+    /// their latency.
+    pub fn publish_backoff(&self, topic: &TopicId, publisher: &PeerId, now: Duration) -> Duration {
+        let Some(t) = self.topics.get(topic) else {
+            return Duration::ZERO;
+        };
+        let own = t
+            .publishers
+            .get(publisher)
+            .map_or(Duration::ZERO, |(bucket, _)| bucket.wait(1, now));
+        own.max(t.topic_bucket.wait(1, now))
+            .min(MAX_PUBLISH_BACKOFF)
     }
 
     /// Publishes `data` on `topic` as `keypair` (this home, or a member

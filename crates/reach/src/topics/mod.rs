@@ -1607,7 +1607,8 @@ impl Topics {
                     }
                 }
             }
-            for reply in self.member_publish(topic, &mut msgs, &mut expected) {
+            let (replies, backoff) = self.member_publish(topic, peer, &mut msgs, &mut expected);
+            for reply in replies {
                 if tx.try_send(reply).is_err() {
                     cut.cancel();
                     stats::bump(&self.counters.members_cut);
@@ -1617,6 +1618,16 @@ impl Topics {
             if bad {
                 stats::bump(&self.counters.bad_frames);
                 break;
+            }
+            // Refused for rate: the next publish is read once it could be
+            // taken (`Overlay::publish_backoff`), so a flooding member
+            // costs this home about its limit's worth of work; its excess
+            // waits in its own flow-control window.
+            if !backoff.is_zero() {
+                tokio::select! {
+                    _ = cut.cancelled() => break,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
             }
         }
         let mut st = self.state();
@@ -1675,9 +1686,10 @@ impl Topics {
         Ok(topic)
     }
 
-    /// Takes the messages a member published on its stream (drained from
-    /// `msgs`: each seq, and the message unless its origin is not the
-    /// stream's peer), in order, under one lock: the answers, encoded.
+    /// Takes the messages member `peer` published on its stream (drained
+    /// from `msgs`: each seq, and the message unless its origin is not the
+    /// stream's peer), in order, under one lock: the answers, encoded, and,
+    /// if one was refused for rate, how long until one would be taken.
     /// `expected` is the next seq taken from the member on this stream
     /// (`None`: any); one past it was sent behind a refused one and is
     /// refused as [`wire::OUT_OF_ORDER`] (the member sends it again with
@@ -1686,12 +1698,14 @@ impl Topics {
     fn member_publish(
         &self,
         topic: TopicId,
+        peer: PeerId,
         msgs: &mut Vec<(u64, Option<TopicMessage>)>,
         expected: &mut Option<u64>,
-    ) -> Vec<Bytes> {
+    ) -> (Vec<Bytes>, Duration) {
         let mut replies = Vec::with_capacity(msgs.len());
+        let mut rate_refused = false;
         if msgs.is_empty() {
-            return replies;
+            return (replies, Duration::ZERO);
         }
         let mut guard = self.state();
         let st = &mut *guard;
@@ -1716,10 +1730,17 @@ impl Topics {
                     kind: "topic_not_the_publisher".into(),
                 }
             };
+            rate_refused |= matches!(&reply, MemberFrame::PublishRefused { kind, .. }
+                if TopicRefusal::from_kind(kind).is_rate());
             replies.extend(encoded(&reply));
         }
         self.flush(st);
-        replies
+        let backoff = if rate_refused {
+            st.overlay.publish_backoff(&topic, &peer, now)
+        } else {
+            Duration::ZERO
+        };
+        (replies, backoff)
     }
 
     /// One publish of a member's stream, its seq in order: the answer.

@@ -367,6 +367,51 @@ fn link_death_loses_nothing_and_the_tree_heals() {
 }
 
 #[test]
+fn a_publisher_refused_for_rate_is_told_when_it_would_be_taken_again() {
+    let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
+    let t = topic();
+    let member = key(7);
+    let now = Duration::ZERO;
+    let home = &mut net.nodes[0];
+    assert_eq!(home.publish_backoff(&t, &member.peer_id(), now), MS(0));
+    while home.publish(t, b"x".to_vec(), &member, now).is_ok() {}
+    // Its bucket refills one message every 1/DEFAULT_PUBLISHER_RATE s.
+    let gap = MS(1_000 / DEFAULT_PUBLISHER_RATE);
+    assert_eq!(home.publish_backoff(&t, &member.peer_id(), now), gap);
+    assert_eq!(
+        home.publish(t, b"x".to_vec(), &member, now + gap - MS(1)),
+        Err(PublishError::PublisherRateLimited)
+    );
+    // (A millisecond's margin: the buckets count in floating point.)
+    assert!(
+        home.publish(t, b"x".to_vec(), &member, now + gap + MS(1))
+            .is_ok()
+    );
+    // The topic's bucket counts too: with it empty, another publisher
+    // waits for the topic's refill.
+    for i in 0..DEFAULT_TOPIC_RATE {
+        let _ = home.publish(t, b"x".to_vec(), &key(100 + i % 10), now + gap);
+    }
+    let topic_gap = MS(1_000 / DEFAULT_TOPIC_RATE);
+    let wait = home.publish_backoff(&t, &key(99).peer_id(), now + gap);
+    assert!(wait > MS(0) && wait <= topic_gap, "{wait:?}");
+    // Unknown topic: no wait; never more than the cap.
+    let other = TopicId::from_name("elsewhere").unwrap();
+    assert_eq!(home.publish_backoff(&other, &member.peer_id(), now), MS(0));
+    let config = OverlayConfig {
+        topic_rate: 1,
+        publisher_rate: 1,
+    };
+    let mut slow = Overlay::new(key(1).peer_id(), 1, config);
+    slow.subscribe(t, now).unwrap();
+    while slow.publish(t, b"x".to_vec(), &member, now).is_ok() {}
+    assert_eq!(
+        slow.publish_backoff(&t, &member.peer_id(), now),
+        crate::topics::MAX_PUBLISH_BACKOFF
+    );
+}
+
+#[test]
 fn rate_limits_size_and_signatures_are_refused_with_typed_errors() {
     let mut net = Net::new(2, &[(0, 1, 10)], 0.0, 1);
     let t = topic();
