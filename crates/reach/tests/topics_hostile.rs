@@ -302,3 +302,69 @@ async fn a_hostile_member_cannot_publish_as_another_and_its_flood_is_refused() {
     })
     .await;
 }
+
+/// A member flooding far over its rate is read at its rate: once refused
+/// for rate, its home reads its stream again only when a publish could be
+/// taken (with 1 publish a second: a second later), so what it pipelined
+/// meanwhile waits unanswered in its own flow-control window instead of
+/// costing the home a refusal each. (Without that push-back the home
+/// answers all 1,000 within milliseconds.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_flooding_over_its_rate_is_read_no_faster_than_its_rate() {
+    common::logs();
+    let boot = relay_node().await;
+    let h = Node::builder()
+        .bind(loopback())
+        .bootstrap([boot.local_addr()])
+        .relay_service(reach::RelayMode::Off)
+        .acquire_relay(reach::RelayMode::Off)
+        .topic_limits(reach::TopicLimits {
+            topic_rate: 1_000,
+            publisher_rate: 1,
+        })
+        .spawn()
+        .await
+        .unwrap();
+    within("the home joins", h.joined()).await;
+    let topic = TopicId::from_name(TOPIC).unwrap();
+    let x = Keypair::generate();
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    let (_conn, mut send, mut recv) = hostile_stream(&ep, &h, &x, wire::MEMBER_PROTOCOL).await;
+    put(
+        &mut send,
+        &MemberFrame::Subscribe {
+            topic: TOPIC.into(),
+        },
+    )
+    .await;
+    while !matches!(answer(&mut recv).await, MemberFrame::Subscribed { .. }) {}
+    const FLOOD: u64 = 1_000;
+    for seq in 1..=FLOOD {
+        let m = TopicMessage::sign(&x, topic, seq, b"flood".to_vec()).unwrap();
+        put(&mut send, &MemberFrame::Publish(m)).await;
+    }
+    // Half a second: the first publish is taken (the burst is one), the
+    // rest of what the home read with it refused, then it waits.
+    let mut answered = 0u64;
+    let quiet = tokio::time::Instant::now() + std::time::Duration::from_millis(500);
+    while let Ok(f) = tokio::time::timeout_at(quiet, next_answer(&mut recv)).await {
+        if answered == 0 {
+            assert!(matches!(f, MemberFrame::Published { seq: 1, .. }), "{f:?}");
+        }
+        answered += 1;
+    }
+    assert!(answered >= 2, "the first publishes are answered at once");
+    assert!(
+        answered <= 2 * wire::READ_BATCH as u64,
+        "{answered} of {FLOOD} answered within 500 ms: the home read on"
+    );
+    // And it reads on once a publish could be taken again.
+    let f = next_answer(&mut recv).await;
+    assert!(
+        matches!(
+            f,
+            MemberFrame::Published { .. } | MemberFrame::PublishRefused { .. }
+        ),
+        "{f:?}"
+    );
+}
