@@ -10,6 +10,13 @@
 //! and never dials itself: the driver asks [`StaticLinks::due`] what to
 //! dial, reports [`StaticLinks::on_up`], [`StaticLinks::on_down`] and
 //! [`StaticLinks::on_failed`], and wakes at [`StaticLinks::next_timeout`].
+//!
+//! [`IdleLinks`] decides when a link is no longer needed: a link that
+//! carries no topic both homes serve for [`LINK_IDLE_GRACE`] is closed
+//! (links to configured homes excepted: they are kept on purpose). The
+//! driver reports what each link carries ([`IdleLinks::update`]), closes
+//! what [`IdleLinks::due`] returns, and wakes at
+//! [`IdleLinks::next_timeout`].
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +34,16 @@ pub const REDIAL_MAX: Duration = Duration::from_secs(300);
 /// Configured federation homes at most: each is a QUIC connection kept
 /// open; more than this is a configuration mistake, refused at start.
 pub const MAX_CONFIGURED_HOMES: usize = 64;
+
+/// How long a federation link may carry no topic both homes serve before
+/// it is closed. Long enough that a member re-subscribing (a restart) or
+/// moving to another relay, which leaves a topic and takes it up again
+/// within seconds, does not make two homes drop their link and dial it
+/// again (a DHT lookup, a QUIC handshake, the trees regrown); short enough
+/// that a home whose members left stops holding links and connections it
+/// does not need within a minute. The runtime makes it configurable
+/// (`TopicLimits::link_idle_grace`), tests use a short one.
+pub const LINK_IDLE_GRACE: Duration = Duration::from_secs(30);
 
 /// Where a configured home stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,6 +167,75 @@ impl StaticLinks {
     }
 }
 
+/// The federation links that carry no topic both homes serve, each with
+/// when it became so; one past the grace is to be closed.
+#[derive(Debug, Clone)]
+pub struct IdleLinks {
+    grace: Duration,
+    since: BTreeMap<PeerId, Duration>,
+}
+
+impl IdleLinks {
+    /// No idle link; a link idle for `grace` is due to close.
+    pub fn new(grace: Duration) -> Self {
+        IdleLinks {
+            grace,
+            since: BTreeMap::new(),
+        }
+    }
+
+    /// The link to `peer` is up and carries a topic both homes serve
+    /// (`shared`) or none. `kept`: a link to a configured home, never
+    /// closed for idleness (it is there on purpose, for the next topic the
+    /// two homes serve; closing it would only make the configured-links
+    /// schedule dial it again). Returns true when the link has just become
+    /// idle (its grace starts now: the driver's next wake-up may be
+    /// sooner).
+    pub fn update(&mut self, peer: PeerId, shared: bool, kept: bool, now: Duration) -> bool {
+        if shared || kept {
+            self.since.remove(&peer);
+            return false;
+        }
+        match self.since.entry(peer) {
+            std::collections::btree_map::Entry::Occupied(_) => false,
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(now);
+                true
+            }
+        }
+    }
+
+    /// The link to `peer` is gone.
+    pub fn remove(&mut self, peer: &PeerId) {
+        self.since.remove(peer);
+    }
+
+    /// Whether the link to `peer` is idle (carries no shared topic).
+    pub fn is_idle(&self, peer: &PeerId) -> bool {
+        self.since.contains_key(peer)
+    }
+
+    /// The links idle for the grace by `now`, to close; forgotten here.
+    pub fn due(&mut self, now: Duration) -> Vec<PeerId> {
+        let grace = self.grace;
+        let due: Vec<PeerId> = self
+            .since
+            .iter()
+            .filter(|(_, since)| now.saturating_sub(**since) >= grace)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &due {
+            self.since.remove(p);
+        }
+        due
+    }
+
+    /// When [`IdleLinks::due`] has something next (`None`: no idle link).
+    pub fn next_timeout(&self) -> Option<Duration> {
+        self.since.values().min().map(|s| *s + self.grace)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -206,5 +292,65 @@ mod tests {
         l.on_down(&id(9), S(1));
         assert!(!l.contains(&id(9)));
         assert_eq!(l.next_timeout(), None);
+    }
+
+    const MS: fn(u64) -> Duration = Duration::from_millis;
+
+    #[test]
+    fn a_link_with_no_shared_topic_closes_at_the_grace_and_not_before() {
+        let h = id(2);
+        let mut l = IdleLinks::new(LINK_IDLE_GRACE);
+        // Up, and carrying a topic: nothing to close.
+        assert!(!l.update(h, true, false, S(0)));
+        assert_eq!(l.next_timeout(), None);
+        // The last shared topic left at 10 s.
+        assert!(l.update(h, false, false, S(10)));
+        assert!(l.is_idle(&h));
+        // Told again (another Leave, a topic served elsewhere): the grace
+        // does not start over.
+        assert!(!l.update(h, false, false, S(20)));
+        assert_eq!(l.next_timeout(), Some(S(10) + LINK_IDLE_GRACE));
+        assert!(l.due(S(10) + LINK_IDLE_GRACE - MS(1)).is_empty());
+        assert_eq!(l.due(S(10) + LINK_IDLE_GRACE), vec![h]);
+        // Closed once: forgotten.
+        assert!(l.due(S(100)).is_empty());
+        assert_eq!(l.next_timeout(), None);
+    }
+
+    #[test]
+    fn a_topic_shared_again_within_the_grace_keeps_the_link() {
+        let h = id(2);
+        let mut l = IdleLinks::new(LINK_IDLE_GRACE);
+        l.update(h, false, false, S(0));
+        // A member re-subscribed after 25 s: shared again.
+        l.update(h, true, false, S(25));
+        assert!(!l.is_idle(&h));
+        assert!(l.due(S(60)).is_empty(), "kept");
+        // Idle again later: a whole new grace from then.
+        l.update(h, false, false, S(70));
+        assert!(l.due(S(70) + LINK_IDLE_GRACE - MS(1)).is_empty());
+        assert_eq!(l.due(S(70) + LINK_IDLE_GRACE), vec![h]);
+    }
+
+    #[test]
+    fn a_link_to_a_configured_home_is_never_closed_for_idleness() {
+        let (configured, found) = (id(2), id(3));
+        let mut l = IdleLinks::new(LINK_IDLE_GRACE);
+        assert!(!l.update(configured, false, true, S(0)));
+        l.update(found, false, false, S(0));
+        assert_eq!(l.due(S(3600)), vec![found]);
+        assert!(!l.is_idle(&configured));
+        assert_eq!(l.next_timeout(), None);
+    }
+
+    #[test]
+    fn a_link_that_went_down_is_not_closed_again() {
+        let (a, b) = (id(2), id(3));
+        let mut l = IdleLinks::new(MS(500));
+        l.update(a, false, false, S(0));
+        l.update(b, false, false, MS(100));
+        l.remove(&a);
+        assert_eq!(l.next_timeout(), Some(MS(600)));
+        assert_eq!(l.due(S(1)), vec![b]);
     }
 }

@@ -20,7 +20,8 @@
 //! [`Overlay::poll_output`]: `Send` (encode and send on the link),
 //! `Deliver` (to the home's members), `PresenceChanged`.
 //!
-//! - [`federation`]: configured federation homes, redialed with backoff.
+//! - [`federation`]: configured federation homes, redialed with backoff;
+//!   links closed when they share no topic.
 //! - [`message`]: the signed message, its id, and the wire frames.
 //! - [`order`]: per-origin high-water marks: exactly once, in order.
 //! - [`overlay`]: the machine (links, tree, pulls, rate limits, cache).

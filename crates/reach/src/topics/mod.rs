@@ -39,7 +39,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use reach_proto::PeerId;
 use reach_proto::dht::record::{RecordKind, SignedRecord};
-use reach_proto::topics::federation::{MAX_CONFIGURED_HOMES, StaticLinks};
+use reach_proto::topics::federation::{IdleLinks, MAX_CONFIGURED_HOMES, StaticLinks};
 use reach_proto::topics::{
     MAX_DATA_LEN, MAX_LINKS_PER_TOPIC, Overlay, OverlayConfig, OverlayOutput, PublishError,
     TopicFrame, TopicId, TopicMessage,
@@ -109,6 +109,9 @@ crate::telemetry::metrics! {
         counter refused_other = "topics_refused_other",
         /// Federation links opened (either side).
         counter links_opened = "topics_links_opened",
+        /// Federation links this home closed because they carried no topic
+        /// both homes serve for the idle grace (`TopicLimits::link_idle_grace`).
+        counter links_closed_idle = "topics_links_closed_idle",
         /// Frames dropped because a federation link's queue was full.
         counter link_frames_dropped = "topics_link_frames_dropped",
         /// Member streams cut because the member did not keep up.
@@ -511,6 +514,9 @@ struct State {
     dialing: HashSet<PeerId>,
     /// The configured homes and their redial schedule.
     configured: StaticLinks,
+    /// The links that carry no topic both homes serve, to close after the
+    /// grace.
+    idle: IdleLinks,
     next_key: u64,
     /// The overlay timeout the driver sleeps until (`None`: none, it waits
     /// to be woken): it is woken only when a flush makes the next timeout
@@ -531,8 +537,8 @@ pub(crate) struct Topics {
     /// Wakes the discovery loop: a topic started being served.
     discover: Notify,
     federation: Federation,
-    /// Wakes the configured-links loop: a topic started being served, or
-    /// a configured link went down.
+    /// Wakes the configured-links loop: a topic started being served, a
+    /// configured link went down, or a link became idle.
     redial: Notify,
     /// This node's home: itself, or the relay it holds; `None` while a node
     /// that needs a relay holds none.
@@ -575,6 +581,7 @@ impl Topics {
                 links: HashMap::new(),
                 dialing: HashSet::new(),
                 configured: StaticLinks::new(me, federation.peers.iter().copied()),
+                idle: IdleLinks::new(config.link_idle_grace),
                 next_key: 0,
                 driver_at: None,
             }),
@@ -609,6 +616,16 @@ fn home_of(me: PeerId, relay: &RelayRuntime) -> Option<PeerId> {
     match (relay.acquire, relay.reachability()) {
         (RelayMode::On, _) | (RelayMode::Auto, Reachability::Private) => None,
         _ => Some(me),
+    }
+}
+
+/// Releases a [`crate::peers::PeerTable::hold`] of the connection to a
+/// peer when its holder ends, however it ends.
+struct Release(Arc<Peers>, PeerId);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release(&self.1);
     }
 }
 
@@ -933,6 +950,7 @@ impl Topics {
                 let _ = overlay.link_up(*peer, &[topic]);
             }
         }
+        self.review_links(st);
         self.discover.notify_one();
         self.redial.notify_one();
         Ok(())
@@ -952,6 +970,30 @@ impl Topics {
             if self.federation.allows(peer, &topic) {
                 let _ = offer(&link.tx, &FedFrame::Leave(topic));
             }
+        }
+        self.review_links(st);
+    }
+
+    /// Notes whether the link to `peer` carries a topic both homes serve
+    /// (a link that stops doing so is closed after the idle grace, unless
+    /// it goes to a configured home).
+    fn review_link(&self, st: &mut State, peer: PeerId) {
+        let Some(link) = st.links.get(&peer) else {
+            st.idle.remove(&peer);
+            return;
+        };
+        let shared = link.theirs.iter().any(|t| st.served.contains_key(t));
+        let kept = st.configured.contains(&peer);
+        if st.idle.update(peer, shared, kept, self.now()) {
+            self.redial.notify_one();
+        }
+    }
+
+    /// [`Self::review_link`] for every link (the topics served changed).
+    fn review_links(&self, st: &mut State) {
+        let peers: Vec<PeerId> = st.links.keys().copied().collect();
+        for peer in peers {
+            self.review_link(st, peer);
         }
     }
 
@@ -1791,7 +1833,9 @@ impl Topics {
 
     async fn dial(self: Arc<Self>, peer: PeerId) {
         let opened = async {
-            let conn = self.peers.connection(peer).await?;
+            // Not pinned open: the link holds the connection while it
+            // lasts (`run_link`), and an idle one is closed once unused.
+            let conn = self.peers.connection_unpinned(peer).await?;
             crate::node::router::open(&conn, peer, wire::FED_PROTOCOL).await
         }
         .await;
@@ -1852,10 +1896,15 @@ impl Topics {
                 }
             }
             st.configured.on_up(&peer);
+            // Idle until the other home's first `Join` arrives.
+            self.review_link(st, peer);
             self.flush(st);
             id
         };
         drop(tx);
+        // The connection stays open while the link lasts (either side).
+        self.peers.hold(&peer);
+        let _hold = Release(self.peers.clone(), peer);
         stats::bump(&self.counters.links_opened);
         self.core.bus.emit(NodeEvent::TopicLinkUp { peer });
         let wcut = cut.clone();
@@ -1882,6 +1931,7 @@ impl Topics {
             let st = &mut *guard;
             let now = self.now();
             let mut replaced = false;
+            let mut topics_changed = false;
             for f in frames.drain(..) {
                 let State {
                     overlay,
@@ -1895,6 +1945,7 @@ impl Topics {
                 };
                 match f {
                     FedFrame::Join(t) => {
+                        topics_changed = true;
                         if !self.federation.allows(&peer, &t) {
                             // A private topic from a home not trusted with
                             // it: not carried (and not even remembered).
@@ -1907,6 +1958,7 @@ impl Topics {
                         }
                     }
                     FedFrame::Leave(t) => {
+                        topics_changed = true;
                         if link.theirs.remove(&t) && served.contains_key(&t) {
                             // The overlay has no per-topic link_down: the
                             // link goes down and comes back with what is
@@ -1927,6 +1979,9 @@ impl Topics {
                     },
                 }
             }
+            if topics_changed && !replaced {
+                self.review_link(st, peer);
+            }
             self.flush(st);
             if replaced {
                 break;
@@ -1936,6 +1991,7 @@ impl Topics {
         let st = &mut *guard;
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
+            st.idle.remove(&peer);
             st.overlay.link_down(peer);
             let now = self.now();
             st.configured.on_down(&peer, now);
@@ -2005,14 +2061,25 @@ impl Topics {
     }
 
     /// Keeps the configured federation links up while this node serves a
-    /// topic: dials what [`StaticLinks`] says is due, until the node stops.
+    /// topic (dials what [`StaticLinks`] says is due) and closes the links
+    /// [`IdleLinks`] says are idle past the grace, until the node stops.
     pub(crate) async fn configured_links(self: Arc<Self>) {
         loop {
             let next = {
                 let mut guard = self.state();
                 let st = &mut *guard;
                 let now = self.now();
-                if st.served.is_empty() {
+                for peer in st.idle.due(now) {
+                    if let Some(link) = st.links.get(&peer) {
+                        // Its task finishes the stream, takes the link down
+                        // and releases the connection (closed once idle).
+                        tracing::debug!(%peer, "federation link idle: closed");
+                        link.cut.cancel();
+                        stats::bump(&self.counters.links_closed_idle);
+                    }
+                }
+                let idle_next = st.idle.next_timeout();
+                let configured_next = if st.served.is_empty() {
                     None
                 } else {
                     for peer in st.configured.due(now) {
@@ -2029,9 +2096,14 @@ impl Topics {
                         self.core.spawn(async move { t.dial(peer).await });
                     }
                     st.configured.next_timeout()
+                };
+                match (configured_next, idle_next) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 }
             };
-            // Nothing due: woken by a served topic or a lost link.
+            // Nothing due: woken by a served topic, a lost link or an idle
+            // one.
             self.sleep_until(next, &self.redial).await;
         }
     }
