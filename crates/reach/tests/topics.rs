@@ -655,3 +655,17 @@ async fn a_link_to_a_configured_home_stays_when_no_topic_is_shared() {
         0
     );
 }
+
+#[tokio::test]
+async fn a_zero_link_idle_grace_is_a_config_error() {
+    let err = Node::builder()
+        .bind(loopback())
+        .topic_limits(reach::TopicLimits {
+            link_idle_grace: Duration::ZERO,
+            ..Default::default()
+        })
+        .spawn()
+        .await
+        .expect_err("a zero grace");
+    assert_eq!(err.kind(), "config");
+}

@@ -26,6 +26,7 @@
 //! - [`order`]: per-origin high-water marks: exactly once, in order.
 //! - [`overlay`]: the machine (links, tree, pulls, rate limits, cache).
 //! - [`presence`]: members as deltas per home, heartbeats, stale sweep.
+//! - [`publish`]: a member's publish window on its stream to its home.
 //!
 //! Every limit and every timer is a named constant below, with the reason
 //! for its value.
@@ -42,6 +43,7 @@ pub mod message;
 pub mod order;
 pub mod overlay;
 pub mod presence;
+pub mod publish;
 
 pub use message::{FrameError, MessageError, MessageId, ShortId, TopicFrame, TopicMessage};
 pub use overlay::{Overlay, OverlayConfig, OverlayOutput, OverlayStats, PublishError};

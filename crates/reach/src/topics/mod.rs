@@ -40,6 +40,7 @@ use bytes::Bytes;
 use reach_proto::PeerId;
 use reach_proto::dht::record::{RecordKind, SignedRecord};
 use reach_proto::topics::federation::{IdleLinks, MAX_CONFIGURED_HOMES, StaticLinks};
+use reach_proto::topics::publish::{Answer as WindowAnswer, Outcome, PublishWindow};
 use reach_proto::topics::{
     MAX_DATA_LEN, MAX_LINKS_PER_TOPIC, Overlay, OverlayConfig, OverlayOutput, PublishError,
     TopicFrame, TopicId, TopicMessage,
@@ -411,44 +412,18 @@ enum Attached {
 /// its outcome goes.
 type PublishJob = (Vec<u8>, oneshot::Sender<Result<PublishReport>>);
 
-/// Publishes a member has in flight to its home per topic at most (sent,
-/// not answered): enough that publishes go out several to a packet and
-/// the home takes them in batches instead of one per round trip; few
-/// enough that a refusal costs at most this many messages signed and sent
-/// again. After a refusal the window starts over at one and doubles with
-/// each message taken, so a member held at a rate limit sends one at a
-/// time (each refused one costs one frame, not a window of them).
-pub const PUBLISH_WINDOW: usize = 32;
+/// Publishes a member has in flight to its home per topic at most (the
+/// window's policy is reach-proto's [`PublishWindow`]).
+pub use reach_proto::topics::publish::PUBLISH_WINDOW;
 
 /// The home's answer to one of our publishes: its seq, and the homes and
 /// members it reached or the refusal's kind.
 type Answer = (u64, std::result::Result<(u32, u32), String>);
 
-/// A member stream's publishes: the next seq to sign, what is in flight
-/// in the order sent (the home answers in that order), what waits to go
-/// again, and the window.
-struct Publishing {
-    next_seq: u64,
-    in_flight: std::collections::VecDeque<InFlight>,
-    /// Refused out of order (sent behind a refused one): sent again, in
-    /// order, before anything new.
-    again: std::collections::VecDeque<InFlight>,
-    /// Publishes in flight at most now (1 ..= [`PUBLISH_WINDOW`]).
-    window: usize,
-    /// Refusals (other than out of order) so far on this stream.
-    refusals: u64,
-}
-
-/// A publish sent to the home and not answered yet.
-struct InFlight {
-    seq: u64,
-    data: Vec<u8>,
-    reply: oneshot::Sender<Result<PublishReport>>,
-    /// [`Publishing::refusals`] when it was sent: refused out of order
-    /// with no refusal since, the home and this member disagree on the seq
-    /// (the caller is told, rather than it going round again).
-    refusals_at_send: u64,
-}
+/// A member stream's publishes: which seq to sign next, what is in
+/// flight, what goes again (reach-proto's machine; this module only signs,
+/// writes and tells the callers).
+type Publishing = PublishWindow<PublishJob>;
 
 /// A topic this node subscribed to.
 struct Mine {
@@ -1405,13 +1380,7 @@ impl Topics {
         // reads are cancel safe), and hands over whatever has arrived.
         let mut reader = wire::FrameReader::default();
         let mut frames = Vec::with_capacity(wire::READ_BATCH);
-        let mut pubs = Publishing {
-            next_seq: first_seq,
-            in_flight: Default::default(),
-            again: Default::default(),
-            window: PUBLISH_WINDOW,
-            refusals: 0,
-        };
+        let mut pubs = Publishing::new(first_seq);
         let ended: Result<()> = async {
             loop {
                 tokio::select! {
@@ -1419,17 +1388,14 @@ impl Topics {
                         Ok(true) => {
                             let answers = self.on_member_frames(topic, &mut frames)?;
                             self.answered(home, &mut pubs, answers);
-                            while pubs.in_flight.len() < pubs.window
-                                && let Some(job) = pubs.again.pop_front()
-                            {
+                            while let Some(job) = pubs.next_again() {
                                 self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                             }
                         }
                         Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
                         Err(e) => return Err(Error::Wire(e)),
                     },
-                    Some((data, reply)) = pub_rx.recv(), if pubs.again.is_empty() && pubs.in_flight.len() < pubs.window => {
-                        let job = InFlight { seq: 0, data, reply, refusals_at_send: 0 };
+                    Some(job) = pub_rx.recv(), if pubs.can_send_new() => {
                         self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                     }
                     r = home_rx.changed() => {
@@ -1446,7 +1412,7 @@ impl Topics {
         // numbers above every seq handed out (the callers are told the
         // session ended).
         if let Some(mine) = self.state().mine.get_mut(&topic) {
-            mine.last_seq = mine.last_seq.max(pubs.next_seq - 1);
+            mine.last_seq = mine.last_seq.max(pubs.last_handed_out());
         }
         ended
     }
@@ -1458,26 +1424,24 @@ impl Topics {
         home: PeerId,
         send: &mut quinn::SendStream,
         pubs: &mut Publishing,
-        mut job: InFlight,
+        job: PublishJob,
     ) -> Result<()> {
-        let seq = pubs.next_seq;
-        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, job.data.clone()) {
+        let (data, reply) = job;
+        let seq = pubs.begin();
+        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, data.clone()) {
             Ok(m) => m,
             Err(e) => {
-                let _ = job
-                    .reply
-                    .send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
+                pubs.not_sent(seq);
+                let _ = reply.send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
                 return Ok(());
             }
         };
-        pubs.next_seq += 1;
-        job.seq = seq;
-        job.refusals_at_send = pubs.refusals;
         if let Err(e) = write_frame(send, &MemberFrame::Publish(msg)).await {
-            let _ = job.reply.send(Err(lost(home, &e)));
+            // Its seq stays handed out: the write may have gone part way.
+            let _ = reply.send(Err(lost(home, &e)));
             return Err(lost(home, &"writing to the topic home failed"));
         }
-        pubs.in_flight.push_back(job);
+        pubs.sent(seq, (data, reply));
         Ok(())
     }
 
@@ -1486,36 +1450,27 @@ impl Topics {
     /// order, the window moved.
     fn answered(&self, home: PeerId, pubs: &mut Publishing, answers: Vec<Answer>) {
         for (seq, answer) in answers {
-            if pubs.in_flight.front().is_none_or(|f| f.seq != seq) {
-                continue;
-            }
-            let Some(job) = pubs.in_flight.pop_front() else {
-                continue;
+            let a = match &answer {
+                Ok(_) => WindowAnswer::Taken,
+                Err(kind) if kind == wire::OUT_OF_ORDER => WindowAnswer::OutOfOrder,
+                Err(_) => WindowAnswer::Refused,
             };
-            match answer {
-                Ok((homes, members)) => {
-                    pubs.window = (pubs.window * 2).min(PUBLISH_WINDOW);
-                    let _ = job.reply.send(Ok(PublishReport {
+            match (pubs.answer(seq, a), answer) {
+                (Some(Outcome::Taken { seq, item }), Ok((homes, members))) => {
+                    let _ = item.1.send(Ok(PublishReport {
                         id: seq,
                         home,
                         homes,
                         members,
                     }));
                 }
-                Err(kind) if kind == wire::OUT_OF_ORDER && job.refusals_at_send < pubs.refusals => {
-                    pubs.again.push_back(job);
-                }
-                Err(kind) => {
-                    // Its seq is free again: the next message sent takes
-                    // it (those in flight behind it are refused out of
-                    // order and go again, renumbered, in order).
-                    pubs.next_seq = pubs.next_seq.min(seq);
-                    pubs.refusals += 1;
-                    pubs.window = 1;
-                    let _ = job
-                        .reply
+                (Some(Outcome::Refused { item, .. }), Err(kind)) => {
+                    let _ = item
+                        .1
                         .send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
                 }
+                // Ignored, or to go again (the window keeps it).
+                _ => {}
             }
         }
     }
