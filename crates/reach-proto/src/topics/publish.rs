@@ -81,8 +81,14 @@ pub struct PublishWindow<T> {
     next_seq: u64,
     in_flight: VecDeque<Sent<T>>,
     /// Refused out of order (sent behind a refused one): sent again, in
-    /// order, before anything new.
+    /// the order first published, before anything new.
     again: VecDeque<T>,
+    /// Where in `again` the next publish refused out of order goes: after
+    /// those refused out of order since the last refusal (sent before it)
+    /// and before those still waiting from an earlier refusal (published
+    /// after it, since everything in flight was published before whatever
+    /// waits).
+    again_at: usize,
     /// Publishes in flight at most now (1 ..= [`PUBLISH_WINDOW`]).
     window: usize,
     /// Refusals (other than out of order) so far.
@@ -98,6 +104,7 @@ impl<T> PublishWindow<T> {
             next_seq: first_seq.max(1),
             in_flight: VecDeque::new(),
             again: VecDeque::new(),
+            again_at: 0,
             window: PUBLISH_WINDOW,
             refusals: 0,
         }
@@ -113,7 +120,9 @@ impl<T> PublishWindow<T> {
     /// the window has room for it.
     pub fn next_again(&mut self) -> Option<T> {
         if self.in_flight.len() < self.window {
-            self.again.pop_front()
+            let item = self.again.pop_front()?;
+            self.again_at = self.again_at.saturating_sub(1);
+            Some(item)
         } else {
             None
         }
@@ -161,7 +170,13 @@ impl<T> PublishWindow<T> {
                 })
             }
             Answer::OutOfOrder if sent.refusals_at_send < self.refusals => {
-                self.again.push_back(sent.item);
+                // Not behind the publishes still waiting from an earlier
+                // refusal: they were published after it. Found by the
+                // model-home test (publishes taken out of the callers'
+                // order after two refusals close together).
+                let at = self.again_at.min(self.again.len());
+                self.again.insert(at, sent.item);
+                self.again_at = at + 1;
                 None
             }
             Answer::OutOfOrder | Answer::Refused => {
@@ -171,6 +186,8 @@ impl<T> PublishWindow<T> {
                 self.next_seq = self.next_seq.min(seq);
                 self.refusals += 1;
                 self.window = 1;
+                // What it answers next was published before what waits.
+                self.again_at = 0;
                 Some(Outcome::Refused {
                     seq,
                     item: sent.item,
@@ -267,6 +284,28 @@ mod tests {
     }
 
     #[test]
+    fn a_second_refusal_while_publishes_wait_keeps_them_in_the_callers_order() {
+        let mut w = PublishWindow::new(1);
+        let mut q: VecDeque<u32> = (0..6).collect();
+        assert_eq!(pump(&mut w, &mut q).len(), 6); // seqs 1..=6
+        assert!(w.answer(1, Answer::Refused).is_some());
+        for seq in 2..=6 {
+            assert_eq!(w.answer(seq, Answer::OutOfOrder), None);
+        }
+        // Items 1..=5 wait; 1 goes, is taken, then 2 and 3 go.
+        assert_eq!(pump(&mut w, &mut q), vec![(1, 1)]);
+        assert!(w.answer(1, Answer::Taken).is_some());
+        assert_eq!(pump(&mut w, &mut q), vec![(2, 2), (3, 3)]);
+        // 2 is refused and 3, sent behind it, goes again: before 4 and 5,
+        // which were published after it.
+        assert!(w.answer(2, Answer::Refused).is_some());
+        assert_eq!(w.answer(3, Answer::OutOfOrder), None);
+        assert_eq!(pump(&mut w, &mut q), vec![(2, 3)]);
+        assert!(w.answer(2, Answer::Taken).is_some());
+        assert_eq!(pump(&mut w, &mut q), vec![(3, 4), (4, 5)]);
+    }
+
+    #[test]
     fn out_of_order_with_no_refusal_since_is_told_to_the_caller() {
         let mut w = PublishWindow::new(5);
         let mut q: VecDeque<u32> = (0..2).collect();
@@ -323,7 +362,7 @@ mod tests {
     }
 
     #[test]
-    fn random_refusals_leave_no_gap_no_duplicate_and_every_caller_answered() {
+    fn random_refusals_leave_no_gap_no_duplicate_no_reorder_and_every_caller_answered() {
         // A small deterministic generator: same cases every run.
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut rand = move |n: u64| {
@@ -371,13 +410,15 @@ mod tests {
                 }
             }
             // The home took consecutive seqs from the first, each item at
-            // most once.
+            // most once, in the order the callers published them.
             let seqs: Vec<u64> = home.taken.iter().map(|(s, _)| *s).collect();
             let want: Vec<u64> = (first..first + seqs.len() as u64).collect();
             assert_eq!(seqs, want, "no gap");
-            let items: std::collections::BTreeSet<u32> =
-                home.taken.iter().map(|(_, i)| *i).collect();
-            assert_eq!(items.len(), home.taken.len(), "nothing taken twice");
+            let items: Vec<u32> = home.taken.iter().map(|(_, i)| *i).collect();
+            assert!(
+                items.windows(2).all(|p| p[0] < p[1]),
+                "once, in the callers' order: {items:?}"
+            );
             assert_eq!(ok, home.taken, "each caller told what the home took");
             assert_eq!(w.last_handed_out(), first + seqs.len() as u64 - 1);
         }
