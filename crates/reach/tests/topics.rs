@@ -669,3 +669,44 @@ async fn a_zero_link_idle_grace_is_a_config_error() {
         .expect_err("a zero grace");
     assert_eq!(err.kind(), "config");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_that_left_is_not_redialed_on_its_lingering_topic_record() {
+    common::logs();
+    let grace = Duration::from_millis(500);
+    let h1 = home_with_grace(None, grace, Vec::new()).await;
+    let h2 = home_with_grace(Some(&h1), grace, Vec::new()).await;
+    let s1 = h1.subscribe_topic("first").unwrap();
+    let s2 = h2.subscribe_topic("first").unwrap();
+    until("the homes link up", || linked(&h1, &h2)).await;
+    // h2 leaves; its topic record stays in the DHT for minutes.
+    drop(s2);
+    until("the idle link closes", || unlinked(&h1, &h2)).await;
+    // h1 serves the topic anew (its lookups start over at once) and a new
+    // home joins it: h1 finds the topic's homes again.
+    let ups = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut events = h1.subscribe();
+    let seen = ups.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            if let reach::NodeEvent::TopicLinkUp { peer } = ev {
+                seen.lock().unwrap().push(peer);
+            }
+        }
+    });
+    drop(s1);
+    let mut s1 = h1.subscribe_topic("first").unwrap();
+    let h3 = home_with_grace(Some(&h1), grace, Vec::new()).await;
+    let _s3 = h3.subscribe_topic("first").unwrap();
+    until("h1 links with the new home", || linked(&h1, &h3)).await;
+    carries("first", &h3, &mut s1, "h3").await;
+    // h1's lookups at 0, 1 and 2 s after it served the topic again found
+    // h2's old record: not dialed (it would only close again).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ups = ups.lock().unwrap().clone();
+    assert!(ups.contains(&h3.peer_id()), "{ups:?}");
+    assert!(
+        !ups.contains(&h2.peer_id()),
+        "h2 was linked again on its stale record"
+    );
+}

@@ -18,9 +18,10 @@
 //! what [`IdleLinks::due`] returns, and wakes at
 //! [`IdleLinks::next_timeout`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::TopicId;
 use crate::PeerId;
 
 /// First redial of a configured home after a failed dial or a lost link:
@@ -44,6 +45,15 @@ pub const MAX_CONFIGURED_HOMES: usize = 64;
 /// does not need within a minute. The runtime makes it configurable
 /// (`TopicLimits::link_idle_grace`), tests use a short one.
 pub const LINK_IDLE_GRACE: Duration = Duration::from_secs(30);
+
+/// Homes whose link this home closed for idleness that it remembers at
+/// most (see [`IdleLinks::on_closed`]); past it the oldest is forgotten
+/// (at worst a stale DHT record of it is dialed once more).
+pub const MAX_CLOSED_REMEMBERED: usize = 1_024;
+/// How long a closed idle link is remembered: a topic record lives at most
+/// this long in the runtime (its lifetime, 5 min), so an older record of
+/// the other home cannot be around any more.
+pub const CLOSED_REMEMBERED_MS: u64 = 300_000;
 
 /// Where a configured home stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,10 +179,18 @@ impl StaticLinks {
 
 /// The federation links that carry no topic both homes serve, each with
 /// when it became so; one past the grace is to be closed.
+///
+/// It also remembers, per home whose link it closed, when (unix ms) and
+/// which topics this home served then: the other home served none of
+/// them, so its DHT records of those topics created before then are stale
+/// (a record lives minutes after its home left the topic), and dialing it
+/// on one would only open a link that closes again after the grace, over
+/// and over until the record expires ([`IdleLinks::may_dial`]).
 #[derive(Debug, Clone)]
 pub struct IdleLinks {
     grace: Duration,
     since: BTreeMap<PeerId, Duration>,
+    closed: BTreeMap<PeerId, (u64, BTreeSet<TopicId>)>,
 }
 
 impl IdleLinks {
@@ -181,6 +199,47 @@ impl IdleLinks {
         IdleLinks {
             grace,
             since: BTreeMap::new(),
+            closed: BTreeMap::new(),
+        }
+    }
+
+    /// The link to `peer` was closed for idleness at `now_ms` (unix ms)
+    /// while this home served `serving`.
+    pub fn on_closed(
+        &mut self,
+        peer: PeerId,
+        now_ms: u64,
+        serving: impl IntoIterator<Item = TopicId>,
+    ) {
+        self.closed
+            .retain(|_, (at, _)| now_ms.saturating_sub(*at) < CLOSED_REMEMBERED_MS);
+        if self.closed.len() >= MAX_CLOSED_REMEMBERED
+            && let Some(oldest) = self
+                .closed
+                .iter()
+                .min_by_key(|(_, (at, _))| *at)
+                .map(|(p, _)| *p)
+        {
+            self.closed.remove(&oldest);
+        }
+        self.closed
+            .insert(peer, (now_ms, serving.into_iter().collect()));
+    }
+
+    /// A link to `peer` is up again: nothing of it is stale any more.
+    pub fn on_linked(&mut self, peer: &PeerId) {
+        self.closed.remove(peer);
+    }
+
+    /// Whether to dial `peer` for `topic` on its DHT record created at
+    /// `record_created_ms` (unix ms): not when the record predates an idle
+    /// close of the link to it while this home served the topic (the
+    /// other home did not serve it then; a newer record says it does
+    /// again).
+    pub fn may_dial(&self, peer: &PeerId, topic: &TopicId, record_created_ms: u64) -> bool {
+        match self.closed.get(peer) {
+            Some((at, topics)) => !(topics.contains(topic) && record_created_ms < *at),
+            None => true,
         }
     }
 
@@ -352,5 +411,28 @@ mod tests {
         l.remove(&a);
         assert_eq!(l.next_timeout(), Some(MS(600)));
         assert_eq!(l.due(S(1)), vec![b]);
+    }
+
+    #[test]
+    fn a_stale_record_of_a_home_whose_link_closed_idle_is_not_dialed() {
+        let h = id(2);
+        let (x, y) = (TopicId([1; 32]), TopicId([2; 32]));
+        let mut l = IdleLinks::new(LINK_IDLE_GRACE);
+        // Closed at t = 1,000,000 ms while this home served x.
+        l.on_closed(h, 1_000_000, [x]);
+        // A record of x from before: h had left x, the record lingers.
+        assert!(!l.may_dial(&h, &x, 999_000));
+        // A record of x created since: h serves x again.
+        assert!(l.may_dial(&h, &x, 1_000_001));
+        // A topic this home did not serve then: h may well serve it.
+        assert!(l.may_dial(&h, &y, 0));
+        // Linked again: forgotten.
+        l.on_linked(&h);
+        assert!(l.may_dial(&h, &x, 0));
+        // Remembered for a record's lifetime at most.
+        l.on_closed(h, 1_000_000, [x]);
+        l.on_closed(id(3), 1_000_000 + CLOSED_REMEMBERED_MS, [y]);
+        assert!(l.may_dial(&h, &x, 0), "forgotten with its records");
+        assert!(!l.may_dial(&id(3), &y, 0));
     }
 }

@@ -1852,6 +1852,7 @@ impl Topics {
             }
             st.configured.on_up(&peer);
             // Idle until the other home's first `Join` arrives.
+            st.idle.on_linked(&peer);
             self.review_link(st, peer);
             self.flush(st);
             id
@@ -1868,6 +1869,8 @@ impl Topics {
         // Whatever frames have arrived are handled together, under one lock.
         let mut reader = wire::FrameReader::default();
         let mut frames = Vec::with_capacity(wire::READ_BATCH);
+        // The other home finished the stream (rather than it failing).
+        let mut finished = false;
         loop {
             frames.clear();
             let r = tokio::select! {
@@ -1876,7 +1879,10 @@ impl Topics {
             };
             match r {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    finished = true;
+                    break;
+                }
                 Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
@@ -1946,6 +1952,12 @@ impl Topics {
         let st = &mut *guard;
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
+            if finished && st.idle.is_idle(&peer) {
+                // The other home closed it for idleness: remembered as if
+                // this one had (its stale records are not dialed).
+                let serving: Vec<TopicId> = st.served.keys().copied().collect();
+                st.idle.on_closed(peer, crate::dht::unix_ms(), serving);
+            }
             st.idle.remove(&peer);
             st.overlay.link_down(peer);
             let now = self.now();
@@ -2031,6 +2043,8 @@ impl Topics {
                         tracing::debug!(%peer, "federation link idle: closed");
                         link.cut.cancel();
                         stats::bump(&self.counters.links_closed_idle);
+                        let serving: Vec<TopicId> = st.served.keys().copied().collect();
+                        st.idle.on_closed(peer, crate::dht::unix_ms(), serving);
                     }
                 }
                 let idle_next = st.idle.next_timeout();
@@ -2125,17 +2139,25 @@ impl Topics {
         };
         records.extend(self.dht.lookup(key, query).await.records);
         let me = self.me();
-        let homes: BTreeSet<PeerId> = records
+        // Each home with the newest of its records.
+        let mut homes: BTreeMap<PeerId, u64> = BTreeMap::new();
+        for r in records
             .iter()
             .filter(|r| r.key == key && r.kind == RecordKind::Topic)
             .filter(|r| r.validate(now_ms).is_ok())
-            .map(|r| r.publisher)
-            .filter(|h| *h != me)
-            .collect();
+            .filter(|r| r.publisher != me)
+        {
+            let created = homes.entry(r.publisher).or_default();
+            *created = (*created).max(r.created_ms);
+        }
         let mut st = self.state();
         if !st.served.contains_key(&topic) {
             return;
         }
+        // Not a home whose link closed idle on a record from before (it
+        // left the topic; the record lingers).
+        homes.retain(|h, created| st.idle.may_dial(h, &topic, *created));
+        let homes = homes.into_keys();
         let mut linked = st
             .links
             .values()
