@@ -1851,8 +1851,10 @@ impl Topics {
                 }
             }
             st.configured.on_up(&peer);
-            // Idle until the other home's first `Join` arrives.
+            // Idle until the other home's first `Join` arrives (a whole
+            // grace from now, even if a link it replaced was idle).
             st.idle.on_linked(&peer);
+            st.idle.remove(&peer);
             self.review_link(st, peer);
             self.flush(st);
             id
