@@ -43,6 +43,7 @@
 //! [topic_limits]                # as a topic home, for its members' messages
 //! rate_per_topic = 500          # messages a second per topic
 //! rate_per_publisher = 100      # messages a second per publisher per topic
+//! link_idle_grace_s = 30        # close a federation link sharing no topic this long
 //!
 //! [topic_federation]            # as a topic home, beyond what the DHT finds
 //! peers = ["<peer id>"]         # homes to stay linked with (redialed 5 s → 300 s)
@@ -115,6 +116,7 @@ impl StoreLimitsConfig {
 pub struct TopicLimitsConfig {
     pub rate_per_topic: Option<u64>,
     pub rate_per_publisher: Option<u64>,
+    pub link_idle_grace_s: Option<u64>,
 }
 
 impl TopicLimitsConfig {
@@ -123,6 +125,9 @@ impl TopicLimitsConfig {
         reach::TopicLimits {
             topic_rate: self.rate_per_topic.unwrap_or(d.topic_rate),
             publisher_rate: self.rate_per_publisher.unwrap_or(d.publisher_rate),
+            link_idle_grace: self
+                .link_idle_grace_s
+                .map_or(d.link_idle_grace, std::time::Duration::from_secs),
         }
     }
 }
@@ -299,6 +304,14 @@ mod tests {
             l.publisher_rate,
             reach::TopicLimits::default().publisher_rate
         );
+        assert_eq!(
+            l.link_idle_grace,
+            reach::TopicLimits::default().link_idle_grace
+        );
+        let c = Config::parse("[topic_limits]\nlink_idle_grace_s = 120\n").unwrap();
+        let l = c.topic_limits.unwrap().to_limits();
+        assert_eq!(l.link_idle_grace, std::time::Duration::from_secs(120));
+        assert!(Config::parse("[topic_limits]\nlink_idle_grace = 3").is_err());
         assert!(Config::parse("[topic_limits]\nrate = 3").is_err());
         assert!(Config::parse("[topic_limits]\nrate_per_topic = -1").is_err());
     }

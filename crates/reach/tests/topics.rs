@@ -428,6 +428,7 @@ async fn refusals_mid_window_leave_no_gap_and_no_duplicate() {
         .topic_limits(reach::TopicLimits {
             topic_rate: 10_000,
             publisher_rate: 40,
+            ..Default::default()
         })
         .spawn()
         .await
@@ -512,4 +513,200 @@ async fn refusals_mid_window_leave_no_gap_and_no_duplicate() {
         })
         .await;
     }
+}
+
+/// A public node, its own home, whose federation links close after
+/// `grace` without a shared topic; in the DHT through `via` (if any),
+/// with `peers` as configured federation homes.
+async fn home_with_grace(via: Option<&Node>, grace: Duration, peers: Vec<PeerId>) -> Node {
+    let mut b = Node::builder()
+        .bind(loopback())
+        .relay_service(RelayMode::Off)
+        .acquire_relay(RelayMode::Off)
+        .topic_limits(reach::TopicLimits {
+            link_idle_grace: grace,
+            ..Default::default()
+        })
+        .topic_federation(reach::TopicFederation {
+            peers,
+            ..Default::default()
+        });
+    if let Some(via) = via {
+        b = b.bootstrap([via.local_addr()]);
+    }
+    let n = b.spawn().await.unwrap();
+    if via.is_some() {
+        within("the home joins", n.joined()).await;
+    }
+    n
+}
+
+fn linked(a: &Node, b: &Node) -> bool {
+    a.topics_status().links.contains(&b.peer_id()) && b.topics_status().links.contains(&a.peer_id())
+}
+
+fn unlinked(a: &Node, b: &Node) -> bool {
+    !a.topics_status().links.contains(&b.peer_id())
+        && !b.topics_status().links.contains(&a.peer_id())
+}
+
+/// Publishes `tag-1` on `topic` from `from` and waits for it at `sub`: the
+/// link between the two homes carries the topic.
+async fn carries(topic: &str, from: &Node, sub: &mut Subscription, tag: &str) {
+    publish_on(topic, from, tag, 1).await;
+    collect_on(topic, sub, &[(from.peer_id(), tag)], 1, 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_that_shares_no_topic_closes_after_the_grace_and_a_new_topic_reopens_it() {
+    common::logs();
+    // Short, so the test does not wait the 30 s default.
+    let grace = Duration::from_millis(500);
+    let h1 = home_with_grace(None, grace, Vec::new()).await;
+    let h2 = home_with_grace(Some(&h1), grace, Vec::new()).await;
+
+    let s1 = h1.subscribe_topic("first").unwrap();
+    let mut s2 = h2.subscribe_topic("first").unwrap();
+    until("the homes link up (found through the DHT)", || {
+        linked(&h1, &h2)
+    })
+    .await;
+    carries("first", &h1, &mut s2, "h1").await;
+    // A link carrying a topic stays, however long past the grace.
+    tokio::time::sleep(grace * 4).await;
+    assert!(linked(&h1, &h2), "a link carrying a topic is kept");
+    let closed = |n: &Node| n.stats().topics.links_closed_idle;
+    assert_eq!(closed(&h1) + closed(&h2), 0);
+
+    // The members leave: the homes leave the topic on the link, which then
+    // shares nothing and closes after the grace.
+    let left_at = Instant::now();
+    drop(s1);
+    drop(s2);
+    until("the idle link closes", || unlinked(&h1, &h2)).await;
+    let took = left_at.elapsed();
+    eprintln!("the idle link closed {took:?} after the members left");
+    assert!(took >= grace, "closed before the grace: {took:?}");
+    // Each side closes it at its own grace, unless the other's close
+    // reached it first.
+    let n_closed = closed(&h1) + closed(&h2);
+    assert!((1..=2).contains(&n_closed), "closed {n_closed} times");
+    for n in [&h1, &h2] {
+        assert_eq!(n.stats().topics.federation_links, 0);
+        assert!(n.topics_status().served.is_empty());
+    }
+
+    // A topic both serve again: they find each other and link again.
+    let mut t1 = h1.subscribe_topic("second").unwrap();
+    let _t2 = h2.subscribe_topic("second").unwrap();
+    until("a new shared topic links the homes again", || {
+        linked(&h1, &h2)
+    })
+    .await;
+    publish_on("second", &h2, "h2", 1).await;
+    collect_on("second", &mut t1, &[(h2.peer_id(), "h2")], 1, 1).await;
+    assert_eq!(closed(&h1) + closed(&h2), n_closed, "the new link is kept");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_to_a_configured_home_stays_when_no_topic_is_shared() {
+    common::logs();
+    let grace = Duration::from_millis(300);
+    let k1 = reach::Keypair::generate();
+    let k2 = reach::Keypair::generate();
+    let (p1, p2) = (k1.peer_id(), k2.peer_id());
+    let build = |key: reach::Keypair, peer: PeerId| {
+        Node::builder()
+            .keypair(key)
+            .bind(loopback())
+            .relay_service(RelayMode::Off)
+            .acquire_relay(RelayMode::Off)
+            .topic_limits(reach::TopicLimits {
+                link_idle_grace: grace,
+                ..Default::default()
+            })
+            .topic_federation(reach::TopicFederation {
+                peers: vec![peer],
+                ..Default::default()
+            })
+    };
+    let h1 = build(k1, p2).spawn().await.unwrap();
+    let h2 = build(k2, p1)
+        .bootstrap([h1.local_addr()])
+        .spawn()
+        .await
+        .unwrap();
+    within("h2 joins", h2.joined()).await;
+    let s1 = h1.subscribe_topic("ops").unwrap();
+    let mut s2 = h2.subscribe_topic("ops").unwrap();
+    until("the configured homes link up", || linked(&h1, &h2)).await;
+    carries("ops", &h1, &mut s2, "h1").await;
+    drop(s1);
+    drop(s2);
+    until("neither serves the topic", || {
+        h1.topics_status().served.is_empty() && h2.topics_status().served.is_empty()
+    })
+    .await;
+    // Many graces later the configured link is still there.
+    tokio::time::sleep(grace * 5).await;
+    assert!(linked(&h1, &h2), "a configured link is kept");
+    assert_eq!(
+        h1.stats().topics.links_closed_idle + h2.stats().topics.links_closed_idle,
+        0
+    );
+}
+
+#[tokio::test]
+async fn a_zero_link_idle_grace_is_a_config_error() {
+    let err = Node::builder()
+        .bind(loopback())
+        .topic_limits(reach::TopicLimits {
+            link_idle_grace: Duration::ZERO,
+            ..Default::default()
+        })
+        .spawn()
+        .await
+        .expect_err("a zero grace");
+    assert_eq!(err.kind(), "config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_home_that_left_is_not_redialed_on_its_lingering_topic_record() {
+    common::logs();
+    let grace = Duration::from_millis(500);
+    let h1 = home_with_grace(None, grace, Vec::new()).await;
+    let h2 = home_with_grace(Some(&h1), grace, Vec::new()).await;
+    let s1 = h1.subscribe_topic("first").unwrap();
+    let s2 = h2.subscribe_topic("first").unwrap();
+    until("the homes link up", || linked(&h1, &h2)).await;
+    // h2 leaves; its topic record stays in the DHT for minutes.
+    drop(s2);
+    until("the idle link closes", || unlinked(&h1, &h2)).await;
+    // h1 serves the topic anew (its lookups start over at once) and a new
+    // home joins it: h1 finds the topic's homes again.
+    let ups = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut events = h1.subscribe();
+    let seen = ups.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = events.next().await {
+            if let reach::NodeEvent::TopicLinkUp { peer } = ev {
+                seen.lock().unwrap().push(peer);
+            }
+        }
+    });
+    drop(s1);
+    let mut s1 = h1.subscribe_topic("first").unwrap();
+    let h3 = home_with_grace(Some(&h1), grace, Vec::new()).await;
+    let _s3 = h3.subscribe_topic("first").unwrap();
+    until("h1 links with the new home", || linked(&h1, &h3)).await;
+    carries("first", &h3, &mut s1, "h3").await;
+    // h1's lookups at 0, 1 and 2 s after it served the topic again found
+    // h2's old record: not dialed (it would only close again).
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let ups = ups.lock().unwrap().clone();
+    assert!(ups.contains(&h3.peer_id()), "{ups:?}");
+    assert!(
+        !ups.contains(&h2.peer_id()),
+        "h2 was linked again on its stale record"
+    );
 }

@@ -20,11 +20,13 @@
 //! [`Overlay::poll_output`]: `Send` (encode and send on the link),
 //! `Deliver` (to the home's members), `PresenceChanged`.
 //!
-//! - [`federation`]: configured federation homes, redialed with backoff.
+//! - [`federation`]: configured federation homes, redialed with backoff;
+//!   links closed when they share no topic.
 //! - [`message`]: the signed message, its id, and the wire frames.
 //! - [`order`]: per-origin high-water marks: exactly once, in order.
 //! - [`overlay`]: the machine (links, tree, pulls, rate limits, cache).
 //! - [`presence`]: members as deltas per home, heartbeats, stale sweep.
+//! - [`publish`]: a member's publish window on its stream to its home.
 //!
 //! Every limit and every timer is a named constant below, with the reason
 //! for its value.
@@ -41,6 +43,7 @@ pub mod message;
 pub mod order;
 pub mod overlay;
 pub mod presence;
+pub mod publish;
 
 pub use message::{FrameError, MessageError, MessageId, ShortId, TopicFrame, TopicMessage};
 pub use overlay::{Overlay, OverlayConfig, OverlayOutput, OverlayStats, PublishError};

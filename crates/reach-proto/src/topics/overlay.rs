@@ -101,6 +101,11 @@ pub struct OverlayConfig {
     pub topic_rate: u64,
     /// Messages per second per publisher per topic.
     pub publisher_rate: u64,
+    /// How long a federation link may carry no topic both homes serve
+    /// before the runtime closes it (default
+    /// [`LINK_IDLE_GRACE`](super::federation::LINK_IDLE_GRACE); the overlay
+    /// itself does not use it).
+    pub link_idle_grace: Duration,
 }
 
 impl Default for OverlayConfig {
@@ -108,6 +113,7 @@ impl Default for OverlayConfig {
         OverlayConfig {
             topic_rate: DEFAULT_TOPIC_RATE,
             publisher_rate: DEFAULT_PUBLISHER_RATE,
+            link_idle_grace: super::federation::LINK_IDLE_GRACE,
         }
     }
 }

@@ -299,6 +299,15 @@ impl NodeBuilder {
                 "topic rate limits must be at least 1 message a second".into(),
             ));
         }
+        if let Some(l) = &self.topic_limits
+            && l.link_idle_grace.is_zero()
+        {
+            // Zero would close a new link before the other home's first
+            // `Join` could arrive.
+            return Err(Error::Config(
+                "the topic link idle grace must be more than zero".into(),
+            ));
+        }
         self.topic_federation.validate()?;
         // Before anything in the data dir is read or written: one node per
         // data dir (see crate::datadir).

@@ -58,6 +58,19 @@ impl Peers {
         Ok(conn)
     }
 
+    /// Like [`connection`] without pinning the connection open: the caller
+    /// keeps it open with [`PeerTable::hold`](super::PeerTable::hold) for
+    /// as long as it uses it (a topic federation link), after which it is
+    /// closed once idle like a connection the DHT used.
+    pub(crate) async fn connection_unpinned(
+        self: &Arc<Self>,
+        peer: PeerId,
+    ) -> Result<quinn::Connection> {
+        let conn = self.connect_with(peer, &[], true).await?;
+        self.table.touch(&peer, false);
+        Ok(conn)
+    }
+
     /// Like [`connection`] but never consults the DHT (the DHT itself uses this,
     /// so a lookup cannot recurse into more lookups). `hint` addresses are tried
     /// along with the known ones.

@@ -82,6 +82,11 @@ struct PeerEntry {
     ever_app_used: bool,
     /// Last DHT request on the current connection, either way.
     last_used: Option<Instant>,
+    /// Uses that keep the connection open while they last without pinning
+    /// it for good ([`PeerTable::hold`]: topic federation links): while
+    /// any is held the connection is not closed as idle; after the last
+    /// is released it is closed like one the DHT used, once idle.
+    holds: u32,
     /// When the entry was last used, on the table's logical clock: the
     /// least recent idle entries are forgotten first.
     recency: u64,
@@ -368,12 +373,37 @@ impl PeerTable {
         }
     }
 
+    /// A use of the connection to `peer` that lasts until
+    /// [`PeerTable::release`]: it stays open meanwhile (unlike a DHT use)
+    /// without being pinned open for good (unlike an application's).
+    pub fn hold(&self, peer: &PeerId) {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        let t = &mut *guard;
+        t.clock += 1;
+        if let Some(e) = t.map.get_mut(peer) {
+            e.holds = e.holds.saturating_add(1);
+            e.last_used = Some(Instant::now());
+            e.recency = t.clock;
+        }
+    }
+
+    /// Ends a [`PeerTable::hold`]: the connection's idle time starts now.
+    pub fn release(&self, peer: &PeerId) {
+        let mut guard = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = guard.map.get_mut(peer) {
+            e.holds = e.holds.saturating_sub(1);
+            e.last_used = Some(Instant::now());
+        }
+    }
+
     /// Connections that only the DHT used and that have been idle for
     /// `idle`.
     pub fn idle_dht_connections(&self, idle: Duration) -> Vec<quinn::Connection> {
         self.with(|m| {
             m.values()
-                .filter(|e| !e.app_used && e.last_used.is_some_and(|t| t.elapsed() >= idle))
+                .filter(|e| {
+                    !e.app_used && e.holds == 0 && e.last_used.is_some_and(|t| t.elapsed() >= idle)
+                })
                 .filter_map(|e| e.conn.as_ref().map(|(c, _)| c.clone()))
                 .filter(|c| c.close_reason().is_none())
                 .collect()

@@ -39,7 +39,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use reach_proto::PeerId;
 use reach_proto::dht::record::{RecordKind, SignedRecord};
-use reach_proto::topics::federation::{MAX_CONFIGURED_HOMES, StaticLinks};
+use reach_proto::topics::federation::{IdleLinks, MAX_CONFIGURED_HOMES, StaticLinks};
+use reach_proto::topics::publish::{Answer as WindowAnswer, Outcome, PublishWindow};
 use reach_proto::topics::{
     MAX_DATA_LEN, MAX_LINKS_PER_TOPIC, Overlay, OverlayConfig, OverlayOutput, PublishError,
     TopicFrame, TopicId, TopicMessage,
@@ -109,6 +110,9 @@ crate::telemetry::metrics! {
         counter refused_other = "topics_refused_other",
         /// Federation links opened (either side).
         counter links_opened = "topics_links_opened",
+        /// Federation links this home closed because they carried no topic
+        /// both homes serve for the idle grace (`TopicLimits::link_idle_grace`).
+        counter links_closed_idle = "topics_links_closed_idle",
         /// Frames dropped because a federation link's queue was full.
         counter link_frames_dropped = "topics_link_frames_dropped",
         /// Member streams cut because the member did not keep up.
@@ -408,44 +412,18 @@ enum Attached {
 /// its outcome goes.
 type PublishJob = (Vec<u8>, oneshot::Sender<Result<PublishReport>>);
 
-/// Publishes a member has in flight to its home per topic at most (sent,
-/// not answered): enough that publishes go out several to a packet and
-/// the home takes them in batches instead of one per round trip; few
-/// enough that a refusal costs at most this many messages signed and sent
-/// again. After a refusal the window starts over at one and doubles with
-/// each message taken, so a member held at a rate limit sends one at a
-/// time (each refused one costs one frame, not a window of them).
-pub const PUBLISH_WINDOW: usize = 32;
+/// Publishes a member has in flight to its home per topic at most (the
+/// window's policy is reach-proto's [`PublishWindow`]).
+pub use reach_proto::topics::publish::PUBLISH_WINDOW;
 
 /// The home's answer to one of our publishes: its seq, and the homes and
 /// members it reached or the refusal's kind.
 type Answer = (u64, std::result::Result<(u32, u32), String>);
 
-/// A member stream's publishes: the next seq to sign, what is in flight
-/// in the order sent (the home answers in that order), what waits to go
-/// again, and the window.
-struct Publishing {
-    next_seq: u64,
-    in_flight: std::collections::VecDeque<InFlight>,
-    /// Refused out of order (sent behind a refused one): sent again, in
-    /// order, before anything new.
-    again: std::collections::VecDeque<InFlight>,
-    /// Publishes in flight at most now (1 ..= [`PUBLISH_WINDOW`]).
-    window: usize,
-    /// Refusals (other than out of order) so far on this stream.
-    refusals: u64,
-}
-
-/// A publish sent to the home and not answered yet.
-struct InFlight {
-    seq: u64,
-    data: Vec<u8>,
-    reply: oneshot::Sender<Result<PublishReport>>,
-    /// [`Publishing::refusals`] when it was sent: refused out of order
-    /// with no refusal since, the home and this member disagree on the seq
-    /// (the caller is told, rather than it going round again).
-    refusals_at_send: u64,
-}
+/// A member stream's publishes: which seq to sign next, what is in
+/// flight, what goes again (reach-proto's machine; this module only signs,
+/// writes and tells the callers).
+type Publishing = PublishWindow<PublishJob>;
 
 /// A topic this node subscribed to.
 struct Mine {
@@ -511,6 +489,9 @@ struct State {
     dialing: HashSet<PeerId>,
     /// The configured homes and their redial schedule.
     configured: StaticLinks,
+    /// The links that carry no topic both homes serve, to close after the
+    /// grace.
+    idle: IdleLinks,
     next_key: u64,
     /// The overlay timeout the driver sleeps until (`None`: none, it waits
     /// to be woken): it is woken only when a flush makes the next timeout
@@ -531,8 +512,8 @@ pub(crate) struct Topics {
     /// Wakes the discovery loop: a topic started being served.
     discover: Notify,
     federation: Federation,
-    /// Wakes the configured-links loop: a topic started being served, or
-    /// a configured link went down.
+    /// Wakes the configured-links loop: a topic started being served, a
+    /// configured link went down, or a link became idle.
     redial: Notify,
     /// This node's home: itself, or the relay it holds; `None` while a node
     /// that needs a relay holds none.
@@ -575,6 +556,7 @@ impl Topics {
                 links: HashMap::new(),
                 dialing: HashSet::new(),
                 configured: StaticLinks::new(me, federation.peers.iter().copied()),
+                idle: IdleLinks::new(config.link_idle_grace),
                 next_key: 0,
                 driver_at: None,
             }),
@@ -609,6 +591,16 @@ fn home_of(me: PeerId, relay: &RelayRuntime) -> Option<PeerId> {
     match (relay.acquire, relay.reachability()) {
         (RelayMode::On, _) | (RelayMode::Auto, Reachability::Private) => None,
         _ => Some(me),
+    }
+}
+
+/// Releases a [`crate::peers::PeerTable::hold`] of the connection to a
+/// peer when its holder ends, however it ends.
+struct Release(Arc<Peers>, PeerId);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.release(&self.1);
     }
 }
 
@@ -933,6 +925,7 @@ impl Topics {
                 let _ = overlay.link_up(*peer, &[topic]);
             }
         }
+        self.review_links(st);
         self.discover.notify_one();
         self.redial.notify_one();
         Ok(())
@@ -952,6 +945,30 @@ impl Topics {
             if self.federation.allows(peer, &topic) {
                 let _ = offer(&link.tx, &FedFrame::Leave(topic));
             }
+        }
+        self.review_links(st);
+    }
+
+    /// Notes whether the link to `peer` carries a topic both homes serve
+    /// (a link that stops doing so is closed after the idle grace, unless
+    /// it goes to a configured home).
+    fn review_link(&self, st: &mut State, peer: PeerId) {
+        let Some(link) = st.links.get(&peer) else {
+            st.idle.remove(&peer);
+            return;
+        };
+        let shared = link.theirs.iter().any(|t| st.served.contains_key(t));
+        let kept = st.configured.contains(&peer);
+        if st.idle.update(peer, shared, kept, self.now()) {
+            self.redial.notify_one();
+        }
+    }
+
+    /// [`Self::review_link`] for every link (the topics served changed).
+    fn review_links(&self, st: &mut State) {
+        let peers: Vec<PeerId> = st.links.keys().copied().collect();
+        for peer in peers {
+            self.review_link(st, peer);
         }
     }
 
@@ -1363,13 +1380,7 @@ impl Topics {
         // reads are cancel safe), and hands over whatever has arrived.
         let mut reader = wire::FrameReader::default();
         let mut frames = Vec::with_capacity(wire::READ_BATCH);
-        let mut pubs = Publishing {
-            next_seq: first_seq,
-            in_flight: Default::default(),
-            again: Default::default(),
-            window: PUBLISH_WINDOW,
-            refusals: 0,
-        };
+        let mut pubs = Publishing::new(first_seq);
         let ended: Result<()> = async {
             loop {
                 tokio::select! {
@@ -1377,17 +1388,14 @@ impl Topics {
                         Ok(true) => {
                             let answers = self.on_member_frames(topic, &mut frames)?;
                             self.answered(home, &mut pubs, answers);
-                            while pubs.in_flight.len() < pubs.window
-                                && let Some(job) = pubs.again.pop_front()
-                            {
+                            while let Some(job) = pubs.next_again() {
                                 self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                             }
                         }
                         Ok(false) => return Err(lost(home, &"the topic home ended the stream")),
                         Err(e) => return Err(Error::Wire(e)),
                     },
-                    Some((data, reply)) = pub_rx.recv(), if pubs.again.is_empty() && pubs.in_flight.len() < pubs.window => {
-                        let job = InFlight { seq: 0, data, reply, refusals_at_send: 0 };
+                    Some(job) = pub_rx.recv(), if pubs.can_send_new() => {
                         self.send_publish(topic, home, &mut send, &mut pubs, job).await?;
                     }
                     r = home_rx.changed() => {
@@ -1404,7 +1412,7 @@ impl Topics {
         // numbers above every seq handed out (the callers are told the
         // session ended).
         if let Some(mine) = self.state().mine.get_mut(&topic) {
-            mine.last_seq = mine.last_seq.max(pubs.next_seq - 1);
+            mine.last_seq = mine.last_seq.max(pubs.last_handed_out());
         }
         ended
     }
@@ -1416,26 +1424,24 @@ impl Topics {
         home: PeerId,
         send: &mut quinn::SendStream,
         pubs: &mut Publishing,
-        mut job: InFlight,
+        job: PublishJob,
     ) -> Result<()> {
-        let seq = pubs.next_seq;
-        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, job.data.clone()) {
+        let (data, reply) = job;
+        let seq = pubs.begin();
+        let msg = match TopicMessage::sign(&self.core.keypair, topic, seq, data.clone()) {
             Ok(m) => m,
             Err(e) => {
-                let _ = job
-                    .reply
-                    .send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
+                pubs.not_sent(seq);
+                let _ = reply.send(Err(Error::Topic(TopicRefusal::Home(e.kind().to_string()))));
                 return Ok(());
             }
         };
-        pubs.next_seq += 1;
-        job.seq = seq;
-        job.refusals_at_send = pubs.refusals;
         if let Err(e) = write_frame(send, &MemberFrame::Publish(msg)).await {
-            let _ = job.reply.send(Err(lost(home, &e)));
+            // Its seq stays handed out: the write may have gone part way.
+            let _ = reply.send(Err(lost(home, &e)));
             return Err(lost(home, &"writing to the topic home failed"));
         }
-        pubs.in_flight.push_back(job);
+        pubs.sent(seq, (data, reply));
         Ok(())
     }
 
@@ -1444,36 +1450,27 @@ impl Topics {
     /// order, the window moved.
     fn answered(&self, home: PeerId, pubs: &mut Publishing, answers: Vec<Answer>) {
         for (seq, answer) in answers {
-            if pubs.in_flight.front().is_none_or(|f| f.seq != seq) {
-                continue;
-            }
-            let Some(job) = pubs.in_flight.pop_front() else {
-                continue;
+            let a = match &answer {
+                Ok(_) => WindowAnswer::Taken,
+                Err(kind) if kind == wire::OUT_OF_ORDER => WindowAnswer::OutOfOrder,
+                Err(_) => WindowAnswer::Refused,
             };
-            match answer {
-                Ok((homes, members)) => {
-                    pubs.window = (pubs.window * 2).min(PUBLISH_WINDOW);
-                    let _ = job.reply.send(Ok(PublishReport {
+            match (pubs.answer(seq, a), answer) {
+                (Some(Outcome::Taken { seq, item }), Ok((homes, members))) => {
+                    let _ = item.1.send(Ok(PublishReport {
                         id: seq,
                         home,
                         homes,
                         members,
                     }));
                 }
-                Err(kind) if kind == wire::OUT_OF_ORDER && job.refusals_at_send < pubs.refusals => {
-                    pubs.again.push_back(job);
-                }
-                Err(kind) => {
-                    // Its seq is free again: the next message sent takes
-                    // it (those in flight behind it are refused out of
-                    // order and go again, renumbered, in order).
-                    pubs.next_seq = pubs.next_seq.min(seq);
-                    pubs.refusals += 1;
-                    pubs.window = 1;
-                    let _ = job
-                        .reply
+                (Some(Outcome::Refused { item, .. }), Err(kind)) => {
+                    let _ = item
+                        .1
                         .send(Err(Error::Topic(TopicRefusal::from_kind(&kind))));
                 }
+                // Ignored, or to go again (the window keeps it).
+                _ => {}
             }
         }
     }
@@ -1812,7 +1809,9 @@ impl Topics {
 
     async fn dial(self: Arc<Self>, peer: PeerId) {
         let opened = async {
-            let conn = self.peers.connection(peer).await?;
+            // Not pinned open: the link holds the connection while it
+            // lasts (`run_link`), and an idle one is closed once unused.
+            let conn = self.peers.connection_unpinned(peer).await?;
             crate::node::router::open(&conn, peer, wire::FED_PROTOCOL).await
         }
         .await;
@@ -1873,10 +1872,18 @@ impl Topics {
                 }
             }
             st.configured.on_up(&peer);
+            // Idle until the other home's first `Join` arrives (a whole
+            // grace from now, even if a link it replaced was idle).
+            st.idle.on_linked(&peer);
+            st.idle.remove(&peer);
+            self.review_link(st, peer);
             self.flush(st);
             id
         };
         drop(tx);
+        // The connection stays open while the link lasts (either side).
+        self.peers.hold(&peer);
+        let _hold = Release(self.peers.clone(), peer);
         stats::bump(&self.counters.links_opened);
         self.core.bus.emit(NodeEvent::TopicLinkUp { peer });
         let wcut = cut.clone();
@@ -1885,6 +1892,8 @@ impl Topics {
         // Whatever frames have arrived are handled together, under one lock.
         let mut reader = wire::FrameReader::default();
         let mut frames = Vec::with_capacity(wire::READ_BATCH);
+        // The other home finished the stream (rather than it failing).
+        let mut finished = false;
         loop {
             frames.clear();
             let r = tokio::select! {
@@ -1893,7 +1902,10 @@ impl Topics {
             };
             match r {
                 Ok(true) => {}
-                Ok(false) => break,
+                Ok(false) => {
+                    finished = true;
+                    break;
+                }
                 Err(_) => {
                     stats::bump(&self.counters.bad_frames);
                     break;
@@ -1903,6 +1915,7 @@ impl Topics {
             let st = &mut *guard;
             let now = self.now();
             let mut replaced = false;
+            let mut topics_changed = false;
             for f in frames.drain(..) {
                 let State {
                     overlay,
@@ -1916,6 +1929,7 @@ impl Topics {
                 };
                 match f {
                     FedFrame::Join(t) => {
+                        topics_changed = true;
                         if !self.federation.allows(&peer, &t) {
                             // A private topic from a home not trusted with
                             // it: not carried (and not even remembered).
@@ -1928,6 +1942,7 @@ impl Topics {
                         }
                     }
                     FedFrame::Leave(t) => {
+                        topics_changed = true;
                         if link.theirs.remove(&t) && served.contains_key(&t) {
                             // The overlay has no per-topic link_down: the
                             // link goes down and comes back with what is
@@ -1948,6 +1963,9 @@ impl Topics {
                     },
                 }
             }
+            if topics_changed && !replaced {
+                self.review_link(st, peer);
+            }
             self.flush(st);
             if replaced {
                 break;
@@ -1957,6 +1975,13 @@ impl Topics {
         let st = &mut *guard;
         if st.links.get(&peer).is_some_and(|l| l.id == id) {
             st.links.remove(&peer);
+            if finished && st.idle.is_idle(&peer) {
+                // The other home closed it for idleness: remembered as if
+                // this one had (its stale records are not dialed).
+                let serving: Vec<TopicId> = st.served.keys().copied().collect();
+                st.idle.on_closed(peer, crate::dht::unix_ms(), serving);
+            }
+            st.idle.remove(&peer);
             st.overlay.link_down(peer);
             let now = self.now();
             st.configured.on_down(&peer, now);
@@ -2026,14 +2051,27 @@ impl Topics {
     }
 
     /// Keeps the configured federation links up while this node serves a
-    /// topic: dials what [`StaticLinks`] says is due, until the node stops.
+    /// topic (dials what [`StaticLinks`] says is due) and closes the links
+    /// [`IdleLinks`] says are idle past the grace, until the node stops.
     pub(crate) async fn configured_links(self: Arc<Self>) {
         loop {
             let next = {
                 let mut guard = self.state();
                 let st = &mut *guard;
                 let now = self.now();
-                if st.served.is_empty() {
+                for peer in st.idle.due(now) {
+                    if let Some(link) = st.links.get(&peer) {
+                        // Its task finishes the stream, takes the link down
+                        // and releases the connection (closed once idle).
+                        tracing::debug!(%peer, "federation link idle: closed");
+                        link.cut.cancel();
+                        stats::bump(&self.counters.links_closed_idle);
+                        let serving: Vec<TopicId> = st.served.keys().copied().collect();
+                        st.idle.on_closed(peer, crate::dht::unix_ms(), serving);
+                    }
+                }
+                let idle_next = st.idle.next_timeout();
+                let configured_next = if st.served.is_empty() {
                     None
                 } else {
                     for peer in st.configured.due(now) {
@@ -2050,9 +2088,14 @@ impl Topics {
                         self.core.spawn(async move { t.dial(peer).await });
                     }
                     st.configured.next_timeout()
+                };
+                match (configured_next, idle_next) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
                 }
             };
-            // Nothing due: woken by a served topic or a lost link.
+            // Nothing due: woken by a served topic, a lost link or an idle
+            // one.
             self.sleep_until(next, &self.redial).await;
         }
     }
@@ -2119,17 +2162,25 @@ impl Topics {
         };
         records.extend(self.dht.lookup(key, query).await.records);
         let me = self.me();
-        let homes: BTreeSet<PeerId> = records
+        // Each home with the newest of its records.
+        let mut homes: BTreeMap<PeerId, u64> = BTreeMap::new();
+        for r in records
             .iter()
             .filter(|r| r.key == key && r.kind == RecordKind::Topic)
             .filter(|r| r.validate(now_ms).is_ok())
-            .map(|r| r.publisher)
-            .filter(|h| *h != me)
-            .collect();
+            .filter(|r| r.publisher != me)
+        {
+            let created = homes.entry(r.publisher).or_default();
+            *created = (*created).max(r.created_ms);
+        }
         let mut st = self.state();
         if !st.served.contains_key(&topic) {
             return;
         }
+        // Not a home whose link closed idle on a record from before (it
+        // left the topic; the record lingers).
+        homes.retain(|h, created| st.idle.may_dial(h, &topic, *created));
+        let homes = homes.into_keys();
         let mut linked = st
             .links
             .values()
