@@ -321,6 +321,7 @@ async fn a_member_flooding_over_its_rate_is_read_no_faster_than_its_rate() {
         .topic_limits(reach::TopicLimits {
             topic_rate: 1_000,
             publisher_rate: 1,
+            ..Default::default()
         })
         .spawn()
         .await

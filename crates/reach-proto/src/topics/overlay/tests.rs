@@ -401,6 +401,7 @@ fn a_publisher_refused_for_rate_is_told_when_it_would_be_taken_again() {
     let config = OverlayConfig {
         topic_rate: 1,
         publisher_rate: 1,
+        ..Default::default()
     };
     let mut slow = Overlay::new(key(1).peer_id(), 1, config);
     slow.subscribe(t, now).unwrap();
