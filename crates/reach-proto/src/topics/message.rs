@@ -5,6 +5,9 @@
 //! message in another's name and every home and subscriber can check it.
 //! `seq` counts from 1 per origin per topic; (origin, seq) is the message's
 //! id within its topic.
+//!
+//! Presence frames are signed too, by the home whose members they state
+//! (see [`super::presence`] for what is signed and why).
 
 use serde::{Deserialize, Serialize};
 
@@ -242,6 +245,14 @@ pub enum TopicFrame {
         version: u64,
         /// (member, joined?) at most [`MAX_PRESENCE_PAGE`].
         changes: Vec<(PeerId, bool)>,
+        /// [`members_digest`](super::presence::members_digest) of `home`'s
+        /// member list after `changes`: what a snapshot of this version is
+        /// checked against.
+        members_digest: PresenceDigest,
+        /// `home`'s Ed25519 signature (64 bytes) over topic, home,
+        /// incarnation, version, `members_digest` and the digest of
+        /// `changes` (see [`super::presence`]).
+        signature: Vec<u8>,
     },
     /// A home is alive and at presence version `version`; `beat` counts its
     /// heartbeats (dedup of the flood).
@@ -256,6 +267,9 @@ pub enum TopicFrame {
         version: u64,
         /// Its heartbeat counter.
         beat: u64,
+        /// `home`'s Ed25519 signature (64 bytes) over topic, home,
+        /// incarnation, version and beat: only the home says it lives.
+        signature: Vec<u8>,
     },
     /// "Send me page `page` of your view of `home`'s members."
     SnapshotRequest {
@@ -282,8 +296,19 @@ pub enum TopicFrame {
         last: bool,
         /// At most [`MAX_PRESENCE_PAGE`].
         members: Vec<PeerId>,
+        /// The digest of the changes of the delta that made `version`
+        /// (with the members' digest, recomputed from the pages, what
+        /// `signature` covers).
+        changes_digest: PresenceDigest,
+        /// `home`'s signature of `version`, as its delta carried it: a
+        /// neighbour serves the pages, only `home` can have signed them.
+        signature: Vec<u8>,
     },
 }
+
+/// A 32-byte BLAKE3 digest of a member list or of a delta's changes, as
+/// presence frames carry it.
+pub type PresenceDigest = [u8; 32];
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -345,11 +370,15 @@ impl TopicFrame {
             TopicFrame::IHave { ids, .. }
             | TopicFrame::Graft { ids, .. }
             | TopicFrame::NotCached { ids, .. } => ids.len() <= MAX_IDS_PER_FRAME,
-            TopicFrame::PresenceDelta { changes, .. } => changes.len() <= MAX_PRESENCE_PAGE,
-            TopicFrame::SnapshotPage { members, .. } => members.len() <= MAX_PRESENCE_PAGE,
+            TopicFrame::PresenceDelta {
+                changes, signature, ..
+            } => changes.len() <= MAX_PRESENCE_PAGE && signature.len() == 64,
+            TopicFrame::SnapshotPage {
+                members, signature, ..
+            } => members.len() <= MAX_PRESENCE_PAGE && signature.len() == 64,
+            TopicFrame::Heartbeat { signature, .. } => signature.len() == 64,
             TopicFrame::Prune { .. }
             | TopicFrame::Eager { .. }
-            | TopicFrame::Heartbeat { .. }
             | TopicFrame::SnapshotRequest { .. } => true,
         }
     }
@@ -451,6 +480,8 @@ mod tests {
                 page: 0,
                 last: true,
                 members: vec![kp.peer_id()],
+                changes_digest: [7; 32],
+                signature: vec![1; 64],
             },
         ];
         for f in frames {

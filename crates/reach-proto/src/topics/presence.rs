@@ -27,11 +27,129 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::message::PresenceDigest;
 use super::{
     HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
     PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, PRESENCE_REGRAFT, SNAPSHOT_RETRY, TopicFrame, TopicId,
 };
-use crate::PeerId;
+use crate::{Keypair, PeerId};
+
+/// Domain separators: a presence signature can never pass for a message's
+/// (`reach-topic-message-v1`) or for another kind of presence statement.
+const STATE_DOMAIN: &[u8] = b"reach-topic-presence-state-v1";
+const BEAT_DOMAIN: &[u8] = b"reach-topic-presence-beat-v1";
+const MEMBERS_DOMAIN: &[u8] = b"reach-topic-presence-members-v1";
+const CHANGES_DOMAIN: &[u8] = b"reach-topic-presence-changes-v1";
+
+/// The digest of a member list: BLAKE3 over the ids in ascending order
+/// (each once: a set), so every home that holds the same list gets the
+/// same digest whatever order it learnt it in.
+pub fn members_digest(members: &BTreeSet<PeerId>) -> PresenceDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(MEMBERS_DOMAIN);
+    for m in members {
+        h.update(m.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The digest of a delta's changes, in their order.
+pub fn changes_digest(changes: &[(PeerId, bool)]) -> PresenceDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(CHANGES_DOMAIN);
+    for (m, joined) in changes {
+        h.update(m.as_bytes());
+        h.update(&[u8::from(*joined)]);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a home signs of its member list at one version: "at (incarnation,
+/// version) of `home` on `topic` the members are those of digest
+/// `members`, reached by the changes of digest `changes`".
+pub fn state_bytes(
+    topic: &TopicId,
+    home: &PeerId,
+    incarnation: u64,
+    version: u64,
+    members: &PresenceDigest,
+    changes: &PresenceDigest,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(STATE_DOMAIN.len() + 32 * 4 + 16);
+    b.extend_from_slice(STATE_DOMAIN);
+    b.extend_from_slice(&topic.0);
+    b.extend_from_slice(home.as_bytes());
+    b.extend_from_slice(&incarnation.to_be_bytes());
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(members);
+    b.extend_from_slice(changes);
+    b
+}
+
+/// What a home signs of a heartbeat.
+pub fn beat_bytes(
+    topic: &TopicId,
+    home: &PeerId,
+    incarnation: u64,
+    version: u64,
+    beat: u64,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(BEAT_DOMAIN.len() + 32 * 2 + 24);
+    b.extend_from_slice(BEAT_DOMAIN);
+    b.extend_from_slice(&topic.0);
+    b.extend_from_slice(home.as_bytes());
+    b.extend_from_slice(&incarnation.to_be_bytes());
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(&beat.to_be_bytes());
+    b
+}
+
+/// Whether `signature` is `home`'s over `bytes`.
+fn signed_by(home: &PeerId, bytes: &[u8], signature: &[u8]) -> bool {
+    let Ok(sig) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    home.verify(bytes, &sig)
+}
+
+/// A home's signed statement of its member list at one version (see
+/// [`state_bytes`]): what a view keeps so that it can serve the list as a
+/// snapshot any receiver checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seal {
+    members: PresenceDigest,
+    changes: PresenceDigest,
+    signature: Vec<u8>,
+}
+
+impl Seal {
+    fn sign(
+        signer: &Keypair,
+        topic: &TopicId,
+        incarnation: u64,
+        version: u64,
+        members: &BTreeSet<PeerId>,
+        changes: &[(PeerId, bool)],
+    ) -> Seal {
+        let members = members_digest(members);
+        let changes = changes_digest(changes);
+        let signature = signer
+            .sign(&state_bytes(
+                topic,
+                &signer.peer_id(),
+                incarnation,
+                version,
+                &members,
+                &changes,
+            ))
+            .to_vec();
+        Seal {
+            members,
+            changes,
+            signature,
+        }
+    }
+}
 
 /// A delta of at most this many changes (the joins and leaves of one batch
 /// period of a busy home) is flooded over every link, so a frame lost on a
@@ -81,7 +199,9 @@ pub(crate) enum PresenceAction {
 
 struct Pull {
     from: PeerId,
-    version: Option<(u64, u64)>,
+    /// The version and the (changes digest, signature) of the first page:
+    /// every later page must say the same.
+    version: Option<((u64, u64), PresenceDigest, Vec<u8>)>,
     next_page: u32,
     acc: Vec<PeerId>,
     due: Duration,
@@ -104,6 +224,10 @@ struct HomeView {
     /// Neighbours that asked for a snapshot while this view was behind.
     waiters: BTreeSet<PeerId>,
     members: BTreeSet<PeerId>,
+    /// The home's seal of `members` at `version`; `None` while the view
+    /// holds no list the home signed (never heard, or cut at
+    /// [`MAX_MEMBERS_PER_TOPIC`]): such a view is never served.
+    seal: Option<Seal>,
     pull: Option<Pull>,
 }
 
@@ -114,6 +238,11 @@ pub(crate) struct TopicPresence {
     incarnation: u64,
     local: BTreeSet<PeerId>,
     version: u64,
+    /// The local members at `version` (those of the last delta: `local`
+    /// also holds the changes still pending), and their seal: what a
+    /// snapshot of this home serves.
+    sealed: BTreeSet<PeerId>,
+    seal: Seal,
     pending: Vec<(PeerId, bool)>,
     batch_due: Option<Duration>,
     beat: u64,
@@ -123,16 +252,26 @@ pub(crate) struct TopicPresence {
     /// Presence entries refused at [`MAX_MEMBERS_PER_TOPIC`] or
     /// [`MAX_HOMES_PER_TOPIC`].
     pub(crate) dropped: u64,
+    /// Deltas, heartbeats and snapshots refused because the home they name
+    /// did not sign them (forged or altered on the way).
+    pub(crate) forged: u64,
 }
 
 impl TopicPresence {
-    pub(crate) fn new(me: PeerId, topic: TopicId, incarnation: u64, now: Duration) -> Self {
+    /// The presence of `topic` at the home whose key is `signer`.
+    pub(crate) fn new(signer: &Keypair, topic: TopicId, incarnation: u64, now: Duration) -> Self {
+        // Version 0 (no members) is signed too: a heartbeat at version 0
+        // of a new incarnation makes the others pull it.
+        let sealed = BTreeSet::new();
+        let seal = Seal::sign(signer, &topic, incarnation, 0, &sealed, &[]);
         TopicPresence {
-            me,
+            me: signer.peer_id(),
             topic,
             incarnation,
             local: BTreeSet::new(),
             version: 0,
+            sealed,
+            seal,
             pending: Vec::new(),
             batch_due: None,
             beat: 0,
@@ -140,6 +279,7 @@ impl TopicPresence {
             homes: BTreeMap::new(),
             remote_members: 0,
             dropped: 0,
+            forged: 0,
         }
     }
 
@@ -217,12 +357,34 @@ impl TopicPresence {
             .min()
     }
 
-    pub(crate) fn on_timeout(&mut self, now: Duration, acts: &mut Vec<PresenceAction>) {
+    /// Runs the timers due at `now`; `signer` is this home's key (signs
+    /// its deltas and heartbeats).
+    pub(crate) fn on_timeout(
+        &mut self,
+        now: Duration,
+        signer: &Keypair,
+        acts: &mut Vec<PresenceAction>,
+    ) {
         if self.batch_due.is_some_and(|t| t <= now) {
             self.batch_due = None;
             let pending = std::mem::take(&mut self.pending);
             for chunk in pending.chunks(MAX_PRESENCE_PAGE) {
                 self.version += 1;
+                for (m, joined) in chunk {
+                    if *joined {
+                        self.sealed.insert(*m);
+                    } else {
+                        self.sealed.remove(m);
+                    }
+                }
+                self.seal = Seal::sign(
+                    signer,
+                    &self.topic,
+                    self.incarnation,
+                    self.version,
+                    &self.sealed,
+                    chunk,
+                );
                 acts.push(PresenceAction::FloodDelta {
                     origin: self.me,
                     all: chunk.len() <= SMALL_DELTA,
@@ -232,6 +394,8 @@ impl TopicPresence {
                         incarnation: self.incarnation,
                         version: self.version,
                         changes: chunk.to_vec(),
+                        members_digest: self.seal.members,
+                        signature: self.seal.signature.clone(),
                     },
                     except: None,
                 });
@@ -243,6 +407,15 @@ impl TopicPresence {
         if self.next_beat <= now {
             self.beat += 1;
             self.next_beat = now + HEARTBEAT;
+            let signature = signer
+                .sign(&beat_bytes(
+                    &self.topic,
+                    &self.me,
+                    self.incarnation,
+                    self.version,
+                    self.beat,
+                ))
+                .to_vec();
             acts.push(PresenceAction::Flood {
                 frame: TopicFrame::Heartbeat {
                     topic: self.topic,
@@ -250,6 +423,7 @@ impl TopicPresence {
                     incarnation: self.incarnation,
                     version: self.version,
                     beat: self.beat,
+                    signature,
                 },
                 origin: self.me,
                 except: None,
@@ -321,6 +495,7 @@ impl TopicPresence {
                     last_from: None,
                     waiters: BTreeSet::new(),
                     members: BTreeSet::new(),
+                    seal: None,
                     pull: None,
                 },
             );
@@ -356,12 +531,14 @@ impl TopicPresence {
         });
     }
 
-    /// Replaces `home`'s members by `members` at `version`.
+    /// Replaces `home`'s members by `new` at `version`, sealed by `seal`
+    /// (checked by the caller).
     fn replace(
         &mut self,
         home: PeerId,
         version: (u64, u64),
-        members: Vec<PeerId>,
+        mut new: BTreeSet<PeerId>,
+        seal: Seal,
         acts: &mut Vec<PresenceAction>,
     ) {
         let budget = MAX_MEMBERS_PER_TOPIC.saturating_sub(self.local.len() + self.remote_members);
@@ -369,11 +546,13 @@ impl TopicPresence {
             return;
         };
         let old_len = v.members.len();
-        let mut new: BTreeSet<PeerId> = members.into_iter().collect();
+        let mut seal = Some(seal);
         if new.len() > budget + old_len {
             let keep: BTreeSet<PeerId> = new.iter().take(budget + old_len).copied().collect();
             self.dropped += (new.len() - keep.len()) as u64;
             new = keep;
+            // Not the list the home signed: kept, never served.
+            seal = None;
         }
         for m in v.members.difference(&new) {
             acts.push(PresenceAction::Changed {
@@ -391,6 +570,7 @@ impl TopicPresence {
         }
         self.remote_members = self.remote_members - old_len + new.len();
         v.members = new;
+        v.seal = seal;
         v.version = version;
         v.announced = v.announced.max(version);
     }
@@ -403,6 +583,8 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         changes: Vec<(PeerId, bool)>,
+        members_digest: PresenceDigest,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -410,26 +592,48 @@ impl TopicPresence {
             return;
         }
         let topic = self.topic;
+        let iv = (incarnation, version);
+        if self.homes.get(&home).is_some_and(|v| iv <= v.delta_seen) {
+            return;
+        }
+        // Checked before anything is kept or sent on: a forged delta
+        // creates no view, moves no version and goes no further.
+        let changes_d = changes_digest(&changes);
+        let signed = state_bytes(
+            &topic,
+            &home,
+            incarnation,
+            version,
+            &members_digest,
+            &changes_d,
+        );
+        if !signed_by(&home, &signed, &signature) {
+            self.forged += 1;
+            return;
+        }
         let at_cap = self.local.len() + self.remote_members >= MAX_MEMBERS_PER_TOPIC;
         let Some(v) = self.view(home, now) else {
             return;
         };
-        let iv = (incarnation, version);
-        if iv <= v.delta_seen {
-            return;
-        }
         v.delta_seen = iv;
         v.announced = v.announced.max(iv);
         v.last_heard = now;
         v.regrafted = false;
         v.last_from = Some(from);
 
+        let seal = Seal {
+            members: members_digest,
+            changes: changes_d,
+            signature: signature.clone(),
+        };
         let frame = TopicFrame::PresenceDelta {
             topic,
             home,
             incarnation,
             version,
             changes: changes.clone(),
+            members_digest,
+            signature,
         };
         let changes_len = changes.len();
         let mut added = 0usize;
@@ -457,6 +661,11 @@ impl TopicPresence {
                     });
                 }
             }
+            // The changes are the home's (signed), applied to the list of
+            // the version before: the result is the list the home sealed,
+            // unless joins were cut at the cap (or the view was).
+            let whole = dropped == 0 && (v.seal.is_some() || v.version.1 == 0);
+            v.seal = whole.then_some(seal);
             v.version = iv;
         } else {
             Self::start_pull(topic, home, v, from, now, acts);
@@ -483,6 +692,7 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         beat: u64,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -491,13 +701,31 @@ impl TopicPresence {
             return;
         }
         let topic = self.topic;
-        let Some(v) = self.view(home, now) else {
-            return;
-        };
-        if (incarnation, beat) <= v.beat {
+        if self
+            .homes
+            .get(&home)
+            .is_some_and(|v| (incarnation, beat) <= v.beat)
+        {
+            // Had (or older, or a replay): only the tree is concerned, and
+            // a neighbour could prune the link with a PRUNE anyway.
             acts.push(PresenceAction::Duplicate { origin: home, from });
             return;
         }
+        // A forged heartbeat could keep a dead home alive, or claim a
+        // higher incarnation or beat that hides the home's own heartbeats
+        // (and drops it at HOME_STALE), or a version that sets every home
+        // pulling: all are refused here, before anything changes.
+        if !signed_by(
+            &home,
+            &beat_bytes(&topic, &home, incarnation, version, beat),
+            &signature,
+        ) {
+            self.forged += 1;
+            return;
+        }
+        let Some(v) = self.view(home, now) else {
+            return;
+        };
         v.beat = (incarnation, beat);
         v.last_heard = now;
         v.regrafted = false;
@@ -514,6 +742,7 @@ impl TopicPresence {
                 incarnation,
                 version,
                 beat,
+                signature,
             },
             origin: home,
             except: Some(from),
@@ -540,16 +769,24 @@ impl TopicPresence {
             }
             return;
         }
-        let (version, members): ((u64, u64), Vec<PeerId>) = if home == self.me {
+        // Only a list its home sealed is served, with the seal; else
+        // version (0, 0), which replaces nothing anywhere.
+        let (version, members, seal): ((u64, u64), Vec<PeerId>, Option<&Seal>) = if home == self.me
+        {
             (
                 (self.incarnation, self.version),
-                self.local.iter().copied().collect(),
+                self.sealed.iter().copied().collect(),
+                Some(&self.seal),
             )
-        } else if let Some(v) = self.homes.get(&home) {
-            (v.version, v.members.iter().copied().collect())
+        } else if let Some(v) = self.homes.get(&home)
+            && let Some(seal) = &v.seal
+        {
+            (v.version, v.members.iter().copied().collect(), Some(seal))
         } else {
-            ((0, 0), Vec::new())
+            ((0, 0), Vec::new(), None)
         };
+        let (changes_digest, signature) =
+            seal.map_or(([0; 32], vec![0; 64]), |s| (s.changes, s.signature.clone()));
         let start = (page as usize).saturating_mul(MAX_PRESENCE_PAGE);
         let chunk: Vec<PeerId> = members
             .iter()
@@ -567,6 +804,8 @@ impl TopicPresence {
                 page,
                 last: start + MAX_PRESENCE_PAGE >= members.len(),
                 members: chunk,
+                changes_digest,
+                signature,
             },
         });
     }
@@ -594,6 +833,8 @@ impl TopicPresence {
         page: u32,
         last: bool,
         members: Vec<PeerId>,
+        changes_digest: PresenceDigest,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -607,7 +848,9 @@ impl TopicPresence {
         if p.from != from || p.next_page != page {
             return;
         }
-        if p.version.is_some_and(|pv| pv != version) {
+        if p.version.as_ref().is_some_and(|(pv, cd, sig)| {
+            *pv != version || *cd != changes_digest || *sig != signature
+        }) {
             // The view changed between pages: start over.
             p.version = None;
             p.next_page = 0;
@@ -623,7 +866,7 @@ impl TopicPresence {
             });
             return;
         }
-        p.version = Some(version);
+        p.version = Some((version, changes_digest, signature));
         if p.acc.len() + members.len() > MAX_MEMBERS_PER_TOPIC {
             v.pull = None;
             self.dropped += 1;
@@ -644,15 +887,43 @@ impl TopicPresence {
             return;
         }
         let acc = std::mem::take(&mut p.acc);
+        let sealed = p.version.take();
         v.pull = None;
         let behind = v.announced > version;
-        if version > v.version {
-            self.replace(home, version, acc, acts);
+        let mut forged = false;
+        if version > v.version
+            && let Some((_, changes, signature)) = sealed
+        {
+            // Whoever served the pages, only the home can have sealed
+            // them: the list is checked against its signature before it
+            // replaces anything.
+            let set: BTreeSet<PeerId> = acc.into_iter().collect();
+            let seal = Seal {
+                members: members_digest(&set),
+                changes,
+                signature,
+            };
+            let signed = state_bytes(
+                &topic,
+                &home,
+                version.0,
+                version.1,
+                &seal.members,
+                &seal.changes,
+            );
+            if signed_by(&home, &signed, &seal.signature) {
+                self.replace(home, version, set, seal, acts);
+            } else {
+                self.forged += 1;
+                forged = true;
+            }
         }
         self.serve_waiters(home, acts);
-        if behind {
+        if behind || forged {
             // The neighbour was behind the version announced: ask again
-            // after a retry period (its view will have caught up).
+            // after a retry period (its view will have caught up). After
+            // a forged snapshot, the same: the retry goes to the
+            // neighbour the home is heard through then.
             if let Some(v) = self.homes.get_mut(&home) {
                 v.pull = Some(Pull {
                     from,

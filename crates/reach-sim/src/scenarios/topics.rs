@@ -241,6 +241,8 @@ struct Sim<'a> {
     topic: TopicId,
     homes: Vec<Option<Home>>,
     ids: Vec<PeerId>,
+    /// Each home's node key (signs its presence).
+    keys: Vec<Keypair>,
     index: HashMap<PeerId, usize>,
     links: BTreeMap<(usize, usize), LinkModel>,
     publishers: Vec<(Keypair, usize, u64)>,
@@ -408,7 +410,7 @@ impl<'a> Sim<'a> {
 
     fn start_home(&mut self, h: usize, members: Vec<PeerId>) {
         let now = self.q.now();
-        let mut overlay = Overlay::new(self.ids[h], 1, OverlayConfig::default());
+        let mut overlay = Overlay::new(self.keys[h].clone(), 1, OverlayConfig::default());
         let _ = overlay.subscribe(self.topic, now);
         for m in &members {
             let _ = overlay.member_joined(self.topic, *m, now);
@@ -659,9 +661,10 @@ pub fn run(p: &TopicsParams) -> (TopicsReport, Duration) {
     let churners = (p.homes as f64 * p.churn).round() as usize;
     let total = p.homes + churners;
     let mut rng = Rng::new(p.seed);
-    let ids: Vec<PeerId> = (0..total)
-        .map(|_| Keypair::from_secret_bytes(rng.bytes32()).peer_id())
+    let keys: Vec<Keypair> = (0..total)
+        .map(|_| Keypair::from_secret_bytes(rng.bytes32()))
         .collect();
+    let ids: Vec<PeerId> = keys.iter().map(Keypair::peer_id).collect();
     let mut sim = Sim {
         p,
         q: EventQueue::default(),
@@ -670,6 +673,7 @@ pub fn run(p: &TopicsParams) -> (TopicsReport, Duration) {
         homes: (0..total).map(|_| None).collect(),
         index: ids.iter().enumerate().map(|(i, x)| (*x, i)).collect(),
         ids,
+        keys,
         links: BTreeMap::new(),
         publishers: Vec::new(),
         msgs: Vec::new(),
