@@ -245,13 +245,11 @@ pub enum TopicFrame {
         version: u64,
         /// (member, joined?) at most [`MAX_PRESENCE_PAGE`].
         changes: Vec<(PeerId, bool)>,
-        /// [`members_digest`](super::presence::members_digest) of `home`'s
-        /// member list after `changes`: what a snapshot of this version is
-        /// checked against.
-        members_digest: PresenceDigest,
         /// `home`'s Ed25519 signature (64 bytes) over topic, home,
-        /// incarnation, version, `members_digest` and the digest of
-        /// `changes` (see [`super::presence`]).
+        /// incarnation, version, the digest of `changes` and the
+        /// [`members_digest`](super::presence::members_digest) of its list
+        /// after them (which the receiver recomputes: see
+        /// [`super::presence`]).
         signature: Vec<u8>,
     },
     /// A home is alive and at presence version `version`; `beat` counts its
@@ -268,7 +266,10 @@ pub enum TopicFrame {
         /// Its heartbeat counter.
         beat: u64,
         /// `home`'s Ed25519 signature (64 bytes) over topic, home,
-        /// incarnation, version and beat: only the home says it lives.
+        /// incarnation, version and beat, or empty: one heartbeat in
+        /// [`SIGNED_BEAT_EVERY`](super::presence::SIGNED_BEAT_EVERY) is
+        /// signed, and every one naming a new version; an unsigned one
+        /// only keeps a home alive, for a bounded time.
         signature: Vec<u8>,
     },
     /// "Send me page `page` of your view of `home`'s members."
@@ -376,7 +377,9 @@ impl TopicFrame {
             TopicFrame::SnapshotPage {
                 members, signature, ..
             } => members.len() <= MAX_PRESENCE_PAGE && signature.len() == 64,
-            TopicFrame::Heartbeat { signature, .. } => signature.len() == 64,
+            TopicFrame::Heartbeat { signature, .. } => {
+                signature.len() == 64 || signature.is_empty()
+            }
             TopicFrame::Prune { .. }
             | TopicFrame::Eager { .. }
             | TopicFrame::SnapshotRequest { .. } => true,
@@ -506,6 +509,34 @@ mod tests {
         };
         assert_eq!(
             TopicFrame::decode(&over.encode()),
+            Err(FrameError::OverLimit)
+        );
+        // Presence signatures are 64 bytes (a heartbeat's may be absent).
+        let beat = |signature: Vec<u8>| TopicFrame::Heartbeat {
+            topic: topic(),
+            home: kp.peer_id(),
+            incarnation: 1,
+            version: 2,
+            beat: 3,
+            signature,
+        };
+        for ok in [vec![], vec![1; 64]] {
+            assert_eq!(TopicFrame::decode(&beat(ok.clone()).encode()), Ok(beat(ok)));
+        }
+        assert_eq!(
+            TopicFrame::decode(&beat(vec![1; 63]).encode()),
+            Err(FrameError::OverLimit)
+        );
+        let delta = TopicFrame::PresenceDelta {
+            topic: topic(),
+            home: kp.peer_id(),
+            incarnation: 1,
+            version: 2,
+            changes: vec![(kp.peer_id(), true)],
+            signature: vec![],
+        };
+        assert_eq!(
+            TopicFrame::decode(&delta.encode()),
             Err(FrameError::OverLimit)
         );
         // An "I have" id is 8 + a varint seq: the control cost per message.

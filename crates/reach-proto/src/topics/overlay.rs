@@ -1138,7 +1138,6 @@ impl Overlay {
                 incarnation,
                 version,
                 changes,
-                members_digest,
                 signature,
                 ..
             } => t.presence.on_delta(
@@ -1147,7 +1146,6 @@ impl Overlay {
                 incarnation,
                 version,
                 changes,
-                members_digest,
                 signature,
                 now,
                 &mut acts,

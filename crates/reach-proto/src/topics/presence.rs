@@ -20,9 +20,46 @@
 //! its start time): a restarted home counts its versions and beats from 0
 //! again, and a higher incarnation tells the others to start over.
 //!
-//! Presence frames travel over authenticated federation links but are not
-//! signed end to end: a federated home could misreport another home's
-//! members. Signing deltas is left for later (see the module's report).
+//! **Signed by the home.** Only a member's own home announces it, and the
+//! other homes check that it did: presence is signed end to end with the
+//! home's node key (Ed25519, domain-separated from messages and from each
+//! other), whichever homes relay it.
+//!
+//! - A delta's signature covers (topic, home, incarnation, version, digest
+//!   of its changes, [`members_digest`] of the home's whole list after
+//!   it): its *seal*. A home applies a delta only on top of the version
+//!   before it, recomputes the list's digest and checks the seal before
+//!   the view changes or the delta goes on; one it cannot check (not the
+//!   next version) changes nothing and makes it pull.
+//! - Every home keeps, per home, the seal of the list it holds, so any
+//!   neighbour can serve a snapshot: its pages carry the seal, and the
+//!   receiver assembles them, recomputes the members' digest and checks
+//!   the home's signature before the list replaces its view.
+//! - Heartbeats: the first of an incarnation, one in
+//!   [`SIGNED_BEAT_EVERY`], and every one naming a version the previous one
+//!   did not, are signed (topic, home, incarnation, version, beat). Only
+//!   signed heartbeats (and deltas) can raise a version or an incarnation,
+//!   start a view, or move the signed-beat counter. The others are
+//!   unsigned (signing every one doubled presence's bytes: see
+//!   [`SIGNED_BEAT_EVERY`]) and only keep a home alive, for the list and
+//!   version it signed last, at most [`UNSIGNED_BEATS_AHEAD`] beats past its
+//!   last signed one and at most [`SIGNED_STALE`] after its last signed
+//!   word.
+//! - A frame whose signature does not verify is dropped, counted
+//!   (`forged`, the overlay's `bad_presence`) and sent no further.
+//!
+//! What a hostile federated home can still do: drop or delay what it
+//! relays (as with messages: the other paths and the re-graft route
+//! around it); make homes pull snapshots (a pull at a time per home, the
+//! answer checked); hide a live home's unsigned heartbeats behind forged
+//! ones numbered ahead, until the home's next signed one; keep a dead
+//! home's members listed with forged unsigned heartbeats for at most
+//! [`SIGNED_STALE`] after the home's last signed word (instead of
+//! [`HOME_STALE`]). What it cannot do: add or remove a member of another
+//! home, move another home's version or incarnation, serve a snapshot the
+//! home did not sign, or keep a dead home listed beyond [`SIGNED_STALE`].
+//! A home's own members are its word alone: a hostile home can list
+//! anyone as its own members (who is a member is the home's to say).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -159,6 +196,25 @@ impl Seal {
 pub const SMALL_DELTA: usize = 32;
 /// Homes per topic whose members a home tracks at most.
 pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
+/// One heartbeat in this many is signed (the first of an incarnation,
+/// then every this many), and every one naming a version the previous
+/// heartbeat did not. A signature is 64 bytes on a heartbeat of about 70
+/// that crosses every link of the topic's tree every [`HEARTBEAT`] for
+/// every home: signing each doubled presence's cost and broke the
+/// simulator's control budget (0.133 control bytes per payload byte,
+/// target 0.1). Eight keeps the signed ones to one in 40 s.
+pub const SIGNED_BEAT_EVERY: u64 = 8;
+/// Unsigned heartbeats are taken at most this far past the last signed
+/// one of the home: one signed heartbeat may be lost, and a forged
+/// unsigned one numbered ahead hides the home's own for no longer.
+pub const UNSIGNED_BEATS_AHEAD: u64 = 2 * SIGNED_BEAT_EVERY;
+/// A home whose own word (a signed heartbeat or delta) has not come for
+/// this long has its members dropped whatever unsigned heartbeats say:
+/// two signed periods (one signed heartbeat lost) and a heartbeat of
+/// margin. This bounds how long a hostile home's forged unsigned
+/// heartbeats can keep a dead home listed.
+pub const SIGNED_STALE: Duration =
+    Duration::from_secs(HEARTBEAT.as_secs() * (2 * SIGNED_BEAT_EVERY + 1));
 
 /// What presence asks the overlay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,8 +270,15 @@ struct HomeView {
     delta_seen: (u64, u64),
     /// Highest (incarnation, version) announced by a delta or heartbeat.
     announced: (u64, u64),
+    /// Highest (incarnation, beat) of a heartbeat taken (flood dedup).
     beat: (u64, u64),
+    /// Highest (incarnation, beat) of a signed heartbeat taken.
+    signed_beat: (u64, u64),
     last_heard: Duration,
+    /// When the home's own word (a signed heartbeat or delta) last came:
+    /// unsigned heartbeats keep a home no longer than [`SIGNED_STALE`]
+    /// after it.
+    last_signed: Duration,
     /// Whether its tree was re-grafted since `last_heard`.
     regrafted: bool,
     /// The neighbour the home's latest delta or heartbeat came from: where
@@ -246,6 +309,9 @@ pub(crate) struct TopicPresence {
     pending: Vec<(PeerId, bool)>,
     batch_due: Option<Duration>,
     beat: u64,
+    /// The version the last heartbeat named: a heartbeat naming another is
+    /// signed.
+    beat_version: Option<u64>,
     next_beat: Duration,
     homes: BTreeMap<PeerId, HomeView>,
     remote_members: usize,
@@ -275,6 +341,7 @@ impl TopicPresence {
             pending: Vec::new(),
             batch_due: None,
             beat: 0,
+            beat_version: None,
             next_beat: now,
             homes: BTreeMap::new(),
             remote_members: 0,
@@ -343,7 +410,11 @@ impl TopicPresence {
             .filter_map(|v| v.pull.as_ref().map(|p| p.due));
         // The earliest moment a home falls silent for HOME_STALE: dropped
         // exactly then, not at the next periodic sweep.
-        let stale = self.homes.values().map(|v| v.last_heard + HOME_STALE).min();
+        let stale = self
+            .homes
+            .values()
+            .map(|v| (v.last_heard + HOME_STALE).min(v.last_signed + SIGNED_STALE))
+            .min();
         let regraft = self
             .homes
             .values()
@@ -394,7 +465,6 @@ impl TopicPresence {
                         incarnation: self.incarnation,
                         version: self.version,
                         changes: chunk.to_vec(),
-                        members_digest: self.seal.members,
                         signature: self.seal.signature.clone(),
                     },
                     except: None,
@@ -407,15 +477,22 @@ impl TopicPresence {
         if self.next_beat <= now {
             self.beat += 1;
             self.next_beat = now + HEARTBEAT;
-            let signature = signer
-                .sign(&beat_bytes(
-                    &self.topic,
-                    &self.me,
-                    self.incarnation,
-                    self.version,
-                    self.beat,
-                ))
-                .to_vec();
+            let signed = (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY)
+                || self.beat_version != Some(self.version);
+            self.beat_version = Some(self.version);
+            let signature = if signed {
+                signer
+                    .sign(&beat_bytes(
+                        &self.topic,
+                        &self.me,
+                        self.incarnation,
+                        self.version,
+                        self.beat,
+                    ))
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
             acts.push(PresenceAction::Flood {
                 frame: TopicFrame::Heartbeat {
                     topic: self.topic,
@@ -439,7 +516,9 @@ impl TopicPresence {
             let stale: Vec<PeerId> = self
                 .homes
                 .iter()
-                .filter(|(_, v)| v.last_heard + HOME_STALE <= now)
+                .filter(|(_, v)| {
+                    v.last_heard + HOME_STALE <= now || v.last_signed + SIGNED_STALE <= now
+                })
                 .map(|(h, _)| *h)
                 .collect();
             for h in stale {
@@ -490,7 +569,9 @@ impl TopicPresence {
                     delta_seen: (0, 0),
                     announced: (0, 0),
                     beat: (0, 0),
+                    signed_beat: (0, 0),
                     last_heard: now,
+                    last_signed: now,
                     regrafted: false,
                     last_from: None,
                     waiters: BTreeSet::new(),
@@ -583,7 +664,6 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         changes: Vec<(PeerId, bool)>,
-        members_digest: PresenceDigest,
         signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
@@ -593,91 +673,69 @@ impl TopicPresence {
         }
         let topic = self.topic;
         let iv = (incarnation, version);
-        if self.homes.get(&home).is_some_and(|v| iv <= v.delta_seen) {
+        // A home we have no signed list of: its heartbeat (the confirm
+        // beat follows every delta) makes us pull one.
+        let Some(v) = self.homes.get_mut(&home) else {
+            return;
+        };
+        if iv <= v.delta_seen {
             return;
         }
-        // Checked before anything is kept or sent on: a forged delta
-        // creates no view, moves no version and goes no further.
-        let changes_d = changes_digest(&changes);
+        let next = v.version.1.checked_add(1).map(|n| (v.version.0, n));
+        let whole = v.seal.is_some() || v.version.1 == 0;
+        if v.pull.is_some() || !whole || next != Some(iv) {
+            // Not the version after ours: the delta cannot be checked
+            // here (its signature covers the whole list after it), so it
+            // changes nothing and goes no further; we pull the list the
+            // home signed. (Small deltas reach the others by every link.)
+            Self::start_pull(topic, home, v, from, now, acts);
+            return;
+        }
+        // Checked before anything is kept or sent on: the home's
+        // signature covers the changes and the list they make of ours.
+        let mut after = v.members.clone();
+        for (m, joined) in &changes {
+            if *joined {
+                after.insert(*m);
+            } else {
+                after.remove(m);
+            }
+        }
+        let seal = Seal {
+            members: members_digest(&after),
+            changes: changes_digest(&changes),
+            signature,
+        };
         let signed = state_bytes(
             &topic,
             &home,
             incarnation,
             version,
-            &members_digest,
-            &changes_d,
+            &seal.members,
+            &seal.changes,
         );
-        if !signed_by(&home, &signed, &signature) {
+        if !signed_by(&home, &signed, &seal.signature) {
             self.forged += 1;
             return;
         }
-        let at_cap = self.local.len() + self.remote_members >= MAX_MEMBERS_PER_TOPIC;
-        let Some(v) = self.view(home, now) else {
-            return;
-        };
         v.delta_seen = iv;
-        v.announced = v.announced.max(iv);
         v.last_heard = now;
+        v.last_signed = now;
         v.regrafted = false;
         v.last_from = Some(from);
-
-        let seal = Seal {
-            members: members_digest,
-            changes: changes_d,
-            signature: signature.clone(),
-        };
+        let all = changes.len() <= SMALL_DELTA;
         let frame = TopicFrame::PresenceDelta {
             topic,
             home,
             incarnation,
             version,
-            changes: changes.clone(),
-            members_digest,
-            signature,
+            changes,
+            signature: seal.signature.clone(),
         };
-        let changes_len = changes.len();
-        let mut added = 0usize;
-        let mut removed = 0usize;
-        let mut dropped = 0u64;
-        if v.pull.is_none() && v.version.1.checked_add(1).map(|n| (v.version.0, n)) == Some(iv) {
-            for (m, joined) in changes {
-                if joined {
-                    if at_cap {
-                        dropped += 1;
-                    } else if v.members.insert(m) {
-                        added += 1;
-                        acts.push(PresenceAction::Changed {
-                            member: m,
-                            home,
-                            joined: true,
-                        });
-                    }
-                } else if v.members.remove(&m) {
-                    removed += 1;
-                    acts.push(PresenceAction::Changed {
-                        member: m,
-                        home,
-                        joined: false,
-                    });
-                }
-            }
-            // The changes are the home's (signed), applied to the list of
-            // the version before: the result is the list the home sealed,
-            // unless joins were cut at the cap (or the view was).
-            let whole = dropped == 0 && (v.seal.is_some() || v.version.1 == 0);
-            v.seal = whole.then_some(seal);
-            v.version = iv;
-        } else {
-            Self::start_pull(topic, home, v, from, now, acts);
-        }
-        let serve = v.pull.is_none() && v.version >= v.announced && !v.waiters.is_empty();
-        self.remote_members = self.remote_members + added - removed;
-        self.dropped += dropped;
-        if serve {
-            self.serve_waiters(home, acts);
-        }
+        self.replace(home, iv, after, seal, acts);
+        self.serve_waiters(home, acts);
         acts.push(PresenceAction::FloodDelta {
-            all: changes_len <= SMALL_DELTA,
+            all,
             frame,
             origin: home,
             except: Some(from),
@@ -701,10 +759,14 @@ impl TopicPresence {
             return;
         }
         let topic = self.topic;
+        if signature.is_empty() {
+            self.on_unsigned_beat(from, home, (incarnation, version), beat, now, acts);
+            return;
+        }
         if self
             .homes
             .get(&home)
-            .is_some_and(|v| (incarnation, beat) <= v.beat)
+            .is_some_and(|v| (incarnation, beat) <= v.signed_beat)
         {
             // Had (or older, or a replay): only the tree is concerned, and
             // a neighbour could prune the link with a PRUNE anyway.
@@ -726,8 +788,12 @@ impl TopicPresence {
         let Some(v) = self.view(home, now) else {
             return;
         };
+        v.signed_beat = (incarnation, beat);
+        // Set, not raised: unsigned beats numbered past this one (forged
+        // ahead) no longer hide the home's next ones.
         v.beat = (incarnation, beat);
         v.last_heard = now;
+        v.last_signed = now;
         v.regrafted = false;
         v.last_from = Some(from);
         acts.push(PresenceAction::First { origin: home, from });
@@ -743,6 +809,62 @@ impl TopicPresence {
                 version,
                 beat,
                 signature,
+            },
+            origin: home,
+            except: Some(from),
+        });
+    }
+
+    /// An unsigned heartbeat (see [`SIGNED_BEAT_EVERY`]): it only says the
+    /// home lives, and only of the list we hold signed by the home at the
+    /// version it names, within [`UNSIGNED_BEATS_AHEAD`] of its last signed
+    /// beat; it claims no version (at most it makes us pull what the home
+    /// signed) and no incarnation.
+    fn on_unsigned_beat(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        iv: (u64, u64),
+        beat: u64,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        let topic = self.topic;
+        let Some(v) = self.homes.get_mut(&home) else {
+            // A home we never heard signed: pull its list (checked
+            // against its seal); the view lives no longer than HOME_STALE
+            // unless the home's own word comes.
+            if let Some(v) = self.view(home, now) {
+                Self::start_pull(topic, home, v, from, now, acts);
+            }
+            return;
+        };
+        if (iv.0, beat) <= v.beat {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
+            return;
+        }
+        if v.seal.is_none() || iv != v.announced {
+            if iv > v.version {
+                Self::start_pull(topic, home, v, from, now, acts);
+            }
+            return;
+        }
+        if v.signed_beat.0 == iv.0 && beat > v.signed_beat.1.saturating_add(UNSIGNED_BEATS_AHEAD) {
+            return;
+        }
+        v.beat = (iv.0, beat);
+        v.last_heard = now;
+        v.regrafted = false;
+        v.last_from = Some(from);
+        acts.push(PresenceAction::First { origin: home, from });
+        acts.push(PresenceAction::Flood {
+            frame: TopicFrame::Heartbeat {
+                topic,
+                home,
+                incarnation: iv.0,
+                version: iv.1,
+                beat,
+                signature: Vec::new(),
             },
             origin: home,
             except: Some(from),

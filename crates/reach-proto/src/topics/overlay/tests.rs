@@ -1087,7 +1087,6 @@ fn forged_deltas_and_heartbeats_in_another_homes_name_change_no_view_and_are_cou
             incarnation: 1,
             version: 2,
             changes,
-            members_digest: seal.0,
             signature: seal.2,
         }
     };
@@ -1176,6 +1175,58 @@ fn forged_heartbeats_do_not_keep_a_dead_home_alive() {
     assert!(net.now > cut + HOME_STALE + HEARTBEAT);
     assert_eq!(net.nodes[2].members(&t), []);
     assert_eq!(net.nodes[2].stats().bad_presence, sent);
+}
+
+/// Unsigned heartbeats (the ones between signed ones) cannot be checked:
+/// forged, they keep a dead home listed at most SIGNED_STALE after its
+/// last signed word, and claim no version.
+#[test]
+fn forged_unsigned_heartbeats_keep_a_dead_home_no_longer_than_the_signed_stale_time() {
+    use crate::topics::presence::SIGNED_STALE;
+    let mut net = Net::new(3, &[(0, 1, 10), (1, 2, 10)], 0.0, 1);
+    let t = topic();
+    let member = key(900).peer_id();
+    net.nodes[0]
+        .member_joined(t, member, Duration::ZERO)
+        .unwrap();
+    net.flush(0);
+    net.run_until(HEARTBEAT * 2);
+    let view = net.nodes[2].presence_view(&t, &net.ids[0]);
+    assert_eq!(view, Some((1, 1, 1)));
+    // Home 0 dies silently; home 1 keeps sending unsigned heartbeats in
+    // its name, the first one claiming a higher version.
+    net.links.remove(&(0, 1));
+    net.links.remove(&(1, 0));
+    let cut = net.now;
+    let dead = net.ids[0];
+    let unsigned = |version: u64, beat: u64| TopicFrame::Heartbeat {
+        topic: t,
+        home: dead,
+        incarnation: 1,
+        version,
+        beat,
+        signature: Vec::new(),
+    };
+    let claim = unsigned(9, 50);
+    net.nodes[2].handle_frame(net.ids[1], claim, net.now);
+    net.flush(2);
+    net.run_until(net.now + MS(100));
+    assert_eq!(net.nodes[2].presence_view(&t, &net.ids[0]), view);
+    let mut beat = 3;
+    let mut gone_at = None;
+    while net.now < cut + SIGNED_STALE + HEARTBEAT * 2 {
+        net.run_until(net.now + MS(2_000));
+        beat += 1;
+        let f = unsigned(1, beat);
+        net.nodes[2].handle_frame(net.ids[1], f, net.now);
+        net.flush(2);
+        if gone_at.is_none() && net.nodes[2].members(&t).is_empty() {
+            gone_at = Some(net.now);
+        }
+    }
+    let gone_at = gone_at.expect("the dead home's member was dropped");
+    assert!(gone_at <= cut + SIGNED_STALE + MS(2_000), "{gone_at:?}");
+    assert_eq!(net.nodes[2].members(&t), []);
 }
 
 /// A snapshot is served by a neighbour, not by its home: pages whose list
