@@ -245,6 +245,13 @@ pub enum TopicFrame {
         version: u64,
         /// (member, joined?) at most [`MAX_PRESENCE_PAGE`].
         changes: Vec<(PeerId, bool)>,
+        /// The [`members_digest`](super::presence::members_digest) of
+        /// `home`'s list after `changes`, on a big delta only (over
+        /// [`SMALL_DELTA`](super::presence::SMALL_DELTA) changes: it goes
+        /// over the home's tree only, so a home that cannot apply it must
+        /// still check and pass it on); a small one goes over every link
+        /// and is checked by the homes that can apply it.
+        members_digest: Option<PresenceDigest>,
         /// `home`'s Ed25519 signature (64 bytes) over topic, home,
         /// incarnation, version, the digest of `changes` and the
         /// [`members_digest`](super::presence::members_digest) of its list
@@ -533,6 +540,7 @@ mod tests {
             incarnation: 1,
             version: 2,
             changes: vec![(kp.peer_id(), true)],
+            members_digest: None,
             signature: vec![],
         };
         assert_eq!(

@@ -1138,6 +1138,7 @@ impl Overlay {
                 incarnation,
                 version,
                 changes,
+                members_digest,
                 signature,
                 ..
             } => t.presence.on_delta(
@@ -1146,6 +1147,7 @@ impl Overlay {
                 incarnation,
                 version,
                 changes,
+                members_digest,
                 signature,
                 now,
                 &mut acts,

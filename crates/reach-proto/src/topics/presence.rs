@@ -465,6 +465,7 @@ impl TopicPresence {
                         incarnation: self.incarnation,
                         version: self.version,
                         changes: chunk.to_vec(),
+                        members_digest: (chunk.len() > SMALL_DELTA).then_some(self.seal.members),
                         signature: self.seal.signature.clone(),
                     },
                     except: None,
@@ -664,6 +665,7 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         changes: Vec<(PeerId, bool)>,
+        digest_sent: Option<PresenceDigest>,
         signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
@@ -673,36 +675,47 @@ impl TopicPresence {
         }
         let topic = self.topic;
         let iv = (incarnation, version);
-        // A home we have no signed list of: its heartbeat (the confirm
-        // beat follows every delta) makes us pull one.
-        let Some(v) = self.homes.get_mut(&home) else {
-            return;
-        };
-        if iv <= v.delta_seen {
+        let known = self.homes.get(&home);
+        if known.is_some_and(|v| iv <= v.delta_seen) {
             return;
         }
-        let next = v.version.1.checked_add(1).map(|n| (v.version.0, n));
-        let whole = v.seal.is_some() || v.version.1 == 0;
-        if v.pull.is_some() || !whole || next != Some(iv) {
-            // Not the version after ours: the delta cannot be checked
-            // here (its signature covers the whole list after it), so it
-            // changes nothing and goes no further; we pull the list the
-            // home signed. (Small deltas reach the others by every link.)
-            Self::start_pull(topic, home, v, from, now, acts);
-            return;
-        }
-        // Checked before anything is kept or sent on: the home's
-        // signature covers the changes and the list they make of ours.
-        let mut after = v.members.clone();
-        for (m, joined) in &changes {
-            if *joined {
-                after.insert(*m);
-            } else {
-                after.remove(m);
+        // The list after the delta, if we can make it: the changes on top
+        // of the version before, which we hold signed by the home.
+        let after = known.and_then(|v| {
+            let next = v.version.1.checked_add(1).map(|n| (v.version.0, n));
+            let whole = v.seal.is_some() || v.version.1 == 0;
+            (v.pull.is_none() && whole && next == Some(iv)).then(|| {
+                let mut after = v.members.clone();
+                for (m, joined) in &changes {
+                    if *joined {
+                        after.insert(*m);
+                    } else {
+                        after.remove(m);
+                    }
+                }
+                after
+            })
+        });
+        let digest = match (&after, digest_sent) {
+            (Some(after), _) => members_digest(after),
+            (None, Some(d)) => d,
+            (None, None) => {
+                // A small delta we cannot check: it changes nothing and
+                // goes no further here (it reaches the others by every
+                // link); we pull the list the home signed (a home new to
+                // us gets an empty view that lives no longer than
+                // HOME_STALE unless the home's word comes, as for an
+                // unsigned heartbeat).
+                if let Some(v) = self.view(home, now) {
+                    Self::start_pull(topic, home, v, from, now, acts);
+                }
+                return;
             }
-        }
+        };
+        // Checked before anything is kept or sent on: the home's signature
+        // covers the changes and the whole list they make.
         let seal = Seal {
-            members: members_digest(&after),
+            members: digest,
             changes: changes_digest(&changes),
             signature,
         };
@@ -714,11 +727,17 @@ impl TopicPresence {
             &seal.members,
             &seal.changes,
         );
-        if !signed_by(&home, &signed, &seal.signature) {
+        if !signed_by(&home, &signed, &seal.signature)
+            || digest_sent.is_some_and(|d| d != seal.members)
+        {
             self.forged += 1;
             return;
         }
+        let Some(v) = self.view(home, now) else {
+            return;
+        };
         v.delta_seen = iv;
+        v.announced = v.announced.max(iv);
         v.last_heard = now;
         v.last_signed = now;
         v.regrafted = false;
@@ -730,10 +749,16 @@ impl TopicPresence {
             incarnation,
             version,
             changes,
+            members_digest: digest_sent,
             signature: seal.signature.clone(),
         };
-        self.replace(home, iv, after, seal, acts);
-        self.serve_waiters(home, acts);
+        match after {
+            Some(after) => {
+                self.replace(home, iv, after, seal, acts);
+                self.serve_waiters(home, acts);
+            }
+            None => Self::start_pull(topic, home, v, from, now, acts),
+        }
         acts.push(PresenceAction::FloodDelta {
             all,
             frame,

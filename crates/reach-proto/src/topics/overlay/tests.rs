@@ -1087,6 +1087,7 @@ fn forged_deltas_and_heartbeats_in_another_homes_name_change_no_view_and_are_cou
             incarnation: 1,
             version: 2,
             changes,
+            members_digest: None,
             signature: seal.2,
         }
     };
@@ -1105,6 +1106,22 @@ fn forged_deltas_and_heartbeats_in_another_homes_name_change_no_view_and_are_cou
             vec![(member, false)],
             seal_of(&h0, 1, 2, &[member, ghost], &[(ghost, true)]),
         ),
+        // A big delta (carrying the list's digest, checked even by a home
+        // that cannot apply it), versions ahead, signed by home 1.
+        {
+            let changes: Vec<(PeerId, bool)> =
+                (0..40).map(|i| (key(3_000 + i).peer_id(), true)).collect();
+            let (md, _, signature) = seal_of(&h1, 1, 7, &[member], &changes);
+            TopicFrame::PresenceDelta {
+                topic: t,
+                home,
+                incarnation: 1,
+                version: 7,
+                changes,
+                members_digest: Some(md),
+                signature,
+            }
+        },
         // A higher incarnation and beat (would hide home 0's heartbeats)
         // and version (would set every home pulling), signed by home 1.
         {
