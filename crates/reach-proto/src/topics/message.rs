@@ -275,8 +275,8 @@ pub enum TopicFrame {
         /// `home`'s Ed25519 signature (64 bytes) over topic, home,
         /// incarnation, version and beat, or empty: one heartbeat in
         /// [`SIGNED_BEAT_EVERY`](super::presence::SIGNED_BEAT_EVERY) is
-        /// signed, and every one naming a new version; an unsigned one
-        /// only keeps a home alive, for a bounded time.
+        /// signed; an unsigned one only keeps a home alive, for a bounded
+        /// time, or makes a home pull the list its home signed.
         signature: Vec<u8>,
     },
     /// "Send me page `page` of your view of `home`'s members."

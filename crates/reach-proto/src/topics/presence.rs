@@ -28,23 +28,30 @@
 //! - A delta's signature covers (topic, home, incarnation, version, digest
 //!   of its changes, [`members_digest`] of the home's whole list after
 //!   it): its *seal*. A home applies a delta only on top of the version
-//!   before it, recomputes the list's digest and checks the seal before
-//!   the view changes or the delta goes on; one it cannot check (not the
-//!   next version) changes nothing and makes it pull.
+//!   before it, recomputing the list's digest, and checks the seal before
+//!   the view changes or the delta goes on. A big delta (over
+//!   [`SMALL_DELTA`] changes: over the home's tree only) also carries the
+//!   digest, so a home that cannot apply it still checks it and passes it
+//!   on; a small one it cannot apply (not the next version) changes
+//!   nothing there and makes it pull (small deltas go over every link, so
+//!   the others get it by other paths). The digest is left out of small
+//!   deltas for the bytes (32 on every link of every change).
 //! - Every home keeps, per home, the seal of the list it holds, so any
 //!   neighbour can serve a snapshot: its pages carry the seal, and the
 //!   receiver assembles them, recomputes the members' digest and checks
 //!   the home's signature before the list replaces its view.
-//! - Heartbeats: the first of an incarnation, one in
-//!   [`SIGNED_BEAT_EVERY`], and every one naming a version the previous one
-//!   did not, are signed (topic, home, incarnation, version, beat). Only
-//!   signed heartbeats (and deltas) can raise a version or an incarnation,
-//!   start a view, or move the signed-beat counter. The others are
+//! - Heartbeats: the first of an incarnation and then one in
+//!   [`SIGNED_BEAT_EVERY`] are signed (topic, home, incarnation, version,
+//!   beat). Only signed heartbeats (and deltas) raise the version a home is
+//!   known to be at, or move the signed-beat counter. The others are
 //!   unsigned (signing every one doubled presence's bytes: see
-//!   [`SIGNED_BEAT_EVERY`]) and only keep a home alive, for the list and
-//!   version it signed last, at most [`UNSIGNED_BEATS_AHEAD`] beats past its
-//!   last signed one and at most [`SIGNED_STALE`] after its last signed
-//!   word.
+//!   [`SIGNED_BEAT_EVERY`]): one naming the version we hold signed keeps
+//!   the home alive, at most [`UNSIGNED_BEATS_AHEAD`] beats past its last
+//!   signed one and at most [`SIGNED_STALE`] after its last signed word;
+//!   one naming another version only makes us pull the list the home
+//!   signed (from the neighbour that sent it, checked on arrival), as an
+//!   unsigned heartbeat or a small delta of a home new to us does (an
+//!   empty view, dropped at [`HOME_STALE`] unless the home's word comes).
 //! - A frame whose signature does not verify is dropped, counted
 //!   (`forged`, the overlay's `bad_presence`) and sent no further.
 //!
@@ -197,9 +204,8 @@ pub const SMALL_DELTA: usize = 32;
 /// Homes per topic whose members a home tracks at most.
 pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
 /// One heartbeat in this many is signed (the first of an incarnation,
-/// then every this many), and every one naming a version the previous
-/// heartbeat did not. A signature is 64 bytes on a heartbeat of about 70
-/// that crosses every link of the topic's tree every [`HEARTBEAT`] for
+/// then every this many). A signature is 64 bytes on a heartbeat of about
+/// 70 that crosses every link of the topic's tree every [`HEARTBEAT`] for
 /// every home: signing each doubled presence's cost and broke the
 /// simulator's control budget (0.133 control bytes per payload byte,
 /// target 0.1). Eight keeps the signed ones to one in 40 s.
@@ -309,9 +315,6 @@ pub(crate) struct TopicPresence {
     pending: Vec<(PeerId, bool)>,
     batch_due: Option<Duration>,
     beat: u64,
-    /// The version the last heartbeat named: a heartbeat naming another is
-    /// signed.
-    beat_version: Option<u64>,
     next_beat: Duration,
     homes: BTreeMap<PeerId, HomeView>,
     remote_members: usize,
@@ -341,7 +344,6 @@ impl TopicPresence {
             pending: Vec::new(),
             batch_due: None,
             beat: 0,
-            beat_version: None,
             next_beat: now,
             homes: BTreeMap::new(),
             remote_members: 0,
@@ -478,9 +480,7 @@ impl TopicPresence {
         if self.next_beat <= now {
             self.beat += 1;
             self.next_beat = now + HEARTBEAT;
-            let signed = (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY)
-                || self.beat_version != Some(self.version);
-            self.beat_version = Some(self.version);
+            let signed = (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY);
             let signature = if signed {
                 signer
                     .sign(&beat_bytes(
