@@ -40,8 +40,8 @@
 //!   neighbour can serve a snapshot: its pages carry the seal, and the
 //!   receiver assembles them, recomputes the members' digest and checks
 //!   the home's signature before the list replaces its view.
-//! - Heartbeats: the first of an incarnation and then one in
-//!   [`SIGNED_BEAT_EVERY`] are signed (topic, home, incarnation, version,
+//! - Heartbeats: the first [`SIGNED_FIRST_BEATS`] of an incarnation and
+//!   then one in [`SIGNED_BEAT_EVERY`] are signed (topic, home, incarnation, version,
 //!   beat). Only signed heartbeats (and deltas) raise the version a home is
 //!   known to be at, or move the signed-beat counter. The others are
 //!   unsigned (signing every one doubled presence's bytes: see
@@ -210,6 +210,14 @@ pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
 /// simulator's control budget (0.133 control bytes per payload byte,
 /// target 0.1). Eight keeps the signed ones to one in 40 s.
 pub const SIGNED_BEAT_EVERY: u64 = 8;
+/// The first heartbeats of an incarnation are all signed: every other home
+/// is learning of this one then, and a home forwards only heartbeats it
+/// can check (signed, or unsigned of a list it holds signed), so unsigned
+/// ones would reach one more ring of homes per heartbeat; signed ones
+/// reach every home at once (in the simulator, setup was not complete in
+/// 8 s with 30 homes when only the first was signed). Three cover the
+/// setup of a home's members and its confirm heartbeat.
+pub const SIGNED_FIRST_BEATS: u64 = 3;
 /// Unsigned heartbeats are taken at most this far past the last signed
 /// one of the home: one signed heartbeat may be lost, and a forged
 /// unsigned one numbered ahead hides the home's own for no longer.
@@ -480,7 +488,8 @@ impl TopicPresence {
         if self.next_beat <= now {
             self.beat += 1;
             self.next_beat = now + HEARTBEAT;
-            let signed = (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY);
+            let signed = self.beat <= SIGNED_FIRST_BEATS
+                || (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY);
             let signature = if signed {
                 signer
                     .sign(&beat_bytes(

@@ -999,7 +999,12 @@ mod tests {
 
     #[test]
     fn steady_state_meets_the_targets_and_is_deterministic() {
-        let p = params(30, 300, 0.0, 0.0, 7);
+        // The 1,000 messages: control bytes are mostly presence,
+        // whose [`PRESENCE_EVENTS`] are the same whatever the messages, so
+        // fewer messages would test another ratio than the target's (300
+        // gave 0.112 once presence was signed, 0.098 at the 100
+        // homes).
+        let p = params(30, 1_000, 0.0, 0.0, 7);
         let a = run(&p).0;
         eprintln!("{}", serde_json::to_string(&a).unwrap());
         assert_eq!(a.delivery_rate, 1.0);
