@@ -369,3 +369,125 @@ async fn a_member_flooding_over_its_rate_is_read_no_faster_than_its_rate() {
         "{f:?}"
     );
 }
+
+/// A hostile home on the link speaks for G's presence: a member G never
+/// had and G's own member gone (deltas signed by X in G's name), G's
+/// heartbeat at a higher incarnation and version, an unsigned one claiming
+/// a version G never signed, and, when H pulls G's list from it, a
+/// snapshot of that list holding only a ghost. H's list of G's members
+/// stays G's word: no ghost, G's member kept. (Before presence was signed,
+/// the snapshot alone replaced G's list at H.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_home_cannot_speak_for_another_homes_members() {
+    common::logs();
+    let (_boot, h, g, _s_h, _s_g) = honest_homes(Keypair::generate()).await;
+    let topic = TopicId::from_name(TOPIC).unwrap();
+    let g_listed = |h: &Node| {
+        h.members(TOPIC)
+            .unwrap()
+            .iter()
+            .any(|(m, home)| *m == g.peer_id() && *home == g.peer_id())
+    };
+    until("H lists G's member", || g_listed(&h)).await;
+
+    let x = Keypair::generate();
+    let ep = quinn::Endpoint::client(loopback()).unwrap();
+    let (_conn, mut send, mut recv) = hostile_stream(&ep, &h, &x, wire::FED_PROTOCOL).await;
+    put(&mut send, &FedFrame::Join(topic)).await;
+    until("H carries the topic on the hostile link", || {
+        h.topics_status()
+            .served
+            .iter()
+            .any(|s| s.topic == TOPIC && s.links == 2)
+    })
+    .await;
+    let ghost = Keypair::generate().peer_id();
+    let forged_sig = |bytes: &[u8]| x.sign(bytes).to_vec();
+    for version in 1..=8u64 {
+        for changes in [vec![(ghost, true)], vec![(g.peer_id(), false)]] {
+            put(
+                &mut send,
+                &overlay(&TopicFrame::PresenceDelta {
+                    topic,
+                    home: g.peer_id(),
+                    incarnation: u64::MAX / 2,
+                    version,
+                    changes: changes.clone(),
+                    members_digest: None,
+                    signature: forged_sig(b"delta"),
+                }),
+            )
+            .await;
+        }
+    }
+    put(
+        &mut send,
+        &overlay(&TopicFrame::Heartbeat {
+            topic,
+            home: g.peer_id(),
+            incarnation: u64::MAX,
+            version: 99,
+            beat: u64::MAX,
+            signature: forged_sig(b"beat"),
+        }),
+    )
+    .await;
+    put(
+        &mut send,
+        &overlay(&TopicFrame::Heartbeat {
+            topic,
+            home: g.peer_id(),
+            incarnation: u64::MAX,
+            version: 99,
+            beat: u64::MAX,
+            signature: Vec::new(),
+        }),
+    )
+    .await;
+    // H pulls the list of the version it was told of, from X: X serves a
+    // list of its own making.
+    within("H asks X for G's list", async {
+        loop {
+            let frame = wire::read::<FedFrame>(&mut recv)
+                .await
+                .expect("a well-formed frame")
+                .expect("the link stays open");
+            if let FedFrame::Overlay(bytes) = frame
+                && let Ok(TopicFrame::SnapshotRequest { home, .. }) = TopicFrame::decode(&bytes)
+                && home == g.peer_id()
+            {
+                return;
+            }
+        }
+    })
+    .await;
+    put(
+        &mut send,
+        &overlay(&TopicFrame::SnapshotPage {
+            topic,
+            home: g.peer_id(),
+            incarnation: u64::MAX,
+            version: 99,
+            page: 0,
+            last: true,
+            members: vec![ghost],
+            changes_digest: [0; 32],
+            signature: forged_sig(b"page"),
+        }),
+    )
+    .await;
+    // Frames of one link are handled in order: once this undecodable one
+    // is counted, every forgery before it has been handled.
+    let bad_before = h.stats().topics.bad_frames;
+    put(&mut send, &FedFrame::Overlay(vec![0xff; 100])).await;
+    until("H handled the hostile frames", || {
+        h.stats().topics.bad_frames > bad_before
+    })
+    .await;
+    let members = h.members(TOPIC).unwrap();
+    assert!(
+        members.iter().all(|(m, _)| *m != ghost),
+        "a forged member is listed: {members:?}"
+    );
+    assert!(g_listed(&h), "G's member was removed by a forgery");
+}

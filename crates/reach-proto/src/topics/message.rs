@@ -5,6 +5,9 @@
 //! message in another's name and every home and subscriber can check it.
 //! `seq` counts from 1 per origin per topic; (origin, seq) is the message's
 //! id within its topic.
+//!
+//! Presence frames are signed too, by the home whose members they state
+//! (see [`super::presence`] for what is signed and why).
 
 use serde::{Deserialize, Serialize};
 
@@ -242,6 +245,19 @@ pub enum TopicFrame {
         version: u64,
         /// (member, joined?) at most [`MAX_PRESENCE_PAGE`].
         changes: Vec<(PeerId, bool)>,
+        /// The [`members_digest`](super::presence::members_digest) of
+        /// `home`'s list after `changes`, on a big delta only (over
+        /// [`SMALL_DELTA`](super::presence::SMALL_DELTA) changes: it goes
+        /// over the home's tree only, so a home that cannot apply it must
+        /// still check and pass it on); a small one goes over every link
+        /// and is checked by the homes that can apply it.
+        members_digest: Option<PresenceDigest>,
+        /// `home`'s Ed25519 signature (64 bytes) over topic, home,
+        /// incarnation, version, the digest of `changes` and the
+        /// [`members_digest`](super::presence::members_digest) of its list
+        /// after them (which the receiver recomputes: see
+        /// [`super::presence`]).
+        signature: Vec<u8>,
     },
     /// A home is alive and at presence version `version`; `beat` counts its
     /// heartbeats (dedup of the flood).
@@ -256,6 +272,12 @@ pub enum TopicFrame {
         version: u64,
         /// Its heartbeat counter.
         beat: u64,
+        /// `home`'s Ed25519 signature (64 bytes) over topic, home,
+        /// incarnation, version and beat, or empty: one heartbeat in
+        /// [`SIGNED_BEAT_EVERY`](super::presence::SIGNED_BEAT_EVERY) is
+        /// signed; an unsigned one only keeps a home alive, for a bounded
+        /// time, or makes a home pull the list its home signed.
+        signature: Vec<u8>,
     },
     /// "Send me page `page` of your view of `home`'s members."
     SnapshotRequest {
@@ -282,8 +304,19 @@ pub enum TopicFrame {
         last: bool,
         /// At most [`MAX_PRESENCE_PAGE`].
         members: Vec<PeerId>,
+        /// The digest of the changes of the delta that made `version`
+        /// (with the members' digest, recomputed from the pages, what
+        /// `signature` covers).
+        changes_digest: PresenceDigest,
+        /// `home`'s signature of `version`, as its delta carried it: a
+        /// neighbour serves the pages, only `home` can have signed them.
+        signature: Vec<u8>,
     },
 }
+
+/// A 32-byte BLAKE3 digest of a member list or of a delta's changes, as
+/// presence frames carry it.
+pub type PresenceDigest = [u8; 32];
 
 /// Why a frame was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -345,11 +378,17 @@ impl TopicFrame {
             TopicFrame::IHave { ids, .. }
             | TopicFrame::Graft { ids, .. }
             | TopicFrame::NotCached { ids, .. } => ids.len() <= MAX_IDS_PER_FRAME,
-            TopicFrame::PresenceDelta { changes, .. } => changes.len() <= MAX_PRESENCE_PAGE,
-            TopicFrame::SnapshotPage { members, .. } => members.len() <= MAX_PRESENCE_PAGE,
+            TopicFrame::PresenceDelta {
+                changes, signature, ..
+            } => changes.len() <= MAX_PRESENCE_PAGE && signature.len() == 64,
+            TopicFrame::SnapshotPage {
+                members, signature, ..
+            } => members.len() <= MAX_PRESENCE_PAGE && signature.len() == 64,
+            TopicFrame::Heartbeat { signature, .. } => {
+                signature.len() == 64 || signature.is_empty()
+            }
             TopicFrame::Prune { .. }
             | TopicFrame::Eager { .. }
-            | TopicFrame::Heartbeat { .. }
             | TopicFrame::SnapshotRequest { .. } => true,
         }
     }
@@ -451,6 +490,8 @@ mod tests {
                 page: 0,
                 last: true,
                 members: vec![kp.peer_id()],
+                changes_digest: [7; 32],
+                signature: vec![1; 64],
             },
         ];
         for f in frames {
@@ -475,6 +516,35 @@ mod tests {
         };
         assert_eq!(
             TopicFrame::decode(&over.encode()),
+            Err(FrameError::OverLimit)
+        );
+        // Presence signatures are 64 bytes (a heartbeat's may be absent).
+        let beat = |signature: Vec<u8>| TopicFrame::Heartbeat {
+            topic: topic(),
+            home: kp.peer_id(),
+            incarnation: 1,
+            version: 2,
+            beat: 3,
+            signature,
+        };
+        for ok in [vec![], vec![1; 64]] {
+            assert_eq!(TopicFrame::decode(&beat(ok.clone()).encode()), Ok(beat(ok)));
+        }
+        assert_eq!(
+            TopicFrame::decode(&beat(vec![1; 63]).encode()),
+            Err(FrameError::OverLimit)
+        );
+        let delta = TopicFrame::PresenceDelta {
+            topic: topic(),
+            home: kp.peer_id(),
+            incarnation: 1,
+            version: 2,
+            changes: vec![(kp.peer_id(), true)],
+            members_digest: None,
+            signature: vec![],
+        };
+        assert_eq!(
+            TopicFrame::decode(&delta.encode()),
             Err(FrameError::OverLimit)
         );
         // An "I have" id is 8 + a varint seq: the control cost per message.

@@ -179,6 +179,10 @@ pub struct OverlayStats {
     /// Frames for topics not served here or from homes not linked for the
     /// topic, or over a limit.
     pub ignored_frames: u64,
+    /// Presence frames (deltas, heartbeats, snapshots) refused because the
+    /// home they speak for did not sign them: forged or altered by a home
+    /// on the way. They change no view and go no further.
+    pub bad_presence: u64,
 }
 
 /// Why a publish was refused.
@@ -601,6 +605,7 @@ impl TopicState {
         &mut self,
         topic: TopicId,
         now: Duration,
+        signer: &Keypair,
         out: &mut Out,
         stats: &mut OverlayStats,
     ) {
@@ -708,7 +713,7 @@ impl TopicState {
             self.drain(topic, origin, now, out, stats);
         }
         let mut acts = Vec::new();
-        self.presence.on_timeout(now, &mut acts);
+        self.presence.on_timeout(now, signer, &mut acts);
         self.apply_presence(topic, acts, out, stats);
     }
 }
@@ -716,6 +721,8 @@ impl TopicState {
 /// The overlay machine of one home.
 pub struct Overlay {
     me: PeerId,
+    /// This home's key: signs its presence (deltas, heartbeats).
+    signer: Keypair,
     incarnation: u64,
     config: OverlayConfig,
     topics: BTreeMap<TopicId, TopicState>,
@@ -725,12 +732,14 @@ pub struct Overlay {
 }
 
 impl Overlay {
-    /// The machine of home `me`. `incarnation` must grow with each start of
-    /// the home (e.g. its start time in ms), so the others know its
-    /// presence versions started over.
-    pub fn new(me: PeerId, incarnation: u64, config: OverlayConfig) -> Self {
+    /// The machine of the home whose node key is `signer` (it signs the
+    /// home's presence, see [`super::presence`]). `incarnation` must grow
+    /// with each start of the home (e.g. its start time in ms), so the
+    /// others know its presence versions started over.
+    pub fn new(signer: Keypair, incarnation: u64, config: OverlayConfig) -> Self {
         Overlay {
-            me,
+            me: signer.peer_id(),
+            signer,
             incarnation,
             config,
             topics: BTreeMap::new(),
@@ -773,7 +782,7 @@ impl Overlay {
                 topic_bucket: TokenBucket::new(self.config.topic_rate, RATE_BURST, now),
                 publishers: HashMap::new(),
                 next_seq: HashMap::new(),
-                presence: TopicPresence::new(self.me, topic, self.incarnation, now),
+                presence: TopicPresence::new(&self.signer, topic, self.incarnation, now),
             },
         );
         Ok(())
@@ -1057,6 +1066,7 @@ impl Overlay {
         let out = &mut self.out;
         let stats = &mut self.stats;
         let mut acts = Vec::new();
+        let forged_before = t.presence.forged;
         match frame {
             TopicFrame::Message(msg) => {
                 if t.origins.has(&msg.origin, msg.seq) {
@@ -1157,19 +1167,37 @@ impl Overlay {
                 incarnation,
                 version,
                 changes,
+                members_digest,
+                signature,
                 ..
-            } => t
-                .presence
-                .on_delta(from, home, incarnation, version, changes, now, &mut acts),
+            } => t.presence.on_delta(
+                from,
+                home,
+                incarnation,
+                version,
+                changes,
+                members_digest,
+                signature,
+                now,
+                &mut acts,
+            ),
             TopicFrame::Heartbeat {
                 home,
                 incarnation,
                 version,
                 beat,
+                signature,
                 ..
-            } => t
-                .presence
-                .on_heartbeat(from, home, incarnation, version, beat, now, &mut acts),
+            } => t.presence.on_heartbeat(
+                from,
+                home,
+                incarnation,
+                version,
+                beat,
+                signature,
+                now,
+                &mut acts,
+            ),
             TopicFrame::SnapshotRequest { home, page, .. } => {
                 t.presence.on_snapshot_request(from, home, page, &mut acts)
             }
@@ -1180,6 +1208,8 @@ impl Overlay {
                 page,
                 last,
                 members,
+                changes_digest,
+                signature,
                 ..
             } => t.presence.on_snapshot_page(
                 from,
@@ -1188,10 +1218,13 @@ impl Overlay {
                 page,
                 last,
                 members,
+                changes_digest,
+                signature,
                 now,
                 &mut acts,
             ),
         }
+        stats.bad_presence += t.presence.forged - forged_before;
         t.apply_presence(topic, acts, out, stats);
     }
 
@@ -1204,7 +1237,7 @@ impl Overlay {
     /// presence deltas, heartbeats, stale sweeps, snapshot retries.
     pub fn handle_timeout(&mut self, now: Duration) {
         for (topic, t) in self.topics.iter_mut() {
-            t.on_timeout(*topic, now, &mut self.out, &mut self.stats);
+            t.on_timeout(*topic, now, &self.signer, &mut self.out, &mut self.stats);
         }
     }
 

@@ -20,18 +20,180 @@
 //! its start time): a restarted home counts its versions and beats from 0
 //! again, and a higher incarnation tells the others to start over.
 //!
-//! Presence frames travel over authenticated federation links but are not
-//! signed end to end: a federated home could misreport another home's
-//! members. Signing deltas is left for later (see the module's report).
+//! **Signed by the home.** Only a member's own home announces it, and the
+//! other homes check that it did: presence is signed end to end with the
+//! home's node key (Ed25519, domain-separated from messages and from each
+//! other), whichever homes relay it.
+//!
+//! - A delta's signature covers (topic, home, incarnation, version, digest
+//!   of its changes, [`members_digest`] of the home's whole list after
+//!   it): its *seal*. A home applies a delta only on top of the version
+//!   before it, recomputing the list's digest, and checks the seal before
+//!   the view changes or the delta goes on. A big delta (over
+//!   [`SMALL_DELTA`] changes: over the home's tree only) also carries the
+//!   digest, so a home that cannot apply it still checks it and passes it
+//!   on; a small one it cannot apply (not the next version) changes
+//!   nothing there and makes it pull (small deltas go over every link, so
+//!   the others get it by other paths). The digest is left out of small
+//!   deltas for the bytes (32 on every link of every change).
+//! - Every home keeps, per home, the seal of the list it holds, so any
+//!   neighbour can serve a snapshot: its pages carry the seal, and the
+//!   receiver assembles them, recomputes the members' digest and checks
+//!   the home's signature before the list replaces its view.
+//! - Heartbeats: the first [`SIGNED_FIRST_BEATS`] of an incarnation and
+//!   then one in [`SIGNED_BEAT_EVERY`] are signed (topic, home, incarnation, version,
+//!   beat). Only signed heartbeats (and deltas) raise the version a home is
+//!   known to be at, or move the signed-beat counter. The others are
+//!   unsigned (signing every one doubled presence's bytes: see
+//!   [`SIGNED_BEAT_EVERY`]): one naming the version we hold signed keeps
+//!   the home alive, at most [`UNSIGNED_BEATS_AHEAD`] beats past its last
+//!   signed one and at most [`SIGNED_STALE`] after its last signed word;
+//!   one naming another version only makes us pull the list the home
+//!   signed (from the neighbour that sent it, checked on arrival), as an
+//!   unsigned heartbeat or a small delta of a home new to us does (an
+//!   empty view, dropped at [`HOME_STALE`] unless the home's word comes).
+//! - A frame whose signature does not verify is dropped, counted
+//!   (`forged`, the overlay's `bad_presence`) and sent no further.
+//!
+//! What a hostile federated home can still do: drop or delay what it
+//! relays (as with messages: the other paths and the re-graft route
+//! around it); make homes pull snapshots (a pull at a time per home, the
+//! answer checked); hide a live home's unsigned heartbeats behind forged
+//! ones numbered ahead, until the home's next signed one; keep a dead
+//! home's members listed with forged unsigned heartbeats for at most
+//! [`SIGNED_STALE`] after the home's last signed word (instead of
+//! [`HOME_STALE`]). What it cannot do: add or remove a member of another
+//! home, move another home's version or incarnation, serve a snapshot the
+//! home did not sign, or keep a dead home listed beyond [`SIGNED_STALE`].
+//! A home's own members are its word alone: a hostile home can list
+//! anyone as its own members (who is a member is the home's to say).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use super::message::PresenceDigest;
 use super::{
     HEARTBEAT, HOME_STALE, MAX_LINKS_PER_TOPIC, MAX_MEMBERS_PER_TOPIC, MAX_PRESENCE_PAGE,
     PRESENCE_BATCH_DELAY, PRESENCE_CONFIRM, PRESENCE_REGRAFT, SNAPSHOT_RETRY, TopicFrame, TopicId,
 };
-use crate::PeerId;
+use crate::{Keypair, PeerId};
+
+/// Domain separators: a presence signature can never pass for a message's
+/// (`reach-topic-message-v1`) or for another kind of presence statement.
+const STATE_DOMAIN: &[u8] = b"reach-topic-presence-state-v1";
+const BEAT_DOMAIN: &[u8] = b"reach-topic-presence-beat-v1";
+const MEMBERS_DOMAIN: &[u8] = b"reach-topic-presence-members-v1";
+const CHANGES_DOMAIN: &[u8] = b"reach-topic-presence-changes-v1";
+
+/// The digest of a member list: BLAKE3 over the ids in ascending order
+/// (each once: a set), so every home that holds the same list gets the
+/// same digest whatever order it learnt it in.
+pub fn members_digest(members: &BTreeSet<PeerId>) -> PresenceDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(MEMBERS_DOMAIN);
+    for m in members {
+        h.update(m.as_bytes());
+    }
+    *h.finalize().as_bytes()
+}
+
+/// The digest of a delta's changes, in their order.
+pub fn changes_digest(changes: &[(PeerId, bool)]) -> PresenceDigest {
+    let mut h = blake3::Hasher::new();
+    h.update(CHANGES_DOMAIN);
+    for (m, joined) in changes {
+        h.update(m.as_bytes());
+        h.update(&[u8::from(*joined)]);
+    }
+    *h.finalize().as_bytes()
+}
+
+/// What a home signs of its member list at one version: "at (incarnation,
+/// version) of `home` on `topic` the members are those of digest
+/// `members`, reached by the changes of digest `changes`".
+pub fn state_bytes(
+    topic: &TopicId,
+    home: &PeerId,
+    incarnation: u64,
+    version: u64,
+    members: &PresenceDigest,
+    changes: &PresenceDigest,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(STATE_DOMAIN.len() + 32 * 4 + 16);
+    b.extend_from_slice(STATE_DOMAIN);
+    b.extend_from_slice(&topic.0);
+    b.extend_from_slice(home.as_bytes());
+    b.extend_from_slice(&incarnation.to_be_bytes());
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(members);
+    b.extend_from_slice(changes);
+    b
+}
+
+/// What a home signs of a heartbeat.
+pub fn beat_bytes(
+    topic: &TopicId,
+    home: &PeerId,
+    incarnation: u64,
+    version: u64,
+    beat: u64,
+) -> Vec<u8> {
+    let mut b = Vec::with_capacity(BEAT_DOMAIN.len() + 32 * 2 + 24);
+    b.extend_from_slice(BEAT_DOMAIN);
+    b.extend_from_slice(&topic.0);
+    b.extend_from_slice(home.as_bytes());
+    b.extend_from_slice(&incarnation.to_be_bytes());
+    b.extend_from_slice(&version.to_be_bytes());
+    b.extend_from_slice(&beat.to_be_bytes());
+    b
+}
+
+/// Whether `signature` is `home`'s over `bytes`.
+fn signed_by(home: &PeerId, bytes: &[u8], signature: &[u8]) -> bool {
+    let Ok(sig) = <[u8; 64]>::try_from(signature) else {
+        return false;
+    };
+    home.verify(bytes, &sig)
+}
+
+/// A home's signed statement of its member list at one version (see
+/// [`state_bytes`]): what a view keeps so that it can serve the list as a
+/// snapshot any receiver checks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Seal {
+    members: PresenceDigest,
+    changes: PresenceDigest,
+    signature: Vec<u8>,
+}
+
+impl Seal {
+    fn sign(
+        signer: &Keypair,
+        topic: &TopicId,
+        incarnation: u64,
+        version: u64,
+        members: &BTreeSet<PeerId>,
+        changes: &[(PeerId, bool)],
+    ) -> Seal {
+        let members = members_digest(members);
+        let changes = changes_digest(changes);
+        let signature = signer
+            .sign(&state_bytes(
+                topic,
+                &signer.peer_id(),
+                incarnation,
+                version,
+                &members,
+                &changes,
+            ))
+            .to_vec();
+        Seal {
+            members,
+            changes,
+            signature,
+        }
+    }
+}
 
 /// A delta of at most this many changes (the joins and leaves of one batch
 /// period of a busy home) is flooded over every link, so a frame lost on a
@@ -41,6 +203,32 @@ use crate::PeerId;
 pub const SMALL_DELTA: usize = 32;
 /// Homes per topic whose members a home tracks at most.
 pub const MAX_HOMES_PER_TOPIC: usize = 4_096;
+/// One heartbeat in this many is signed (the first of an incarnation,
+/// then every this many). A signature is 64 bytes on a heartbeat of about
+/// 70 that crosses every link of the topic's tree every [`HEARTBEAT`] for
+/// every home: signing each doubled presence's cost and broke the
+/// simulator's control budget (0.133 control bytes per payload byte,
+/// target 0.1). Eight keeps the signed ones to one in 40 s.
+pub const SIGNED_BEAT_EVERY: u64 = 8;
+/// The first heartbeats of an incarnation are all signed: every other home
+/// is learning of this one then, and a home forwards only heartbeats it
+/// can check (signed, or unsigned of a list it holds signed), so unsigned
+/// ones would reach one more ring of homes per heartbeat; signed ones
+/// reach every home at once (in the simulator, setup was not complete in
+/// 8 s with 30 homes when only the first was signed). Three cover the
+/// setup of a home's members and its confirm heartbeat.
+pub const SIGNED_FIRST_BEATS: u64 = 3;
+/// Unsigned heartbeats are taken at most this far past the last signed
+/// one of the home: one signed heartbeat may be lost, and a forged
+/// unsigned one numbered ahead hides the home's own for no longer.
+pub const UNSIGNED_BEATS_AHEAD: u64 = 2 * SIGNED_BEAT_EVERY;
+/// A home whose own word (a signed heartbeat or delta) has not come for
+/// this long has its members dropped whatever unsigned heartbeats say:
+/// two signed periods (one signed heartbeat lost) and a heartbeat of
+/// margin. This bounds how long a hostile home's forged unsigned
+/// heartbeats can keep a dead home listed.
+pub const SIGNED_STALE: Duration =
+    Duration::from_secs(HEARTBEAT.as_secs() * (2 * SIGNED_BEAT_EVERY + 1));
 
 /// What presence asks the overlay to do.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -81,7 +269,9 @@ pub(crate) enum PresenceAction {
 
 struct Pull {
     from: PeerId,
-    version: Option<(u64, u64)>,
+    /// The version and the (changes digest, signature) of the first page:
+    /// every later page must say the same.
+    version: Option<((u64, u64), PresenceDigest, Vec<u8>)>,
     next_page: u32,
     acc: Vec<PeerId>,
     due: Duration,
@@ -94,8 +284,15 @@ struct HomeView {
     delta_seen: (u64, u64),
     /// Highest (incarnation, version) announced by a delta or heartbeat.
     announced: (u64, u64),
+    /// Highest (incarnation, beat) of a heartbeat taken (flood dedup).
     beat: (u64, u64),
+    /// Highest (incarnation, beat) of a signed heartbeat taken.
+    signed_beat: (u64, u64),
     last_heard: Duration,
+    /// When the home's own word (a signed heartbeat or delta) last came:
+    /// unsigned heartbeats keep a home no longer than [`SIGNED_STALE`]
+    /// after it.
+    last_signed: Duration,
     /// Whether its tree was re-grafted since `last_heard`.
     regrafted: bool,
     /// The neighbour the home's latest delta or heartbeat came from: where
@@ -104,6 +301,10 @@ struct HomeView {
     /// Neighbours that asked for a snapshot while this view was behind.
     waiters: BTreeSet<PeerId>,
     members: BTreeSet<PeerId>,
+    /// The home's seal of `members` at `version`; `None` while the view
+    /// holds no list the home signed (never heard, or cut at
+    /// [`MAX_MEMBERS_PER_TOPIC`]): such a view is never served.
+    seal: Option<Seal>,
     pull: Option<Pull>,
 }
 
@@ -114,6 +315,11 @@ pub(crate) struct TopicPresence {
     incarnation: u64,
     local: BTreeSet<PeerId>,
     version: u64,
+    /// The local members at `version` (those of the last delta: `local`
+    /// also holds the changes still pending), and their seal: what a
+    /// snapshot of this home serves.
+    sealed: BTreeSet<PeerId>,
+    seal: Seal,
     pending: Vec<(PeerId, bool)>,
     batch_due: Option<Duration>,
     beat: u64,
@@ -123,16 +329,26 @@ pub(crate) struct TopicPresence {
     /// Presence entries refused at [`MAX_MEMBERS_PER_TOPIC`] or
     /// [`MAX_HOMES_PER_TOPIC`].
     pub(crate) dropped: u64,
+    /// Deltas, heartbeats and snapshots refused because the home they name
+    /// did not sign them (forged or altered on the way).
+    pub(crate) forged: u64,
 }
 
 impl TopicPresence {
-    pub(crate) fn new(me: PeerId, topic: TopicId, incarnation: u64, now: Duration) -> Self {
+    /// The presence of `topic` at the home whose key is `signer`.
+    pub(crate) fn new(signer: &Keypair, topic: TopicId, incarnation: u64, now: Duration) -> Self {
+        // Version 0 (no members) is signed too: a heartbeat at version 0
+        // of a new incarnation makes the others pull it.
+        let sealed = BTreeSet::new();
+        let seal = Seal::sign(signer, &topic, incarnation, 0, &sealed, &[]);
         TopicPresence {
-            me,
+            me: signer.peer_id(),
             topic,
             incarnation,
             local: BTreeSet::new(),
             version: 0,
+            sealed,
+            seal,
             pending: Vec::new(),
             batch_due: None,
             beat: 0,
@@ -140,6 +356,7 @@ impl TopicPresence {
             homes: BTreeMap::new(),
             remote_members: 0,
             dropped: 0,
+            forged: 0,
         }
     }
 
@@ -203,7 +420,11 @@ impl TopicPresence {
             .filter_map(|v| v.pull.as_ref().map(|p| p.due));
         // The earliest moment a home falls silent for HOME_STALE: dropped
         // exactly then, not at the next periodic sweep.
-        let stale = self.homes.values().map(|v| v.last_heard + HOME_STALE).min();
+        let stale = self
+            .homes
+            .values()
+            .map(|v| (v.last_heard + HOME_STALE).min(v.last_signed + SIGNED_STALE))
+            .min();
         let regraft = self
             .homes
             .values()
@@ -217,12 +438,34 @@ impl TopicPresence {
             .min()
     }
 
-    pub(crate) fn on_timeout(&mut self, now: Duration, acts: &mut Vec<PresenceAction>) {
+    /// Runs the timers due at `now`; `signer` is this home's key (signs
+    /// its deltas and heartbeats).
+    pub(crate) fn on_timeout(
+        &mut self,
+        now: Duration,
+        signer: &Keypair,
+        acts: &mut Vec<PresenceAction>,
+    ) {
         if self.batch_due.is_some_and(|t| t <= now) {
             self.batch_due = None;
             let pending = std::mem::take(&mut self.pending);
             for chunk in pending.chunks(MAX_PRESENCE_PAGE) {
                 self.version += 1;
+                for (m, joined) in chunk {
+                    if *joined {
+                        self.sealed.insert(*m);
+                    } else {
+                        self.sealed.remove(m);
+                    }
+                }
+                self.seal = Seal::sign(
+                    signer,
+                    &self.topic,
+                    self.incarnation,
+                    self.version,
+                    &self.sealed,
+                    chunk,
+                );
                 acts.push(PresenceAction::FloodDelta {
                     origin: self.me,
                     all: chunk.len() <= SMALL_DELTA,
@@ -232,6 +475,8 @@ impl TopicPresence {
                         incarnation: self.incarnation,
                         version: self.version,
                         changes: chunk.to_vec(),
+                        members_digest: (chunk.len() > SMALL_DELTA).then_some(self.seal.members),
+                        signature: self.seal.signature.clone(),
                     },
                     except: None,
                 });
@@ -243,6 +488,21 @@ impl TopicPresence {
         if self.next_beat <= now {
             self.beat += 1;
             self.next_beat = now + HEARTBEAT;
+            let signed = self.beat <= SIGNED_FIRST_BEATS
+                || (self.beat - 1).is_multiple_of(SIGNED_BEAT_EVERY);
+            let signature = if signed {
+                signer
+                    .sign(&beat_bytes(
+                        &self.topic,
+                        &self.me,
+                        self.incarnation,
+                        self.version,
+                        self.beat,
+                    ))
+                    .to_vec()
+            } else {
+                Vec::new()
+            };
             acts.push(PresenceAction::Flood {
                 frame: TopicFrame::Heartbeat {
                     topic: self.topic,
@@ -250,6 +510,7 @@ impl TopicPresence {
                     incarnation: self.incarnation,
                     version: self.version,
                     beat: self.beat,
+                    signature,
                 },
                 origin: self.me,
                 except: None,
@@ -265,7 +526,9 @@ impl TopicPresence {
             let stale: Vec<PeerId> = self
                 .homes
                 .iter()
-                .filter(|(_, v)| v.last_heard + HOME_STALE <= now)
+                .filter(|(_, v)| {
+                    v.last_heard + HOME_STALE <= now || v.last_signed + SIGNED_STALE <= now
+                })
                 .map(|(h, _)| *h)
                 .collect();
             for h in stale {
@@ -316,11 +579,14 @@ impl TopicPresence {
                     delta_seen: (0, 0),
                     announced: (0, 0),
                     beat: (0, 0),
+                    signed_beat: (0, 0),
                     last_heard: now,
+                    last_signed: now,
                     regrafted: false,
                     last_from: None,
                     waiters: BTreeSet::new(),
                     members: BTreeSet::new(),
+                    seal: None,
                     pull: None,
                 },
             );
@@ -356,12 +622,14 @@ impl TopicPresence {
         });
     }
 
-    /// Replaces `home`'s members by `members` at `version`.
+    /// Replaces `home`'s members by `new` at `version`, sealed by `seal`
+    /// (checked by the caller).
     fn replace(
         &mut self,
         home: PeerId,
         version: (u64, u64),
-        members: Vec<PeerId>,
+        mut new: BTreeSet<PeerId>,
+        seal: Seal,
         acts: &mut Vec<PresenceAction>,
     ) {
         let budget = MAX_MEMBERS_PER_TOPIC.saturating_sub(self.local.len() + self.remote_members);
@@ -369,11 +637,13 @@ impl TopicPresence {
             return;
         };
         let old_len = v.members.len();
-        let mut new: BTreeSet<PeerId> = members.into_iter().collect();
+        let mut seal = Some(seal);
         if new.len() > budget + old_len {
             let keep: BTreeSet<PeerId> = new.iter().take(budget + old_len).copied().collect();
             self.dropped += (new.len() - keep.len()) as u64;
             new = keep;
+            // Not the list the home signed: kept, never served.
+            seal = None;
         }
         for m in v.members.difference(&new) {
             acts.push(PresenceAction::Changed {
@@ -391,6 +661,7 @@ impl TopicPresence {
         }
         self.remote_members = self.remote_members - old_len + new.len();
         v.members = new;
+        v.seal = seal;
         v.version = version;
         v.announced = v.announced.max(version);
     }
@@ -403,6 +674,8 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         changes: Vec<(PeerId, bool)>,
+        digest_sent: Option<PresenceDigest>,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -410,65 +683,93 @@ impl TopicPresence {
             return;
         }
         let topic = self.topic;
-        let at_cap = self.local.len() + self.remote_members >= MAX_MEMBERS_PER_TOPIC;
+        let iv = (incarnation, version);
+        let known = self.homes.get(&home);
+        if known.is_some_and(|v| iv <= v.delta_seen) {
+            return;
+        }
+        // The list after the delta, if we can make it: the changes on top
+        // of the version before, which we hold signed by the home.
+        let after = known.and_then(|v| {
+            let next = v.version.1.checked_add(1).map(|n| (v.version.0, n));
+            let whole = v.seal.is_some() || v.version.1 == 0;
+            (v.pull.is_none() && whole && next == Some(iv)).then(|| {
+                let mut after = v.members.clone();
+                for (m, joined) in &changes {
+                    if *joined {
+                        after.insert(*m);
+                    } else {
+                        after.remove(m);
+                    }
+                }
+                after
+            })
+        });
+        let digest = match (&after, digest_sent) {
+            (Some(after), _) => members_digest(after),
+            (None, Some(d)) => d,
+            (None, None) => {
+                // A small delta we cannot check: it changes nothing and
+                // goes no further here (it reaches the others by every
+                // link); we pull the list the home signed (a home new to
+                // us gets an empty view that lives no longer than
+                // HOME_STALE unless the home's word comes, as for an
+                // unsigned heartbeat).
+                if let Some(v) = self.view(home, now) {
+                    Self::start_pull(topic, home, v, from, now, acts);
+                }
+                return;
+            }
+        };
+        // Checked before anything is kept or sent on: the home's signature
+        // covers the changes and the whole list they make.
+        let seal = Seal {
+            members: digest,
+            changes: changes_digest(&changes),
+            signature,
+        };
+        let signed = state_bytes(
+            &topic,
+            &home,
+            incarnation,
+            version,
+            &seal.members,
+            &seal.changes,
+        );
+        if !signed_by(&home, &signed, &seal.signature)
+            || digest_sent.is_some_and(|d| d != seal.members)
+        {
+            self.forged += 1;
+            return;
+        }
         let Some(v) = self.view(home, now) else {
             return;
         };
-        let iv = (incarnation, version);
-        if iv <= v.delta_seen {
-            return;
-        }
         v.delta_seen = iv;
         v.announced = v.announced.max(iv);
         v.last_heard = now;
+        v.last_signed = now;
         v.regrafted = false;
         v.last_from = Some(from);
-
+        let all = changes.len() <= SMALL_DELTA;
         let frame = TopicFrame::PresenceDelta {
             topic,
             home,
             incarnation,
             version,
-            changes: changes.clone(),
+            changes,
+            members_digest: digest_sent,
+            signature: seal.signature.clone(),
         };
-        let changes_len = changes.len();
-        let mut added = 0usize;
-        let mut removed = 0usize;
-        let mut dropped = 0u64;
-        if v.pull.is_none() && v.version.1.checked_add(1).map(|n| (v.version.0, n)) == Some(iv) {
-            for (m, joined) in changes {
-                if joined {
-                    if at_cap {
-                        dropped += 1;
-                    } else if v.members.insert(m) {
-                        added += 1;
-                        acts.push(PresenceAction::Changed {
-                            member: m,
-                            home,
-                            joined: true,
-                        });
-                    }
-                } else if v.members.remove(&m) {
-                    removed += 1;
-                    acts.push(PresenceAction::Changed {
-                        member: m,
-                        home,
-                        joined: false,
-                    });
-                }
+        match after {
+            Some(after) => {
+                self.replace(home, iv, after, seal, acts);
+                self.serve_waiters(home, acts);
             }
-            v.version = iv;
-        } else {
-            Self::start_pull(topic, home, v, from, now, acts);
-        }
-        let serve = v.pull.is_none() && v.version >= v.announced && !v.waiters.is_empty();
-        self.remote_members = self.remote_members + added - removed;
-        self.dropped += dropped;
-        if serve {
-            self.serve_waiters(home, acts);
+            None => Self::start_pull(topic, home, v, from, now, acts),
         }
         acts.push(PresenceAction::FloodDelta {
-            all: changes_len <= SMALL_DELTA,
+            all,
             frame,
             origin: home,
             except: Some(from),
@@ -483,6 +784,7 @@ impl TopicPresence {
         incarnation: u64,
         version: u64,
         beat: u64,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -491,15 +793,41 @@ impl TopicPresence {
             return;
         }
         let topic = self.topic;
-        let Some(v) = self.view(home, now) else {
+        if signature.is_empty() {
+            self.on_unsigned_beat(from, home, (incarnation, version), beat, now, acts);
             return;
-        };
-        if (incarnation, beat) <= v.beat {
+        }
+        if self
+            .homes
+            .get(&home)
+            .is_some_and(|v| (incarnation, beat) <= v.signed_beat)
+        {
+            // Had (or older, or a replay): only the tree is concerned, and
+            // a neighbour could prune the link with a PRUNE anyway.
             acts.push(PresenceAction::Duplicate { origin: home, from });
             return;
         }
+        // A forged heartbeat could keep a dead home alive, or claim a
+        // higher incarnation or beat that hides the home's own heartbeats
+        // (and drops it at HOME_STALE), or a version that sets every home
+        // pulling: all are refused here, before anything changes.
+        if !signed_by(
+            &home,
+            &beat_bytes(&topic, &home, incarnation, version, beat),
+            &signature,
+        ) {
+            self.forged += 1;
+            return;
+        }
+        let Some(v) = self.view(home, now) else {
+            return;
+        };
+        v.signed_beat = (incarnation, beat);
+        // Set, not raised: unsigned beats numbered past this one (forged
+        // ahead) no longer hide the home's next ones.
         v.beat = (incarnation, beat);
         v.last_heard = now;
+        v.last_signed = now;
         v.regrafted = false;
         v.last_from = Some(from);
         acts.push(PresenceAction::First { origin: home, from });
@@ -514,6 +842,63 @@ impl TopicPresence {
                 incarnation,
                 version,
                 beat,
+                signature,
+            },
+            origin: home,
+            except: Some(from),
+        });
+    }
+
+    /// An unsigned heartbeat (see [`SIGNED_BEAT_EVERY`]): it only says the
+    /// home lives, and only of the list we hold signed by the home at the
+    /// version it names, within [`UNSIGNED_BEATS_AHEAD`] of its last signed
+    /// beat; it claims no version (at most it makes us pull what the home
+    /// signed) and no incarnation.
+    fn on_unsigned_beat(
+        &mut self,
+        from: PeerId,
+        home: PeerId,
+        iv: (u64, u64),
+        beat: u64,
+        now: Duration,
+        acts: &mut Vec<PresenceAction>,
+    ) {
+        let topic = self.topic;
+        let Some(v) = self.homes.get_mut(&home) else {
+            // A home we never heard signed: pull its list (checked
+            // against its seal); the view lives no longer than HOME_STALE
+            // unless the home's own word comes.
+            if let Some(v) = self.view(home, now) {
+                Self::start_pull(topic, home, v, from, now, acts);
+            }
+            return;
+        };
+        if (iv.0, beat) <= v.beat {
+            acts.push(PresenceAction::Duplicate { origin: home, from });
+            return;
+        }
+        if v.seal.is_none() || iv != v.announced {
+            if iv > v.version {
+                Self::start_pull(topic, home, v, from, now, acts);
+            }
+            return;
+        }
+        if v.signed_beat.0 == iv.0 && beat > v.signed_beat.1.saturating_add(UNSIGNED_BEATS_AHEAD) {
+            return;
+        }
+        v.beat = (iv.0, beat);
+        v.last_heard = now;
+        v.regrafted = false;
+        v.last_from = Some(from);
+        acts.push(PresenceAction::First { origin: home, from });
+        acts.push(PresenceAction::Flood {
+            frame: TopicFrame::Heartbeat {
+                topic,
+                home,
+                incarnation: iv.0,
+                version: iv.1,
+                beat,
+                signature: Vec::new(),
             },
             origin: home,
             except: Some(from),
@@ -540,16 +925,24 @@ impl TopicPresence {
             }
             return;
         }
-        let (version, members): ((u64, u64), Vec<PeerId>) = if home == self.me {
+        // Only a list its home sealed is served, with the seal; else
+        // version (0, 0), which replaces nothing anywhere.
+        let (version, members, seal): ((u64, u64), Vec<PeerId>, Option<&Seal>) = if home == self.me
+        {
             (
                 (self.incarnation, self.version),
-                self.local.iter().copied().collect(),
+                self.sealed.iter().copied().collect(),
+                Some(&self.seal),
             )
-        } else if let Some(v) = self.homes.get(&home) {
-            (v.version, v.members.iter().copied().collect())
+        } else if let Some(v) = self.homes.get(&home)
+            && let Some(seal) = &v.seal
+        {
+            (v.version, v.members.iter().copied().collect(), Some(seal))
         } else {
-            ((0, 0), Vec::new())
+            ((0, 0), Vec::new(), None)
         };
+        let (changes_digest, signature) =
+            seal.map_or(([0; 32], vec![0; 64]), |s| (s.changes, s.signature.clone()));
         let start = (page as usize).saturating_mul(MAX_PRESENCE_PAGE);
         let chunk: Vec<PeerId> = members
             .iter()
@@ -567,6 +960,8 @@ impl TopicPresence {
                 page,
                 last: start + MAX_PRESENCE_PAGE >= members.len(),
                 members: chunk,
+                changes_digest,
+                signature,
             },
         });
     }
@@ -594,6 +989,8 @@ impl TopicPresence {
         page: u32,
         last: bool,
         members: Vec<PeerId>,
+        changes_digest: PresenceDigest,
+        signature: Vec<u8>,
         now: Duration,
         acts: &mut Vec<PresenceAction>,
     ) {
@@ -607,7 +1004,9 @@ impl TopicPresence {
         if p.from != from || p.next_page != page {
             return;
         }
-        if p.version.is_some_and(|pv| pv != version) {
+        if p.version.as_ref().is_some_and(|(pv, cd, sig)| {
+            *pv != version || *cd != changes_digest || *sig != signature
+        }) {
             // The view changed between pages: start over.
             p.version = None;
             p.next_page = 0;
@@ -623,7 +1022,7 @@ impl TopicPresence {
             });
             return;
         }
-        p.version = Some(version);
+        p.version = Some((version, changes_digest, signature));
         if p.acc.len() + members.len() > MAX_MEMBERS_PER_TOPIC {
             v.pull = None;
             self.dropped += 1;
@@ -644,15 +1043,43 @@ impl TopicPresence {
             return;
         }
         let acc = std::mem::take(&mut p.acc);
+        let sealed = p.version.take();
         v.pull = None;
         let behind = v.announced > version;
-        if version > v.version {
-            self.replace(home, version, acc, acts);
+        let mut forged = false;
+        if version > v.version
+            && let Some((_, changes, signature)) = sealed
+        {
+            // Whoever served the pages, only the home can have sealed
+            // them: the list is checked against its signature before it
+            // replaces anything.
+            let set: BTreeSet<PeerId> = acc.into_iter().collect();
+            let seal = Seal {
+                members: members_digest(&set),
+                changes,
+                signature,
+            };
+            let signed = state_bytes(
+                &topic,
+                &home,
+                version.0,
+                version.1,
+                &seal.members,
+                &seal.changes,
+            );
+            if signed_by(&home, &signed, &seal.signature) {
+                self.replace(home, version, set, seal, acts);
+            } else {
+                self.forged += 1;
+                forged = true;
+            }
         }
         self.serve_waiters(home, acts);
-        if behind {
+        if behind || forged {
             // The neighbour was behind the version announced: ask again
-            // after a retry period (its view will have caught up).
+            // after a retry period (its view will have caught up). After
+            // a forged snapshot, the same: the retry goes to the
+            // neighbour the home is heard through then.
             if let Some(v) = self.homes.get_mut(&home) {
                 v.pull = Some(Pull {
                     from,

@@ -543,6 +543,7 @@ impl Topics {
         // one's presence versions started over.
         let incarnation = crate::dht::unix_ms();
         let home = home_of(me, &relay);
+        let overlay = Overlay::new(core.keypair.clone(), incarnation, config);
         Arc::new(Topics {
             core,
             peers,
@@ -550,7 +551,7 @@ impl Topics {
             relay,
             epoch: Instant::now(),
             state: Mutex::new(State {
-                overlay: Overlay::new(me, incarnation, config),
+                overlay,
                 mine: HashMap::new(),
                 served: HashMap::new(),
                 links: HashMap::new(),

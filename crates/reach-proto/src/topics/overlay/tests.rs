@@ -7,6 +7,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use super::*;
+use crate::topics::presence::{beat_bytes, changes_digest, members_digest, state_bytes};
 use crate::topics::{GAP_GIVE_UP, HEARTBEAT, HOME_STALE};
 
 const MS: fn(u64) -> Duration = Duration::from_millis;
@@ -19,6 +20,61 @@ fn key(i: u64) -> Keypair {
     let mut seed = [0u8; 32];
     seed[..8].copy_from_slice(&(i + 1).to_le_bytes());
     Keypair::from_secret_bytes(seed)
+}
+
+/// `signer`'s heartbeat on [`topic`], signed by `signer`.
+fn beat_of(signer: &Keypair, incarnation: u64, version: u64, beat: u64) -> TopicFrame {
+    let home = signer.peer_id();
+    let signature = signer
+        .sign(&beat_bytes(&topic(), &home, incarnation, version, beat))
+        .to_vec();
+    TopicFrame::Heartbeat {
+        topic: topic(),
+        home,
+        incarnation,
+        version,
+        beat,
+        signature,
+    }
+}
+
+/// `signer`'s signature of its members `after` at `version`, reached by
+/// `changes`: (members digest, changes digest, signature).
+fn seal_of(
+    signer: &Keypair,
+    incarnation: u64,
+    version: u64,
+    after: &[PeerId],
+    changes: &[(PeerId, bool)],
+) -> ([u8; 32], [u8; 32], Vec<u8>) {
+    let set: BTreeSet<PeerId> = after.iter().copied().collect();
+    let (md, cd) = (members_digest(&set), changes_digest(changes));
+    let sig = signer.sign(&state_bytes(
+        &topic(),
+        &signer.peer_id(),
+        incarnation,
+        version,
+        &md,
+        &cd,
+    ));
+    (md, cd, sig.to_vec())
+}
+
+/// A one-page snapshot of `signer`'s `members` at `version` (reached by a
+/// delta of no changes), as `signer` sealed it.
+fn page_of(signer: &Keypair, incarnation: u64, version: u64, members: &[PeerId]) -> TopicFrame {
+    let (_, changes_digest, signature) = seal_of(signer, incarnation, version, members, &[]);
+    TopicFrame::SnapshotPage {
+        topic: topic(),
+        home: signer.peer_id(),
+        incarnation,
+        version,
+        page: 0,
+        last: true,
+        members: members.to_vec(),
+        changes_digest,
+        signature,
+    }
 }
 
 enum Ev {
@@ -64,14 +120,15 @@ struct Net {
 
 impl Net {
     fn new(n: usize, edges: &[(usize, usize, u64)], loss: f64, seed: u64) -> Net {
-        let ids: Vec<PeerId> = (0..n).map(|i| key(1000 + i as u64).peer_id()).collect();
+        let keys: Vec<Keypair> = (0..n).map(|i| key(1000 + i as u64)).collect();
+        let ids: Vec<PeerId> = keys.iter().map(Keypair::peer_id).collect();
         let mut net = Net {
             now: Duration::ZERO,
             seq: 0,
             q: BTreeMap::new(),
-            nodes: ids
-                .iter()
-                .map(|id| Overlay::new(*id, 1, OverlayConfig::default()))
+            nodes: keys
+                .into_iter()
+                .map(|k| Overlay::new(k, 1, OverlayConfig::default()))
                 .collect(),
             index: ids.iter().enumerate().map(|(i, p)| (*p, i)).collect(),
             ids,
@@ -403,7 +460,7 @@ fn a_publisher_refused_for_rate_is_told_when_it_would_be_taken_again() {
         publisher_rate: 1,
         ..Default::default()
     };
-    let mut slow = Overlay::new(key(1).peer_id(), 1, config);
+    let mut slow = Overlay::new(key(1), 1, config);
     slow.subscribe(t, now).unwrap();
     while slow.publish(t, b"x".to_vec(), &member, now).is_ok() {}
     assert_eq!(
@@ -847,9 +904,9 @@ fn a_first_copy_over_a_link_pruned_for_its_origin_makes_it_a_tree_link_again() {
 #[test]
 fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
     let t = topic();
-    let me = key(1).peer_id();
-    let (a, b, home) = (key(2).peer_id(), key(3).peer_id(), key(4).peer_id());
-    let mut o = Overlay::new(me, 1, OverlayConfig::default());
+    let (a, b, home_key) = (key(2).peer_id(), key(3).peer_id(), key(4));
+    let home = home_key.peer_id();
+    let mut o = Overlay::new(key(1), 1, OverlayConfig::default());
     o.subscribe(t, Duration::ZERO).unwrap();
     o.link_up(a, &[t]).unwrap();
     o.link_up(b, &[t]).unwrap();
@@ -864,13 +921,7 @@ fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
             })
             .collect()
     };
-    let beat = |n: u64| TopicFrame::Heartbeat {
-        topic: t,
-        home,
-        incarnation: 1,
-        version: 3,
-        beat: n,
-    };
+    let beat = |n: u64| beat_of(&home_key, 1, 3, n);
     // Home `home` is at version 3, heard through `a`: pull from `a`.
     let t0 = MS(100);
     o.handle_frame(a, beat(1), t0);
@@ -884,15 +935,7 @@ fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
     // `b` answers: the view is complete.
     o.handle_frame(
         b,
-        TopicFrame::SnapshotPage {
-            topic: t,
-            home,
-            incarnation: 1,
-            version: 3,
-            page: 0,
-            last: true,
-            members: vec![key(5).peer_id(), key(6).peer_id()],
-        },
+        page_of(&home_key, 1, 3, &[key(5).peer_id(), key(6).peer_id()]),
         t0 + MS(1_100),
     );
     assert_eq!(o.presence_view(&t, &home), Some((1, 3, 2)));
@@ -902,9 +945,9 @@ fn a_snapshot_pull_moves_to_the_neighbour_the_home_is_now_heard_through() {
 #[test]
 fn a_home_behind_answers_a_snapshot_request_once_it_has_caught_up() {
     let t = topic();
-    let me = key(1).peer_id();
-    let (up, down, home) = (key(2).peer_id(), key(3).peer_id(), key(4).peer_id());
-    let mut o = Overlay::new(me, 1, OverlayConfig::default());
+    let (up, down, home_key) = (key(2).peer_id(), key(3).peer_id(), key(4));
+    let home = home_key.peer_id();
+    let mut o = Overlay::new(key(1), 1, OverlayConfig::default());
     o.subscribe(t, Duration::ZERO).unwrap();
     o.link_up(up, &[t]).unwrap();
     o.link_up(down, &[t]).unwrap();
@@ -923,17 +966,7 @@ fn a_home_behind_answers_a_snapshot_request_once_it_has_caught_up() {
             .collect()
     };
     // A heartbeat says `home` is at version 2; we have nothing: pulling.
-    o.handle_frame(
-        up,
-        TopicFrame::Heartbeat {
-            topic: t,
-            home,
-            incarnation: 1,
-            version: 2,
-            beat: 1,
-        },
-        MS(10),
-    );
+    o.handle_frame(up, beat_of(&home_key, 1, 2, 1), MS(10));
     // `down` asks us meanwhile: no stale answer.
     o.handle_frame(
         down,
@@ -946,26 +979,14 @@ fn a_home_behind_answers_a_snapshot_request_once_it_has_caught_up() {
     );
     assert_eq!(pages(&mut o), vec![]);
     // Our pull completes: `down` gets the fresh page at once.
-    o.handle_frame(
-        up,
-        TopicFrame::SnapshotPage {
-            topic: t,
-            home,
-            incarnation: 1,
-            version: 2,
-            page: 0,
-            last: true,
-            members: vec![key(5).peer_id()],
-        },
-        MS(30),
-    );
+    o.handle_frame(up, page_of(&home_key, 1, 2, &[key(5).peer_id()]), MS(30));
     assert_eq!(pages(&mut o), vec![(down, 2, 1)]);
 }
 
 #[test]
 fn limits_on_topics_links_are_typed_and_a_flooded_topic_leaves_others_alone() {
     let me = key(1);
-    let mut o = Overlay::new(me.peer_id(), 1, OverlayConfig::default());
+    let mut o = Overlay::new(me.clone(), 1, OverlayConfig::default());
     let now = Duration::ZERO;
     let topics: Vec<TopicId> = (0..crate::topics::MAX_TOPICS_PER_NODE)
         .map(|i| TopicId::from_name(&format!("t{i}")).unwrap())
@@ -1007,7 +1028,7 @@ fn the_sender_of_seq_n_is_asked_only_for_seqs_below_n() {
     let t = topic();
     let (p, q) = (key(2).peer_id(), key(3).peer_id());
     let origin = key(9);
-    let mut o = Overlay::new(key(1).peer_id(), 1, OverlayConfig::default());
+    let mut o = Overlay::new(key(1), 1, OverlayConfig::default());
     o.subscribe(t, Duration::ZERO).unwrap();
     o.link_up(p, &[t]).unwrap();
     o.link_up(q, &[t]).unwrap();
@@ -1074,3 +1095,280 @@ fn a_home_cut_off_for_longer_than_its_buffer_catches_up_in_order() {
 }
 
 const MAX_AHEAD_PER_ORIGIN_FOR_TEST: u64 = crate::topics::MAX_AHEAD_PER_ORIGIN;
+
+/// Sends of presence frames naming `home` in `node`'s output (drained).
+fn presence_sends_about(o: &mut Overlay, home: PeerId) -> usize {
+    std::iter::from_fn(|| o.poll_output())
+        .filter(|out| {
+            matches!(out, OverlayOutput::Send { frame: TopicFrame::PresenceDelta { home: h, .. }
+                | TopicFrame::Heartbeat { home: h, .. }, .. } if *h == home)
+        })
+        .count()
+}
+
+/// A line 0 – 1 – 2 where home 1 turns hostile: it sends home 2 deltas and
+/// heartbeats in home 0's name (signed with its own key, or home 0's
+/// signature on other changes). Home 2 refuses and counts each, changes
+/// no view, passes none on; home 0's own changes still arrive.
+#[test]
+fn forged_deltas_and_heartbeats_in_another_homes_name_change_no_view_and_are_counted() {
+    let mut net = Net::new(3, &[(0, 1, 10), (1, 2, 10)], 0.0, 1);
+    let t = topic();
+    let (h0, h1) = (key(1000), key(1001));
+    let member = key(900).peer_id();
+    net.nodes[0]
+        .member_joined(t, member, Duration::ZERO)
+        .unwrap();
+    net.flush(0);
+    net.run_until(HEARTBEAT * 2);
+    let view = net.nodes[2].presence_view(&t, &net.ids[0]);
+    assert_eq!(view, Some((1, 1, 1)));
+    assert_eq!(net.nodes[2].members(&t), [(member, net.ids[0])]);
+    let ghost = key(901).peer_id();
+    let (from, home) = (net.ids[1], net.ids[0]);
+    let delta = |changes: Vec<(PeerId, bool)>, seal: ([u8; 32], [u8; 32], Vec<u8>)| {
+        TopicFrame::PresenceDelta {
+            topic: t,
+            home,
+            incarnation: 1,
+            version: 2,
+            changes,
+            members_digest: None,
+            signature: seal.2,
+        }
+    };
+    let forgeries = [
+        // A join and a leave, signed by home 1 in home 0's name.
+        delta(
+            vec![(ghost, true)],
+            seal_of(&h1, 1, 2, &[member, ghost], &[(ghost, true)]),
+        ),
+        delta(
+            vec![(member, false)],
+            seal_of(&h1, 1, 2, &[], &[(member, false)]),
+        ),
+        // Home 0's real signature of a join, with the changes swapped.
+        delta(
+            vec![(member, false)],
+            seal_of(&h0, 1, 2, &[member, ghost], &[(ghost, true)]),
+        ),
+        // A big delta (carrying the list's digest, checked even by a home
+        // that cannot apply it), versions ahead, signed by home 1.
+        {
+            let changes: Vec<(PeerId, bool)> =
+                (0..40).map(|i| (key(3_000 + i).peer_id(), true)).collect();
+            let (md, _, signature) = seal_of(&h1, 1, 7, &[member], &changes);
+            TopicFrame::PresenceDelta {
+                topic: t,
+                home,
+                incarnation: 1,
+                version: 7,
+                changes,
+                members_digest: Some(md),
+                signature,
+            }
+        },
+        // A higher incarnation and beat (would hide home 0's heartbeats)
+        // and version (would set every home pulling), signed by home 1.
+        {
+            let mut f = beat_of(&h1, 7, 9, 1_000);
+            if let TopicFrame::Heartbeat { home: h, .. } = &mut f {
+                *h = home;
+            }
+            f
+        },
+        // Home 0's real heartbeat, its version raised on the way.
+        {
+            let mut f = beat_of(&h0, 1, 1, 1_000);
+            if let TopicFrame::Heartbeat { version, .. } = &mut f {
+                *version = 5;
+            }
+            f
+        },
+    ];
+    let n = forgeries.len() as u64;
+    for f in forgeries {
+        net.nodes[2].handle_frame(from, f, net.now);
+        assert_eq!(presence_sends_about(&mut net.nodes[2], home), 0);
+    }
+    assert_eq!(net.nodes[2].stats().bad_presence, n);
+    assert_eq!(net.nodes[2].presence_view(&t, &home), view);
+    assert_eq!(net.nodes[2].members(&t), [(member, home)]);
+    // The forged beat 1,000 of incarnation 7 hid nothing: home 0 is still
+    // heard, and its own next change arrives.
+    net.run_until(net.now + HOME_STALE * 2);
+    assert_eq!(net.nodes[2].members(&t), [(member, home)]);
+    net.nodes[0].member_joined(t, ghost, net.now).unwrap();
+    net.flush(0);
+    net.run_until(net.now + MS(1_000));
+    assert_eq!(net.nodes[2].members(&t).len(), 2);
+    assert_eq!(net.nodes[2].stats().bad_presence, n);
+    assert_eq!(net.nodes[1].stats().bad_presence, 0);
+}
+
+/// Home 0 falls silent; home 1 keeps sending home 2 heartbeats in its
+/// name. They are refused: home 0's members are dropped at HOME_STALE.
+#[test]
+fn forged_heartbeats_do_not_keep_a_dead_home_alive() {
+    let mut net = Net::new(3, &[(0, 1, 10), (1, 2, 10)], 0.0, 1);
+    let t = topic();
+    let h1 = key(1001);
+    let member = key(900).peer_id();
+    net.nodes[0]
+        .member_joined(t, member, Duration::ZERO)
+        .unwrap();
+    net.flush(0);
+    net.run_until(HEARTBEAT * 2);
+    assert_eq!(net.nodes[2].members(&t).len(), 1);
+    // Home 0's link dies silently.
+    net.links.remove(&(0, 1));
+    net.links.remove(&(1, 0));
+    let cut = net.now;
+    let mut sent = 0;
+    for beat in 100..112 {
+        net.run_until(net.now + MS(2_000));
+        let mut f = beat_of(&h1, 1, 1, beat);
+        if let TopicFrame::Heartbeat { home, .. } = &mut f {
+            *home = net.ids[0];
+        }
+        net.nodes[2].handle_frame(net.ids[1], f, net.now);
+        net.flush(2);
+        sent += 1;
+    }
+    assert!(net.now > cut + HOME_STALE + HEARTBEAT);
+    assert_eq!(net.nodes[2].members(&t), []);
+    assert_eq!(net.nodes[2].stats().bad_presence, sent);
+}
+
+/// Unsigned heartbeats (the ones between signed ones) cannot be checked:
+/// forged, they keep a dead home listed at most SIGNED_STALE after its
+/// last signed word, and claim no version.
+#[test]
+fn forged_unsigned_heartbeats_keep_a_dead_home_no_longer_than_the_signed_stale_time() {
+    use crate::topics::presence::SIGNED_STALE;
+    let mut net = Net::new(3, &[(0, 1, 10), (1, 2, 10)], 0.0, 1);
+    let t = topic();
+    let member = key(900).peer_id();
+    net.nodes[0]
+        .member_joined(t, member, Duration::ZERO)
+        .unwrap();
+    net.flush(0);
+    net.run_until(HEARTBEAT * 2);
+    let view = net.nodes[2].presence_view(&t, &net.ids[0]);
+    assert_eq!(view, Some((1, 1, 1)));
+    // Home 0 dies silently; home 1 keeps sending unsigned heartbeats in
+    // its name, the first one claiming a higher version.
+    net.links.remove(&(0, 1));
+    net.links.remove(&(1, 0));
+    let cut = net.now;
+    let dead = net.ids[0];
+    let unsigned = |version: u64, beat: u64| TopicFrame::Heartbeat {
+        topic: t,
+        home: dead,
+        incarnation: 1,
+        version,
+        beat,
+        signature: Vec::new(),
+    };
+    let claim = unsigned(9, 50);
+    net.nodes[2].handle_frame(net.ids[1], claim, net.now);
+    net.flush(2);
+    net.run_until(net.now + MS(100));
+    assert_eq!(net.nodes[2].presence_view(&t, &net.ids[0]), view);
+    let mut beat = 3;
+    let mut gone_at = None;
+    while net.now < cut + SIGNED_STALE + HEARTBEAT * 2 {
+        net.run_until(net.now + MS(2_000));
+        beat += 1;
+        let f = unsigned(1, beat);
+        net.nodes[2].handle_frame(net.ids[1], f, net.now);
+        net.flush(2);
+        if gone_at.is_none() && net.nodes[2].members(&t).is_empty() {
+            gone_at = Some(net.now);
+        }
+    }
+    let gone_at = gone_at.expect("the dead home's member was dropped");
+    assert!(gone_at <= cut + SIGNED_STALE + MS(2_000), "{gone_at:?}");
+    assert_eq!(net.nodes[2].members(&t), []);
+}
+
+/// A snapshot is served by a neighbour, not by its home: pages whose list
+/// is not the one the home sealed (a member added, or one left out) are
+/// refused and counted, and the next try, answered honestly, is taken.
+#[test]
+fn a_forged_snapshot_is_refused_and_an_honest_one_from_a_neighbour_taken() {
+    let t = topic();
+    let (a, home_key) = (key(2).peer_id(), key(4));
+    let home = home_key.peer_id();
+    let mut o = Overlay::new(key(1), 1, OverlayConfig::default());
+    o.subscribe(t, Duration::ZERO).unwrap();
+    o.link_up(a, &[t]).unwrap();
+    let (m1, m2, ghost) = (key(5).peer_id(), key(6).peer_id(), key(7).peer_id());
+    let honest = page_of(&home_key, 1, 3, &[m1, m2]);
+    let with = |members: Vec<PeerId>| {
+        let mut f = honest.clone();
+        if let TopicFrame::SnapshotPage { members: m, .. } = &mut f {
+            *m = members;
+        }
+        f
+    };
+    // Home `home` is at version 3: we pull from `a`.
+    o.handle_frame(a, beat_of(&home_key, 1, 3, 1), MS(100));
+    while o.poll_output().is_some() {}
+    let mut at = MS(110);
+    for forged in [with(vec![m1, m2, ghost]), with(vec![m1])] {
+        o.handle_frame(a, forged, at);
+        assert_eq!(o.presence_view(&t, &home), Some((0, 0, 0)));
+        assert_eq!(o.members(&t), []);
+        // Asked again a retry period later.
+        at += crate::topics::SNAPSHOT_RETRY;
+        o.handle_timeout(at);
+        let asked = std::iter::from_fn(|| o.poll_output()).any(|out| {
+            matches!(out, OverlayOutput::Send { to, frame: TopicFrame::SnapshotRequest { .. } } if to == a)
+        });
+        assert!(asked, "pulls again after a forged snapshot");
+    }
+    assert_eq!(o.stats().bad_presence, 2);
+    // The retry is answered honestly (a serves home's sealed list).
+    o.handle_frame(a, honest, at + MS(10));
+    assert_eq!(o.presence_view(&t, &home), Some((1, 3, 2)));
+    assert_eq!(o.members(&t).len(), 2);
+    assert_eq!(o.stats().bad_presence, 2);
+}
+
+/// A home that links later, to a neighbour of the home only, gets the
+/// home's list from the neighbour, checked against the home's seal.
+#[test]
+fn a_snapshot_served_by_a_neighbour_verifies_and_converges() {
+    let mut net = Net::new(3, &[(0, 1, 10)], 0.0, 1);
+    let t = topic();
+    let many = crate::topics::MAX_PRESENCE_PAGE + 10;
+    for m in 0..many {
+        net.nodes[0]
+            .member_joined(t, key(10_000 + m as u64).peer_id(), Duration::ZERO)
+            .unwrap();
+    }
+    net.flush(0);
+    net.run_until(MS(10_000));
+    // A join and a leave after the first version, so the neighbour's
+    // view was built by deltas on top of the snapshot.
+    net.nodes[0]
+        .member_left(t, key(10_000).peer_id(), net.now)
+        .unwrap();
+    net.nodes[0]
+        .member_joined(t, key(20_000).peer_id(), net.now)
+        .unwrap();
+    net.flush(0);
+    net.run_until(net.now + MS(2_000));
+    assert_eq!(net.nodes[1].members(&t).len(), many);
+    net.connect(1, 2, MS(10));
+    net.run_until(net.now + HEARTBEAT + MS(1_000));
+    assert_eq!(net.nodes[2].members(&t).len(), many);
+    assert_eq!(
+        net.nodes[2].presence_view(&t, &net.ids[0]),
+        net.nodes[0].presence_view(&t, &net.ids[0])
+    );
+    for n in &net.nodes {
+        assert_eq!(n.stats().bad_presence, 0);
+    }
+}
