@@ -5,6 +5,7 @@ pub mod flood;
 pub mod outbox;
 pub mod relay;
 pub mod topics;
+pub mod topics_forward;
 
 pub use connect::connect;
 pub use flood::flood;
