@@ -304,7 +304,8 @@ pub enum BenchCommand {
     /// flooded at over 10× its rate limit (target within +10%). Exits
     /// non-zero while a target is missed.
     Topics {
-        /// Messages each of the 8 publishers sends in the forwarding run.
+        /// Messages each of the 8 publishers sends in the end-to-end
+        /// forwarding run (each of the saturation run's sends 10× this).
         #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
         messages: u64,
         /// Messages timed one at a time in the hop and flood runs.

@@ -6,6 +6,7 @@ pub mod outbox;
 pub mod relay;
 pub mod topics;
 pub mod topics_flood;
+pub mod topics_forward;
 
 pub use connect::connect;
 pub use flood::flood;

@@ -28,7 +28,6 @@
 //!
 //! The hop run keeps all nodes in this process.
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,7 +35,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
-use reach::topics::{PUBLISH_WINDOW, Subscription, TopicEvent};
+use reach::topics::{Subscription, TopicEvent};
 use reach::{Node, PeerId, RelayMode, TopicLimits};
 use serde::Serialize;
 
@@ -48,21 +47,25 @@ const TARGET_HOP_P99_MS: f64 = 1.0;
 /// Target of the issue: a flooded topic leaves another's p99 within this.
 const TARGET_FLOOD_P99_RATIO: f64 = 1.10;
 /// Members publishing at once in the forwarding run.
-const PUBLISHERS: usize = 8;
+pub(super) const PUBLISHERS: usize = 8;
+/// The saturation run's publishers each send this many times the
+/// `--messages` of the end-to-end run's: the home takes them several times
+/// faster, and a run of seconds keeps CPU ticks (10 ms) under 1% of it.
+const SATURATION_SCALE: u64 = 10;
 /// Payload of every message (the issue's 100 bytes).
-const PAYLOAD: usize = 100;
+pub(super) const PAYLOAD: usize = 100;
+/// How long a new member may take to hold the home as its relay: on
+/// loopback it takes milliseconds; one that has none by then never tried
+/// the home (see [`member_at`]).
+const MEMBER_WAIT: Duration = Duration::from_secs(5);
+/// Fresh nodes tried for one member of a home process.
+const MEMBER_ATTEMPTS: usize = 5;
 /// Members made at most to get two on one home and one on the other.
 const HOP_MAX_MEMBERS: usize = 24;
 /// Messages before the hop measurement starts (tree formation).
 const HOP_WARMUP: u32 = 20;
 /// Bound on every wait (setup, delivery).
-const DEADLINE: Duration = Duration::from_secs(60);
-/// How long a new member of the forwarding run may take to hold the home
-/// as its relay: on loopback it takes milliseconds; one that has none by
-/// then never tried the home (see [`member_of_process`]).
-const MEMBER_WAIT: Duration = Duration::from_secs(5);
-/// Fresh nodes tried for one member of the forwarding run.
-const MEMBER_ATTEMPTS: usize = 5;
+pub(super) const DEADLINE: Duration = Duration::from_secs(60);
 
 /// What `reach bench topics --json` prints.
 #[derive(Debug, Serialize)]
@@ -89,6 +92,32 @@ pub struct TopicsBenchReport {
     /// of every message it receives) spent in the forwarding run.
     pub forward_members_cpu_s: f64,
     pub forward_members_cpu_ms_per_message: f64,
+    /// The saturation run (see `topics_forward`): the home's capacity with
+    /// a load generator speaking the member protocol (pre-signed
+    /// publishes, no signature checks on receipt), the home the bottleneck.
+    pub capacity_publishers: usize,
+    pub capacity_subscribers: usize,
+    /// Copies the home sends of each message: one per member (the
+    /// publishers are members too).
+    pub capacity_copies_per_message: usize,
+    /// Distinct messages the home took.
+    pub capacity_messages: u64,
+    pub capacity_s: f64,
+    /// Distinct messages taken per second (wall clock).
+    pub capacity_msgs_per_s: f64,
+    /// Copies delivered per second (wall clock; as NATS' bench counts
+    /// subscriber msgs/s).
+    pub capacity_copies_per_s: f64,
+    pub capacity_home_cpu_s: f64,
+    /// Cores the home used on average: near 1.0, it was saturated.
+    pub capacity_home_cores: f64,
+    pub capacity_home_msgs_per_cpu_s: f64,
+    pub capacity_home_copies_per_cpu_s: f64,
+    /// Cores the load generator (this process) used meanwhile.
+    pub capacity_loadgen_cores: f64,
+    /// Every member got every message once, in order per publisher, and
+    /// every publish was answered as taken.
+    pub capacity_in_order_once: bool,
     pub hop_messages: u32,
     pub hop_one_home_p50_ms: f64,
     pub hop_one_home_p99_ms: f64,
@@ -116,7 +145,7 @@ pub struct TopicsBenchReport {
     pub targets_met: bool,
 }
 
-fn loopback() -> SocketAddr {
+pub(super) fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))
 }
 
@@ -179,7 +208,7 @@ pub(crate) async fn next_message(sub: &mut Subscription) -> Result<(PeerId, u64)
 /// User plus system CPU seconds of process `pid` (`"self"` for this
 /// one) from Linux `/proc/<pid>/stat`, in clock ticks of 1/100 s; an error
 /// where that cannot be read (the figure would be made up otherwise).
-fn cpu_s(pid: &str) -> Result<f64> {
+pub(super) fn cpu_s(pid: &str) -> Result<f64> {
     const TICKS_PER_S: f64 = 100.0;
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
@@ -200,8 +229,8 @@ fn cpu_s(pid: &str) -> Result<f64> {
 pub(crate) struct HomeProcess {
     child: Child,
     dir: PathBuf,
-    peer: PeerId,
-    addr: SocketAddr,
+    pub(super) peer: PeerId,
+    pub(super) addr: SocketAddr,
 }
 
 impl Drop for HomeProcess {
@@ -291,11 +320,6 @@ pub(crate) fn pinned_reach(cpus: Option<&str>) -> Result<Command> {
     })
 }
 
-/// A node whose home is the `home` process (the only relay it knows).
-async fn member_of_process(home: &HomeProcess) -> Result<Node> {
-    member_at(home.addr, home.peer).await
-}
-
 /// A node whose home is the node `home` at `addr` (the only relay it knows).
 ///
 /// A node tries as relays the few DHT contacts closest to its key
@@ -335,7 +359,8 @@ pub(crate) fn percentile(v: &mut [f64], p: f64) -> f64 {
 }
 
 pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<TopicsBenchReport> {
-    let fwd = forward(forward_messages).await?;
+    let cap = super::topics_forward::saturate(forward_messages * SATURATION_SCALE).await?;
+    let fwd = super::topics_forward::forward(forward_messages).await?;
     let forwarded = forward_messages * PUBLISHERS as u64;
     let hop = hop(latency_messages).await?;
     let flood = super::topics_flood::flood(latency_messages).await?;
@@ -351,7 +376,11 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
     } else {
         0.0
     };
-    let targets_met = capacity >= TARGET_FORWARD_MSGS_PER_S
+    let cap_s = cap.s.max(1e-3);
+    let cap_cpu = cap.home_cpu_s.max(0.01);
+    let copies = cap.messages as f64 * cap.copies_per_message as f64;
+    let cap_msgs_per_s = (cap.messages as f64 / cap_s).round();
+    let targets_met = cap_msgs_per_s >= TARGET_FORWARD_MSGS_PER_S
         && hop.added_p99 <= TARGET_HOP_P99_MS
         && ratio <= TARGET_FLOOD_P99_RATIO;
     Ok(TopicsBenchReport {
@@ -368,6 +397,19 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
         forward_home_msgs_per_cpu_s: capacity,
         forward_members_cpu_s: (fwd.members_cpu_s * 100.0).round() / 100.0,
         forward_members_cpu_ms_per_message: per_msg_ms(fwd.members_cpu_s),
+        capacity_publishers: super::topics_forward::SAT_PUBLISHERS,
+        capacity_subscribers: super::topics_forward::SAT_SUBSCRIBERS,
+        capacity_copies_per_message: cap.copies_per_message,
+        capacity_messages: cap.messages,
+        capacity_s: (cap.s * 1000.0).round() / 1000.0,
+        capacity_msgs_per_s: cap_msgs_per_s,
+        capacity_copies_per_s: (copies / cap_s).round(),
+        capacity_home_cpu_s: (cap.home_cpu_s * 100.0).round() / 100.0,
+        capacity_home_cores: ((cap.home_cpu_s / cap_s) * 100.0).round() / 100.0,
+        capacity_home_msgs_per_cpu_s: (cap.messages as f64 / cap_cpu).round(),
+        capacity_home_copies_per_cpu_s: (copies / cap_cpu).round(),
+        capacity_loadgen_cores: ((cap.loadgen_cpu_s / cap_s) * 100.0).round() / 100.0,
+        capacity_in_order_once: cap.in_order_once,
         hop_messages: latency_messages,
         hop_one_home_p50_ms: hop.one_p50,
         hop_two_homes_p50_ms: hop.two_p50,
@@ -387,94 +429,6 @@ pub async fn topics(forward_messages: u64, latency_messages: u32) -> Result<Topi
         flood_home_cores_flooded: flood.home_cores_flooded,
         flood_limit_per_s: TopicLimits::default().topic_rate,
         targets_met,
-    })
-}
-
-/// What the forwarding run measured.
-struct Forward {
-    /// Messages the subscriber received per second.
-    msgs_per_s: f64,
-    /// Seconds from the first publish to the last message received.
-    s: f64,
-    /// Every message arrived once and in order per publisher.
-    in_order: bool,
-    /// CPU seconds of the home's process meanwhile.
-    home_cpu_s: f64,
-    /// CPU seconds of this process (the members) meanwhile.
-    members_cpu_s: f64,
-}
-
-/// One home (its own process), [`PUBLISHERS`] members publishing
-/// `per_publisher` messages each, one subscriber.
-async fn forward(per_publisher: u64) -> Result<Forward> {
-    const TOPIC: &str = "bench-forward";
-    // Limits out of the way: what the home costs is measured, not them.
-    let home = HomeProcess::start(Some(u64::MAX / 4), None)?;
-    let s = member_of_process(&home).await?;
-    let mut sub = s.subscribe_topic(TOPIC)?;
-    let mut pubs = Vec::new();
-    let mut subs = Vec::new();
-    for _ in 0..PUBLISHERS {
-        let p = member_of_process(&home).await?;
-        subs.push(p.subscribe_topic(TOPIC)?);
-        pubs.push(p);
-    }
-    members_seen(&s, TOPIC, PUBLISHERS + 1).await?;
-    for n in pubs.iter().chain([&s]) {
-        ensure!(
-            n.topics_status()
-                .subscribed
-                .iter()
-                .all(|t| t.home == Some(home.peer)),
-            "a member's home is not the measured one"
-        );
-    }
-    let total = per_publisher * PUBLISHERS as u64;
-    let started = Instant::now();
-    let home_before = home.cpu_s()?;
-    let members_before = cpu_s("self")?;
-    let mut tasks = tokio::task::JoinSet::new();
-    for p in &pubs {
-        let p = p.clone();
-        let measured = home.peer;
-        tasks.spawn(async move {
-            use futures::StreamExt;
-            let data = vec![7u8; PAYLOAD];
-            // As many publishes at once as a member keeps in flight.
-            let mut calls = futures::stream::iter(0..per_publisher)
-                .map(|_| p.publish(TOPIC, data.clone()))
-                .buffer_unordered(PUBLISH_WINDOW);
-            while let Some(r) = calls.next().await {
-                ensure!(r?.home == measured, "a message was taken by another home");
-            }
-            anyhow::Ok(())
-        });
-    }
-    let mut last: BTreeMap<PeerId, u64> = BTreeMap::new();
-    let mut in_order = true;
-    for _ in 0..total {
-        let (from, id) = next_message(&mut sub).await?;
-        let prev = last.insert(from, id).unwrap_or(0);
-        in_order &= id == prev + 1;
-    }
-    let took = started.elapsed().as_secs_f64();
-    let home_cpu_s = home.cpu_s()? - home_before;
-    let members_cpu_s = cpu_s("self")? - members_before;
-    while let Some(r) = tasks.join_next().await {
-        r.context("a publisher task")??;
-    }
-    in_order &= last.len() == PUBLISHERS && last.values().all(|n| *n == per_publisher);
-    drop(subs);
-    for n in pubs.into_iter().chain([s]) {
-        n.shutdown().await;
-    }
-    drop(home);
-    Ok(Forward {
-        msgs_per_s: total as f64 / took,
-        s: (took * 1000.0).round() / 1000.0,
-        in_order,
-        home_cpu_s,
-        members_cpu_s,
     })
 }
 

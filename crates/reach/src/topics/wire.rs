@@ -100,16 +100,26 @@ pub enum MemberFrame {
     },
 }
 
-/// Encodes `value` as one length-prefixed frame.
+/// Bytes reserved up front for a frame: a 100-byte message's delivery
+/// (about 200 bytes) in one allocation, no copy or regrowth.
+const ENCODE_CAPACITY: usize = 256;
+
+/// Encodes `value` as one length-prefixed frame: the body serialized
+/// straight behind room for its header (one buffer, no copy of the body).
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, WireError> {
-    let body = postcard::to_allocvec(value).map_err(|e| WireError::Malformed(e.to_string()))?;
-    if body.len() > MAX_STREAM_FRAME {
+    let mut out = Vec::with_capacity(ENCODE_CAPACITY);
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    let mut out =
+        postcard::to_extend(value, out).map_err(|e| WireError::Malformed(e.to_string()))?;
+    let len = out.len() - FRAME_HEADER_LEN;
+    if len > MAX_STREAM_FRAME {
         return Err(WireError::TooLarge {
-            len: body.len(),
+            len,
             max: MAX_STREAM_FRAME,
         });
     }
-    frame::encode(&body)
+    out[..FRAME_HEADER_LEN].copy_from_slice(&frame::header(len)?);
+    Ok(out)
 }
 
 /// Reads one frame (at most [`MAX_STREAM_FRAME`] bytes, checked before the
@@ -236,7 +246,7 @@ impl FrameReader {
 /// message cost the home); on a member stream the origin must be the
 /// stream's peer, whose key the connection already authenticated, so the
 /// home compares bytes instead ([`HomePublish::into_message`]).
-#[derive(Debug, Deserialize)]
+#[derive(Debug)]
 pub struct HomePublish {
     topic: TopicId,
     origin: [u8; 32],
@@ -249,16 +259,106 @@ pub struct HomePublish {
 /// test checks it against the enum).
 const PUBLISH_VARIANT: u8 = 3;
 
+/// Postcard's index of [`MemberFrame::Deliver`] (checked by a test).
+const DELIVER_VARIANT: u8 = 6;
+
+/// Longest postcard varint of a `u64`: 10 bytes of 7 bits.
+const MAX_VARINT: usize = 10;
+
+/// Appends `v` as a postcard varint (LEB128).
+fn put_varint(out: &mut Vec<u8>, mut v: u64) {
+    while v >= 0x80 {
+        out.push((v as u8) | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+/// Takes a postcard varint off the front of `b`.
+fn take_varint(b: &mut &[u8]) -> Result<u64, WireError> {
+    let mut v = 0u64;
+    for i in 0..MAX_VARINT {
+        let Some((&x, rest)) = b.split_first() else {
+            return Err(WireError::Malformed("a truncated varint".into()));
+        };
+        *b = rest;
+        v |= u64::from(x & 0x7f) << (7 * i);
+        if x & 0x80 == 0 {
+            return Ok(v);
+        }
+    }
+    Err(WireError::Malformed("a varint over 64 bits".into()))
+}
+
+/// Takes `n` bytes off the front of `b`.
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], WireError> {
+    if b.len() < n {
+        return Err(WireError::Truncated {
+            needed: n,
+            had: b.len(),
+        });
+    }
+    let (head, rest) = b.split_at(n);
+    *b = rest;
+    Ok(head)
+}
+
+/// A length-prefixed byte string (postcard's `Vec<u8>`) off `b`.
+fn take_bytes<'a>(b: &mut &'a [u8]) -> Result<&'a [u8], WireError> {
+    let n = take_varint(b)?;
+    take(b, usize::try_from(n).unwrap_or(usize::MAX))
+}
+
+/// `msg` as a [`MemberFrame::Deliver`] frame, the bytes [`encode`] makes,
+/// written by hand: postcard writes a `Vec<u8>` a byte at a time, and a
+/// home encodes one of these per message it forwards.
+pub fn encode_deliver(msg: &TopicMessage) -> Result<Bytes, WireError> {
+    let len = 1 + 64 + 3 * MAX_VARINT + msg.data.len() + msg.signature.len();
+    let mut out = Vec::with_capacity(FRAME_HEADER_LEN + len);
+    out.extend_from_slice(&[0u8; FRAME_HEADER_LEN]);
+    out.push(DELIVER_VARIANT);
+    out.extend_from_slice(&msg.topic.0);
+    out.extend_from_slice(msg.origin.as_bytes());
+    put_varint(&mut out, msg.seq);
+    put_varint(&mut out, msg.data.len() as u64);
+    out.extend_from_slice(&msg.data);
+    put_varint(&mut out, msg.signature.len() as u64);
+    out.extend_from_slice(&msg.signature);
+    let body = out.len() - FRAME_HEADER_LEN;
+    if body > MAX_STREAM_FRAME {
+        return Err(WireError::TooLarge {
+            len: body,
+            max: MAX_STREAM_FRAME,
+        });
+    }
+    out[..FRAME_HEADER_LEN].copy_from_slice(&frame::header(body)?);
+    Ok(Bytes::from(out))
+}
+
 impl HomePublish {
     /// Decodes a member-stream frame body at the home: `Ok(None)` for a
     /// frame that is not a publish (not for a home to get mid-stream).
+    /// Read by hand (what postcard reads, trailing bytes ignored as it
+    /// does): postcard reads a `Vec<u8>` a byte at a time.
     pub fn decode(body: &[u8]) -> Result<Option<HomePublish>, WireError> {
-        match body.split_first() {
-            Some((&PUBLISH_VARIANT, rest)) => postcard::from_bytes(rest)
-                .map(Some)
-                .map_err(|e| WireError::Malformed(e.to_string())),
-            _ => Ok(None),
-        }
+        let Some((&PUBLISH_VARIANT, mut b)) = body.split_first() else {
+            return Ok(None);
+        };
+        let b = &mut b;
+        let mut topic = [0u8; 32];
+        topic.copy_from_slice(take(b, 32)?);
+        let mut origin = [0u8; 32];
+        origin.copy_from_slice(take(b, 32)?);
+        let seq = take_varint(b)?;
+        let data = take_bytes(b)?.to_vec();
+        let signature = take_bytes(b)?.to_vec();
+        Ok(Some(HomePublish {
+            topic: TopicId(topic),
+            origin,
+            seq,
+            data,
+            signature,
+        }))
     }
 
     /// Its seq.
@@ -309,6 +409,25 @@ mod tests {
         let back = p.into_message(kp.peer_id()).expect("from its origin");
         assert_eq!(back, msg);
         assert!(back.verify().is_ok());
+        // A delivery written by hand is what postcard writes, for a seq
+        // and a data length over one varint byte too.
+        for (seq, len) in [(9, 5), (300, 100), (u64::MAX, 20_000)] {
+            let m = TopicMessage::sign(&kp, t, seq, vec![4; len]).unwrap();
+            let by_hand = encode_deliver(&m).unwrap();
+            assert_eq!(
+                &by_hand[..],
+                &encode(&MemberFrame::Deliver(m.clone())).unwrap()[..]
+            );
+            let p = encode(&MemberFrame::Publish(m.clone())).unwrap();
+            let back = HomePublish::decode(&p[FRAME_HEADER_LEN..])
+                .unwrap()
+                .unwrap();
+            assert_eq!(back.into_message(kp.peer_id()), Some(m));
+        }
+        // Cut anywhere, a publish does not decode.
+        for cut in 1..bytes.len() - FRAME_HEADER_LEN {
+            assert!(HomePublish::decode(&body[..cut]).is_err(), "cut at {cut}");
+        }
         // Any other frame is not a publish.
         let sub = encode(&MemberFrame::Subscribe { topic: "x".into() }).unwrap();
         assert!(
