@@ -117,9 +117,19 @@ struct FlooderTotals {
     flooding_s: f64,
 }
 
-/// The CPUs of this process, if it may use two or more and `taskset` can
-/// say which (`taskset -c -p`: "pid N's current affinity list: 0,1").
+/// The CPUs of this process, if it may use two or more, `taskset` can say
+/// which (`taskset -c -p`: "pid N's current affinity list: 0,1") and
+/// `chrt` is there to run the flooders idle (both util-linux); `None`
+/// otherwise (the run is then not pinned, and says so).
 fn own_cpus() -> Option<Vec<String>> {
+    let chrt = std::process::Command::new("chrt")
+        .arg("--help")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    if !chrt.is_ok_and(|s| s.success()) {
+        return None;
+    }
     let out = std::process::Command::new("taskset")
         .args(["-c", "-p", &std::process::id().to_string()])
         .output()
