@@ -490,4 +490,8 @@ async fn a_hostile_home_cannot_speak_for_another_homes_members() {
         "a forged member is listed: {members:?}"
     );
     assert!(g_listed(&h), "G's member was removed by a forgery");
+    assert!(
+        h.stats().topics.bad_presence > 0,
+        "the forgeries are counted (topics_bad_presence)"
+    );
 }

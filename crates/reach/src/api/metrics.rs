@@ -70,6 +70,8 @@ pub const REFUSAL_REASONS: &[(&str, &str)] = &[
     // Topic frames from homes or members that did not decode or broke a
     // rule.
     ("topic_bad_frame", "topics_bad_frames"),
+    // Presence frames whose home's signature did not verify (dropped).
+    ("topic_bad_presence", "topics_bad_presence"),
 ];
 
 /// The reason for control-API requests answered with a 4xx error.

@@ -130,6 +130,9 @@ crate::telemetry::metrics! {
         gauge federation_links = "topics_federation_links",
         /// Topics this node serves as a home.
         gauge served = "topics_served",
+        /// Presence frames (deltas, heartbeats, snapshot pages) whose
+        /// home's signature did not verify: dropped, no view changed.
+        counter bad_presence = "topics_bad_presence",
     }
 }
 
@@ -1222,6 +1225,7 @@ impl Topics {
         let st = self.state();
         s.federation_links = st.links.len() as u64;
         s.served = st.served.len() as u64;
+        s.bad_presence = st.overlay.stats().bad_presence;
         s
     }
 
