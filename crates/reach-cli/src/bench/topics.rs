@@ -265,7 +265,7 @@ impl HomeProcess {
                  event_log = false\n{limits}"
             ),
         )?;
-        let mut child = pinned_reach(cpus)?
+        let mut child = pinned_reach(cpus, false)?
             .arg("node")
             .arg("--data-dir")
             .arg(&dir)
@@ -306,13 +306,20 @@ impl HomeProcess {
 }
 
 /// This very binary as a command, run on the CPUs `cpus` names (`taskset
-/// -c`'s list) if given: `taskset` execs it, so the child's pid is the
-/// binary's own.
-pub(crate) fn pinned_reach(cpus: Option<&str>) -> Result<Command> {
+/// -c`'s list) if given, and with idle scheduling (`chrt --idle`: only
+/// when those CPUs have nothing else to do) if `idle`: `chrt` and
+/// `taskset` exec it, so the child's pid is the binary's own.
+pub(crate) fn pinned_reach(cpus: Option<&str>, idle: bool) -> Result<Command> {
     let exe = std::env::current_exe().context("finding the reach binary")?;
     Ok(match cpus {
         Some(cpus) => {
-            let mut c = Command::new("taskset");
+            let mut c = if idle {
+                let mut c = Command::new("chrt");
+                c.args(["--idle", "0", "taskset"]);
+                c
+            } else {
+                Command::new("taskset")
+            };
             c.arg("-c").arg(cpus).arg(exe);
             c
         }

@@ -181,17 +181,9 @@ impl Drop for Flooder {
 impl Flooder {
     fn start(home: (PeerId, SocketAddr), cpus: Option<&str>) -> Result<Flooder> {
         let rate = FLOOD_FACTOR * TopicLimits::default().topic_rate;
-        let mut cmd = match cpus {
-            // Idle scheduling on the home's CPU: it runs only when the
-            // home has nothing to do, and a waking home preempts it.
-            Some(cpus) => {
-                let exe = std::env::current_exe().context("finding the reach binary")?;
-                let mut c = std::process::Command::new("chrt");
-                c.args(["--idle", "0", "taskset", "-c", cpus]).arg(exe);
-                c
-            }
-            None => pinned_reach(None)?,
-        };
+        // On the home's CPU, idle: it runs only when the home has nothing
+        // to do, and a waking home preempts it.
+        let mut cmd = pinned_reach(cpus, true)?;
         let mut child = cmd
             .args(["bench", "topics-flooder", "--home-id"])
             .arg(home.0.to_string())
